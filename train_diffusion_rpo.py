@@ -1,0 +1,1192 @@
+#!/usr/bin/env python
+# coding=utf-8
+# Copyright 2026 The Diffusion-RPO contributors. Licensed under the Apache License, Version 2.0.
+"""Diffusion-RPO (Relative Preference Optimization, arXiv 2406.06382) fine-tuning of Stable Diffusion 1.x/2.x.
+
+The objective is specified in docs/method.md of the project; `compute_preference_loss` implements it and is the function
+tests and outside checks import. Also trains Diffusion-DPO (`--loss_type dpo`) and SFT on preferred images (`--loss_type sft`).
+
+    accelerate launch train_diffusion_rpo.py \
+      --pretrained_model_name_or_path stable-diffusion-v1-5/stable-diffusion-v1-5 \
+      --dataset_name yuvalkirstain/pickapic_v2 --loss_type rpo --output_dir sd15-rpo
+"""
+
+import argparse
+import contextlib
+import copy
+import io
+import json
+import logging
+import math
+import os
+import re
+import shutil
+import sys
+from types import SimpleNamespace
+
+import datasets
+import numpy as np
+import torch
+import torch.nn.functional as F
+import transformers
+from accelerate import Accelerator
+from accelerate.logging import get_logger
+from accelerate.utils import ProjectConfiguration
+from huggingface_hub import create_repo, upload_folder
+from PIL import Image, ImageOps
+from tqdm.auto import tqdm
+from transformers import AutoTokenizer, CLIPModel, CLIPTextModel, CLIPTokenizer
+
+import diffusers
+from diffusers import (
+    AutoencoderKL,
+    DDPMScheduler,
+    DiffusionPipeline,
+    DPMSolverMultistepScheduler,
+    StableDiffusionPipeline,
+    UNet2DConditionModel,
+)
+from diffusers.optimization import get_scheduler
+from diffusers.training_utils import cast_training_params
+from diffusers.utils import convert_state_dict_to_diffusers, make_image_grid
+from diffusers.utils.hub_utils import load_or_create_model_card, populate_model_card
+
+logger = get_logger(__name__, log_level="INFO")
+
+PIPELINE_CLASS = StableDiffusionPipeline
+EXPECTED_PIPELINE_CLASSES = ("StableDiffusionPipeline",)
+DEFAULT_VALIDATION_PROMPTS = [
+    "a photo of an astronaut riding a horse on mars",
+    "a cute corgi wearing sunglasses, studio lighting",
+    "a watercolor painting of a lighthouse at dawn",
+    "a bowl of ramen, highly detailed food photography",
+]
+# Flags of the peer scripts that change the objective; refused with an explanation instead of silently accepted.
+REFUSED_PEER_FLAGS = {
+    "prediction_type": "the policy and the frozen reference must share the scheduler's parameterisation; "
+    "the prediction type is read from the model's scheduler config",
+    "snr_gamma": "Min-SNR weighting changes the preference objective's per-timestep weighting (see method.md)",
+}
+TIE_LABEL = 0.5
+VALID_LABELS = (0.0, 0.5, 1.0)
+# Streams of the indexed randomness (method.md, "Randomness"): every draw is a pure function of (seed, stream, keys).
+STREAM_ORDER, STREAM_AUGMENT, STREAM_PAIR_NOISE, STREAM_BATCH_TIMESTEP = 1, 2, 3, 4
+
+
+def parse_args(input_args=None):
+    parser = argparse.ArgumentParser(
+        description="Diffusion-RPO / Diffusion-DPO / SFT fine-tuning of Stable Diffusion on preference pairs.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    model = parser.add_argument_group("model")
+    model.add_argument("--pretrained_model_name_or_path", type=str, default="stable-diffusion-v1-5/stable-diffusion-v1-5",
+                       help="Diffusers pipeline to fine-tune: a Hub id or a local folder with model_index.json.")
+    model.add_argument("--revision", type=str, default=None, help="Revision (branch, tag or commit) of the base model.")
+    model.add_argument("--variant", type=str, default=None, help="Weights variant of the base model, e.g. fp16.")
+
+    data = parser.add_argument_group("data")
+    data.add_argument("--dataset_name", type=str, default="yuvalkirstain/pickapic_v2",
+                      help="Preference dataset: a Hub id, a local folder of data files, or a `save_to_disk` folder.")
+    data.add_argument("--dataset_config_name", type=str, default=None, help="Dataset configuration name.")
+    data.add_argument("--dataset_split_name", type=str, default="train", help="Split to train on.")
+    data.add_argument("--caption_column", type=str, default="caption", help="Column with the prompt.")
+    data.add_argument("--image_0_column", type=str, default="jpg_0", help="Column with the first image (bytes or Image).")
+    data.add_argument("--image_1_column", type=str, default="jpg_1", help="Column with the second image.")
+    data.add_argument("--label_0_column", type=str, default="label_0",
+                      help="Column with the first image's preference label: 1 (image 0 preferred), 0 (image 1 preferred) "
+                      "or 0.5 (tie: dropped and counted).")
+    data.add_argument("--max_train_samples", type=int, default=None,
+                      help="Train on a random subset of this many pairs (drawn with --seed after dropping ties).")
+    data.add_argument("--cache_dir", type=str, default=None, help="Cache folder for downloaded models and datasets.")
+    data.add_argument("--resolution", type=int, default=512, help="Training resolution (square crops).")
+    data.add_argument("--random_crop", action="store_true",
+                      help="Random crop instead of a centre crop (the same crop for winner and loser).")
+    data.add_argument("--no_hflip", action="store_true", help="Disable random horizontal flips (shared by the pair).")
+    data.add_argument("--dataloader_num_workers", type=int, default=4,
+                      help="Loader worker processes decoding JPEGs off the main process (0: decode in the main process).")
+    data.add_argument("--vae_encode_batch_size", type=int, default=16, help="Images per VAE encode call.")
+
+    steps = parser.add_argument_group("steps and checkpoints")
+    steps.add_argument("--train_batch_size", type=int, default=8,
+                       help="Preference pairs per process per micro-batch (M: the RPO contrast matrix is M x M).")
+    steps.add_argument("--num_train_epochs", type=int, default=1)
+    steps.add_argument("--max_train_steps", type=int, default=2000,
+                       help="Optimizer steps; overrides --num_train_epochs when set (pass 0 to train --num_train_epochs).")
+    steps.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    steps.add_argument("--checkpointing_steps", type=int, default=500,
+                       help="Save the accelerate training state every N optimizer steps under output_dir/checkpoint-N.")
+    steps.add_argument("--checkpoints_total_limit", type=int, default=None,
+                       help="Keep at most this many checkpoints (the oldest are deleted after a new one is complete).")
+    steps.add_argument("--resume_from_checkpoint", type=str, default=None,
+                       help='Resume from a checkpoint folder, or "latest" for the newest complete one in output_dir.')
+
+    optim = parser.add_argument_group("optimisation")
+    optim.add_argument("--learning_rate", type=float, default=1e-8,
+                       help="Learning rate (per pair with --scale_lr, as in DiffusionDPO: 1e-8 x 2048 = 2.048e-5).")
+    optim.add_argument("--scale_lr", action="store_true",
+                       help="Multiply the learning rate by train_batch_size x gradient_accumulation_steps x processes.")
+    optim.add_argument("--lr_scheduler", type=str, default="constant_with_warmup",
+                       help='One of "linear", "cosine", "cosine_with_restarts", "polynomial", "constant", '
+                       '"constant_with_warmup".')
+    optim.add_argument("--lr_warmup_steps", type=int, default=500)
+    optim.add_argument("--adam_beta1", type=float, default=0.9)
+    optim.add_argument("--adam_beta2", type=float, default=0.999)
+    optim.add_argument("--adam_weight_decay", type=float, default=1e-2)
+    optim.add_argument("--adam_epsilon", type=float, default=1e-8)
+    optim.add_argument("--max_grad_norm", type=float, default=1.0)
+    optim.add_argument("--use_8bit_adam", action="store_true", help="bitsandbytes AdamW8bit (8-bit optimizer state).")
+    optim.add_argument("--allow_tf32", action="store_true", help="Allow TF32 matmuls on Ampere and newer GPUs.")
+    optim.add_argument("--mixed_precision", type=str, default=None, choices=["no", "fp16", "bf16"],
+                       help="Overrides the accelerate config. Frozen models run in this dtype; trained weights stay fp32.")
+    optim.add_argument("--gradient_checkpointing", action="store_true", help="Trade compute for UNet activation memory.")
+    optim.add_argument("--enable_xformers_memory_efficient_attention", action="store_true",
+                       help="Use xformers attention (PyTorch SDPA is the default); fails at start if xformers is unusable.")
+    optim.add_argument("--use_lora", action="store_true",
+                       help="Train LoRA adapters on the UNet attention; the reference is the base with adapters disabled.")
+    optim.add_argument("--lora_rank", type=int, default=8)
+
+    method = parser.add_argument_group("method (see docs/method.md)")
+    method.add_argument("--loss_type", type=str, default="rpo", choices=["rpo", "dpo", "sft"])
+    method.add_argument("--beta_dpo", type=float, default=5000.0,
+                        help="KL strength beta in the -1/2 beta convention of DiffusionDPO (README maps the others).")
+    method.add_argument("--rpo_weighting", type=str, default="similarity", choices=["similarity", "uniform"],
+                        help="RPO contrast weights: CLIP-similarity softmax rows, or uniform.")
+    method.add_argument("--rpo_weight_scale", type=float, default=1.0,
+                        help="s in omega = s * softmax(...); the diagonal's effective beta is about beta/2 * s/M.")
+    method.add_argument("--similarity_embedding", type=str, default="text_image", choices=["text", "image", "text_image"],
+                        help="CLIP embeddings compared by the similarity weights.")
+    method.add_argument("--distance_temperature", type=float, default=0.5, help="tau of the similarity softmax.")
+    method.add_argument("--clip_model_name_or_path", type=str, default="openai/clip-vit-large-patch14",
+                        help="CLIP model for the RPO similarity weights (Hub id or local folder).")
+    method.add_argument("--timestep_sampling", type=str, default=None, choices=["pair", "batch"],
+                        help="One timestep per pair, or one per micro-batch (default: batch for rpo, pair for dpo/sft).")
+    method.add_argument("--noise_offset", type=float, default=0.0,
+                        help="Noise offset scale (the same offset for a pair's winner and loser).")
+
+    output = parser.add_argument_group("output and logging")
+    output.add_argument("--output_dir", type=str, default="diffusion-rpo-model")
+    output.add_argument("--seed", type=int, default=None,
+                        help="Seed of every random draw (a random one is drawn, logged and checkpointed when unset).")
+    output.add_argument("--report_to", type=str, default="tensorboard",
+                        help='"tensorboard", "wandb", "comet_ml", "all" or "none".')
+    output.add_argument("--logging_dir", type=str, default="logs", help="Tracker folder, relative to output_dir.")
+    output.add_argument("--tracker_project_name", type=str, default="diffusion-rpo")
+    output.add_argument("--validation_prompts", type=str, nargs="*", default=DEFAULT_VALIDATION_PROMPTS,
+                        help="Prompts rendered by the trained and the reference model (pass the flag alone to disable).")
+    output.add_argument("--validation_steps", type=int, default=500, help="Render validation images every N steps.")
+    output.add_argument("--validation_num_inference_steps", type=int, default=25)
+    output.add_argument("--validation_guidance_scale", type=float, default=7.5)
+    output.add_argument("--push_to_hub", action="store_true", help="Upload the output folder (without checkpoints).")
+    output.add_argument("--hub_model_id", type=str, default=None, help="Hub repo id (default: output_dir's name).")
+    output.add_argument("--hub_token", type=str, default=None,
+                        help="Hub token; discouraged: prefer `hf auth login`. Never logged or written to disk.")
+    for name in REFUSED_PEER_FLAGS:
+        parser.add_argument(f"--{name}", default=None, help=argparse.SUPPRESS)
+
+    args = parser.parse_args(input_args)
+    for name, reason in REFUSED_PEER_FLAGS.items():
+        if getattr(args, name) is not None:
+            parser.error(f"--{name} is not supported: {reason}. Remove the flag.")
+    if args.timestep_sampling is None:
+        args.timestep_sampling = "batch" if args.loss_type == "rpo" else "pair"
+    if args.max_train_steps == 0:
+        args.max_train_steps = None
+    check_args(args, parser)
+    return args
+
+
+def check_args(args, parser):
+    """Flag combinations that cannot work, reported before anything is loaded."""
+    if args.train_batch_size < 1 or args.gradient_accumulation_steps < 1:
+        parser.error("--train_batch_size and --gradient_accumulation_steps must be at least 1.")
+    if args.beta_dpo <= 0 and args.loss_type != "sft":
+        parser.error("--beta_dpo must be positive.")
+    if args.distance_temperature <= 0 or args.rpo_weight_scale <= 0:
+        parser.error("--distance_temperature and --rpo_weight_scale must be positive.")
+    if args.resolution % 8 != 0:
+        parser.error(f"--resolution {args.resolution} must be divisible by 8 (the VAE downsamples by 8).")
+    if args.report_to in ("wandb", "all") and args.hub_token is not None:
+        parser.error("--hub_token with --report_to wandb would expose the token in the run config; use `hf auth login`.")
+    if args.use_8bit_adam:
+        try:
+            import bitsandbytes  # noqa: F401
+        except ImportError:
+            parser.error("--use_8bit_adam needs bitsandbytes: `pip install bitsandbytes`.")
+    if args.resume_from_checkpoint not in (None, "latest") and resolve_checkpoint_path(args) is None:
+        parser.error(f"--resume_from_checkpoint {args.resume_from_checkpoint}: no such checkpoint folder "
+                     f"(also looked in {args.output_dir}). Pass an existing checkpoint-N folder or 'latest'.")
+
+
+def needs_similarity_model(args):
+    return args.loss_type == "rpo" and args.rpo_weighting == "similarity"
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The objective (method.md). Shared verbatim with train_diffusion_rpo_sdxl.py.
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def similarity_weights(embeddings, temperature, weight_scale):
+    """omega_ij = s * softmax_j(-(1 - cos(e_w^i, e_l^j)) / tau) for L2-normalised embeddings (2M, D), winners first."""
+    embeddings = F.normalize(embeddings.detach().float(), dim=-1)
+    winners, losers = embeddings.chunk(2)
+    distance = 1.0 - winners @ losers.T
+    return weight_scale * torch.softmax(-distance / temperature, dim=1)
+
+
+def compute_preference_loss(
+    model_losses,
+    ref_losses,
+    *,
+    loss_type,
+    beta,
+    embeddings=None,
+    temperature=0.5,
+    weighting="similarity",
+    weight_scale=1.0,
+):
+    """Preference loss from per-sample denoising losses (method.md, "Losses").
+
+    model_losses / ref_losses: (2M,) per-sample mean squared errors, winners first. For `sft`, ref_losses is None and
+    model_losses holds the M winners only, or (2M,) winners first when ref_losses is given (its winners are used).
+    Returns (loss, metrics) with metrics a dict of detached float tensors.
+    """
+    model_losses = model_losses.float()
+    if loss_type == "sft":
+        winners = model_losses if ref_losses is None else model_losses.chunk(2)[0]
+        loss = winners.mean()
+        return loss, {"model_mse_w": winners.detach().mean()}
+    if loss_type not in ("dpo", "rpo"):
+        raise ValueError(f"Unknown loss_type {loss_type!r}: expected 'rpo', 'dpo' or 'sft'.")
+    if ref_losses is None or ref_losses.shape != model_losses.shape or model_losses.shape[0] % 2:
+        raise ValueError("dpo/rpo need model_losses and ref_losses of the same shape (2M,), winners first.")
+    model_w, model_l = model_losses.chunk(2)
+    ref_w, ref_l = ref_losses.float().detach().chunk(2)
+    delta_w, delta_l = model_w - ref_w, model_l - ref_l
+    diagonal_logits = -(delta_w - delta_l)
+    metrics = {
+        "model_mse_w": model_w.detach().mean(),
+        "model_mse_l": model_l.detach().mean(),
+        "ref_mse_w": ref_w.mean(),
+        "ref_mse_l": ref_l.mean(),
+        "implicit_acc": ((diagonal_logits > 0).float() + 0.5 * (diagonal_logits == 0).float()).detach().mean(),
+    }
+    if loss_type == "dpo":
+        loss = -F.logsigmoid(0.5 * beta * diagonal_logits).mean()
+        return loss, metrics
+    logits = -(delta_w[:, None] - delta_l[None, :])
+    if weighting == "similarity":
+        if embeddings is None or embeddings.shape[0] != model_losses.shape[0]:
+            raise ValueError("rpo with similarity weighting needs embeddings of shape (2M, D), winners first.")
+        weights = similarity_weights(embeddings, temperature, weight_scale)
+    elif weighting == "uniform":
+        weights = torch.full_like(logits, float(weight_scale))
+    else:
+        raise ValueError(f"Unknown weighting {weighting!r}: expected 'similarity' or 'uniform'.")
+    # Weight inside the sigmoid, rows averaged (not weight-summed), as in the RPO authors' LLM code; mean of the
+    # log-sigmoids, not the log-sigmoid of a mean (a peer bug).
+    loss = -F.logsigmoid(weights * (0.5 * beta) * logits).mean()
+    weight_diag_mean = torch.diagonal(weights).mean().detach()
+    metrics["weight_diag_mean"] = weight_diag_mean
+    metrics["beta_effective_diag"] = 0.5 * beta * weight_diag_mean
+    return loss, metrics
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Indexed randomness and data order (method.md, "Randomness"). Shared verbatim with the SDXL script.
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def indexed_generator(seed, stream, *keys):
+    """A CPU torch.Generator that is a pure function of (seed, stream, keys): independent of workers and processes."""
+    state = np.random.SeedSequence([int(seed) % 2**32, stream, *[int(k) for k in keys]]).generate_state(2, np.uint32)
+    return torch.Generator().manual_seed((int(state[0]) << 32) | int(state[1]))
+
+
+def epoch_permutation(num_pairs, seed, epoch):
+    return torch.randperm(num_pairs, generator=indexed_generator(seed, STREAM_ORDER, epoch))
+
+
+class IndexedBatchSampler:
+    """Yields this process's micro-batches of (pair_index, epoch) keys.
+
+    The epoch's order is a permutation drawn from (seed, epoch). Global micro-batch b is perm[b*G:(b+1)*G] with
+    G = batch_size * num_processes, and process r takes the r-th slice of it, so a run on N processes sees exactly the
+    pairs a 1-process run with batch G sees. Each epoch yields `batches_per_epoch` micro-batches (the remainder is
+    dropped so every process gets full, equal batches); `set_epoch(epoch, start_batch)` resumes mid-epoch.
+    """
+
+    def __init__(self, num_pairs, batch_size, seed, batches_per_epoch, num_processes=1, process_index=0, shuffle=True):
+        if batches_per_epoch * batch_size * num_processes > num_pairs:
+            raise ValueError("batches_per_epoch x batch_size x num_processes exceeds the number of pairs.")
+        self.num_pairs, self.batch_size, self.seed = num_pairs, batch_size, seed
+        self.batches_per_epoch, self.shuffle = batches_per_epoch, shuffle
+        self.num_processes, self.process_index = num_processes, process_index
+        self.epoch, self.start_batch = 0, 0
+
+    def set_epoch(self, epoch, start_batch=0):
+        self.epoch, self.start_batch = epoch, start_batch
+
+    def __len__(self):
+        return self.batches_per_epoch - self.start_batch
+
+    def __iter__(self):
+        order = epoch_permutation(self.num_pairs, self.seed, self.epoch) if self.shuffle else torch.arange(self.num_pairs)
+        global_batch = self.batch_size * self.num_processes
+        for b in range(self.start_batch, self.batches_per_epoch):
+            start = b * global_batch + self.process_index * self.batch_size
+            yield [(int(i), self.epoch) for i in order[start : start + self.batch_size]]
+
+
+def sample_pair_augmentation(seed, pair_index, epoch, random_crop, hflip):
+    """The crop position (fractions of the free margin) and flip shared by a pair's two images."""
+    u = torch.rand(3, generator=indexed_generator(seed, STREAM_AUGMENT, pair_index, epoch)).tolist()
+    crop_fraction = (u[0], u[1]) if random_crop else (0.5, 0.5)
+    return {"crop_fraction": crop_fraction, "flip": bool(hflip and u[2] < 0.5)}
+
+
+def draw_pair_noise(seed, pair_index, epoch, latent_shape, noise_offset=0.0):
+    """A pair's diffusion noise eps (shared by winner and loser) and its two latent-sampling draws."""
+    generator = indexed_generator(seed, STREAM_PAIR_NOISE, pair_index, epoch)
+    latent_noise = torch.randn((2, *latent_shape), generator=generator)
+    noise = torch.randn(latent_shape, generator=generator)
+    if noise_offset:
+        noise = noise + noise_offset * torch.randn((latent_shape[0], 1, 1), generator=generator)
+    uniform_t = torch.rand((), generator=generator)
+    return {"latent_noise_w": latent_noise[0], "latent_noise_l": latent_noise[1], "noise": noise, "uniform_t": uniform_t}
+
+
+def draw_timesteps(mode, uniform_t_per_pair, seed, micro_step, num_train_timesteps):
+    """`pair`: one t per pair from the pair's own draw; `batch`: one t per micro-step, equal on every process."""
+    if mode == "pair":
+        uniform = uniform_t_per_pair
+    elif mode == "batch":
+        shared = torch.rand((), generator=indexed_generator(seed, STREAM_BATCH_TIMESTEP, micro_step))
+        uniform = shared.expand_as(uniform_t_per_pair)
+    else:
+        raise ValueError(f"Unknown timestep_sampling {mode!r}: expected 'pair' or 'batch'.")
+    return (uniform * num_train_timesteps).long().clamp_(max=num_train_timesteps - 1)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Data: Pick-a-Pic schema preference pairs. Shared verbatim with the SDXL script.
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def decode_image(value):
+    """An RGB PIL image from JPEG/PNG bytes, a datasets Image dict ({"bytes", "path"}), a PIL image or a file path.
+
+    Transparent images are composited on white; 16-bit and grayscale images are converted to 8-bit RGB.
+    """
+    if isinstance(value, dict):
+        value = value.get("bytes") or value.get("path")
+    if isinstance(value, (bytes, bytearray)):
+        image = Image.open(io.BytesIO(value))
+    elif isinstance(value, str):
+        image = Image.open(value)
+    elif isinstance(value, Image.Image):
+        image = value
+    else:
+        raise ValueError(f"unsupported image value of type {type(value).__name__}")
+    image.load()
+    image = ImageOps.exif_transpose(image)
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+        image = Image.fromarray((np.asarray(image, dtype=np.float64) / 257.0).clip(0, 255).astype(np.uint8))
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(background, rgba)
+    return image.convert("RGB")
+
+
+def paired_transform(images, resolution, crop_fraction, flip):
+    """Resize (shorter side to `resolution`), flip, then crop every image of a pair the same way.
+
+    Returns the [-1, 1] tensors (3, R, R), and per image its original (height, width) and crop (top, left) as SDXL's
+    micro-conditioning needs them (the flip happens before the crop, as in the fixed diffusers SDXL script).
+    """
+    tensors, original_sizes, crops_top_left = [], [], []
+    for image in images:
+        width, height = image.size
+        scale = resolution / min(width, height)
+        new_size = (max(resolution, round(width * scale)), max(resolution, round(height * scale)))
+        image = image.resize(new_size, Image.Resampling.BICUBIC)
+        if flip:
+            image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        top = round(crop_fraction[0] * (new_size[1] - resolution))
+        left = round(crop_fraction[1] * (new_size[0] - resolution))
+        image = image.crop((left, top, left + resolution, top + resolution))
+        array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
+        tensors.append(torch.from_numpy(array).permute(2, 0, 1).contiguous())
+        original_sizes.append((height, width))
+        crops_top_left.append((top, left))
+    return tensors, original_sizes, crops_top_left
+
+
+class PreferencePairDataset(torch.utils.data.Dataset):
+    """Decodes a pair on access (in loader workers), winner first, with its indexed shared augmentation.
+
+    Indexed by (pair_index, epoch) keys from IndexedBatchSampler. `tokenizers` maps an output name to a callable
+    caption -> LongTensor (the text encoder's ids; the CLIP similarity model's ids).
+    """
+
+    def __init__(self, hf_dataset, columns, resolution, seed, random_crop=False, hflip=True, tokenizers=None):
+        self.dataset, self.columns = hf_dataset, columns
+        self.resolution, self.seed, self.random_crop, self.hflip = resolution, seed, random_crop, hflip
+        self.tokenizers = tokenizers or {}
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, key):
+        pair_index, epoch = key
+        row = self.dataset[pair_index]
+        columns = self.columns
+        first, second = (columns.image_0, columns.image_1) if row[columns.label_0] == 1 else (columns.image_1, columns.image_0)
+        try:
+            images = [decode_image(row[first]), decode_image(row[second])]
+        except Exception as error:
+            raise ValueError(f"Pair {pair_index}: cannot decode its images ({error}).") from error
+        augmentation = sample_pair_augmentation(self.seed, pair_index, epoch, self.random_crop, self.hflip)
+        tensors, original_sizes, crops_top_left = paired_transform(images, self.resolution, **augmentation)
+        caption = row[columns.caption] or ""
+        item = {
+            "pixel_values": torch.stack(tensors),
+            "pair_index": pair_index,
+            "epoch": epoch,
+            "caption": caption,
+            "original_size": original_sizes[0],
+            "crop_top_left": crops_top_left[0],
+        }
+        for name, tokenize in self.tokenizers.items():
+            item[name] = tokenize(caption)
+        return item
+
+
+def collate_pairs(items):
+    """Stacks pairs into the diffusers DPO layout: (2M, 3, R, R) pixels, winners first, then losers."""
+    pixels = torch.stack([item["pixel_values"] for item in items])
+    batch = {
+        "pixel_values": torch.cat([pixels[:, 0], pixels[:, 1]]),
+        "pair_index": torch.tensor([item["pair_index"] for item in items], dtype=torch.long),
+        "epoch": torch.tensor([item["epoch"] for item in items], dtype=torch.long),
+        "captions": [item["caption"] for item in items],
+        "original_size": torch.tensor([item["original_size"] for item in items], dtype=torch.long),
+        "crop_top_left": torch.tensor([item["crop_top_left"] for item in items], dtype=torch.long),
+    }
+    for name in items[0]:
+        if name.endswith("input_ids"):
+            batch[name] = torch.stack([item[name] for item in items])
+    return batch
+
+
+def make_tokenize_fn(tokenizer, max_length=None):
+    max_length = max_length or tokenizer.model_max_length
+
+    def tokenize(caption):
+        return tokenizer(caption, max_length=max_length, padding="max_length", truncation=True,
+                         return_tensors="pt").input_ids[0]
+
+    return tokenize
+
+
+def load_raw_dataset(args):
+    path = args.dataset_name
+    if os.path.isdir(path) and os.path.exists(os.path.join(path, "dataset_dict.json")):
+        return datasets.load_from_disk(path)[args.dataset_split_name]
+    if os.path.isdir(path) and os.path.exists(os.path.join(path, "state.json")):
+        return datasets.load_from_disk(path)
+    try:
+        return datasets.load_dataset(path, args.dataset_config_name, split=args.dataset_split_name,
+                                     cache_dir=args.cache_dir)
+    except Exception as error:
+        raise ValueError(f"Cannot load dataset {path!r} (config {args.dataset_config_name!r}, split "
+                         f"{args.dataset_split_name!r}): {error}. Pass a Hub id you can reach, a local folder of "
+                         "parquet/json/csv files, or a `save_to_disk` folder.") from error
+
+
+def check_dataset_schema(dataset, columns):
+    """Clear errors for missing columns or wrong column types, naming the flag that fixes each."""
+    flags = {"caption": "--caption_column", "image_0": "--image_0_column", "image_1": "--image_1_column",
+             "label_0": "--label_0_column"}
+    for role, flag in flags.items():
+        name = getattr(columns, role)
+        if name not in dataset.column_names:
+            raise ValueError(f"Dataset has no column {name!r} (the {role} column). Its columns are "
+                             f"{dataset.column_names}; pass {flag} <name>.")
+    features = dataset.features
+    for role in ("image_0", "image_1"):
+        feature = features[getattr(columns, role)]
+        is_image = isinstance(feature, datasets.Image)
+        is_value = isinstance(feature, datasets.Value) and feature.dtype in ("binary", "large_binary", "string",
+                                                                              "large_string")
+        if not (is_image or is_value):
+            raise ValueError(f"Column {getattr(columns, role)!r} must hold images (bytes, paths or the datasets Image "
+                             f"feature), not {feature}.")
+    label_feature = features[columns.label_0]
+    if not (isinstance(label_feature, datasets.Value) and label_feature.dtype.startswith(("float", "int", "bool"))):
+        raise ValueError(f"Column {columns.label_0!r} must be numeric (1, 0 or 0.5), not {label_feature}.")
+    caption_feature = features[columns.caption]
+    if not (isinstance(caption_feature, datasets.Value) and "string" in caption_feature.dtype):
+        raise ValueError(f"Column {columns.caption!r} must hold strings, not {caption_feature}.")
+
+
+def prepare_preference_dataset(dataset, columns, max_train_samples=None, seed=0):
+    """Checks labels, drops ties (label 0.5), and returns (dataset with decode-on-access images, stats)."""
+    check_dataset_schema(dataset, columns)
+    labels = {float(label) for label in dataset.unique(columns.label_0)}
+    bad = sorted(labels - set(VALID_LABELS))
+    if bad:
+        raise ValueError(f"Column {columns.label_0!r} has labels {bad}; expected 1 (image 0 preferred), 0 (image 1 "
+                         "preferred) or 0.5 (tie). Fix the labels or pass the right --label_0_column.")
+    dataset = dataset.select_columns([columns.caption, columns.image_0, columns.image_1, columns.label_0])
+    for role in ("image_0", "image_1"):
+        if isinstance(dataset.features[getattr(columns, role)], datasets.Image):
+            dataset = dataset.cast_column(getattr(columns, role), datasets.Image(decode=False))
+    total = len(dataset)
+    dataset = dataset.filter(lambda label: float(label) != TIE_LABEL, input_columns=[columns.label_0])
+    stats = {"rows": total, "ties_dropped": total - len(dataset), "pairs": len(dataset)}
+    if len(dataset) == 0:
+        raise ValueError(f"No preference pairs left: all {total} rows are ties (label 0.5) or the split is empty.")
+    if max_train_samples is not None and max_train_samples < len(dataset):
+        dataset = dataset.shuffle(seed=seed).select(range(max_train_samples))
+        stats["pairs"] = len(dataset)
+    return dataset, stats
+
+
+def dataset_columns(args):
+    return SimpleNamespace(caption=args.caption_column, image_0=args.image_0_column, image_1=args.image_1_column,
+                           label_0=args.label_0_column)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The training step: latents, embeddings, per-sample denoising losses.
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def encode_latent_distribution(vae, pixel_values, batch_size):
+    """The VAE posterior's mean and std per image (cacheable; sampling from them stays exact)."""
+    means, stds = [], []
+    for chunk in pixel_values.split(batch_size):
+        distribution = vae.encode(chunk.to(vae.dtype)).latent_dist
+        means.append(distribution.mean.float())
+        stds.append(distribution.std.float())
+    return torch.cat(means), torch.cat(stds)
+
+
+def sample_latents(mean, std, latent_noise, vae_config):
+    latents = mean + std * latent_noise
+    shift = getattr(vae_config, "shift_factor", None) or 0.0
+    return (latents - shift) * vae_config.scaling_factor
+
+
+def clip_pixel_values(pixel_values, image_size, mean, std):
+    """Training crops in [-1, 1] to CLIP's input: resized on tensors and normalised with CLIP's mean/std."""
+    images = (pixel_values.float() + 1.0) / 2.0
+    images = F.interpolate(images, size=(image_size, image_size), mode="bicubic", align_corners=False, antialias=True)
+    images = images.clamp(0.0, 1.0)
+    mean = torch.tensor(mean, device=images.device).view(1, -1, 1, 1)
+    std = torch.tensor(std, device=images.device).view(1, -1, 1, 1)
+    return (images - mean) / std
+
+
+def _features(output):
+    return output if torch.is_tensor(output) else output.pooler_output
+
+
+@torch.no_grad()
+def compute_similarity_embeddings(clip, mode, clip_input_ids=None, pixel_values=None):
+    """(2M, D) L2-normalised CLIP embeddings, winners first (method.md, "Weights"); no gradient."""
+    text = image = None
+    if mode in ("text", "text_image"):
+        text = F.normalize(_features(clip.model.get_text_features(input_ids=clip_input_ids)).float(), dim=-1)
+        text = torch.cat([text, text])
+    if mode in ("image", "text_image"):
+        pixels = clip_pixel_values(pixel_values, clip.image_size, clip.image_mean, clip.image_std)
+        image = _features(clip.model.get_image_features(pixel_values=pixels.to(clip.model.dtype)))
+        image = F.normalize(image.float(), dim=-1)
+    if text is None:
+        return image
+    if image is None:
+        return text
+    return F.normalize(text + image, dim=-1)
+
+
+def per_sample_denoising_loss(unet, noisy_latents, timesteps, encoder_hidden_states, target, **unet_kwargs):
+    """mean over (C, H, W) of ||target - f(x_t, c, t)||^2, in fp32."""
+    prediction = unet(noisy_latents, timesteps, encoder_hidden_states, **unet_kwargs).sample
+    return F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=list(range(1, prediction.ndim)))
+
+
+@contextlib.contextmanager
+def adapters_disabled(unet):
+    """The LoRA reference: the same UNet with its adapters switched off (no second copy)."""
+    unet.disable_adapters()
+    try:
+        yield unet
+    finally:
+        unet.enable_adapters()
+
+
+def reference_forward(models, unet):
+    """The frozen reference UNet and the context it runs in."""
+    if models.ref_unet is not None:
+        return models.ref_unet, contextlib.nullcontext()
+    return unet, adapters_disabled(unet)
+
+
+@torch.no_grad()
+def encode_prompts(text_encoder, input_ids):
+    return text_encoder(input_ids)[0]
+
+
+def prepare_diffusion_inputs(args, models, batch, micro_step, seed):
+    """Noisy latents, targets, timesteps and conditioning for the 2M samples of a micro-batch (winners first).
+
+    The batch holds either pixels ("pixel_values") or a cached latent distribution ("latent_mean", "latent_std");
+    every random draw is indexed by the pair (method.md, "Randomness").
+    """
+    device = models.device
+    if "latent_mean" in batch:
+        mean, std = batch["latent_mean"].to(device).float(), batch["latent_std"].to(device).float()
+    else:
+        mean, std = encode_latent_distribution(models.vae, batch["pixel_values"].to(device), args.vae_encode_batch_size)
+    num_pairs = batch["pair_index"].shape[0]
+    latent_shape = tuple(mean.shape[1:])
+    draws = [draw_pair_noise(seed, int(i), int(e), latent_shape, args.noise_offset)
+             for i, e in zip(batch["pair_index"].tolist(), batch["epoch"].tolist())]
+    latent_noise = torch.stack([d["latent_noise_w"] for d in draws] + [d["latent_noise_l"] for d in draws]).to(device)
+    noise = torch.stack([d["noise"] for d in draws]).to(device).repeat(2, 1, 1, 1)
+    uniform_t = torch.stack([d["uniform_t"] for d in draws])
+    scheduler = models.noise_scheduler
+    timesteps = draw_timesteps(args.timestep_sampling, uniform_t, seed, micro_step,
+                               scheduler.config.num_train_timesteps).to(device).repeat(2)
+    latents = sample_latents(mean, std, latent_noise, models.vae.config)
+    noisy_latents = scheduler.add_noise(latents, noise, timesteps)
+    if scheduler.config.prediction_type == "epsilon":
+        target = noise
+    elif scheduler.config.prediction_type == "v_prediction":
+        target = scheduler.get_velocity(latents, noise, timesteps)
+    else:
+        raise ValueError(f"Unsupported prediction_type {scheduler.config.prediction_type!r} in the scheduler config.")
+    hidden_states = encode_prompts(models.text_encoder, batch["input_ids"].to(device)).repeat(2, 1, 1)
+    return SimpleNamespace(noisy_latents=noisy_latents, target=target, timesteps=timesteps,
+                           encoder_hidden_states=hidden_states, num_pairs=num_pairs, unet_kwargs={})
+
+
+def compute_step_loss(args, models, unet, batch, micro_step, seed, weight_dtype=torch.float32):
+    """One micro-batch's preference loss and metrics: the seam every later feature (cache, compile, gather) uses."""
+    inputs = prepare_diffusion_inputs(args, models, batch, micro_step, seed)
+    noisy, target, timesteps = inputs.noisy_latents, inputs.target, inputs.timesteps
+    hidden = inputs.encoder_hidden_states.to(weight_dtype)
+    if args.loss_type == "sft":
+        m = inputs.num_pairs
+        kwargs = {k: v[:m] for k, v in inputs.unet_kwargs.items()}
+        model_losses = per_sample_denoising_loss(unet, noisy[:m], timesteps[:m], hidden[:m], target[:m], **kwargs)
+        return compute_preference_loss(model_losses, None, loss_type="sft", beta=args.beta_dpo)
+    model_losses = per_sample_denoising_loss(unet, noisy, timesteps, hidden, target, **inputs.unet_kwargs)
+    ref_unet, context = reference_forward(models, unet)
+    with torch.no_grad(), context:
+        ref_losses = per_sample_denoising_loss(ref_unet, noisy.to(ref_unet.dtype) if models.ref_unet is not None
+                                               else noisy, timesteps, hidden, target, **inputs.unet_kwargs)
+    embeddings = None
+    if needs_similarity_model(args):
+        embeddings = batch.get("embeddings")
+        if embeddings is None:
+            embeddings = compute_similarity_embeddings(models.clip, args.similarity_embedding,
+                                                       batch.get("clip_input_ids", torch.empty(0)).to(models.device),
+                                                       batch["pixel_values"].to(models.device))
+        embeddings = embeddings.to(models.device)
+    return compute_preference_loss(model_losses, ref_losses, loss_type=args.loss_type, beta=args.beta_dpo,
+                                   embeddings=embeddings, temperature=args.distance_temperature,
+                                   weighting=args.rpo_weighting, weight_scale=args.rpo_weight_scale)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Models
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def check_pretrained_pipeline(args):
+    """The base must be a diffusers pipeline of the kind this script trains; say so clearly before loading weights."""
+    path = args.pretrained_model_name_or_path
+    try:
+        config = DiffusionPipeline.load_config(path, revision=args.revision, cache_dir=args.cache_dir)
+    except Exception as error:
+        raise ValueError(f"--pretrained_model_name_or_path {path!r} is not a diffusers pipeline this run can load "
+                         f"(no model_index.json: {type(error).__name__}). Pass a diffusers model folder or Hub id, "
+                         "e.g. stable-diffusion-v1-5/stable-diffusion-v1-5.") from error
+    class_name = config.get("_class_name", "")
+    if class_name not in EXPECTED_PIPELINE_CLASSES:
+        hint = " Use train_diffusion_rpo_sdxl.py for SDXL weights." if "XL" in class_name else ""
+        raise ValueError(f"--pretrained_model_name_or_path {path!r} is a {class_name}, but this script trains "
+                         f"{' / '.join(EXPECTED_PIPELINE_CLASSES)}.{hint}")
+    return config
+
+
+def load_similarity_model(args, device, dtype):
+    """The CLIP model for RPO weights, its tokenizer, and its image size/mean/std (from its processor config)."""
+    path = args.clip_model_name_or_path
+    try:
+        model = CLIPModel.from_pretrained(path, cache_dir=args.cache_dir, torch_dtype=dtype)
+        tokenizer = AutoTokenizer.from_pretrained(path, cache_dir=args.cache_dir)
+    except Exception as error:
+        raise ValueError(f"--clip_model_name_or_path {path!r} could not be loaded as a CLIPModel with its tokenizer "
+                         f"({error}). RPO similarity weights need it; pass a CLIP model or use --rpo_weighting uniform."
+                         ) from error
+    mean, std = [0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711]  # OpenAI CLIP defaults
+    try:
+        processor_config = transformers.CLIPImageProcessor.get_image_processor_dict(path, cache_dir=args.cache_dir)[0]
+        mean, std = processor_config.get("image_mean", mean), processor_config.get("image_std", std)
+    except Exception:
+        logger.warning(f"No image processor config in {path}; using the OpenAI CLIP mean/std.")
+    model.requires_grad_(False).eval().to(device)
+    return SimpleNamespace(model=model, tokenizer=tokenizer, image_size=model.config.vision_config.image_size,
+                           image_mean=list(mean), image_std=list(std))
+
+
+def load_models(args, device, weight_dtype):
+    check_pretrained_pipeline(args)
+    common = {"revision": args.revision, "cache_dir": args.cache_dir}
+    path = args.pretrained_model_name_or_path
+    tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", **common)
+    noise_scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler", **common)
+    text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", variant=args.variant, **common)
+    vae = AutoencoderKL.from_pretrained(path, subfolder="vae", variant=args.variant, **common)
+    unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", variant=args.variant, **common)
+    for frozen in (text_encoder, vae):
+        frozen.requires_grad_(False).eval().to(device, dtype=weight_dtype)
+    ref_unet = None
+    if args.use_lora:
+        from peft import LoraConfig
+
+        unet.requires_grad_(False)
+        unet.to(device, dtype=weight_dtype)
+        unet.add_adapter(LoraConfig(r=args.lora_rank, lora_alpha=args.lora_rank, init_lora_weights="gaussian",
+                                    target_modules=["to_k", "to_q", "to_v", "to_out.0"]))
+        cast_training_params(unet, dtype=torch.float32)
+    elif args.loss_type != "sft":
+        ref_unet = copy.deepcopy(unet).requires_grad_(False).eval().to(device, dtype=weight_dtype)
+    unet.to(device)
+    if args.enable_xformers_memory_efficient_attention:
+        enable_xformers(unet, ref_unet)
+    if args.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    clip = load_similarity_model(args, device, weight_dtype) if needs_similarity_model(args) else None
+    return SimpleNamespace(tokenizer=tokenizer, noise_scheduler=noise_scheduler, text_encoder=text_encoder, vae=vae,
+                           unet=unet, ref_unet=ref_unet, clip=clip, device=device)
+
+
+def enable_xformers(*unets):
+    try:
+        import xformers  # noqa: F401
+
+        for unet in unets:
+            if unet is not None:
+                unet.enable_xformers_memory_efficient_attention()
+    except Exception as error:
+        raise RuntimeError(f"--enable_xformers_memory_efficient_attention: xformers is not usable here ({error}). "
+                           "Remove the flag (PyTorch SDPA attention is the default and as fast on torch 2), or install "
+                           "an xformers wheel built for this torch and CUDA.") from error
+
+
+def create_optimizer(args, params):
+    kwargs = {"lr": args.learning_rate, "betas": (args.adam_beta1, args.adam_beta2),
+              "weight_decay": args.adam_weight_decay, "eps": args.adam_epsilon}
+    if args.use_8bit_adam:
+        import bitsandbytes as bnb
+
+        return bnb.optim.AdamW8bit(params, **kwargs)
+    if torch.cuda.is_available():
+        kwargs["fused"] = True
+    return torch.optim.AdamW(params, **kwargs)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Checkpoints, progress, validation, model card, Hub
+# ----------------------------------------------------------------------------------------------------------------------
+
+CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
+
+
+def list_checkpoints(output_dir):
+    """Complete checkpoints (checkpoint-N folders; in-progress ones carry a suffix), oldest first."""
+    if not os.path.isdir(output_dir):
+        return []
+    found = [(int(m.group(1)), name) for name in os.listdir(output_dir) if (m := CHECKPOINT_PATTERN.match(name))]
+    return [os.path.join(output_dir, name) for _, name in sorted(found)]
+
+
+def resolve_checkpoint_path(args):
+    if args.resume_from_checkpoint == "latest":
+        checkpoints = list_checkpoints(args.output_dir)
+        return checkpoints[-1] if checkpoints else None
+    for candidate in (args.resume_from_checkpoint, os.path.join(args.output_dir, args.resume_from_checkpoint)):
+        if os.path.isdir(candidate):
+            return candidate
+    return None
+
+
+def save_checkpoint(accelerator, args, global_step):
+    """Atomic save: written under a temporary name and renamed when complete; then old ones pruned."""
+    final = os.path.join(args.output_dir, f"checkpoint-{global_step}")
+    partial = final + ".incomplete"
+    if accelerator.is_main_process and os.path.exists(partial):
+        shutil.rmtree(partial)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(partial)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        if os.path.exists(final):
+            shutil.rmtree(final)
+        os.replace(partial, final)
+        prune_checkpoints(args.output_dir, args.checkpoints_total_limit)
+        logger.info(f"Saved checkpoint {final}")
+    accelerator.wait_for_everyone()
+    return final
+
+
+def prune_checkpoints(output_dir, limit):
+    if limit is None:
+        return
+    checkpoints = list_checkpoints(output_dir)
+    for old in checkpoints[: max(0, len(checkpoints) - max(limit, 1))]:
+        logger.info(f"Removing checkpoint {old} (--checkpoints_total_limit {limit})")
+        shutil.rmtree(old)
+
+
+class TrainingProgress:
+    """Step count, data position and seed, saved in every checkpoint so a resume continues exactly."""
+
+    def __init__(self, seed):
+        self.seed, self.global_step, self.epoch, self.batch_in_epoch = seed, 0, 0, 0
+
+    def state_dict(self):
+        return {"seed": self.seed, "global_step": self.global_step, "epoch": self.epoch,
+                "batch_in_epoch": self.batch_in_epoch}
+
+    def load_state_dict(self, state):
+        self.seed, self.global_step = int(state["seed"]), int(state["global_step"])
+        self.epoch, self.batch_in_epoch = int(state["epoch"]), int(state["batch_in_epoch"])
+
+
+@torch.no_grad()
+def generate_validation_images(args, models, unet, weight_dtype, seed, reference=False):
+    """The validation prompts rendered by the trained UNet, or by the reference, with the same seeds."""
+    device = models.device
+    ref_unet, context = reference_forward(models, unet) if reference else (unet, contextlib.nullcontext())
+    if reference and ref_unet is unet and models.ref_unet is None and not args.use_lora:
+        return []
+    scheduler = DPMSolverMultistepScheduler.from_config(models.noise_scheduler.config)
+    pipeline = PIPELINE_CLASS(vae=models.vae, text_encoder=models.text_encoder, tokenizer=models.tokenizer,
+                              unet=ref_unet, scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                              requires_safety_checker=False)
+    pipeline.set_progress_bar_config(disable=True)
+    images = []
+    autocast = torch.autocast(device.type, dtype=weight_dtype) if weight_dtype != torch.float32 else contextlib.nullcontext()
+    with context, autocast:
+        for index, prompt in enumerate(args.validation_prompts):
+            generator = torch.Generator(device=device).manual_seed(seed + index)  # works for seed 0 (a peer bug)
+            images.append(pipeline(prompt, num_inference_steps=args.validation_num_inference_steps,
+                                   guidance_scale=args.validation_guidance_scale, height=args.resolution,
+                                   width=args.resolution, generator=generator).images[0])
+    return images
+
+
+def log_validation(accelerator, args, models, unet, weight_dtype, seed, global_step):
+    if not args.validation_prompts:
+        return None
+    logger.info(f"Rendering {len(args.validation_prompts)} validation prompts at step {global_step}")
+    was_training = unet.training
+    unet.eval()
+    trained = generate_validation_images(args, models, accelerator.unwrap_model(unet), weight_dtype, seed)
+    reference = generate_validation_images(args, models, accelerator.unwrap_model(unet), weight_dtype, seed,
+                                           reference=True)
+    unet.train(was_training)
+    for tracker in accelerator.trackers:
+        for name, images in (("validation", trained), ("reference", reference)):
+            if not images:
+                continue
+            if tracker.name == "tensorboard":
+                tracker.writer.add_images(name, np.stack([np.asarray(image) for image in images]), global_step,
+                                          dataformats="NHWC")
+            elif tracker.name == "wandb":
+                import wandb  # only when asked for
+
+                tracker.log({name: [wandb.Image(image, caption=prompt)
+                                    for image, prompt in zip(images, args.validation_prompts)]}, step=global_step)
+    rows = [trained] + ([reference] if reference else [])
+    grid = make_image_grid([image for row in rows[::-1] for image in row], rows=len(rows), cols=len(trained))
+    return grid
+
+
+def tracker_config(args):
+    """Run hyperparameters for the trackers: no token, lists flattened for tensorboard."""
+    config = {}
+    for key, value in vars(args).items():
+        if key == "hub_token":
+            continue
+        config[key] = " | ".join(value) if isinstance(value, list) else value
+    return config
+
+
+def base_model_license(args):
+    """The base model card's license (creativeml-openrail-m, SD1.5's, if the card cannot be read)."""
+    try:
+        from huggingface_hub import ModelCard
+
+        path = args.pretrained_model_name_or_path
+        card = ModelCard.load(os.path.join(path, "README.md") if os.path.isdir(path) else path)
+        return card.data.license or "creativeml-openrail-m"
+    except Exception:
+        return "creativeml-openrail-m"
+
+
+MODEL_CARD_TAGS = ["stable-diffusion", "stable-diffusion-diffusers", "text-to-image", "diffusers", "diffusers-training",
+                   "diffusion-rpo"]
+
+
+def write_model_card(args, repo_id, stats, global_step, grid_filename=None):
+    method = {"rpo": "Diffusion-RPO (Relative Preference Optimization, arXiv 2406.06382)",
+              "dpo": "Diffusion-DPO (arXiv 2311.12908)", "sft": "supervised fine-tuning on the preferred images"}
+    weights = "LoRA adapters (load with `pipe.load_lora_weights`)" if args.use_lora else "the full UNet"
+    rows = [("loss_type", args.loss_type), ("beta_dpo (-1/2 beta convention)", args.beta_dpo),
+            ("learning_rate", args.learning_rate), ("scale_lr", args.scale_lr),
+            ("train_batch_size (pairs per process)", args.train_batch_size),
+            ("gradient_accumulation_steps", args.gradient_accumulation_steps), ("optimizer steps", global_step),
+            ("resolution", args.resolution), ("mixed_precision", args.mixed_precision),
+            ("timestep_sampling", args.timestep_sampling)]
+    if args.loss_type == "rpo":
+        rows += [("rpo_weighting", args.rpo_weighting), ("rpo_weight_scale", args.rpo_weight_scale),
+                 ("similarity_embedding", args.similarity_embedding),
+                 ("distance_temperature", args.distance_temperature),
+                 ("clip_model_name_or_path", args.clip_model_name_or_path)]
+    if args.use_lora:
+        rows.append(("lora_rank", args.lora_rank))
+    table = "\n".join(f"| {key} | {value} |" for key, value in rows)
+    load = (f'pipe = DiffusionPipeline.from_pretrained("{args.pretrained_model_name_or_path}", torch_dtype=torch.float16)'
+            f'\npipe.load_lora_weights("{repo_id}")' if args.use_lora else
+            f'pipe = DiffusionPipeline.from_pretrained("{repo_id}", torch_dtype=torch.float16)')
+    grid = (f"\n## Validation images\n\nTop row: the base model; bottom row: this model (same prompts and seeds).\n\n"
+            f"![validation grid](./{grid_filename})\n" if grid_filename else "")
+    description = f"""# {method[args.loss_type].split(' (')[0]} fine-tune of {args.pretrained_model_name_or_path}
+
+{weights.capitalize()} of `{args.pretrained_model_name_or_path}` fine-tuned with {method[args.loss_type]} on
+`{args.dataset_name}` (split `{args.dataset_split_name}`: {stats['pairs']} pairs after dropping {stats['ties_dropped']}
+ties), with `train_diffusion_rpo.py`.
+
+## Training hyperparameters
+
+| setting | value |
+|---|---|
+{table}
+{grid}
+## Usage
+
+```python
+import torch
+from diffusers import DiffusionPipeline
+
+{load}
+pipe.to("cuda")
+image = pipe("a photo of an astronaut riding a horse on mars").images[0]
+```
+"""
+    card = load_or_create_model_card(repo_id_or_path=repo_id, from_training=True, license=base_model_license(args),
+                                     base_model=args.pretrained_model_name_or_path,
+                                     model_description=description, inference=True)
+    tags = MODEL_CARD_TAGS + [args.loss_type] + (["lora"] if args.use_lora else [])
+    card = populate_model_card(card, tags=tags)
+    if not os.path.isdir(args.dataset_name):
+        card.data.datasets = [args.dataset_name]
+    card.save(os.path.join(args.output_dir, "README.md"))
+    return card
+
+
+def push_to_hub(args, repo_id):
+    upload_folder(repo_id=repo_id, folder_path=args.output_dir, commit_message="End of training",
+                  ignore_patterns=["checkpoint-*", "step_*", "epoch_*", "*.incomplete"], token=args.hub_token)
+
+
+def save_final_model(accelerator, args, models, unet):
+    """A full pipeline (`DiffusionPipeline.from_pretrained(output_dir)`) or, with LoRA, the adapter weights."""
+    unet = accelerator.unwrap_model(unet)
+    if args.use_lora:
+        from peft.utils import get_peft_model_state_dict
+
+        lora_layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+        PIPELINE_CLASS.save_lora_weights(args.output_dir, unet_lora_layers=lora_layers)
+        return
+    pipeline = PIPELINE_CLASS.from_pretrained(args.pretrained_model_name_or_path, unet=unet.float(),
+                                              revision=args.revision, variant=args.variant, cache_dir=args.cache_dir)
+    pipeline.save_pretrained(args.output_dir)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Main
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def build_accelerator(args):
+    logging_dir = os.path.join(args.output_dir, args.logging_dir)
+    project_config = ProjectConfiguration(project_dir=args.output_dir, logging_dir=logging_dir)
+    accelerator = Accelerator(gradient_accumulation_steps=args.gradient_accumulation_steps,
+                              mixed_precision=args.mixed_precision,
+                              log_with=None if args.report_to == "none" else args.report_to,
+                              project_config=project_config)
+    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", datefmt="%m/%d/%Y %H:%M:%S",
+                        level=logging.INFO)
+    logger.info(accelerator.state, main_process_only=False)
+    for library in (datasets, transformers, diffusers):
+        (library.utils.logging.set_verbosity_warning if accelerator.is_local_main_process
+         else library.utils.logging.set_verbosity_error)()
+    if args.allow_tf32 and torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = True
+    return accelerator
+
+
+def resolve_seed(args, accelerator):
+    if args.seed is not None:
+        return args.seed
+    seed = torch.randint(0, 2**31 - 1, ()).to(accelerator.device)
+    seed = int(accelerator.reduce(seed, "max")) if accelerator.num_processes > 1 else int(seed)
+    logger.info(f"No --seed given: drew seed {seed} (saved in checkpoints).")
+    return seed
+
+
+def weight_dtype_for(accelerator):
+    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+
+
+def build_dataloader(args, accelerator, models, dataset, seed):
+    tokenizers = {"input_ids": make_tokenize_fn(models.tokenizer)}
+    if models.clip is not None and args.similarity_embedding in ("text", "text_image"):
+        max_length = models.clip.model.config.text_config.max_position_embeddings
+        tokenizers["clip_input_ids"] = make_tokenize_fn(models.clip.tokenizer, max_length)
+    pair_dataset = PreferencePairDataset(dataset, dataset_columns(args), args.resolution, seed,
+                                         random_crop=args.random_crop, hflip=not args.no_hflip, tokenizers=tokenizers)
+    global_batch = args.train_batch_size * accelerator.num_processes
+    batches_per_epoch = (len(dataset) // global_batch) // args.gradient_accumulation_steps
+    batches_per_epoch *= args.gradient_accumulation_steps
+    if batches_per_epoch == 0:
+        raise ValueError(f"{len(dataset)} pairs are fewer than one optimizer step needs ({global_batch} pairs x "
+                         f"{args.gradient_accumulation_steps} accumulation steps). Lower --train_batch_size or "
+                         "--gradient_accumulation_steps, or use more data.")
+    sampler = IndexedBatchSampler(len(dataset), args.train_batch_size, seed, batches_per_epoch,
+                                  accelerator.num_processes, accelerator.process_index)
+    loader = torch.utils.data.DataLoader(pair_dataset, batch_sampler=sampler, collate_fn=collate_pairs,
+                                         num_workers=args.dataloader_num_workers,
+                                         pin_memory=torch.cuda.is_available(),
+                                         persistent_workers=args.dataloader_num_workers > 0)
+    return loader, sampler
+
+
+def main(args):
+    accelerator = build_accelerator(args)
+    if accelerator.is_main_process:
+        os.makedirs(args.output_dir, exist_ok=True)
+    repo_id = None
+    if args.push_to_hub and accelerator.is_main_process:
+        repo_id = create_repo(repo_id=args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir)),
+                              exist_ok=True, token=args.hub_token).repo_id
+    weight_dtype = weight_dtype_for(accelerator)
+    progress = TrainingProgress(resolve_seed(args, accelerator))
+
+    raw_dataset = load_raw_dataset(args)
+    dataset, stats = prepare_preference_dataset(raw_dataset, dataset_columns(args), args.max_train_samples,
+                                                progress.seed)
+    logger.info(f"Dataset: {stats['rows']} rows, {stats['ties_dropped']} ties dropped, {stats['pairs']} pairs used.")
+
+    models = load_models(args, accelerator.device, weight_dtype)
+    unet = models.unet
+    if args.scale_lr:
+        args.learning_rate *= args.gradient_accumulation_steps * args.train_batch_size * accelerator.num_processes
+    optimizer = create_optimizer(args, [p for p in unet.parameters() if p.requires_grad])
+    loader, sampler = build_dataloader(args, accelerator, models, dataset, progress.seed)
+    updates_per_epoch = sampler.batches_per_epoch // args.gradient_accumulation_steps
+    if args.max_train_steps is None:
+        args.max_train_steps = args.num_train_epochs * updates_per_epoch
+    num_epochs = math.ceil(args.max_train_steps / updates_per_epoch)
+    lr_scheduler = get_scheduler(args.lr_scheduler, optimizer=optimizer,
+                                 num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
+                                 num_training_steps=args.max_train_steps * accelerator.num_processes)
+    unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
+    accelerator.register_for_checkpointing(progress)
+
+    if args.resume_from_checkpoint:
+        checkpoint = resolve_checkpoint_path(args)
+        if checkpoint is None:
+            logger.info(f"No checkpoint in {args.output_dir} to resume from: starting a new run.")
+        else:
+            logger.info(f"Resuming from {checkpoint}")
+            accelerator.load_state(checkpoint)
+    if accelerator.is_main_process:
+        accelerator.init_trackers(args.tracker_project_name, config=tracker_config(args))
+
+    logger.info(f"***** Training ({args.loss_type}) *****  pairs {stats['pairs']}, epochs {num_epochs}, "
+                f"pairs per step {args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps}"
+                f", optimizer steps {args.max_train_steps}, seed {progress.seed}")
+    train_loop(args, accelerator, models, unet, optimizer, lr_scheduler, loader, sampler, progress, num_epochs,
+               weight_dtype)
+
+    accelerator.wait_for_everyone()
+    grid = log_validation(accelerator, args, models, unet, weight_dtype, progress.seed, progress.global_step)
+    if accelerator.is_main_process:
+        save_final_model(accelerator, args, models, unet)
+        grid_filename = None
+        if grid is not None:
+            grid_filename = "validation_grid.png"
+            grid.save(os.path.join(args.output_dir, grid_filename))
+        write_model_card(args, repo_id or os.path.basename(os.path.abspath(args.output_dir)), stats,
+                         progress.global_step, grid_filename)
+        if args.push_to_hub:
+            push_to_hub(args, repo_id)
+    accelerator.end_training()
+    return progress
+
+
+def train_loop(args, accelerator, models, unet, optimizer, lr_scheduler, loader, sampler, progress, num_epochs,
+               weight_dtype):
+    progress_bar = tqdm(range(args.max_train_steps), initial=progress.global_step, desc="Steps",
+                        disable=not accelerator.is_local_main_process)
+    unet.train()
+    accumulated = {}
+    for epoch in range(progress.epoch, num_epochs):
+        sampler.set_epoch(epoch, progress.batch_in_epoch if epoch == progress.epoch else 0)
+        progress.epoch = epoch
+        for batch in loader:
+            micro_step = progress.global_step * args.gradient_accumulation_steps + len(accumulated.get("loss", []))
+            with accelerator.accumulate(unet):
+                loss, metrics = compute_step_loss(args, models, unet, batch, micro_step, progress.seed, weight_dtype)
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and args.max_grad_norm > 0:
+                    accelerator.clip_grad_norm_(unet.parameters(), args.max_grad_norm)
+                optimizer.step()
+                lr_scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+            for name, value in {"loss": loss.detach(), **metrics}.items():
+                accumulated.setdefault(name, []).append(value)
+            progress.batch_in_epoch += 1
+            if not accelerator.sync_gradients:
+                continue
+            progress.global_step += 1
+            if progress.batch_in_epoch >= sampler.batches_per_epoch:
+                progress.epoch, progress.batch_in_epoch = epoch + 1, 0
+            logs = {name: accelerator.reduce(torch.stack(values).mean(), "mean").item()
+                    for name, values in accumulated.items()}
+            logs["lr"] = lr_scheduler.get_last_lr()[0]
+            accumulated = {}
+            accelerator.log(logs, step=progress.global_step)
+            progress_bar.update(1)
+            progress_bar.set_postfix(loss=f"{logs['loss']:.4f}", acc=f"{logs.get('implicit_acc', float('nan')):.2f}")
+            if progress.global_step % args.checkpointing_steps == 0:
+                save_checkpoint(accelerator, args, progress.global_step)
+            if args.validation_prompts and progress.global_step % args.validation_steps == 0:
+                log_validation(accelerator, args, models, unet, weight_dtype, progress.seed, progress.global_step)
+            if progress.global_step >= args.max_train_steps:
+                return
+
+
+if __name__ == "__main__":
+    main(parse_args())
