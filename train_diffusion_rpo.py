@@ -228,7 +228,7 @@ def needs_similarity_model(args):
 
 def similarity_weights(embeddings, temperature, weight_scale):
     """omega_ij = s * softmax_j(-(1 - cos(e_w^i, e_l^j)) / tau) for L2-normalised embeddings (2M, D), winners first."""
-    embeddings = F.normalize(embeddings.detach().float(), dim=-1)
+    embeddings = F.normalize(embeddings.detach().double(), dim=-1)
     winners, losers = embeddings.chunk(2)
     distance = 1.0 - winners @ losers.T
     return weight_scale * torch.softmax(-distance / temperature, dim=1)
@@ -251,17 +251,18 @@ def compute_preference_loss(
     model_losses holds the M winners only, or (2M,) winners first when ref_losses is given (its winners are used).
     Returns (loss, metrics) with metrics a dict of detached float tensors.
     """
-    model_losses = model_losses.float()
+    output_dtype = torch.promote_types(model_losses.dtype, torch.float32)
+    # The M x M terms are computed in fp64 (a few scalars): at theta = reference the loss is then exactly fp32 ln 2.
+    model_losses = model_losses.double()
     if loss_type == "sft":
         winners = model_losses if ref_losses is None else model_losses.chunk(2)[0]
-        loss = winners.mean()
-        return loss, {"model_mse_w": winners.detach().mean()}
+        return winners.mean().to(output_dtype), {"model_mse_w": winners.detach().mean().to(output_dtype)}
     if loss_type not in ("dpo", "rpo"):
         raise ValueError(f"Unknown loss_type {loss_type!r}: expected 'rpo', 'dpo' or 'sft'.")
     if ref_losses is None or ref_losses.shape != model_losses.shape or model_losses.shape[0] % 2:
         raise ValueError("dpo/rpo need model_losses and ref_losses of the same shape (2M,), winners first.")
     model_w, model_l = model_losses.chunk(2)
-    ref_w, ref_l = ref_losses.float().detach().chunk(2)
+    ref_w, ref_l = ref_losses.double().detach().chunk(2)
     delta_w, delta_l = model_w - ref_w, model_l - ref_l
     diagonal_logits = -(delta_w - delta_l)
     metrics = {
@@ -273,7 +274,7 @@ def compute_preference_loss(
     }
     if loss_type == "dpo":
         loss = -F.logsigmoid(0.5 * beta * diagonal_logits).mean()
-        return loss, metrics
+        return loss.to(output_dtype), cast_metrics(metrics, output_dtype)
     logits = -(delta_w[:, None] - delta_l[None, :])
     if weighting == "similarity":
         if embeddings is None or embeddings.shape[0] != model_losses.shape[0]:
@@ -289,7 +290,11 @@ def compute_preference_loss(
     weight_diag_mean = torch.diagonal(weights).mean().detach()
     metrics["weight_diag_mean"] = weight_diag_mean
     metrics["beta_effective_diag"] = 0.5 * beta * weight_diag_mean
-    return loss, metrics
+    return loss.to(output_dtype), cast_metrics(metrics, output_dtype)
+
+
+def cast_metrics(metrics, dtype):
+    return {name: value.to(dtype) for name, value in metrics.items()}
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -633,6 +638,7 @@ def reference_forward(models, unet):
     """The frozen reference UNet and the context it runs in."""
     if models.ref_unet is not None:
         return models.ref_unet, contextlib.nullcontext()
+    unet = models.unwrap(unet)
     return unet, adapters_disabled(unet)
 
 
@@ -775,7 +781,7 @@ def load_models(args, device, weight_dtype):
         unet.enable_gradient_checkpointing()
     clip = load_similarity_model(args, device, weight_dtype) if needs_similarity_model(args) else None
     return SimpleNamespace(tokenizer=tokenizer, noise_scheduler=noise_scheduler, text_encoder=text_encoder, vae=vae,
-                           unet=unet, ref_unet=ref_unet, clip=clip, device=device)
+                           unet=unet, ref_unet=ref_unet, clip=clip, device=device, unwrap=lambda model: model)
 
 
 def enable_xformers(*unets):
@@ -861,6 +867,7 @@ class TrainingProgress:
 
     def __init__(self, seed):
         self.seed, self.global_step, self.epoch, self.batch_in_epoch = seed, 0, 0, 0
+        self.history = []  # the logged metrics of this process's run (not checkpointed)
 
     def state_dict(self):
         return {"seed": self.seed, "global_step": self.global_step, "epoch": self.epoch,
@@ -875,9 +882,9 @@ class TrainingProgress:
 def generate_validation_images(args, models, unet, weight_dtype, seed, reference=False):
     """The validation prompts rendered by the trained UNet, or by the reference, with the same seeds."""
     device = models.device
+    if reference and models.ref_unet is None and not args.use_lora:
+        return []  # sft trains without a reference copy
     ref_unet, context = reference_forward(models, unet) if reference else (unet, contextlib.nullcontext())
-    if reference and ref_unet is unet and models.ref_unet is None and not args.use_lora:
-        return []
     scheduler = DPMSolverMultistepScheduler.from_config(models.noise_scheduler.config)
     pipeline = PIPELINE_CLASS(vae=models.vae, text_encoder=models.text_encoder, tokenizer=models.tokenizer,
                               unet=ref_unet, scheduler=scheduler, safety_checker=None, feature_extractor=None,
@@ -929,6 +936,17 @@ def tracker_config(args):
             continue
         config[key] = " | ".join(value) if isinstance(value, list) else value
     return config
+
+
+@contextlib.contextmanager
+def hub_lookups_disabled():
+    from huggingface_hub import constants
+
+    previous, constants.HF_HUB_OFFLINE = constants.HF_HUB_OFFLINE, True
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = previous
 
 
 def base_model_license(args):
@@ -993,9 +1011,11 @@ pipe.to("cuda")
 image = pipe("a photo of an astronaut riding a horse on mars").images[0]
 ```
 """
-    card = load_or_create_model_card(repo_id_or_path=repo_id, from_training=True, license=base_model_license(args),
-                                     base_model=args.pretrained_model_name_or_path,
-                                     model_description=description, inference=True)
+    # Without --push_to_hub there is no Hub card to extend: build it locally, without a network round trip.
+    with contextlib.nullcontext() if args.push_to_hub else hub_lookups_disabled():
+        card = load_or_create_model_card(repo_id_or_path=repo_id, token=args.hub_token, from_training=True,
+                                         license=base_model_license(args), base_model=args.pretrained_model_name_or_path,
+                                         model_description=description, inference=True)
     tags = MODEL_CARD_TAGS + [args.loss_type] + (["lora"] if args.use_lora else [])
     card = populate_model_card(card, tags=tags)
     if not os.path.isdir(args.dataset_name):
@@ -1099,6 +1119,7 @@ def main(args):
     logger.info(f"Dataset: {stats['rows']} rows, {stats['ties_dropped']} ties dropped, {stats['pairs']} pairs used.")
 
     models = load_models(args, accelerator.device, weight_dtype)
+    models.unwrap = accelerator.unwrap_model
     unet = models.unet
     if args.scale_lr:
         args.learning_rate *= args.gradient_accumulation_steps * args.train_batch_size * accelerator.num_processes
@@ -1177,6 +1198,7 @@ def train_loop(args, accelerator, models, unet, optimizer, lr_scheduler, loader,
                     for name, values in accumulated.items()}
             logs["lr"] = lr_scheduler.get_last_lr()[0]
             accumulated = {}
+            progress.history.append(logs)
             accelerator.log(logs, step=progress.global_step)
             progress_bar.update(1)
             progress_bar.set_postfix(loss=f"{logs['loss']:.4f}", acc=f"{logs.get('implicit_acc', float('nan')):.2f}")

@@ -1,0 +1,190 @@
+"""Pairing, ties, shared augmentation, indexed randomness and input checks (method.md, "Randomness")."""
+
+import io
+from types import SimpleNamespace
+
+import datasets
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import tiny
+import train_diffusion_rpo as rpo
+
+COLUMNS = SimpleNamespace(caption="caption", image_0="jpg_0", image_1="jpg_1", label_0="label_0")
+
+
+def load(path):
+    return datasets.load_dataset(path, split="train")
+
+
+def pair_dataset(dataset, **kwargs):
+    kwargs = {"resolution": 32, "seed": 0, "random_crop": True, "hflip": True, **kwargs}
+    return rpo.PreferencePairDataset(dataset, COLUMNS, **kwargs)
+
+
+def test_ties_are_dropped_and_counted(pickapic_path):
+    dataset, stats = rpo.prepare_preference_dataset(load(pickapic_path), COLUMNS)
+    assert stats == {"rows": 18, "ties_dropped": 6, "pairs": 12}
+    assert 0.5 not in dataset.unique("label_0")
+
+
+def test_label_zero_puts_the_second_image_first(pickapic_path):
+    dataset, _ = rpo.prepare_preference_dataset(load(pickapic_path), COLUMNS)
+    items = pair_dataset(dataset, random_crop=False, hflip=False)
+    for index in range(4):
+        row = dataset[index]
+        expected_winner = row["jpg_0"] if row["label_0"] == 1 else row["jpg_1"]
+        expected = rpo.paired_transform([rpo.decode_image(expected_winner)], 32, (0.5, 0.5), False)[0][0]
+        assert torch.equal(items[(index, 0)]["pixel_values"][0], expected)
+    assert {dataset[i]["label_0"] for i in range(4)} == {0.0, 1.0}
+
+
+def test_winner_and_loser_share_crop_and_flip():
+    # Both images of each pair are the same picture: any difference in crop or flip would show.
+    rng = np.random.default_rng(0)
+    rows = tiny.pickapic_rows(8, labels=[1, 0] * 4, sizes=((40, 64),))
+    for row in rows:
+        row["jpg_1"] = row["jpg_0"] = tiny.jpeg_bytes(tiny.random_image(rng, 40, 64))
+    dataset = datasets.Dataset.from_list(rows)
+    items = pair_dataset(dataset)
+    flips, crops = set(), set()
+    for index in range(8):
+        item = items[(index, 3)]
+        assert torch.equal(item["pixel_values"][0], item["pixel_values"][1])
+        augmentation = rpo.sample_pair_augmentation(0, index, 3, True, True)
+        flips.add(augmentation["flip"])
+        crops.add(item["crop_top_left"])
+    assert flips == {True, False} and len(crops) > 1  # the draws do vary across pairs
+
+
+def test_augmentation_and_noise_are_pure_functions_of_the_pair():
+    a = rpo.sample_pair_augmentation(7, 12, 2, True, True)
+    assert a == rpo.sample_pair_augmentation(7, 12, 2, True, True)
+    assert a != rpo.sample_pair_augmentation(7, 12, 3, True, True) or a != rpo.sample_pair_augmentation(7, 13, 2, True, True)
+    n1 = rpo.draw_pair_noise(7, 12, 2, (4, 8, 8), noise_offset=0.1)
+    n2 = rpo.draw_pair_noise(7, 12, 2, (4, 8, 8), noise_offset=0.1)
+    n3 = rpo.draw_pair_noise(7, 13, 2, (4, 8, 8), noise_offset=0.1)
+    assert all(torch.equal(n1[k], n2[k]) for k in n1)
+    assert not torch.equal(n1["noise"], n3["noise"])
+    assert not torch.equal(n1["latent_noise_w"], n1["latent_noise_l"])
+
+
+def test_loader_output_does_not_depend_on_worker_count(pickapic_path):
+    dataset, _ = rpo.prepare_preference_dataset(load(pickapic_path), COLUMNS)
+    items = pair_dataset(dataset)
+
+    def batches(workers):
+        sampler = rpo.IndexedBatchSampler(len(dataset), 3, seed=5, batches_per_epoch=4)
+        sampler.set_epoch(1)
+        loader = torch.utils.data.DataLoader(items, batch_sampler=sampler, collate_fn=rpo.collate_pairs,
+                                             num_workers=workers)
+        return list(loader)
+
+    serial, parallel = batches(0), batches(2)
+    assert len(serial) == len(parallel) == 4
+    for a, b in zip(serial, parallel):
+        assert torch.equal(a["pair_index"], b["pair_index"])
+        assert torch.equal(a["pixel_values"], b["pixel_values"])
+        assert torch.equal(a["crop_top_left"], b["crop_top_left"])
+
+
+def test_sampler_shards_a_global_batch_and_resumes_mid_epoch():
+    single = rpo.IndexedBatchSampler(20, 4, seed=1, batches_per_epoch=5)
+    shards = [rpo.IndexedBatchSampler(20, 2, seed=1, batches_per_epoch=5, num_processes=2, process_index=r)
+              for r in range(2)]
+    for sampler in [single, *shards]:
+        sampler.set_epoch(2)
+    for global_batch, *local in zip(single, *shards):
+        assert sorted(global_batch) == sorted(local[0] + local[1])
+    full = list(single)
+    single.set_epoch(2, start_batch=3)
+    assert list(single) == full[3:] and len(single) == 2
+    single.set_epoch(3)
+    assert list(single) != full  # a new order each epoch
+    assert all(key[1] == 3 for batch in single for key in batch)
+
+
+def test_pair_noise_does_not_depend_on_batch_composition(sd_pipeline_path, pickapic_path):
+    args = rpo.parse_args(["--pretrained_model_name_or_path", sd_pipeline_path, "--dataset_name", pickapic_path,
+                           "--resolution", "32", "--loss_type", "dpo", "--rpo_weighting", "uniform"])
+    models = rpo.load_models(args, torch.device("cpu"), torch.float32)
+    dataset, _ = rpo.prepare_preference_dataset(load(pickapic_path), COLUMNS)
+    items = pair_dataset(dataset, tokenizers={"input_ids": rpo.make_tokenize_fn(models.tokenizer)})
+    batch_ab = rpo.collate_pairs([items[(0, 0)], items[(1, 0)]])
+    batch_ba = rpo.collate_pairs([items[(1, 0)], items[(0, 0)]])
+    inputs_ab = rpo.prepare_diffusion_inputs(args, models, batch_ab, micro_step=0, seed=0)
+    inputs_ba = rpo.prepare_diffusion_inputs(args, models, batch_ba, micro_step=0, seed=0)
+    order = [1, 0, 3, 2]  # pair 0 is row 0 (winner) and 2 (loser) in ab, rows 1 and 3 in ba
+    assert torch.allclose(inputs_ab.noisy_latents, inputs_ba.noisy_latents[order], atol=1e-5)
+    assert torch.equal(inputs_ab.timesteps, inputs_ba.timesteps[order])
+    assert torch.equal(inputs_ab.target[0], inputs_ab.target[2])  # winner and loser share the noise
+    assert torch.equal(inputs_ab.timesteps[0], inputs_ab.timesteps[2])
+
+
+def test_batch_timestep_sampling_shares_one_t_per_micro_step():
+    uniform = torch.rand(6)
+    t = rpo.draw_timesteps("batch", uniform, seed=3, micro_step=11, num_train_timesteps=1000)
+    assert t.unique().numel() == 1
+    assert torch.equal(t, rpo.draw_timesteps("batch", torch.rand(6), seed=3, micro_step=11, num_train_timesteps=1000))
+    assert not torch.equal(t, rpo.draw_timesteps("batch", uniform, seed=3, micro_step=12, num_train_timesteps=1000))
+    per_pair = rpo.draw_timesteps("pair", uniform, seed=3, micro_step=11, num_train_timesteps=1000)
+    assert torch.equal(per_pair, (uniform * 1000).long())
+
+
+@pytest.mark.parametrize("mode", ["RGBA", "P", "L", "I;16", "LA"])
+def test_unusual_image_modes_become_rgb(mode):
+    array = (np.arange(16 * 16).reshape(16, 16) % 256).astype(np.uint8)
+    if mode == "I;16":
+        image = Image.fromarray(array.astype(np.uint16) * 257)
+        assert image.mode == "I;16"
+    elif mode in ("RGBA", "LA"):
+        image = Image.fromarray(np.stack([array] * 4, -1)).convert(mode)
+    else:
+        image = Image.fromarray(array).convert(mode)
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    decoded = rpo.decode_image(buffer.getvalue())
+    assert decoded.mode == "RGB" and decoded.size == (16, 16)
+    if mode in ("L", "I;16"):
+        assert np.array_equal(np.asarray(decoded)[..., 0], array)
+
+
+def test_image_feature_and_file_paths_are_read(tmp_path):
+    rows = tiny.pickapic_rows(4, labels=[1, 0, 1, 0])
+    paths = []
+    for i, row in enumerate(rows):
+        path = tmp_path / f"{i}.jpg"
+        path.write_bytes(row["jpg_0"])
+        paths.append(str(path))
+    dataset = datasets.Dataset.from_dict({
+        "caption": [r["caption"] for r in rows], "jpg_0": paths, "jpg_1": [r["jpg_1"] for r in rows],
+        "label_0": [r["label_0"] for r in rows]}).cast_column("jpg_0", datasets.Image())
+    prepared, _ = rpo.prepare_preference_dataset(dataset, COLUMNS)
+    assert prepared.features["jpg_0"].decode is False
+    item = pair_dataset(prepared, random_crop=False, hflip=False)[(0, 0)]
+    expected = rpo.paired_transform([rpo.decode_image(rows[0]["jpg_0"])], 32, (0.5, 0.5), False)[0][0]
+    assert torch.equal(item["pixel_values"][0], expected)
+
+
+@pytest.mark.parametrize("change,message", [
+    (lambda d: d.remove_columns("jpg_1"), r"no column 'jpg_1'.*--image_1_column"),
+    (lambda d: d.rename_column("caption", "prompt"), r"no column 'caption'.*--caption_column"),
+    (lambda d: d.map(lambda r: {"label_0": 2.0}), r"labels \[2.0\]"),
+    (lambda d: d.map(lambda r: {"label_0": 0.5}), r"No preference pairs left"),
+    (lambda d: d.cast_column("label_0", datasets.Value("string")), r"must be numeric"),
+    (lambda d: d.map(lambda r: {"jpg_0": 3}, features=None), r"must hold images"),
+])
+def test_bad_datasets_are_rejected_clearly(pickapic_path, change, message):
+    with pytest.raises(ValueError, match=message):
+        rpo.prepare_preference_dataset(change(load(pickapic_path)), COLUMNS)
+
+
+def test_corrupt_image_names_the_pair():
+    rows = tiny.pickapic_rows(2, labels=[1, 1])
+    rows[1]["jpg_0"] = rows[1]["jpg_0"][:20]
+    items = pair_dataset(datasets.Dataset.from_list(rows))
+    items[(0, 0)]
+    with pytest.raises(ValueError, match="Pair 1: cannot decode"):
+        items[(1, 0)]
