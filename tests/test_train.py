@@ -1,0 +1,227 @@
+"""End-to-end runs of train_diffusion_rpo.main on the tiny pipeline and Pick-a-Pic-schema dataset."""
+
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import tiny
+import train_diffusion_rpo as rpo
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LN2_FP32 = torch.tensor(math.log(2), dtype=torch.float32).item()
+
+
+def cli(sd_pipeline_path, pickapic_path, clip_model_path, output_dir, *extra):
+    return ["--pretrained_model_name_or_path", sd_pipeline_path, "--dataset_name", pickapic_path,
+            "--clip_model_name_or_path", clip_model_path, "--output_dir", str(output_dir), "--resolution", "32",
+            "--train_batch_size", "3", "--max_train_steps", "2", "--learning_rate", "1e-3", "--lr_warmup_steps", "0",
+            "--dataloader_num_workers", "0", "--seed", "0", "--report_to", "none",
+            "--validation_prompts", "a red circle", "--validation_num_inference_steps", "2", *extra]
+
+
+@pytest.fixture
+def run(sd_pipeline_path, pickapic_path, clip_model_path, tmp_path):
+    def run_main(*extra, output_dir=None):
+        args = rpo.parse_args(cli(sd_pipeline_path, pickapic_path, clip_model_path, output_dir or tmp_path / "out",
+                                  *extra))
+        return rpo.main(args), args
+
+    return run_main
+
+
+def unet_weights(folder):
+    return load_file(os.path.join(folder, "unet", "diffusion_pytorch_model.safetensors"))
+
+
+@pytest.mark.parametrize("loss_type", ["rpo", "dpo", "sft"])
+def test_training_saves_a_pipeline_that_loads_and_generates(run, sd_pipeline_path, tmp_path, loss_type):
+    from diffusers import DiffusionPipeline, StableDiffusionPipeline
+
+    progress, args = run("--loss_type", loss_type)
+    assert progress.global_step == 2 and len(progress.history) == 2
+    trained, base = unet_weights(args.output_dir), unet_weights(sd_pipeline_path)
+    assert trained.keys() == base.keys()
+    assert any(not torch.equal(trained[k], base[k]) for k in base)
+    pipeline = DiffusionPipeline.from_pretrained(args.output_dir)
+    assert isinstance(pipeline, StableDiffusionPipeline)
+    image = pipeline("a red circle", num_inference_steps=2, height=32, width=32,
+                     generator=torch.Generator().manual_seed(0), output_type="np").images[0]
+    assert image.shape == (32, 32, 3) and image.std() > 0
+    expected_metrics = {"sft": {"loss", "lr", "model_mse_w"},
+                        "dpo": {"loss", "lr", "model_mse_w", "model_mse_l", "ref_mse_w", "ref_mse_l", "implicit_acc"}}
+    expected_metrics["rpo"] = expected_metrics["dpo"] | {"weight_diag_mean", "beta_effective_diag"}
+    assert set(progress.history[0]) == expected_metrics[loss_type]
+
+
+@pytest.mark.parametrize("loss_type,sampling", [("rpo", "batch"), ("rpo", "pair"), ("dpo", "pair")])
+def test_first_step_at_the_reference_is_ln2_in_fp32(run, loss_type, sampling):
+    progress, _ = run("--loss_type", loss_type, "--timestep_sampling", sampling, "--max_train_steps", "1",
+                      "--validation_prompts")
+    first = progress.history[0]
+    assert first["loss"] == LN2_FP32
+    assert first["implicit_acc"] == 0.5
+
+
+def test_first_step_in_bf16_is_close_to_ln2(run):
+    progress, _ = run("--mixed_precision", "bf16", "--beta_dpo", "500", "--max_train_steps", "1",
+                      "--validation_prompts")
+    assert abs(progress.history[0]["loss"] - math.log(2)) < 0.05
+
+
+def test_rpo_weights_are_logged_from_the_clip_similarity(run):
+    progress, _ = run("--max_train_steps", "1", "--validation_prompts", "--rpo_weight_scale", "3")
+    logged = progress.history[0]
+    # Softmax rows over M=3 losers: the diagonal weight lies strictly between 0 and s, and beta_eff = beta/2 * it.
+    assert 0 < logged["weight_diag_mean"] < 3
+    assert logged["beta_effective_diag"] == pytest.approx(2500 * logged["weight_diag_mean"], rel=1e-5)
+
+
+def test_checkpoints_prune_and_resume_latest(run, tmp_path):
+    out = tmp_path / "ckpt"
+    run("--max_train_steps", "4", "--checkpointing_steps", "2", "--validation_prompts", output_dir=out)
+    assert sorted(p for p in os.listdir(out) if p.startswith("checkpoint")) == ["checkpoint-2", "checkpoint-4"]
+    progress, _ = run("--max_train_steps", "6", "--checkpointing_steps", "2", "--checkpoints_total_limit", "2",
+                      "--resume_from_checkpoint", "latest", "--validation_prompts", output_dir=out)
+    assert sorted(p for p in os.listdir(out) if p.startswith("checkpoint")) == ["checkpoint-4", "checkpoint-6"]
+    assert progress.global_step == 6 and len(progress.history) == 2  # continued from step 4
+
+
+def test_resume_continues_the_data_position_exactly(run, tmp_path):
+    straight, _ = run("--max_train_steps", "4", "--validation_prompts", "--checkpointing_steps", "100",
+                      output_dir=tmp_path / "straight")
+    run("--max_train_steps", "2", "--checkpointing_steps", "2", "--validation_prompts", output_dir=tmp_path / "split")
+    resumed, _ = run("--max_train_steps", "4", "--checkpointing_steps", "100", "--resume_from_checkpoint", "latest",
+                     "--validation_prompts", output_dir=tmp_path / "split")
+    assert [h["loss"] for h in resumed.history] == [h["loss"] for h in straight.history[2:]]
+    a, b = unet_weights(tmp_path / "straight"), unet_weights(tmp_path / "split")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_8bit_adam_keeps_uint8_optimizer_state(run, tmp_path):
+    run("--use_8bit_adam", "--checkpointing_steps", "2", "--validation_prompts")
+    state = torch.load(tmp_path / "out" / "checkpoint-2" / "optimizer.bin", weights_only=True)
+
+    def tensor_dtypes(value):  # bitsandbytes nests its quantisation state in a dict
+        if torch.is_tensor(value):
+            return {value.dtype}
+        return set().union(*map(tensor_dtypes, value.values())) if isinstance(value, dict) else set()
+
+    dtypes = set().union(*map(tensor_dtypes, state["state"].values()))
+    assert torch.uint8 in dtypes  # tensors above 4096 elements hold 8-bit state
+    assert torch.float32 in dtypes  # small tensors keep 32-bit state (bitsandbytes' min_8bit_size)
+
+
+def test_lora_run_saves_adapters_that_load_on_the_base(run, sd_pipeline_path, tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    progress, args = run("--use_lora", "--lora_rank", "4", "--loss_type", "dpo")
+    assert not os.path.exists(tmp_path / "out" / "unet")
+    lora = load_file(tmp_path / "out" / "pytorch_lora_weights.safetensors")
+    assert lora and all("lora" in key for key in lora)
+    pipeline = StableDiffusionPipeline.from_pretrained(sd_pipeline_path)
+    kwargs = dict(num_inference_steps=2, height=32, width=32, output_type="np")
+    before = pipeline("a red circle", generator=torch.Generator().manual_seed(0), **kwargs).images[0]
+    pipeline.load_lora_weights(str(tmp_path / "out"))
+    after = pipeline("a red circle", generator=torch.Generator().manual_seed(0), **kwargs).images[0]
+    assert abs(after - before).max() > 0
+    assert progress.history[0]["loss"] == LN2_FP32  # the reference is the base with adapters off
+
+
+def test_model_card_parses_with_metadata_and_grid(run, sd_pipeline_path, tmp_path):
+    from huggingface_hub import ModelCard
+
+    run("--loss_type", "rpo")
+    card = ModelCard.load(tmp_path / "out" / "README.md")
+    assert card.data.license == "creativeml-openrail-m"  # read from the base model's card
+    assert card.data.base_model == sd_pipeline_path
+    assert {"diffusion-rpo", "rpo", "text-to-image", "diffusers-training"} <= set(card.data.tags)
+    assert card.data.library_name == "diffusers"
+    assert "arXiv 2406.06382" in card.text and "validation_grid.png" in card.text
+    assert "DiffusionPipeline.from_pretrained" in card.text
+    assert (tmp_path / "out" / "validation_grid.png").exists()
+
+
+def test_push_to_hub_uploads_the_folder_without_checkpoints_or_token(run, tmp_path, monkeypatch):
+    calls = {}
+
+    class Repo:
+        repo_id = "someone/tiny-rpo"
+
+    def fake_create_repo(**kwargs):
+        calls["create_repo"] = kwargs
+        return Repo()
+
+    monkeypatch.setattr(rpo, "create_repo", fake_create_repo)
+    monkeypatch.setattr(rpo, "upload_folder", lambda **kwargs: calls.setdefault("upload_folder", kwargs))
+    secret = "hf_TESTSECRETtoken123"
+    run("--push_to_hub", "--hub_model_id", "someone/tiny-rpo", "--hub_token", secret, "--report_to", "tensorboard",
+        "--checkpointing_steps", "1")
+    assert calls["create_repo"] == {"repo_id": "someone/tiny-rpo", "exist_ok": True, "token": secret}
+    upload = calls["upload_folder"]
+    assert upload["repo_id"] == "someone/tiny-rpo" and upload["folder_path"] == str(tmp_path / "out")
+    assert "checkpoint-*" in upload["ignore_patterns"] and upload["token"] == secret
+    written = [os.path.join(d, f) for d, _, files in os.walk(tmp_path / "out") for f in files]
+    assert any("events.out.tfevents" in f for f in written) and any("checkpoint-1" in f for f in written)
+    for path in written:
+        with open(path, "rb") as f:
+            assert secret.encode() not in f.read(), path
+
+
+@pytest.mark.parametrize("flag", ["--snr_gamma", "--prediction_type"])
+def test_peer_flags_that_change_the_objective_are_refused(flag, capsys):
+    with pytest.raises(SystemExit):
+        rpo.parse_args([flag, "5"])
+    assert f"{flag} is not supported" in capsys.readouterr().err
+
+
+def test_resume_from_a_missing_checkpoint_is_refused(capsys, tmp_path):
+    with pytest.raises(SystemExit):
+        rpo.parse_args(["--output_dir", str(tmp_path), "--resume_from_checkpoint", "checkpoint-99"])
+    assert "no such checkpoint folder" in capsys.readouterr().err
+
+
+def test_xformers_without_a_working_install_fails_at_start(run):
+    with pytest.raises(RuntimeError, match="xformers is not usable here.*SDPA"):
+        run("--enable_xformers_memory_efficient_attention")
+
+
+def test_wrong_model_paths_are_explained(run, tmp_path):
+    with pytest.raises(ValueError, match="not a diffusers pipeline"):
+        rpo.check_pretrained_pipeline(rpo.parse_args(["--pretrained_model_name_or_path", str(tmp_path)]))
+    (tmp_path / "model_index.json").write_text('{"_class_name": "StableDiffusionXLPipeline"}')
+    with pytest.raises(ValueError, match="train_diffusion_rpo_sdxl.py"):
+        rpo.check_pretrained_pipeline(rpo.parse_args(["--pretrained_model_name_or_path", str(tmp_path)]))
+
+
+def test_v_prediction_targets_the_velocity(pickapic_path, clip_model_path, tmp_path):
+    path = tiny.build_sd_pipeline(str(tmp_path / "sd-v"), prediction_type="v_prediction")
+    args = rpo.parse_args(cli(path, pickapic_path, clip_model_path, tmp_path / "out", "--loss_type", "dpo"))
+    models = rpo.load_models(args, torch.device("cpu"), torch.float32)
+    dataset, _ = rpo.prepare_preference_dataset(rpo.load_raw_dataset(args), rpo.dataset_columns(args))
+    items = rpo.PreferencePairDataset(dataset, rpo.dataset_columns(args), 32, 0,
+                                      tokenizers={"input_ids": rpo.make_tokenize_fn(models.tokenizer)})
+    batch = rpo.collate_pairs([items[(0, 0)], items[(1, 0)]])
+    inputs = rpo.prepare_diffusion_inputs(args, models, batch, 0, 0)
+    scheduler = models.noise_scheduler
+    alpha = scheduler.alphas_cumprod[inputs.timesteps].sqrt().view(-1, 1, 1, 1)
+    sigma = (1 - scheduler.alphas_cumprod[inputs.timesteps]).sqrt().view(-1, 1, 1, 1)
+    # x_t = a x0 + s eps and v = a eps - s x0  =>  a v + s x_t = eps (a^2 + s^2 = 1)
+    eps = alpha * inputs.target + sigma * inputs.noisy_latents
+    assert torch.allclose(eps[:2], eps[2:], atol=1e-4)  # the pair's shared noise is recovered from the velocity
+    assert rpo.main(args).global_step == 2
+
+
+def test_accelerate_launch_end_to_end(sd_pipeline_path, pickapic_path, clip_model_path, tmp_path):
+    out = tmp_path / "launched"
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--cpu",
+               "--mixed_precision", "no", os.path.join(ROOT, "train_diffusion_rpo.py"),
+               *cli(sd_pipeline_path, pickapic_path, clip_model_path, out, "--report_to", "tensorboard")]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (out / "unet" / "diffusion_pytorch_model.safetensors").exists()
+    assert (out / "README.md").exists() and any("events.out.tfevents" in f for _, _, fs in os.walk(out) for f in fs)
