@@ -1201,7 +1201,7 @@ def train_loop(args, accelerator, models, unet, optimizer, lr_scheduler, loader,
             progress.history.append(logs)
             accelerator.log(logs, step=progress.global_step)
             progress_bar.update(1)
-            progress_bar.set_postfix(loss=f"{logs['loss']:.4f}", acc=f"{logs.get('implicit_acc', float('nan')):.2f}")
+            progress_bar.set_postfix({name: f"{logs[name]:.4g}" for name in ("loss", "implicit_acc") if name in logs})
             if progress.global_step % args.checkpointing_steps == 0:
                 save_checkpoint(accelerator, args, progress.global_step)
             if args.validation_prompts and progress.global_step % args.validation_steps == 0:

@@ -1,0 +1,304 @@
+"""The style-alignment world: align the tiny base to a style with RPO, DPO and SFT and measure who learns it.
+
+    python -m demo.style_world --demo                         # `make demo`: one RPO alignment, before/after, grid
+    python -m demo.style_world --compare rpo,dpo,sft --seeds 3  # the equal-budget sweep: table, plot, grid
+    python -m demo.style_world --ablation --seeds 2           # RPO's open choices (method.md)
+
+Every training run is `train_diffusion_rpo.main` on a preference dataset in the Pick-a-Pic schema (chosen = the styled
+rendering, rejected = the plain one, same caption); every score comes from the world's exact detectors on samples for
+held-out captions (scene combinations never seen in training).
+"""
+
+import argparse
+import json
+import os
+import shutil
+import time
+
+import numpy as np
+
+from demo import base as world_base
+from demo import evaluate, world
+
+ASSETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets")
+STEP_COUNTS = (40, 80, 120)
+# Equal tuning budget: four configurations per method (learning rate x beta for DPO and RPO, learning rate for SFT).
+SWEEP = {
+    "sft": [{"learning_rate": lr} for lr in (1e-5, 2e-5, 5e-5, 1e-4)],
+    "dpo": [{"learning_rate": lr, "beta_dpo": beta} for lr in (2e-5, 5e-5) for beta in (1000.0, 5000.0)],
+    "rpo": [{"learning_rate": lr, "beta_dpo": beta} for lr in (2e-5, 5e-5) for beta in (1000.0, 5000.0)],
+}
+# RPO's open choices (method.md), each varied alone around the defaults at one operating point.
+ABLATION_POINT = {"learning_rate": 5e-5, "beta_dpo": 5000.0}
+ABLATIONS = {
+    "defaults (batch t, s=1, text_image)": [],
+    "timestep_sampling pair": ["--timestep_sampling", "pair"],
+    "rpo_weight_scale M": ["--rpo_weight_scale", "8"],
+    "similarity_embedding text": ["--similarity_embedding", "text"],
+    "similarity_embedding image": ["--similarity_embedding", "image"],
+    "uniform weights": ["--rpo_weighting", "uniform"],
+}
+PAIRS_PER_STEP = 8
+
+
+def log(message):
+    print(message, flush=True)
+
+
+def check_assets(assets):
+    """The committed base must match its checksums (rebuild with `python -m demo.base`)."""
+    with open(os.path.join(assets, "CHECKSUMS.json")) as f:
+        expected = json.load(f)
+    for name, digests in expected.items():
+        actual = world_base.sha256_tree(os.path.join(assets, name))
+        if actual != digests:
+            raise RuntimeError(f"{assets}/{name} does not match CHECKSUMS.json; rebuild it with "
+                               f"`python -m demo.base --out {assets}`.")
+
+
+def write_preferences(workdir, style, variants_per_scene=10, seed=1):
+    path = os.path.join(workdir, f"preferences-{style}")
+    if not os.path.exists(path):
+        world_base.write_dataset(path, world_base.preference_rows(style, variants_per_scene, seed))
+    return path
+
+
+def train(method, config, dataset, output_dir, seed, steps, assets, extra=()):
+    """One alignment run with the training script, checkpointing at each evaluated step count."""
+    import train_diffusion_rpo as trainer
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+
+    argv = ["--pretrained_model_name_or_path", os.path.join(assets, "base"), "--dataset_name", dataset,
+            "--clip_model_name_or_path", os.path.join(assets, "clip"), "--loss_type", method, "--resolution", "32",
+            "--no_hflip", "--train_batch_size", str(PAIRS_PER_STEP), "--max_train_steps", str(steps),
+            "--lr_scheduler", "constant", "--lr_warmup_steps", "0", "--checkpointing_steps", str(STEP_COUNTS[0]),
+            "--dataloader_num_workers", "0", "--validation_prompts", "--report_to", "none", "--seed", str(seed),
+            "--output_dir", output_dir, "--mixed_precision", "no", "--adam_weight_decay", "0"]
+    for key, value in config.items():
+        argv += [f"--{key}", str(value)]
+    try:
+        return trainer.main(trainer.parse_args(argv + list(extra)))
+    finally:  # several runs share this process: accelerate keeps its state in singletons
+        AcceleratorState._reset_state(True)
+        GradientState._reset_state()
+        PartialState._reset_state()
+
+
+def evaluate_run(output_dir, items, style, assets, step_counts):
+    results = {}
+    for steps in step_counts:
+        weights = os.path.join(output_dir, f"checkpoint-{steps}")
+        if not os.path.isdir(weights):
+            weights = output_dir
+        pipeline = evaluate.load_pipeline(os.path.join(assets, "base"), weights)
+        results[steps] = evaluate.score(evaluate.sample(pipeline, items), items, style)
+    return results
+
+
+def evaluation_items(samples_per_scene):
+    return evaluate.evaluation_set(world.split_scenes()[1], samples_per_scene)
+
+
+def base_score(items, style, assets):
+    pipeline = evaluate.load_pipeline(os.path.join(assets, "base"))
+    return evaluate.score(evaluate.sample(pipeline, items), items, style)
+
+
+def summarise(values):
+    values = np.asarray(values, dtype=float)
+    return {"mean": float(values.mean()), "std": float(values.std(ddof=1)) if len(values) > 1 else 0.0,
+            "n": int(len(values))}
+
+
+def config_label(config, extra_label=None):
+    if extra_label:
+        return extra_label
+    return ", ".join(f"{k.replace('learning_rate', 'lr').replace('beta_dpo', 'beta')}={v:g}" for k, v in config.items())
+
+
+def run_grid(runs, seeds, style, workdir, assets, samples_per_scene, steps):
+    """runs: [(method, label, config, extra flags)]; returns one record per (run, seed, step count)."""
+    dataset = write_preferences(workdir, style)
+    items = evaluation_items(samples_per_scene)
+    records = []
+    for method, label, config, extra in runs:
+        for seed in seeds:
+            output_dir = os.path.join(workdir, "runs", f"{method}-{label}-seed{seed}".replace(" ", "_").replace(",", ""))
+            start = time.time()
+            train(method, config, dataset, output_dir, seed, steps, assets, extra)
+            train_s = time.time() - start
+            for step_count, result in evaluate_run(output_dir, items, style, assets,
+                                                   [s for s in STEP_COUNTS if s <= steps]).items():
+                records.append({"method": method, "config": label, "seed": seed, "steps": step_count, **result,
+                                "train_s": train_s})
+                log(f"{method:4s} {label:32s} seed {seed} step {step_count:4d}: style {result['style_hit_rate']:.3f} "
+                    f"content {result['content_accuracy']:.3f}")
+            shutil.rmtree(output_dir)
+    return records
+
+
+def table(records, base):
+    """Markdown: mean +- std over seeds of style hit rate and content accuracy per method, configuration and steps."""
+    lines = ["| method | configuration | steps | style hit rate | content accuracy | seeds |", "|---|---|---|---|---|---|",
+             f"| base | - | 0 | {base['style_hit_rate']:.3f} | {base['content_accuracy']:.3f} | - |"]
+    keys = sorted({(r["method"], r["config"], r["steps"]) for r in records}, key=lambda k: (k[0], k[1], k[2]))
+    for method, config, steps in keys:
+        chosen = [r for r in records if (r["method"], r["config"], r["steps"]) == (method, config, steps)]
+        style = summarise([r["style_hit_rate"] for r in chosen])
+        content = summarise([r["content_accuracy"] for r in chosen])
+        lines.append(f"| {method} | {config} | {steps} | {style['mean']:.3f} +- {style['std']:.3f} | "
+                     f"{content['mean']:.3f} +- {content['std']:.3f} | {style['n']} |")
+    return "\n".join(lines)
+
+
+def plot(records, base, path, title):
+    """Style hit rate against content accuracy; one colour per method, a line per configuration through its steps."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    colours = {"rpo": "tab:red", "dpo": "tab:blue", "sft": "tab:green"}
+    figure, axis = plt.subplots(figsize=(6.5, 5))
+    axis.scatter([base["content_accuracy"]], [base["style_hit_rate"]], color="black", marker="*", s=150, label="base")
+    seen = set()
+    for method, config in sorted({(r["method"], r["config"]) for r in records}):
+        chosen = [r for r in records if (r["method"], r["config"]) == (method, config)]
+        steps = sorted({r["steps"] for r in chosen})
+        xs = [np.mean([r["content_accuracy"] for r in chosen if r["steps"] == s]) for s in steps]
+        ys = [np.mean([r["style_hit_rate"] for r in chosen if r["steps"] == s]) for s in steps]
+        colour = colours.get(method, None)
+        axis.plot([base["content_accuracy"], *xs], [base["style_hit_rate"], *ys], "-o", color=colour, alpha=0.6,
+                  markersize=4, label=method if method not in seen else None)
+        seen.add(method)
+    axis.set_xlabel("content accuracy (held-out captions)")
+    axis.set_ylabel("style hit rate (held-out captions)")
+    axis.set_title(title)
+    axis.grid(alpha=0.3)
+    axis.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def sample_grid(run_dirs, style, assets, path, samples=8):
+    """Base vs each aligned model on held-out captions, the same seeds in each column."""
+    items = evaluation_items(1)[:samples]
+    rows = [evaluate.sample(evaluate.load_pipeline(os.path.join(assets, "base")), items)]
+    for run_dir in run_dirs:
+        rows.append(evaluate.sample(evaluate.load_pipeline(os.path.join(assets, "base"), run_dir), items))
+    evaluate.grid(rows).save(path)
+    return path
+
+
+def compare(args):
+    methods = args.compare.split(",")
+    seeds = list(range(args.seeds))
+    check_assets(args.assets)
+    items = evaluation_items(args.samples_per_scene)
+    base = base_score(items, args.style, args.assets)
+    runs = [(m, config_label(c), c, []) for m in methods for c in SWEEP[m]]
+    records = run_grid(runs, seeds, args.style, args.workdir, args.assets, args.samples_per_scene, max(STEP_COUNTS))
+    return write_report(args, "compare", records, base, f"Style '{args.style}': equal-budget sweep")
+
+
+def ablation(args):
+    seeds = list(range(args.seeds))
+    check_assets(args.assets)
+    items = evaluation_items(args.samples_per_scene)
+    base = base_score(items, args.style, args.assets)
+    runs = [("rpo", label, ABLATION_POINT, extra) for label, extra in ABLATIONS.items()]
+    records = run_grid(runs, seeds, args.style, args.workdir, args.assets, args.samples_per_scene, max(STEP_COUNTS))
+    return write_report(args, "ablation", records, base, f"Style '{args.style}': RPO choices")
+
+
+def write_report(args, name, records, base, title):
+    os.makedirs(args.results, exist_ok=True)
+    stem = os.path.join(args.results, f"{name}-{args.style}")
+    with open(stem + ".json", "w") as f:
+        json.dump({"base": base, "records": records, "sweep": SWEEP if name == "compare" else ABLATIONS,
+                   "step_counts": STEP_COUNTS, "pairs_per_step": PAIRS_PER_STEP,
+                   "samples_per_scene": args.samples_per_scene, "seeds": args.seeds}, f, indent=1)
+    markdown = table(records, base)
+    with open(stem + ".md", "w") as f:
+        f.write(f"# {title}\n\n{markdown}\n")
+    plot(records, base, stem + ".png", title)
+    log(markdown)
+    log(f"Wrote {stem}.json, {stem}.md and {stem}.png")
+    return records
+
+
+def demo(args):
+    """`make demo`: one RPO alignment from the committed base, evaluated before and after, saved and shown."""
+    from tqdm.auto import tqdm
+
+    stages = {}
+    start = time.time()
+    check_assets(args.assets)
+    dataset = write_preferences(args.workdir, args.style)
+    items = evaluation_items(args.samples_per_scene)
+    stages["check base + build preference data"] = time.time() - start
+    start = time.time()
+    base = base_score(items, args.style, args.assets)
+    stages["evaluate base"] = time.time() - start
+    output_dir = os.path.join(args.workdir, f"rpo-{args.style}")
+    if os.path.exists(output_dir):
+        shutil.rmtree(output_dir)
+    start = time.time()
+    train("rpo", DEMO_CONFIG, dataset, output_dir, 0, args.steps, args.assets)
+    stages["RPO alignment (train_diffusion_rpo.py)"] = time.time() - start
+    start = time.time()
+    aligned = evaluate.score(evaluate.sample(evaluate.load_pipeline(os.path.join(args.assets, "base"), output_dir),
+                                             items), items, args.style)
+    stages["evaluate aligned"] = time.time() - start
+    start = time.time()
+    grid_path = sample_grid([output_dir], args.style, args.assets, os.path.join(output_dir, "base_vs_rpo.png"))
+    stages["sample grid"] = time.time() - start
+    for checkpoint in [p for p in os.listdir(output_dir) if p.startswith("checkpoint-")]:
+        shutil.rmtree(os.path.join(output_dir, checkpoint))
+    report = {"style": args.style, "base": base, "rpo": aligned, "stages_s": stages, "output_dir": output_dir}
+    with open(os.path.join(output_dir, "demo_report.json"), "w") as f:
+        json.dump(report, f, indent=2)
+    log("")
+    log(f"Style '{args.style}' on {len(items)} samples of held-out captions:")
+    log(f"  base:        style hit rate {base['style_hit_rate']:.3f}, content accuracy {base['content_accuracy']:.3f}")
+    log(f"  RPO-aligned: style hit rate {aligned['style_hit_rate']:.3f}, content accuracy "
+        f"{aligned['content_accuracy']:.3f}")
+    for stage, seconds in stages.items():
+        log(f"  {stage}: {seconds:.0f} s")
+    log(f"Aligned pipeline (DiffusionPipeline.from_pretrained): {output_dir}")
+    log(f"Model card: {os.path.join(output_dir, 'README.md')}")
+    log(f"Grid (top: base, bottom: RPO; same captions and seeds): {grid_path}")
+    return report
+
+
+DEMO_CONFIG = {"learning_rate": 5e-5, "beta_dpo": 5000.0}
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--demo", action="store_true", help="One RPO alignment, before/after scores and a grid.")
+    parser.add_argument("--compare", type=str, default=None, help="Methods to sweep, e.g. rpo,dpo,sft.")
+    parser.add_argument("--ablation", action="store_true", help="Sweep RPO's open choices (method.md).")
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--style", type=str, default="stripes", choices=sorted(world.STYLES))
+    parser.add_argument("--steps", type=int, default=max(STEP_COUNTS), help="Alignment steps for --demo.")
+    parser.add_argument("--samples_per_scene", type=int, default=8, help="Samples per held-out caption.")
+    parser.add_argument("--assets", type=str, default=ASSETS)
+    parser.add_argument("--workdir", type=str, default=os.path.join("outputs", "style_world"))
+    parser.add_argument("--results", type=str, default=os.path.join("demo", "results"))
+    return parser.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.compare:
+        compare(args)
+    if args.ablation:
+        ablation(args)
+    if args.demo or not (args.compare or args.ablation):
+        demo(args)
+
+
+if __name__ == "__main__":
+    main()
