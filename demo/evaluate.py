@@ -11,7 +11,7 @@ from demo import world
 
 CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
-SAMPLING = {"num_inference_steps": 20, "guidance_scale": 3.0}
+SAMPLING = {"num_inference_steps": 12, "guidance_scale": 3.0}
 
 
 def clip_image_inputs(pixel_values):

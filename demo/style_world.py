@@ -24,12 +24,12 @@ ASSETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets")
 STEP_COUNTS = (40, 80, 120)
 # Equal tuning budget: four configurations per method (learning rate x beta for DPO and RPO, learning rate for SFT).
 SWEEP = {
-    "sft": [{"learning_rate": lr} for lr in (1e-5, 2e-5, 5e-5, 1e-4)],
-    "dpo": [{"learning_rate": lr, "beta_dpo": beta} for lr in (2e-5, 5e-5) for beta in (1000.0, 5000.0)],
-    "rpo": [{"learning_rate": lr, "beta_dpo": beta} for lr in (2e-5, 5e-5) for beta in (1000.0, 5000.0)],
+    "sft": [{"learning_rate": lr} for lr in (1e-5, 3e-5, 1e-4, 3e-4)],
+    "dpo": [{"learning_rate": lr, "beta_dpo": beta} for lr in (1e-5, 3e-5) for beta in (1000.0, 5000.0)],
+    "rpo": [{"learning_rate": lr, "beta_dpo": beta} for lr in (1e-5, 3e-5) for beta in (1000.0, 5000.0)],
 }
 # RPO's open choices (method.md), each varied alone around the defaults at one operating point.
-ABLATION_POINT = {"learning_rate": 5e-5, "beta_dpo": 5000.0}
+ABLATION_POINT = {"learning_rate": 3e-5, "beta_dpo": 5000.0}
 ABLATIONS = {
     "defaults (batch t, s=1, text_image)": [],
     "timestep_sampling pair": ["--timestep_sampling", "pair"],
@@ -283,7 +283,7 @@ def parse_args(argv=None):
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--style", type=str, default="stripes", choices=sorted(world.STYLES))
     parser.add_argument("--steps", type=int, default=max(STEP_COUNTS), help="Alignment steps for --demo.")
-    parser.add_argument("--samples_per_scene", type=int, default=8, help="Samples per held-out caption.")
+    parser.add_argument("--samples_per_scene", type=int, default=6, help="Samples per held-out caption.")
     parser.add_argument("--assets", type=str, default=ASSETS)
     parser.add_argument("--workdir", type=str, default=os.path.join("outputs", "style_world"))
     parser.add_argument("--results", type=str, default=os.path.join("demo", "results"))
