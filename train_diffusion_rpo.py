@@ -966,6 +966,8 @@ MODEL_CARD_TAGS = ["stable-diffusion", "stable-diffusion-diffusers", "text-to-im
 
 
 def write_model_card(args, repo_id, stats, global_step, grid_filename=None):
+    """The output folder's README.md; `repo_id` is None without --push_to_hub (the usage snippet names the folder)."""
+    model_path = repo_id or args.output_dir
     method = {"rpo": "Diffusion-RPO (Relative Preference Optimization, arXiv 2406.06382)",
               "dpo": "Diffusion-DPO (arXiv 2311.12908)", "sft": "supervised fine-tuning on the preferred images"}
     weights = "LoRA adapters (load with `pipe.load_lora_weights`)" if args.use_lora else "the full UNet"
@@ -984,8 +986,8 @@ def write_model_card(args, repo_id, stats, global_step, grid_filename=None):
         rows.append(("lora_rank", args.lora_rank))
     table = "\n".join(f"| {key} | {value} |" for key, value in rows)
     load = (f'pipe = DiffusionPipeline.from_pretrained("{args.pretrained_model_name_or_path}", torch_dtype=torch.float16)'
-            f'\npipe.load_lora_weights("{repo_id}")' if args.use_lora else
-            f'pipe = DiffusionPipeline.from_pretrained("{repo_id}", torch_dtype=torch.float16)')
+            f'\npipe.load_lora_weights("{model_path}")' if args.use_lora else
+            f'pipe = DiffusionPipeline.from_pretrained("{model_path}", torch_dtype=torch.float16)')
     grid = (f"\n## Validation images\n\nTop row: the base model; bottom row: this model (same prompts and seeds).\n\n"
             f"![validation grid](./{grid_filename})\n" if grid_filename else "")
     description = f"""# {method[args.loss_type].split(' (')[0]} fine-tune of {args.pretrained_model_name_or_path}
@@ -1011,9 +1013,11 @@ pipe.to("cuda")
 image = pipe("a photo of an astronaut riding a horse on mars").images[0]
 ```
 """
-    # Without --push_to_hub there is no Hub card to extend: build it locally, without a network round trip.
-    with contextlib.nullcontext() if args.push_to_hub else hub_lookups_disabled():
-        card = load_or_create_model_card(repo_id_or_path=repo_id, token=args.hub_token, from_training=True,
+    # Without --push_to_hub there is no Hub card to extend: build it locally, without a network round trip (the
+    # looked-up name must only be a valid repo id; folder names need not be).
+    with contextlib.nullcontext() if repo_id else hub_lookups_disabled():
+        card = load_or_create_model_card(repo_id_or_path=repo_id or "local-model", token=args.hub_token,
+                                         from_training=True,
                                          license=base_model_license(args), base_model=args.pretrained_model_name_or_path,
                                          model_description=description, inference=True)
     tags = MODEL_CARD_TAGS + [args.loss_type] + (["lora"] if args.use_lora else [])
@@ -1159,8 +1163,7 @@ def main(args):
         if grid is not None:
             grid_filename = "validation_grid.png"
             grid.save(os.path.join(args.output_dir, grid_filename))
-        write_model_card(args, repo_id or os.path.basename(os.path.abspath(args.output_dir)), stats,
-                         progress.global_step, grid_filename)
+        write_model_card(args, repo_id, stats, progress.global_step, grid_filename)
         if args.push_to_hub:
             push_to_hub(args, repo_id)
     accelerator.end_training()

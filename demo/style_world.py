@@ -123,7 +123,8 @@ def run_grid(runs, seeds, style, workdir, assets, samples_per_scene, steps):
     records = []
     for method, label, config, extra in runs:
         for seed in seeds:
-            output_dir = os.path.join(workdir, "runs", f"{method}-{label}-seed{seed}".replace(" ", "_").replace(",", ""))
+            name = "".join(c if c.isalnum() or c in "-._" else "_" for c in f"{method}-{label}-seed{seed}")
+            output_dir = os.path.join(workdir, "runs", name)
             start = time.time()
             train(method, config, dataset, output_dir, seed, steps, assets, extra)
             train_s = time.time() - start

@@ -135,15 +135,16 @@ def test_lora_run_saves_adapters_that_load_on_the_base(run, sd_pipeline_path, tm
 def test_model_card_parses_with_metadata_and_grid(run, sd_pipeline_path, tmp_path):
     from huggingface_hub import ModelCard
 
-    run("--loss_type", "rpo")
-    card = ModelCard.load(tmp_path / "out" / "README.md")
+    out = tmp_path / "run lr=1e-5, beta=5000"  # a folder name that is no valid Hub repo id
+    run("--loss_type", "rpo", output_dir=out)
+    card = ModelCard.load(out / "README.md")
     assert card.data.license == "creativeml-openrail-m"  # read from the base model's card
     assert card.data.base_model == sd_pipeline_path
     assert {"diffusion-rpo", "rpo", "text-to-image", "diffusers-training"} <= set(card.data.tags)
     assert card.data.library_name == "diffusers"
     assert "arXiv 2406.06382" in card.text and "validation_grid.png" in card.text
-    assert "DiffusionPipeline.from_pretrained" in card.text
-    assert (tmp_path / "out" / "validation_grid.png").exists()
+    assert f'DiffusionPipeline.from_pretrained("{out}"' in card.text
+    assert (out / "validation_grid.png").exists()
 
 
 def test_push_to_hub_uploads_the_folder_without_checkpoints_or_token(run, tmp_path, monkeypatch):
