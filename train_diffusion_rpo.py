@@ -694,15 +694,17 @@ def compute_step_loss(args, models, unet, batch, micro_step, seed, weight_dtype=
     model_losses = per_sample_denoising_loss(unet, noisy, timesteps, hidden, target, **inputs.unet_kwargs)
     ref_unet, context = reference_forward(models, unet)
     with torch.no_grad(), context:
-        ref_losses = per_sample_denoising_loss(ref_unet, noisy.to(ref_unet.dtype) if models.ref_unet is not None
-                                               else noisy, timesteps, hidden, target, **inputs.unet_kwargs)
+        ref_losses = per_sample_denoising_loss(ref_unet, noisy.to(ref_unet.dtype), timesteps, hidden, target,
+                                               **inputs.unet_kwargs)
     embeddings = None
     if needs_similarity_model(args):
-        embeddings = batch.get("embeddings")
+        embeddings = batch.get("embeddings")  # cached, or computed here from the batch's prompts and crops
         if embeddings is None:
-            embeddings = compute_similarity_embeddings(models.clip, args.similarity_embedding,
-                                                       batch.get("clip_input_ids", torch.empty(0)).to(models.device),
-                                                       batch["pixel_values"].to(models.device))
+            clip_input_ids = batch.get("clip_input_ids")
+            embeddings = compute_similarity_embeddings(
+                models.clip, args.similarity_embedding,
+                None if clip_input_ids is None else clip_input_ids.to(models.device),
+                batch["pixel_values"].to(models.device))
         embeddings = embeddings.to(models.device)
     return compute_preference_loss(model_losses, ref_losses, loss_type=args.loss_type, beta=args.beta_dpo,
                                    embeddings=embeddings, temperature=args.distance_temperature,
