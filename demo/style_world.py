@@ -41,6 +41,7 @@ ABLATIONS = {
     "uniform weights": ["--rpo_weighting", "uniform"],
 }
 PAIRS_PER_STEP = 8
+DEMO_CONFIG = {"learning_rate": 3e-5, "beta_dpo": 5000.0}  # a swept point; also demo/results/ci_record.json's
 
 
 def log(message):
@@ -118,7 +119,7 @@ def config_label(config, extra_label=None):
     return ", ".join(f"{k.replace('learning_rate', 'lr').replace('beta_dpo', 'beta')}={v:g}" for k, v in config.items())
 
 
-def run_grid(runs, seeds, style, workdir, assets, samples_per_scene, steps):
+def run_grid(runs, seeds, style, workdir, assets, samples_per_scene, steps, report_only=False):
     """runs: [(method, label, config, extra flags)]; returns one record per (run, seed, step count).
 
     Each finished run's records are appended to workdir/records-<style>.jsonl and reused by later invocations, so an
@@ -136,7 +137,7 @@ def run_grid(runs, seeds, style, workdir, assets, samples_per_scene, steps):
         for seed in seeds:
             done = [r for r in cached if (r["method"], r["config"], r["seed"]) == (method, label, seed)
                     and r["n"] == len(items)]
-            if done:
+            if done or report_only:
                 records.extend(done)
                 continue
             name = "".join(c if c.isalnum() or c in "-._" else "_" for c in f"{method}-{label}-seed{seed}")
@@ -219,7 +220,8 @@ def compare(args):
     items = evaluation_items(args.samples_per_scene)
     base = base_score(items, args.style, args.assets)
     runs = [(m, config_label(c), c, []) for m in methods for c in SWEEP[m]]
-    records = run_grid(runs, seeds, args.style, args.workdir, args.assets, args.samples_per_scene, max(STEP_COUNTS))
+    records = run_grid(runs, seeds, args.style, args.workdir, args.assets, args.samples_per_scene, max(STEP_COUNTS),
+                       args.report_only)
     return write_report(args, "compare", records, base, f"Style '{args.style}': equal-budget sweep")
 
 
@@ -229,7 +231,8 @@ def ablation(args):
     items = evaluation_items(args.samples_per_scene)
     base = base_score(items, args.style, args.assets)
     runs = [("rpo", label, ABLATION_POINT, extra) for label, extra in ABLATIONS.items()]
-    records = run_grid(runs, seeds, args.style, args.workdir, args.assets, args.samples_per_scene, max(STEP_COUNTS))
+    records = run_grid(runs, seeds, args.style, args.workdir, args.assets, args.samples_per_scene, max(STEP_COUNTS),
+                       args.report_only)
     return write_report(args, "ablation", records, base, f"Style '{args.style}': RPO choices")
 
 
@@ -293,9 +296,6 @@ def demo(args):
     return report
 
 
-DEMO_CONFIG = {"learning_rate": 5e-5, "beta_dpo": 5000.0}
-
-
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--demo", action="store_true", help="One RPO alignment, before/after scores and a grid.")
@@ -305,6 +305,8 @@ def parse_args(argv=None):
     parser.add_argument("--style", type=str, default="stripes", choices=sorted(world.STYLES))
     parser.add_argument("--steps", type=int, default=max(STEP_COUNTS), help="Alignment steps for --demo.")
     parser.add_argument("--samples_per_scene", type=int, default=6, help="Samples per held-out caption.")
+    parser.add_argument("--report_only", action="store_true",
+                        help="Write the report from the runs already recorded in --workdir; train nothing.")
     parser.add_argument("--assets", type=str, default=ASSETS)
     parser.add_argument("--workdir", type=str, default=os.path.join("outputs", "style_world"))
     parser.add_argument("--results", type=str, default=os.path.join("demo", "results"))
