@@ -213,27 +213,23 @@ def sample_grid(run_dirs, style, assets, path, samples=8):
     return path
 
 
-def compare(args):
-    methods = args.compare.split(",")
-    seeds = list(range(args.seeds))
+def sweep(args, name, runs, title):
+    """Train and evaluate `runs` over --seeds against the base, then write the report (table, JSON, plot)."""
     check_assets(args.assets)
-    items = evaluation_items(args.samples_per_scene)
-    base = base_score(items, args.style, args.assets)
-    runs = [(m, config_label(c), c, []) for m in methods for c in SWEEP[m]]
-    records = run_grid(runs, seeds, args.style, args.workdir, args.assets, args.samples_per_scene, max(STEP_COUNTS),
-                       args.report_only)
-    return write_report(args, "compare", records, base, f"Style '{args.style}': equal-budget sweep")
+    base = base_score(evaluation_items(args.samples_per_scene), args.style, args.assets)
+    records = run_grid(runs, list(range(args.seeds)), args.style, args.workdir, args.assets, args.samples_per_scene,
+                       max(STEP_COUNTS), args.report_only)
+    return write_report(args, name, records, base, title)
+
+
+def compare(args):
+    runs = [(m, config_label(c), c, []) for m in args.compare.split(",") for c in SWEEP[m]]
+    return sweep(args, "compare", runs, f"Style '{args.style}': equal-budget sweep")
 
 
 def ablation(args):
-    seeds = list(range(args.seeds))
-    check_assets(args.assets)
-    items = evaluation_items(args.samples_per_scene)
-    base = base_score(items, args.style, args.assets)
     runs = [("rpo", label, ABLATION_POINT, extra) for label, extra in ABLATIONS.items()]
-    records = run_grid(runs, seeds, args.style, args.workdir, args.assets, args.samples_per_scene, max(STEP_COUNTS),
-                       args.report_only)
-    return write_report(args, "ablation", records, base, f"Style '{args.style}': RPO choices")
+    return sweep(args, "ablation", runs, f"Style '{args.style}': RPO choices")
 
 
 def write_report(args, name, records, base, title):
