@@ -1016,10 +1016,11 @@ image = pipe("a photo of an astronaut riding a horse on mars").images[0]
 """
     # Without --push_to_hub there is no Hub card to extend: build it locally, without a network round trip (the
     # looked-up name must only be a valid repo id; folder names need not be).
+    license = base_model_license(args)  # outside the offline block: a Hub base's card is still read
     with contextlib.nullcontext() if repo_id else hub_lookups_disabled():
         card = load_or_create_model_card(repo_id_or_path=repo_id or "local-model", token=args.hub_token,
-                                         from_training=True,
-                                         license=base_model_license(args), base_model=args.pretrained_model_name_or_path,
+                                         from_training=True, license=license,
+                                         base_model=args.pretrained_model_name_or_path,
                                          model_description=description, inference=True)
     tags = MODEL_CARD_TAGS + [args.loss_type] + (["lora"] if args.use_lora else [])
     card = populate_model_card(card, tags=tags)

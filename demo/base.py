@@ -120,12 +120,17 @@ def preference_rows(style, variants_per_scene, seed):
     return rows
 
 
+def to_pixels(images):
+    """uint8 (H, W, 3) renderings to a [-1, 1] (N, 3, H, W) tensor, as the pipeline and the CLIP take them."""
+    return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 127.5 - 1
+
+
 def random_world_images(rng, count, styles=(None, *world.STYLES)):
     scenes = world.all_scenes()
     picks = rng.integers(0, len(scenes), size=count)
     style_picks = rng.integers(0, len(styles), size=count)
     images = [world.render(scenes[p], rng, styles[s]) for p, s in zip(picks, style_picks)]
-    return [scenes[p] for p in picks], torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 127.5 - 1
+    return [scenes[p] for p in picks], to_pixels(images)
 
 
 def train_autoencoder(steps, seed, log):
@@ -182,7 +187,7 @@ def retrieval_accuracy(model, tokenizer, scenes, seed, per_scene=4):
     truth = [all_scenes.index(s) for s in scenes for _ in range(per_scene)]
     with torch.no_grad():
         text = F.normalize(features(model.get_text_features(input_ids=ids)), dim=-1)
-        pixels = clip_image_inputs(torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 127.5 - 1)
+        pixels = clip_image_inputs(to_pixels(images))
         image = F.normalize(features(model.get_image_features(pixel_values=pixels)), dim=-1)
     predictions = (image @ text.T).argmax(dim=1).tolist()
     return float(np.mean([p == t for p, t in zip(predictions, truth)]))
@@ -206,7 +211,7 @@ def train_clip(path, steps, seed, log):
     styles = (None, *world.STYLES)
     for step in range(steps):
         images = [world.render(s, rng, styles[rng.integers(len(styles))]) for s in scenes]
-        pixels = clip_image_inputs(torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 127.5 - 1)
+        pixels = clip_image_inputs(to_pixels(images))
         loss = model(input_ids=ids, pixel_values=pixels, return_loss=True).loss
         optimizer.zero_grad()
         loss.backward()
