@@ -84,6 +84,41 @@ def build_sd_pipeline(path, prediction_type="epsilon"):
     return path
 
 
+def build_sdxl_pipeline(path):
+    """A tiny StableDiffusionXLPipeline folder: two CLIP text encoders (the second with projection), text_time UNet."""
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    tokenizer = write_tokenizer(os.path.join(path, "_tokenizer_src"))
+    torch.manual_seed(4)
+    text_encoder = CLIPTextModel(CLIPTextConfig(**text_config_kwargs()))
+    text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**text_config_kwargs(projection_dim=32)))
+    unet = build_unet(cross_attention_dim=64, addition_embed_type="text_time", addition_time_embed_dim=8,
+                      projection_class_embeddings_input_dim=6 * 8 + 32)
+    scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                       num_train_timesteps=1000, timestep_spacing="leading", steps_offset=1)
+    pipeline = StableDiffusionXLPipeline(vae=build_vae(), text_encoder=text_encoder, text_encoder_2=text_encoder_2,
+                                         tokenizer=tokenizer, tokenizer_2=tokenizer, unet=unet, scheduler=scheduler)
+    pipeline.save_pretrained(path)
+    return path
+
+
+def build_instruct_pix2pix_pipeline(path):
+    """A tiny StableDiffusionInstructPix2PixPipeline folder (UNet with 8 input channels: latents + image latents)."""
+    from diffusers import EulerAncestralDiscreteScheduler, StableDiffusionInstructPix2PixPipeline
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    tokenizer = write_tokenizer(os.path.join(path, "_tokenizer_src"))
+    torch.manual_seed(5)
+    pipeline = StableDiffusionInstructPix2PixPipeline(
+        vae=build_vae(), text_encoder=CLIPTextModel(CLIPTextConfig(**text_config_kwargs())), tokenizer=tokenizer,
+        unet=build_unet(in_channels=8), scheduler=EulerAncestralDiscreteScheduler(
+            beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear"),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipeline.save_pretrained(path)
+    return path
+
+
 def build_clip_model(path, image_size=32):
     """A tiny CLIPModel folder with tokenizer and image-processor config, as openai/clip-vit-large-patch14 has."""
     from transformers import CLIPConfig, CLIPModel
@@ -146,4 +181,65 @@ def write_pickapic_dataset(path, rows):
 
     os.makedirs(os.path.join(path, "data"), exist_ok=True)
     datasets.Dataset.from_list(rows).to_parquet(os.path.join(path, "data", "train-00000-of-00001.parquet"))
+    return path
+
+
+# open_clip layout of a tiny ViT CLIP (names and shapes as open_clip's model.py/transformer.py write them for
+# ViT-H-14, scaled down): HPSv2.1's checkpoint is {"state_dict": <this>} for the real ViT-H-14.
+OPENCLIP_TINY = {"embed_dim": 24, "vision_width": 32, "vision_layers": 2, "vision_head_width": 8, "patch_size": 8,
+                 "image_size": 32, "text_width": 32, "text_layers": 2, "text_heads": 4}
+
+
+def openclip_state_dict(seed=6, spec=OPENCLIP_TINY):
+    generator = torch.Generator().manual_seed(seed)
+
+    def randn(*shape, scale=0.05):
+        return torch.randn(*shape, generator=generator) * scale
+
+    def block(prefix, width):
+        return {f"{prefix}.ln_1.weight": 1 + randn(width), f"{prefix}.ln_1.bias": randn(width),
+                f"{prefix}.attn.in_proj_weight": randn(3 * width, width, scale=0.2),
+                f"{prefix}.attn.in_proj_bias": randn(3 * width),
+                f"{prefix}.attn.out_proj.weight": randn(width, width, scale=0.2),
+                f"{prefix}.attn.out_proj.bias": randn(width),
+                f"{prefix}.ln_2.weight": 1 + randn(width), f"{prefix}.ln_2.bias": randn(width),
+                f"{prefix}.mlp.c_fc.weight": randn(4 * width, width, scale=0.2), f"{prefix}.mlp.c_fc.bias": randn(4 * width),
+                f"{prefix}.mlp.c_proj.weight": randn(width, 4 * width, scale=0.2),
+                f"{prefix}.mlp.c_proj.bias": randn(width)}
+
+    vw, tw, dim = spec["vision_width"], spec["text_width"], spec["embed_dim"]
+    grid = spec["image_size"] // spec["patch_size"]
+    state = {"visual.class_embedding": randn(vw, scale=0.5), "visual.conv1.weight": randn(vw, 3, spec["patch_size"],
+             spec["patch_size"], scale=0.1), "visual.positional_embedding": randn(grid * grid + 1, vw, scale=0.5),
+             "visual.ln_pre.weight": 1 + randn(vw), "visual.ln_pre.bias": randn(vw),
+             "visual.ln_post.weight": 1 + randn(vw), "visual.ln_post.bias": randn(vw), "visual.proj": randn(vw, dim, scale=0.3),
+             "token_embedding.weight": randn(VOCAB_SIZE, tw, scale=0.5),
+             "positional_embedding": randn(MAX_TOKENS, tw, scale=0.5), "ln_final.weight": 1 + randn(tw),
+             "ln_final.bias": randn(tw), "text_projection": randn(tw, dim, scale=0.3),
+             "logit_scale": torch.tensor(4.6052)}
+    for i in range(spec["vision_layers"]):
+        state.update(block(f"visual.transformer.resblocks.{i}", vw))
+    for i in range(spec["text_layers"]):
+        state.update(block(f"transformer.resblocks.{i}", tw))
+    return state
+
+
+def write_hpsv2_checkpoint(folder):
+    """HPS_v2.1_compressed.pt's layout ({"state_dict": open_clip CLIP state dict}) plus a tokenizer folder."""
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, "HPS_v2.1_compressed.pt")
+    torch.save({"state_dict": openclip_state_dict()}, path)
+    write_tokenizer(os.path.join(folder, "tokenizer"))
+    return path
+
+
+def write_aesthetic_mlp(path, input_size):
+    """sac+logos+ava1-l14-linearMSE.pth's layout: the state dict of improved-aesthetic-predictor's MLP (`layers.N`)."""
+    generator = torch.Generator().manual_seed(7)
+    sizes = [(input_size, 1024), (1024, 128), (128, 64), (64, 16), (16, 1)]
+    state = {}
+    for index, (fan_in, fan_out) in zip((0, 2, 4, 6, 7), sizes):
+        state[f"layers.{index}.weight"] = torch.randn(fan_out, fan_in, generator=generator) / fan_in ** 0.5
+        state[f"layers.{index}.bias"] = torch.randn(fan_out, generator=generator) * 0.1
+    torch.save(state, path)
     return path
