@@ -31,6 +31,7 @@ DEFAULT_WEIGHTS = {
                      "sac+logos+ava1-l14-linearMSE.pth",
     "clip_model": "openai/clip-vit-large-patch14",
     "imagereward_checkpoint": "ImageReward-v1.0",
+    "imagereward_med_config": None,  # a local med_config.json for offline use; None lets the package download it
 }
 
 
@@ -237,10 +238,12 @@ class ImageReward:
         try:
             import ImageReward as reward_package
         except ImportError as error:
-            raise ValueError("The imagereward metric needs the `image-reward` package, which pins old timm/"
-                             "transformers versions; install it in a separate environment (README, "
-                             "'ImageReward') and run `python -m eval.score --metrics imagereward` there.") from error
-        self.model = reward_package.load(options["imagereward_checkpoint"], device=device)
+            raise ValueError("The imagereward metric needs the `image-reward` package, which pins timm==0.6.13 and "
+                             f"only imports under transformers<5 ({error}); install it in a separate environment "
+                             "(README, 'ImageReward') and run `python -m eval.score --metrics imagereward` "
+                             "there.") from error
+        self.model = reward_package.load(options["imagereward_checkpoint"], device=device,
+                                         med_config=options.get("imagereward_med_config"))
         self.description = f"ImageReward: {options['imagereward_checkpoint']} (image-reward package)"
 
     @torch.no_grad()

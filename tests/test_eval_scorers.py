@@ -166,7 +166,6 @@ def test_unknown_metric_lists_the_choices():
 
 
 def test_imagereward_without_its_package_explains_the_separate_environment(scorer_weights):
-    pytest.importorskip  # noqa: B018 (documenting: the package is deliberately not installed here)
     try:
         import ImageReward  # noqa: F401
         pytest.skip("image-reward is installed")
