@@ -14,6 +14,8 @@ tests and outside checks import. Also trains Diffusion-DPO (`--loss_type dpo`) a
 import argparse
 import contextlib
 import copy
+import functools
+import hashlib
 import io
 import json
 import logging
@@ -71,6 +73,10 @@ TIE_LABEL = 0.5
 VALID_LABELS = (0.0, 0.5, 1.0)
 # Streams of the indexed randomness (method.md, "Randomness"): every draw is a pure function of (seed, stream, keys).
 STREAM_ORDER, STREAM_AUGMENT, STREAM_PAIR_NOISE, STREAM_BATCH_TIMESTEP = 1, 2, 3, 4
+# Columns of the latent cache (--cache_latents): per pair, (orientations, [winner, loser], ...) arrays.
+CACHE_LATENT_MEAN, CACHE_LATENT_STD, CACHE_EMBEDDINGS = "latent_mean", "latent_std", "similarity_embedding"
+CACHE_ORIGINAL_SIZE, CACHE_CROP_TOP_LEFT = "original_size", "crop_top_left"
+CACHE_ARRAY_COLUMNS = (CACHE_LATENT_MEAN, CACHE_LATENT_STD, CACHE_EMBEDDINGS, CACHE_ORIGINAL_SIZE, CACHE_CROP_TOP_LEFT)
 
 
 def parse_args(input_args=None):
@@ -105,6 +111,15 @@ def parse_args(input_args=None):
     data.add_argument("--dataloader_num_workers", type=int, default=4,
                       help="Loader worker processes decoding JPEGs off the main process (0: decode in the main process).")
     data.add_argument("--vae_encode_batch_size", type=int, default=16, help="Images per VAE encode call.")
+    data.add_argument("--cache_latents", action="store_true",
+                      help="Encode every pair once (VAE latent distribution of both flip orientations of the centre "
+                      "crop, and the RPO CLIP embeddings of the same crops) and train from that cache: no VAE or CLIP "
+                      "forward in the training step. Not with --random_crop.")
+    data.add_argument("--latent_cache_dir", type=str, default=None,
+                      help="Folder of the latent cache (default: output_dir/latent_cache). Reused by any run with the "
+                      "same data, model, resolution and similarity settings.")
+    data.add_argument("--latent_cache_dtype", type=str, default="float32", choices=["float32", "float16"],
+                      help="Storage dtype of the cached latent mean/std (float16 halves the disk size).")
 
     steps = parser.add_argument_group("steps and checkpoints")
     steps.add_argument("--train_batch_size", type=int, default=8,
@@ -135,6 +150,13 @@ def parse_args(input_args=None):
     optim.add_argument("--adam_epsilon", type=float, default=1e-8)
     optim.add_argument("--max_grad_norm", type=float, default=1.0)
     optim.add_argument("--use_8bit_adam", action="store_true", help="bitsandbytes AdamW8bit (8-bit optimizer state).")
+    optim.add_argument("--compile", action="store_true",
+                       help="torch.compile the trained and the reference UNet (in place; falls back to eager with a "
+                       "warning where the backend is unavailable).")
+    optim.add_argument("--compile_backend", type=str, default="inductor", help="torch.compile backend.")
+    optim.add_argument("--compile_mode", type=str, default=None,
+                       choices=["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"],
+                       help="torch.compile mode.")
     optim.add_argument("--allow_tf32", action="store_true", help="Allow TF32 matmuls on Ampere and newer GPUs.")
     optim.add_argument("--mixed_precision", type=str, default=None, choices=["no", "fp16", "bf16"],
                        help="Overrides the accelerate config. Frozen models run in this dtype; trained weights stay fp32.")
@@ -206,6 +228,9 @@ def check_args(args, parser):
         parser.error(f"--resolution {args.resolution} must be divisible by 8 (the VAE downsamples by 8).")
     if args.report_to in ("wandb", "all") and args.hub_token is not None:
         parser.error("--hub_token with --report_to wandb would expose the token in the run config; use `hf auth login`.")
+    if args.cache_latents and args.random_crop:
+        parser.error("--cache_latents stores the centre crop (both flips); it cannot serve --random_crop. Drop one "
+                     "of the two flags.")
     if args.use_8bit_adam:
         try:
             import bitsandbytes  # noqa: F401
@@ -377,10 +402,12 @@ def draw_timesteps(mode, uniform_t_per_pair, seed, micro_step, num_train_timeste
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def decode_image(value):
+def decode_image(value, min_size=None):
     """An RGB PIL image from JPEG/PNG bytes, a datasets Image dict ({"bytes", "path"}), a PIL image or a file path.
 
-    Transparent images are composited on white; 16-bit and grayscale images are converted to 8-bit RGB.
+    Transparent images are composited on white; 16-bit and grayscale images are converted to 8-bit RGB. With
+    `min_size`, a JPEG at least twice that size on both sides is decoded at 1/2, 1/4 or 1/8 scale (the libjpeg DCT
+    downscale: several times faster, and never below `min_size`, so the training resize still only shrinks).
     """
     if isinstance(value, dict):
         value = value.get("bytes") or value.get("path")
@@ -392,6 +419,8 @@ def decode_image(value):
         image = value
     else:
         raise ValueError(f"unsupported image value of type {type(value).__name__}")
+    if min_size and image.format == "JPEG":
+        image.draft(image.mode, (min_size, min_size))
     image.load()
     image = ImageOps.exif_transpose(image)
     if image.mode in ("I;16", "I;16B", "I;16L", "I"):
@@ -428,13 +457,18 @@ def paired_transform(images, resolution, crop_fraction, flip):
 
 
 class PreferencePairDataset(torch.utils.data.Dataset):
-    """Decodes a pair on access (in loader workers), winner first, with its indexed shared augmentation.
+    """A pair on access (in loader workers), winner first, with its indexed shared augmentation.
 
-    Indexed by (pair_index, epoch) keys from IndexedBatchSampler. `tokenizers` maps an output name to a callable
-    caption -> LongTensor (the text encoder's ids; the CLIP similarity model's ids).
+    Indexed by (pair_index, epoch) keys from IndexedBatchSampler. Decodes and transforms the two images, or, on a
+    latent cache (`build_latent_cache`), picks the cached orientation the pair's flip draw selects. `tokenizers` maps
+    an output name to a callable caption -> LongTensor (the text encoder's ids; the CLIP similarity model's ids).
     """
 
     def __init__(self, hf_dataset, columns, resolution, seed, random_crop=False, hflip=True, tokenizers=None):
+        self.cached = CACHE_LATENT_MEAN in hf_dataset.column_names
+        if self.cached:
+            arrays = [name for name in hf_dataset.column_names if name in CACHE_ARRAY_COLUMNS]
+            hf_dataset = hf_dataset.with_format("torch", columns=arrays, output_all_columns=True)
         self.dataset, self.columns = hf_dataset, columns
         self.resolution, self.seed, self.random_crop, self.hflip = resolution, seed, random_crop, hflip
         self.tokenizers = tokenizers or {}
@@ -445,39 +479,52 @@ class PreferencePairDataset(torch.utils.data.Dataset):
     def __getitem__(self, key):
         pair_index, epoch = key
         row = self.dataset[pair_index]
-        columns = self.columns
-        first, second = (columns.image_0, columns.image_1) if row[columns.label_0] == 1 else (columns.image_1, columns.image_0)
-        try:
-            images = [decode_image(row[first]), decode_image(row[second])]
-        except Exception as error:
-            raise ValueError(f"Pair {pair_index}: cannot decode its images ({error}).") from error
         augmentation = sample_pair_augmentation(self.seed, pair_index, epoch, self.random_crop, self.hflip)
-        tensors, original_sizes, crops_top_left = paired_transform(images, self.resolution, **augmentation)
-        caption = row[columns.caption] or ""
-        item = {
-            "pixel_values": torch.stack(tensors),
-            "pair_index": pair_index,
-            "epoch": epoch,
-            "caption": caption,
-            "original_size": original_sizes[0],
-            "crop_top_left": crops_top_left[0],
-        }
+        item = cached_pair(row, augmentation["flip"]) if self.cached else self.decoded_pair(row, pair_index, augmentation)
+        caption = row[self.columns.caption] or ""
+        item.update(pair_index=pair_index, epoch=epoch, caption=caption)
         for name, tokenize in self.tokenizers.items():
             item[name] = tokenize(caption)
         return item
 
+    def decoded_pair(self, row, pair_index, augmentation):
+        columns = self.columns
+        first, second = (columns.image_0, columns.image_1) if row[columns.label_0] == 1 else (columns.image_1, columns.image_0)
+        try:
+            images = [decode_image(row[first], self.resolution), decode_image(row[second], self.resolution)]
+        except Exception as error:
+            raise ValueError(f"Pair {pair_index}: cannot decode its images ({error}).") from error
+        tensors, original_sizes, crops_top_left = paired_transform(images, self.resolution, **augmentation)
+        return {"pixel_values": torch.stack(tensors), "original_size": original_sizes[0],
+                "crop_top_left": crops_top_left[0]}
+
+
+def cached_pair(row, flip):
+    """The cached latent distribution (and embeddings) of a pair in the orientation its flip draw selects."""
+    orientation = int(flip) if row[CACHE_LATENT_MEAN].shape[0] == 2 else 0
+    item = {"latent_mean": row[CACHE_LATENT_MEAN][orientation], "latent_std": row[CACHE_LATENT_STD][orientation],
+            "original_size": tuple(row[CACHE_ORIGINAL_SIZE].tolist()),
+            "crop_top_left": tuple(row[CACHE_CROP_TOP_LEFT][orientation].tolist())}
+    if CACHE_EMBEDDINGS in row:
+        item["embeddings"] = row[CACHE_EMBEDDINGS][orientation]
+    return item
+
+
+PAIRED_TENSORS = ("pixel_values", "latent_mean", "latent_std", "embeddings")
+
 
 def collate_pairs(items):
-    """Stacks pairs into the diffusers DPO layout: (2M, 3, R, R) pixels, winners first, then losers."""
-    pixels = torch.stack([item["pixel_values"] for item in items])
+    """Stacks pairs into the diffusers DPO layout: (2M, ...) pixels or cached latents, winners first, then losers."""
     batch = {
-        "pixel_values": torch.cat([pixels[:, 0], pixels[:, 1]]),
         "pair_index": torch.tensor([item["pair_index"] for item in items], dtype=torch.long),
         "epoch": torch.tensor([item["epoch"] for item in items], dtype=torch.long),
         "captions": [item["caption"] for item in items],
         "original_size": torch.tensor([item["original_size"] for item in items], dtype=torch.long),
         "crop_top_left": torch.tensor([item["crop_top_left"] for item in items], dtype=torch.long),
     }
+    for name in PAIRED_TENSORS:
+        if name in items[0]:
+            batch[name] = torch.stack([item[name][0] for item in items] + [item[name][1] for item in items])
     for name in items[0]:
         if name.endswith("input_ids"):
             batch[name] = torch.stack([item[name] for item in items])
@@ -711,6 +758,111 @@ def compute_step_loss(args, models, unet, batch, micro_step, seed, weight_dtype=
 
 
 # ----------------------------------------------------------------------------------------------------------------------
+# Latent cache (--cache_latents): the VAE and CLIP work of every step, done once per pair.
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def latent_cache_fingerprint(args, dataset, models):
+    """Changes whenever anything the cached values depend on changes (then the cache is rebuilt, never misread)."""
+    settings = {
+        "dataset": [dataset._fingerprint, len(dataset), sorted(vars(dataset_columns(args)).items())],
+        "model": [args.pretrained_model_name_or_path, args.revision, args.variant,
+                  getattr(args, "pretrained_vae_model_name_or_path", None)],
+        "vae": [dict(models.vae.config), str(models.vae.dtype)],
+        "crop": [args.resolution, not args.no_hflip, args.latent_cache_dtype],
+        "similarity": None if models.clip is None else [args.clip_model_name_or_path, args.similarity_embedding,
+                                                        str(models.clip.model.dtype)],
+    }
+    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def latent_cache_features(args, dataset, models):
+    columns = dataset_columns(args)
+    config = models.vae.config
+    size = args.resolution // 2 ** (len(config.block_out_channels) - 1)
+    orientations = 1 if args.no_hflip else 2
+    latent = datasets.Array5D((orientations, 2, config.latent_channels, size, size), args.latent_cache_dtype)
+    features = {columns.caption: dataset.features[columns.caption], columns.label_0: dataset.features[columns.label_0],
+                CACHE_LATENT_MEAN: latent, CACHE_LATENT_STD: latent,
+                CACHE_ORIGINAL_SIZE: datasets.Sequence(datasets.Value("int32"), length=2),
+                CACHE_CROP_TOP_LEFT: datasets.Array2D((orientations, 2), "int32")}
+    if models.clip is not None:
+        dim = models.clip.model.config.projection_dim
+        features[CACHE_EMBEDDINGS] = datasets.Array3D((orientations, 2, dim), "float32")
+    return datasets.Features(features)
+
+
+@torch.no_grad()
+def encode_cache_rows(rows, indices, *, args, models, clip_tokenize, first_index=0):
+    """A batch of dataset rows -> the latent distribution (and CLIP embeddings) of both flips of their centre crop.
+
+    The crops are those `paired_transform` makes in training, so a cached run sees exactly the live run's inputs.
+    """
+    columns = dataset_columns(args)
+    flips = (False,) if args.no_hflip else (False, True)
+    pixels, crops, original_sizes = [], [], []
+    for index, label, image_0, image_1 in zip(indices, rows[columns.label_0], rows[columns.image_0],
+                                              rows[columns.image_1]):
+        try:
+            images = [decode_image(value, args.resolution)
+                      for value in ((image_0, image_1) if label == 1 else (image_1, image_0))]
+        except Exception as error:
+            raise ValueError(f"Pair {first_index + index}: cannot decode its images ({error}).") from error
+        for flip in flips:
+            tensors, sizes, crop = paired_transform(images, args.resolution, (0.5, 0.5), flip)
+            pixels.append(torch.stack(tensors))
+            crops.append(crop[0])  # the winner's, as in the live path
+        original_sizes.append(sizes[0])
+    pixels = torch.stack(pixels)
+    winners_first = torch.cat([pixels[:, 0], pixels[:, 1]]).to(models.device)
+    num_rows, orientations = len(indices), len(flips)
+
+    def per_row(values):  # (2 * rows * orientations, ...) winners first -> (rows, orientations, 2, ...)
+        winners, losers = values.chunk(2)
+        return torch.stack([winners, losers], dim=1).reshape(num_rows, orientations, 2, *values.shape[1:]).cpu()
+
+    mean, std = encode_latent_distribution(models.vae, winners_first, args.vae_encode_batch_size)
+    dtype = getattr(torch, args.latent_cache_dtype)
+    rows.update({CACHE_LATENT_MEAN: per_row(mean).to(dtype).numpy(), CACHE_LATENT_STD: per_row(std).to(dtype).numpy(),
+                 CACHE_ORIGINAL_SIZE: original_sizes,
+                 CACHE_CROP_TOP_LEFT: torch.tensor(crops).reshape(num_rows, orientations, 2).numpy()})
+    if models.clip is not None:
+        clip_input_ids = None
+        if clip_tokenize is not None:
+            captions = [caption or "" for caption in rows[columns.caption] for _ in flips]
+            clip_input_ids = torch.stack([clip_tokenize(caption) for caption in captions]).to(models.device)
+        embeddings = compute_similarity_embeddings(models.clip, args.similarity_embedding, clip_input_ids,
+                                                   winners_first)
+        rows[CACHE_EMBEDDINGS] = per_row(embeddings).numpy()
+    return rows
+
+
+def build_latent_cache(args, accelerator, models, dataset):
+    """The dataset with images replaced by cached latents: each process encodes its contiguous shard into an Arrow
+    file (written atomically by `datasets`), then every process reads all shards (a shared filesystem is assumed)."""
+    cache_dir = args.latent_cache_dir or os.path.join(args.output_dir, "latent_cache")
+    os.makedirs(cache_dir, exist_ok=True)
+    key = latent_cache_fingerprint(args, dataset, models)
+    count = accelerator.num_processes
+    paths = [os.path.join(cache_dir, f"pairs-{key}-{index:05d}-of-{count:05d}.arrow") for index in range(count)]
+    columns = dataset_columns(args)
+    rank = accelerator.process_index
+    if os.path.exists(paths[rank]):
+        logger.info(f"Latent cache {paths[rank]} found: reusing it.", main_process_only=False)
+    else:
+        first_index = (len(dataset) // count) * rank + min(rank, len(dataset) % count)  # datasets' contiguous shard
+        encode = functools.partial(encode_cache_rows, args=args, models=models, clip_tokenize=clip_tokenize_fn(args, models),
+                                   first_index=first_index)
+        dataset.shard(count, rank, contiguous=True).map(
+            encode, batched=True, with_indices=True, batch_size=max(1, args.vae_encode_batch_size // 2),
+            writer_batch_size=64, remove_columns=[columns.image_0, columns.image_1],
+            features=latent_cache_features(args, dataset, models), cache_file_name=paths[rank],
+            new_fingerprint=f"{key}-{rank}-of-{count}", desc="Caching latents")
+    accelerator.wait_for_everyone()
+    return datasets.concatenate_datasets([datasets.Dataset.from_file(path) for path in paths])
+
+
+# ----------------------------------------------------------------------------------------------------------------------
 # Models
 # ----------------------------------------------------------------------------------------------------------------------
 
@@ -757,14 +909,26 @@ def load_models(args, device, weight_dtype):
     check_pretrained_pipeline(args)
     common = {"revision": args.revision, "cache_dir": args.cache_dir}
     path = args.pretrained_model_name_or_path
-    tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", **common)
-    noise_scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler", **common)
-    text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", variant=args.variant, **common)
-    vae = AutoencoderKL.from_pretrained(path, subfolder="vae", variant=args.variant, **common)
-    unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", variant=args.variant, **common)
-    for frozen in (text_encoder, vae):
+    models = SimpleNamespace(
+        tokenizer=CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", **common),
+        noise_scheduler=DDPMScheduler.from_pretrained(path, subfolder="scheduler", **common),
+        text_encoder=CLIPTextModel.from_pretrained(path, subfolder="text_encoder", variant=args.variant, **common),
+        vae=AutoencoderKL.from_pretrained(path, subfolder="vae", variant=args.variant, **common),
+        unet=UNet2DConditionModel.from_pretrained(path, subfolder="unet", variant=args.variant, **common),
+        clip=load_similarity_model(args, device, weight_dtype) if needs_similarity_model(args) else None,
+    )
+    return setup_models(args, models, device, weight_dtype)
+
+
+def setup_models(args, models, device, weight_dtype):
+    """Frozen parts to the device in `weight_dtype`, the reference (a frozen copy, or the LoRA base), memory options.
+
+    `models` holds the loaded tokenizer, noise_scheduler, text_encoder, vae, unet and clip (benchmarks/ passes
+    randomly initialised full-size ones).
+    """
+    for frozen in (models.text_encoder, models.vae):
         frozen.requires_grad_(False).eval().to(device, dtype=weight_dtype)
-    ref_unet = None
+    unet, ref_unet = models.unet, None
     if args.use_lora:
         from peft import LoraConfig
 
@@ -780,9 +944,46 @@ def load_models(args, device, weight_dtype):
         enable_xformers(unet, ref_unet)
     if args.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
-    clip = load_similarity_model(args, device, weight_dtype) if needs_similarity_model(args) else None
-    return SimpleNamespace(tokenizer=tokenizer, noise_scheduler=noise_scheduler, text_encoder=text_encoder, vae=vae,
-                           unet=unet, ref_unet=ref_unet, clip=clip, device=device, unwrap=lambda model: model)
+    if args.compile:
+        compile_unets(args.compile_backend, args.compile_mode, unet, ref_unet)
+    models.ref_unet, models.device, models.unwrap = ref_unet, device, lambda model: model
+    return models
+
+
+def compile_unavailable_reason(backend, device):
+    """Why torch.compile cannot run `backend` here, or None."""
+    import torch._dynamo
+
+    if not torch._dynamo.is_dynamo_supported():
+        return f"torch.compile is not supported on this Python/platform (torch {torch.__version__})"
+    if backend not in torch._dynamo.list_backends(exclude_tags=()):
+        return f"unknown backend {backend!r} (available: {', '.join(torch._dynamo.list_backends())})"
+    if backend == "inductor":
+        if device.type == "cuda":
+            from torch.utils._triton import has_triton
+
+            if not has_triton():
+                return "the inductor backend needs triton on CUDA (`pip install triton`)"
+        elif shutil.which(os.environ.get("CXX", "g++")) is None:
+            return "the inductor backend needs a C++ compiler on CPU"
+    return None
+
+
+def compile_unets(backend, mode, *unets):
+    """torch.compile in place (`Module.compile`: state-dict keys, saving and unwrapping stay unchanged). Where the
+    backend is unavailable, or a graph fails to compile, the UNet runs eagerly with a warning instead of failing."""
+    device = next(unets[0].parameters()).device
+    reason = compile_unavailable_reason(backend, device)
+    if reason is not None:
+        logger.warning(f"--compile: {reason}; training without compilation.")
+        return False
+    import torch._dynamo
+
+    torch._dynamo.config.suppress_errors = True  # a graph that fails to compile falls back to eager, logged
+    for unet in unets:
+        if unet is not None:
+            unet.compile(backend=backend, mode=mode)
+    return True
 
 
 def enable_xformers(*unets):
@@ -799,15 +1000,30 @@ def enable_xformers(*unets):
 
 
 def create_optimizer(args, params):
+    """AdamW: fused on CUDA (one kernel for all parameters; the peers' default is foreach), or bitsandbytes 8-bit."""
     kwargs = {"lr": args.learning_rate, "betas": (args.adam_beta1, args.adam_beta2),
               "weight_decay": args.adam_weight_decay, "eps": args.adam_epsilon}
     if args.use_8bit_adam:
         import bitsandbytes as bnb
 
         return bnb.optim.AdamW8bit(params, **kwargs)
-    if torch.cuda.is_available():
+    params = list(params)
+    if params and all(p.device.type == "cuda" for p in params):
         kwargs["fused"] = True
     return torch.optim.AdamW(params, **kwargs)
+
+
+def training_step(args, accelerator, models, unet, optimizer, lr_scheduler, batch, micro_step, seed, weight_dtype):
+    """One micro-step: loss, backward, and (at accumulation boundaries) clipping and the optimizer update."""
+    with accelerator.accumulate(unet):
+        loss, metrics = compute_step_loss(args, models, unet, batch, micro_step, seed, weight_dtype)
+        accelerator.backward(loss)
+        if accelerator.sync_gradients and args.max_grad_norm > 0:
+            accelerator.clip_grad_norm_(unet.parameters(), args.max_grad_norm)
+        optimizer.step()
+        lr_scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+    return loss.detach(), metrics
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -1085,11 +1301,18 @@ def weight_dtype_for(accelerator):
     return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
 
 
+def clip_tokenize_fn(args, models):
+    """Caption -> the CLIP similarity model's ids, when the similarity embedding reads the prompt."""
+    if models.clip is None or args.similarity_embedding not in ("text", "text_image"):
+        return None
+    return make_tokenize_fn(models.clip.tokenizer, models.clip.model.config.text_config.max_position_embeddings)
+
+
 def build_dataloader(args, accelerator, models, dataset, seed):
     tokenizers = {"input_ids": make_tokenize_fn(models.tokenizer)}
-    if models.clip is not None and args.similarity_embedding in ("text", "text_image"):
-        max_length = models.clip.model.config.text_config.max_position_embeddings
-        tokenizers["clip_input_ids"] = make_tokenize_fn(models.clip.tokenizer, max_length)
+    clip_tokenize = clip_tokenize_fn(args, models)
+    if clip_tokenize is not None:
+        tokenizers["clip_input_ids"] = clip_tokenize
     pair_dataset = PreferencePairDataset(dataset, dataset_columns(args), args.resolution, seed,
                                          random_crop=args.random_crop, hflip=not args.no_hflip, tokenizers=tokenizers)
     global_batch = args.train_batch_size * accelerator.num_processes
@@ -1104,7 +1327,8 @@ def build_dataloader(args, accelerator, models, dataset, seed):
     loader = torch.utils.data.DataLoader(pair_dataset, batch_sampler=sampler, collate_fn=collate_pairs,
                                          num_workers=args.dataloader_num_workers,
                                          pin_memory=torch.cuda.is_available(),
-                                         persistent_workers=args.dataloader_num_workers > 0)
+                                         persistent_workers=args.dataloader_num_workers > 0,
+                                         prefetch_factor=4 if args.dataloader_num_workers > 0 else None)
     return loader, sampler
 
 
@@ -1130,6 +1354,9 @@ def main(args):
     if args.scale_lr:
         args.learning_rate *= args.gradient_accumulation_steps * args.train_batch_size * accelerator.num_processes
     optimizer = create_optimizer(args, [p for p in unet.parameters() if p.requires_grad])
+    if args.cache_latents:
+        dataset = build_latent_cache(args, accelerator, models, dataset)
+        models.clip = None  # its embeddings are cached
     loader, sampler = build_dataloader(args, accelerator, models, dataset, progress.seed)
     updates_per_epoch = sampler.batches_per_epoch // args.gradient_accumulation_steps
     if args.max_train_steps is None:
@@ -1183,15 +1410,9 @@ def train_loop(args, accelerator, models, unet, optimizer, lr_scheduler, loader,
         progress.epoch = epoch
         for batch in loader:
             micro_step = progress.global_step * args.gradient_accumulation_steps + len(accumulated.get("loss", []))
-            with accelerator.accumulate(unet):
-                loss, metrics = compute_step_loss(args, models, unet, batch, micro_step, progress.seed, weight_dtype)
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and args.max_grad_norm > 0:
-                    accelerator.clip_grad_norm_(unet.parameters(), args.max_grad_norm)
-                optimizer.step()
-                lr_scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-            for name, value in {"loss": loss.detach(), **metrics}.items():
+            loss, metrics = training_step(args, accelerator, models, unet, optimizer, lr_scheduler, batch, micro_step,
+                                          progress.seed, weight_dtype)
+            for name, value in {"loss": loss, **metrics}.items():
                 accumulated.setdefault(name, []).append(value)
             progress.batch_in_epoch += 1
             if not accelerator.sync_gradients:
