@@ -33,7 +33,7 @@ import torch.nn.functional as F
 import transformers
 from accelerate import Accelerator
 from accelerate.logging import get_logger
-from accelerate.utils import ProjectConfiguration
+from accelerate.utils import ProjectConfiguration, broadcast_object_list
 from huggingface_hub import create_repo, upload_folder
 from PIL import Image, ImageOps
 from tqdm.auto import tqdm
@@ -762,16 +762,22 @@ def compute_step_loss(args, models, unet, batch, micro_step, seed, weight_dtype=
 # ----------------------------------------------------------------------------------------------------------------------
 
 
+@torch.no_grad()
+def weights_checksum(model):
+    """A cheap signature of a model's weights (so weights replaced under the same path invalidate the cache)."""
+    return repr(sum(float(p.double().abs().sum()) for p in model.parameters()))
+
+
 def latent_cache_fingerprint(args, dataset, models):
     """Changes whenever anything the cached values depend on changes (then the cache is rebuilt, never misread)."""
     settings = {
         "dataset": [dataset._fingerprint, len(dataset), sorted(vars(dataset_columns(args)).items())],
         "model": [args.pretrained_model_name_or_path, args.revision, args.variant,
                   getattr(args, "pretrained_vae_model_name_or_path", None)],
-        "vae": [dict(models.vae.config), str(models.vae.dtype)],
+        "vae": [dict(models.vae.config), str(models.vae.dtype), weights_checksum(models.vae)],
         "crop": [args.resolution, not args.no_hflip, args.latent_cache_dtype],
         "similarity": None if models.clip is None else [args.clip_model_name_or_path, args.similarity_embedding,
-                                                        str(models.clip.model.dtype)],
+                                                        str(models.clip.model.dtype), weights_checksum(models.clip.model)],
     }
     return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -844,6 +850,8 @@ def build_latent_cache(args, accelerator, models, dataset):
     os.makedirs(cache_dir, exist_ok=True)
     key = latent_cache_fingerprint(args, dataset, models)
     count = accelerator.num_processes
+    if count > 1:  # every process must name the same files
+        key = broadcast_object_list([key])[0]
     paths = [os.path.join(cache_dir, f"pairs-{key}-{index:05d}-of-{count:05d}.arrow") for index in range(count)]
     columns = dataset_columns(args)
     rank = accelerator.process_index

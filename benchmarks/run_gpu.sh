@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# The full-size benchmark on one GPU, sized for a 15-minute device slot (compilation is about 2 minutes per UNet pair).
+#   bash benchmarks/run_gpu.sh [results_dir]
+# With a .whl/ folder of wheels beside the repo root (diffusers, datasets, dill, multiprocess, importlib_metadata,
+# bitsandbytes: see README "Performance"), they are installed to /tmp/site first.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+out=${1:-${OUT:-benchmarks/results}}
+mkdir -p "$out"
+if [ -d .whl ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+  export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
+stamp=$(date -u +%Y-%m-%d)
+gpu=$(python3 -c "import torch; print(torch.cuda.get_device_name().split()[1].lower())")
+python3 benchmarks/benchmark_step.py --family sd15 --compile on \
+  --variants reference_dpo_adamw,ours_dpo_adamw_cached_compiled,ours_rpo_adamw_cached_compiled,ours_rpo_adamw_uncached_compiled,reference_dpo_adamw8bit_ckpt,ours_dpo_adamw8bit_ckpt_cached_compiled,ours_rpo_adamw8bit_ckpt_cached_compiled \
+  --out "$out/sd15_${gpu}_${stamp}.json"
+python3 benchmarks/benchmark_step.py --family sdxl --data_pairs 32 --out "$out/sdxl_${gpu}_${stamp}.json"
