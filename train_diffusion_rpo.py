@@ -183,6 +183,10 @@ def parse_args(input_args=None):
     method.add_argument("--timestep_sampling", type=str, default="pair", choices=["pair", "batch"],
                         help="One timestep per pair, or one per micro-batch shared by the whole RPO matrix. pair is the "
                         "default for every loss: it gave RPO the better style/content trade-off in the style world.")
+    method.add_argument("--rpo_global_matrix", action="store_true",
+                        help="Build RPO's contrast matrix over the micro-batches of all processes (M x N pairs, "
+                        "gathered differentiably: 2 floats and one embedding per sample) instead of per process. "
+                        "Changes the objective with the number of processes; see README 'Multi-GPU'.")
     method.add_argument("--noise_offset", type=float, default=0.0,
                         help="Noise offset scale (the same offset for a pair's winner and loser).")
 
@@ -727,6 +731,41 @@ def prepare_diffusion_inputs(args, models, batch, micro_step, seed):
                            encoder_hidden_states=hidden_states, num_pairs=num_pairs, unet_kwargs={})
 
 
+class _GatherAcrossProcesses(torch.autograd.Function):
+    """all_gather along dim 0 whose backward sums every process's gradient for a slice onto the process that owns it.
+
+    Every process computes the same global loss from the gathered values, so the owner receives N x dL/d(its slice);
+    DDP's gradient averaging then divides by N: the result is exactly the single-process gradient of the global loss.
+    (torch.distributed.nn.functional.all_gather does the same but is deprecated in torch 2.13; this works on every
+    backend, gloo included.)
+    """
+
+    @staticmethod
+    def forward(ctx, values):
+        ctx.rank, ctx.rows = torch.distributed.get_rank(), values.shape[0]
+        gathered = [torch.empty_like(values) for _ in range(torch.distributed.get_world_size())]
+        torch.distributed.all_gather(gathered, values.contiguous())
+        return torch.cat(gathered)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous()
+        torch.distributed.all_reduce(grad)
+        return grad[ctx.rank * ctx.rows : (ctx.rank + 1) * ctx.rows]
+
+
+def gather_pairs(values):
+    """(2M, ...) winners first on each process -> (2MN, ...) winners first over the N processes, in process order:
+    exactly the layout a single process with the global micro-batch has (IndexedBatchSampler gives process r the
+    r-th slice of every global micro-batch)."""
+    if not torch.distributed.is_initialized() or torch.distributed.get_world_size() == 1:
+        return values
+    processes, rows, rest = torch.distributed.get_world_size(), values.shape[0], values.shape[1:]
+    # One collective (so every process runs the same backward all_reduce), then process-major -> winners first.
+    gathered = _GatherAcrossProcesses.apply(values).reshape(processes, 2, rows // 2, *rest)
+    return gathered.transpose(0, 1).reshape(processes * rows, *rest)
+
+
 def compute_step_loss(args, models, unet, batch, micro_step, seed, weight_dtype=torch.float32):
     """One micro-batch's preference loss and metrics: the seam every later feature (cache, compile, gather) uses."""
     inputs = prepare_diffusion_inputs(args, models, batch, micro_step, seed)
@@ -752,6 +791,9 @@ def compute_step_loss(args, models, unet, batch, micro_step, seed, weight_dtype=
                 None if clip_input_ids is None else clip_input_ids.to(models.device),
                 batch["pixel_values"].to(models.device))
         embeddings = embeddings.to(models.device)
+    if args.rpo_global_matrix and args.loss_type == "rpo":
+        model_losses, ref_losses = gather_pairs(model_losses), gather_pairs(ref_losses)
+        embeddings = None if embeddings is None else gather_pairs(embeddings)
     return compute_preference_loss(model_losses, ref_losses, loss_type=args.loss_type, beta=args.beta_dpo,
                                    embeddings=embeddings, temperature=args.distance_temperature,
                                    weighting=args.rpo_weighting, weight_scale=args.rpo_weight_scale)

@@ -1,0 +1,96 @@
+"""Real multi-process runs (`accelerate launch --num_processes 2`, gloo on CPU): RPO's global contrast matrix, the
+indexed randomness across processes, and a 2-process training run that checkpoints, resumes and loads."""
+
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from test_train import cli
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PROBE = os.path.join(ROOT, "tests", "distributed_probe.py")
+
+
+def free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def launch(script, arguments, processes, cwd):
+    """`accelerate launch` on CPU; ACCELERATE_USE_CPU makes accelerate use gloo without GPUs."""
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(processes),
+               "--mixed_precision", "no", "--num_machines", "1", "--dynamo_backend", "no"]
+    command += ["--multi_gpu", "--main_process_port", str(free_port())] if processes > 1 else ["--cpu"]
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    result = subprocess.run([*command, script, *arguments], capture_output=True, text=True, timeout=900, cwd=cwd,
+                            env=env)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return result
+
+
+@pytest.fixture(scope="module")
+def probes(sd_pipeline_path, pickapic_path, clip_model_path, tmp_path_factory):
+    """One step of the same global batch of 4 pairs: 1 process x 4 pairs, 2 processes x 2 pairs with and without
+    --rpo_global_matrix."""
+    folder = tmp_path_factory.mktemp("probes")
+
+    def probe(name, processes, *extra):
+        flags = cli(sd_pipeline_path, pickapic_path, clip_model_path, folder / name, "--validation_prompts",
+                    "--train_batch_size", str(4 // processes), *extra)
+        launch(PROBE, [str(folder / name), *flags], processes, folder)
+        return [torch.load(f"{folder / name}.rank{rank}", weights_only=True) for rank in range(processes)]
+
+    return {"single": probe("single", 1, "--rpo_global_matrix"),
+            "global": probe("global", 2, "--rpo_global_matrix"),
+            "local": probe("local", 2)}
+
+
+def relative_difference(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+def test_two_processes_draw_what_one_process_draws_for_the_same_global_batch(probes):
+    single, processes = probes["single"][0], probes["global"]
+    assert torch.equal(torch.cat([p["pair_index"] for p in processes]), single["pair_index"])
+    # The gathered per-sample losses: same pairs, same noise, same timesteps, same latent draws, in the same order.
+    torch.testing.assert_close(processes[0]["model_losses"], single["model_losses"], rtol=1e-5, atol=0)
+    torch.testing.assert_close(processes[1]["model_losses"], processes[0]["model_losses"], rtol=0, atol=0)
+
+
+def test_global_matrix_gives_the_single_process_loss_and_gradient(probes):
+    single, processes = probes["single"][0], probes["global"]
+    for process in processes:
+        torch.testing.assert_close(process["loss"], single["loss"], rtol=1e-6, atol=0)
+    assert torch.equal(processes[0]["gradient"], processes[1]["gradient"])  # DDP averaged
+    assert relative_difference(processes[0]["gradient"], single["gradient"]) < 1e-4
+
+
+def test_per_process_matrices_give_a_different_gradient(probes):
+    single, local = probes["single"][0], probes["local"]
+    assert local[0]["model_losses"].shape[0] == 4  # each process's own 2 pairs (winners and losers)
+    assert relative_difference(local[0]["gradient"], single["gradient"]) > 1e-2
+
+
+def test_two_process_training_checkpoints_resumes_and_loads(sd_pipeline_path, pickapic_path, clip_model_path,
+                                                            tmp_path):
+    from diffusers import DiffusionPipeline, StableDiffusionPipeline
+
+    out = tmp_path / "two"
+    script = os.path.join(ROOT, "train_diffusion_rpo.py")
+    flags = cli(sd_pipeline_path, pickapic_path, clip_model_path, out, "--train_batch_size", "2",
+                "--rpo_global_matrix", "--checkpointing_steps", "1", "--dataloader_num_workers", "1")
+    launch(script, flags, 2, tmp_path)
+    assert sorted(p for p in os.listdir(out) if p.startswith("checkpoint")) == ["checkpoint-1", "checkpoint-2"]
+    result = launch(script, [*flags, "--max_train_steps", "3", "--resume_from_checkpoint", "latest"], 2, tmp_path)
+    assert "Resuming from" in result.stderr and "checkpoint-2" in result.stderr
+    assert "checkpoint-3" in os.listdir(out)
+    pipeline = DiffusionPipeline.from_pretrained(out)
+    assert isinstance(pipeline, StableDiffusionPipeline)
+    image = pipeline("a red circle", num_inference_steps=2, height=32, width=32, output_type="np",
+                     generator=torch.Generator().manual_seed(0)).images[0]
+    assert image.shape == (32, 32, 3)
