@@ -33,7 +33,7 @@ import torch.nn.functional as F
 import transformers
 from accelerate import Accelerator
 from accelerate.logging import get_logger
-from accelerate.utils import ProjectConfiguration, broadcast_object_list
+from accelerate.utils import ProjectConfiguration, broadcast_object_list, gather_object
 from huggingface_hub import create_repo, upload_folder
 from PIL import Image, ImageOps
 from tqdm.auto import tqdm
@@ -76,6 +76,7 @@ STREAM_ORDER, STREAM_AUGMENT, STREAM_PAIR_NOISE, STREAM_BATCH_TIMESTEP = 1, 2, 3
 # Columns of the latent cache (--cache_latents): per pair, (orientations, [winner, loser], ...) arrays.
 CACHE_LATENT_MEAN, CACHE_LATENT_STD, CACHE_EMBEDDINGS = "latent_mean", "latent_std", "similarity_embedding"
 CACHE_ORIGINAL_SIZE, CACHE_CROP_TOP_LEFT = "original_size", "crop_top_left"
+STREAM_TURN = "stream_turn"  # a --streaming loader worker's placeholder batch that realigns a resumed loader
 CACHE_ARRAY_COLUMNS = (CACHE_LATENT_MEAN, CACHE_LATENT_STD, CACHE_EMBEDDINGS, CACHE_ORIGINAL_SIZE, CACHE_CROP_TOP_LEFT)
 
 
@@ -111,6 +112,11 @@ def parse_args(input_args=None):
     data.add_argument("--dataloader_num_workers", type=int, default=4,
                       help="Loader worker processes decoding JPEGs off the main process (0: decode in the main process).")
     data.add_argument("--vae_encode_batch_size", type=int, default=16, help="Images per VAE encode call.")
+    data.add_argument("--streaming", action="store_true",
+                      help="Stream the dataset instead of downloading it (Pick-a-Pic v2 is ~335 GB): each process and "
+                      "loader worker reads its own split of the shuffled stream; needs --max_train_steps.")
+    data.add_argument("--shuffle_buffer_size", type=int, default=1000,
+                      help="With --streaming: the shuffle buffer (examples) on top of the shuffled shard order.")
     data.add_argument("--cache_latents", action="store_true",
                       help="Encode every pair once (VAE latent distribution of both flip orientations of the centre "
                       "crop, and the RPO CLIP embeddings of the same crops) and train from that cache: no VAE or CLIP "
@@ -232,6 +238,9 @@ def check_args(args, parser):
         parser.error(f"--resolution {args.resolution} must be divisible by 8 (the VAE downsamples by 8).")
     if args.report_to in ("wandb", "all") and args.hub_token is not None:
         parser.error("--hub_token with --report_to wandb would expose the token in the run config; use `hf auth login`.")
+    if args.streaming and (args.max_train_steps is None or args.cache_latents or args.max_train_samples):
+        parser.error("--streaming needs --max_train_steps (a stream has no length) and works without "
+                     "--cache_latents and --max_train_samples (they need the whole dataset).")
     if args.cache_latents and args.random_crop:
         parser.error("--cache_latents stores the centre crop (both flips); it cannot serve --random_crop. Drop one "
                      "of the two flags.")
@@ -469,7 +478,7 @@ class PreferencePairDataset(torch.utils.data.Dataset):
     """
 
     def __init__(self, hf_dataset, columns, resolution, seed, random_crop=False, hflip=True, tokenizers=None):
-        self.cached = CACHE_LATENT_MEAN in hf_dataset.column_names
+        self.cached = hf_dataset is not None and CACHE_LATENT_MEAN in hf_dataset.column_names
         if self.cached:
             arrays = [name for name in hf_dataset.column_names if name in CACHE_ARRAY_COLUMNS]
             hf_dataset = hf_dataset.with_format("torch", columns=arrays, output_all_columns=True)
@@ -482,7 +491,9 @@ class PreferencePairDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, key):
         pair_index, epoch = key
-        row = self.dataset[pair_index]
+        return self.pair_item(self.dataset[pair_index], pair_index, epoch)
+
+    def pair_item(self, row, pair_index, epoch):
         augmentation = sample_pair_augmentation(self.seed, pair_index, epoch, self.random_crop, self.hflip)
         item = cached_pair(row, augmentation["flip"]) if self.cached else self.decoded_pair(row, pair_index, augmentation)
         caption = row[self.columns.caption] or ""
@@ -546,14 +557,18 @@ def make_tokenize_fn(tokenizer, max_length=None):
 
 
 def load_raw_dataset(args):
+    """A `datasets.Dataset`, or with --streaming an `IterableDataset`."""
     path = args.dataset_name
+    on_disk = None
     if os.path.isdir(path) and os.path.exists(os.path.join(path, "dataset_dict.json")):
-        return datasets.load_from_disk(path)[args.dataset_split_name]
-    if os.path.isdir(path) and os.path.exists(os.path.join(path, "state.json")):
-        return datasets.load_from_disk(path)
+        on_disk = datasets.load_from_disk(path)[args.dataset_split_name]
+    elif os.path.isdir(path) and os.path.exists(os.path.join(path, "state.json")):
+        on_disk = datasets.load_from_disk(path)
+    if on_disk is not None:
+        return on_disk.to_iterable_dataset(num_shards=64) if args.streaming else on_disk
     try:
         return datasets.load_dataset(path, args.dataset_config_name, split=args.dataset_split_name,
-                                     cache_dir=args.cache_dir)
+                                     cache_dir=args.cache_dir, streaming=args.streaming)
     except Exception as error:
         raise ValueError(f"Cannot load dataset {path!r} (config {args.dataset_config_name!r}, split "
                          f"{args.dataset_split_name!r}): {error}. Pass a Hub id you can reach, a local folder of "
@@ -570,6 +585,8 @@ def check_dataset_schema(dataset, columns):
             raise ValueError(f"Dataset has no column {name!r} (the {role} column). Its columns are "
                              f"{dataset.column_names}; pass {flag} <name>.")
     features = dataset.features
+    if features is None:  # a stream whose format does not declare its features: checked row by row instead
+        return
     for role in ("image_0", "image_1"):
         feature = features[getattr(columns, role)]
         is_image = isinstance(feature, datasets.Image)
@@ -607,6 +624,74 @@ def prepare_preference_dataset(dataset, columns, max_train_samples=None, seed=0)
         dataset = dataset.shuffle(seed=seed).select(range(max_train_samples))
         stats["pairs"] = len(dataset)
     return dataset, stats
+
+
+def prepare_streaming_dataset(stream, columns, seed, shuffle_buffer_size):
+    """--streaming: the same checks, label rules and columns as `prepare_preference_dataset`, applied on the fly;
+    shard order and a buffer shuffled with the seed (`set_epoch` reshuffles)."""
+    check_dataset_schema(stream, columns)
+    stream = stream.select_columns([columns.caption, columns.image_0, columns.image_1, columns.label_0])
+    if stream.features is not None:
+        for role in ("image_0", "image_1"):
+            if isinstance(stream.features[getattr(columns, role)], datasets.Image):
+                stream = stream.cast_column(getattr(columns, role), datasets.Image(decode=False))
+
+    def is_preference(label):
+        if float(label) not in VALID_LABELS:
+            raise ValueError(f"Column {columns.label_0!r} has the label {label}; expected 1, 0 or 0.5 (tie). Fix the "
+                             "labels or pass the right --label_0_column.")
+        return float(label) != TIE_LABEL
+
+    stream = stream.filter(is_preference, input_columns=[columns.label_0])
+    return stream.shuffle(seed=seed, buffer_size=shuffle_buffer_size) if shuffle_buffer_size > 1 else stream
+
+
+class StreamingPairDataset(torch.utils.data.IterableDataset):
+    """--streaming: each (process, loader worker) reads its own part of the stream (`split_dataset_by_node` over
+    processes, then `datasets`' split over workers) and yields whole micro-batches, each carrying that reader's stream
+    state after it.
+
+    A pair's randomness is keyed like the map-style path's, with pair_index = position x readers + reader within the
+    epoch (unique across processes and workers; the split, and so the data order, depends on their numbers). Streams
+    are cycled over epochs, so every process always has a next batch. `progress.stream_states` (checkpointed) holds the
+    state of the last batch each reader delivered; a resumed run continues there (examples that sat in the shuffle
+    buffer at that moment are not replayed: `datasets` does not save the buffer).
+    """
+
+    def __init__(self, stream, pairs, batch_size, num_processes, process_index, progress):
+        self.stream, self.pairs, self.batch_size = stream, pairs, batch_size
+        self.num_processes, self.process_index, self.progress = num_processes, process_index, progress
+
+    def __iter__(self):
+        from datasets.distributed import split_dataset_by_node
+
+        worker = torch.utils.data.get_worker_info()
+        workers, worker_id = (worker.num_workers, worker.id) if worker is not None else (1, 0)
+        reader, readers = self.process_index * workers + worker_id, self.num_processes * workers
+        state = self.progress.stream_states.get(reader, {"epoch": 0, "position": 0, "stream": None})
+        epoch, position, resume = state["epoch"], state["position"], state["stream"]
+        if worker_id < self.progress.batch_in_epoch % workers:
+            # The loader takes batches from its workers in turn, starting with worker 0, while after b consumed
+            # batches the next one is worker (b mod workers)'s: the workers before it yield a placeholder first.
+            yield {STREAM_TURN: True}
+        while True:
+            # This process's part of the stream; `datasets` itself splits it further over the loader's workers.
+            stream = split_dataset_by_node(self.stream, self.process_index, self.num_processes)
+            stream.set_epoch(epoch)
+            if resume is not None:
+                stream.load_state_dict(resume)
+                resume = None
+            items = []
+            for row in stream:
+                items.append(self.pairs.pair_item(row, position * readers + reader, epoch))
+                position += 1
+                if len(items) == self.batch_size:
+                    batch = collate_pairs(items)
+                    batch["stream_state"] = {"reader": reader, "epoch": epoch, "position": position,
+                                             "stream": copy.deepcopy(stream.state_dict())}
+                    items = []
+                    yield batch
+            epoch, position = epoch + 1, 0
 
 
 def dataset_columns(args):
@@ -1101,8 +1186,12 @@ def resolve_checkpoint_path(args):
     return None
 
 
-def save_checkpoint(accelerator, args, global_step):
+def save_checkpoint(accelerator, args, global_step, progress=None):
     """Atomic save: written under a temporary name and renamed when complete; then old ones pruned."""
+    if progress is not None and args.streaming and accelerator.num_processes > 1:
+        # Only the main process writes the progress file: it must hold every process's stream readers.
+        for states in gather_object([progress.stream_states]):
+            progress.stream_states.update(states)
     final = os.path.join(args.output_dir, f"checkpoint-{global_step}")
     partial = final + ".incomplete"
     if accelerator.is_main_process and os.path.exists(partial):
@@ -1134,15 +1223,17 @@ class TrainingProgress:
 
     def __init__(self, seed):
         self.seed, self.global_step, self.epoch, self.batch_in_epoch = seed, 0, 0, 0
+        self.stream_states = {}  # --streaming: reader -> the stream state after its last consumed batch
         self.history = []  # the logged metrics of this process's run (not checkpointed)
 
     def state_dict(self):
         return {"seed": self.seed, "global_step": self.global_step, "epoch": self.epoch,
-                "batch_in_epoch": self.batch_in_epoch}
+                "batch_in_epoch": self.batch_in_epoch, "stream_states": list(self.stream_states.values())}
 
     def load_state_dict(self, state):
         self.seed, self.global_step = int(state["seed"]), int(state["global_step"])
         self.epoch, self.batch_in_epoch = int(state["epoch"]), int(state["batch_in_epoch"])
+        self.stream_states = {int(s["reader"]): s for s in state.get("stream_states", [])}
 
 
 @torch.no_grad()
@@ -1301,9 +1392,24 @@ def push_to_hub(args, repo_id):
                   ignore_patterns=["checkpoint-*", "step_*", "epoch_*", "*.incomplete"], token=args.hub_token)
 
 
+def gather_sharded_unet(accelerator, unet):
+    """Under FSDP or DeepSpeed the trained weights are sharded: every process joins in gathering the full state dict,
+    and the main process gets a plain UNet holding it (None elsewhere). Otherwise the unwrapped UNet itself."""
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type not in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        return accelerator.unwrap_model(unet)
+    state_dict = accelerator.get_state_dict(unet)
+    if not accelerator.is_main_process:
+        return None
+    full = UNet2DConditionModel.from_config(accelerator.unwrap_model(unet).config)
+    full.load_state_dict(state_dict)
+    return full
+
+
 def save_final_model(accelerator, args, models, unet):
-    """A full pipeline (`DiffusionPipeline.from_pretrained(output_dir)`) or, with LoRA, the adapter weights."""
-    unet = accelerator.unwrap_model(unet)
+    """A full pipeline (`DiffusionPipeline.from_pretrained(output_dir)`) or, with LoRA, the adapter weights.
+    `unet` is the gathered, unwrapped UNet (`gather_sharded_unet`)."""
     if args.use_lora:
         from peft.utils import get_peft_model_state_dict
 
@@ -1358,13 +1464,28 @@ def clip_tokenize_fn(args, models):
     return make_tokenize_fn(models.clip.tokenizer, models.clip.model.config.text_config.max_position_embeddings)
 
 
-def build_dataloader(args, accelerator, models, dataset, seed):
+def build_dataloader(args, accelerator, models, dataset, seed, progress=None):
+    """The loader and its sampler: indexed batches of a map-style dataset, or (--streaming, `progress` given) the
+    stream readers' batches with a stand-in sampler of unbounded epoch length."""
     tokenizers = {"input_ids": make_tokenize_fn(models.tokenizer)}
     clip_tokenize = clip_tokenize_fn(args, models)
     if clip_tokenize is not None:
         tokenizers["clip_input_ids"] = clip_tokenize
-    pair_dataset = PreferencePairDataset(dataset, dataset_columns(args), args.resolution, seed,
-                                         random_crop=args.random_crop, hflip=not args.no_hflip, tokenizers=tokenizers)
+    pair_dataset = PreferencePairDataset(None if args.streaming else dataset, dataset_columns(args), args.resolution,
+                                         seed, random_crop=args.random_crop, hflip=not args.no_hflip,
+                                         tokenizers=tokenizers)
+    workers = args.dataloader_num_workers
+    loader_options = {"num_workers": workers, "pin_memory": torch.cuda.is_available(),
+                      "persistent_workers": workers > 0, "prefetch_factor": 4 if workers > 0 else None}
+    if args.streaming:
+        readers = accelerator.num_processes * max(1, workers)
+        if dataset.n_shards < readers:
+            logger.warning(f"The stream has {dataset.n_shards} shards for {readers} readers (processes x workers): "
+                           f"each reader reads every shard and keeps 1 example in {readers}.")
+        stream = StreamingPairDataset(dataset, pair_dataset, args.train_batch_size, accelerator.num_processes,
+                                      accelerator.process_index, progress)
+        loader = torch.utils.data.DataLoader(stream, batch_size=None, **loader_options)
+        return loader, SimpleNamespace(batches_per_epoch=sys.maxsize, set_epoch=lambda epoch, start_batch=0: None)
     global_batch = args.train_batch_size * accelerator.num_processes
     batches_per_epoch = (len(dataset) // global_batch) // args.gradient_accumulation_steps
     batches_per_epoch *= args.gradient_accumulation_steps
@@ -1375,10 +1496,7 @@ def build_dataloader(args, accelerator, models, dataset, seed):
     sampler = IndexedBatchSampler(len(dataset), args.train_batch_size, seed, batches_per_epoch,
                                   accelerator.num_processes, accelerator.process_index)
     loader = torch.utils.data.DataLoader(pair_dataset, batch_sampler=sampler, collate_fn=collate_pairs,
-                                         num_workers=args.dataloader_num_workers,
-                                         pin_memory=torch.cuda.is_available(),
-                                         persistent_workers=args.dataloader_num_workers > 0,
-                                         prefetch_factor=4 if args.dataloader_num_workers > 0 else None)
+                                         **loader_options)
     return loader, sampler
 
 
@@ -1394,8 +1512,12 @@ def main(args):
     progress = TrainingProgress(resolve_seed(args, accelerator))
 
     raw_dataset = load_raw_dataset(args)
-    dataset, stats = prepare_preference_dataset(raw_dataset, dataset_columns(args), args.max_train_samples,
-                                                progress.seed)
+    if args.streaming:
+        dataset = prepare_streaming_dataset(raw_dataset, dataset_columns(args), progress.seed, args.shuffle_buffer_size)
+        stats = {"rows": "streamed", "ties_dropped": "all", "pairs": "streamed"}  # a stream is not counted
+    else:
+        dataset, stats = prepare_preference_dataset(raw_dataset, dataset_columns(args), args.max_train_samples,
+                                                    progress.seed)
     logger.info(f"Dataset: {stats['rows']} rows, {stats['ties_dropped']} ties dropped, {stats['pairs']} pairs used.")
 
     models = load_models(args, accelerator.device, weight_dtype)
@@ -1407,7 +1529,7 @@ def main(args):
     if args.cache_latents:
         dataset = build_latent_cache(args, accelerator, models, dataset)
         models.clip = None  # its embeddings are cached
-    loader, sampler = build_dataloader(args, accelerator, models, dataset, progress.seed)
+    loader, sampler = build_dataloader(args, accelerator, models, dataset, progress.seed, progress)
     updates_per_epoch = sampler.batches_per_epoch // args.gradient_accumulation_steps
     if args.max_train_steps is None:
         args.max_train_steps = args.num_train_epochs * updates_per_epoch
@@ -1415,6 +1537,8 @@ def main(args):
     lr_scheduler = get_scheduler(args.lr_scheduler, optimizer=optimizer,
                                  num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
                                  num_training_steps=args.max_train_steps * accelerator.num_processes)
+    if accelerator.state.deepspeed_plugin is not None:  # our loader is not prepared, so DeepSpeed cannot infer it
+        accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = args.train_batch_size
     unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
     accelerator.register_for_checkpointing(progress)
 
@@ -1436,8 +1560,9 @@ def main(args):
 
     accelerator.wait_for_everyone()
     grid = log_validation(accelerator, args, models, unet, weight_dtype, progress.seed, progress.global_step)
+    trained_unet = gather_sharded_unet(accelerator, unet)
     if accelerator.is_main_process:
-        save_final_model(accelerator, args, models, unet)
+        save_final_model(accelerator, args, models, trained_unet)
         grid_filename = None
         if grid is not None:
             grid_filename = "validation_grid.png"
@@ -1459,6 +1584,11 @@ def train_loop(args, accelerator, models, unet, optimizer, lr_scheduler, loader,
         sampler.set_epoch(epoch, progress.batch_in_epoch if epoch == progress.epoch else 0)
         progress.epoch = epoch
         for batch in loader:
+            if STREAM_TURN in batch:
+                continue
+            stream_state = batch.pop("stream_state", None)
+            if stream_state is not None:
+                progress.stream_states[stream_state["reader"]] = stream_state
             micro_step = progress.global_step * args.gradient_accumulation_steps + len(accumulated.get("loss", []))
             loss, metrics = training_step(args, accelerator, models, unet, optimizer, lr_scheduler, batch, micro_step,
                                           progress.seed, weight_dtype)
@@ -1479,7 +1609,7 @@ def train_loop(args, accelerator, models, unet, optimizer, lr_scheduler, loader,
             progress_bar.update(1)
             progress_bar.set_postfix({name: f"{logs[name]:.4g}" for name in ("loss", "implicit_acc") if name in logs})
             if progress.global_step % args.checkpointing_steps == 0:
-                save_checkpoint(accelerator, args, progress.global_step)
+                save_checkpoint(accelerator, args, progress.global_step, progress)
             if args.validation_prompts and progress.global_step % args.validation_steps == 0:
                 log_validation(accelerator, args, models, unet, weight_dtype, progress.seed, progress.global_step)
             if progress.global_step >= args.max_train_steps:

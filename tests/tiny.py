@@ -175,12 +175,15 @@ def pickapic_rows(num_rows, seed=0, labels=None, sizes=((40, 48), (48, 40), (32,
     return rows
 
 
-def write_pickapic_dataset(path, rows):
-    """A local dataset folder in the Hub layout (data/train-*.parquet), loadable with `load_dataset(path)`."""
+def write_pickapic_dataset(path, rows, num_files=1):
+    """A local dataset folder in the Hub layout (data/train-*-of-*.parquet), loadable with `load_dataset(path)`."""
     import datasets
 
     os.makedirs(os.path.join(path, "data"), exist_ok=True)
-    datasets.Dataset.from_list(rows).to_parquet(os.path.join(path, "data", "train-00000-of-00001.parquet"))
+    table = datasets.Dataset.from_list(rows)
+    for index in range(num_files):
+        part = table.shard(num_files, index, contiguous=True)
+        part.to_parquet(os.path.join(path, "data", f"train-{index:05d}-of-{num_files:05d}.parquet"))
     return path
 
 

@@ -1,0 +1,78 @@
+"""--streaming: a datasets IterableDataset split over processes and loader workers, ties dropped on the fly, and a
+stream position in checkpoints that a resumed run continues from."""
+
+import pytest
+import torch
+
+import tiny
+import train_diffusion_rpo as rpo
+from test_train import cli
+
+
+@pytest.fixture(scope="module")
+def sharded_pickapic(tmp_path_factory):
+    """24 rows in 4 parquet files: 16 pairs after dropping the 8 ties."""
+    return tiny.write_pickapic_dataset(str(tmp_path_factory.mktemp("sharded")), tiny.pickapic_rows(24), num_files=4)
+
+
+@pytest.fixture
+def stream_run(sd_pipeline_path, sharded_pickapic, clip_model_path, tmp_path):
+    def run(name, *extra):
+        args = rpo.parse_args(cli(sd_pipeline_path, sharded_pickapic, clip_model_path, tmp_path / name,
+                                  "--validation_prompts", "--streaming", "--train_batch_size", "2", *extra))
+        return rpo.main(args)
+
+    return run
+
+
+def losses(progress):
+    return [h["loss"] for h in progress.history]
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_streaming_resume_continues_at_the_saved_stream_position(stream_run, workers):
+    # Shuffle buffer off (the shard order is then fixed): a resume must replay nothing and skip nothing. 10 steps of
+    # 2 pairs cycle the 16 pairs into a second epoch (each of 2 readers holds 2 files: 4 batches an epoch).
+    common = ["--shuffle_buffer_size", "0", "--dataloader_num_workers", str(workers), "--checkpointing_steps", "5"]
+    straight = stream_run("straight", *common, "--max_train_steps", "10")
+    stream_run("split", *common, "--max_train_steps", "5")
+    resumed = stream_run("split", *common, "--max_train_steps", "10", "--resume_from_checkpoint", "latest")
+    assert len(resumed.history) == 5
+    assert losses(resumed) == losses(straight)[5:]
+    readers = max(1, workers)
+    assert sorted(resumed.stream_states) == list(range(readers))
+    assert max(state["epoch"] for state in resumed.stream_states.values()) == 1  # went round into epoch 1
+
+
+def test_streaming_drops_ties_and_reads_each_pair_once_per_epoch(sd_pipeline_path, sharded_pickapic, clip_model_path):
+    args = rpo.parse_args(cli(sd_pipeline_path, sharded_pickapic, clip_model_path, "unused", "--streaming",
+                              "--shuffle_buffer_size", "4", "--train_batch_size", "2"))
+    stream = rpo.prepare_streaming_dataset(rpo.load_raw_dataset(args), rpo.dataset_columns(args), 0, 4)
+    pairs = rpo.PreferencePairDataset(None, rpo.dataset_columns(args), 32, 0)
+    progress = rpo.TrainingProgress(0)
+    readers = [rpo.StreamingPairDataset(stream, pairs, 2, num_processes=2, process_index=rank, progress=progress)
+               for rank in (0, 1)]
+    captions, indices = [], []
+    for reader in readers:
+        batches = iter(reader)
+        for _ in range(4):  # 8 pairs per reader in epoch 0
+            batch = next(batches)
+            assert batch["stream_state"]["epoch"] == 0
+            captions += batch["captions"]
+            indices += batch["pair_index"].tolist()
+    rows = tiny.pickapic_rows(24)
+    expected = sorted(row["caption"] for row in rows if row["label_0"] != 0.5)
+    assert sorted(captions) == expected
+    assert sorted(indices) == list(range(16))  # position x readers + reader: unique across processes
+    # One process, two loader workers: datasets splits the process's shards between them, nothing read twice.
+    one = rpo.StreamingPairDataset(stream, pairs, 2, num_processes=1, process_index=0, progress=progress)
+    loader = torch.utils.data.DataLoader(one, batch_size=None, num_workers=2)
+    batches = [batch for batch, _ in zip(loader, range(8))]
+    assert sorted(c for batch in batches for c in batch["captions"]) == expected
+    assert sorted(i for batch in batches for i in batch["pair_index"].tolist()) == list(range(16))
+
+
+def test_streaming_needs_max_train_steps(capsys):
+    with pytest.raises(SystemExit):
+        rpo.parse_args(["--streaming", "--max_train_steps", "0"])
+    assert "--streaming needs --max_train_steps" in capsys.readouterr().err
