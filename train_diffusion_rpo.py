@@ -1189,9 +1189,12 @@ def resolve_checkpoint_path(args):
 def save_checkpoint(accelerator, args, global_step, progress=None):
     """Atomic save: written under a temporary name and renamed when complete; then old ones pruned."""
     if progress is not None and args.streaming and accelerator.num_processes > 1:
-        # Only the main process writes the progress file: it must hold every process's stream readers.
-        for states in gather_object([progress.stream_states]):
-            progress.stream_states.update(states)
+        # Only the main process writes the progress file: it must hold every process's stream readers. (Only it
+        # merges: the others keep their own readers, so a stale copy never overwrites a fresh state.)
+        gathered = gather_object([progress.stream_states])
+        if accelerator.is_main_process:
+            for states in gathered:  # in process order: each process's own readers last, so freshest
+                progress.stream_states.update(states)
     final = os.path.join(args.output_dir, f"checkpoint-{global_step}")
     partial = final + ".incomplete"
     if accelerator.is_main_process and os.path.exists(partial):

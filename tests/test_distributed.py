@@ -76,16 +76,22 @@ def test_per_process_matrices_give_a_different_gradient(probes):
     assert relative_difference(local[0]["gradient"], single["gradient"]) > 1e-2
 
 
+@pytest.mark.parametrize("streaming", [False, True])
 def test_two_process_training_checkpoints_resumes_and_loads(sd_pipeline_path, pickapic_path, clip_model_path,
-                                                            tmp_path):
+                                                            tmp_path, streaming):
     from diffusers import DiffusionPipeline, StableDiffusionPipeline
 
     out = tmp_path / "two"
     script = os.path.join(ROOT, "train_diffusion_rpo.py")
     flags = cli(sd_pipeline_path, pickapic_path, clip_model_path, out, "--train_batch_size", "2",
-                "--rpo_global_matrix", "--checkpointing_steps", "1", "--dataloader_num_workers", "1")
+                "--rpo_global_matrix", "--checkpointing_steps", "1", "--dataloader_num_workers", "1",
+                *(["--streaming"] if streaming else []))
     launch(script, flags, 2, tmp_path)
     assert sorted(p for p in os.listdir(out) if p.startswith("checkpoint")) == ["checkpoint-1", "checkpoint-2"]
+    if streaming:  # the main process's progress file holds both processes' stream readers
+        progress = torch.load(out / "checkpoint-2" / "custom_checkpoint_0.pkl", weights_only=True)
+        assert sorted(state["reader"] for state in progress["stream_states"]) == [0, 1]
+        assert [(s["epoch"], s["position"]) for s in progress["stream_states"]] == [(0, 4)] * 2, progress  # 2 steps x 2
     result = launch(script, [*flags, "--max_train_steps", "3", "--resume_from_checkpoint", "latest"], 2, tmp_path)
     assert "Resuming from" in result.stderr and "checkpoint-2" in result.stderr
     assert "checkpoint-3" in os.listdir(out)
@@ -94,3 +100,30 @@ def test_two_process_training_checkpoints_resumes_and_loads(sd_pipeline_path, pi
     image = pipeline("a red circle", num_inference_steps=2, height=32, width=32, output_type="np",
                      generator=torch.Generator().manual_seed(0)).images[0]
     assert image.shape == (32, 32, 3)
+
+
+def test_accelerate_configs_load_and_agree_with_the_script():
+    import json
+
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    import train_diffusion_rpo as rpo
+
+    folder = os.path.join(ROOT, "configs", "accelerate")
+    kinds = {"multi_gpu": "MULTI_GPU", "deepspeed_zero2": "DEEPSPEED", "fsdp": "FSDP"}
+    for name, kind in kinds.items():
+        config = load_config_from_file(os.path.join(folder, f"{name}.yaml"))
+        assert config.distributed_type.value == kind and config.num_processes == 8
+    deepspeed = load_config_from_file(os.path.join(folder, "deepspeed_zero2.yaml")).deepspeed_config
+    with open(os.path.join(ROOT, deepspeed["deepspeed_config_file"])) as f:
+        zero = json.load(f)
+    assert zero["zero_optimization"]["stage"] == 2
+    # DeepSpeed clips gradients itself (accelerator.clip_grad_norm_ defers to it): the same norm as the script's.
+    assert zero["gradient_clipping"] == rpo.parse_args([]).max_grad_norm
+    assert zero["zero_allow_untested_optimizer"] is True  # bitsandbytes AdamW8bit under ZeRO
+    fsdp = load_config_from_file(os.path.join(folder, "fsdp.yaml")).fsdp_config
+    import diffusers.models.attention
+    import diffusers.models.resnet
+
+    for layer in fsdp["fsdp_transformer_layer_cls_to_wrap"].split(","):
+        assert hasattr(diffusers.models.attention, layer) or hasattr(diffusers.models.resnet, layer)
