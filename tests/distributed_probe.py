@@ -2,8 +2,9 @@
 
     python tests/distributed_probe.py OUT.pt <training flags>
 
-Each process saves OUT.pt.rank<r>: its loss, the (global, with --rpo_global_matrix) per-sample model losses the loss
-was computed from, its batch's pair indices, and the UNet gradient after DDP's averaging.
+Runs the micro-steps of one optimizer step (--gradient_accumulation_steps), without the update. Each process saves
+OUT.pt.rank<r>: its loss per micro-step, the (global, with --rpo_global_matrix) per-sample model losses each loss was
+computed from, its batches' pair indices, and the accumulated UNet gradient after DDP's averaging.
 """
 
 import sys
@@ -21,19 +22,27 @@ def main(argv):
     unet = accelerator.prepare(models.unet)
     models.unwrap = accelerator.unwrap_model
     loader, _ = rpo.build_dataloader(args, accelerator, models, dataset, args.seed)
-    batch = next(iter(loader))
-    seen = {}
+    seen = {"model_losses": [], "ref_losses": []}
     compute_preference_loss = rpo.compute_preference_loss
 
     def recording(model_losses, ref_losses, **kwargs):
-        seen["model_losses"], seen["ref_losses"] = model_losses.detach(), ref_losses.detach()
+        seen["model_losses"].append(model_losses.detach())
+        seen["ref_losses"].append(ref_losses.detach())
         return compute_preference_loss(model_losses, ref_losses, **kwargs)
 
     rpo.compute_preference_loss = recording
-    loss, metrics = rpo.compute_step_loss(args, models, unet, batch, 0, args.seed)
-    accelerator.backward(loss)
+    losses, pair_indices = [], []
+    batches = iter(loader)
+    for micro_step in range(args.gradient_accumulation_steps):  # one optimizer step's micro-steps, no update
+        batch = next(batches)
+        with accelerator.accumulate(unet):
+            loss, _ = rpo.compute_step_loss(args, models, unet, batch, micro_step, args.seed)
+            accelerator.backward(loss)
+        losses.append(loss.detach())
+        pair_indices.append(batch["pair_index"])
     gradient = torch.cat([p.grad.flatten() for p in accelerator.unwrap_model(unet).parameters()])
-    torch.save({"loss": loss.detach(), "gradient": gradient, "pair_index": batch["pair_index"], **seen,
+    torch.save({"loss": torch.stack(losses), "gradient": gradient, "pair_index": torch.cat(pair_indices),
+                "model_losses": torch.cat(seen["model_losses"]), "ref_losses": torch.cat(seen["ref_losses"]),
                 "processes": accelerator.num_processes}, f"{out}.rank{accelerator.process_index}")
     accelerator.end_training()
 

@@ -45,9 +45,12 @@ def probes(sd_pipeline_path, pickapic_path, clip_model_path, tmp_path_factory):
         launch(PROBE, [str(folder / name), *flags], processes, folder)
         return [torch.load(f"{folder / name}.rank{rank}", weights_only=True) for rank in range(processes)]
 
+    accumulate = ["--gradient_accumulation_steps", "2", "--timestep_sampling", "batch"]
     return {"single": probe("single", 1, "--rpo_global_matrix"),
             "global": probe("global", 2, "--rpo_global_matrix"),
-            "local": probe("local", 2)}
+            "local": probe("local", 2),
+            "single_accumulated": probe("single_accumulated", 1, "--rpo_global_matrix", *accumulate),
+            "global_accumulated": probe("global_accumulated", 2, "--rpo_global_matrix", *accumulate)}
 
 
 def relative_difference(a, b):
@@ -67,6 +70,16 @@ def test_global_matrix_gives_the_single_process_loss_and_gradient(probes):
     for process in processes:
         torch.testing.assert_close(process["loss"], single["loss"], rtol=1e-6, atol=0)
     assert torch.equal(processes[0]["gradient"], processes[1]["gradient"])  # DDP averaged
+    assert relative_difference(processes[0]["gradient"], single["gradient"]) < 1e-4
+
+
+def test_global_matrix_with_accumulation_equals_one_process_with_the_same_micro_batches(probes):
+    # Two micro-steps of 2 x 2 pairs vs two of 4 pairs: one matrix per micro-step, the same accumulated gradient.
+    single, processes = probes["single_accumulated"][0], probes["global_accumulated"]
+    pairs = torch.stack([p["pair_index"].view(2, 2) for p in processes], dim=1).flatten()  # micro-step, process
+    assert torch.equal(pairs, single["pair_index"])
+    torch.testing.assert_close(processes[0]["loss"], single["loss"], rtol=1e-6, atol=0)
+    assert torch.equal(processes[0]["gradient"], processes[1]["gradient"])
     assert relative_difference(processes[0]["gradient"], single["gradient"]) < 1e-4
 
 
