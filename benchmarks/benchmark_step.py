@@ -25,7 +25,6 @@ import datetime
 import gc
 import io
 import json
-import math
 import os
 import platform
 import statistics

@@ -5,7 +5,6 @@ import json
 import logging
 import math
 import os
-from types import SimpleNamespace
 
 import pytest
 import torch
