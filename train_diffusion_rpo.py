@@ -503,15 +503,19 @@ class PreferencePairDataset(torch.utils.data.Dataset):
         return item
 
     def decoded_pair(self, row, pair_index, augmentation):
-        columns = self.columns
-        first, second = (columns.image_0, columns.image_1) if row[columns.label_0] == 1 else (columns.image_1, columns.image_0)
-        try:
-            images = [decode_image(row[first], self.resolution), decode_image(row[second], self.resolution)]
-        except Exception as error:
-            raise ValueError(f"Pair {pair_index}: cannot decode its images ({error}).") from error
+        images = decode_pair(self.columns, row, pair_index, self.resolution)
         tensors, original_sizes, crops_top_left = paired_transform(images, self.resolution, **augmentation)
         return {"pixel_values": torch.stack(tensors), "original_size": original_sizes[0],
                 "crop_top_left": crops_top_left[0]}
+
+
+def decode_pair(columns, row, pair_index, min_size):
+    """A row's two images decoded, winner first (label_0 = 1: image 0 wins)."""
+    first, second = (columns.image_0, columns.image_1) if row[columns.label_0] == 1 else (columns.image_1, columns.image_0)
+    try:
+        return [decode_image(row[first], min_size), decode_image(row[second], min_size)]
+    except Exception as error:
+        raise ValueError(f"Pair {pair_index}: cannot decode its images ({error}).") from error
 
 
 def cached_pair(row, flip):
@@ -603,6 +607,16 @@ def check_dataset_schema(dataset, columns):
         raise ValueError(f"Column {columns.caption!r} must hold strings, not {caption_feature}.")
 
 
+def pair_columns(dataset, columns):
+    """The four columns training reads, images left as bytes (decoded in the loader workers)."""
+    dataset = dataset.select_columns([columns.caption, columns.image_0, columns.image_1, columns.label_0])
+    for role in ("image_0", "image_1"):
+        name = getattr(columns, role)
+        if dataset.features is not None and isinstance(dataset.features[name], datasets.Image):
+            dataset = dataset.cast_column(name, datasets.Image(decode=False))
+    return dataset
+
+
 def prepare_preference_dataset(dataset, columns, max_train_samples=None, seed=0):
     """Checks labels, drops ties (label 0.5), and returns (dataset with decode-on-access images, stats)."""
     check_dataset_schema(dataset, columns)
@@ -611,10 +625,7 @@ def prepare_preference_dataset(dataset, columns, max_train_samples=None, seed=0)
     if bad:
         raise ValueError(f"Column {columns.label_0!r} has labels {bad}; expected 1 (image 0 preferred), 0 (image 1 "
                          "preferred) or 0.5 (tie). Fix the labels or pass the right --label_0_column.")
-    dataset = dataset.select_columns([columns.caption, columns.image_0, columns.image_1, columns.label_0])
-    for role in ("image_0", "image_1"):
-        if isinstance(dataset.features[getattr(columns, role)], datasets.Image):
-            dataset = dataset.cast_column(getattr(columns, role), datasets.Image(decode=False))
+    dataset = pair_columns(dataset, columns)
     total = len(dataset)
     dataset = dataset.filter(lambda label: float(label) != TIE_LABEL, input_columns=[columns.label_0])
     stats = {"rows": total, "ties_dropped": total - len(dataset), "pairs": len(dataset)}
@@ -630,11 +641,7 @@ def prepare_streaming_dataset(stream, columns, seed, shuffle_buffer_size):
     """--streaming: the same checks, label rules and columns as `prepare_preference_dataset`, applied on the fly;
     shard order and a buffer shuffled with the seed (`set_epoch` reshuffles)."""
     check_dataset_schema(stream, columns)
-    stream = stream.select_columns([columns.caption, columns.image_0, columns.image_1, columns.label_0])
-    if stream.features is not None:
-        for role in ("image_0", "image_1"):
-            if isinstance(stream.features[getattr(columns, role)], datasets.Image):
-                stream = stream.cast_column(getattr(columns, role), datasets.Image(decode=False))
+    stream = pair_columns(stream, columns)
 
     def is_preference(label):
         if float(label) not in VALID_LABELS:
@@ -934,13 +941,9 @@ def encode_cache_rows(rows, indices, *, args, models, clip_tokenize, first_index
     columns = dataset_columns(args)
     flips = (False,) if args.no_hflip else (False, True)
     pixels, crops, original_sizes = [], [], []
-    for index, label, image_0, image_1 in zip(indices, rows[columns.label_0], rows[columns.image_0],
-                                              rows[columns.image_1]):
-        try:
-            images = [decode_image(value, args.resolution)
-                      for value in ((image_0, image_1) if label == 1 else (image_1, image_0))]
-        except Exception as error:
-            raise ValueError(f"Pair {first_index + index}: cannot decode its images ({error}).") from error
+    for position, index in enumerate(indices):
+        row = {name: rows[name][position] for name in (columns.label_0, columns.image_0, columns.image_1)}
+        images = decode_pair(columns, row, first_index + index, args.resolution)
         for flip in flips:
             tensors, sizes, crop = paired_transform(images, args.resolution, (0.5, 0.5), flip)
             pixels.append(torch.stack(tensors))
