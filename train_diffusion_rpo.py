@@ -17,13 +17,16 @@ import copy
 import functools
 import hashlib
 import io
+import itertools
 import json
 import logging
 import math
 import os
 import re
 import shutil
+import signal
 import sys
+import threading
 from types import SimpleNamespace
 
 import datasets
@@ -54,6 +57,7 @@ from diffusers.utils import convert_state_dict_to_diffusers, make_image_grid
 from diffusers.utils.hub_utils import load_or_create_model_card, populate_model_card
 
 logger = get_logger(__name__, log_level="INFO")
+row_logger = logging.getLogger(__name__)  # loader workers have no accelerate state: plain logging
 
 PIPELINE_CLASS = StableDiffusionPipeline
 EXPECTED_PIPELINE_CLASSES = ("StableDiffusionPipeline",)
@@ -69,6 +73,7 @@ REFUSED_PEER_FLAGS = {
     "the prediction type is read from the model's scheduler config",
     "snr_gamma": "Min-SNR weighting changes the preference objective's per-timestep weighting (see method.md)",
 }
+MAX_CONSECUTIVE_BAD_ROWS = 64  # more undecodable pairs in a row than this means wrong image columns, not bad rows
 TIE_LABEL = 0.5
 VALID_LABELS = (0.0, 0.5, 1.0)
 # Streams of the indexed randomness (method.md, "Randomness"): every draw is a pure function of (seed, stream, keys).
@@ -140,6 +145,13 @@ def parse_args(input_args=None):
                        help="Keep at most this many checkpoints (the oldest are deleted after a new one is complete).")
     steps.add_argument("--resume_from_checkpoint", type=str, default=None,
                        help='Resume from a checkpoint folder, or "latest" for the newest complete one in output_dir.')
+    steps.add_argument("--max_bad_rows", type=float, default=0.01,
+                       help="Pairs whose images cannot be decoded are skipped (replaced by the next good pair), counted "
+                       "and logged; the run stops with an error past this many: a fraction (< 1) of the pairs the run "
+                       "reads, or a count (>= 1). 0: stop at the first one.")
+    steps.add_argument("--max_nonfinite_steps", type=int, default=10,
+                       help="An optimizer step whose loss or gradient is not finite is skipped (counted, logged); the "
+                       "run stops with an error after this many in a row.")
 
     optim = parser.add_argument_group("optimisation")
     optim.add_argument("--learning_rate", type=float, default=1e-8,
@@ -249,6 +261,13 @@ def check_args(args, parser):
             import bitsandbytes  # noqa: F401
         except ImportError:
             parser.error("--use_8bit_adam needs bitsandbytes: `pip install bitsandbytes`.")
+    if args.max_bad_rows < 0 or (args.max_bad_rows >= 1 and not float(args.max_bad_rows).is_integer()):
+        parser.error(f"--max_bad_rows {args.max_bad_rows}: pass a fraction below 1 (e.g. 0.01) or a whole count.")
+    if args.max_nonfinite_steps < 1:
+        parser.error("--max_nonfinite_steps must be at least 1.")
+    if needs_similarity_model(args) and not args.clip_model_name_or_path:
+        parser.error("--rpo_weighting similarity needs a CLIP model: pass --clip_model_name_or_path (e.g. "
+                     "openai/clip-vit-large-patch14) or use --rpo_weighting uniform.")
     if args.resume_from_checkpoint not in (None, "latest") and resolve_checkpoint_path(args) is None:
         parser.error(f"--resume_from_checkpoint {args.resume_from_checkpoint}: no such checkpoint folder "
                      f"(also looked in {args.output_dir}). Pass an existing checkpoint-N folder or 'latest'.")
@@ -490,8 +509,23 @@ class PreferencePairDataset(torch.utils.data.Dataset):
         return len(self.dataset)
 
     def __getitem__(self, key):
+        """The pair, or, when its images cannot be decoded, the next pair that can be (counted in "bad_rows"): the
+        skip happens here, so every batch stays full and every process keeps the same number of batches."""
         pair_index, epoch = key
-        return self.pair_item(self.dataset[pair_index], pair_index, epoch)
+        bad_rows = 0
+        for offset in range(min(len(self), MAX_CONSECUTIVE_BAD_ROWS)):
+            index = (pair_index + offset) % len(self)
+            try:
+                item = self.pair_item(self.dataset[index], index, epoch)
+            except UndecodablePair as error:
+                bad_rows += 1
+                row_logger.warning(f"Skipped: {error}")
+                continue
+            item["bad_rows"] = bad_rows
+            return item
+        raise UndecodablePair(f"{bad_rows} pairs in a row from pair {pair_index} cannot be decoded: the image columns "
+                              f"({self.columns.image_0!r}, {self.columns.image_1!r}) do not hold readable images. "
+                              "Pass the right --image_0_column/--image_1_column or repair the dataset.")
 
     def pair_item(self, row, pair_index, epoch):
         augmentation = sample_pair_augmentation(self.seed, pair_index, epoch, self.random_crop, self.hflip)
@@ -509,13 +543,17 @@ class PreferencePairDataset(torch.utils.data.Dataset):
                 "crop_top_left": crops_top_left[0]}
 
 
+class UndecodablePair(ValueError):
+    """A row whose images cannot be decoded (corrupt, truncated, empty or missing): skipped and counted."""
+
+
 def decode_pair(columns, row, pair_index, min_size):
     """A row's two images decoded, winner first (label_0 = 1: image 0 wins)."""
     first, second = (columns.image_0, columns.image_1) if row[columns.label_0] == 1 else (columns.image_1, columns.image_0)
     try:
         return [decode_image(row[first], min_size), decode_image(row[second], min_size)]
     except Exception as error:
-        raise ValueError(f"Pair {pair_index}: cannot decode its images ({error}).") from error
+        raise UndecodablePair(f"Pair {pair_index}: cannot decode its images ({type(error).__name__}: {error}).") from error
 
 
 def cached_pair(row, flip):
@@ -540,6 +578,7 @@ def collate_pairs(items):
         "captions": [item["caption"] for item in items],
         "original_size": torch.tensor([item["original_size"] for item in items], dtype=torch.long),
         "crop_top_left": torch.tensor([item["crop_top_left"] for item in items], dtype=torch.long),
+        "bad_rows": torch.tensor(sum(item.get("bad_rows", 0) for item in items), dtype=torch.long),
     }
     for name in PAIRED_TENSORS:
         if name in items[0]:
@@ -634,7 +673,25 @@ def prepare_preference_dataset(dataset, columns, max_train_samples=None, seed=0)
     if max_train_samples is not None and max_train_samples < len(dataset):
         dataset = dataset.shuffle(seed=seed).select(range(max_train_samples))
         stats["pairs"] = len(dataset)
+    check_images_decode(dataset, columns)
     return dataset, stats
+
+
+def check_images_decode(dataset, columns, probe=8):
+    """The first rows' images must decode: if none of `probe` does, the image columns are wrong (an error now, before
+    the first step, instead of a run that skips every row)."""
+    rows = list(itertools.islice(iter(dataset), probe))
+    errors = []
+    for index, row in enumerate(rows):
+        try:
+            decode_pair(columns, row, index, None)
+            return
+        except UndecodablePair as error:
+            errors.append(str(error))
+    if errors:
+        raise ValueError(f"None of the first {len(rows)} pairs' images can be decoded from columns {columns.image_0!r} "
+                         f"and {columns.image_1!r} ({errors[0]}). Pass the right --image_0_column/--image_1_column "
+                         "(JPEG/PNG bytes, paths or the datasets Image feature).")
 
 
 def prepare_streaming_dataset(stream, columns, seed, shuffle_buffer_size):
@@ -650,6 +707,7 @@ def prepare_streaming_dataset(stream, columns, seed, shuffle_buffer_size):
         return float(label) != TIE_LABEL
 
     stream = stream.filter(is_preference, input_columns=[columns.label_0])
+    check_images_decode(stream, columns)  # before the shuffle buffer: reads only the first rows
     return stream.shuffle(seed=seed, buffer_size=shuffle_buffer_size) if shuffle_buffer_size > 1 else stream
 
 
@@ -688,12 +746,22 @@ class StreamingPairDataset(torch.utils.data.IterableDataset):
             if resume is not None:
                 stream.load_state_dict(resume)
                 resume = None
-            items = []
+            items, bad_rows, bad_in_a_row = [], 0, 0
             for row in stream:
-                items.append(self.pairs.pair_item(row, position * readers + reader, epoch))
+                try:
+                    items.append(self.pairs.pair_item(row, position * readers + reader, epoch))
+                    bad_in_a_row = 0
+                except UndecodablePair as error:
+                    bad_rows, bad_in_a_row = bad_rows + 1, bad_in_a_row + 1
+                    row_logger.warning(f"Skipped: {error}")
+                    if bad_in_a_row >= MAX_CONSECUTIVE_BAD_ROWS:
+                        raise UndecodablePair(f"{bad_in_a_row} streamed pairs in a row cannot be decoded: pass the "
+                                              "right --image_0_column/--image_1_column or repair the dataset.") from error
                 position += 1
                 if len(items) == self.batch_size:
                     batch = collate_pairs(items)
+                    batch["bad_rows"] += bad_rows
+                    bad_rows = 0
                     batch["stream_state"] = {"reader": reader, "epoch": epoch, "position": position,
                                              "stream": copy.deepcopy(stream.state_dict())}
                     items = []
@@ -940,18 +1008,28 @@ def encode_cache_rows(rows, indices, *, args, models, clip_tokenize, first_index
     """
     columns = dataset_columns(args)
     flips = (False,) if args.no_hflip else (False, True)
-    pixels, crops, original_sizes = [], [], []
+    pixels, crops, original_sizes, kept = [], [], [], []
     for position, index in enumerate(indices):
         row = {name: rows[name][position] for name in (columns.label_0, columns.image_0, columns.image_1)}
-        images = decode_pair(columns, row, first_index + index, args.resolution)
+        try:
+            images = decode_pair(columns, row, first_index + index, args.resolution)
+        except UndecodablePair as error:  # left out of the cache: counted by build_latent_cache
+            row_logger.warning(f"Skipped: {error}")
+            continue
+        kept.append(position)
         for flip in flips:
             tensors, sizes, crop = paired_transform(images, args.resolution, (0.5, 0.5), flip)
             pixels.append(torch.stack(tensors))
             crops.append(crop[0])  # the winner's, as in the live path
         original_sizes.append(sizes[0])
+    rows = {columns.caption: [rows[columns.caption][i] for i in kept],
+            columns.label_0: [rows[columns.label_0][i] for i in kept]}
+    num_rows, orientations = len(kept), len(flips)
+    if num_rows == 0:
+        cached = CACHE_ARRAY_COLUMNS if models.clip is not None else CACHE_ARRAY_COLUMNS[:2] + CACHE_ARRAY_COLUMNS[3:]
+        return {**rows, **{name: [] for name in cached}}
     pixels = torch.stack(pixels)
     winners_first = torch.cat([pixels[:, 0], pixels[:, 1]]).to(models.device)
-    num_rows, orientations = len(indices), len(flips)
 
     def per_row(values):  # (2 * rows * orientations, ...) winners first -> (rows, orientations, 2, ...)
         winners, losers = values.chunk(2)
@@ -975,7 +1053,8 @@ def encode_cache_rows(rows, indices, *, args, models, clip_tokenize, first_index
 
 def build_latent_cache(args, accelerator, models, dataset):
     """The dataset with images replaced by cached latents: each process encodes its contiguous shard into an Arrow
-    file (written atomically by `datasets`), then every process reads all shards (a shared filesystem is assumed)."""
+    file (written atomically by `datasets`), then every process reads all shards (a shared filesystem is assumed).
+    Pairs that cannot be decoded are left out (logged; the caller counts them against --max_bad_rows)."""
     cache_dir = args.latent_cache_dir or os.path.join(args.output_dir, "latent_cache")
     os.makedirs(cache_dir, exist_ok=True)
     key = latent_cache_fingerprint(args, dataset, models)
@@ -983,7 +1062,6 @@ def build_latent_cache(args, accelerator, models, dataset):
     if count > 1:  # every process must name the same files
         key = broadcast_object_list([key])[0]
     paths = [os.path.join(cache_dir, f"pairs-{key}-{index:05d}-of-{count:05d}.arrow") for index in range(count)]
-    columns = dataset_columns(args)
     rank = accelerator.process_index
     if os.path.exists(paths[rank]):
         logger.info(f"Latent cache {paths[rank]} found: reusing it.", main_process_only=False)
@@ -993,7 +1071,7 @@ def build_latent_cache(args, accelerator, models, dataset):
                                    first_index=first_index)
         dataset.shard(count, rank, contiguous=True).map(
             encode, batched=True, with_indices=True, batch_size=max(1, args.vae_encode_batch_size // 2),
-            writer_batch_size=64, remove_columns=[columns.image_0, columns.image_1],
+            writer_batch_size=64, remove_columns=dataset.column_names,  # rows may be dropped: all are rewritten
             features=latent_cache_features(args, dataset, models), cache_file_name=paths[rank],
             new_fingerprint=f"{key}-{rank}-of-{count}", desc="Caching latents")
     accelerator.wait_for_everyone()
@@ -1151,17 +1229,98 @@ def create_optimizer(args, params):
     return torch.optim.AdamW(params, **kwargs)
 
 
-def training_step(args, accelerator, models, unet, optimizer, lr_scheduler, batch, micro_step, seed, weight_dtype):
-    """One micro-step: loss, backward, and (at accumulation boundaries) clipping and the optimizer update."""
+def training_step(args, accelerator, models, unet, optimizer, lr_scheduler, batch, micro_step, seed, weight_dtype,
+                  guard=None):
+    """One micro-step: loss, backward, and (at accumulation boundaries) clipping and the optimizer update.
+
+    With a `StepGuard`, an update whose loss or gradient is not finite on any process is skipped on every process
+    (`guard.verdict` tells the caller)."""
     with accelerator.accumulate(unet):
         loss, metrics = compute_step_loss(args, models, unet, batch, micro_step, seed, weight_dtype)
         accelerator.backward(loss)
-        if accelerator.sync_gradients and args.max_grad_norm > 0:
-            accelerator.clip_grad_norm_(unet.parameters(), args.max_grad_norm)
+        if guard is not None:
+            guard.observe(loss, batch)
+        if accelerator.sync_gradients:
+            grad_norm = None
+            if args.max_grad_norm > 0 or guard is not None:  # max_norm inf: the norm only, grads untouched
+                grad_norm = accelerator.clip_grad_norm_(unet.parameters(), args.max_grad_norm or math.inf)
+            if guard is not None and guard.agree(grad_norm).skip_update:
+                optimizer.zero_grad(set_to_none=True)  # no gradients: the step leaves weights and moments untouched
         optimizer.step()
         lr_scheduler.step()
         optimizer.zero_grad(set_to_none=True)
     return loss.detach(), metrics
+
+
+STOP_REQUEST = {"signal": None}  # set by the SIGTERM/SIGINT handler of `stop_on_signals`
+
+
+class StepGuard:
+    """What all processes must agree on at an optimizer step, settled in one collective: was a loss or gradient of
+    the update non-finite anywhere (then every process skips it), did a stop signal arrive, how many rows were
+    skipped by the loaders. Under fp16 a gradient overflow is left to the loss scaler (it skips the step itself)."""
+
+    def __init__(self, accelerator):
+        self.accelerator, self.window_nonfinite, self.window_bad_rows, self.verdict = accelerator, False, 0, None
+
+    def observe(self, loss, batch):
+        self.window_nonfinite |= not bool(torch.isfinite(loss.detach()).all())
+        self.window_bad_rows += int(batch.get("bad_rows", 0))
+
+    def agree(self, grad_norm):
+        accelerator = self.accelerator
+        grad_nonfinite = (grad_norm is not None and accelerator.scaler is None
+                          and not bool(torch.isfinite(torch.as_tensor(grad_norm)).all()))
+        flags = torch.tensor([float(self.window_nonfinite or grad_nonfinite), float(STOP_REQUEST["signal"] is not None),
+                              float(self.window_bad_rows)], device=accelerator.device)
+        if accelerator.num_processes > 1:
+            flags = accelerator.reduce(flags, "sum")
+        flags = flags.tolist()
+        self.window_nonfinite, self.window_bad_rows = False, 0
+        self.verdict = SimpleNamespace(skip_update=flags[0] > 0, stop=flags[1] > 0, bad_rows=int(flags[2]))
+        return self.verdict
+
+
+@contextlib.contextmanager
+def stop_on_signals():
+    """SIGTERM (preemption) and SIGINT (Ctrl-C) ask the run to save a checkpoint at the end of the current optimizer
+    step and stop; a second SIGINT interrupts at once. Loader workers ignore both (`ignore_stop_signals`)."""
+
+    def request_stop(signum, frame):
+        if signum == signal.SIGINT and STOP_REQUEST["signal"] == signal.SIGINT:
+            raise KeyboardInterrupt
+        STOP_REQUEST["signal"] = signum
+        row_logger.warning(f"Received {signal.Signals(signum).name}: saving a checkpoint at the end of this optimizer "
+                           "step, then stopping (SIGINT again to interrupt at once).")
+
+    STOP_REQUEST["signal"] = None
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        previous = {signum: signal.signal(signum, request_stop) for signum in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield STOP_REQUEST
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def ignore_stop_signals(worker_id):
+    """Loader workers leave SIGTERM/SIGINT (sent to the whole process group on preemption or Ctrl-C) to the main
+    process, which stops cleanly and shuts them down; otherwise a killed worker crashes the loader mid-save."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def bad_row_limit(args, rows):
+    """--max_bad_rows as a count: a fraction of `rows`, or the count itself."""
+    return math.floor(args.max_bad_rows * rows) if args.max_bad_rows < 1 else int(args.max_bad_rows)
+
+
+def check_bad_rows(args, bad_rows, rows, where):
+    if bad_rows > bad_row_limit(args, rows):
+        raise RuntimeError(f"{bad_rows} pairs could not be decoded {where} (--max_bad_rows {args.max_bad_rows:g} allows "
+                           f"{bad_row_limit(args, rows)} of {rows}); the log names each one. Repair or filter the "
+                           "dataset, check the image columns, or raise --max_bad_rows.")
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -1169,14 +1328,34 @@ def training_step(args, accelerator, models, unet, optimizer, lr_scheduler, batc
 # ----------------------------------------------------------------------------------------------------------------------
 
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
+PROGRESS_FILE = "training_progress.json"  # written last into a checkpoint: its presence marks the checkpoint complete
 
 
 def list_checkpoints(output_dir):
-    """Complete checkpoints (checkpoint-N folders; in-progress ones carry a suffix), oldest first."""
+    """Complete checkpoints, oldest first: checkpoint-N folders holding the progress file (in-progress saves carry a
+    suffix; a folder without the file, e.g. from a copy that broke off, is never picked)."""
     if not os.path.isdir(output_dir):
         return []
-    found = [(int(m.group(1)), name) for name in os.listdir(output_dir) if (m := CHECKPOINT_PATTERN.match(name))]
+    found = []
+    for name in os.listdir(output_dir):
+        match = CHECKPOINT_PATTERN.match(name)
+        if match is None:
+            continue
+        if os.path.exists(os.path.join(output_dir, name, PROGRESS_FILE)):
+            found.append((int(match.group(1)), name))
+        else:
+            logger.warning(f"Ignoring {os.path.join(output_dir, name)}: no {PROGRESS_FILE}, so it is incomplete.")
     return [os.path.join(output_dir, name) for _, name in sorted(found)]
+
+
+def remove_interrupted_saves(output_dir):
+    """checkpoint-N.incomplete folders are saves a crash or kill broke off: never resumable, so removed."""
+    if not os.path.isdir(output_dir):
+        return
+    for name in os.listdir(output_dir):
+        if name.startswith("checkpoint-") and name.endswith(".incomplete"):
+            logger.warning(f"Removing {name}: a checkpoint save that was interrupted.")
+            shutil.rmtree(os.path.join(output_dir, name))
 
 
 def resolve_checkpoint_path(args):
@@ -1206,40 +1385,58 @@ def save_checkpoint(accelerator, args, global_step, progress=None):
     accelerator.save_state(partial)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        with open(os.path.join(partial, PROGRESS_FILE), "w") as f:  # JSON, not pickle: resuming executes no code
+            json.dump((progress or TrainingProgress(args.seed or 0)).state_dict(), f)
         if os.path.exists(final):
             shutil.rmtree(final)
         os.replace(partial, final)
-        prune_checkpoints(args.output_dir, args.checkpoints_total_limit)
+        prune_checkpoints(args.output_dir, args.checkpoints_total_limit, keep=final)
         logger.info(f"Saved checkpoint {final}")
     accelerator.wait_for_everyone()
     return final
 
 
-def prune_checkpoints(output_dir, limit):
+def load_checkpoint(accelerator, checkpoint, progress):
+    accelerator.load_state(checkpoint)
+    with open(os.path.join(checkpoint, PROGRESS_FILE)) as f:
+        progress.load_state_dict(json.load(f))
+
+
+def prune_checkpoints(output_dir, limit, keep):
+    """Deletes the oldest checkpoints beyond `limit`, never `keep` (the one just saved, even when a resumed run's
+    older step sorts before later leftovers)."""
     if limit is None:
         return
-    checkpoints = list_checkpoints(output_dir)
-    for old in checkpoints[: max(0, len(checkpoints) - max(limit, 1))]:
+    checkpoints = [path for path in list_checkpoints(output_dir) if os.path.abspath(path) != os.path.abspath(keep)]
+    for old in checkpoints[: max(0, len(checkpoints) + 1 - max(limit, 1))]:
         logger.info(f"Removing checkpoint {old} (--checkpoints_total_limit {limit})")
         shutil.rmtree(old)
 
 
 class TrainingProgress:
-    """Step count, data position and seed, saved in every checkpoint so a resume continues exactly."""
+    """Step count, data position, seed and fault counts, saved (as JSON) in every checkpoint so a resume continues
+    exactly."""
+
+    COUNTS = ("bad_rows", "skipped_updates", "nonfinite_in_a_row")
 
     def __init__(self, seed):
         self.seed, self.global_step, self.epoch, self.batch_in_epoch = seed, 0, 0, 0
         self.stream_states = {}  # --streaming: reader -> the stream state after its last consumed batch
+        self.bad_rows = self.skipped_updates = self.nonfinite_in_a_row = 0
         self.history = []  # the logged metrics of this process's run (not checkpointed)
+        self.stopped_by = None  # the signal that stopped the run early (not checkpointed)
 
     def state_dict(self):
         return {"seed": self.seed, "global_step": self.global_step, "epoch": self.epoch,
-                "batch_in_epoch": self.batch_in_epoch, "stream_states": list(self.stream_states.values())}
+                "batch_in_epoch": self.batch_in_epoch, "stream_states": list(self.stream_states.values()),
+                **{name: getattr(self, name) for name in self.COUNTS}}
 
     def load_state_dict(self, state):
         self.seed, self.global_step = int(state["seed"]), int(state["global_step"])
         self.epoch, self.batch_in_epoch = int(state["epoch"]), int(state["batch_in_epoch"])
         self.stream_states = {int(s["reader"]): s for s in state.get("stream_states", [])}
+        for name in self.COUNTS:
+            setattr(self, name, int(state.get(name, 0)))
 
 
 @torch.no_grad()
@@ -1482,7 +1679,8 @@ def build_dataloader(args, accelerator, models, dataset, seed, progress=None):
                                          tokenizers=tokenizers)
     workers = args.dataloader_num_workers
     loader_options = {"num_workers": workers, "pin_memory": torch.cuda.is_available(),
-                      "persistent_workers": workers > 0, "prefetch_factor": 4 if workers > 0 else None}
+                      "persistent_workers": workers > 0, "prefetch_factor": 4 if workers > 0 else None,
+                      "worker_init_fn": ignore_stop_signals if workers > 0 else None}
     if args.streaming:
         readers = accelerator.num_processes * max(1, workers)
         if dataset.n_shards < readers:
@@ -1507,9 +1705,16 @@ def build_dataloader(args, accelerator, models, dataset, seed, progress=None):
 
 
 def main(args):
+    with stop_on_signals():
+        return run_training(args)
+
+
+def run_training(args):
     accelerator = build_accelerator(args)
+    check_pretrained_pipeline(args)  # a wrong model path fails now, not after the dataset is prepared
     if accelerator.is_main_process:
         os.makedirs(args.output_dir, exist_ok=True)
+        remove_interrupted_saves(args.output_dir)
     repo_id = None
     if args.push_to_hub and accelerator.is_main_process:
         repo_id = create_repo(repo_id=args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir)),
@@ -1533,7 +1738,13 @@ def main(args):
         args.learning_rate *= args.gradient_accumulation_steps * args.train_batch_size * accelerator.num_processes
     optimizer = create_optimizer(args, [p for p in unet.parameters() if p.requires_grad])
     if args.cache_latents:
-        dataset = build_latent_cache(args, accelerator, models, dataset)
+        cached = build_latent_cache(args, accelerator, models, dataset)
+        if len(cached) < len(dataset):
+            logger.warning(f"Latent cache: {len(dataset) - len(cached)} of {len(dataset)} pairs could not be decoded "
+                           "and are left out.")
+            check_bad_rows(args, len(dataset) - len(cached), len(dataset), "while building the latent cache")
+            stats["pairs"] = len(cached)
+        dataset = cached
         models.clip = None  # its embeddings are cached
     loader, sampler = build_dataloader(args, accelerator, models, dataset, progress.seed, progress)
     updates_per_epoch = sampler.batches_per_epoch // args.gradient_accumulation_steps
@@ -1546,7 +1757,6 @@ def main(args):
     if accelerator.state.deepspeed_plugin is not None:  # our loader is not prepared, so DeepSpeed cannot infer it
         accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = args.train_batch_size
     unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
-    accelerator.register_for_checkpointing(progress)
 
     if args.resume_from_checkpoint:
         checkpoint = resolve_checkpoint_path(args)
@@ -1554,7 +1764,7 @@ def main(args):
             logger.info(f"No checkpoint in {args.output_dir} to resume from: starting a new run.")
         else:
             logger.info(f"Resuming from {checkpoint}")
-            accelerator.load_state(checkpoint)
+            load_checkpoint(accelerator, checkpoint, progress)
     if accelerator.is_main_process:
         accelerator.init_trackers(args.tracker_project_name, config=tracker_config(args))
 
@@ -1563,6 +1773,11 @@ def main(args):
                 f", optimizer steps {args.max_train_steps}, seed {progress.seed}")
     train_loop(args, accelerator, models, unet, optimizer, lr_scheduler, loader, sampler, progress, num_epochs,
                weight_dtype)
+    if progress.stopped_by is not None:
+        logger.info(f"Stopped by {signal.Signals(progress.stopped_by).name} at step {progress.global_step}; resume "
+                    "with --resume_from_checkpoint latest.")
+        accelerator.end_training()
+        return progress
 
     accelerator.wait_for_everyone()
     grid = log_validation(accelerator, args, models, unet, weight_dtype, progress.seed, progress.global_step)
@@ -1585,7 +1800,8 @@ def train_loop(args, accelerator, models, unet, optimizer, lr_scheduler, loader,
     progress_bar = tqdm(range(args.max_train_steps), initial=progress.global_step, desc="Steps",
                         disable=not accelerator.is_local_main_process)
     unet.train()
-    accumulated = {}
+    accumulated, guard = {}, StepGuard(accelerator)
+    pairs_read = args.max_train_steps * args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
     for epoch in range(progress.epoch, num_epochs):
         sampler.set_epoch(epoch, progress.batch_in_epoch if epoch == progress.epoch else 0)
         progress.epoch = epoch
@@ -1597,7 +1813,7 @@ def train_loop(args, accelerator, models, unet, optimizer, lr_scheduler, loader,
                 progress.stream_states[stream_state["reader"]] = stream_state
             micro_step = progress.global_step * args.gradient_accumulation_steps + len(accumulated.get("loss", []))
             loss, metrics = training_step(args, accelerator, models, unet, optimizer, lr_scheduler, batch, micro_step,
-                                          progress.seed, weight_dtype)
+                                          progress.seed, weight_dtype, guard)
             for name, value in {"loss": loss, **metrics}.items():
                 accumulated.setdefault(name, []).append(value)
             progress.batch_in_epoch += 1
@@ -1610,17 +1826,55 @@ def train_loop(args, accelerator, models, unet, optimizer, lr_scheduler, loader,
                     for name, values in accumulated.items()}
             logs["lr"] = lr_scheduler.get_last_lr()[0]
             accumulated = {}
+            record_faults(args, progress, guard.verdict, logs)
             progress.history.append(logs)
             accelerator.log(logs, step=progress.global_step)
             progress_bar.update(1)
             progress_bar.set_postfix({name: f"{logs[name]:.4g}" for name in ("loss", "implicit_acc") if name in logs})
+            if progress.nonfinite_in_a_row >= args.max_nonfinite_steps:
+                last = list_checkpoints(args.output_dir)
+                raise RuntimeError(
+                    f"{progress.nonfinite_in_a_row} optimizer steps in a row (up to step {progress.global_step}) had a "
+                    "non-finite loss or gradient; each was skipped, so the weights are those of the last good step, "
+                    f"and the last checkpoint is {last[-1] if last else 'none'}. Lower --learning_rate, train in bf16 "
+                    "rather than fp16, check the data, or raise --max_nonfinite_steps.")
+            saved = False
             if progress.global_step % args.checkpointing_steps == 0:
                 save_checkpoint(accelerator, args, progress.global_step, progress)
+                saved = True
+            if progress.bad_rows > bad_row_limit(args, pairs_read):
+                if not saved:  # the weights are fine: keep what was trained
+                    save_checkpoint(accelerator, args, progress.global_step, progress)
+                check_bad_rows(args, progress.bad_rows, pairs_read, "by the loader")
+            if guard.verdict.stop:
+                progress.stopped_by = STOP_REQUEST["signal"] or signal.SIGTERM  # the signal reached another process
+                if not saved:
+                    save_checkpoint(accelerator, args, progress.global_step, progress)
+                return
             if args.validation_prompts and progress.global_step % args.validation_steps == 0:
                 log_validation(accelerator, args, models, unet, weight_dtype, progress.seed, progress.global_step)
             if progress.global_step >= args.max_train_steps:
                 return
 
 
+def record_faults(args, progress, verdict, logs):
+    """Counts this optimizer step's skipped rows and skipped update into `progress` (checkpointed) and the logs."""
+    progress.bad_rows += verdict.bad_rows
+    if verdict.bad_rows:
+        logger.warning(f"Step {progress.global_step}: {verdict.bad_rows} undecodable pairs skipped "
+                       f"({progress.bad_rows} in all).")
+    if verdict.skip_update:
+        progress.skipped_updates += 1
+        progress.nonfinite_in_a_row += 1
+        logger.warning(f"Step {progress.global_step}: non-finite loss or gradient; update skipped "
+                       f"({progress.nonfinite_in_a_row} in a row, {progress.skipped_updates} in all).")
+    else:
+        progress.nonfinite_in_a_row = 0
+    if progress.bad_rows or progress.skipped_updates:
+        logs.update(bad_rows=progress.bad_rows, skipped_updates=progress.skipped_updates)
+
+
 if __name__ == "__main__":
-    main(parse_args())
+    stopped_by = main(parse_args()).stopped_by
+    if stopped_by is not None:
+        sys.exit(128 + stopped_by)  # the shell's "terminated by signal" status, after a clean save

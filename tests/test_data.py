@@ -181,10 +181,20 @@ def test_bad_datasets_are_rejected_clearly(pickapic_path, change, message):
         rpo.prepare_preference_dataset(change(load(pickapic_path)), COLUMNS)
 
 
-def test_corrupt_image_names_the_pair():
-    rows = tiny.pickapic_rows(2, labels=[1, 1])
-    rows[1]["jpg_0"] = rows[1]["jpg_0"][:20]
+def test_undecodable_pairs_are_replaced_by_the_next_good_pair_and_counted(caplog):
+    rows = tiny.corrupt_rows(tiny.pickapic_rows(6, labels=[1] * 6), [1, 2, 4])  # truncated, zero bytes, not an image
     items = pair_dataset(datasets.Dataset.from_list(rows))
-    items[(0, 0)]
-    with pytest.raises(ValueError, match="Pair 1: cannot decode"):
-        items[(1, 0)]
+    batch = rpo.collate_pairs([items[(index, 0)] for index in range(6)])
+    # pair 1 -> 3 (2 is bad too), 2 -> 3, 4 -> 5: full batch, each replacement is a real pair with its own randomness
+    assert batch["pair_index"].tolist() == [0, 3, 3, 3, 5, 5]
+    assert batch["pixel_values"].shape[0] == 12 and int(batch["bad_rows"]) == 4  # 1 and 2, then 2, then 4
+    assert torch.equal(batch["pixel_values"][1], batch["pixel_values"][3])
+    assert "Pair 1: cannot decode" in caplog.text and "Pair 4: cannot decode" in caplog.text
+
+
+def test_wrong_image_columns_fail_before_training():
+    rows = tiny.pickapic_rows(9, labels=[1] * 9)
+    for row in rows:
+        row["jpg_0"] = row["jpg_1"] = row["caption"].encode()  # e.g. the caption column passed as an image column
+    with pytest.raises(ValueError, match="None of the first 8 pairs' images can be decoded.*--image_0_column"):
+        rpo.prepare_preference_dataset(datasets.Dataset.from_list(rows), COLUMNS)

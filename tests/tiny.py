@@ -246,3 +246,20 @@ def write_aesthetic_mlp(path, input_size):
         state[f"layers.{index}.bias"] = torch.randn(fan_out, generator=generator) * 0.1
     torch.save(state, path)
     return path
+
+
+CORRUPTIONS = {
+    "truncated": lambda data: data[: len(data) // 2],  # a JPEG cut off mid-scan
+    "zero_bytes": lambda data: b"",
+    "not_an_image": lambda data: b"<html>404 Not Found</html>",
+    "missing": lambda data: None,
+}
+
+
+def corrupt_rows(rows, row_indices, kinds=tuple(CORRUPTIONS)):
+    """Copies of `rows` whose listed rows get a broken image, cycling through the CORRUPTIONS kinds."""
+    rows = [dict(row) for row in rows]
+    for number, index in enumerate(row_indices):
+        column = ("jpg_0", "jpg_1")[number % 2]
+        rows[index][column] = CORRUPTIONS[kinds[number % len(kinds)]](rows[index][column])
+    return rows

@@ -1,0 +1,317 @@
+"""Fault injection: corrupt rows, non-finite losses, stop signals, broken checkpoints, pickle-free resumes.
+
+Each test injects one fault into a real run of train_diffusion_rpo (in-process, or under `accelerate launch` where
+the fault is a signal to the process group) and asserts what the README's "Failure handling" table promises.
+"""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from types import SimpleNamespace
+
+import datasets
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import tiny
+import train_diffusion_rpo as rpo
+from test_train import ROOT, cli, unet_weights
+
+# Rows 3 and 7 of tiny.pickapic_rows(18) are pairs 2 and 5 once the 6 ties are dropped (not adjacent, so each is
+# read once per epoch: a replacement never runs into the other).
+CORRUPT_ROWS, CORRUPT_PAIRS = [3, 7], [2, 5]
+
+
+@pytest.fixture(scope="module")
+def corrupt_pickapic(tmp_path_factory):
+    rows = tiny.corrupt_rows(tiny.pickapic_rows(18), CORRUPT_ROWS, kinds=["truncated", "zero_bytes"])
+    return tiny.write_pickapic_dataset(str(tmp_path_factory.mktemp("corrupt")), rows)
+
+
+@pytest.fixture
+def train(sd_pipeline_path, pickapic_path, clip_model_path, tmp_path):
+    def run_main(*extra, output_dir="out", dataset=pickapic_path):
+        args = rpo.parse_args(cli(sd_pipeline_path, dataset, clip_model_path, tmp_path / output_dir,
+                                  "--validation_prompts", *extra))
+        return rpo.main(args)
+
+    return run_main
+
+
+def checkpoint_progress(folder):
+    with open(os.path.join(folder, rpo.PROGRESS_FILE)) as f:
+        return json.load(f)
+
+
+def checkpoint_names(folder):
+    return sorted((p for p in os.listdir(folder) if p.startswith("checkpoint")), key=lambda p: (len(p), p))
+
+
+def checkpoint_weights(folder):
+    return load_file(os.path.join(folder, "model.safetensors"))
+
+
+def same_weights(a, b):
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Corrupt rows
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_corrupt_rows_are_skipped_counted_and_checkpointed(train, corrupt_pickapic, tmp_path, workers, caplog):
+    # 4 steps x 3 pairs read the 12 pairs once: both corrupt pairs are met once each.
+    progress = train("--max_train_steps", "4", "--checkpointing_steps", "4", "--max_bad_rows", "2",
+                     "--dataloader_num_workers", str(workers), dataset=corrupt_pickapic)
+    assert progress.global_step == 4 and progress.bad_rows == 2
+    assert progress.history[-1]["bad_rows"] == 2
+    assert checkpoint_progress(tmp_path / "out" / "checkpoint-4")["bad_rows"] == 2
+    assert "undecodable pairs skipped (2 in all)" in caplog.text
+    if workers == 0:  # (workers log to their own stderr)
+        assert all(f"Pair {pair}: cannot decode" in caplog.text for pair in CORRUPT_PAIRS)
+    assert (tmp_path / "out" / "unet").is_dir()
+
+
+@pytest.mark.parametrize("limit", ["1", "0.1"])  # a count, and a fraction of the 12 pairs the run reads (1.2 -> 1)
+def test_too_many_corrupt_rows_stop_the_run_and_keep_a_checkpoint(train, corrupt_pickapic, tmp_path, limit):
+    with pytest.raises(RuntimeError, match=r"2 pairs could not be decoded by the loader .*allows 1 of 12"):
+        train("--max_train_steps", "4", "--checkpointing_steps", "100", "--max_bad_rows", limit,
+              dataset=corrupt_pickapic)
+    checkpoints = rpo.list_checkpoints(tmp_path / "out")
+    assert len(checkpoints) == 1 and checkpoint_progress(checkpoints[0])["bad_rows"] == 2
+    assert not (tmp_path / "out" / "unet").exists()  # not a finished model
+
+
+def test_latent_cache_leaves_corrupt_rows_out_and_counts_them(train, corrupt_pickapic, tmp_path, caplog):
+    with pytest.raises(RuntimeError, match="2 pairs could not be decoded while building the latent cache"):
+        train("--cache_latents", "--max_bad_rows", "1", output_dir="strict", dataset=corrupt_pickapic)
+    train("--cache_latents", "--max_bad_rows", "2", "--max_train_steps", "3", dataset=corrupt_pickapic)
+    assert "2 of 12 pairs could not be decoded and are left out" in caplog.text
+    cache = datasets.concatenate_datasets([datasets.Dataset.from_file(str(path))
+                                           for path in (tmp_path / "out" / "latent_cache").glob("*.arrow")])
+    assert len(cache) == 10
+    assert "10 pairs after dropping" in (tmp_path / "out" / "README.md").read_text()
+
+
+def test_streamed_corrupt_rows_are_skipped_in_full_batches(corrupt_pickapic):
+    columns = SimpleNamespace(caption="caption", image_0="jpg_0", image_1="jpg_1", label_0="label_0")
+    stream = datasets.load_dataset(corrupt_pickapic, split="train", streaming=True)
+    stream = rpo.prepare_streaming_dataset(stream, columns, seed=0, shuffle_buffer_size=0)
+    pairs = rpo.PreferencePairDataset(None, columns, 32, 0)
+    batches = rpo.StreamingPairDataset(stream, pairs, 2, 1, 0, rpo.TrainingProgress(0))
+    epoch = [batch for _, batch in zip(range(5), batches)]  # 12 pairs, 2 bad: 5 full batches of 2
+    assert all(batch["pixel_values"].shape[0] == 4 for batch in epoch)
+    assert sum(int(batch["bad_rows"]) for batch in epoch) == 2
+    assert epoch[-1]["stream_state"]["position"] == 12
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Non-finite losses and gradients
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def poison_losses(monkeypatch, from_call, until_call=None):
+    """Makes compute_preference_loss return NaN on its calls from_call..until_call (1-based): a NaN loss, and so NaN
+    gradients, as an fp16 overflow or a NaN latent would give."""
+    calls = {"count": 0}
+    original = rpo.compute_preference_loss
+
+    def poisoned(*args, **kwargs):
+        calls["count"] += 1
+        loss, metrics = original(*args, **kwargs)
+        if from_call <= calls["count"] <= (until_call or sys.maxsize):
+            loss = loss * float("nan")
+        return loss, metrics
+
+    monkeypatch.setattr(rpo, "compute_preference_loss", poisoned)
+
+
+def test_a_nonfinite_loss_skips_the_update(train, tmp_path, monkeypatch, caplog):
+    poison_losses(monkeypatch, from_call=2, until_call=2)
+    progress = train("--max_train_steps", "4", "--checkpointing_steps", "1")
+    assert progress.skipped_updates == 1 and progress.nonfinite_in_a_row == 0
+    assert "Step 2: non-finite loss or gradient; update skipped" in caplog.text
+    out = tmp_path / "out"
+    first, second, third = (checkpoint_weights(out / f"checkpoint-{step}") for step in (1, 2, 3))
+    assert same_weights(first, second) and not same_weights(second, third)
+    moments = [torch.load(out / f"checkpoint-{step}" / "optimizer.bin", weights_only=True)["state"] for step in (1, 2)]
+    assert all(torch.equal(moments[0][k]["exp_avg"], moments[1][k]["exp_avg"]) for k in moments[0])
+    assert all(torch.isfinite(w).all() for w in unet_weights(out).values())
+
+
+def test_nonfinite_steps_in_a_row_stop_the_run_at_the_last_good_weights(train, tmp_path, monkeypatch):
+    poison_losses(monkeypatch, from_call=2)
+    with pytest.raises(RuntimeError, match="3 optimizer steps in a row .*non-finite.*last checkpoint is .*checkpoint-3"):
+        train("--max_train_steps", "6", "--checkpointing_steps", "1", "--max_nonfinite_steps", "3")
+    out = tmp_path / "out"
+    # Stopped at step 4 before its save; steps 2 and 3 were skipped, so checkpoint-3 holds step 1's weights.
+    assert checkpoint_names(out) == ["checkpoint-1", "checkpoint-2", "checkpoint-3"]
+    assert same_weights(checkpoint_weights(out / "checkpoint-3"), checkpoint_weights(out / "checkpoint-1"))
+    assert not (out / "unet").exists()
+
+
+def test_guard_skips_nonfinite_gradients_but_leaves_fp16_overflow_to_the_scaler():
+    def verdict(grad_norm, scaler=None, loss=0.5):
+        guard = rpo.StepGuard(SimpleNamespace(scaler=scaler, device=torch.device("cpu"), num_processes=1))
+        guard.observe(torch.tensor(loss), {"bad_rows": torch.tensor(1)})
+        return guard.agree(grad_norm)
+
+    assert not verdict(torch.tensor(3.0)).skip_update and verdict(torch.tensor(3.0)).bad_rows == 1
+    assert verdict(torch.tensor(float("inf"))).skip_update
+    assert not verdict(torch.tensor(float("inf")), scaler=object()).skip_update  # GradScaler skips it and rescales
+    assert verdict(torch.tensor(1.0), scaler=object(), loss=float("nan")).skip_update
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Stop signals and exact resume
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def test_sigint_saves_a_checkpoint_and_a_resume_matches_the_straight_run(train, tmp_path, monkeypatch):
+    straight = train("--max_train_steps", "4", "--checkpointing_steps", "100", output_dir="straight")
+    original = rpo.record_faults
+
+    def interrupt_at_step_2(args, progress, verdict, logs):
+        original(args, progress, verdict, logs)
+        if progress.global_step == 2:
+            os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C during step 2's bookkeeping: seen at step 3's update
+
+    monkeypatch.setattr(rpo, "record_faults", interrupt_at_step_2)
+    stopped = train("--max_train_steps", "4", "--checkpointing_steps", "100", output_dir="split")
+    monkeypatch.setattr(rpo, "record_faults", original)
+    assert stopped.stopped_by == signal.SIGINT and stopped.global_step == 3
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
+    assert checkpoint_names(tmp_path / "split") == ["checkpoint-3"] and not (tmp_path / "split" / "unet").exists()
+    resumed = train("--max_train_steps", "4", "--checkpointing_steps", "100", "--resume_from_checkpoint", "latest",
+                    output_dir="split")
+    assert [h["loss"] for h in resumed.history] == [h["loss"] for h in straight.history[3:]]
+    assert same_weights(unet_weights(tmp_path / "straight"), unet_weights(tmp_path / "split"))
+
+
+def launch_command(*flags):
+    return [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--cpu", "--mixed_precision",
+            "no", "--num_machines", "1", "--dynamo_backend", "no", os.path.join(ROOT, "train_diffusion_rpo.py"), *flags]
+
+
+def test_sigterm_to_a_launched_run_saves_and_the_resume_is_bitwise_exact(sd_pipeline_path, pickapic_path,
+                                                                          clip_model_path, tmp_path):
+    """Preemption: SIGTERM to the whole process group (launcher, trainer, loader workers), as SLURM and Ctrl-C do."""
+    steps = 24  # 2 epochs of 4 pairs a step, so the kill lands well inside the run
+
+    def flags(out, *extra):
+        return cli(sd_pipeline_path, pickapic_path, clip_model_path, out, "--validation_prompts", "--train_batch_size",
+                   "4", "--max_train_steps", str(steps), "--dataloader_num_workers", "2", *extra)
+
+    env = {**os.environ, "PYTHONPATH": ROOT}
+    straight = subprocess.run(launch_command(*flags(tmp_path / "straight", "--checkpointing_steps", "100")),
+                              capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
+    assert straight.returncode == 0, straight.stderr[-3000:]
+
+    split = tmp_path / "split"
+    run = subprocess.Popen(launch_command(*flags(split, "--checkpointing_steps", "2", "--checkpoints_total_limit", "2")),
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path,
+                           start_new_session=True)
+    deadline = time.time() + 300
+    while not rpo.list_checkpoints(split) and time.time() < deadline and run.poll() is None:
+        time.sleep(0.05)
+    os.killpg(run.pid, signal.SIGTERM)
+    _, stderr = run.communicate(timeout=300)  # EOF only once the trainer itself has exited
+    assert "Received SIGTERM" in stderr and "Stopped by SIGTERM" in stderr, stderr[-3000:]
+    assert "Traceback" not in stderr.split("Received SIGTERM")[1], stderr[-3000:]
+    checkpoint = rpo.list_checkpoints(split)[-1]
+    stopped_at = checkpoint_progress(checkpoint)["global_step"]
+    assert 2 <= stopped_at < steps and not (split / "unet").exists()
+
+    resumed = subprocess.run(launch_command(*flags(split, "--checkpointing_steps", "100", "--resume_from_checkpoint",
+                                                   "latest")), capture_output=True, text=True, timeout=600, env=env,
+                             cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"Resuming from {checkpoint}" in resumed.stderr
+    assert same_weights(unet_weights(tmp_path / "straight"), unet_weights(split))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Checkpoint files
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def test_interrupted_and_broken_checkpoints_are_never_resumed(train, tmp_path, caplog):
+    out = tmp_path / "out"
+    train("--max_train_steps", "2", "--checkpointing_steps", "2")
+    shutil.copytree(out / "checkpoint-2", out / "checkpoint-4.incomplete")  # a save killed before its rename
+    os.remove(out / "checkpoint-4.incomplete" / rpo.PROGRESS_FILE)
+    shutil.copytree(out / "checkpoint-4.incomplete", out / "checkpoint-6")  # a copy that broke off
+    (out / "checkpoint-6" / "model.safetensors").write_bytes(b"")
+    progress = train("--max_train_steps", "3", "--checkpointing_steps", "100", "--resume_from_checkpoint", "latest")
+    assert "Resuming from" in caplog.text and "checkpoint-2" in caplog.text.split("Resuming from")[1].splitlines()[0]
+    assert len(progress.history) == 1  # steps 3 only
+    assert "no training_progress.json, so it is incomplete" in caplog.text
+    assert not (out / "checkpoint-4.incomplete").exists()
+
+
+def test_total_limit_never_deletes_the_checkpoint_just_saved(train, tmp_path):
+    out = tmp_path / "out"
+    train("--max_train_steps", "4", "--checkpointing_steps", "2")
+    assert checkpoint_names(out) == ["checkpoint-2", "checkpoint-4"]
+    # Resuming an earlier checkpoint: the new checkpoint-3 sorts before checkpoint-4, yet it is the one kept.
+    train("--max_train_steps", "3", "--checkpointing_steps", "1", "--checkpoints_total_limit", "1",
+          "--resume_from_checkpoint", str(out / "checkpoint-2"))
+    assert checkpoint_names(out) == ["checkpoint-3"]
+    assert checkpoint_progress(out / "checkpoint-3")["global_step"] == 3
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Security
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def test_checkpoints_resume_without_unpickling_objects(train, tmp_path, monkeypatch):
+    train("--max_train_steps", "2", "--checkpointing_steps", "2", "--use_8bit_adam")
+    files = os.listdir(tmp_path / "out" / "checkpoint-2")
+    assert "model.safetensors" in files and not any(name.startswith("custom_checkpoint") for name in files)
+    original = torch.load
+
+    def weights_only_load(*args, **kwargs):
+        assert kwargs.get("weights_only", True) is True, "a checkpoint file was unpickled with weights_only=False"
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", weights_only_load)
+    progress = train("--max_train_steps", "3", "--checkpointing_steps", "100", "--use_8bit_adam",
+                     "--resume_from_checkpoint", "latest")
+    assert progress.global_step == 3 and len(progress.history) == 1
+
+
+def test_no_code_path_runs_remote_or_pickled_code():
+    sources = [os.path.join(ROOT, "train_diffusion_rpo.py")]
+    sources += [os.path.join(ROOT, "eval", name) for name in os.listdir(os.path.join(ROOT, "eval"))
+                if name.endswith(".py")]
+    for path in sources:
+        text = open(path).read()
+        assert "trust_remote_code=True" not in text and "weights_only=False" not in text, path
+        for line in text.splitlines():
+            if "torch.load(" in line:
+                assert "weights_only=True" in line, f"{path}: {line.strip()}"
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Flags
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--max_bad_rows", "1.5"], "pass a fraction below 1"),
+    (["--max_bad_rows", "-1"], "pass a fraction below 1"),
+    (["--max_nonfinite_steps", "0"], "--max_nonfinite_steps must be at least 1"),
+    (["--clip_model_name_or_path", ""], "needs a CLIP model"),
+])
+def test_bad_reliability_flags_are_refused(flags, message, capsys):
+    with pytest.raises(SystemExit):
+        rpo.parse_args(flags)
+    assert message in capsys.readouterr().err
