@@ -15,6 +15,7 @@ import argparse
 import contextlib
 import copy
 import functools
+import gc
 import hashlib
 import io
 import itertools
@@ -27,6 +28,7 @@ import shutil
 import signal
 import sys
 import threading
+import traceback
 from types import SimpleNamespace
 
 import datasets
@@ -1706,11 +1708,19 @@ def build_dataloader(args, accelerator, models, dataset, seed, progress=None):
 
 def main(args):
     with stop_on_signals():
-        return run_training(args)
+        accelerator = build_accelerator(args)
+        try:
+            return run_training(args, accelerator)
+        except BaseException as error:
+            # Let a failed run exit: free the traceback's locals, so the loader shuts its workers down (they ignore
+            # the SIGTERM multiprocessing would stop them with at exit), and tear down the process group.
+            traceback.clear_frames(error.__traceback__)
+            gc.collect()
+            accelerator.end_training()
+            raise
 
 
-def run_training(args):
-    accelerator = build_accelerator(args)
+def run_training(args, accelerator):
     check_pretrained_pipeline(args)  # a wrong model path fails now, not after the dataset is prepared
     if accelerator.is_main_process:
         os.makedirs(args.output_dir, exist_ok=True)

@@ -46,8 +46,13 @@ def load_image(folder, entry):
     if not os.path.exists(path):
         raise FileNotFoundError(f"Image {path!r} listed in {os.path.join(folder, METADATA)} is missing: regenerate "
                                 "it (eval.generate resumes and redraws only missing images) or remove its line.")
-    with Image.open(path) as image:
-        return image.convert("RGB")
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except OSError as error:  # truncated or not an image (eval.generate writes atomically; this is outside damage)
+        raise ValueError(f"Image {path!r} cannot be read ({error}): delete it and its line in "
+                         f"{os.path.join(folder, METADATA)}, or rerun eval.generate after deleting the file (it redraws "
+                         "missing images).") from error
 
 
 def image_key(entry):

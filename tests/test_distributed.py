@@ -1,6 +1,7 @@
 """Real multi-process runs (`accelerate launch --num_processes 2`, gloo on CPU): RPO's global contrast matrix, the
 indexed randomness across processes, and a 2-process training run that checkpoints, resumes and loads."""
 
+import json
 import os
 import socket
 import subprocess
@@ -9,6 +10,7 @@ import sys
 import pytest
 import torch
 
+import tiny
 from test_train import cli
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -21,15 +23,15 @@ def free_port():
         return sock.getsockname()[1]
 
 
-def launch(script, arguments, processes, cwd):
+def launch(script, arguments, processes, cwd, succeed=True):
     """`accelerate launch` on CPU; ACCELERATE_USE_CPU makes accelerate use gloo without GPUs."""
     command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(processes),
                "--mixed_precision", "no", "--num_machines", "1", "--dynamo_backend", "no"]
     command += ["--multi_gpu", "--main_process_port", str(free_port())] if processes > 1 else ["--cpu"]
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    result = subprocess.run([*command, script, *arguments], capture_output=True, text=True, timeout=900, cwd=cwd,
+    result = subprocess.run([*command, script, *arguments], capture_output=True, text=True, timeout=600, cwd=cwd,
                             env=env)
-    assert result.returncode == 0, result.stderr[-4000:]
+    assert (result.returncode == 0) == succeed, result.stderr[-4000:]
     return result
 
 
@@ -96,18 +98,30 @@ def test_two_process_training_checkpoints_resumes_and_loads(sd_pipeline_path, pi
 
     out = tmp_path / "two"
     script = os.path.join(ROOT, "train_diffusion_rpo.py")
-    flags = cli(sd_pipeline_path, pickapic_path, clip_model_path, out, "--train_batch_size", "2",
+    dataset = pickapic_path
+    if not streaming:  # two corrupt pairs (2 and 5): skipped in the dataset, so both processes keep full batches
+        rows = tiny.corrupt_rows(tiny.pickapic_rows(18), [3, 7], kinds=["truncated", "missing"])
+        dataset = tiny.write_pickapic_dataset(str(tmp_path / "corrupt"), rows)
+    flags = cli(sd_pipeline_path, dataset, clip_model_path, out, "--train_batch_size", "2",
                 "--rpo_global_matrix", "--checkpointing_steps", "1", "--dataloader_num_workers", "1",
-                *(["--streaming"] if streaming else []))
+                *(["--streaming"] if streaming else ["--max_bad_rows", "2"]))
+    if not streaming:  # past --max_bad_rows both processes stop with the error, and exit (no hang in collectives)
+        failed = launch(script, [*flags, "--max_bad_rows", "1", "--output_dir", str(tmp_path / "strict")], 2,
+                        tmp_path, succeed=False)
+        assert "2 pairs could not be decoded by the loader" in failed.stderr
     launch(script, flags, 2, tmp_path)
     assert sorted(p for p in os.listdir(out) if p.startswith("checkpoint")) == ["checkpoint-1", "checkpoint-2"]
     if streaming:  # the main process's progress file holds both processes' stream readers
-        progress = torch.load(out / "checkpoint-2" / "custom_checkpoint_0.pkl", weights_only=True)
+        with open(out / "checkpoint-2" / "training_progress.json") as f:
+            progress = json.load(f)
         assert sorted(state["reader"] for state in progress["stream_states"]) == [0, 1]
         assert [(s["epoch"], s["position"]) for s in progress["stream_states"]] == [(0, 4)] * 2, progress  # 2 steps x 2
     result = launch(script, [*flags, "--max_train_steps", "3", "--resume_from_checkpoint", "latest"], 2, tmp_path)
     assert "Resuming from" in result.stderr and "checkpoint-2" in result.stderr
     assert "checkpoint-3" in os.listdir(out)
+    if not streaming:  # 3 steps x 2 processes x 2 pairs = the 12 pairs once: both corrupt pairs met, counted once
+        with open(out / "checkpoint-3" / "training_progress.json") as f:
+            assert json.load(f)["bad_rows"] == 2
     pipeline = DiffusionPipeline.from_pretrained(out)
     assert isinstance(pipeline, StableDiffusionPipeline)
     image = pipeline("a red circle", num_inference_steps=2, height=32, width=32, output_type="np",

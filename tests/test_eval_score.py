@@ -57,13 +57,19 @@ def test_a_model_against_itself_ties_everywhere(folders, scorer_weights, tmp_pat
     assert result["win_rates"]["clip"]["ties"] == 4 and result["win_rates"]["clip"]["win_rate"] == 0.5
 
 
-def test_missing_image_is_named(folders, scorer_weights, tmp_path):
+@pytest.mark.parametrize("damage,error,message", [("missing", FileNotFoundError, "00000_0.png.*is missing"),
+                                                    ("truncated", ValueError, "00000_0.png.*cannot be read")])
+def test_missing_or_unreadable_image_is_named(folders, scorer_weights, tmp_path, damage, error, message):
     broken = tmp_path / "broken"
     os.makedirs(broken / "images")
     entries = read_metadata(folders / "model")
     with open(broken / "metadata.jsonl", "w") as f:
         f.writelines(json.dumps(e) + "\n" for e in entries)
-    with pytest.raises(FileNotFoundError, match="00000_0.png"):
+    if damage == "truncated":
+        for entry in entries:
+            data = (folders / "model" / entry["file"]).read_bytes()
+            (broken / entry["file"]).write_bytes(data[: len(data) // 2])
+    with pytest.raises(error, match=message):
         score.main(["--images", str(broken), "--metrics", "clip", "--device", "cpu", *weight_flags(scorer_weights)])
 
 

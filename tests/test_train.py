@@ -91,12 +91,16 @@ def test_checkpoints_prune_and_resume_latest(run, tmp_path):
     assert progress.global_step == 6 and len(progress.history) == 2  # continued from step 4
 
 
-def test_resume_continues_the_data_position_exactly(run, tmp_path):
-    straight, _ = run("--max_train_steps", "4", "--validation_prompts", "--checkpointing_steps", "100",
-                      output_dir=tmp_path / "straight")
-    run("--max_train_steps", "2", "--checkpointing_steps", "2", "--validation_prompts", output_dir=tmp_path / "split")
+@pytest.mark.parametrize("extra", [[], ["--dataloader_num_workers", "2"], ["--cache_latents"]],
+                         ids=["main-process", "workers", "latent-cache"])
+def test_resume_continues_the_data_position_exactly(run, tmp_path, extra):
+    # 4 steps straight == 2 steps, stop, resume, 2 steps: the same losses and bitwise the same weights (data order,
+    # augmentation, noise, optimizer and scheduler state). Steps 3-4 start the second epoch of the 12 pairs.
+    extra = [*extra, "--train_batch_size", "4", "--validation_prompts"]
+    straight, _ = run("--max_train_steps", "4", "--checkpointing_steps", "100", *extra, output_dir=tmp_path / "straight")
+    run("--max_train_steps", "2", "--checkpointing_steps", "2", *extra, output_dir=tmp_path / "split")
     resumed, _ = run("--max_train_steps", "4", "--checkpointing_steps", "100", "--resume_from_checkpoint", "latest",
-                     "--validation_prompts", output_dir=tmp_path / "split")
+                     *extra, output_dir=tmp_path / "split")
     assert [h["loss"] for h in resumed.history] == [h["loss"] for h in straight.history[2:]]
     a, b = unet_weights(tmp_path / "straight"), unet_weights(tmp_path / "split")
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -147,7 +151,7 @@ def test_model_card_parses_with_metadata_and_grid(run, sd_pipeline_path, tmp_pat
     assert (out / "validation_grid.png").exists()
 
 
-def test_push_to_hub_uploads_the_folder_without_checkpoints_or_token(run, tmp_path, monkeypatch):
+def test_push_to_hub_uploads_the_folder_without_checkpoints_or_token(run, tmp_path, monkeypatch, caplog, capfd):
     calls = {}
 
     class Repo:
@@ -171,6 +175,8 @@ def test_push_to_hub_uploads_the_folder_without_checkpoints_or_token(run, tmp_pa
     for path in written:
         with open(path, "rb") as f:
             assert secret.encode() not in f.read(), path
+    captured = capfd.readouterr()
+    assert secret not in caplog.text + captured.out + captured.err  # nor in the logs
 
 
 @pytest.mark.parametrize("flag", ["--snr_gamma", "--prediction_type"])
