@@ -61,8 +61,56 @@ from diffusers.utils.hub_utils import load_or_create_model_card, populate_model_
 logger = get_logger(__name__, log_level="INFO")
 row_logger = logging.getLogger(__name__)  # loader workers have no accelerate state: plain logging
 
+# ======================================================================================================================
+# BEGIN SCRIPT-SPECIFIC: what differs between train_diffusion_rpo.py (SD1.x/2.x) and train_diffusion_rpo_sdxl.py.
+# Everything after END SCRIPT-SPECIFIC is textually identical in both scripts (tests/test_sdxl.py checks it).
+# ======================================================================================================================
+
+SCRIPT_NAME = "train_diffusion_rpo.py"
 PIPELINE_CLASS = StableDiffusionPipeline
 EXPECTED_PIPELINE_CLASSES = ("StableDiffusionPipeline",)
+WRONG_PIPELINE_HINTS = {"StableDiffusionXLPipeline": "Use train_diffusion_rpo_sdxl.py for SDXL weights."}
+DEFAULT_PRETRAINED_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+DEFAULT_RESOLUTION = 512
+DEFAULT_LICENSE = "creativeml-openrail-m"  # SD1.5's, used when the base model's card cannot be read
+MODEL_CARD_TAGS = ["stable-diffusion", "stable-diffusion-diffusers", "text-to-image", "diffusers", "diffusers-training",
+                   "diffusion-rpo"]
+VAE_FP32_UNLESS_CUSTOM = False  # the SD1.x VAE is stable in fp16/bf16
+
+
+def load_models(args, device, weight_dtype):
+    """Tokenizer, scheduler, text encoder, VAE (--pretrained_vae_model_name_or_path overrides the base's), UNet and the
+    RPO CLIP model, set up for training by `setup_models`."""
+    check_pretrained_pipeline(args)
+    common = {"revision": args.revision, "cache_dir": args.cache_dir}
+    path = args.pretrained_model_name_or_path
+    models = SimpleNamespace(
+        tokenizer=CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", **common),
+        noise_scheduler=DDPMScheduler.from_pretrained(path, subfolder="scheduler", **common),
+        text_encoder=CLIPTextModel.from_pretrained(path, subfolder="text_encoder", variant=args.variant, **common),
+        vae=load_vae(args),
+        unet=UNet2DConditionModel.from_pretrained(path, subfolder="unet", variant=args.variant, **common),
+        clip=load_similarity_model(args, device, weight_dtype) if needs_similarity_model(args) else None,
+    )
+    return setup_models(args, models, device, weight_dtype)
+
+
+@torch.no_grad()
+def encode_conditioning(args, models, batch):
+    """Per pair: the text encoder's last hidden states, and no extra UNet inputs."""
+    return models.text_encoder(batch["input_ids"].to(models.device))[0], {}
+
+
+def build_validation_pipeline(models, unet, scheduler):
+    return PIPELINE_CLASS(vae=models.vae, text_encoder=models.text_encoder, tokenizer=models.tokenizer, unet=unet,
+                          scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                          requires_safety_checker=False)
+
+
+# ======================================================================================================================
+# END SCRIPT-SPECIFIC
+# ======================================================================================================================
+
 DEFAULT_VALIDATION_PROMPTS = [
     "a photo of an astronaut riding a horse on mars",
     "a cute corgi wearing sunglasses, studio lighting",
@@ -93,8 +141,11 @@ def parse_args(input_args=None):
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     model = parser.add_argument_group("model")
-    model.add_argument("--pretrained_model_name_or_path", type=str, default="stable-diffusion-v1-5/stable-diffusion-v1-5",
+    model.add_argument("--pretrained_model_name_or_path", type=str, default=DEFAULT_PRETRAINED_MODEL,
                        help="Diffusers pipeline to fine-tune: a Hub id or a local folder with model_index.json.")
+    model.add_argument("--pretrained_vae_model_name_or_path", type=str, default=None,
+                       help="A VAE to train with instead of the base's (e.g. madebyollin/sdxl-vae-fp16-fix for SDXL in "
+                       "fp16/bf16); saved into the final pipeline and named in the model card.")
     model.add_argument("--revision", type=str, default=None, help="Revision (branch, tag or commit) of the base model.")
     model.add_argument("--variant", type=str, default=None, help="Weights variant of the base model, e.g. fp16.")
 
@@ -112,7 +163,7 @@ def parse_args(input_args=None):
     data.add_argument("--max_train_samples", type=int, default=None,
                       help="Train on a random subset of this many pairs (drawn with --seed after dropping ties).")
     data.add_argument("--cache_dir", type=str, default=None, help="Cache folder for downloaded models and datasets.")
-    data.add_argument("--resolution", type=int, default=512, help="Training resolution (square crops).")
+    data.add_argument("--resolution", type=int, default=DEFAULT_RESOLUTION, help="Training resolution (square crops).")
     data.add_argument("--random_crop", action="store_true",
                       help="Random crop instead of a centre crop (the same crop for winner and loser).")
     data.add_argument("--no_hflip", action="store_true", help="Disable random horizontal flips (shared by the pair).")
@@ -170,6 +221,9 @@ def parse_args(input_args=None):
     optim.add_argument("--adam_epsilon", type=float, default=1e-8)
     optim.add_argument("--max_grad_norm", type=float, default=1.0)
     optim.add_argument("--use_8bit_adam", action="store_true", help="bitsandbytes AdamW8bit (8-bit optimizer state).")
+    optim.add_argument("--use_adafactor", action="store_true",
+                       help="transformers' Adafactor at --learning_rate (factored second moments, no first moment: "
+                       "what DiffusionDPO uses for full SDXL fine-tuning).")
     optim.add_argument("--compile", action="store_true",
                        help="torch.compile the trained and the reference UNet (in place; falls back to eager with a "
                        "warning where the backend is unavailable).")
@@ -258,6 +312,8 @@ def check_args(args, parser):
     if args.cache_latents and args.random_crop:
         parser.error("--cache_latents stores the centre crop (both flips); it cannot serve --random_crop. Drop one "
                      "of the two flags.")
+    if args.use_8bit_adam and args.use_adafactor:
+        parser.error("--use_8bit_adam and --use_adafactor are two optimizers: pick one.")
     if args.use_8bit_adam:
         try:
             import bitsandbytes  # noqa: F401
@@ -586,7 +642,7 @@ def collate_pairs(items):
         if name in items[0]:
             batch[name] = torch.stack([item[name][0] for item in items] + [item[name][1] for item in items])
     for name in items[0]:
-        if name.endswith("input_ids"):
+        if "input_ids" in name:
             batch[name] = torch.stack([item[name] for item in items])
     return batch
 
@@ -854,9 +910,23 @@ def reference_forward(models, unet):
     return unet, adapters_disabled(unet)
 
 
-@torch.no_grad()
-def encode_prompts(text_encoder, input_ids):
-    return text_encoder(input_ids)[0]
+def repeat_for_pairs(value):
+    """Per-pair conditioning (M, ...) -> the same for winners then losers (2M, ...), through nested dicts."""
+    if isinstance(value, dict):
+        return {key: repeat_for_pairs(item) for key, item in value.items()}
+    return torch.cat([value, value])
+
+
+def first_rows(value, rows):
+    if isinstance(value, dict):
+        return {key: first_rows(item, rows) for key, item in value.items()}
+    return value[:rows]
+
+
+def cast_floats(value, dtype):
+    if isinstance(value, dict):
+        return {key: cast_floats(item, dtype) for key, item in value.items()}
+    return value.to(dtype) if value.is_floating_point() else value
 
 
 def prepare_diffusion_inputs(args, models, batch, micro_step, seed):
@@ -888,9 +958,10 @@ def prepare_diffusion_inputs(args, models, batch, micro_step, seed):
         target = scheduler.get_velocity(latents, noise, timesteps)
     else:
         raise ValueError(f"Unsupported prediction_type {scheduler.config.prediction_type!r} in the scheduler config.")
-    hidden_states = encode_prompts(models.text_encoder, batch["input_ids"].to(device)).repeat(2, 1, 1)
+    hidden_states, unet_kwargs = encode_conditioning(args, models, batch)
     return SimpleNamespace(noisy_latents=noisy_latents, target=target, timesteps=timesteps,
-                           encoder_hidden_states=hidden_states, num_pairs=num_pairs, unet_kwargs={})
+                           encoder_hidden_states=repeat_for_pairs(hidden_states), num_pairs=num_pairs,
+                           unet_kwargs=repeat_for_pairs(unet_kwargs))
 
 
 class _GatherAcrossProcesses(torch.autograd.Function):
@@ -933,16 +1004,17 @@ def compute_step_loss(args, models, unet, batch, micro_step, seed, weight_dtype=
     inputs = prepare_diffusion_inputs(args, models, batch, micro_step, seed)
     noisy, target, timesteps = inputs.noisy_latents, inputs.target, inputs.timesteps
     hidden = inputs.encoder_hidden_states.to(weight_dtype)
+    unet_kwargs = cast_floats(inputs.unet_kwargs, weight_dtype)
     if args.loss_type == "sft":
         m = inputs.num_pairs
-        kwargs = {k: v[:m] for k, v in inputs.unet_kwargs.items()}
-        model_losses = per_sample_denoising_loss(unet, noisy[:m], timesteps[:m], hidden[:m], target[:m], **kwargs)
+        model_losses = per_sample_denoising_loss(unet, noisy[:m], timesteps[:m], hidden[:m], target[:m],
+                                                 **first_rows(unet_kwargs, m))
         return compute_preference_loss(model_losses, None, loss_type="sft", beta=args.beta_dpo)
-    model_losses = per_sample_denoising_loss(unet, noisy, timesteps, hidden, target, **inputs.unet_kwargs)
+    model_losses = per_sample_denoising_loss(unet, noisy, timesteps, hidden, target, **unet_kwargs)
     ref_unet, context = reference_forward(models, unet)
     with torch.no_grad(), context:
         ref_losses = per_sample_denoising_loss(ref_unet, noisy.to(ref_unet.dtype), timesteps, hidden, target,
-                                               **inputs.unet_kwargs)
+                                               **unet_kwargs)
     embeddings = None
     if needs_similarity_model(args):
         embeddings = batch.get("embeddings")  # cached, or computed here from the batch's prompts and crops
@@ -1093,10 +1165,10 @@ def check_pretrained_pipeline(args):
     except Exception as error:
         raise ValueError(f"--pretrained_model_name_or_path {path!r} is not a diffusers pipeline this run can load "
                          f"(no model_index.json: {type(error).__name__}). Pass a diffusers model folder or Hub id, "
-                         "e.g. stable-diffusion-v1-5/stable-diffusion-v1-5.") from error
+                         f"e.g. {DEFAULT_PRETRAINED_MODEL}.") from error
     class_name = config.get("_class_name", "")
     if class_name not in EXPECTED_PIPELINE_CLASSES:
-        hint = " Use train_diffusion_rpo_sdxl.py for SDXL weights." if "XL" in class_name else ""
+        hint = f" {WRONG_PIPELINE_HINTS[class_name]}" if class_name in WRONG_PIPELINE_HINTS else ""
         raise ValueError(f"--pretrained_model_name_or_path {path!r} is a {class_name}, but this script trains "
                          f"{' / '.join(EXPECTED_PIPELINE_CLASSES)}.{hint}")
     return config
@@ -1123,19 +1195,23 @@ def load_similarity_model(args, device, dtype):
                            image_mean=list(mean), image_std=list(std))
 
 
-def load_models(args, device, weight_dtype):
-    check_pretrained_pipeline(args)
-    common = {"revision": args.revision, "cache_dir": args.cache_dir}
-    path = args.pretrained_model_name_or_path
-    models = SimpleNamespace(
-        tokenizer=CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", **common),
-        noise_scheduler=DDPMScheduler.from_pretrained(path, subfolder="scheduler", **common),
-        text_encoder=CLIPTextModel.from_pretrained(path, subfolder="text_encoder", variant=args.variant, **common),
-        vae=AutoencoderKL.from_pretrained(path, subfolder="vae", variant=args.variant, **common),
-        unet=UNet2DConditionModel.from_pretrained(path, subfolder="unet", variant=args.variant, **common),
-        clip=load_similarity_model(args, device, weight_dtype) if needs_similarity_model(args) else None,
-    )
-    return setup_models(args, models, device, weight_dtype)
+def load_vae(args):
+    """The base pipeline's VAE, or --pretrained_vae_model_name_or_path (a VAE folder or Hub id, e.g. the fp16-fix)."""
+    if args.pretrained_vae_model_name_or_path is None:
+        return AutoencoderKL.from_pretrained(args.pretrained_model_name_or_path, subfolder="vae", variant=args.variant,
+                                             revision=args.revision, cache_dir=args.cache_dir)
+    try:
+        return AutoencoderKL.from_pretrained(args.pretrained_vae_model_name_or_path, cache_dir=args.cache_dir)
+    except Exception as error:
+        raise ValueError(f"--pretrained_vae_model_name_or_path {args.pretrained_vae_model_name_or_path!r} is not an "
+                         f"AutoencoderKL folder or Hub id ({type(error).__name__}: {error}).") from error
+
+
+def vae_dtype(args, weight_dtype):
+    """SDXL's original VAE overflows in fp16 (NaN latents): it stays fp32 unless a custom VAE (the fp16-fix) is given."""
+    if VAE_FP32_UNLESS_CUSTOM and args.pretrained_vae_model_name_or_path is None:
+        return torch.float32
+    return weight_dtype
 
 
 def setup_models(args, models, device, weight_dtype):
@@ -1144,8 +1220,10 @@ def setup_models(args, models, device, weight_dtype):
     `models` holds the loaded tokenizer, noise_scheduler, text_encoder, vae, unet and clip (benchmarks/ passes
     randomly initialised full-size ones).
     """
-    for frozen in (models.text_encoder, models.vae):
-        frozen.requires_grad_(False).eval().to(device, dtype=weight_dtype)
+    for name in ("text_encoder", "text_encoder_2"):
+        if getattr(models, name, None) is not None:
+            getattr(models, name).requires_grad_(False).eval().to(device, dtype=weight_dtype)
+    models.vae.requires_grad_(False).eval().to(device, dtype=vae_dtype(args, weight_dtype))
     unet, ref_unet = models.unet, None
     if args.use_lora:
         from peft import LoraConfig
@@ -1218,7 +1296,11 @@ def enable_xformers(*unets):
 
 
 def create_optimizer(args, params):
-    """AdamW: fused on CUDA (one kernel for all parameters; the peers' default is foreach), or bitsandbytes 8-bit."""
+    """AdamW: fused on CUDA (one kernel for all parameters; the peers' default is foreach), bitsandbytes 8-bit, or
+    Adafactor with DiffusionDPO's SDXL settings (a fixed learning rate, no parameter scaling, update clipping 1)."""
+    if args.use_adafactor:
+        return transformers.Adafactor(params, lr=args.learning_rate, weight_decay=args.adam_weight_decay,
+                                      clip_threshold=1.0, scale_parameter=False, relative_step=False)
     kwargs = {"lr": args.learning_rate, "betas": (args.adam_beta1, args.adam_beta2),
               "weight_decay": args.adam_weight_decay, "eps": args.adam_epsilon}
     if args.use_8bit_adam:
@@ -1449,9 +1531,7 @@ def generate_validation_images(args, models, unet, weight_dtype, seed, reference
         return []  # sft trains without a reference copy
     ref_unet, context = reference_forward(models, unet) if reference else (unet, contextlib.nullcontext())
     scheduler = DPMSolverMultistepScheduler.from_config(models.noise_scheduler.config)
-    pipeline = PIPELINE_CLASS(vae=models.vae, text_encoder=models.text_encoder, tokenizer=models.tokenizer,
-                              unet=ref_unet, scheduler=scheduler, safety_checker=None, feature_extractor=None,
-                              requires_safety_checker=False)
+    pipeline = build_validation_pipeline(models, ref_unet, scheduler)
     pipeline.set_progress_bar_config(disable=True)
     images = []
     autocast = torch.autocast(device.type, dtype=weight_dtype) if weight_dtype != torch.float32 else contextlib.nullcontext()
@@ -1513,19 +1593,15 @@ def hub_lookups_disabled():
 
 
 def base_model_license(args):
-    """The base model card's license (creativeml-openrail-m, SD1.5's, if the card cannot be read)."""
+    """The base model card's license (DEFAULT_LICENSE if the card cannot be read)."""
     try:
         from huggingface_hub import ModelCard
 
         path = args.pretrained_model_name_or_path
         card = ModelCard.load(os.path.join(path, "README.md") if os.path.isdir(path) else path)
-        return card.data.license or "creativeml-openrail-m"
+        return card.data.license or DEFAULT_LICENSE
     except Exception:
-        return "creativeml-openrail-m"
-
-
-MODEL_CARD_TAGS = ["stable-diffusion", "stable-diffusion-diffusers", "text-to-image", "diffusers", "diffusers-training",
-                   "diffusion-rpo"]
+        return DEFAULT_LICENSE
 
 
 def write_model_card(args, repo_id, stats, global_step, grid_filename=None):
@@ -1547,6 +1623,12 @@ def write_model_card(args, repo_id, stats, global_step, grid_filename=None):
                  ("clip_model_name_or_path", args.clip_model_name_or_path)]
     if args.use_lora:
         rows.append(("lora_rank", args.lora_rank))
+    vae_note = ""
+    if args.pretrained_vae_model_name_or_path:
+        rows.append(("pretrained_vae_model_name_or_path", args.pretrained_vae_model_name_or_path))
+        vae_note = (f"\n\nTrained with the VAE `{args.pretrained_vae_model_name_or_path}` instead of the base "
+                    "model's; " + ("load it with the adapters (`vae=AutoencoderKL.from_pretrained(...)`)."
+                                   if args.use_lora else "this pipeline includes it."))
     table = "\n".join(f"| {key} | {value} |" for key, value in rows)
     load = (f'pipe = DiffusionPipeline.from_pretrained("{args.pretrained_model_name_or_path}", torch_dtype=torch.float16)'
             f'\npipe.load_lora_weights("{model_path}")' if args.use_lora else
@@ -1557,7 +1639,7 @@ def write_model_card(args, repo_id, stats, global_step, grid_filename=None):
 
 {weights.capitalize()} of `{args.pretrained_model_name_or_path}` fine-tuned with {method[args.loss_type]} on
 `{args.dataset_name}` (split `{args.dataset_split_name}`: {stats['pairs']} pairs after dropping {stats['ties_dropped']}
-ties), with `train_diffusion_rpo.py`.
+ties), with `{SCRIPT_NAME}`.{vae_note}
 
 ## Training hyperparameters
 
@@ -1621,8 +1703,11 @@ def save_final_model(accelerator, args, models, unet):
         lora_layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
         PIPELINE_CLASS.save_lora_weights(args.output_dir, unet_lora_layers=lora_layers)
         return
-    pipeline = PIPELINE_CLASS.from_pretrained(args.pretrained_model_name_or_path, unet=unet.float(),
-                                              revision=args.revision, variant=args.variant, cache_dir=args.cache_dir)
+    components = {"unet": unet.float()}
+    if args.pretrained_vae_model_name_or_path:  # the VAE the model was trained with, in fp32
+        components["vae"] = load_vae(args)
+    pipeline = PIPELINE_CLASS.from_pretrained(args.pretrained_model_name_or_path, revision=args.revision,
+                                              variant=args.variant, cache_dir=args.cache_dir, **components)
     pipeline.save_pretrained(args.output_dir)
 
 
@@ -1673,6 +1758,8 @@ def build_dataloader(args, accelerator, models, dataset, seed, progress=None):
     """The loader and its sampler: indexed batches of a map-style dataset, or (--streaming, `progress` given) the
     stream readers' batches with a stand-in sampler of unbounded epoch length."""
     tokenizers = {"input_ids": make_tokenize_fn(models.tokenizer)}
+    if getattr(models, "tokenizer_2", None) is not None:
+        tokenizers["input_ids_2"] = make_tokenize_fn(models.tokenizer_2)
     clip_tokenize = clip_tokenize_fn(args, models)
     if clip_tokenize is not None:
         tokenizers["clip_input_ids"] = clip_tokenize
