@@ -1,0 +1,1992 @@
+#!/usr/bin/env python
+# coding=utf-8
+# Copyright 2026 The Diffusion-RPO contributors. Licensed under the Apache License, Version 2.0.
+"""Diffusion-RPO (Relative Preference Optimization, arXiv 2406.06382) fine-tuning of Stable Diffusion XL 1.0.
+
+The SDXL counterpart of train_diffusion_rpo.py, with the same flags, losses, data rules, randomness, checkpoints, cache,
+multi-process and failure behaviour: only the block marked SCRIPT-SPECIFIC differs (two text encoders, pooled text
+embeddings and micro-conditioning time ids, the fp32 VAE). `compute_preference_loss` implements docs/method.md. Also
+trains Diffusion-DPO (`--loss_type dpo`) and SFT on preferred images (`--loss_type sft`).
+
+    accelerate launch train_diffusion_rpo_sdxl.py \
+      --pretrained_model_name_or_path stabilityai/stable-diffusion-xl-base-1.0 \
+      --pretrained_vae_model_name_or_path madebyollin/sdxl-vae-fp16-fix \
+      --dataset_name yuvalkirstain/pickapic_v2 --loss_type rpo --resolution 1024 --output_dir sdxl-rpo
+"""
+
+import argparse
+import contextlib
+import copy
+import functools
+import gc
+import hashlib
+import io
+import itertools
+import json
+import logging
+import math
+import os
+import re
+import shutil
+import signal
+import sys
+import threading
+import traceback
+from types import SimpleNamespace
+
+import datasets
+import numpy as np
+import torch
+import torch.nn.functional as F
+import transformers
+from accelerate import Accelerator
+from accelerate.logging import get_logger
+from accelerate.utils import ProjectConfiguration, broadcast_object_list, gather_object
+from huggingface_hub import create_repo, upload_folder
+from PIL import Image, ImageOps
+from tqdm.auto import tqdm
+from transformers import AutoTokenizer, CLIPModel, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+import diffusers
+from diffusers import (
+    AutoencoderKL,
+    DDPMScheduler,
+    DiffusionPipeline,
+    DPMSolverMultistepScheduler,
+    StableDiffusionXLPipeline,
+    UNet2DConditionModel,
+)
+from diffusers.optimization import get_scheduler
+from diffusers.training_utils import cast_training_params
+from diffusers.utils import convert_state_dict_to_diffusers, make_image_grid
+from diffusers.utils.hub_utils import load_or_create_model_card, populate_model_card
+
+logger = get_logger(__name__, log_level="INFO")
+row_logger = logging.getLogger(__name__)  # loader workers have no accelerate state: plain logging
+
+# ======================================================================================================================
+# BEGIN SCRIPT-SPECIFIC: what differs between train_diffusion_rpo.py (SD1.x/2.x) and train_diffusion_rpo_sdxl.py.
+# Everything after END SCRIPT-SPECIFIC is textually identical in both scripts (tests/test_sdxl.py checks it).
+# ======================================================================================================================
+
+SCRIPT_NAME = "train_diffusion_rpo_sdxl.py"
+PIPELINE_CLASS = StableDiffusionXLPipeline
+EXPECTED_PIPELINE_CLASSES = ("StableDiffusionXLPipeline",)
+WRONG_PIPELINE_HINTS = {"StableDiffusionPipeline": "Use train_diffusion_rpo.py for SD1.x/2.x weights."}
+DEFAULT_PRETRAINED_MODEL = "stabilityai/stable-diffusion-xl-base-1.0"
+DEFAULT_RESOLUTION = 1024
+DEFAULT_LICENSE = "openrail++"  # SDXL 1.0's, used when the base model's card cannot be read
+MODEL_CARD_TAGS = ["stable-diffusion-xl", "stable-diffusion-xl-diffusers", "text-to-image", "diffusers",
+                   "diffusers-training", "diffusion-rpo"]
+VAE_FP32_UNLESS_CUSTOM = True  # SDXL 1.0's VAE overflows in fp16/bf16 (NaN latents); the fp16-fix VAE does not
+
+
+def load_models(args, device, weight_dtype):
+    """Both tokenizers and text encoders (the second with projection), scheduler, VAE (--pretrained_vae_model_name_or_path
+    overrides the base's), UNet and the RPO CLIP model, set up for training by `setup_models`."""
+    check_pretrained_pipeline(args)
+    common = {"revision": args.revision, "cache_dir": args.cache_dir}
+    path = args.pretrained_model_name_or_path
+    models = SimpleNamespace(
+        tokenizer=CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", **common),
+        tokenizer_2=CLIPTokenizer.from_pretrained(path, subfolder="tokenizer_2", **common),
+        noise_scheduler=DDPMScheduler.from_pretrained(path, subfolder="scheduler", **common),
+        text_encoder=CLIPTextModel.from_pretrained(path, subfolder="text_encoder", variant=args.variant, **common),
+        text_encoder_2=CLIPTextModelWithProjection.from_pretrained(path, subfolder="text_encoder_2",
+                                                                   variant=args.variant, **common),
+        vae=load_vae(args),
+        unet=UNet2DConditionModel.from_pretrained(path, subfolder="unet", variant=args.variant, **common),
+        clip=load_similarity_model(args, device, weight_dtype) if needs_similarity_model(args) else None,
+    )
+    return setup_models(args, models, device, weight_dtype)
+
+
+@torch.no_grad()
+def encode_conditioning(args, models, batch):
+    """Per pair: the prompt embeddings (both encoders' penultimate hidden states, concatenated), encoder 2's pooled
+    embedding, and the micro-conditioning time ids (original size, crop top-left, target size) of the pair's crop.
+    Winner and loser share the resize, flip and crop, so one set of ids serves both."""
+    device = models.device
+    hidden_states = []
+    for encoder, ids in ((models.text_encoder, "input_ids"), (models.text_encoder_2, "input_ids_2")):
+        output = encoder(batch[ids].to(device), output_hidden_states=True)
+        hidden_states.append(output.hidden_states[-2])
+    target_size = torch.tensor([args.resolution, args.resolution]).expand(batch["original_size"].shape[0], 2)
+    time_ids = torch.cat([batch["original_size"], batch["crop_top_left"], target_size], dim=1)
+    return torch.cat(hidden_states, dim=-1), {
+        "added_cond_kwargs": {"text_embeds": output.text_embeds, "time_ids": time_ids.to(device, torch.float32)}}
+
+
+def build_validation_pipeline(models, unet, scheduler):
+    return PIPELINE_CLASS(vae=models.vae, text_encoder=models.text_encoder, text_encoder_2=models.text_encoder_2,
+                          tokenizer=models.tokenizer, tokenizer_2=models.tokenizer_2, unet=unet, scheduler=scheduler)
+
+
+# ======================================================================================================================
+# END SCRIPT-SPECIFIC
+# ======================================================================================================================
+
+DEFAULT_VALIDATION_PROMPTS = [
+    "a photo of an astronaut riding a horse on mars",
+    "a cute corgi wearing sunglasses, studio lighting",
+    "a watercolor painting of a lighthouse at dawn",
+    "a bowl of ramen, highly detailed food photography",
+]
+# Flags of the peer scripts that change the objective; refused with an explanation instead of silently accepted.
+REFUSED_PEER_FLAGS = {
+    "prediction_type": "the policy and the frozen reference must share the scheduler's parameterisation; "
+    "the prediction type is read from the model's scheduler config",
+    "snr_gamma": "Min-SNR weighting changes the preference objective's per-timestep weighting (see method.md)",
+}
+MAX_CONSECUTIVE_BAD_ROWS = 64  # more undecodable pairs in a row than this means wrong image columns, not bad rows
+TIE_LABEL = 0.5
+VALID_LABELS = (0.0, 0.5, 1.0)
+# Streams of the indexed randomness (method.md, "Randomness"): every draw is a pure function of (seed, stream, keys).
+STREAM_ORDER, STREAM_AUGMENT, STREAM_PAIR_NOISE, STREAM_BATCH_TIMESTEP = 1, 2, 3, 4
+# Columns of the latent cache (--cache_latents): per pair, (orientations, [winner, loser], ...) arrays.
+CACHE_LATENT_MEAN, CACHE_LATENT_STD, CACHE_EMBEDDINGS = "latent_mean", "latent_std", "similarity_embedding"
+CACHE_ORIGINAL_SIZE, CACHE_CROP_TOP_LEFT = "original_size", "crop_top_left"
+STREAM_TURN = "stream_turn"  # a --streaming loader worker's placeholder batch that realigns a resumed loader
+CACHE_ARRAY_COLUMNS = (CACHE_LATENT_MEAN, CACHE_LATENT_STD, CACHE_EMBEDDINGS, CACHE_ORIGINAL_SIZE, CACHE_CROP_TOP_LEFT)
+
+
+def parse_args(input_args=None):
+    parser = argparse.ArgumentParser(
+        description="Diffusion-RPO / Diffusion-DPO / SFT fine-tuning of Stable Diffusion on preference pairs.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    model = parser.add_argument_group("model")
+    model.add_argument("--pretrained_model_name_or_path", type=str, default=DEFAULT_PRETRAINED_MODEL,
+                       help="Diffusers pipeline to fine-tune: a Hub id or a local folder with model_index.json.")
+    model.add_argument("--pretrained_vae_model_name_or_path", type=str, default=None,
+                       help="A VAE to train with instead of the base's (e.g. madebyollin/sdxl-vae-fp16-fix for SDXL in "
+                       "fp16/bf16); saved into the final pipeline and named in the model card.")
+    model.add_argument("--revision", type=str, default=None, help="Revision (branch, tag or commit) of the base model.")
+    model.add_argument("--variant", type=str, default=None, help="Weights variant of the base model, e.g. fp16.")
+
+    data = parser.add_argument_group("data")
+    data.add_argument("--dataset_name", type=str, default="yuvalkirstain/pickapic_v2",
+                      help="Preference dataset: a Hub id, a local folder of data files, or a `save_to_disk` folder.")
+    data.add_argument("--dataset_config_name", type=str, default=None, help="Dataset configuration name.")
+    data.add_argument("--dataset_split_name", type=str, default="train", help="Split to train on.")
+    data.add_argument("--caption_column", type=str, default="caption", help="Column with the prompt.")
+    data.add_argument("--image_0_column", type=str, default="jpg_0", help="Column with the first image (bytes or Image).")
+    data.add_argument("--image_1_column", type=str, default="jpg_1", help="Column with the second image.")
+    data.add_argument("--label_0_column", type=str, default="label_0",
+                      help="Column with the first image's preference label: 1 (image 0 preferred), 0 (image 1 preferred) "
+                      "or 0.5 (tie: dropped and counted).")
+    data.add_argument("--max_train_samples", type=int, default=None,
+                      help="Train on a random subset of this many pairs (drawn with --seed after dropping ties).")
+    data.add_argument("--cache_dir", type=str, default=None, help="Cache folder for downloaded models and datasets.")
+    data.add_argument("--resolution", type=int, default=DEFAULT_RESOLUTION, help="Training resolution (square crops).")
+    data.add_argument("--random_crop", action="store_true",
+                      help="Random crop instead of a centre crop (the same crop for winner and loser).")
+    data.add_argument("--no_hflip", action="store_true", help="Disable random horizontal flips (shared by the pair).")
+    data.add_argument("--dataloader_num_workers", type=int, default=4,
+                      help="Loader worker processes decoding JPEGs off the main process (0: decode in the main process).")
+    data.add_argument("--vae_encode_batch_size", type=int, default=16, help="Images per VAE encode call.")
+    data.add_argument("--streaming", action="store_true",
+                      help="Stream the dataset instead of downloading it (Pick-a-Pic v2 is ~335 GB): each process and "
+                      "loader worker reads its own split of the shuffled stream; needs --max_train_steps.")
+    data.add_argument("--shuffle_buffer_size", type=int, default=1000,
+                      help="With --streaming: the shuffle buffer (examples) on top of the shuffled shard order.")
+    data.add_argument("--cache_latents", action="store_true",
+                      help="Encode every pair once (VAE latent distribution of both flip orientations of the centre "
+                      "crop, and the RPO CLIP embeddings of the same crops) and train from that cache: no VAE or CLIP "
+                      "forward in the training step. Not with --random_crop.")
+    data.add_argument("--latent_cache_dir", type=str, default=None,
+                      help="Folder of the latent cache (default: output_dir/latent_cache). Reused by any run with the "
+                      "same data, model, resolution and similarity settings.")
+    data.add_argument("--latent_cache_dtype", type=str, default="float32", choices=["float32", "float16"],
+                      help="Storage dtype of the cached latent mean/std (float16 halves the disk size).")
+
+    steps = parser.add_argument_group("steps and checkpoints")
+    steps.add_argument("--train_batch_size", type=int, default=8,
+                       help="Preference pairs per process per micro-batch (M: the RPO contrast matrix is M x M).")
+    steps.add_argument("--num_train_epochs", type=int, default=1)
+    steps.add_argument("--max_train_steps", type=int, default=2000,
+                       help="Optimizer steps; overrides --num_train_epochs when set (pass 0 to train --num_train_epochs).")
+    steps.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    steps.add_argument("--checkpointing_steps", type=int, default=500,
+                       help="Save the accelerate training state every N optimizer steps under output_dir/checkpoint-N.")
+    steps.add_argument("--checkpoints_total_limit", type=int, default=None,
+                       help="Keep at most this many checkpoints (the oldest are deleted after a new one is complete).")
+    steps.add_argument("--resume_from_checkpoint", type=str, default=None,
+                       help='Resume from a checkpoint folder, or "latest" for the newest complete one in output_dir.')
+    steps.add_argument("--max_bad_rows", type=float, default=0.01,
+                       help="Pairs whose images cannot be decoded are skipped (replaced by the next good pair), counted "
+                       "and logged; the run stops with an error past this many: a fraction (< 1) of the pairs the run "
+                       "reads, or a count (>= 1). 0: stop at the first one.")
+    steps.add_argument("--max_nonfinite_steps", type=int, default=10,
+                       help="An optimizer step whose loss or gradient is not finite is skipped (counted, logged); the "
+                       "run stops with an error after this many in a row.")
+
+    optim = parser.add_argument_group("optimisation")
+    optim.add_argument("--learning_rate", type=float, default=1e-8,
+                       help="Learning rate (per pair with --scale_lr, as in DiffusionDPO: 1e-8 x 2048 = 2.048e-5).")
+    optim.add_argument("--scale_lr", action="store_true",
+                       help="Multiply the learning rate by train_batch_size x gradient_accumulation_steps x processes.")
+    optim.add_argument("--lr_scheduler", type=str, default="constant_with_warmup",
+                       help='One of "linear", "cosine", "cosine_with_restarts", "polynomial", "constant", '
+                       '"constant_with_warmup".')
+    optim.add_argument("--lr_warmup_steps", type=int, default=500)
+    optim.add_argument("--adam_beta1", type=float, default=0.9)
+    optim.add_argument("--adam_beta2", type=float, default=0.999)
+    optim.add_argument("--adam_weight_decay", type=float, default=1e-2)
+    optim.add_argument("--adam_epsilon", type=float, default=1e-8)
+    optim.add_argument("--max_grad_norm", type=float, default=1.0)
+    optim.add_argument("--use_8bit_adam", action="store_true", help="bitsandbytes AdamW8bit (8-bit optimizer state).")
+    optim.add_argument("--use_adafactor", action="store_true",
+                       help="transformers' Adafactor at --learning_rate (factored second moments, no first moment: "
+                       "what DiffusionDPO uses for full SDXL fine-tuning).")
+    optim.add_argument("--compile", action="store_true",
+                       help="torch.compile the trained and the reference UNet (in place; falls back to eager with a "
+                       "warning where the backend is unavailable).")
+    optim.add_argument("--compile_backend", type=str, default="inductor", help="torch.compile backend.")
+    optim.add_argument("--compile_mode", type=str, default=None,
+                       choices=["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"],
+                       help="torch.compile mode.")
+    optim.add_argument("--allow_tf32", action="store_true", help="Allow TF32 matmuls on Ampere and newer GPUs.")
+    optim.add_argument("--mixed_precision", type=str, default=None, choices=["no", "fp16", "bf16"],
+                       help="Overrides the accelerate config. Frozen models run in this dtype; trained weights stay fp32.")
+    optim.add_argument("--gradient_checkpointing", action="store_true", help="Trade compute for UNet activation memory.")
+    optim.add_argument("--enable_xformers_memory_efficient_attention", action="store_true",
+                       help="Use xformers attention (PyTorch SDPA is the default); fails at start if xformers is unusable.")
+    optim.add_argument("--use_lora", action="store_true",
+                       help="Train LoRA adapters on the UNet attention; the reference is the base with adapters disabled.")
+    optim.add_argument("--lora_rank", type=int, default=8)
+
+    method = parser.add_argument_group("method (see docs/method.md)")
+    method.add_argument("--loss_type", type=str, default="rpo", choices=["rpo", "dpo", "sft"])
+    method.add_argument("--beta_dpo", type=float, default=5000.0,
+                        help="KL strength beta in the -1/2 beta convention of DiffusionDPO (README maps the others).")
+    method.add_argument("--rpo_weighting", type=str, default="similarity", choices=["similarity", "uniform"],
+                        help="RPO contrast weights: CLIP-similarity softmax rows, or uniform.")
+    method.add_argument("--rpo_weight_scale", type=float, default=1.0,
+                        help="s in omega = s * softmax(...); the diagonal's effective beta is about beta/2 * s/M.")
+    method.add_argument("--similarity_embedding", type=str, default="text_image", choices=["text", "image", "text_image"],
+                        help="CLIP embeddings compared by the similarity weights.")
+    method.add_argument("--distance_temperature", type=float, default=0.5, help="tau of the similarity softmax.")
+    method.add_argument("--clip_model_name_or_path", type=str, default="openai/clip-vit-large-patch14",
+                        help="CLIP model for the RPO similarity weights (Hub id or local folder).")
+    method.add_argument("--timestep_sampling", type=str, default="pair", choices=["pair", "batch"],
+                        help="One timestep per pair, or one per micro-batch shared by the whole RPO matrix. pair is the "
+                        "default for every loss: it gave RPO the better style/content trade-off in the style world.")
+    method.add_argument("--rpo_global_matrix", action="store_true",
+                        help="Build RPO's contrast matrix over the micro-batches of all processes (M x N pairs, "
+                        "gathered differentiably: 2 floats and one embedding per sample) instead of per process. "
+                        "Changes the objective with the number of processes; see README 'Multi-GPU'.")
+    method.add_argument("--noise_offset", type=float, default=0.0,
+                        help="Noise offset scale (the same offset for a pair's winner and loser).")
+
+    output = parser.add_argument_group("output and logging")
+    output.add_argument("--output_dir", type=str, default="diffusion-rpo-model")
+    output.add_argument("--seed", type=int, default=None,
+                        help="Seed of every random draw (a random one is drawn, logged and checkpointed when unset).")
+    output.add_argument("--report_to", type=str, default="tensorboard",
+                        help='"tensorboard", "wandb", "comet_ml", "all" or "none".')
+    output.add_argument("--logging_dir", type=str, default="logs", help="Tracker folder, relative to output_dir.")
+    output.add_argument("--tracker_project_name", type=str, default="diffusion-rpo")
+    output.add_argument("--validation_prompts", type=str, nargs="*", default=DEFAULT_VALIDATION_PROMPTS,
+                        help="Prompts rendered by the trained and the reference model (pass the flag alone to disable).")
+    output.add_argument("--validation_steps", type=int, default=500, help="Render validation images every N steps.")
+    output.add_argument("--validation_num_inference_steps", type=int, default=25)
+    output.add_argument("--validation_guidance_scale", type=float, default=7.5)
+    output.add_argument("--push_to_hub", action="store_true", help="Upload the output folder (without checkpoints).")
+    output.add_argument("--hub_model_id", type=str, default=None, help="Hub repo id (default: output_dir's name).")
+    output.add_argument("--hub_token", type=str, default=None,
+                        help="Hub token; discouraged: prefer `hf auth login`. Never logged or written to disk.")
+    for name in REFUSED_PEER_FLAGS:
+        parser.add_argument(f"--{name}", default=None, help=argparse.SUPPRESS)
+
+    args = parser.parse_args(input_args)
+    for name, reason in REFUSED_PEER_FLAGS.items():
+        if getattr(args, name) is not None:
+            parser.error(f"--{name} is not supported: {reason}. Remove the flag.")
+    if args.max_train_steps == 0:
+        args.max_train_steps = None
+    check_args(args, parser)
+    return args
+
+
+def check_args(args, parser):
+    """Flag combinations that cannot work, reported before anything is loaded."""
+    if args.train_batch_size < 1 or args.gradient_accumulation_steps < 1:
+        parser.error("--train_batch_size and --gradient_accumulation_steps must be at least 1.")
+    if args.beta_dpo <= 0 and args.loss_type != "sft":
+        parser.error("--beta_dpo must be positive.")
+    if args.distance_temperature <= 0 or args.rpo_weight_scale <= 0:
+        parser.error("--distance_temperature and --rpo_weight_scale must be positive.")
+    if args.resolution % 8 != 0:
+        parser.error(f"--resolution {args.resolution} must be divisible by 8 (the VAE downsamples by 8).")
+    if args.report_to in ("wandb", "all") and args.hub_token is not None:
+        parser.error("--hub_token with --report_to wandb would expose the token in the run config; use `hf auth login`.")
+    if args.streaming and (args.max_train_steps is None or args.cache_latents or args.max_train_samples):
+        parser.error("--streaming needs --max_train_steps (a stream has no length) and works without "
+                     "--cache_latents and --max_train_samples (they need the whole dataset).")
+    if args.cache_latents and args.random_crop:
+        parser.error("--cache_latents stores the centre crop (both flips); it cannot serve --random_crop. Drop one "
+                     "of the two flags.")
+    if args.use_8bit_adam and args.use_adafactor:
+        parser.error("--use_8bit_adam and --use_adafactor are two optimizers: pick one.")
+    if args.use_8bit_adam:
+        try:
+            import bitsandbytes  # noqa: F401
+        except ImportError:
+            parser.error("--use_8bit_adam needs bitsandbytes: `pip install bitsandbytes`.")
+    if args.max_bad_rows < 0 or (args.max_bad_rows >= 1 and not float(args.max_bad_rows).is_integer()):
+        parser.error(f"--max_bad_rows {args.max_bad_rows}: pass a fraction below 1 (e.g. 0.01) or a whole count.")
+    if args.max_nonfinite_steps < 1:
+        parser.error("--max_nonfinite_steps must be at least 1.")
+    if needs_similarity_model(args) and not args.clip_model_name_or_path:
+        parser.error("--rpo_weighting similarity needs a CLIP model: pass --clip_model_name_or_path (e.g. "
+                     "openai/clip-vit-large-patch14) or use --rpo_weighting uniform.")
+    if args.resume_from_checkpoint not in (None, "latest") and resolve_checkpoint_path(args) is None:
+        parser.error(f"--resume_from_checkpoint {args.resume_from_checkpoint}: no such checkpoint folder "
+                     f"(also looked in {args.output_dir}). Pass an existing checkpoint-N folder or 'latest'.")
+
+
+def needs_similarity_model(args):
+    return args.loss_type == "rpo" and args.rpo_weighting == "similarity"
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The objective (method.md). Shared verbatim with train_diffusion_rpo_sdxl.py.
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def similarity_weights(embeddings, temperature, weight_scale):
+    """omega_ij = s * softmax_j(-(1 - cos(e_w^i, e_l^j)) / tau) for L2-normalised embeddings (2M, D), winners first."""
+    embeddings = F.normalize(embeddings.detach().double(), dim=-1)
+    winners, losers = embeddings.chunk(2)
+    distance = 1.0 - winners @ losers.T
+    return weight_scale * torch.softmax(-distance / temperature, dim=1)
+
+
+def compute_preference_loss(
+    model_losses,
+    ref_losses,
+    *,
+    loss_type,
+    beta,
+    embeddings=None,
+    temperature=0.5,
+    weighting="similarity",
+    weight_scale=1.0,
+):
+    """Preference loss from per-sample denoising losses (method.md, "Losses").
+
+    model_losses / ref_losses: (2M,) per-sample mean squared errors, winners first. For `sft`, ref_losses is None and
+    model_losses holds the M winners only, or (2M,) winners first when ref_losses is given (its winners are used).
+    Returns (loss, metrics) with metrics a dict of detached float tensors.
+    """
+    output_dtype = torch.promote_types(model_losses.dtype, torch.float32)
+    # The M x M terms are computed in fp64 (a few scalars): at theta = reference the loss is then exactly fp32 ln 2.
+    model_losses = model_losses.double()
+    if loss_type == "sft":
+        winners = model_losses if ref_losses is None else model_losses.chunk(2)[0]
+        return winners.mean().to(output_dtype), {"model_mse_w": winners.detach().mean().to(output_dtype)}
+    if loss_type not in ("dpo", "rpo"):
+        raise ValueError(f"Unknown loss_type {loss_type!r}: expected 'rpo', 'dpo' or 'sft'.")
+    if ref_losses is None or ref_losses.shape != model_losses.shape or model_losses.shape[0] % 2:
+        raise ValueError("dpo/rpo need model_losses and ref_losses of the same shape (2M,), winners first.")
+    model_w, model_l = model_losses.chunk(2)
+    ref_w, ref_l = ref_losses.double().detach().chunk(2)
+    delta_w, delta_l = model_w - ref_w, model_l - ref_l
+    diagonal_logits = -(delta_w - delta_l)
+    metrics = {
+        "model_mse_w": model_w.detach().mean(),
+        "model_mse_l": model_l.detach().mean(),
+        "ref_mse_w": ref_w.mean(),
+        "ref_mse_l": ref_l.mean(),
+        "implicit_acc": ((diagonal_logits > 0).float() + 0.5 * (diagonal_logits == 0).float()).detach().mean(),
+    }
+    if loss_type == "dpo":
+        loss = -F.logsigmoid(0.5 * beta * diagonal_logits).mean()
+        return loss.to(output_dtype), cast_metrics(metrics, output_dtype)
+    logits = -(delta_w[:, None] - delta_l[None, :])
+    if weighting == "similarity":
+        if embeddings is None or embeddings.shape[0] != model_losses.shape[0]:
+            raise ValueError("rpo with similarity weighting needs embeddings of shape (2M, D), winners first.")
+        weights = similarity_weights(embeddings, temperature, weight_scale)
+    elif weighting == "uniform":
+        weights = torch.full_like(logits, float(weight_scale))
+    else:
+        raise ValueError(f"Unknown weighting {weighting!r}: expected 'similarity' or 'uniform'.")
+    # Weight inside the sigmoid, rows averaged (not weight-summed), as in the RPO authors' LLM code; mean of the
+    # log-sigmoids, not the log-sigmoid of a mean (a peer bug).
+    loss = -F.logsigmoid(weights * (0.5 * beta) * logits).mean()
+    weight_diag_mean = torch.diagonal(weights).mean().detach()
+    metrics["weight_diag_mean"] = weight_diag_mean
+    metrics["beta_effective_diag"] = 0.5 * beta * weight_diag_mean
+    return loss.to(output_dtype), cast_metrics(metrics, output_dtype)
+
+
+def cast_metrics(metrics, dtype):
+    return {name: value.to(dtype) for name, value in metrics.items()}
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Indexed randomness and data order (method.md, "Randomness"). Shared verbatim with the SDXL script.
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def indexed_generator(seed, stream, *keys):
+    """A CPU torch.Generator that is a pure function of (seed, stream, keys): independent of workers and processes."""
+    state = np.random.SeedSequence([int(seed) % 2**32, stream, *[int(k) for k in keys]]).generate_state(2, np.uint32)
+    return torch.Generator().manual_seed((int(state[0]) << 32) | int(state[1]))
+
+
+def epoch_permutation(num_pairs, seed, epoch):
+    return torch.randperm(num_pairs, generator=indexed_generator(seed, STREAM_ORDER, epoch))
+
+
+class IndexedBatchSampler:
+    """Yields this process's micro-batches of (pair_index, epoch) keys.
+
+    The epoch's order is a permutation drawn from (seed, epoch). Global micro-batch b is perm[b*G:(b+1)*G] with
+    G = batch_size * num_processes, and process r takes the r-th slice of it, so a run on N processes sees exactly the
+    pairs a 1-process run with batch G sees. Each epoch yields `batches_per_epoch` micro-batches (the remainder is
+    dropped so every process gets full, equal batches); `set_epoch(epoch, start_batch)` resumes mid-epoch.
+    """
+
+    def __init__(self, num_pairs, batch_size, seed, batches_per_epoch, num_processes=1, process_index=0, shuffle=True):
+        if batches_per_epoch * batch_size * num_processes > num_pairs:
+            raise ValueError("batches_per_epoch x batch_size x num_processes exceeds the number of pairs.")
+        self.num_pairs, self.batch_size, self.seed = num_pairs, batch_size, seed
+        self.batches_per_epoch, self.shuffle = batches_per_epoch, shuffle
+        self.num_processes, self.process_index = num_processes, process_index
+        self.epoch, self.start_batch = 0, 0
+
+    def set_epoch(self, epoch, start_batch=0):
+        self.epoch, self.start_batch = epoch, start_batch
+
+    def __len__(self):
+        return self.batches_per_epoch - self.start_batch
+
+    def __iter__(self):
+        order = epoch_permutation(self.num_pairs, self.seed, self.epoch) if self.shuffle else torch.arange(self.num_pairs)
+        global_batch = self.batch_size * self.num_processes
+        for b in range(self.start_batch, self.batches_per_epoch):
+            start = b * global_batch + self.process_index * self.batch_size
+            yield [(int(i), self.epoch) for i in order[start : start + self.batch_size]]
+
+
+def sample_pair_augmentation(seed, pair_index, epoch, random_crop, hflip):
+    """The crop position (fractions of the free margin) and flip shared by a pair's two images."""
+    u = torch.rand(3, generator=indexed_generator(seed, STREAM_AUGMENT, pair_index, epoch)).tolist()
+    crop_fraction = (u[0], u[1]) if random_crop else (0.5, 0.5)
+    return {"crop_fraction": crop_fraction, "flip": bool(hflip and u[2] < 0.5)}
+
+
+def draw_pair_noise(seed, pair_index, epoch, latent_shape, noise_offset=0.0):
+    """A pair's diffusion noise eps (shared by winner and loser) and its two latent-sampling draws."""
+    generator = indexed_generator(seed, STREAM_PAIR_NOISE, pair_index, epoch)
+    latent_noise = torch.randn((2, *latent_shape), generator=generator)
+    noise = torch.randn(latent_shape, generator=generator)
+    if noise_offset:
+        noise = noise + noise_offset * torch.randn((latent_shape[0], 1, 1), generator=generator)
+    uniform_t = torch.rand((), generator=generator)
+    return {"latent_noise_w": latent_noise[0], "latent_noise_l": latent_noise[1], "noise": noise, "uniform_t": uniform_t}
+
+
+def draw_timesteps(mode, uniform_t_per_pair, seed, micro_step, num_train_timesteps):
+    """`pair`: one t per pair from the pair's own draw; `batch`: one t per micro-step, equal on every process."""
+    if mode == "pair":
+        uniform = uniform_t_per_pair
+    elif mode == "batch":
+        shared = torch.rand((), generator=indexed_generator(seed, STREAM_BATCH_TIMESTEP, micro_step))
+        uniform = shared.expand_as(uniform_t_per_pair)
+    else:
+        raise ValueError(f"Unknown timestep_sampling {mode!r}: expected 'pair' or 'batch'.")
+    return (uniform * num_train_timesteps).long().clamp_(max=num_train_timesteps - 1)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Data: Pick-a-Pic schema preference pairs. Shared verbatim with the SDXL script.
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def decode_image(value, min_size=None):
+    """An RGB PIL image from JPEG/PNG bytes, a datasets Image dict ({"bytes", "path"}), a PIL image or a file path.
+
+    Transparent images are composited on white; 16-bit and grayscale images are converted to 8-bit RGB. With
+    `min_size`, a JPEG at least twice that size on both sides is decoded at 1/2, 1/4 or 1/8 scale (the libjpeg DCT
+    downscale: several times faster, and never below `min_size`, so the training resize still only shrinks).
+    """
+    if isinstance(value, dict):
+        value = value.get("bytes") or value.get("path")
+    if isinstance(value, (bytes, bytearray)):
+        image = Image.open(io.BytesIO(value))
+    elif isinstance(value, str):
+        image = Image.open(value)
+    elif isinstance(value, Image.Image):
+        image = value
+    else:
+        raise ValueError(f"unsupported image value of type {type(value).__name__}")
+    if min_size and image.format == "JPEG":
+        image.draft(image.mode, (min_size, min_size))
+    image.load()
+    image = ImageOps.exif_transpose(image)
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+        image = Image.fromarray((np.asarray(image, dtype=np.float64) / 257.0).clip(0, 255).astype(np.uint8))
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(background, rgba)
+    return image.convert("RGB")
+
+
+def paired_transform(images, resolution, crop_fraction, flip):
+    """Resize (shorter side to `resolution`), flip, then crop every image of a pair the same way.
+
+    Returns the [-1, 1] tensors (3, R, R), and per image its original (height, width) and crop (top, left) as SDXL's
+    micro-conditioning needs them (the flip happens before the crop, as in the fixed diffusers SDXL script).
+    """
+    tensors, original_sizes, crops_top_left = [], [], []
+    for image in images:
+        width, height = image.size
+        scale = resolution / min(width, height)
+        new_size = (max(resolution, round(width * scale)), max(resolution, round(height * scale)))
+        image = image.resize(new_size, Image.Resampling.BICUBIC)
+        if flip:
+            image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        top = round(crop_fraction[0] * (new_size[1] - resolution))
+        left = round(crop_fraction[1] * (new_size[0] - resolution))
+        image = image.crop((left, top, left + resolution, top + resolution))
+        array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
+        tensors.append(torch.from_numpy(array).permute(2, 0, 1).contiguous())
+        original_sizes.append((height, width))
+        crops_top_left.append((top, left))
+    return tensors, original_sizes, crops_top_left
+
+
+class PreferencePairDataset(torch.utils.data.Dataset):
+    """A pair on access (in loader workers), winner first, with its indexed shared augmentation.
+
+    Indexed by (pair_index, epoch) keys from IndexedBatchSampler. Decodes and transforms the two images, or, on a
+    latent cache (`build_latent_cache`), picks the cached orientation the pair's flip draw selects. `tokenizers` maps
+    an output name to a callable caption -> LongTensor (the text encoder's ids; the CLIP similarity model's ids).
+    """
+
+    def __init__(self, hf_dataset, columns, resolution, seed, random_crop=False, hflip=True, tokenizers=None):
+        self.cached = hf_dataset is not None and CACHE_LATENT_MEAN in hf_dataset.column_names
+        if self.cached:
+            arrays = [name for name in hf_dataset.column_names if name in CACHE_ARRAY_COLUMNS]
+            hf_dataset = hf_dataset.with_format("torch", columns=arrays, output_all_columns=True)
+        self.dataset, self.columns = hf_dataset, columns
+        self.resolution, self.seed, self.random_crop, self.hflip = resolution, seed, random_crop, hflip
+        self.tokenizers = tokenizers or {}
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, key):
+        """The pair, or, when its images cannot be decoded, the next pair that can be (counted in "bad_rows"): the
+        skip happens here, so every batch stays full and every process keeps the same number of batches."""
+        pair_index, epoch = key
+        bad_rows = 0
+        for offset in range(min(len(self), MAX_CONSECUTIVE_BAD_ROWS)):
+            index = (pair_index + offset) % len(self)
+            try:
+                item = self.pair_item(self.dataset[index], index, epoch)
+            except UndecodablePair as error:
+                bad_rows += 1
+                row_logger.warning(f"Skipped: {error}")
+                continue
+            item["bad_rows"] = bad_rows
+            return item
+        raise UndecodablePair(f"{bad_rows} pairs in a row from pair {pair_index} cannot be decoded: the image columns "
+                              f"({self.columns.image_0!r}, {self.columns.image_1!r}) do not hold readable images. "
+                              "Pass the right --image_0_column/--image_1_column or repair the dataset.")
+
+    def pair_item(self, row, pair_index, epoch):
+        augmentation = sample_pair_augmentation(self.seed, pair_index, epoch, self.random_crop, self.hflip)
+        item = cached_pair(row, augmentation["flip"]) if self.cached else self.decoded_pair(row, pair_index, augmentation)
+        caption = row[self.columns.caption] or ""
+        item.update(pair_index=pair_index, epoch=epoch, caption=caption)
+        for name, tokenize in self.tokenizers.items():
+            item[name] = tokenize(caption)
+        return item
+
+    def decoded_pair(self, row, pair_index, augmentation):
+        images = decode_pair(self.columns, row, pair_index, self.resolution)
+        tensors, original_sizes, crops_top_left = paired_transform(images, self.resolution, **augmentation)
+        return {"pixel_values": torch.stack(tensors), "original_size": original_sizes[0],
+                "crop_top_left": crops_top_left[0]}
+
+
+class UndecodablePair(ValueError):
+    """A row whose images cannot be decoded (corrupt, truncated, empty or missing): skipped and counted."""
+
+
+def decode_pair(columns, row, pair_index, min_size):
+    """A row's two images decoded, winner first (label_0 = 1: image 0 wins)."""
+    first, second = (columns.image_0, columns.image_1) if row[columns.label_0] == 1 else (columns.image_1, columns.image_0)
+    try:
+        return [decode_image(row[first], min_size), decode_image(row[second], min_size)]
+    except Exception as error:
+        raise UndecodablePair(f"Pair {pair_index}: cannot decode its images ({type(error).__name__}: {error}).") from error
+
+
+def cached_pair(row, flip):
+    """The cached latent distribution (and embeddings) of a pair in the orientation its flip draw selects."""
+    orientation = int(flip) if row[CACHE_LATENT_MEAN].shape[0] == 2 else 0
+    item = {"latent_mean": row[CACHE_LATENT_MEAN][orientation], "latent_std": row[CACHE_LATENT_STD][orientation],
+            "original_size": tuple(row[CACHE_ORIGINAL_SIZE].tolist()),
+            "crop_top_left": tuple(row[CACHE_CROP_TOP_LEFT][orientation].tolist())}
+    if CACHE_EMBEDDINGS in row:
+        item["embeddings"] = row[CACHE_EMBEDDINGS][orientation]
+    return item
+
+
+PAIRED_TENSORS = ("pixel_values", "latent_mean", "latent_std", "embeddings")
+
+
+def collate_pairs(items):
+    """Stacks pairs into the diffusers DPO layout: (2M, ...) pixels or cached latents, winners first, then losers."""
+    batch = {
+        "pair_index": torch.tensor([item["pair_index"] for item in items], dtype=torch.long),
+        "epoch": torch.tensor([item["epoch"] for item in items], dtype=torch.long),
+        "captions": [item["caption"] for item in items],
+        "original_size": torch.tensor([item["original_size"] for item in items], dtype=torch.long),
+        "crop_top_left": torch.tensor([item["crop_top_left"] for item in items], dtype=torch.long),
+        "bad_rows": torch.tensor(sum(item.get("bad_rows", 0) for item in items), dtype=torch.long),
+    }
+    for name in PAIRED_TENSORS:
+        if name in items[0]:
+            batch[name] = torch.stack([item[name][0] for item in items] + [item[name][1] for item in items])
+    for name in items[0]:
+        if "input_ids" in name:
+            batch[name] = torch.stack([item[name] for item in items])
+    return batch
+
+
+def make_tokenize_fn(tokenizer, max_length=None):
+    max_length = max_length or tokenizer.model_max_length
+
+    def tokenize(caption):
+        return tokenizer(caption, max_length=max_length, padding="max_length", truncation=True,
+                         return_tensors="pt").input_ids[0]
+
+    return tokenize
+
+
+def load_raw_dataset(args):
+    """A `datasets.Dataset`, or with --streaming an `IterableDataset`."""
+    path = args.dataset_name
+    on_disk = None
+    if os.path.isdir(path) and os.path.exists(os.path.join(path, "dataset_dict.json")):
+        on_disk = datasets.load_from_disk(path)[args.dataset_split_name]
+    elif os.path.isdir(path) and os.path.exists(os.path.join(path, "state.json")):
+        on_disk = datasets.load_from_disk(path)
+    if on_disk is not None:
+        return on_disk.to_iterable_dataset(num_shards=64) if args.streaming else on_disk
+    try:
+        return datasets.load_dataset(path, args.dataset_config_name, split=args.dataset_split_name,
+                                     cache_dir=args.cache_dir, streaming=args.streaming)
+    except Exception as error:
+        raise ValueError(f"Cannot load dataset {path!r} (config {args.dataset_config_name!r}, split "
+                         f"{args.dataset_split_name!r}): {error}. Pass a Hub id you can reach, a local folder of "
+                         "parquet/json/csv files, or a `save_to_disk` folder.") from error
+
+
+def check_dataset_schema(dataset, columns):
+    """Clear errors for missing columns or wrong column types, naming the flag that fixes each."""
+    flags = {"caption": "--caption_column", "image_0": "--image_0_column", "image_1": "--image_1_column",
+             "label_0": "--label_0_column"}
+    for role, flag in flags.items():
+        name = getattr(columns, role)
+        if name not in dataset.column_names:
+            raise ValueError(f"Dataset has no column {name!r} (the {role} column). Its columns are "
+                             f"{dataset.column_names}; pass {flag} <name>.")
+    features = dataset.features
+    if features is None:  # a stream whose format does not declare its features: checked row by row instead
+        return
+    for role in ("image_0", "image_1"):
+        feature = features[getattr(columns, role)]
+        is_image = isinstance(feature, datasets.Image)
+        is_value = isinstance(feature, datasets.Value) and feature.dtype in ("binary", "large_binary", "string",
+                                                                              "large_string")
+        if not (is_image or is_value):
+            raise ValueError(f"Column {getattr(columns, role)!r} must hold images (bytes, paths or the datasets Image "
+                             f"feature), not {feature}.")
+    label_feature = features[columns.label_0]
+    if not (isinstance(label_feature, datasets.Value) and label_feature.dtype.startswith(("float", "int", "bool"))):
+        raise ValueError(f"Column {columns.label_0!r} must be numeric (1, 0 or 0.5), not {label_feature}.")
+    caption_feature = features[columns.caption]
+    if not (isinstance(caption_feature, datasets.Value) and "string" in caption_feature.dtype):
+        raise ValueError(f"Column {columns.caption!r} must hold strings, not {caption_feature}.")
+
+
+def pair_columns(dataset, columns):
+    """The four columns training reads, images left as bytes (decoded in the loader workers)."""
+    dataset = dataset.select_columns([columns.caption, columns.image_0, columns.image_1, columns.label_0])
+    for role in ("image_0", "image_1"):
+        name = getattr(columns, role)
+        if dataset.features is not None and isinstance(dataset.features[name], datasets.Image):
+            dataset = dataset.cast_column(name, datasets.Image(decode=False))
+    return dataset
+
+
+def prepare_preference_dataset(dataset, columns, max_train_samples=None, seed=0):
+    """Checks labels, drops ties (label 0.5), and returns (dataset with decode-on-access images, stats)."""
+    check_dataset_schema(dataset, columns)
+    labels = {float(label) for label in dataset.unique(columns.label_0)}
+    bad = sorted(labels - set(VALID_LABELS))
+    if bad:
+        raise ValueError(f"Column {columns.label_0!r} has labels {bad}; expected 1 (image 0 preferred), 0 (image 1 "
+                         "preferred) or 0.5 (tie). Fix the labels or pass the right --label_0_column.")
+    dataset = pair_columns(dataset, columns)
+    total = len(dataset)
+    dataset = dataset.filter(lambda label: float(label) != TIE_LABEL, input_columns=[columns.label_0])
+    stats = {"rows": total, "ties_dropped": total - len(dataset), "pairs": len(dataset)}
+    if len(dataset) == 0:
+        raise ValueError(f"No preference pairs left: all {total} rows are ties (label 0.5) or the split is empty.")
+    if max_train_samples is not None and max_train_samples < len(dataset):
+        dataset = dataset.shuffle(seed=seed).select(range(max_train_samples))
+        stats["pairs"] = len(dataset)
+    check_images_decode(dataset, columns)
+    return dataset, stats
+
+
+def check_images_decode(dataset, columns, probe=8):
+    """The first rows' images must decode: if none of `probe` does, the image columns are wrong (an error now, before
+    the first step, instead of a run that skips every row)."""
+    rows = list(itertools.islice(iter(dataset), probe))
+    errors = []
+    for index, row in enumerate(rows):
+        try:
+            decode_pair(columns, row, index, None)
+            return
+        except UndecodablePair as error:
+            errors.append(str(error))
+    if errors:
+        raise ValueError(f"None of the first {len(rows)} pairs' images can be decoded from columns {columns.image_0!r} "
+                         f"and {columns.image_1!r} ({errors[0]}). Pass the right --image_0_column/--image_1_column "
+                         "(JPEG/PNG bytes, paths or the datasets Image feature).")
+
+
+def prepare_streaming_dataset(stream, columns, seed, shuffle_buffer_size):
+    """--streaming: the same checks, label rules and columns as `prepare_preference_dataset`, applied on the fly;
+    shard order and a buffer shuffled with the seed (`set_epoch` reshuffles)."""
+    check_dataset_schema(stream, columns)
+    stream = pair_columns(stream, columns)
+
+    def is_preference(label):
+        if float(label) not in VALID_LABELS:
+            raise ValueError(f"Column {columns.label_0!r} has the label {label}; expected 1, 0 or 0.5 (tie). Fix the "
+                             "labels or pass the right --label_0_column.")
+        return float(label) != TIE_LABEL
+
+    stream = stream.filter(is_preference, input_columns=[columns.label_0])
+    check_images_decode(stream, columns)  # before the shuffle buffer: reads only the first rows
+    return stream.shuffle(seed=seed, buffer_size=shuffle_buffer_size) if shuffle_buffer_size > 1 else stream
+
+
+class StreamingPairDataset(torch.utils.data.IterableDataset):
+    """--streaming: each (process, loader worker) reads its own part of the stream (`split_dataset_by_node` over
+    processes, then `datasets`' split over workers) and yields whole micro-batches, each carrying that reader's stream
+    state after it.
+
+    A pair's randomness is keyed like the map-style path's, with pair_index = position x readers + reader within the
+    epoch (unique across processes and workers; the split, and so the data order, depends on their numbers). Streams
+    are cycled over epochs, so every process always has a next batch. `progress.stream_states` (checkpointed) holds the
+    state of the last batch each reader delivered; a resumed run continues there (examples that sat in the shuffle
+    buffer at that moment are not replayed: `datasets` does not save the buffer).
+    """
+
+    def __init__(self, stream, pairs, batch_size, num_processes, process_index, progress):
+        self.stream, self.pairs, self.batch_size = stream, pairs, batch_size
+        self.num_processes, self.process_index, self.progress = num_processes, process_index, progress
+
+    def __iter__(self):
+        from datasets.distributed import split_dataset_by_node
+
+        worker = torch.utils.data.get_worker_info()
+        workers, worker_id = (worker.num_workers, worker.id) if worker is not None else (1, 0)
+        reader, readers = self.process_index * workers + worker_id, self.num_processes * workers
+        state = self.progress.stream_states.get(reader, {"epoch": 0, "position": 0, "stream": None})
+        epoch, position, resume = state["epoch"], state["position"], state["stream"]
+        if worker_id < self.progress.batch_in_epoch % workers:
+            # The loader takes batches from its workers in turn, starting with worker 0, while after b consumed
+            # batches the next one is worker (b mod workers)'s: the workers before it yield a placeholder first.
+            yield {STREAM_TURN: True}
+        while True:
+            # This process's part of the stream; `datasets` itself splits it further over the loader's workers.
+            stream = split_dataset_by_node(self.stream, self.process_index, self.num_processes)
+            stream.set_epoch(epoch)
+            if resume is not None:
+                stream.load_state_dict(resume)
+                resume = None
+            items, bad_rows, bad_in_a_row = [], 0, 0
+            for row in stream:
+                try:
+                    items.append(self.pairs.pair_item(row, position * readers + reader, epoch))
+                    bad_in_a_row = 0
+                except UndecodablePair as error:
+                    bad_rows, bad_in_a_row = bad_rows + 1, bad_in_a_row + 1
+                    row_logger.warning(f"Skipped: {error}")
+                    if bad_in_a_row >= MAX_CONSECUTIVE_BAD_ROWS:
+                        raise UndecodablePair(f"{bad_in_a_row} streamed pairs in a row cannot be decoded: pass the "
+                                              "right --image_0_column/--image_1_column or repair the dataset.") from error
+                position += 1
+                if len(items) == self.batch_size:
+                    batch = collate_pairs(items)
+                    batch["bad_rows"] += bad_rows
+                    bad_rows = 0
+                    batch["stream_state"] = {"reader": reader, "epoch": epoch, "position": position,
+                                             "stream": copy.deepcopy(stream.state_dict())}
+                    items = []
+                    yield batch
+            epoch, position = epoch + 1, 0
+
+
+def dataset_columns(args):
+    return SimpleNamespace(caption=args.caption_column, image_0=args.image_0_column, image_1=args.image_1_column,
+                           label_0=args.label_0_column)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The training step: latents, embeddings, per-sample denoising losses.
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def encode_latent_distribution(vae, pixel_values, batch_size):
+    """The VAE posterior's mean and std per image (cacheable; sampling from them stays exact)."""
+    means, stds = [], []
+    for chunk in pixel_values.split(batch_size):
+        distribution = vae.encode(chunk.to(vae.dtype)).latent_dist
+        means.append(distribution.mean.float())
+        stds.append(distribution.std.float())
+    return torch.cat(means), torch.cat(stds)
+
+
+def sample_latents(mean, std, latent_noise, vae_config):
+    latents = mean + std * latent_noise
+    shift = getattr(vae_config, "shift_factor", None) or 0.0
+    return (latents - shift) * vae_config.scaling_factor
+
+
+def clip_pixel_values(pixel_values, image_size, mean, std):
+    """Training crops in [-1, 1] to CLIP's input: resized on tensors and normalised with CLIP's mean/std."""
+    images = (pixel_values.float() + 1.0) / 2.0
+    images = F.interpolate(images, size=(image_size, image_size), mode="bicubic", align_corners=False, antialias=True)
+    images = images.clamp(0.0, 1.0)
+    mean = torch.tensor(mean, device=images.device).view(1, -1, 1, 1)
+    std = torch.tensor(std, device=images.device).view(1, -1, 1, 1)
+    return (images - mean) / std
+
+
+def _features(output):
+    return output if torch.is_tensor(output) else output.pooler_output
+
+
+@torch.no_grad()
+def compute_similarity_embeddings(clip, mode, clip_input_ids=None, pixel_values=None):
+    """(2M, D) L2-normalised CLIP embeddings, winners first (method.md, "Weights"); no gradient."""
+    text = image = None
+    if mode in ("text", "text_image"):
+        text = F.normalize(_features(clip.model.get_text_features(input_ids=clip_input_ids)).float(), dim=-1)
+        text = torch.cat([text, text])
+    if mode in ("image", "text_image"):
+        pixels = clip_pixel_values(pixel_values, clip.image_size, clip.image_mean, clip.image_std)
+        image = _features(clip.model.get_image_features(pixel_values=pixels.to(clip.model.dtype)))
+        image = F.normalize(image.float(), dim=-1)
+    if text is None:
+        return image
+    if image is None:
+        return text
+    return F.normalize(text + image, dim=-1)
+
+
+def per_sample_denoising_loss(unet, noisy_latents, timesteps, encoder_hidden_states, target, **unet_kwargs):
+    """mean over (C, H, W) of ||target - f(x_t, c, t)||^2, in fp32."""
+    prediction = unet(noisy_latents, timesteps, encoder_hidden_states, **unet_kwargs).sample
+    return F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=list(range(1, prediction.ndim)))
+
+
+@contextlib.contextmanager
+def adapters_disabled(unet):
+    """The LoRA reference: the same UNet with its adapters switched off (no second copy)."""
+    unet.disable_adapters()
+    try:
+        yield unet
+    finally:
+        unet.enable_adapters()
+
+
+def reference_forward(models, unet):
+    """The frozen reference UNet and the context it runs in."""
+    if models.ref_unet is not None:
+        return models.ref_unet, contextlib.nullcontext()
+    unet = models.unwrap(unet)
+    return unet, adapters_disabled(unet)
+
+
+def repeat_for_pairs(value):
+    """Per-pair conditioning (M, ...) -> the same for winners then losers (2M, ...), through nested dicts."""
+    if isinstance(value, dict):
+        return {key: repeat_for_pairs(item) for key, item in value.items()}
+    return torch.cat([value, value])
+
+
+def first_rows(value, rows):
+    if isinstance(value, dict):
+        return {key: first_rows(item, rows) for key, item in value.items()}
+    return value[:rows]
+
+
+def cast_floats(value, dtype):
+    if isinstance(value, dict):
+        return {key: cast_floats(item, dtype) for key, item in value.items()}
+    return value.to(dtype) if value.is_floating_point() else value
+
+
+def prepare_diffusion_inputs(args, models, batch, micro_step, seed):
+    """Noisy latents, targets, timesteps and conditioning for the 2M samples of a micro-batch (winners first).
+
+    The batch holds either pixels ("pixel_values") or a cached latent distribution ("latent_mean", "latent_std");
+    every random draw is indexed by the pair (method.md, "Randomness").
+    """
+    device = models.device
+    if "latent_mean" in batch:
+        mean, std = batch["latent_mean"].to(device).float(), batch["latent_std"].to(device).float()
+    else:
+        mean, std = encode_latent_distribution(models.vae, batch["pixel_values"].to(device), args.vae_encode_batch_size)
+    num_pairs = batch["pair_index"].shape[0]
+    latent_shape = tuple(mean.shape[1:])
+    draws = [draw_pair_noise(seed, int(i), int(e), latent_shape, args.noise_offset)
+             for i, e in zip(batch["pair_index"].tolist(), batch["epoch"].tolist())]
+    latent_noise = torch.stack([d["latent_noise_w"] for d in draws] + [d["latent_noise_l"] for d in draws]).to(device)
+    noise = torch.stack([d["noise"] for d in draws]).to(device).repeat(2, 1, 1, 1)
+    uniform_t = torch.stack([d["uniform_t"] for d in draws])
+    scheduler = models.noise_scheduler
+    timesteps = draw_timesteps(args.timestep_sampling, uniform_t, seed, micro_step,
+                               scheduler.config.num_train_timesteps).to(device).repeat(2)
+    latents = sample_latents(mean, std, latent_noise, models.vae.config)
+    noisy_latents = scheduler.add_noise(latents, noise, timesteps)
+    if scheduler.config.prediction_type == "epsilon":
+        target = noise
+    elif scheduler.config.prediction_type == "v_prediction":
+        target = scheduler.get_velocity(latents, noise, timesteps)
+    else:
+        raise ValueError(f"Unsupported prediction_type {scheduler.config.prediction_type!r} in the scheduler config.")
+    hidden_states, unet_kwargs = encode_conditioning(args, models, batch)
+    return SimpleNamespace(noisy_latents=noisy_latents, target=target, timesteps=timesteps,
+                           encoder_hidden_states=repeat_for_pairs(hidden_states), num_pairs=num_pairs,
+                           unet_kwargs=repeat_for_pairs(unet_kwargs))
+
+
+class _GatherAcrossProcesses(torch.autograd.Function):
+    """all_gather along dim 0 whose backward sums every process's gradient for a slice onto the process that owns it.
+
+    Every process computes the same global loss from the gathered values, so the owner receives N x dL/d(its slice);
+    DDP's gradient averaging then divides by N: the result is exactly the single-process gradient of the global loss.
+    (torch.distributed.nn.functional.all_gather does the same but is deprecated in torch 2.13; this works on every
+    backend, gloo included.)
+    """
+
+    @staticmethod
+    def forward(ctx, values):
+        ctx.rank, ctx.rows = torch.distributed.get_rank(), values.shape[0]
+        gathered = [torch.empty_like(values) for _ in range(torch.distributed.get_world_size())]
+        torch.distributed.all_gather(gathered, values.contiguous())
+        return torch.cat(gathered)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous()
+        torch.distributed.all_reduce(grad)
+        return grad[ctx.rank * ctx.rows : (ctx.rank + 1) * ctx.rows]
+
+
+def gather_pairs(values):
+    """(2M, ...) winners first on each process -> (2MN, ...) winners first over the N processes, in process order:
+    exactly the layout a single process with the global micro-batch has (IndexedBatchSampler gives process r the
+    r-th slice of every global micro-batch)."""
+    if not torch.distributed.is_initialized() or torch.distributed.get_world_size() == 1:
+        return values
+    processes, rows, rest = torch.distributed.get_world_size(), values.shape[0], values.shape[1:]
+    # One collective (so every process runs the same backward all_reduce), then process-major -> winners first.
+    gathered = _GatherAcrossProcesses.apply(values).reshape(processes, 2, rows // 2, *rest)
+    return gathered.transpose(0, 1).reshape(processes * rows, *rest)
+
+
+def compute_step_loss(args, models, unet, batch, micro_step, seed, weight_dtype=torch.float32):
+    """One micro-batch's preference loss and metrics: the seam every later feature (cache, compile, gather) uses."""
+    inputs = prepare_diffusion_inputs(args, models, batch, micro_step, seed)
+    noisy, target, timesteps = inputs.noisy_latents, inputs.target, inputs.timesteps
+    hidden = inputs.encoder_hidden_states.to(weight_dtype)
+    unet_kwargs = cast_floats(inputs.unet_kwargs, weight_dtype)
+    if args.loss_type == "sft":
+        m = inputs.num_pairs
+        model_losses = per_sample_denoising_loss(unet, noisy[:m], timesteps[:m], hidden[:m], target[:m],
+                                                 **first_rows(unet_kwargs, m))
+        return compute_preference_loss(model_losses, None, loss_type="sft", beta=args.beta_dpo)
+    model_losses = per_sample_denoising_loss(unet, noisy, timesteps, hidden, target, **unet_kwargs)
+    ref_unet, context = reference_forward(models, unet)
+    with torch.no_grad(), context:
+        ref_losses = per_sample_denoising_loss(ref_unet, noisy.to(ref_unet.dtype), timesteps, hidden, target,
+                                               **unet_kwargs)
+    embeddings = None
+    if needs_similarity_model(args):
+        embeddings = batch.get("embeddings")  # cached, or computed here from the batch's prompts and crops
+        if embeddings is None:
+            clip_input_ids = batch.get("clip_input_ids")
+            embeddings = compute_similarity_embeddings(
+                models.clip, args.similarity_embedding,
+                None if clip_input_ids is None else clip_input_ids.to(models.device),
+                batch["pixel_values"].to(models.device))
+        embeddings = embeddings.to(models.device)
+    if args.rpo_global_matrix and args.loss_type == "rpo":
+        model_losses, ref_losses = gather_pairs(model_losses), gather_pairs(ref_losses)
+        embeddings = None if embeddings is None else gather_pairs(embeddings)
+    return compute_preference_loss(model_losses, ref_losses, loss_type=args.loss_type, beta=args.beta_dpo,
+                                   embeddings=embeddings, temperature=args.distance_temperature,
+                                   weighting=args.rpo_weighting, weight_scale=args.rpo_weight_scale)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Latent cache (--cache_latents): the VAE and CLIP work of every step, done once per pair.
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def weights_checksum(model):
+    """A cheap signature of a model's weights (so weights replaced under the same path invalidate the cache)."""
+    return repr(sum(float(p.double().abs().sum()) for p in model.parameters()))
+
+
+def latent_cache_fingerprint(args, dataset, models):
+    """Changes whenever anything the cached values depend on changes (then the cache is rebuilt, never misread)."""
+    settings = {
+        "dataset": [dataset._fingerprint, len(dataset), sorted(vars(dataset_columns(args)).items())],
+        "model": [args.pretrained_model_name_or_path, args.revision, args.variant,
+                  getattr(args, "pretrained_vae_model_name_or_path", None)],
+        "vae": [dict(models.vae.config), str(models.vae.dtype), weights_checksum(models.vae)],
+        "crop": [args.resolution, not args.no_hflip, args.latent_cache_dtype],
+        "similarity": None if models.clip is None else [args.clip_model_name_or_path, args.similarity_embedding,
+                                                        str(models.clip.model.dtype), weights_checksum(models.clip.model)],
+    }
+    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def latent_cache_features(args, dataset, models):
+    columns = dataset_columns(args)
+    config = models.vae.config
+    size = args.resolution // 2 ** (len(config.block_out_channels) - 1)
+    orientations = 1 if args.no_hflip else 2
+    latent = datasets.Array5D((orientations, 2, config.latent_channels, size, size), args.latent_cache_dtype)
+    features = {columns.caption: dataset.features[columns.caption], columns.label_0: dataset.features[columns.label_0],
+                CACHE_LATENT_MEAN: latent, CACHE_LATENT_STD: latent,
+                CACHE_ORIGINAL_SIZE: datasets.Sequence(datasets.Value("int32"), length=2),
+                CACHE_CROP_TOP_LEFT: datasets.Array2D((orientations, 2), "int32")}
+    if models.clip is not None:
+        dim = models.clip.model.config.projection_dim
+        features[CACHE_EMBEDDINGS] = datasets.Array3D((orientations, 2, dim), "float32")
+    return datasets.Features(features)
+
+
+@torch.no_grad()
+def encode_cache_rows(rows, indices, *, args, models, clip_tokenize, first_index=0):
+    """A batch of dataset rows -> the latent distribution (and CLIP embeddings) of both flips of their centre crop.
+
+    The crops are those `paired_transform` makes in training, so a cached run sees exactly the live run's inputs.
+    """
+    columns = dataset_columns(args)
+    flips = (False,) if args.no_hflip else (False, True)
+    pixels, crops, original_sizes, kept = [], [], [], []
+    for position, index in enumerate(indices):
+        row = {name: rows[name][position] for name in (columns.label_0, columns.image_0, columns.image_1)}
+        try:
+            images = decode_pair(columns, row, first_index + index, args.resolution)
+        except UndecodablePair as error:  # left out of the cache: counted by build_latent_cache
+            row_logger.warning(f"Skipped: {error}")
+            continue
+        kept.append(position)
+        for flip in flips:
+            tensors, sizes, crop = paired_transform(images, args.resolution, (0.5, 0.5), flip)
+            pixels.append(torch.stack(tensors))
+            crops.append(crop[0])  # the winner's, as in the live path
+        original_sizes.append(sizes[0])
+    rows = {columns.caption: [rows[columns.caption][i] for i in kept],
+            columns.label_0: [rows[columns.label_0][i] for i in kept]}
+    num_rows, orientations = len(kept), len(flips)
+    if num_rows == 0:
+        cached = CACHE_ARRAY_COLUMNS if models.clip is not None else CACHE_ARRAY_COLUMNS[:2] + CACHE_ARRAY_COLUMNS[3:]
+        return {**rows, **{name: [] for name in cached}}
+    pixels = torch.stack(pixels)
+    winners_first = torch.cat([pixels[:, 0], pixels[:, 1]]).to(models.device)
+
+    def per_row(values):  # (2 * rows * orientations, ...) winners first -> (rows, orientations, 2, ...)
+        winners, losers = values.chunk(2)
+        return torch.stack([winners, losers], dim=1).reshape(num_rows, orientations, 2, *values.shape[1:]).cpu()
+
+    mean, std = encode_latent_distribution(models.vae, winners_first, args.vae_encode_batch_size)
+    dtype = getattr(torch, args.latent_cache_dtype)
+    rows.update({CACHE_LATENT_MEAN: per_row(mean).to(dtype).numpy(), CACHE_LATENT_STD: per_row(std).to(dtype).numpy(),
+                 CACHE_ORIGINAL_SIZE: original_sizes,
+                 CACHE_CROP_TOP_LEFT: torch.tensor(crops).reshape(num_rows, orientations, 2).numpy()})
+    if models.clip is not None:
+        clip_input_ids = None
+        if clip_tokenize is not None:
+            captions = [caption or "" for caption in rows[columns.caption] for _ in flips]
+            clip_input_ids = torch.stack([clip_tokenize(caption) for caption in captions]).to(models.device)
+        embeddings = compute_similarity_embeddings(models.clip, args.similarity_embedding, clip_input_ids,
+                                                   winners_first)
+        rows[CACHE_EMBEDDINGS] = per_row(embeddings).numpy()
+    return rows
+
+
+def build_latent_cache(args, accelerator, models, dataset):
+    """The dataset with images replaced by cached latents: each process encodes its contiguous shard into an Arrow
+    file (written atomically by `datasets`), then every process reads all shards (a shared filesystem is assumed).
+    Pairs that cannot be decoded are left out (logged; the caller counts them against --max_bad_rows)."""
+    cache_dir = args.latent_cache_dir or os.path.join(args.output_dir, "latent_cache")
+    os.makedirs(cache_dir, exist_ok=True)
+    key = latent_cache_fingerprint(args, dataset, models)
+    count = accelerator.num_processes
+    if count > 1:  # every process must name the same files
+        key = broadcast_object_list([key])[0]
+    paths = [os.path.join(cache_dir, f"pairs-{key}-{index:05d}-of-{count:05d}.arrow") for index in range(count)]
+    rank = accelerator.process_index
+    if os.path.exists(paths[rank]):
+        logger.info(f"Latent cache {paths[rank]} found: reusing it.", main_process_only=False)
+    else:
+        first_index = (len(dataset) // count) * rank + min(rank, len(dataset) % count)  # datasets' contiguous shard
+        encode = functools.partial(encode_cache_rows, args=args, models=models, clip_tokenize=clip_tokenize_fn(args, models),
+                                   first_index=first_index)
+        dataset.shard(count, rank, contiguous=True).map(
+            encode, batched=True, with_indices=True, batch_size=max(1, args.vae_encode_batch_size // 2),
+            writer_batch_size=64, remove_columns=dataset.column_names,  # rows may be dropped: all are rewritten
+            features=latent_cache_features(args, dataset, models), cache_file_name=paths[rank],
+            new_fingerprint=f"{key}-{rank}-of-{count}", desc="Caching latents")
+    accelerator.wait_for_everyone()
+    return datasets.concatenate_datasets([datasets.Dataset.from_file(path) for path in paths])
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Models
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def check_pretrained_pipeline(args):
+    """The base must be a diffusers pipeline of the kind this script trains; say so clearly before loading weights."""
+    path = args.pretrained_model_name_or_path
+    try:
+        config = DiffusionPipeline.load_config(path, revision=args.revision, cache_dir=args.cache_dir)
+    except Exception as error:
+        raise ValueError(f"--pretrained_model_name_or_path {path!r} is not a diffusers pipeline this run can load "
+                         f"(no model_index.json: {type(error).__name__}). Pass a diffusers model folder or Hub id, "
+                         f"e.g. {DEFAULT_PRETRAINED_MODEL}.") from error
+    class_name = config.get("_class_name", "")
+    if class_name not in EXPECTED_PIPELINE_CLASSES:
+        hint = f" {WRONG_PIPELINE_HINTS[class_name]}" if class_name in WRONG_PIPELINE_HINTS else ""
+        raise ValueError(f"--pretrained_model_name_or_path {path!r} is a {class_name}, but this script trains "
+                         f"{' / '.join(EXPECTED_PIPELINE_CLASSES)}.{hint}")
+    return config
+
+
+def load_similarity_model(args, device, dtype):
+    """The CLIP model for RPO weights, its tokenizer, and its image size/mean/std (from its processor config)."""
+    path = args.clip_model_name_or_path
+    try:
+        model = CLIPModel.from_pretrained(path, cache_dir=args.cache_dir, torch_dtype=dtype)
+        tokenizer = AutoTokenizer.from_pretrained(path, cache_dir=args.cache_dir)
+    except Exception as error:
+        raise ValueError(f"--clip_model_name_or_path {path!r} could not be loaded as a CLIPModel with its tokenizer "
+                         f"({error}). RPO similarity weights need it; pass a CLIP model or use --rpo_weighting uniform."
+                         ) from error
+    mean, std = [0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711]  # OpenAI CLIP defaults
+    try:
+        processor_config = transformers.CLIPImageProcessor.get_image_processor_dict(path, cache_dir=args.cache_dir)[0]
+        mean, std = processor_config.get("image_mean", mean), processor_config.get("image_std", std)
+    except Exception:
+        logger.warning(f"No image processor config in {path}; using the OpenAI CLIP mean/std.")
+    model.requires_grad_(False).eval().to(device)
+    return SimpleNamespace(model=model, tokenizer=tokenizer, image_size=model.config.vision_config.image_size,
+                           image_mean=list(mean), image_std=list(std))
+
+
+def load_vae(args):
+    """The base pipeline's VAE, or --pretrained_vae_model_name_or_path (a VAE folder or Hub id, e.g. the fp16-fix)."""
+    if args.pretrained_vae_model_name_or_path is None:
+        return AutoencoderKL.from_pretrained(args.pretrained_model_name_or_path, subfolder="vae", variant=args.variant,
+                                             revision=args.revision, cache_dir=args.cache_dir)
+    try:
+        return AutoencoderKL.from_pretrained(args.pretrained_vae_model_name_or_path, cache_dir=args.cache_dir)
+    except Exception as error:
+        raise ValueError(f"--pretrained_vae_model_name_or_path {args.pretrained_vae_model_name_or_path!r} is not an "
+                         f"AutoencoderKL folder or Hub id ({type(error).__name__}: {error}).") from error
+
+
+def vae_dtype(args, weight_dtype):
+    """SDXL's original VAE overflows in fp16 (NaN latents): it stays fp32 unless a custom VAE (the fp16-fix) is given."""
+    if VAE_FP32_UNLESS_CUSTOM and args.pretrained_vae_model_name_or_path is None:
+        return torch.float32
+    return weight_dtype
+
+
+def setup_models(args, models, device, weight_dtype):
+    """Frozen parts to the device in `weight_dtype`, the reference (a frozen copy, or the LoRA base), memory options.
+
+    `models` holds the loaded tokenizer, noise_scheduler, text_encoder, vae, unet and clip (benchmarks/ passes
+    randomly initialised full-size ones).
+    """
+    for name in ("text_encoder", "text_encoder_2"):
+        if getattr(models, name, None) is not None:
+            getattr(models, name).requires_grad_(False).eval().to(device, dtype=weight_dtype)
+    models.vae.requires_grad_(False).eval().to(device, dtype=vae_dtype(args, weight_dtype))
+    unet, ref_unet = models.unet, None
+    if args.use_lora:
+        from peft import LoraConfig
+
+        unet.requires_grad_(False)
+        unet.to(device, dtype=weight_dtype)
+        unet.add_adapter(LoraConfig(r=args.lora_rank, lora_alpha=args.lora_rank, init_lora_weights="gaussian",
+                                    target_modules=["to_k", "to_q", "to_v", "to_out.0"]))
+        cast_training_params(unet, dtype=torch.float32)
+    elif args.loss_type != "sft":
+        ref_unet = copy.deepcopy(unet).requires_grad_(False).eval().to(device, dtype=weight_dtype)
+    unet.to(device)
+    if args.enable_xformers_memory_efficient_attention:
+        enable_xformers(unet, ref_unet)
+    if args.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    if args.compile:
+        compile_unets(args.compile_backend, args.compile_mode, unet, ref_unet)
+    models.ref_unet, models.device, models.unwrap = ref_unet, device, lambda model: model
+    return models
+
+
+def compile_unavailable_reason(backend, device):
+    """Why torch.compile cannot run `backend` here, or None."""
+    import torch._dynamo
+
+    if not torch._dynamo.is_dynamo_supported():
+        return f"torch.compile is not supported on this Python/platform (torch {torch.__version__})"
+    if backend not in torch._dynamo.list_backends(exclude_tags=()):
+        return f"unknown backend {backend!r} (available: {', '.join(torch._dynamo.list_backends())})"
+    if backend == "inductor":
+        if device.type == "cuda":
+            from torch.utils._triton import has_triton
+
+            if not has_triton():
+                return "the inductor backend needs triton on CUDA (`pip install triton`)"
+        elif shutil.which(os.environ.get("CXX", "g++")) is None:
+            return "the inductor backend needs a C++ compiler on CPU"
+    return None
+
+
+def compile_unets(backend, mode, *unets):
+    """torch.compile in place (`Module.compile`: state-dict keys, saving and unwrapping stay unchanged). Where the
+    backend is unavailable, or a graph fails to compile, the UNet runs eagerly with a warning instead of failing."""
+    device = next(unets[0].parameters()).device
+    reason = compile_unavailable_reason(backend, device)
+    if reason is not None:
+        logger.warning(f"--compile: {reason}; training without compilation.")
+        return False
+    import torch._dynamo
+
+    torch._dynamo.config.suppress_errors = True  # a graph that fails to compile falls back to eager, logged
+    for unet in unets:
+        if unet is not None:
+            unet.compile(backend=backend, mode=mode)
+    return True
+
+
+def enable_xformers(*unets):
+    try:
+        import xformers  # noqa: F401
+
+        for unet in unets:
+            if unet is not None:
+                unet.enable_xformers_memory_efficient_attention()
+    except Exception as error:
+        raise RuntimeError(f"--enable_xformers_memory_efficient_attention: xformers is not usable here ({error}). "
+                           "Remove the flag (PyTorch SDPA attention is the default and as fast on torch 2), or install "
+                           "an xformers wheel built for this torch and CUDA.") from error
+
+
+def create_optimizer(args, params):
+    """AdamW: fused on CUDA (one kernel for all parameters; the peers' default is foreach), bitsandbytes 8-bit, or
+    Adafactor with DiffusionDPO's SDXL settings (a fixed learning rate, no parameter scaling, update clipping 1)."""
+    if args.use_adafactor:
+        return transformers.Adafactor(params, lr=args.learning_rate, weight_decay=args.adam_weight_decay,
+                                      clip_threshold=1.0, scale_parameter=False, relative_step=False)
+    kwargs = {"lr": args.learning_rate, "betas": (args.adam_beta1, args.adam_beta2),
+              "weight_decay": args.adam_weight_decay, "eps": args.adam_epsilon}
+    if args.use_8bit_adam:
+        import bitsandbytes as bnb
+
+        return bnb.optim.AdamW8bit(params, **kwargs)
+    params = list(params)
+    if params and all(p.device.type == "cuda" for p in params):
+        kwargs["fused"] = True
+    return torch.optim.AdamW(params, **kwargs)
+
+
+def training_step(args, accelerator, models, unet, optimizer, lr_scheduler, batch, micro_step, seed, weight_dtype,
+                  guard=None):
+    """One micro-step: loss, backward, and (at accumulation boundaries) clipping and the optimizer update.
+
+    With a `StepGuard`, an update whose loss or gradient is not finite on any process is skipped on every process
+    (`guard.verdict` tells the caller)."""
+    with accelerator.accumulate(unet):
+        loss, metrics = compute_step_loss(args, models, unet, batch, micro_step, seed, weight_dtype)
+        accelerator.backward(loss)
+        if guard is not None:
+            guard.observe(loss, batch)
+        if accelerator.sync_gradients:
+            grad_norm = None
+            if args.max_grad_norm > 0 or guard is not None:  # max_norm inf: the norm only, grads untouched
+                grad_norm = accelerator.clip_grad_norm_(unet.parameters(), args.max_grad_norm or math.inf)
+            if guard is not None and guard.agree(grad_norm).skip_update:
+                optimizer.zero_grad(set_to_none=True)  # no gradients: the step leaves weights and moments untouched
+        optimizer.step()
+        lr_scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+    return loss.detach(), metrics
+
+
+STOP_REQUEST = {"signal": None}  # set by the SIGTERM/SIGINT handler of `stop_on_signals`
+
+
+class StepGuard:
+    """What all processes must agree on at an optimizer step, settled in one collective: was a loss or gradient of
+    the update non-finite anywhere (then every process skips it), did a stop signal arrive, how many rows were
+    skipped by the loaders. Under fp16 a gradient overflow is left to the loss scaler (it skips the step itself)."""
+
+    def __init__(self, accelerator):
+        self.accelerator, self.window_nonfinite, self.window_bad_rows, self.verdict = accelerator, False, 0, None
+
+    def observe(self, loss, batch):
+        self.window_nonfinite |= not bool(torch.isfinite(loss.detach()).all())
+        self.window_bad_rows += int(batch.get("bad_rows", 0))
+
+    def agree(self, grad_norm):
+        accelerator = self.accelerator
+        grad_nonfinite = (grad_norm is not None and accelerator.scaler is None
+                          and not bool(torch.isfinite(torch.as_tensor(grad_norm)).all()))
+        flags = torch.tensor([float(self.window_nonfinite or grad_nonfinite), float(STOP_REQUEST["signal"] is not None),
+                              float(self.window_bad_rows)], device=accelerator.device)
+        if accelerator.num_processes > 1:
+            flags = accelerator.reduce(flags, "sum")
+        flags = flags.tolist()
+        self.window_nonfinite, self.window_bad_rows = False, 0
+        self.verdict = SimpleNamespace(skip_update=flags[0] > 0, stop=flags[1] > 0, bad_rows=int(flags[2]))
+        return self.verdict
+
+
+@contextlib.contextmanager
+def stop_on_signals():
+    """SIGTERM (preemption) and SIGINT (Ctrl-C) ask the run to save a checkpoint at the end of the current optimizer
+    step and stop; a second SIGINT interrupts at once. Loader workers ignore both (`ignore_stop_signals`)."""
+
+    def request_stop(signum, frame):
+        if signum == signal.SIGINT and STOP_REQUEST["signal"] == signal.SIGINT:
+            raise KeyboardInterrupt
+        STOP_REQUEST["signal"] = signum
+        row_logger.warning(f"Received {signal.Signals(signum).name}: saving a checkpoint at the end of this optimizer "
+                           "step, then stopping (SIGINT again to interrupt at once).")
+
+    STOP_REQUEST["signal"] = None
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        previous = {signum: signal.signal(signum, request_stop) for signum in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield STOP_REQUEST
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def ignore_stop_signals(worker_id):
+    """Loader workers leave SIGTERM/SIGINT (sent to the whole process group on preemption or Ctrl-C) to the main
+    process, which stops cleanly and shuts them down; otherwise a killed worker crashes the loader mid-save."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def bad_row_limit(args, rows):
+    """--max_bad_rows as a count: a fraction of `rows`, or the count itself."""
+    return math.floor(args.max_bad_rows * rows) if args.max_bad_rows < 1 else int(args.max_bad_rows)
+
+
+def check_bad_rows(args, bad_rows, rows, where):
+    if bad_rows > bad_row_limit(args, rows):
+        raise RuntimeError(f"{bad_rows} pairs could not be decoded {where} (--max_bad_rows {args.max_bad_rows:g} allows "
+                           f"{bad_row_limit(args, rows)} of {rows}); the log names each one. Repair or filter the "
+                           "dataset, check the image columns, or raise --max_bad_rows.")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Checkpoints, progress, validation, model card, Hub
+# ----------------------------------------------------------------------------------------------------------------------
+
+CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
+PROGRESS_FILE = "training_progress.json"  # written last into a checkpoint: its presence marks the checkpoint complete
+
+
+def list_checkpoints(output_dir):
+    """Complete checkpoints, oldest first: checkpoint-N folders holding the progress file (in-progress saves carry a
+    suffix; a folder without the file, e.g. from a copy that broke off, is never picked)."""
+    if not os.path.isdir(output_dir):
+        return []
+    found = []
+    for name in os.listdir(output_dir):
+        match = CHECKPOINT_PATTERN.match(name)
+        if match is None:
+            continue
+        if os.path.exists(os.path.join(output_dir, name, PROGRESS_FILE)):
+            found.append((int(match.group(1)), name))
+        else:
+            logger.warning(f"Ignoring {os.path.join(output_dir, name)}: no {PROGRESS_FILE}, so it is incomplete.")
+    return [os.path.join(output_dir, name) for _, name in sorted(found)]
+
+
+def remove_interrupted_saves(output_dir):
+    """checkpoint-N.incomplete folders are saves a crash or kill broke off: never resumable, so removed."""
+    if not os.path.isdir(output_dir):
+        return
+    for name in os.listdir(output_dir):
+        if name.startswith("checkpoint-") and name.endswith(".incomplete"):
+            logger.warning(f"Removing {name}: a checkpoint save that was interrupted.")
+            shutil.rmtree(os.path.join(output_dir, name))
+
+
+def resolve_checkpoint_path(args):
+    if args.resume_from_checkpoint == "latest":
+        checkpoints = list_checkpoints(args.output_dir)
+        return checkpoints[-1] if checkpoints else None
+    for candidate in (args.resume_from_checkpoint, os.path.join(args.output_dir, args.resume_from_checkpoint)):
+        if os.path.isdir(candidate):
+            return candidate
+    return None
+
+
+def save_checkpoint(accelerator, args, global_step, progress=None):
+    """Atomic save: written under a temporary name and renamed when complete; then old ones pruned."""
+    if progress is not None and args.streaming and accelerator.num_processes > 1:
+        # Only the main process writes the progress file: it must hold every process's stream readers. (Only it
+        # merges: the others keep their own readers, so a stale copy never overwrites a fresh state.)
+        gathered = gather_object([progress.stream_states])
+        if accelerator.is_main_process:
+            for states in gathered:  # in process order: each process's own readers last, so freshest
+                progress.stream_states.update(states)
+    final = os.path.join(args.output_dir, f"checkpoint-{global_step}")
+    partial = final + ".incomplete"
+    if accelerator.is_main_process and os.path.exists(partial):
+        shutil.rmtree(partial)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(partial)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        with open(os.path.join(partial, PROGRESS_FILE), "w") as f:  # JSON, not pickle: resuming executes no code
+            json.dump((progress or TrainingProgress(args.seed or 0)).state_dict(), f)
+        if os.path.exists(final):
+            shutil.rmtree(final)
+        os.replace(partial, final)
+        prune_checkpoints(args.output_dir, args.checkpoints_total_limit, keep=final)
+        logger.info(f"Saved checkpoint {final}")
+    accelerator.wait_for_everyone()
+    return final
+
+
+def load_checkpoint(accelerator, checkpoint, progress):
+    accelerator.load_state(checkpoint)
+    with open(os.path.join(checkpoint, PROGRESS_FILE)) as f:
+        progress.load_state_dict(json.load(f))
+
+
+def prune_checkpoints(output_dir, limit, keep):
+    """Deletes the oldest checkpoints beyond `limit`, never `keep` (the one just saved, even when a resumed run's
+    older step sorts before later leftovers)."""
+    if limit is None:
+        return
+    checkpoints = [path for path in list_checkpoints(output_dir) if os.path.abspath(path) != os.path.abspath(keep)]
+    for old in checkpoints[: max(0, len(checkpoints) + 1 - max(limit, 1))]:
+        logger.info(f"Removing checkpoint {old} (--checkpoints_total_limit {limit})")
+        shutil.rmtree(old)
+
+
+class TrainingProgress:
+    """Step count, data position, seed and fault counts, saved (as JSON) in every checkpoint so a resume continues
+    exactly."""
+
+    COUNTS = ("bad_rows", "skipped_updates", "nonfinite_in_a_row")
+
+    def __init__(self, seed):
+        self.seed, self.global_step, self.epoch, self.batch_in_epoch = seed, 0, 0, 0
+        self.stream_states = {}  # --streaming: reader -> the stream state after its last consumed batch
+        self.bad_rows = self.skipped_updates = self.nonfinite_in_a_row = 0
+        self.history = []  # the logged metrics of this process's run (not checkpointed)
+        self.stopped_by = None  # the signal that stopped the run early (not checkpointed)
+
+    def state_dict(self):
+        return {"seed": self.seed, "global_step": self.global_step, "epoch": self.epoch,
+                "batch_in_epoch": self.batch_in_epoch, "stream_states": list(self.stream_states.values()),
+                **{name: getattr(self, name) for name in self.COUNTS}}
+
+    def load_state_dict(self, state):
+        self.seed, self.global_step = int(state["seed"]), int(state["global_step"])
+        self.epoch, self.batch_in_epoch = int(state["epoch"]), int(state["batch_in_epoch"])
+        self.stream_states = {int(s["reader"]): s for s in state.get("stream_states", [])}
+        for name in self.COUNTS:
+            setattr(self, name, int(state.get(name, 0)))
+
+
+@torch.no_grad()
+def generate_validation_images(args, models, unet, weight_dtype, seed, reference=False):
+    """The validation prompts rendered by the trained UNet, or by the reference, with the same seeds."""
+    device = models.device
+    if reference and models.ref_unet is None and not args.use_lora:
+        return []  # sft trains without a reference copy
+    ref_unet, context = reference_forward(models, unet) if reference else (unet, contextlib.nullcontext())
+    scheduler = DPMSolverMultistepScheduler.from_config(models.noise_scheduler.config)
+    pipeline = build_validation_pipeline(models, ref_unet, scheduler)
+    pipeline.set_progress_bar_config(disable=True)
+    images = []
+    autocast = torch.autocast(device.type, dtype=weight_dtype) if weight_dtype != torch.float32 else contextlib.nullcontext()
+    with context, autocast:
+        for index, prompt in enumerate(args.validation_prompts):
+            generator = torch.Generator(device=device).manual_seed(seed + index)  # works for seed 0 (a peer bug)
+            images.append(pipeline(prompt, num_inference_steps=args.validation_num_inference_steps,
+                                   guidance_scale=args.validation_guidance_scale, height=args.resolution,
+                                   width=args.resolution, generator=generator).images[0])
+    return images
+
+
+def log_validation(accelerator, args, models, unet, weight_dtype, seed, global_step):
+    if not args.validation_prompts:
+        return None
+    logger.info(f"Rendering {len(args.validation_prompts)} validation prompts at step {global_step}")
+    was_training = unet.training
+    unet.eval()
+    trained = generate_validation_images(args, models, accelerator.unwrap_model(unet), weight_dtype, seed)
+    reference = generate_validation_images(args, models, accelerator.unwrap_model(unet), weight_dtype, seed,
+                                           reference=True)
+    unet.train(was_training)
+    for tracker in accelerator.trackers:
+        for name, images in (("validation", trained), ("reference", reference)):
+            if not images:
+                continue
+            if tracker.name == "tensorboard":
+                tracker.writer.add_images(name, np.stack([np.asarray(image) for image in images]), global_step,
+                                          dataformats="NHWC")
+            elif tracker.name == "wandb":
+                import wandb  # only when asked for
+
+                tracker.log({name: [wandb.Image(image, caption=prompt)
+                                    for image, prompt in zip(images, args.validation_prompts)]}, step=global_step)
+    rows = [trained] + ([reference] if reference else [])
+    grid = make_image_grid([image for row in rows[::-1] for image in row], rows=len(rows), cols=len(trained))
+    return grid
+
+
+def tracker_config(args):
+    """Run hyperparameters for the trackers: no token, lists flattened for tensorboard."""
+    config = {}
+    for key, value in vars(args).items():
+        if key == "hub_token":
+            continue
+        config[key] = " | ".join(value) if isinstance(value, list) else value
+    return config
+
+
+@contextlib.contextmanager
+def hub_lookups_disabled():
+    from huggingface_hub import constants
+
+    previous, constants.HF_HUB_OFFLINE = constants.HF_HUB_OFFLINE, True
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = previous
+
+
+def base_model_license(args):
+    """The base model card's license (DEFAULT_LICENSE if the card cannot be read)."""
+    try:
+        from huggingface_hub import ModelCard
+
+        path = args.pretrained_model_name_or_path
+        card = ModelCard.load(os.path.join(path, "README.md") if os.path.isdir(path) else path)
+        return card.data.license or DEFAULT_LICENSE
+    except Exception:
+        return DEFAULT_LICENSE
+
+
+def write_model_card(args, repo_id, stats, global_step, grid_filename=None):
+    """The output folder's README.md; `repo_id` is None without --push_to_hub (the usage snippet names the folder)."""
+    model_path = repo_id or args.output_dir
+    method = {"rpo": "Diffusion-RPO (Relative Preference Optimization, arXiv 2406.06382)",
+              "dpo": "Diffusion-DPO (arXiv 2311.12908)", "sft": "supervised fine-tuning on the preferred images"}
+    weights = "LoRA adapters (load with `pipe.load_lora_weights`)" if args.use_lora else "the full UNet"
+    rows = [("loss_type", args.loss_type), ("beta_dpo (-1/2 beta convention)", args.beta_dpo),
+            ("learning_rate", args.learning_rate), ("scale_lr", args.scale_lr),
+            ("train_batch_size (pairs per process)", args.train_batch_size),
+            ("gradient_accumulation_steps", args.gradient_accumulation_steps), ("optimizer steps", global_step),
+            ("resolution", args.resolution), ("mixed_precision", args.mixed_precision),
+            ("timestep_sampling", args.timestep_sampling)]
+    if args.loss_type == "rpo":
+        rows += [("rpo_weighting", args.rpo_weighting), ("rpo_weight_scale", args.rpo_weight_scale),
+                 ("similarity_embedding", args.similarity_embedding),
+                 ("distance_temperature", args.distance_temperature),
+                 ("clip_model_name_or_path", args.clip_model_name_or_path)]
+    if args.use_lora:
+        rows.append(("lora_rank", args.lora_rank))
+    vae_note = ""
+    if args.pretrained_vae_model_name_or_path:
+        rows.append(("pretrained_vae_model_name_or_path", args.pretrained_vae_model_name_or_path))
+        vae_note = (f"\n\nTrained with the VAE `{args.pretrained_vae_model_name_or_path}` instead of the base "
+                    "model's; " + ("load it with the adapters (`vae=AutoencoderKL.from_pretrained(...)`)."
+                                   if args.use_lora else "this pipeline includes it."))
+    table = "\n".join(f"| {key} | {value} |" for key, value in rows)
+    load = (f'pipe = DiffusionPipeline.from_pretrained("{args.pretrained_model_name_or_path}", torch_dtype=torch.float16)'
+            f'\npipe.load_lora_weights("{model_path}")' if args.use_lora else
+            f'pipe = DiffusionPipeline.from_pretrained("{model_path}", torch_dtype=torch.float16)')
+    grid = (f"\n## Validation images\n\nTop row: the base model; bottom row: this model (same prompts and seeds).\n\n"
+            f"![validation grid](./{grid_filename})\n" if grid_filename else "")
+    description = f"""# {method[args.loss_type].split(' (')[0]} fine-tune of {args.pretrained_model_name_or_path}
+
+{weights.capitalize()} of `{args.pretrained_model_name_or_path}` fine-tuned with {method[args.loss_type]} on
+`{args.dataset_name}` (split `{args.dataset_split_name}`: {stats['pairs']} pairs after dropping {stats['ties_dropped']}
+ties), with `{SCRIPT_NAME}`.{vae_note}
+
+## Training hyperparameters
+
+| setting | value |
+|---|---|
+{table}
+{grid}
+## Usage
+
+```python
+import torch
+from diffusers import DiffusionPipeline
+
+{load}
+pipe.to("cuda")
+image = pipe("a photo of an astronaut riding a horse on mars").images[0]
+```
+"""
+    # Without --push_to_hub there is no Hub card to extend: build it locally, without a network round trip (the
+    # looked-up name must only be a valid repo id; folder names need not be).
+    license = base_model_license(args)  # outside the offline block: a Hub base's card is still read
+    with contextlib.nullcontext() if repo_id else hub_lookups_disabled():
+        card = load_or_create_model_card(repo_id_or_path=repo_id or "local-model", token=args.hub_token,
+                                         from_training=True, license=license,
+                                         base_model=args.pretrained_model_name_or_path,
+                                         model_description=description, inference=True)
+    tags = MODEL_CARD_TAGS + [args.loss_type] + (["lora"] if args.use_lora else [])
+    card = populate_model_card(card, tags=tags)
+    if not os.path.isdir(args.dataset_name):
+        card.data.datasets = [args.dataset_name]
+    card.save(os.path.join(args.output_dir, "README.md"))
+    return card
+
+
+def push_to_hub(args, repo_id):
+    upload_folder(repo_id=repo_id, folder_path=args.output_dir, commit_message="End of training",
+                  ignore_patterns=["checkpoint-*", "step_*", "epoch_*", "*.incomplete"], token=args.hub_token)
+
+
+def gather_sharded_unet(accelerator, unet):
+    """Under FSDP or DeepSpeed the trained weights are sharded: every process joins in gathering the full state dict,
+    and the main process gets a plain UNet holding it (None elsewhere). Otherwise the unwrapped UNet itself."""
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type not in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        return accelerator.unwrap_model(unet)
+    state_dict = accelerator.get_state_dict(unet)
+    if not accelerator.is_main_process:
+        return None
+    full = UNet2DConditionModel.from_config(accelerator.unwrap_model(unet).config)
+    full.load_state_dict(state_dict)
+    return full
+
+
+def save_final_model(accelerator, args, models, unet):
+    """A full pipeline (`DiffusionPipeline.from_pretrained(output_dir)`) or, with LoRA, the adapter weights.
+    `unet` is the gathered, unwrapped UNet (`gather_sharded_unet`)."""
+    if args.use_lora:
+        from peft.utils import get_peft_model_state_dict
+
+        lora_layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+        PIPELINE_CLASS.save_lora_weights(args.output_dir, unet_lora_layers=lora_layers)
+        return
+    components = {"unet": unet.float()}
+    if args.pretrained_vae_model_name_or_path:  # the VAE the model was trained with, in fp32
+        components["vae"] = load_vae(args)
+    pipeline = PIPELINE_CLASS.from_pretrained(args.pretrained_model_name_or_path, revision=args.revision,
+                                              variant=args.variant, cache_dir=args.cache_dir, **components)
+    pipeline.save_pretrained(args.output_dir)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Main
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def build_accelerator(args):
+    logging_dir = os.path.join(args.output_dir, args.logging_dir)
+    project_config = ProjectConfiguration(project_dir=args.output_dir, logging_dir=logging_dir)
+    accelerator = Accelerator(gradient_accumulation_steps=args.gradient_accumulation_steps,
+                              mixed_precision=args.mixed_precision,
+                              log_with=None if args.report_to == "none" else args.report_to,
+                              project_config=project_config)
+    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", datefmt="%m/%d/%Y %H:%M:%S",
+                        level=logging.INFO)
+    logger.info(accelerator.state, main_process_only=False)
+    for library in (datasets, transformers, diffusers):
+        (library.utils.logging.set_verbosity_warning if accelerator.is_local_main_process
+         else library.utils.logging.set_verbosity_error)()
+    if args.allow_tf32 and torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = True
+    return accelerator
+
+
+def resolve_seed(args, accelerator):
+    if args.seed is not None:
+        return args.seed
+    seed = torch.randint(0, 2**31 - 1, ()).to(accelerator.device)
+    seed = int(accelerator.reduce(seed, "max")) if accelerator.num_processes > 1 else int(seed)
+    logger.info(f"No --seed given: drew seed {seed} (saved in checkpoints).")
+    return seed
+
+
+def weight_dtype_for(accelerator):
+    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+
+
+def clip_tokenize_fn(args, models):
+    """Caption -> the CLIP similarity model's ids, when the similarity embedding reads the prompt."""
+    if models.clip is None or args.similarity_embedding not in ("text", "text_image"):
+        return None
+    return make_tokenize_fn(models.clip.tokenizer, models.clip.model.config.text_config.max_position_embeddings)
+
+
+def build_dataloader(args, accelerator, models, dataset, seed, progress=None):
+    """The loader and its sampler: indexed batches of a map-style dataset, or (--streaming, `progress` given) the
+    stream readers' batches with a stand-in sampler of unbounded epoch length."""
+    tokenizers = {"input_ids": make_tokenize_fn(models.tokenizer)}
+    if getattr(models, "tokenizer_2", None) is not None:
+        tokenizers["input_ids_2"] = make_tokenize_fn(models.tokenizer_2)
+    clip_tokenize = clip_tokenize_fn(args, models)
+    if clip_tokenize is not None:
+        tokenizers["clip_input_ids"] = clip_tokenize
+    pair_dataset = PreferencePairDataset(None if args.streaming else dataset, dataset_columns(args), args.resolution,
+                                         seed, random_crop=args.random_crop, hflip=not args.no_hflip,
+                                         tokenizers=tokenizers)
+    workers = args.dataloader_num_workers
+    loader_options = {"num_workers": workers, "pin_memory": torch.cuda.is_available(),
+                      "persistent_workers": workers > 0, "prefetch_factor": 4 if workers > 0 else None,
+                      "worker_init_fn": ignore_stop_signals if workers > 0 else None}
+    if args.streaming:
+        readers = accelerator.num_processes * max(1, workers)
+        if dataset.n_shards < readers:
+            logger.warning(f"The stream has {dataset.n_shards} shards for {readers} readers (processes x workers): "
+                           f"each reader reads every shard and keeps 1 example in {readers}.")
+        stream = StreamingPairDataset(dataset, pair_dataset, args.train_batch_size, accelerator.num_processes,
+                                      accelerator.process_index, progress)
+        loader = torch.utils.data.DataLoader(stream, batch_size=None, **loader_options)
+        return loader, SimpleNamespace(batches_per_epoch=sys.maxsize, set_epoch=lambda epoch, start_batch=0: None)
+    global_batch = args.train_batch_size * accelerator.num_processes
+    batches_per_epoch = (len(dataset) // global_batch) // args.gradient_accumulation_steps
+    batches_per_epoch *= args.gradient_accumulation_steps
+    if batches_per_epoch == 0:
+        raise ValueError(f"{len(dataset)} pairs are fewer than one optimizer step needs ({global_batch} pairs x "
+                         f"{args.gradient_accumulation_steps} accumulation steps). Lower --train_batch_size or "
+                         "--gradient_accumulation_steps, or use more data.")
+    sampler = IndexedBatchSampler(len(dataset), args.train_batch_size, seed, batches_per_epoch,
+                                  accelerator.num_processes, accelerator.process_index)
+    loader = torch.utils.data.DataLoader(pair_dataset, batch_sampler=sampler, collate_fn=collate_pairs,
+                                         **loader_options)
+    return loader, sampler
+
+
+def main(args):
+    with stop_on_signals():
+        accelerator = build_accelerator(args)
+        try:
+            return run_training(args, accelerator)
+        except BaseException as error:
+            # Let a failed run exit: free the traceback's locals, so the loader shuts its workers down (they ignore
+            # the SIGTERM multiprocessing would stop them with at exit), and tear down the process group.
+            traceback.clear_frames(error.__traceback__)
+            gc.collect()
+            accelerator.end_training()
+            raise
+
+
+def run_training(args, accelerator):
+    check_pretrained_pipeline(args)  # a wrong model path fails now, not after the dataset is prepared
+    if accelerator.is_main_process:
+        os.makedirs(args.output_dir, exist_ok=True)
+        remove_interrupted_saves(args.output_dir)
+    repo_id = None
+    if args.push_to_hub and accelerator.is_main_process:
+        repo_id = create_repo(repo_id=args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir)),
+                              exist_ok=True, token=args.hub_token).repo_id
+    weight_dtype = weight_dtype_for(accelerator)
+    progress = TrainingProgress(resolve_seed(args, accelerator))
+
+    raw_dataset = load_raw_dataset(args)
+    if args.streaming:
+        dataset = prepare_streaming_dataset(raw_dataset, dataset_columns(args), progress.seed, args.shuffle_buffer_size)
+        stats = {"rows": "streamed", "ties_dropped": "all", "pairs": "streamed"}  # a stream is not counted
+    else:
+        dataset, stats = prepare_preference_dataset(raw_dataset, dataset_columns(args), args.max_train_samples,
+                                                    progress.seed)
+    logger.info(f"Dataset: {stats['rows']} rows, {stats['ties_dropped']} ties dropped, {stats['pairs']} pairs used.")
+
+    models = load_models(args, accelerator.device, weight_dtype)
+    models.unwrap = accelerator.unwrap_model
+    unet = models.unet
+    if args.scale_lr:
+        args.learning_rate *= args.gradient_accumulation_steps * args.train_batch_size * accelerator.num_processes
+    optimizer = create_optimizer(args, [p for p in unet.parameters() if p.requires_grad])
+    if args.cache_latents:
+        cached = build_latent_cache(args, accelerator, models, dataset)
+        if len(cached) < len(dataset):
+            logger.warning(f"Latent cache: {len(dataset) - len(cached)} of {len(dataset)} pairs could not be decoded "
+                           "and are left out.")
+            check_bad_rows(args, len(dataset) - len(cached), len(dataset), "while building the latent cache")
+            stats["pairs"] = len(cached)
+        dataset = cached
+        models.clip = None  # its embeddings are cached
+    loader, sampler = build_dataloader(args, accelerator, models, dataset, progress.seed, progress)
+    updates_per_epoch = sampler.batches_per_epoch // args.gradient_accumulation_steps
+    if args.max_train_steps is None:
+        args.max_train_steps = args.num_train_epochs * updates_per_epoch
+    num_epochs = math.ceil(args.max_train_steps / updates_per_epoch)
+    lr_scheduler = get_scheduler(args.lr_scheduler, optimizer=optimizer,
+                                 num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
+                                 num_training_steps=args.max_train_steps * accelerator.num_processes)
+    if accelerator.state.deepspeed_plugin is not None:  # our loader is not prepared, so DeepSpeed cannot infer it
+        accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = args.train_batch_size
+    unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
+
+    if args.resume_from_checkpoint:
+        checkpoint = resolve_checkpoint_path(args)
+        if checkpoint is None:
+            logger.info(f"No checkpoint in {args.output_dir} to resume from: starting a new run.")
+        else:
+            logger.info(f"Resuming from {checkpoint}")
+            load_checkpoint(accelerator, checkpoint, progress)
+    if accelerator.is_main_process:
+        accelerator.init_trackers(args.tracker_project_name, config=tracker_config(args))
+
+    logger.info(f"***** Training ({args.loss_type}) *****  pairs {stats['pairs']}, epochs {num_epochs}, "
+                f"pairs per step {args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps}"
+                f", optimizer steps {args.max_train_steps}, seed {progress.seed}")
+    train_loop(args, accelerator, models, unet, optimizer, lr_scheduler, loader, sampler, progress, num_epochs,
+               weight_dtype)
+    if progress.stopped_by is not None:
+        logger.info(f"Stopped by {signal.Signals(progress.stopped_by).name} at step {progress.global_step}; resume "
+                    "with --resume_from_checkpoint latest.")
+        accelerator.end_training()
+        return progress
+
+    accelerator.wait_for_everyone()
+    grid = log_validation(accelerator, args, models, unet, weight_dtype, progress.seed, progress.global_step)
+    trained_unet = gather_sharded_unet(accelerator, unet)
+    if accelerator.is_main_process:
+        save_final_model(accelerator, args, models, trained_unet)
+        grid_filename = None
+        if grid is not None:
+            grid_filename = "validation_grid.png"
+            grid.save(os.path.join(args.output_dir, grid_filename))
+        write_model_card(args, repo_id, stats, progress.global_step, grid_filename)
+        if args.push_to_hub:
+            push_to_hub(args, repo_id)
+    accelerator.end_training()
+    return progress
+
+
+def train_loop(args, accelerator, models, unet, optimizer, lr_scheduler, loader, sampler, progress, num_epochs,
+               weight_dtype):
+    progress_bar = tqdm(range(args.max_train_steps), initial=progress.global_step, desc="Steps",
+                        disable=not accelerator.is_local_main_process)
+    unet.train()
+    accumulated, guard = {}, StepGuard(accelerator)
+    pairs_read = args.max_train_steps * args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
+    for epoch in range(progress.epoch, num_epochs):
+        sampler.set_epoch(epoch, progress.batch_in_epoch if epoch == progress.epoch else 0)
+        progress.epoch = epoch
+        for batch in loader:
+            if STREAM_TURN in batch:
+                continue
+            stream_state = batch.pop("stream_state", None)
+            if stream_state is not None:
+                progress.stream_states[stream_state["reader"]] = stream_state
+            micro_step = progress.global_step * args.gradient_accumulation_steps + len(accumulated.get("loss", []))
+            loss, metrics = training_step(args, accelerator, models, unet, optimizer, lr_scheduler, batch, micro_step,
+                                          progress.seed, weight_dtype, guard)
+            for name, value in {"loss": loss, **metrics}.items():
+                accumulated.setdefault(name, []).append(value)
+            progress.batch_in_epoch += 1
+            if not accelerator.sync_gradients:
+                continue
+            progress.global_step += 1
+            if progress.batch_in_epoch >= sampler.batches_per_epoch:
+                progress.epoch, progress.batch_in_epoch = epoch + 1, 0
+            logs = {name: accelerator.reduce(torch.stack(values).mean(), "mean").item()
+                    for name, values in accumulated.items()}
+            logs["lr"] = lr_scheduler.get_last_lr()[0]
+            accumulated = {}
+            record_faults(args, progress, guard.verdict, logs)
+            progress.history.append(logs)
+            accelerator.log(logs, step=progress.global_step)
+            progress_bar.update(1)
+            progress_bar.set_postfix({name: f"{logs[name]:.4g}" for name in ("loss", "implicit_acc") if name in logs})
+            if progress.nonfinite_in_a_row >= args.max_nonfinite_steps:
+                last = list_checkpoints(args.output_dir)
+                raise RuntimeError(
+                    f"{progress.nonfinite_in_a_row} optimizer steps in a row (up to step {progress.global_step}) had a "
+                    "non-finite loss or gradient; each was skipped, so the weights are those of the last good step, "
+                    f"and the last checkpoint is {last[-1] if last else 'none'}. Lower --learning_rate, train in bf16 "
+                    "rather than fp16, check the data, or raise --max_nonfinite_steps.")
+            saved = False
+            if progress.global_step % args.checkpointing_steps == 0:
+                save_checkpoint(accelerator, args, progress.global_step, progress)
+                saved = True
+            if progress.bad_rows > bad_row_limit(args, pairs_read):
+                if not saved:  # the weights are fine: keep what was trained
+                    save_checkpoint(accelerator, args, progress.global_step, progress)
+                check_bad_rows(args, progress.bad_rows, pairs_read, "by the loader")
+            if guard.verdict.stop:
+                progress.stopped_by = STOP_REQUEST["signal"] or signal.SIGTERM  # the signal reached another process
+                if not saved:
+                    save_checkpoint(accelerator, args, progress.global_step, progress)
+                return
+            if args.validation_prompts and progress.global_step % args.validation_steps == 0:
+                log_validation(accelerator, args, models, unet, weight_dtype, progress.seed, progress.global_step)
+            if progress.global_step >= args.max_train_steps:
+                return
+
+
+def record_faults(args, progress, verdict, logs):
+    """Counts this optimizer step's skipped rows and skipped update into `progress` (checkpointed) and the logs."""
+    progress.bad_rows += verdict.bad_rows
+    if verdict.bad_rows:
+        logger.warning(f"Step {progress.global_step}: {verdict.bad_rows} undecodable pairs skipped "
+                       f"({progress.bad_rows} in all).")
+    if verdict.skip_update:
+        progress.skipped_updates += 1
+        progress.nonfinite_in_a_row += 1
+        logger.warning(f"Step {progress.global_step}: non-finite loss or gradient; update skipped "
+                       f"({progress.nonfinite_in_a_row} in a row, {progress.skipped_updates} in all).")
+    else:
+        progress.nonfinite_in_a_row = 0
+    if progress.bad_rows or progress.skipped_updates:
+        logs.update(bad_rows=progress.bad_rows, skipped_updates=progress.skipped_updates)
+
+
+if __name__ == "__main__":
+    stopped_by = main(parse_args()).stopped_by
+    if stopped_by is not None:
+        sys.exit(128 + stopped_by)  # the shell's "terminated by signal" status, after a clean save
