@@ -263,3 +263,14 @@ def corrupt_rows(rows, row_indices, kinds=tuple(CORRUPTIONS)):
         column = ("jpg_0", "jpg_1")[number % 2]
         rows[index][column] = CORRUPTIONS[kinds[number % len(kinds)]](rows[index][column])
     return rows
+
+
+def save_vae(path, seed):
+    """A second tiny VAE (other weights) saved on its own, as a custom VAE such as madebyollin/sdxl-vae-fp16-fix is."""
+    vae = build_vae()
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for parameter in vae.parameters():
+            parameter.add_(0.01 * torch.randn_like(parameter))
+    vae.save_pretrained(path)
+    return path

@@ -1,0 +1,233 @@
+"""train_diffusion_rpo_sdxl.py: the code it shares with train_diffusion_rpo.py, SDXL's conditioning, and end-to-end
+runs on a tiny SDXL pipeline (two CLIP text encoders, the second with projection; a text_time UNet)."""
+
+import ast
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from PIL import Image
+
+import tiny
+import train_diffusion_rpo as sd15
+import train_diffusion_rpo_sdxl as sdxl
+from test_train import ROOT, cli, unet_weights
+
+SCRIPTS = {name: os.path.join(ROOT, name) for name in ("train_diffusion_rpo.py", "train_diffusion_rpo_sdxl.py")}
+END_MARKER = "# END SCRIPT-SPECIFIC\n"
+BEGIN_MARKER = "# BEGIN SCRIPT-SPECIFIC"
+
+
+def script_parts(path):
+    text = open(path).read()
+    begin, end = text.index(BEGIN_MARKER), text.index(END_MARKER)
+    return text[:begin], text[begin:end], text[end:]
+
+
+def top_level_names(source):
+    names = set()
+    for node in ast.parse(source).body:
+        if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+            names.add(node.name)
+        elif isinstance(node, ast.Assign):
+            names.update(target.id for target in node.targets if isinstance(target, ast.Name))
+    return names
+
+
+def test_everything_after_the_script_specific_block_is_textually_identical():
+    (_, sd_block, sd_shared), (_, xl_block, xl_shared) = map(script_parts, SCRIPTS.values())
+    assert sd_shared == xl_shared  # compute_preference_loss, data, step, cache, checkpoints, card, main: one text
+    # Both blocks define the same names (the seams the shared code calls), and nothing shared is redefined in them.
+    assert top_level_names(sd_block) == top_level_names(xl_block)
+    assert not top_level_names(sd_block) & top_level_names(sd_shared)
+    assert {"load_models", "encode_conditioning", "build_validation_pipeline"} <= top_level_names(sd_block)
+    assert "compute_preference_loss" in top_level_names(sd_shared)
+
+
+@pytest.mark.parametrize("loss_type", ["rpo", "dpo", "sft"])
+def test_both_scripts_give_identical_losses(loss_type):
+    generator = torch.Generator().manual_seed(0)
+    model_losses = torch.rand(8, generator=generator, requires_grad=True)
+    ref_losses = None if loss_type == "sft" else torch.rand(8, generator=generator)
+    embeddings = torch.nn.functional.normalize(torch.randn(8, 16, generator=generator), dim=-1)
+    results = []
+    for module in (sd15, sdxl):
+        loss, metrics = module.compute_preference_loss(model_losses, ref_losses, loss_type=loss_type, beta=5000.0,
+                                                       embeddings=embeddings, temperature=0.5)
+        (gradient,) = torch.autograd.grad(loss, model_losses)
+        results.append((loss, gradient, metrics))
+    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
+    assert results[0][2].keys() == results[1][2].keys()
+    assert all(torch.equal(results[0][2][k], results[1][2][k]) for k in results[0][2])
+
+
+def test_both_scripts_take_the_same_flags_with_their_own_model_defaults():
+    sd_args, xl_args = vars(sd15.parse_args([])), vars(sdxl.parse_args([]))
+    assert sd_args.keys() == xl_args.keys()
+    differing = {key for key in sd_args if sd_args[key] != xl_args[key]}
+    assert differing == {"pretrained_model_name_or_path", "resolution"}
+    assert xl_args["pretrained_model_name_or_path"] == "stabilityai/stable-diffusion-xl-base-1.0"
+    assert xl_args["resolution"] == 1024
+
+
+def test_each_script_refuses_the_other_ones_weights(sd_pipeline_path, sdxl_pipeline_path):
+    with pytest.raises(ValueError, match="is a StableDiffusionPipeline.*Use train_diffusion_rpo.py"):
+        sdxl.check_pretrained_pipeline(sdxl.parse_args(["--pretrained_model_name_or_path", sd_pipeline_path]))
+    with pytest.raises(ValueError, match="is a StableDiffusionXLPipeline.*Use train_diffusion_rpo_sdxl.py"):
+        sd15.check_pretrained_pipeline(sd15.parse_args(["--pretrained_model_name_or_path", sdxl_pipeline_path]))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# SDXL conditioning
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def xl_flags(sdxl_pipeline_path, dataset, clip_model_path, output_dir, *extra):
+    return cli(sdxl_pipeline_path, dataset, clip_model_path, output_dir, *extra)
+
+
+def test_time_ids_follow_the_pair_crop_and_flip(sdxl_pipeline_path, pickapic_path, clip_model_path, tmp_path):
+    args = sdxl.parse_args(xl_flags(sdxl_pipeline_path, pickapic_path, clip_model_path, tmp_path, "--random_crop"))
+    models = sdxl.load_models(args, torch.device("cpu"), torch.float32)
+    dataset, _ = sdxl.prepare_preference_dataset(sdxl.load_raw_dataset(args), sdxl.dataset_columns(args))
+    items = sdxl.PreferencePairDataset(dataset, sdxl.dataset_columns(args), 32, seed=0, random_crop=True,
+                                       tokenizers={"input_ids": sdxl.make_tokenize_fn(models.tokenizer),
+                                                   "input_ids_2": sdxl.make_tokenize_fn(models.tokenizer_2)})
+    keys = [(index, 0) for index in range(6)]
+    batch = sdxl.collate_pairs([items[key] for key in keys])
+    inputs = sdxl.prepare_diffusion_inputs(args, models, batch, micro_step=0, seed=0)
+    time_ids = inputs.unet_kwargs["added_cond_kwargs"]["time_ids"]
+    assert time_ids.shape == (12, 6) and torch.equal(time_ids[:6], time_ids[6:])  # winner and loser: the same ids
+    seen_flip, seen_offset = set(), set()
+    for row, (index, epoch) in enumerate(keys):
+        # Recomputed from the raw row with PIL: resize the shorter side to 32, flip, then crop at the drawn position.
+        augmentation = sdxl.sample_pair_augmentation(0, index, epoch, True, True)
+        winner = "jpg_0" if dataset[index]["label_0"] == 1 else "jpg_1"
+        image = sdxl.decode_image(dataset[index][winner])
+        width, height = image.size
+        scale = 32 / min(width, height)
+        new_w, new_h = max(32, round(width * scale)), max(32, round(height * scale))
+        top = round(augmentation["crop_fraction"][0] * (new_h - 32))
+        left = round(augmentation["crop_fraction"][1] * (new_w - 32))
+        assert time_ids[row].tolist() == [height, width, top, left, 32, 32]
+        resized = image.resize((new_w, new_h), Image.Resampling.BICUBIC)
+        if augmentation["flip"]:
+            resized = resized.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        expected = torch.tensor(list(resized.crop((left, top, left + 32, top + 32)).getdata()), dtype=torch.float32)
+        actual = ((batch["pixel_values"][row] + 1) * 127.5).round().permute(1, 2, 0).reshape(-1, 3)
+        assert torch.equal(actual, expected)
+        seen_flip.add(augmentation["flip"])
+        seen_offset.add(top + left > 0)
+    assert seen_flip == {False, True} and True in seen_offset  # the pairs exercise flips and non-zero crops
+    text = inputs.unet_kwargs["added_cond_kwargs"]["text_embeds"]
+    assert text.shape == (12, 32) and inputs.encoder_hidden_states.shape[-1] == 64  # pooled 32; 32 + 32 concatenated
+
+
+def test_vae_stays_fp32_unless_a_custom_vae_is_given(sdxl_pipeline_path, pickapic_path, clip_model_path, tmp_path):
+    custom_vae = tiny.save_vae(str(tmp_path / "vae"), seed=9)
+    for extra, dtype in (([], torch.float32), (["--pretrained_vae_model_name_or_path", custom_vae], torch.bfloat16)):
+        args = sdxl.parse_args(xl_flags(sdxl_pipeline_path, pickapic_path, clip_model_path, tmp_path, "--loss_type",
+                                        "dpo", *extra))
+        models = sdxl.load_models(args, torch.device("cpu"), torch.bfloat16)
+        assert models.vae.dtype == dtype and models.text_encoder_2.dtype == torch.bfloat16
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# End to end
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def generate(pipeline):
+    return pipeline("a red circle", num_inference_steps=2, height=32, width=32, output_type="np",
+                    generator=torch.Generator().manual_seed(0)).images[0]
+
+
+@pytest.mark.parametrize("loss_type", ["rpo", "dpo", "sft"])
+def test_accelerate_launch_trains_an_sdxl_pipeline_that_loads_and_generates(sdxl_pipeline_path, pickapic_path,
+                                                                            clip_model_path, tmp_path, loss_type):
+    from diffusers import DiffusionPipeline, StableDiffusionXLPipeline
+
+    out = tmp_path / "launched"
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--cpu",
+               "--mixed_precision", "no", "--num_machines", "1", "--dynamo_backend", "no", SCRIPTS["train_diffusion_rpo_sdxl.py"],
+               *xl_flags(sdxl_pipeline_path, pickapic_path, clip_model_path, out, "--loss_type", loss_type,
+                         "--checkpointing_steps", "1")]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=tmp_path,
+                            env={**os.environ, "PYTHONPATH": ROOT})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert sorted(p for p in os.listdir(out) if p.startswith("checkpoint")) == ["checkpoint-1", "checkpoint-2"]
+    trained, base = unet_weights(out), unet_weights(sdxl_pipeline_path)
+    assert trained.keys() == base.keys() and any(not torch.equal(trained[k], base[k]) for k in base)
+    pipeline = DiffusionPipeline.from_pretrained(out)
+    assert isinstance(pipeline, StableDiffusionXLPipeline)
+    image = generate(pipeline)
+    assert image.shape == (32, 32, 3) and image.std() > 0
+    assert (out / "validation_grid.png").exists()
+
+
+def run_xl(sdxl_pipeline_path, pickapic_path, clip_model_path, output_dir, *extra):
+    return sdxl.main(sdxl.parse_args(xl_flags(sdxl_pipeline_path, pickapic_path, clip_model_path, output_dir,
+                                              "--validation_prompts", *extra)))
+
+
+def test_sdxl_resume_is_bitwise_exact(sdxl_pipeline_path, pickapic_path, clip_model_path, tmp_path):
+    common = ["--train_batch_size", "4", "--checkpointing_steps", "2"]
+    straight = run_xl(sdxl_pipeline_path, pickapic_path, clip_model_path, tmp_path / "straight", *common,
+                      "--max_train_steps", "4")
+    run_xl(sdxl_pipeline_path, pickapic_path, clip_model_path, tmp_path / "split", *common, "--max_train_steps", "2")
+    resumed = run_xl(sdxl_pipeline_path, pickapic_path, clip_model_path, tmp_path / "split", *common,
+                     "--max_train_steps", "4", "--resume_from_checkpoint", "latest")
+    assert [h["loss"] for h in resumed.history] == [h["loss"] for h in straight.history[2:]]
+    a, b = unet_weights(tmp_path / "straight"), unet_weights(tmp_path / "split")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_sdxl_lora_adapters_load_on_the_base(sdxl_pipeline_path, pickapic_path, clip_model_path, tmp_path):
+    from diffusers import StableDiffusionXLPipeline
+    from safetensors.torch import load_file
+
+    progress = run_xl(sdxl_pipeline_path, pickapic_path, clip_model_path, tmp_path / "out", "--use_lora", "--loss_type",
+                      "dpo")
+    assert progress.history[0]["loss"] == torch.tensor(0.6931471805599453, dtype=torch.float32).item()
+    lora = load_file(tmp_path / "out" / "pytorch_lora_weights.safetensors")
+    assert lora and all("lora" in key for key in lora)
+    pipeline = StableDiffusionXLPipeline.from_pretrained(sdxl_pipeline_path)
+    before = generate(pipeline)
+    pipeline.load_lora_weights(str(tmp_path / "out"))
+    assert abs(generate(pipeline) - before).max() > 0
+
+
+def test_custom_vae_is_trained_with_saved_and_named_in_the_card(sdxl_pipeline_path, pickapic_path, clip_model_path,
+                                                               tmp_path):
+    from huggingface_hub import ModelCard
+    from safetensors.torch import load_file
+
+    custom_vae = tiny.save_vae(str(tmp_path / "fp16-fix-vae"), seed=9)
+    out = tmp_path / "out"
+    run_xl(sdxl_pipeline_path, pickapic_path, clip_model_path, out, "--pretrained_vae_model_name_or_path", custom_vae,
+           "--adam_weight_decay", "0")
+    saved = load_file(out / "vae" / "diffusion_pytorch_model.safetensors")
+    custom = load_file(os.path.join(custom_vae, "diffusion_pytorch_model.safetensors"))
+    base = load_file(os.path.join(sdxl_pipeline_path, "vae", "diffusion_pytorch_model.safetensors"))
+    assert all(torch.equal(saved[k], custom[k]) for k in custom) and not all(torch.equal(base[k], custom[k]) for k in base)
+    card = ModelCard.load(out / "README.md")
+    assert {"stable-diffusion-xl", "stable-diffusion-xl-diffusers", "diffusion-rpo", "rpo"} <= set(card.data.tags)
+    assert card.data.license == "openrail++" and card.data.base_model == sdxl_pipeline_path
+    assert f"Trained with the VAE `{custom_vae}`" in card.text and "train_diffusion_rpo_sdxl.py" in card.text
+    # The latent cache is keyed by the VAE: the custom VAE's latents differ from the base VAE's.
+    args = sdxl.parse_args(xl_flags(sdxl_pipeline_path, pickapic_path, clip_model_path, tmp_path / "x",
+                                    "--pretrained_vae_model_name_or_path", custom_vae, "--loss_type", "dpo"))
+    models = sdxl.load_models(args, torch.device("cpu"), torch.float32)
+    assert all(torch.equal(models.vae.state_dict()[k], custom[k]) for k in custom)
+
+
+def test_adafactor_trains_with_factored_state(sdxl_pipeline_path, pickapic_path, clip_model_path, tmp_path):
+    progress = run_xl(sdxl_pipeline_path, pickapic_path, clip_model_path, tmp_path / "out", "--use_adafactor",
+                      "--checkpointing_steps", "2")
+    state = torch.load(tmp_path / "out" / "checkpoint-2" / "optimizer.bin", weights_only=True)
+    assert state["param_groups"][0]["relative_step"] is False
+    assert any("exp_avg_sq_row" in s for s in state["state"].values())  # factored second moments, no exp_avg
+    assert not any("exp_avg" in s for s in state["state"].values())
+    assert progress.global_step == 2
