@@ -41,6 +41,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import train_diffusion_rpo as rpo  # noqa: E402
+import train_diffusion_rpo_sdxl as rpo_sdxl  # noqa: E402
+
+SCRIPTS = {"sd15": rpo, "sdxl": rpo_sdxl}  # the training script each family's "ours" step comes from
 
 CONFIG_DIR = os.path.join(ROOT, "benchmarks", "configs")
 FAMILIES = {
@@ -110,8 +113,6 @@ def suite(family, compile_option):
         suffix = f"{optimizer}{'_ckpt' if checkpointing else ''}"
         variants.append(dict(name=f"reference_dpo_{suffix}", step="reference", loss_type="dpo", optimizer=optimizer,
                              checkpointing=checkpointing, cache=False, compile=False))
-        if family != "sd15":
-            continue  # our SDXL step arrives with train_diffusion_rpo_sdxl.py
         for compiled in compiles:
             tag = "_compiled" if compiled else ""
             for loss_type in ("dpo", "rpo"):
@@ -164,6 +165,8 @@ def synthetic_batch(models, pairs, resolution, seed=0):
              "input_ids": torch.randint(0, vocab, (pairs, length), generator=generator),
              "pair_index": torch.arange(pairs), "epoch": torch.zeros(pairs, dtype=torch.long),
              "original_size": torch.full((pairs, 2), resolution), "crop_top_left": torch.zeros((pairs, 2), dtype=torch.long)}
+    if len(models.text_encoders) == 2:
+        batch["input_ids_2"] = batch["input_ids"].clone()  # SDXL's two tokenizers share the vocabulary
     if models.clip is not None:
         config = models.clip.model.config.text_config
         batch["clip_input_ids"] = torch.randint(0, config.vocab_size, (pairs, config.max_position_embeddings),
@@ -268,7 +271,7 @@ class ReferenceStep:
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def script_args(variant, pairs, resolution, mixed_precision, compile_backend, output_dir):
+def script_args(script, variant, pairs, resolution, mixed_precision, compile_backend, output_dir):
     flags = ["--loss_type", variant["loss_type"], "--train_batch_size", str(pairs), "--resolution", str(resolution),
              "--mixed_precision", mixed_precision, "--learning_rate", "1e-8", "--lr_scheduler", "constant",
              "--lr_warmup_steps", "0", "--seed", "0", "--report_to", "none", "--output_dir", output_dir,
@@ -277,24 +280,26 @@ def script_args(variant, pairs, resolution, mixed_precision, compile_backend, ou
     flags += ["--use_8bit_adam"] if variant["optimizer"] == "adamw8bit" else []
     flags += ["--cache_latents"] if variant["cache"] else []
     flags += ["--compile", "--compile_backend", compile_backend] if variant["compile"] else []
-    return rpo.parse_args(flags)
+    return script.parse_args(flags)
 
 
 class OurStep:
-    """`train_diffusion_rpo.training_step` with the script's own model set-up and optimizer."""
+    """The training script's `training_step` (train_diffusion_rpo.py for sd15, train_diffusion_rpo_sdxl.py for sdxl)
+    with the script's own model set-up and optimizer."""
 
     def __init__(self, models, accelerator, variant, pairs, resolution, mixed_precision, compile_backend, workdir):
         from diffusers.optimization import get_scheduler
 
-        self.args = args = script_args(variant, pairs, resolution, mixed_precision, compile_backend, workdir)
-        self.accelerator, self.weight_dtype = accelerator, rpo.weight_dtype_for(accelerator)
+        self.script = script = rpo_sdxl if len(models.text_encoders) == 2 else rpo
+        self.args = args = script_args(script, variant, pairs, resolution, mixed_precision, compile_backend, workdir)
+        self.accelerator, self.weight_dtype = accelerator, script.weight_dtype_for(accelerator)
         if models.clip is not None:
             models.clip.model.requires_grad_(False).eval().to(accelerator.device, dtype=self.weight_dtype)
         script_models = SimpleNamespace(tokenizer=None, noise_scheduler=models.noise_scheduler,
                                         text_encoder=models.text_encoders[0], vae=models.vae, unet=models.unet,
-                                        clip=models.clip)
-        self.models = rpo.setup_models(args, script_models, accelerator.device, self.weight_dtype)
-        optimizer = rpo.create_optimizer(args, [p for p in self.models.unet.parameters() if p.requires_grad])
+                                        clip=models.clip, text_encoder_2=(models.text_encoders + [None])[1])
+        self.models = script.setup_models(args, script_models, accelerator.device, self.weight_dtype)
+        optimizer = script.create_optimizer(args, [p for p in self.models.unet.parameters() if p.requires_grad])
         lr_scheduler = get_scheduler("constant", optimizer=optimizer)
         self.unet, self.optimizer, self.lr_scheduler = accelerator.prepare(self.models.unet, optimizer, lr_scheduler)
         self.models.unwrap = accelerator.unwrap_model
@@ -305,18 +310,18 @@ class OurStep:
         """What the latent cache stores for this batch (the same functions build it), as a cached loader batch."""
         models, device = self.models, self.accelerator.device
         pixels = batch.pop("pixel_values").to(device)
-        mean, std = rpo.encode_latent_distribution(models.vae, pixels, self.args.vae_encode_batch_size)
+        mean, std = self.script.encode_latent_distribution(models.vae, pixels, self.args.vae_encode_batch_size)
         batch["latent_mean"], batch["latent_std"] = mean.cpu(), std.cpu()
         if models.clip is not None:
             clip_ids = batch.pop("clip_input_ids").to(device)
-            batch["embeddings"] = rpo.compute_similarity_embeddings(models.clip, self.args.similarity_embedding,
-                                                                    clip_ids, pixels).cpu()
+            batch["embeddings"] = self.script.compute_similarity_embeddings(models.clip, self.args.similarity_embedding,
+                                                                            clip_ids, pixels).cpu()
             self.models.clip = None
         return batch
 
     def __call__(self, batch):
-        loss, _ = rpo.training_step(self.args, self.accelerator, self.models, self.unet, self.optimizer,
-                                    self.lr_scheduler, batch, self.micro_step, 0, self.weight_dtype)
+        loss, _ = self.script.training_step(self.args, self.accelerator, self.models, self.unet, self.optimizer,
+                                            self.lr_scheduler, batch, self.micro_step, 0, self.weight_dtype)
         self.micro_step += 1
         return loss
 

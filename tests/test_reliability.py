@@ -20,6 +20,7 @@ from safetensors.torch import load_file
 
 import tiny
 import train_diffusion_rpo as rpo
+import train_diffusion_rpo_sdxl as rpo_sdxl
 from test_train import ROOT, cli, unet_weights
 
 # Rows 3 and 7 of tiny.pickapic_rows(18) are pairs 2 and 5 once the 6 ties are dropped (not adjacent, so each is
@@ -33,12 +34,20 @@ def corrupt_pickapic(tmp_path_factory):
     return tiny.write_pickapic_dataset(str(tmp_path_factory.mktemp("corrupt")), rows)
 
 
+@pytest.fixture(params=["sd15", "sdxl"])
+def script(request):
+    """Both training scripts: the behaviour under test is in their shared code (tests/test_sdxl.py)."""
+    module, pipeline_fixture = {"sd15": (rpo, "sd_pipeline_path"), "sdxl": (rpo_sdxl, "sdxl_pipeline_path")}[request.param]
+    return SimpleNamespace(module=module, pipeline=request.getfixturevalue(pipeline_fixture),
+                           path=os.path.join(ROOT, module.SCRIPT_NAME))
+
+
 @pytest.fixture
-def train(sd_pipeline_path, pickapic_path, clip_model_path, tmp_path):
+def train(script, pickapic_path, clip_model_path, tmp_path):
     def run_main(*extra, output_dir="out", dataset=pickapic_path):
-        args = rpo.parse_args(cli(sd_pipeline_path, dataset, clip_model_path, tmp_path / output_dir,
-                                  "--validation_prompts", *extra))
-        return rpo.main(args)
+        args = script.module.parse_args(cli(script.pipeline, dataset, clip_model_path, tmp_path / output_dir,
+                                            "--validation_prompts", *extra))
+        return script.module.main(args)
 
     return run_main
 
@@ -117,11 +126,11 @@ def test_streamed_corrupt_rows_are_skipped_in_full_batches(corrupt_pickapic):
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def poison_losses(monkeypatch, from_call, until_call=None):
+def poison_losses(monkeypatch, module, from_call, until_call=None):
     """Makes compute_preference_loss return NaN on its calls from_call..until_call (1-based): a NaN loss, and so NaN
     gradients, as an fp16 overflow or a NaN latent would give."""
     calls = {"count": 0}
-    original = rpo.compute_preference_loss
+    original = module.compute_preference_loss
 
     def poisoned(*args, **kwargs):
         calls["count"] += 1
@@ -130,11 +139,11 @@ def poison_losses(monkeypatch, from_call, until_call=None):
             loss = loss * float("nan")
         return loss, metrics
 
-    monkeypatch.setattr(rpo, "compute_preference_loss", poisoned)
+    monkeypatch.setattr(module, "compute_preference_loss", poisoned)
 
 
-def test_a_nonfinite_loss_skips_the_update(train, tmp_path, monkeypatch, caplog):
-    poison_losses(monkeypatch, from_call=2, until_call=2)
+def test_a_nonfinite_loss_skips_the_update(train, script, tmp_path, monkeypatch, caplog):
+    poison_losses(monkeypatch, script.module, from_call=2, until_call=2)
     progress = train("--max_train_steps", "4", "--checkpointing_steps", "1")
     assert progress.skipped_updates == 1 and progress.nonfinite_in_a_row == 0
     assert "Step 2: non-finite loss or gradient; update skipped" in caplog.text
@@ -146,8 +155,8 @@ def test_a_nonfinite_loss_skips_the_update(train, tmp_path, monkeypatch, caplog)
     assert all(torch.isfinite(w).all() for w in unet_weights(out).values())
 
 
-def test_nonfinite_steps_in_a_row_stop_the_run_at_the_last_good_weights(train, tmp_path, monkeypatch):
-    poison_losses(monkeypatch, from_call=2)
+def test_nonfinite_steps_in_a_row_stop_the_run_at_the_last_good_weights(train, script, tmp_path, monkeypatch):
+    poison_losses(monkeypatch, script.module, from_call=2)
     with pytest.raises(RuntimeError, match="3 optimizer steps in a row .*non-finite.*last checkpoint is .*checkpoint-3"):
         train("--max_train_steps", "6", "--checkpointing_steps", "1", "--max_nonfinite_steps", "3")
     out = tmp_path / "out"
@@ -174,18 +183,18 @@ def test_guard_skips_nonfinite_gradients_but_leaves_fp16_overflow_to_the_scaler(
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def test_sigint_saves_a_checkpoint_and_a_resume_matches_the_straight_run(train, tmp_path, monkeypatch):
+def test_sigint_saves_a_checkpoint_and_a_resume_matches_the_straight_run(train, script, tmp_path, monkeypatch):
     straight = train("--max_train_steps", "4", "--checkpointing_steps", "100", output_dir="straight")
-    original = rpo.record_faults
+    original = script.module.record_faults
 
     def interrupt_at_step_2(args, progress, verdict, logs):
         original(args, progress, verdict, logs)
         if progress.global_step == 2:
             os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C during step 2's bookkeeping: seen at step 3's update
 
-    monkeypatch.setattr(rpo, "record_faults", interrupt_at_step_2)
+    monkeypatch.setattr(script.module, "record_faults", interrupt_at_step_2)
     stopped = train("--max_train_steps", "4", "--checkpointing_steps", "100", output_dir="split")
-    monkeypatch.setattr(rpo, "record_faults", original)
+    monkeypatch.setattr(script.module, "record_faults", original)
     assert stopped.stopped_by == signal.SIGINT and stopped.global_step == 3
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
     assert checkpoint_names(tmp_path / "split") == ["checkpoint-3"] and not (tmp_path / "split" / "unet").exists()
@@ -195,17 +204,17 @@ def test_sigint_saves_a_checkpoint_and_a_resume_matches_the_straight_run(train, 
     assert same_weights(unet_weights(tmp_path / "straight"), unet_weights(tmp_path / "split"))
 
 
-def test_sigterm_to_a_launched_run_saves_and_the_resume_is_bitwise_exact(train, sd_pipeline_path, pickapic_path,
+def test_sigterm_to_a_launched_run_saves_and_the_resume_is_bitwise_exact(train, script, pickapic_path,
                                                                           clip_model_path, tmp_path):
     """Preemption: SIGTERM to the whole process group (launcher, trainer, loader workers), as SLURM and Ctrl-C do.
     The straight and the resumed runs are in-process, with the launched run's thread count (same arithmetic)."""
     steps = ["--max_train_steps", "12", "--train_batch_size", "4"]  # 4 epochs; killed after the step-2 checkpoint
     split = tmp_path / "split"
-    flags = cli(sd_pipeline_path, pickapic_path, clip_model_path, split, "--validation_prompts", *steps,
+    flags = cli(script.pipeline, pickapic_path, clip_model_path, split, "--validation_prompts", *steps,
                 "--dataloader_num_workers", "2", "--checkpointing_steps", "2", "--checkpoints_total_limit", "2")
     command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--cpu",
                "--num_cpu_threads_per_process", str(torch.get_num_threads()), "--mixed_precision", "no",
-               "--num_machines", "1", "--dynamo_backend", "no", os.path.join(ROOT, "train_diffusion_rpo.py"), *flags]
+               "--num_machines", "1", "--dynamo_backend", "no", script.path, *flags]
     run = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
                            env={**os.environ, "PYTHONPATH": ROOT}, start_new_session=True)
     deadline = time.time() + 300
@@ -277,7 +286,7 @@ def test_checkpoints_resume_without_unpickling_objects(train, tmp_path, monkeypa
 
 
 def test_no_code_path_runs_remote_or_pickled_code():
-    sources = [os.path.join(ROOT, "train_diffusion_rpo.py")]
+    sources = [os.path.join(ROOT, "train_diffusion_rpo.py"), os.path.join(ROOT, "train_diffusion_rpo_sdxl.py")]
     sources += [os.path.join(ROOT, "eval", name) for name in os.listdir(os.path.join(ROOT, "eval"))
                 if name.endswith(".py")]
     for path in sources:
