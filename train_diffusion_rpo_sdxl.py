@@ -1137,6 +1137,12 @@ def encode_cache_rows(rows, indices, *, args, models, clip_tokenize, first_index
         embeddings = compute_similarity_embeddings(models.clip, args.similarity_embedding, clip_input_ids,
                                                    winners_first)
         rows[CACHE_EMBEDDINGS] = per_row(embeddings).numpy()
+    finite = per_row(torch.isfinite(mean).flatten(1).all(1) & torch.isfinite(std).flatten(1).all(1)).flatten(1).all(1)
+    if not finite.all():  # a VAE overflow (SDXL's original VAE in fp16): never cache NaN latents
+        row_logger.warning(f"Skipped: {int((~finite).sum())} pairs whose VAE latents are not finite (an fp16 VAE "
+                           "overflow: keep the VAE in fp32 or use an fp16-safe VAE).")
+        keep = finite.nonzero().flatten().tolist()
+        rows = {name: [values[i] for i in keep] for name, values in rows.items()}
     return rows
 
 
@@ -1853,7 +1859,7 @@ def run_training(args, accelerator):
         cached = build_latent_cache(args, accelerator, models, dataset)
         if len(cached) < len(dataset):
             logger.warning(f"Latent cache: {len(dataset) - len(cached)} of {len(dataset)} pairs could not be decoded "
-                           "and are left out.")
+                           "(or gave non-finite latents) and are left out.")
             check_bad_rows(args, len(dataset) - len(cached), len(dataset), "while building the latent cache")
             stats["pairs"] = len(cached)
         dataset = cached

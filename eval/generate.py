@@ -9,7 +9,6 @@ size, the GPU or which other prompts are in the run, and two models compared on 
 import argparse
 import hashlib
 import json
-import os
 
 import torch
 from tqdm.auto import tqdm

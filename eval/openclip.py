@@ -8,7 +8,6 @@ open_clip's `model.py` / `transformer.py` and `model_configs/ViT-H-14.json`.
 
 import re
 
-import torch
 
 # Attention heads are the one architecture fact a state dict does not hold: open_clip's ViT-H-14 config
 # (model_configs/ViT-H-14.json) has vision head_width 80 (16 heads of 1280) and 16 text heads. Everything else

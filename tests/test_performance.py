@@ -6,8 +6,10 @@ import logging
 import math
 import os
 
+import numpy as np
 import pytest
 import torch
+from accelerate import Accelerator
 from safetensors.torch import load_file
 
 import train_diffusion_rpo as rpo
@@ -168,3 +170,22 @@ def test_large_jpegs_decode_at_reduced_scale_to_nearly_the_same_crop():
     crops = [rpo.paired_transform([image], 32, (0.5, 0.5), False)[0][0] for image in (reduced, full)]
     # In [-1, 1] units: 0.004 measured; the same crop mirrored differs by 0.15.
     assert (crops[0] - crops[1]).abs().mean() < 0.02
+
+
+def test_pairs_with_nonfinite_latents_are_left_out_of_the_cache(sd_pipeline_path, pickapic_path, clip_model_path,
+                                                                tmp_path, monkeypatch):
+    args = rpo.parse_args(cli(sd_pipeline_path, pickapic_path, clip_model_path, tmp_path, "--cache_latents"))
+    models = rpo.load_models(args, torch.device("cpu"), torch.float32)
+    dataset, _ = rpo.prepare_preference_dataset(rpo.load_raw_dataset(args), rpo.dataset_columns(args))
+    original = rpo.encode_latent_distribution
+
+    def overflowing(vae, pixels, batch_size):  # the first image of every call overflows, as an fp16 VAE can
+        mean, std = original(vae, pixels, batch_size)
+        mean[0, 0, 0, 0] = float("nan")
+        return mean, std
+
+    monkeypatch.setattr(rpo, "encode_latent_distribution", overflowing)
+    cache = rpo.build_latent_cache(args, Accelerator(cpu=True), models, dataset)
+    calls = -(-len(dataset) // max(1, args.vae_encode_batch_size // 2))  # one poisoned pair per encoded batch
+    assert len(cache) == len(dataset) - calls
+    assert all(np.isfinite(np.asarray(row["latent_mean"])).all() for row in cache)
