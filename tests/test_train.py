@@ -34,6 +34,23 @@ def run(sd_pipeline_path, pickapic_path, clip_model_path, tmp_path):
     return run_main
 
 
+@pytest.fixture(params=["sd15", "sdxl"])
+def run_either(request, pickapic_path, clip_model_path, tmp_path):
+    """`run` for each of the two scripts, for behaviour that lives in their shared code."""
+    import train_diffusion_rpo_sdxl
+
+    module, pipeline_fixture = {"sd15": (rpo, "sd_pipeline_path"),
+                                "sdxl": (train_diffusion_rpo_sdxl, "sdxl_pipeline_path")}[request.param]
+    pipeline = request.getfixturevalue(pipeline_fixture)
+
+    def run_main(*extra, output_dir=None):
+        args = module.parse_args(cli(pipeline, pickapic_path, clip_model_path, output_dir or tmp_path / "out", *extra))
+        return module.main(args), args
+
+    run_main.module = module
+    return run_main
+
+
 def unet_weights(folder):
     return load_file(os.path.join(folder, "unet", "diffusion_pytorch_model.safetensors"))
 
@@ -59,8 +76,8 @@ def test_training_saves_a_pipeline_that_loads_and_generates(run, sd_pipeline_pat
 
 
 @pytest.mark.parametrize("loss_type,sampling", [("rpo", "batch"), ("rpo", "pair"), ("dpo", "pair")])
-def test_first_step_at_the_reference_is_ln2_in_fp32(run, loss_type, sampling):
-    progress, _ = run("--loss_type", loss_type, "--timestep_sampling", sampling, "--max_train_steps", "1",
+def test_first_step_at_the_reference_is_ln2_in_fp32(run_either, loss_type, sampling):
+    progress, _ = run_either("--loss_type", loss_type, "--timestep_sampling", sampling, "--max_train_steps", "1",
                       "--validation_prompts")
     first = progress.history[0]
     assert first["loss"] == LN2_FP32
@@ -81,12 +98,12 @@ def test_rpo_weights_are_logged_from_the_clip_similarity(run):
     assert logged["beta_effective_diag"] == pytest.approx(2500 * logged["weight_diag_mean"], rel=1e-5)
 
 
-def test_checkpoints_prune_and_resume_latest(run, tmp_path):
+def test_checkpoints_prune_and_resume_latest(run_either, tmp_path):
     out = tmp_path / "ckpt"
-    run("--max_train_steps", "4", "--checkpointing_steps", "2", "--validation_prompts", output_dir=out)
+    run_either("--max_train_steps", "4", "--checkpointing_steps", "2", "--validation_prompts", output_dir=out)
     assert sorted(p for p in os.listdir(out) if p.startswith("checkpoint")) == ["checkpoint-2", "checkpoint-4"]
-    progress, _ = run("--max_train_steps", "6", "--checkpointing_steps", "2", "--checkpoints_total_limit", "2",
-                      "--resume_from_checkpoint", "latest", "--validation_prompts", output_dir=out)
+    progress, _ = run_either("--max_train_steps", "6", "--checkpointing_steps", "2", "--checkpoints_total_limit", "2",
+                             "--resume_from_checkpoint", "latest", "--validation_prompts", output_dir=out)
     assert sorted(p for p in os.listdir(out) if p.startswith("checkpoint")) == ["checkpoint-4", "checkpoint-6"]
     assert progress.global_step == 6 and len(progress.history) == 2  # continued from step 4
 
@@ -106,8 +123,8 @@ def test_resume_continues_the_data_position_exactly(run, tmp_path, extra):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_8bit_adam_keeps_uint8_optimizer_state(run, tmp_path):
-    run("--use_8bit_adam", "--checkpointing_steps", "2", "--validation_prompts")
+def test_8bit_adam_keeps_uint8_optimizer_state(run_either, tmp_path):
+    run_either("--use_8bit_adam", "--checkpointing_steps", "2", "--validation_prompts")
     state = torch.load(tmp_path / "out" / "checkpoint-2" / "optimizer.bin", weights_only=True)
 
     def tensor_dtypes(value):  # bitsandbytes nests its quantisation state in a dict
@@ -151,7 +168,8 @@ def test_model_card_parses_with_metadata_and_grid(run, sd_pipeline_path, tmp_pat
     assert (out / "validation_grid.png").exists()
 
 
-def test_push_to_hub_uploads_the_folder_without_checkpoints_or_token(run, tmp_path, monkeypatch, caplog, capfd):
+def test_push_to_hub_uploads_the_folder_without_checkpoints_or_token(run_either, tmp_path, monkeypatch, caplog,
+                                                                     capfd):
     calls = {}
 
     class Repo:
@@ -161,10 +179,10 @@ def test_push_to_hub_uploads_the_folder_without_checkpoints_or_token(run, tmp_pa
         calls["create_repo"] = kwargs
         return Repo()
 
-    monkeypatch.setattr(rpo, "create_repo", fake_create_repo)
-    monkeypatch.setattr(rpo, "upload_folder", lambda **kwargs: calls.setdefault("upload_folder", kwargs))
+    monkeypatch.setattr(run_either.module, "create_repo", fake_create_repo)
+    monkeypatch.setattr(run_either.module, "upload_folder", lambda **kwargs: calls.setdefault("upload_folder", kwargs))
     secret = "hf_TESTSECRETtoken123"
-    run("--push_to_hub", "--hub_model_id", "someone/tiny-rpo", "--hub_token", secret, "--report_to", "tensorboard",
+    run_either("--push_to_hub", "--hub_model_id", "someone/tiny-rpo", "--hub_token", secret, "--report_to", "tensorboard",
         "--checkpointing_steps", "1")
     assert calls["create_repo"] == {"repo_id": "someone/tiny-rpo", "exist_ok": True, "token": secret}
     upload = calls["upload_folder"]
