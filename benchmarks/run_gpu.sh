@@ -17,4 +17,7 @@ gpu=$(python3 -c "import torch; print(torch.cuda.get_device_name().split()[1].lo
 python3 benchmarks/benchmark_step.py --family sd15 --compile on \
   --variants reference_dpo_adamw,ours_dpo_adamw_cached_compiled,ours_rpo_adamw_cached_compiled,ours_rpo_adamw_uncached_compiled,reference_dpo_adamw8bit_ckpt,ours_dpo_adamw8bit_ckpt_cached_compiled,ours_rpo_adamw8bit_ckpt_cached_compiled \
   --out "$out/sd15_${gpu}_${stamp}.json"
-python3 benchmarks/benchmark_step.py --family sdxl --data_pairs 32 --out "$out/sdxl_${gpu}_${stamp}.json"
+# SDXL (issue #8's run): bf16, 8-bit Adam + gradient checkpointing, 2 pairs at 1024, the reference vs our rpo step.
+python3 benchmarks/benchmark_step.py --family sdxl --data_pairs 32 \
+  --variants reference_dpo_adamw8bit_ckpt,ours_rpo_adamw8bit_ckpt_cached,ours_dpo_adamw8bit_ckpt_cached \
+  --out "$out/sdxl_${gpu}_${stamp}.json"
