@@ -231,3 +231,11 @@ def test_adafactor_trains_with_factored_state(sdxl_pipeline_path, pickapic_path,
     assert any("exp_avg_sq_row" in s for s in state["state"].values())  # factored second moments, no exp_avg
     assert not any("exp_avg" in s for s in state["state"].values())
     assert progress.global_step == 2
+
+
+def test_sdxl_cached_run_matches_the_live_run(sdxl_pipeline_path, pickapic_path, clip_model_path, tmp_path):
+    # The cache must carry what SDXL's time ids are built from (original size, crop of each flip) as well as latents.
+    live = run_xl(sdxl_pipeline_path, pickapic_path, clip_model_path, tmp_path / "live", "--max_train_steps", "3")
+    cached = run_xl(sdxl_pipeline_path, pickapic_path, clip_model_path, tmp_path / "cached", "--max_train_steps", "3",
+                    "--cache_latents")
+    assert [h["loss"] for h in cached.history] == pytest.approx([h["loss"] for h in live.history], rel=1e-4)
