@@ -1,5 +1,6 @@
 import os
 import sys
+from types import SimpleNamespace
 
 import pytest
 
@@ -32,6 +33,19 @@ def pickapic_path(tmp_path_factory):
 @pytest.fixture(scope="session")
 def sdxl_pipeline_path(tmp_path_factory):
     return tiny.build_sdxl_pipeline(str(tmp_path_factory.mktemp("tiny-sdxl")))
+
+
+@pytest.fixture(params=["sd15", "sdxl"])
+def script(request):
+    """Each training script with its tiny pipeline, for behaviour in the code they share (tests/test_sdxl.py checks
+    that it is textually identical)."""
+    import train_diffusion_rpo
+    import train_diffusion_rpo_sdxl
+
+    module, pipeline_fixture = {"sd15": (train_diffusion_rpo, "sd_pipeline_path"),
+                                "sdxl": (train_diffusion_rpo_sdxl, "sdxl_pipeline_path")}[request.param]
+    return SimpleNamespace(module=module, pipeline=request.getfixturevalue(pipeline_fixture),
+                           path=os.path.join(ROOT, module.SCRIPT_NAME))
 
 
 @pytest.fixture(scope="session")

@@ -20,7 +20,6 @@ from safetensors.torch import load_file
 
 import tiny
 import train_diffusion_rpo as rpo
-import train_diffusion_rpo_sdxl as rpo_sdxl
 from test_train import ROOT, cli, unet_weights
 
 # Rows 3 and 7 of tiny.pickapic_rows(18) are pairs 2 and 5 once the 6 ties are dropped (not adjacent, so each is
@@ -32,14 +31,6 @@ CORRUPT_ROWS, CORRUPT_PAIRS = [3, 7], [2, 5]
 def corrupt_pickapic(tmp_path_factory):
     rows = tiny.corrupt_rows(tiny.pickapic_rows(18), CORRUPT_ROWS, kinds=["truncated", "zero_bytes"])
     return tiny.write_pickapic_dataset(str(tmp_path_factory.mktemp("corrupt")), rows)
-
-
-@pytest.fixture(params=["sd15", "sdxl"])
-def script(request):
-    """Both training scripts: the behaviour under test is in their shared code (tests/test_sdxl.py)."""
-    module, pipeline_fixture = {"sd15": (rpo, "sd_pipeline_path"), "sdxl": (rpo_sdxl, "sdxl_pipeline_path")}[request.param]
-    return SimpleNamespace(module=module, pipeline=request.getfixturevalue(pipeline_fixture),
-                           path=os.path.join(ROOT, module.SCRIPT_NAME))
 
 
 @pytest.fixture

@@ -34,20 +34,15 @@ def run(sd_pipeline_path, pickapic_path, clip_model_path, tmp_path):
     return run_main
 
 
-@pytest.fixture(params=["sd15", "sdxl"])
-def run_either(request, pickapic_path, clip_model_path, tmp_path):
-    """`run` for each of the two scripts, for behaviour that lives in their shared code."""
-    import train_diffusion_rpo_sdxl
-
-    module, pipeline_fixture = {"sd15": (rpo, "sd_pipeline_path"),
-                                "sdxl": (train_diffusion_rpo_sdxl, "sdxl_pipeline_path")}[request.param]
-    pipeline = request.getfixturevalue(pipeline_fixture)
-
+@pytest.fixture
+def run_either(script, pickapic_path, clip_model_path, tmp_path):
+    """`run` for each of the two scripts (the `script` fixture), for behaviour in their shared code."""
     def run_main(*extra, output_dir=None):
-        args = module.parse_args(cli(pipeline, pickapic_path, clip_model_path, output_dir or tmp_path / "out", *extra))
-        return module.main(args), args
+        args = script.module.parse_args(cli(script.pipeline, pickapic_path, clip_model_path,
+                                            output_dir or tmp_path / "out", *extra))
+        return script.module.main(args), args
 
-    run_main.module = module
+    run_main.module = script.module
     return run_main
 
 
