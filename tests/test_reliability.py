@@ -93,7 +93,7 @@ def test_latent_cache_leaves_corrupt_rows_out_and_counts_them(train, corrupt_pic
     with pytest.raises(RuntimeError, match="2 pairs could not be decoded while building the latent cache"):
         train("--cache_latents", "--max_bad_rows", "1", output_dir="strict", dataset=corrupt_pickapic)
     train("--cache_latents", "--max_bad_rows", "2", "--max_train_steps", "3", dataset=corrupt_pickapic)
-    assert "2 of 12 pairs could not be decoded and are left out" in caplog.text
+    assert "2 of 12 pairs could not be decoded (or gave non-finite latents) and are left out" in caplog.text
     cache = datasets.concatenate_datasets([datasets.Dataset.from_file(str(path))
                                            for path in (tmp_path / "out" / "latent_cache").glob("*.arrow")])
     assert len(cache) == 10
