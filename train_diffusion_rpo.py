@@ -327,8 +327,9 @@ def check_args(args, parser):
         parser.error("--rpo_weighting similarity needs a CLIP model: pass --clip_model_name_or_path (e.g. "
                      "openai/clip-vit-large-patch14) or use --rpo_weighting uniform.")
     if args.resume_from_checkpoint not in (None, "latest") and resolve_checkpoint_path(args) is None:
-        parser.error(f"--resume_from_checkpoint {args.resume_from_checkpoint}: no such checkpoint folder "
-                     f"(also looked in {args.output_dir}). Pass an existing checkpoint-N folder or 'latest'.")
+        parser.error(f"--resume_from_checkpoint {args.resume_from_checkpoint}: no such checkpoint folder with a "
+                     f"training_progress.json (also looked in {args.output_dir}; a folder without it is incomplete). "
+                     "Pass a complete checkpoint-N folder or 'latest'.")
 
 
 def needs_similarity_model(args):
@@ -529,6 +530,10 @@ def paired_transform(images, resolution, crop_fraction, flip):
     micro-conditioning needs them (the flip happens before the crop, as in the fixed diffusers SDXL script).
     """
     tensors, original_sizes, crops_top_left = [], [], []
+    # One geometry per pair (one crop, one set of SDXL time ids): a loser of another size takes the winner's, as in
+    # diffusers' DPO scripts.
+    images = [image if image.size == images[0].size else image.resize(images[0].size, Image.Resampling.BICUBIC)
+              for image in images]
     for image in images:
         width, height = image.size
         scale = resolution / min(width, height)
@@ -1337,6 +1342,8 @@ def training_step(args, accelerator, models, unet, optimizer, lr_scheduler, batc
             if guard is not None and guard.agree(grad_norm).skip_update:
                 optimizer.zero_grad(set_to_none=True)  # no gradients: the step leaves weights and moments untouched
         optimizer.step()
+        if guard is not None and accelerator.sync_gradients:
+            guard.note_scaler_skip(optimizer)
         lr_scheduler.step()
         optimizer.zero_grad(set_to_none=True)
     return loss.detach(), metrics
@@ -1367,8 +1374,19 @@ class StepGuard:
             flags = accelerator.reduce(flags, "sum")
         flags = flags.tolist()
         self.window_nonfinite, self.window_bad_rows = False, 0
-        self.verdict = SimpleNamespace(skip_update=flags[0] > 0, stop=flags[1] > 0, bad_rows=int(flags[2]))
+        # DeepSpeed's engine applies the update inside backward: there a non-finite step is counted, not skipped.
+        can_skip = str(getattr(accelerator, "distributed_type", "")) != "DistributedType.DEEPSPEED"
+        self.verdict = SimpleNamespace(nonfinite=flags[0] > 0, skip_update=flags[0] > 0 and can_skip,
+                                       stop=flags[1] > 0, bad_rows=int(flags[2]))
         return self.verdict
+
+    def note_scaler_skip(self, optimizer):
+        """An fp16 step the GradScaler skipped although its scale is already below 1 has gradients that are not
+        finite at any scale: counted like a skipped update (so an all-NaN fp16 run stops too)."""
+        scaler = self.accelerator.scaler
+        if (scaler is not None and getattr(optimizer, "step_was_skipped", False) and not self.verdict.nonfinite
+                and scaler.get_scale() < 1.0):
+            self.verdict.nonfinite = self.verdict.skip_update = True
 
 
 @contextlib.contextmanager
@@ -1453,7 +1471,7 @@ def resolve_checkpoint_path(args):
         checkpoints = list_checkpoints(args.output_dir)
         return checkpoints[-1] if checkpoints else None
     for candidate in (args.resume_from_checkpoint, os.path.join(args.output_dir, args.resume_from_checkpoint)):
-        if os.path.isdir(candidate):
+        if os.path.isdir(candidate) and os.path.exists(os.path.join(candidate, PROGRESS_FILE)):
             return candidate
     return None
 
@@ -1541,13 +1559,30 @@ def generate_validation_images(args, models, unet, weight_dtype, seed, reference
     pipeline.set_progress_bar_config(disable=True)
     images = []
     autocast = torch.autocast(device.type, dtype=weight_dtype) if weight_dtype != torch.float32 else contextlib.nullcontext()
-    with context, autocast:
+    with context, autocast, vae_decode_without_autocast(models.vae, device.type):
         for index, prompt in enumerate(args.validation_prompts):
             generator = torch.Generator(device=device).manual_seed(seed + index)  # works for seed 0 (a peer bug)
             images.append(pipeline(prompt, num_inference_steps=args.validation_num_inference_steps,
                                    guidance_scale=args.validation_guidance_scale, height=args.resolution,
                                    width=args.resolution, generator=generator).images[0])
     return images
+
+
+@contextlib.contextmanager
+def vae_decode_without_autocast(vae, device_type):
+    """Validation runs under autocast (an fp32 trained UNet beside half-precision frozen parts), which would also run
+    the VAE decoder's convolutions in fp16, where SDXL's original VAE overflows (black images): decode in its dtype."""
+    decode = vae.decode
+
+    def decode_in_vae_dtype(latents, *args, **kwargs):
+        with torch.autocast(device_type, enabled=False):
+            return decode(latents.to(vae.dtype), *args, **kwargs)
+
+    vae.decode = decode_in_vae_dtype
+    try:
+        yield
+    finally:
+        del vae.decode
 
 
 def log_validation(accelerator, args, models, unet, weight_dtype, seed, global_step):
@@ -1741,6 +1776,15 @@ def build_accelerator(args):
 
 
 def resolve_seed(args, accelerator):
+    """--seed, or on resume the checkpoint's seed (the data subset, order and every draw depend on it, so it is read
+    before the dataset is prepared), or a drawn one."""
+    checkpoint = resolve_checkpoint_path(args) if args.resume_from_checkpoint else None
+    if checkpoint is not None:
+        with open(os.path.join(checkpoint, PROGRESS_FILE)) as f:
+            seed = int(json.load(f)["seed"])
+        if args.seed is not None and args.seed != seed:
+            logger.warning(f"--seed {args.seed} ignored: {checkpoint} was trained with seed {seed}.")
+        return seed
     if args.seed is not None:
         return args.seed
     seed = torch.randint(0, 2**31 - 1, ()).to(accelerator.device)
@@ -1903,6 +1947,8 @@ def train_loop(args, accelerator, models, unet, optimizer, lr_scheduler, loader,
     progress_bar = tqdm(range(args.max_train_steps), initial=progress.global_step, desc="Steps",
                         disable=not accelerator.is_local_main_process)
     unet.train()
+    if progress.global_step >= args.max_train_steps:  # resumed from a checkpoint of the final step
+        return
     accumulated, guard = {}, StepGuard(accelerator)
     pairs_read = args.max_train_steps * args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
     for epoch in range(progress.epoch, num_epochs):
@@ -1949,7 +1995,7 @@ def train_loop(args, accelerator, models, unet, optimizer, lr_scheduler, loader,
                 if not saved:  # the weights are fine: keep what was trained
                     save_checkpoint(accelerator, args, progress.global_step, progress)
                 check_bad_rows(args, progress.bad_rows, pairs_read, "by the loader")
-            if guard.verdict.stop:
+            if guard.verdict.stop and progress.global_step < args.max_train_steps:  # at the last step: finish
                 progress.stopped_by = STOP_REQUEST["signal"] or signal.SIGTERM  # the signal reached another process
                 if not saved:
                     save_checkpoint(accelerator, args, progress.global_step, progress)
@@ -1966,10 +2012,11 @@ def record_faults(args, progress, verdict, logs):
     if verdict.bad_rows:
         logger.warning(f"Step {progress.global_step}: {verdict.bad_rows} undecodable pairs skipped "
                        f"({progress.bad_rows} in all).")
-    if verdict.skip_update:
+    if verdict.nonfinite:
         progress.skipped_updates += 1
         progress.nonfinite_in_a_row += 1
-        logger.warning(f"Step {progress.global_step}: non-finite loss or gradient; update skipped "
+        action = "update skipped" if verdict.skip_update else "update applied by DeepSpeed"
+        logger.warning(f"Step {progress.global_step}: non-finite loss or gradient; {action} "
                        f"({progress.nonfinite_in_a_row} in a row, {progress.skipped_updates} in all).")
     else:
         progress.nonfinite_in_a_row = 0

@@ -59,6 +59,18 @@ def test_winner_and_loser_share_crop_and_flip():
     assert flips == {True, False} and len(crops) > 1  # the draws do vary across pairs
 
 
+def test_a_loser_of_another_size_gets_the_winner_geometry():
+    rng = np.random.default_rng(1)
+    winner = Image.fromarray(tiny.random_image(rng, 40, 64))
+    loser = Image.fromarray(tiny.random_image(rng, 48, 40))
+    augmentation = {"crop_fraction": (0.3, 0.8), "flip": True}
+    tensors, sizes, crops = rpo.paired_transform([winner, loser], 32, **augmentation)
+    expected, _, _ = rpo.paired_transform([winner, loser.resize(winner.size, Image.Resampling.BICUBIC)], 32,
+                                          **augmentation)
+    assert torch.equal(tensors[1], expected[1])  # the loser is cropped where the winner is
+    assert sizes == [(40, 64), (40, 64)] and crops[0] == crops[1]  # one set of SDXL time ids fits both
+
+
 def test_augmentation_and_noise_are_pure_functions_of_the_pair():
     a = rpo.sample_pair_augmentation(7, 12, 2, True, True)
     assert a == rpo.sample_pair_augmentation(7, 12, 2, True, True)

@@ -35,9 +35,12 @@ def corrupt_pickapic(tmp_path_factory):
 
 @pytest.fixture
 def train(script, pickapic_path, clip_model_path, tmp_path):
-    def run_main(*extra, output_dir="out", dataset=pickapic_path):
-        args = script.module.parse_args(cli(script.pipeline, dataset, clip_model_path, tmp_path / output_dir,
-                                            "--validation_prompts", *extra))
+    def run_main(*extra, output_dir="out", dataset=pickapic_path, seeded=True):
+        flags = cli(script.pipeline, dataset, clip_model_path, tmp_path / output_dir, "--validation_prompts", *extra)
+        if not seeded:
+            at = flags.index("--seed")
+            flags = flags[:at] + flags[at + 2:]
+        args = script.module.parse_args(flags)
         return script.module.main(args)
 
     return run_main
@@ -303,3 +306,68 @@ def test_bad_reliability_flags_are_refused(flags, message, capsys):
     with pytest.raises(SystemExit):
         rpo.parse_args(flags)
     assert message in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Edges found in review
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def test_resume_without_a_seed_uses_the_checkpoint_seed_for_the_data(train, tmp_path):
+    # No --seed: a seed is drawn, and the --max_train_samples subset, the order and every draw depend on it; the
+    # resumed run must prepare its data with the checkpoint's seed, not a new draw.
+    common = ["--max_train_samples", "8", "--train_batch_size", "2", "--checkpointing_steps", "2"]
+    train(*common, "--max_train_steps", "2", output_dir="split", seeded=False)
+    seed = checkpoint_progress(tmp_path / "split" / "checkpoint-2")["seed"]
+    resumed = train(*common, "--max_train_steps", "4", "--resume_from_checkpoint", "latest", output_dir="split",
+                    seeded=False)
+    straight = train(*common, "--max_train_steps", "4", "--seed", str(seed), output_dir="straight", seeded=False)
+    assert resumed.seed == seed
+    assert [h["loss"] for h in resumed.history] == [h["loss"] for h in straight.history[2:]]
+    assert same_weights(unet_weights(tmp_path / "straight"), unet_weights(tmp_path / "split"))
+
+
+def test_a_stop_at_the_final_step_finishes_the_run(train, script, tmp_path, monkeypatch):
+    original = script.module.record_faults
+
+    def interrupt_at_step_1(args, progress, verdict, logs):
+        original(args, progress, verdict, logs)
+        if progress.global_step == 1:
+            os.kill(os.getpid(), signal.SIGTERM)  # seen at step 2, the last one
+
+    monkeypatch.setattr(script.module, "record_faults", interrupt_at_step_1)
+    progress = train("--max_train_steps", "2", "--checkpointing_steps", "2")
+    assert progress.stopped_by is None and (tmp_path / "out" / "unet").is_dir()
+    monkeypatch.setattr(script.module, "record_faults", original)
+    # Resuming the final checkpoint trains no extra step.
+    again = train("--max_train_steps", "2", "--resume_from_checkpoint", "latest")
+    assert again.global_step == 2 and again.history == []
+
+
+def test_fp16_steps_the_scaler_skips_below_scale_1_count_as_nonfinite():
+    class Scaler:
+        def __init__(self, scale):
+            self.scale = scale
+
+        def get_scale(self):
+            return self.scale
+
+    def counted(scale, skipped):
+        guard = rpo.StepGuard(SimpleNamespace(scaler=Scaler(scale), device=torch.device("cpu"), num_processes=1))
+        guard.observe(torch.tensor(0.5), {})
+        guard.agree(torch.tensor(float("inf")))
+        guard.note_scaler_skip(SimpleNamespace(step_was_skipped=skipped))
+        return guard.verdict.nonfinite
+
+    assert not counted(1024.0, True)  # an ordinary fp16 overflow: the scaler backs off, not counted
+    assert counted(0.5, True) and not counted(0.5, False)
+
+
+def test_validation_decodes_outside_autocast_in_the_vae_dtype():
+    vae = tiny.build_vae().eval()
+    latents = torch.randn(1, 4, 8, 8)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert vae.decode(latents).sample.dtype == torch.bfloat16  # what autocast alone would do to an fp32 VAE
+        with rpo.vae_decode_without_autocast(vae, "cpu"):
+            assert vae.decode(latents).sample.dtype == torch.float32
+    assert "decode" not in vars(vae)  # the method is restored
