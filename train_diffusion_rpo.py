@@ -38,7 +38,7 @@ import torch.nn.functional as F
 import transformers
 from accelerate import Accelerator
 from accelerate.logging import get_logger
-from accelerate.utils import ProjectConfiguration, broadcast_object_list, gather_object
+from accelerate.utils import DistributedType, ProjectConfiguration, broadcast_object_list, gather_object
 from huggingface_hub import create_repo, upload_folder
 from PIL import Image, ImageOps
 from tqdm.auto import tqdm
@@ -80,8 +80,7 @@ VAE_FP32_UNLESS_CUSTOM = False  # the SD1.x VAE is stable in fp16/bf16
 
 def load_models(args, device, weight_dtype):
     """Tokenizer, scheduler, text encoder, VAE (--pretrained_vae_model_name_or_path overrides the base's), UNet and the
-    RPO CLIP model, set up for training by `setup_models`."""
-    check_pretrained_pipeline(args)
+    RPO CLIP model, set up for training by `setup_models` (`run_training` has checked the pipeline class)."""
     common = {"revision": args.revision, "cache_dir": args.cache_dir}
     path = args.pretrained_model_name_or_path
     models = SimpleNamespace(
@@ -1375,7 +1374,7 @@ class StepGuard:
         flags = flags.tolist()
         self.window_nonfinite, self.window_bad_rows = False, 0
         # DeepSpeed's engine applies the update inside backward: there a non-finite step is counted, not skipped.
-        can_skip = str(getattr(accelerator, "distributed_type", "")) != "DistributedType.DEEPSPEED"
+        can_skip = getattr(accelerator, "distributed_type", None) != DistributedType.DEEPSPEED
         self.verdict = SimpleNamespace(nonfinite=flags[0] > 0, skip_update=flags[0] > 0 and can_skip,
                                        stop=flags[1] > 0, bad_rows=int(flags[2]))
         return self.verdict
@@ -1476,9 +1475,9 @@ def resolve_checkpoint_path(args):
     return None
 
 
-def save_checkpoint(accelerator, args, global_step, progress=None):
+def save_checkpoint(accelerator, args, global_step, progress):
     """Atomic save: written under a temporary name and renamed when complete; then old ones pruned."""
-    if progress is not None and args.streaming and accelerator.num_processes > 1:
+    if args.streaming and accelerator.num_processes > 1:
         # Only the main process writes the progress file: it must hold every process's stream readers. (Only it
         # merges: the others keep their own readers, so a stale copy never overwrites a fresh state.)
         gathered = gather_object([progress.stream_states])
@@ -1494,7 +1493,7 @@ def save_checkpoint(accelerator, args, global_step, progress=None):
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         with open(os.path.join(partial, PROGRESS_FILE), "w") as f:  # JSON, not pickle: resuming executes no code
-            json.dump((progress or TrainingProgress(args.seed or 0)).state_dict(), f)
+            json.dump(progress.state_dict(), f)
         if os.path.exists(final):
             shutil.rmtree(final)
         os.replace(partial, final)
@@ -1723,8 +1722,6 @@ def push_to_hub(args, repo_id):
 def gather_sharded_unet(accelerator, unet):
     """Under FSDP or DeepSpeed the trained weights are sharded: every process joins in gathering the full state dict,
     and the main process gets a plain UNet holding it (None elsewhere). Otherwise the unwrapped UNet itself."""
-    from accelerate.utils import DistributedType
-
     if accelerator.distributed_type not in (DistributedType.FSDP, DistributedType.DEEPSPEED):
         return accelerator.unwrap_model(unet)
     state_dict = accelerator.get_state_dict(unet)
@@ -1775,10 +1772,9 @@ def build_accelerator(args):
     return accelerator
 
 
-def resolve_seed(args, accelerator):
-    """--seed, or on resume the checkpoint's seed (the data subset, order and every draw depend on it, so it is read
+def resolve_seed(args, accelerator, checkpoint=None):
+    """--seed, or on resume the `checkpoint`'s seed (the data subset, order and every draw depend on it, so it is read
     before the dataset is prepared), or a drawn one."""
-    checkpoint = resolve_checkpoint_path(args) if args.resume_from_checkpoint else None
     if checkpoint is not None:
         with open(os.path.join(checkpoint, PROGRESS_FILE)) as f:
             seed = int(json.load(f)["seed"])
@@ -1867,7 +1863,8 @@ def run_training(args, accelerator):
         repo_id = create_repo(repo_id=args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir)),
                               exist_ok=True, token=args.hub_token).repo_id
     weight_dtype = weight_dtype_for(accelerator)
-    progress = TrainingProgress(resolve_seed(args, accelerator))
+    checkpoint = resolve_checkpoint_path(args) if args.resume_from_checkpoint else None
+    progress = TrainingProgress(resolve_seed(args, accelerator, checkpoint))
 
     raw_dataset = load_raw_dataset(args)
     if args.streaming:
@@ -1906,7 +1903,6 @@ def run_training(args, accelerator):
     unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
 
     if args.resume_from_checkpoint:
-        checkpoint = resolve_checkpoint_path(args)
         if checkpoint is None:
             logger.info(f"No checkpoint in {args.output_dir} to resume from: starting a new run.")
         else:

@@ -43,8 +43,6 @@ sys.path.insert(0, ROOT)
 import train_diffusion_rpo as rpo  # noqa: E402
 import train_diffusion_rpo_sdxl as rpo_sdxl  # noqa: E402
 
-SCRIPTS = {"sd15": rpo, "sdxl": rpo_sdxl}  # the training script each family's "ours" step comes from
-
 CONFIG_DIR = os.path.join(ROOT, "benchmarks", "configs")
 FAMILIES = {
     "sd15": {"pairs": 8, "resolution": 512, "tiny_resolution": 32, "text_encoders": ["text_encoder"]},

@@ -84,12 +84,8 @@ def test_each_script_refuses_the_other_ones_weights(sd_pipeline_path, sdxl_pipel
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def xl_flags(sdxl_pipeline_path, dataset, clip_model_path, output_dir, *extra):
-    return cli(sdxl_pipeline_path, dataset, clip_model_path, output_dir, *extra)
-
-
 def test_time_ids_follow_the_pair_crop_and_flip(sdxl_pipeline_path, pickapic_path, clip_model_path, tmp_path):
-    args = sdxl.parse_args(xl_flags(sdxl_pipeline_path, pickapic_path, clip_model_path, tmp_path, "--random_crop"))
+    args = sdxl.parse_args(cli(sdxl_pipeline_path, pickapic_path, clip_model_path, tmp_path, "--random_crop"))
     models = sdxl.load_models(args, torch.device("cpu"), torch.float32)
     dataset, _ = sdxl.prepare_preference_dataset(sdxl.load_raw_dataset(args), sdxl.dataset_columns(args))
     items = sdxl.PreferencePairDataset(dataset, sdxl.dataset_columns(args), 32, seed=0, random_crop=True,
@@ -128,8 +124,8 @@ def test_time_ids_follow_the_pair_crop_and_flip(sdxl_pipeline_path, pickapic_pat
 def test_vae_stays_fp32_unless_a_custom_vae_is_given(sdxl_pipeline_path, pickapic_path, clip_model_path, tmp_path):
     custom_vae = tiny.save_vae(str(tmp_path / "vae"), seed=9)
     for extra, dtype in (([], torch.float32), (["--pretrained_vae_model_name_or_path", custom_vae], torch.bfloat16)):
-        args = sdxl.parse_args(xl_flags(sdxl_pipeline_path, pickapic_path, clip_model_path, tmp_path, "--loss_type",
-                                        "dpo", *extra))
+        args = sdxl.parse_args(cli(sdxl_pipeline_path, pickapic_path, clip_model_path, tmp_path, "--loss_type",
+                                   "dpo", *extra))
         models = sdxl.load_models(args, torch.device("cpu"), torch.bfloat16)
         assert models.vae.dtype == dtype and models.text_encoder_2.dtype == torch.bfloat16
 
@@ -151,9 +147,10 @@ def test_accelerate_launch_trains_an_sdxl_pipeline_that_loads_and_generates(sdxl
 
     out = tmp_path / "launched"
     command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--cpu",
-               "--mixed_precision", "no", "--num_machines", "1", "--dynamo_backend", "no", SCRIPTS["train_diffusion_rpo_sdxl.py"],
-               *xl_flags(sdxl_pipeline_path, pickapic_path, clip_model_path, out, "--loss_type", loss_type,
-                         "--checkpointing_steps", "1")]
+               "--mixed_precision", "no", "--num_machines", "1", "--dynamo_backend", "no",
+               SCRIPTS["train_diffusion_rpo_sdxl.py"],
+               *cli(sdxl_pipeline_path, pickapic_path, clip_model_path, out, "--loss_type", loss_type,
+                    "--checkpointing_steps", "1")]
     result = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=tmp_path,
                             env={**os.environ, "PYTHONPATH": ROOT})
     assert result.returncode == 0, result.stderr[-3000:]
@@ -168,8 +165,8 @@ def test_accelerate_launch_trains_an_sdxl_pipeline_that_loads_and_generates(sdxl
 
 
 def run_xl(sdxl_pipeline_path, pickapic_path, clip_model_path, output_dir, *extra):
-    return sdxl.main(sdxl.parse_args(xl_flags(sdxl_pipeline_path, pickapic_path, clip_model_path, output_dir,
-                                              "--validation_prompts", *extra)))
+    return sdxl.main(sdxl.parse_args(cli(sdxl_pipeline_path, pickapic_path, clip_model_path, output_dir,
+                                         "--validation_prompts", *extra)))
 
 
 def test_sdxl_resume_is_bitwise_exact(sdxl_pipeline_path, pickapic_path, clip_model_path, tmp_path):
@@ -216,9 +213,9 @@ def test_custom_vae_is_trained_with_saved_and_named_in_the_card(sdxl_pipeline_pa
     assert {"stable-diffusion-xl", "stable-diffusion-xl-diffusers", "diffusion-rpo", "rpo"} <= set(card.data.tags)
     assert card.data.license == "openrail++" and card.data.base_model == sdxl_pipeline_path
     assert f"Trained with the VAE `{custom_vae}`" in card.text and "train_diffusion_rpo_sdxl.py" in card.text
-    # The latent cache is keyed by the VAE: the custom VAE's latents differ from the base VAE's.
-    args = sdxl.parse_args(xl_flags(sdxl_pipeline_path, pickapic_path, clip_model_path, tmp_path / "x",
-                                    "--pretrained_vae_model_name_or_path", custom_vae, "--loss_type", "dpo"))
+    # Training itself runs with the custom VAE's weights.
+    args = sdxl.parse_args(cli(sdxl_pipeline_path, pickapic_path, clip_model_path, tmp_path / "x",
+                               "--pretrained_vae_model_name_or_path", custom_vae, "--loss_type", "dpo"))
     models = sdxl.load_models(args, torch.device("cpu"), torch.float32)
     assert all(torch.equal(models.vae.state_dict()[k], custom[k]) for k in custom)
 
