@@ -931,6 +931,35 @@ def reference_forward(models, unet):
     return unet, adapters_disabled(unet)
 
 
+# Layers whose inputs autocast casts to the lower-precision dtype (torch.amp's "lower precision" ops: linear, conv).
+AUTOCAST_LOWER_PRECISION_LAYERS = (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d,
+                                   torch.nn.ConvTranspose1d, torch.nn.ConvTranspose2d, torch.nn.ConvTranspose3d)
+
+
+def store_as_autocast_computes(module, dtype):
+    """Frozen weights stored the way autocast computes with an fp32 module (docs/method.md, "Reference in mixed
+    precision"): linear and convolution parameters in `dtype`, the rest (norms, embeddings) in fp32.
+
+    Run under the same autocast as the fp32 policy, such a copy computes bitwise what the policy computes at
+    theta = theta_ref, so the first loss is exactly ln 2. A plain `.to(bf16)` copy run outside autocast rounds the norm
+    parameters and runs norms and softmax in bf16 instead: with trained weights its denoising errors differ from the
+    policy's by enough that beta/2 * (difference) is a logit of order 1 at step 0. Norm parameters are well under 1%
+    of a UNet's, so the copy costs about what a half-precision copy costs."""
+    module.float()
+    if dtype != torch.float32:
+        for layer in module.modules():
+            if isinstance(layer, AUTOCAST_LOWER_PRECISION_LAYERS):
+                layer.to(dtype)
+    return module
+
+
+def autocast_like_policy(device, weight_dtype):
+    """The autocast accelerate wraps the trained UNet's forward in, for the frozen reference's forward."""
+    if weight_dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=weight_dtype)
+
+
 def repeat_for_pairs(value):
     """Per-pair conditioning (M, ...) -> the same for winners then losers (2M, ...), through nested dicts."""
     if isinstance(value, dict):
@@ -1033,9 +1062,8 @@ def compute_step_loss(args, models, unet, batch, micro_step, seed, weight_dtype=
         return compute_preference_loss(model_losses, None, loss_type="sft", beta=args.beta_dpo)
     model_losses = per_sample_denoising_loss(unet, noisy, timesteps, hidden, target, **unet_kwargs)
     ref_unet, context = reference_forward(models, unet)
-    with torch.no_grad(), context:
-        ref_losses = per_sample_denoising_loss(ref_unet, noisy.to(ref_unet.dtype), timesteps, hidden, target,
-                                               **unet_kwargs)
+    with torch.no_grad(), context, autocast_like_policy(models.device, weight_dtype):
+        ref_losses = per_sample_denoising_loss(ref_unet, noisy, timesteps, hidden, target, **unet_kwargs)
     embeddings = None
     if needs_similarity_model(args):
         embeddings = batch.get("embeddings")  # cached, or computed here from the batch's prompts and crops
@@ -1256,12 +1284,12 @@ def setup_models(args, models, device, weight_dtype):
         from peft import LoraConfig
 
         unet.requires_grad_(False)
-        unet.to(device, dtype=weight_dtype)
+        store_as_autocast_computes(unet, weight_dtype).to(device)
         unet.add_adapter(LoraConfig(r=args.lora_rank, lora_alpha=args.lora_rank, init_lora_weights="gaussian",
                                     target_modules=["to_k", "to_q", "to_v", "to_out.0"]))
         cast_training_params(unet, dtype=torch.float32)
     elif args.loss_type != "sft":
-        ref_unet = copy.deepcopy(unet).requires_grad_(False).eval().to(device, dtype=weight_dtype)
+        ref_unet = store_as_autocast_computes(copy.deepcopy(unet), weight_dtype).requires_grad_(False).eval().to(device)
     unet.to(device)
     if args.enable_xformers_memory_efficient_attention:
         enable_xformers(unet, ref_unet)

@@ -274,3 +274,21 @@ def save_vae(path, seed):
             parameter.add_(0.01 * torch.randn_like(parameter))
     vae.save_pretrained(path)
     return path
+
+
+def perturbed_pipeline(source, path, scale=0.01, seed=7):
+    """A copy of a pipeline folder whose UNet weights are multiplied by (1 + scale * N(0, 1)): like trained weights,
+    norm scales and biases are then not exactly representable in bf16/fp16 (a fresh init's ones and zeros are)."""
+    import shutil
+
+    from diffusers import UNet2DConditionModel
+
+    shutil.copytree(source, path)
+    unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet")
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for parameter in unet.parameters():
+            parameter.mul_(1 + scale * torch.randn(parameter.shape, generator=generator))
+            parameter.add_(scale * torch.randn(parameter.shape, generator=generator) * parameter.std().nan_to_num(0))
+    unet.save_pretrained(os.path.join(path, "unet"))
+    return path
