@@ -139,6 +139,10 @@ REFUSED_PEER_FLAGS = {
     "the prediction type is read from the model's scheduler config",
     "snr_gamma": "Min-SNR weighting changes the preference objective's per-timestep weighting (see method.md)",
 }
+# Default learning rates (docs/method.md, "Defaults"): those of the diffusers text_to_image READMEs for full and LoRA
+# fine-tuning; 1e-5 is also about half DiffusionDPO's effective rate (1e-8 per pair x 2048 pairs).
+DEFAULT_LEARNING_RATE, DEFAULT_LORA_LEARNING_RATE = 1e-5, 1e-4
+SANE_LEARNING_RATES = (1e-7, 1e-3)  # outside this range a run barely moves or diverges: warned about at start
 MAX_CONSECUTIVE_BAD_ROWS = 64  # more undecodable pairs in a row than this means wrong image columns, not bad rows
 TIE_LABEL = 0.5
 VALID_LABELS = (0.0, 0.5, 1.0)
@@ -204,9 +208,10 @@ def parse_args(input_args=None):
     steps = parser.add_argument_group("steps and checkpoints")
     steps.add_argument("--train_batch_size", type=int, default=8,
                        help="Preference pairs per process per micro-batch (M: the RPO contrast matrix is M x M).")
-    steps.add_argument("--num_train_epochs", type=int, default=1)
-    steps.add_argument("--max_train_steps", type=int, default=2000,
-                       help="Optimizer steps; overrides --num_train_epochs when set (pass 0 to train --num_train_epochs).")
+    steps.add_argument("--num_train_epochs", type=int, default=1,
+                       help="Epochs over the pairs; the run's optimizer steps follow from it unless --max_train_steps.")
+    steps.add_argument("--max_train_steps", type=int, default=None,
+                       help="Optimizer steps; overrides --num_train_epochs when set (the DPO recipe: 2000).")
     steps.add_argument("--gradient_accumulation_steps", type=int, default=1)
     steps.add_argument("--checkpointing_steps", type=int, default=500,
                        help="Save the accelerate training state every N optimizer steps under output_dir/checkpoint-N.")
@@ -223,10 +228,12 @@ def parse_args(input_args=None):
                        "run stops with an error after this many in a row.")
 
     optim = parser.add_argument_group("optimisation")
-    optim.add_argument("--learning_rate", type=float, default=1e-8,
-                       help="Learning rate (per pair with --scale_lr, as in DiffusionDPO: 1e-8 x 2048 = 2.048e-5).")
+    optim.add_argument("--learning_rate", type=float, default=None,
+                       help=f"Learning rate. Default {DEFAULT_LEARNING_RATE:g} (full fine-tuning) or "
+                       f"{DEFAULT_LORA_LEARNING_RATE:g} (--use_lora). With --scale_lr it is a per-pair rate (DiffusionDPO: "
+                       "1e-8 x 2048 pairs per step = 2.048e-5) and must be given.")
     optim.add_argument("--scale_lr", action="store_true",
-                       help="Multiply the learning rate by train_batch_size x gradient_accumulation_steps x processes.")
+                       help="Multiply --learning_rate by train_batch_size x gradient_accumulation_steps x processes.")
     optim.add_argument("--lr_scheduler", type=str, default="constant_with_warmup",
                        help='One of "linear", "cosine", "cosine_with_restarts", "polynomial", "constant", '
                        '"constant_with_warmup".')
@@ -235,7 +242,9 @@ def parse_args(input_args=None):
     optim.add_argument("--adam_beta2", type=float, default=0.999)
     optim.add_argument("--adam_weight_decay", type=float, default=1e-2)
     optim.add_argument("--adam_epsilon", type=float, default=1e-8)
-    optim.add_argument("--max_grad_norm", type=float, default=1.0)
+    optim.add_argument("--max_grad_norm", type=float, default=None,
+                       help="Gradient clipping norm (0: off). Default 1.0 with AdamW; off with --use_adafactor (its "
+                       "update clipping replaces it, as in DiffusionDPO).")
     optim.add_argument("--use_8bit_adam", action="store_true", help="bitsandbytes AdamW8bit (8-bit optimizer state).")
     optim.add_argument("--use_adafactor", action="store_true",
                        help="transformers' Adafactor at --learning_rate (factored second moments, no first moment: "
@@ -290,7 +299,9 @@ def parse_args(input_args=None):
     output.add_argument("--tracker_project_name", type=str, default="diffusion-rpo")
     output.add_argument("--validation_prompts", type=str, nargs="*", default=DEFAULT_VALIDATION_PROMPTS,
                         help="Prompts rendered by the trained and the reference model (pass the flag alone to disable).")
-    output.add_argument("--validation_steps", type=int, default=500, help="Render validation images every N steps.")
+    output.add_argument("--validation_steps", type=int, default=500,
+                        help="Render validation images every N steps and at the end (pass --validation_prompts alone "
+                        "to turn validation off).")
     output.add_argument("--validation_num_inference_steps", type=int, default=25)
     output.add_argument("--validation_guidance_scale", type=float, default=7.5)
     output.add_argument("--push_to_hub", action="store_true", help="Upload the output folder (without checkpoints).")
@@ -304,20 +315,50 @@ def parse_args(input_args=None):
     for name, reason in REFUSED_PEER_FLAGS.items():
         if getattr(args, name) is not None:
             parser.error(f"--{name} is not supported: {reason}. Remove the flag.")
-    if args.max_train_steps == 0:
-        args.max_train_steps = None
     check_args(args, parser)
     return args
 
 
+# (flag, lowest allowed, whether the lowest is excluded); None values (optional flags left unset) are not checked.
+NUMERIC_FLAG_RANGES = [
+    ("train_batch_size", 1, False), ("gradient_accumulation_steps", 1, False), ("num_train_epochs", 1, False),
+    ("max_train_steps", 1, False), ("checkpointing_steps", 1, False), ("checkpoints_total_limit", 1, False),
+    ("max_train_samples", 1, False), ("resolution", 8, False), ("dataloader_num_workers", 0, False),
+    ("vae_encode_batch_size", 1, False), ("shuffle_buffer_size", 0, False), ("max_bad_rows", 0, False),
+    ("max_nonfinite_steps", 1, False), ("learning_rate", 0, True), ("lr_warmup_steps", 0, False),
+    ("adam_beta1", 0, False), ("adam_beta2", 0, False), ("adam_weight_decay", 0, False), ("adam_epsilon", 0, False),
+    ("max_grad_norm", 0, False), ("lora_rank", 1, False), ("beta_dpo", 0, True), ("rpo_weight_scale", 0, True),
+    ("distance_temperature", 0, True), ("noise_offset", 0, False), ("seed", 0, False),
+    ("validation_steps", 1, False), ("validation_num_inference_steps", 1, False),
+    ("validation_guidance_scale", 0, False),
+]
+
+
 def check_args(args, parser):
-    """Flag combinations that cannot work, reported before anything is loaded."""
-    if args.train_batch_size < 1 or args.gradient_accumulation_steps < 1:
-        parser.error("--train_batch_size and --gradient_accumulation_steps must be at least 1.")
-    if args.beta_dpo <= 0 and args.loss_type != "sft":
-        parser.error("--beta_dpo must be positive.")
-    if args.distance_temperature <= 0 or args.rpo_weight_scale <= 0:
-        parser.error("--distance_temperature and --rpo_weight_scale must be positive.")
+    """Flag values and combinations that cannot work, reported before anything is loaded; the defaults that depend on
+    other flags (learning rate, gradient clipping) are resolved here, and `args` is not changed after it."""
+    if args.learning_rate is None:
+        if args.scale_lr:
+            parser.error("--scale_lr multiplies --learning_rate by the pairs per optimizer step, so it needs the "
+                         "per-pair rate: pass --learning_rate (DiffusionDPO: --learning_rate 1e-8 --scale_lr at 2048 "
+                         "pairs per step), or drop --scale_lr to train at the default rate.")
+        args.learning_rate = DEFAULT_LORA_LEARNING_RATE if args.use_lora else DEFAULT_LEARNING_RATE
+    if args.max_grad_norm is None:
+        args.max_grad_norm = 0.0 if args.use_adafactor else 1.0
+    for name, lowest, exclusive in NUMERIC_FLAG_RANGES:
+        value = getattr(args, name)
+        if value is not None and (value < lowest or (exclusive and value == lowest)):
+            parser.error(f"--{name} {value} is out of range: it must be {'above' if exclusive else 'at least'} "
+                         f"{lowest:g}.")
+    for name in ("adam_beta1", "adam_beta2"):
+        if not getattr(args, name) < 1:
+            parser.error(f"--{name} {getattr(args, name)} must be below 1.")
+    if args.use_adafactor:
+        ignored = [f"--{name}" for name in ("adam_beta1", "adam_beta2", "adam_epsilon")
+                   if getattr(args, name) != parser.get_default(name)]
+        if ignored:
+            parser.error(f"{', '.join(ignored)} set an AdamW setting, but --use_adafactor trains with Adafactor, which "
+                         "has no such setting (it uses --learning_rate and --adam_weight_decay). Drop one or the other.")
     if args.resolution % 8 != 0:
         parser.error(f"--resolution {args.resolution} must be divisible by 8 (the VAE downsamples by 8).")
     if args.report_to in ("wandb", "all") and args.hub_token is not None:
@@ -378,19 +419,22 @@ def compute_preference_loss(
 ):
     """Preference loss from per-sample denoising losses (method.md, "Losses").
 
-    model_losses / ref_losses: (2M,) per-sample mean squared errors, winners first. For `sft`, ref_losses is None and
-    model_losses holds the M winners only, or (2M,) winners first when ref_losses is given (its winners are used).
+    model_losses: (2M,) per-sample mean squared errors, winners first, for every loss_type. ref_losses: the
+    reference's, of the same shape, for dpo/rpo; sft ignores it (None) and reads only the winners' half of
+    model_losses (the losers' entries may be NaN: the training step does not compute them).
     Returns (loss, metrics) with metrics a dict of detached float tensors.
     """
+    if model_losses.ndim != 1 or model_losses.shape[0] % 2:
+        raise ValueError(f"model_losses must have shape (2M,), winners first; got {tuple(model_losses.shape)}.")
     output_dtype = torch.promote_types(model_losses.dtype, torch.float32)
     # The M x M terms are computed in fp64 (a few scalars): at theta = reference the loss is then exactly fp32 ln 2.
     model_losses = model_losses.double()
     if loss_type == "sft":
-        winners = model_losses if ref_losses is None else model_losses.chunk(2)[0]
+        winners = model_losses.chunk(2)[0]
         return winners.mean().to(output_dtype), {"model_mse_w": winners.detach().mean().to(output_dtype)}
     if loss_type not in ("dpo", "rpo"):
         raise ValueError(f"Unknown loss_type {loss_type!r}: expected 'rpo', 'dpo' or 'sft'.")
-    if ref_losses is None or ref_losses.shape != model_losses.shape or model_losses.shape[0] % 2:
+    if ref_losses is None or ref_losses.shape != model_losses.shape:
         raise ValueError("dpo/rpo need model_losses and ref_losses of the same shape (2M,), winners first.")
     model_w, model_l = model_losses.chunk(2)
     ref_w, ref_l = ref_losses.double().detach().chunk(2)
@@ -514,7 +558,9 @@ def decode_image(value, min_size=None):
 
     Transparent images are composited on white; 16-bit and grayscale images are converted to 8-bit RGB. With
     `min_size`, a JPEG at least twice that size on both sides is decoded at 1/2, 1/4 or 1/8 scale (the libjpeg DCT
-    downscale: several times faster, and never below `min_size`, so the training resize still only shrinks).
+    downscale: several times faster, and never below `min_size`, so the training resize still only shrinks). The
+    file's own (width, height), after EXIF rotation, is kept in `image.info["original_size"]`: SDXL's
+    micro-conditioning must see the same size whether a picture was decoded reduced or not.
     """
     if isinstance(value, dict):
         value = value.get("bytes") or value.get("path")
@@ -526,6 +572,9 @@ def decode_image(value, min_size=None):
         image = value
     else:
         raise ValueError(f"unsupported image value of type {type(value).__name__}")
+    original_size = image.size
+    if image.getexif().get(0x0112, 1) in (5, 6, 7, 8):  # EXIF orientations that swap width and height
+        original_size = original_size[::-1]
     if min_size and image.format == "JPEG":
         image.draft(image.mode, (min_size, min_size))
     image.load()
@@ -536,14 +585,17 @@ def decode_image(value, min_size=None):
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         image = Image.alpha_composite(background, rgba)
-    return image.convert("RGB")
+    image = image.convert("RGB")
+    image.info["original_size"] = original_size
+    return image
 
 
 def paired_transform(images, resolution, crop_fraction, flip):
     """Resize (shorter side to `resolution`), flip, then crop every image of a pair the same way.
 
-    Returns the [-1, 1] tensors (3, R, R), and per image its original (height, width) and crop (top, left) as SDXL's
-    micro-conditioning needs them (the flip happens before the crop, as in the fixed diffusers SDXL script).
+    Returns the [-1, 1] tensors (3, R, R), and per image its original (height, width) (the file's size, not the
+    reduced decode's) and crop (top, left) as SDXL's micro-conditioning needs them (the flip happens before the crop,
+    as in the fixed diffusers SDXL script).
     """
     tensors, original_sizes, crops_top_left = [], [], []
     # One geometry per pair (one crop, one set of SDXL time ids): a loser of another size takes the winner's, as in
@@ -551,6 +603,7 @@ def paired_transform(images, resolution, crop_fraction, flip):
     images = [image if image.size == images[0].size else image.resize(images[0].size, Image.Resampling.BICUBIC)
               for image in images]
     for image in images:
+        original_width, original_height = images[0].info.get("original_size", images[0].size)
         width, height = image.size
         scale = resolution / min(width, height)
         new_size = (max(resolution, round(width * scale)), max(resolution, round(height * scale)))
@@ -562,7 +615,7 @@ def paired_transform(images, resolution, crop_fraction, flip):
         image = image.crop((left, top, left + resolution, top + resolution))
         array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
         tensors.append(torch.from_numpy(array).permute(2, 0, 1).contiguous())
-        original_sizes.append((height, width))
+        original_sizes.append((original_height, original_width))
         crops_top_left.append((top, left))
     return tensors, original_sizes, crops_top_left
 
@@ -589,13 +642,14 @@ class PreferencePairDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, key):
         """The pair, or, when its images cannot be decoded, the next pair that can be (counted in "bad_rows"): the
-        skip happens here, so every batch stays full and every process keeps the same number of batches."""
+        skip happens here, so every batch stays full and every process keeps the same number of batches. A replacement
+        keeps the slot's key, so its augmentation and noise differ from those the same row gets in its own slot."""
         pair_index, epoch = key
         bad_rows = 0
         for offset in range(min(len(self), MAX_CONSECUTIVE_BAD_ROWS)):
             index = (pair_index + offset) % len(self)
             try:
-                item = self.pair_item(self.dataset[index], index, epoch)
+                item = self.pair_item(self.dataset[index], pair_index, epoch, row_index=index)
             except UndecodablePair as error:
                 bad_rows += 1
                 row_logger.warning(f"Skipped: {error}")
@@ -606,11 +660,14 @@ class PreferencePairDataset(torch.utils.data.Dataset):
                               f"({self.columns.image_0!r}, {self.columns.image_1!r}) do not hold readable images. "
                               "Pass the right --image_0_column/--image_1_column or repair the dataset.")
 
-    def pair_item(self, row, pair_index, epoch):
+    def pair_item(self, row, pair_index, epoch, row_index=None):
+        """Row -> a pair whose randomness is keyed by (pair_index, epoch); `row_index` (default: pair_index) names the
+        row in messages."""
+        row_index = pair_index if row_index is None else row_index
         augmentation = sample_pair_augmentation(self.seed, pair_index, epoch, self.random_crop, self.hflip)
-        item = cached_pair(row, augmentation["flip"]) if self.cached else self.decoded_pair(row, pair_index, augmentation)
+        item = cached_pair(row, augmentation["flip"]) if self.cached else self.decoded_pair(row, row_index, augmentation)
         caption = row[self.columns.caption] or ""
-        item.update(pair_index=pair_index, epoch=epoch, caption=caption)
+        item.update(pair_index=pair_index, row_index=row_index, epoch=epoch, caption=caption)
         for name, tokenize in self.tokenizers.items():
             item[name] = tokenize(caption)
         return item
@@ -960,17 +1017,11 @@ def autocast_like_policy(device, weight_dtype):
     return torch.autocast(device.type, dtype=weight_dtype)
 
 
-def repeat_for_pairs(value):
-    """Per-pair conditioning (M, ...) -> the same for winners then losers (2M, ...), through nested dicts."""
+def repeat_for_samples(value, times):
+    """Per-pair conditioning (M, ...) -> the same for winners (then losers): (times x M, ...), through nested dicts."""
     if isinstance(value, dict):
-        return {key: repeat_for_pairs(item) for key, item in value.items()}
-    return torch.cat([value, value])
-
-
-def first_rows(value, rows):
-    if isinstance(value, dict):
-        return {key: first_rows(item, rows) for key, item in value.items()}
-    return value[:rows]
+        return {key: repeat_for_samples(item, times) for key, item in value.items()}
+    return value.repeat(times, *[1] * (value.ndim - 1))
 
 
 def cast_floats(value, dtype):
@@ -980,26 +1031,31 @@ def cast_floats(value, dtype):
 
 
 def prepare_diffusion_inputs(args, models, batch, micro_step, seed):
-    """Noisy latents, targets, timesteps and conditioning for the 2M samples of a micro-batch (winners first).
+    """Noisy latents, targets, timesteps and conditioning for the 2M samples of a micro-batch (winners first), or
+    for `sft` the M winners only (the losers are neither encoded nor denoised).
 
     The batch holds either pixels ("pixel_values") or a cached latent distribution ("latent_mean", "latent_std");
     every random draw is indexed by the pair (method.md, "Randomness").
     """
     device = models.device
-    if "latent_mean" in batch:
-        mean, std = batch["latent_mean"].to(device).float(), batch["latent_std"].to(device).float()
-    else:
-        mean, std = encode_latent_distribution(models.vae, batch["pixel_values"].to(device), args.vae_encode_batch_size)
     num_pairs = batch["pair_index"].shape[0]
+    samples_per_pair = 1 if args.loss_type == "sft" else 2
+    rows = samples_per_pair * num_pairs
+    if "latent_mean" in batch:
+        mean, std = batch["latent_mean"][:rows].to(device).float(), batch["latent_std"][:rows].to(device).float()
+    else:
+        mean, std = encode_latent_distribution(models.vae, batch["pixel_values"][:rows].to(device),
+                                               args.vae_encode_batch_size)
     latent_shape = tuple(mean.shape[1:])
     draws = [draw_pair_noise(seed, int(i), int(e), latent_shape, args.noise_offset)
              for i, e in zip(batch["pair_index"].tolist(), batch["epoch"].tolist())]
-    latent_noise = torch.stack([d["latent_noise_w"] for d in draws] + [d["latent_noise_l"] for d in draws]).to(device)
-    noise = torch.stack([d["noise"] for d in draws]).to(device).repeat(2, 1, 1, 1)
+    latent_noise = [d["latent_noise_w"] for d in draws] + [d["latent_noise_l"] for d in draws]
+    latent_noise = torch.stack(latent_noise[:rows]).to(device)
+    noise = repeat_for_samples(torch.stack([d["noise"] for d in draws]).to(device), samples_per_pair)
     uniform_t = torch.stack([d["uniform_t"] for d in draws])
     scheduler = models.noise_scheduler
     timesteps = draw_timesteps(args.timestep_sampling, uniform_t, seed, micro_step,
-                               scheduler.config.num_train_timesteps).to(device).repeat(2)
+                               scheduler.config.num_train_timesteps).to(device).repeat(samples_per_pair)
     latents = sample_latents(mean, std, latent_noise, models.vae.config)
     noisy_latents = scheduler.add_noise(latents, noise, timesteps)
     if scheduler.config.prediction_type == "epsilon":
@@ -1010,8 +1066,8 @@ def prepare_diffusion_inputs(args, models, batch, micro_step, seed):
         raise ValueError(f"Unsupported prediction_type {scheduler.config.prediction_type!r} in the scheduler config.")
     hidden_states, unet_kwargs = encode_conditioning(args, models, batch)
     return SimpleNamespace(noisy_latents=noisy_latents, target=target, timesteps=timesteps,
-                           encoder_hidden_states=repeat_for_pairs(hidden_states), num_pairs=num_pairs,
-                           unet_kwargs=repeat_for_pairs(unet_kwargs))
+                           encoder_hidden_states=repeat_for_samples(hidden_states, samples_per_pair),
+                           num_pairs=num_pairs, unet_kwargs=repeat_for_samples(unet_kwargs, samples_per_pair))
 
 
 class _GatherAcrossProcesses(torch.autograd.Function):
@@ -1055,12 +1111,10 @@ def compute_step_loss(args, models, unet, batch, micro_step, seed, weight_dtype=
     noisy, target, timesteps = inputs.noisy_latents, inputs.target, inputs.timesteps
     hidden = inputs.encoder_hidden_states.to(weight_dtype)
     unet_kwargs = cast_floats(inputs.unet_kwargs, weight_dtype)
-    if args.loss_type == "sft":
-        m = inputs.num_pairs
-        model_losses = per_sample_denoising_loss(unet, noisy[:m], timesteps[:m], hidden[:m], target[:m],
-                                                 **first_rows(unet_kwargs, m))
-        return compute_preference_loss(model_losses, None, loss_type="sft", beta=args.beta_dpo)
     model_losses = per_sample_denoising_loss(unet, noisy, timesteps, hidden, target, **unet_kwargs)
+    if args.loss_type == "sft":  # winners only were denoised; the losers' slots of the (2M,) losses stay NaN
+        model_losses = torch.cat([model_losses, torch.full_like(model_losses, math.nan)])
+        return compute_preference_loss(model_losses, None, loss_type="sft", beta=args.beta_dpo)
     ref_unet, context = reference_forward(models, unet)
     with torch.no_grad(), context, autocast_like_policy(models.device, weight_dtype):
         ref_losses = per_sample_denoising_loss(ref_unet, noisy, timesteps, hidden, target, **unet_kwargs)
@@ -1350,13 +1404,27 @@ def enable_xformers(*unets):
                            "an xformers wheel built for this torch and CUDA.") from error
 
 
-def create_optimizer(args, params):
+def effective_learning_rate(args, num_processes):
+    """--learning_rate, times the pairs per optimizer step with --scale_lr; warned about when outside the sane range."""
+    rate = args.learning_rate
+    if args.scale_lr:
+        rate *= args.train_batch_size * args.gradient_accumulation_steps * num_processes
+    low, high = SANE_LEARNING_RATES
+    if not low <= rate <= high:
+        logger.warning(f"Training at an effective learning rate of {rate:.3g} (--learning_rate {args.learning_rate:g}"
+                       f"{' x pairs per step (--scale_lr)' if args.scale_lr else ''}), outside {low:g}-{high:g}: the "
+                       f"weights will {'barely move' if rate < low else 'likely diverge'}. Defaults: "
+                       f"{DEFAULT_LEARNING_RATE:g} (full), {DEFAULT_LORA_LEARNING_RATE:g} (LoRA).")
+    return rate
+
+
+def create_optimizer(args, params, learning_rate):
     """AdamW: fused on CUDA (one kernel for all parameters; the peers' default is foreach), bitsandbytes 8-bit, or
     Adafactor with DiffusionDPO's SDXL settings (a fixed learning rate, no parameter scaling, update clipping 1)."""
     if args.use_adafactor:
-        return transformers.Adafactor(params, lr=args.learning_rate, weight_decay=args.adam_weight_decay,
+        return transformers.Adafactor(params, lr=learning_rate, weight_decay=args.adam_weight_decay,
                                       clip_threshold=1.0, scale_parameter=False, relative_step=False)
-    kwargs = {"lr": args.learning_rate, "betas": (args.adam_beta1, args.adam_beta2),
+    kwargs = {"lr": learning_rate, "betas": (args.adam_beta1, args.adam_beta2),
               "weight_decay": args.adam_weight_decay, "eps": args.adam_epsilon}
     if args.use_8bit_adam:
         import bitsandbytes as bnb
@@ -1388,7 +1456,8 @@ def training_step(args, accelerator, models, unet, optimizer, lr_scheduler, batc
         optimizer.step()
         if guard is not None and accelerator.sync_gradients:
             guard.note_scaler_skip(optimizer)
-        lr_scheduler.step()
+        if guard is None or not accelerator.sync_gradients or not guard.verdict.skip_update:
+            lr_scheduler.step()  # a skipped update does not advance the schedule (accelerate's also skips fp16 skips)
         optimizer.zero_grad(set_to_none=True)
     return loss.detach(), metrics
 
@@ -1436,7 +1505,9 @@ class StepGuard:
 @contextlib.contextmanager
 def stop_on_signals():
     """SIGTERM (preemption) and SIGINT (Ctrl-C) ask the run to save a checkpoint at the end of the current optimizer
-    step and stop; a second SIGINT interrupts at once. Loader workers ignore both (`ignore_stop_signals`)."""
+    step and stop; a second SIGINT interrupts at once. Loader workers ignore both (`ignore_stop_signals`). A signal
+    already ignored at start stays ignored (a run started with `nohup` or `&` inherits SIGINT ignored: the shell
+    asked that Ctrl-C not reach it), and the handlers found at start are restored at the end."""
 
     def request_stop(signum, frame):
         if signum == signal.SIGINT and STOP_REQUEST["signal"] == signal.SIGINT:
@@ -1448,7 +1519,8 @@ def stop_on_signals():
     STOP_REQUEST["signal"] = None
     previous = {}
     if threading.current_thread() is threading.main_thread():
-        previous = {signum: signal.signal(signum, request_stop) for signum in (signal.SIGTERM, signal.SIGINT)}
+        previous = {signum: signal.signal(signum, request_stop) for signum in (signal.SIGTERM, signal.SIGINT)
+                    if signal.getsignal(signum) is not signal.SIG_IGN}
     try:
         yield STOP_REQUEST
     finally:
@@ -1630,7 +1702,8 @@ def vae_decode_without_autocast(vae, device_type):
 
 
 def log_validation(accelerator, args, models, unet, weight_dtype, seed, global_step):
-    if not args.validation_prompts:
+    """The main process renders the validation prompts (the others go on) and logs them; returns the grid."""
+    if not args.validation_prompts or not accelerator.is_main_process:
         return None
     logger.info(f"Rendering {len(args.validation_prompts)} validation prompts at step {global_step}")
     was_training = unet.training
@@ -1656,9 +1729,10 @@ def log_validation(accelerator, args, models, unet, weight_dtype, seed, global_s
     return grid
 
 
-def tracker_config(args):
-    """Run hyperparameters for the trackers: no token, lists flattened for tensorboard."""
-    config = {}
+def tracker_config(args, learning_rate):
+    """Run hyperparameters for the trackers: no token, lists flattened for tensorboard; the learning rate as passed
+    and as trained (after --scale_lr)."""
+    config = {"effective_learning_rate": learning_rate}
     for key, value in vars(args).items():
         if key == "hub_token":
             continue
@@ -1689,59 +1763,120 @@ def base_model_license(args):
         return DEFAULT_LICENSE
 
 
-def write_model_card(args, repo_id, stats, global_step, grid_filename=None):
-    """The output folder's README.md; `repo_id` is None without --push_to_hub (the usage snippet names the folder)."""
-    model_path = repo_id or args.output_dir
+def hub_or_folder_name(path):
+    """A Hub id as it is; a local path by its folder name (a card must not carry the user's filesystem)."""
+    if path and os.path.exists(path):
+        return os.path.basename(os.path.normpath(os.path.abspath(path)))
+    return path
+
+
+def write_model_card(args, repo_id, stats, progress, learning_rate, num_processes, grid_filename=None):
+    """The output folder's README.md, every section filled from what the run knows (diffusers' template leaves TODOs).
+    `repo_id` is None without --push_to_hub. Local paths (base, data, output) are named by their folder name only, and
+    a local base is left out of the `base_model` metadata (it must be a Hub id)."""
+    base, base_is_local = hub_or_folder_name(args.pretrained_model_name_or_path), os.path.exists(
+        args.pretrained_model_name_or_path)
+    dataset = hub_or_folder_name(args.dataset_name)
+    model_path = repo_id or hub_or_folder_name(args.output_dir)
     method = {"rpo": "Diffusion-RPO (Relative Preference Optimization, arXiv 2406.06382)",
               "dpo": "Diffusion-DPO (arXiv 2311.12908)", "sft": "supervised fine-tuning on the preferred images"}
-    weights = "LoRA adapters (load with `pipe.load_lora_weights`)" if args.use_lora else "the full UNet"
+    pairs_per_step = args.train_batch_size * args.gradient_accumulation_steps * num_processes
     rows = [("loss_type", args.loss_type), ("beta_dpo (-1/2 beta convention)", args.beta_dpo),
-            ("learning_rate", args.learning_rate), ("scale_lr", args.scale_lr),
+            ("learning_rate (as passed)", args.learning_rate), ("scale_lr", args.scale_lr),
+            ("effective learning rate", f"{learning_rate:.6g}"), ("lr_scheduler", args.lr_scheduler),
+            ("lr_warmup_steps", args.lr_warmup_steps),
+            ("optimizer", "Adafactor" if args.use_adafactor else "AdamW 8-bit" if args.use_8bit_adam else "AdamW"),
+            ("max_grad_norm", args.max_grad_norm or "off"),
             ("train_batch_size (pairs per process)", args.train_batch_size),
-            ("gradient_accumulation_steps", args.gradient_accumulation_steps), ("optimizer steps", global_step),
-            ("resolution", args.resolution), ("mixed_precision", args.mixed_precision),
-            ("timestep_sampling", args.timestep_sampling)]
+            ("gradient_accumulation_steps", args.gradient_accumulation_steps), ("processes", num_processes),
+            ("pairs per optimizer step", pairs_per_step), ("optimizer steps", progress.global_step),
+            ("resolution", args.resolution), ("mixed_precision", args.mixed_precision or "no"),
+            ("timestep_sampling", args.timestep_sampling), ("seed", progress.seed)]
     if args.loss_type == "rpo":
         rows += [("rpo_weighting", args.rpo_weighting), ("rpo_weight_scale", args.rpo_weight_scale),
                  ("similarity_embedding", args.similarity_embedding),
                  ("distance_temperature", args.distance_temperature),
-                 ("clip_model_name_or_path", args.clip_model_name_or_path)]
+                 ("clip_model_name_or_path", hub_or_folder_name(args.clip_model_name_or_path))]
     if args.use_lora:
         rows.append(("lora_rank", args.lora_rank))
-    vae_note = ""
-    if args.pretrained_vae_model_name_or_path:
-        rows.append(("pretrained_vae_model_name_or_path", args.pretrained_vae_model_name_or_path))
-        vae_note = (f"\n\nTrained with the VAE `{args.pretrained_vae_model_name_or_path}` instead of the base "
-                    "model's; " + ("load it with the adapters (`vae=AutoencoderKL.from_pretrained(...)`)."
-                                   if args.use_lora else "this pipeline includes it."))
+    vae = hub_or_folder_name(args.pretrained_vae_model_name_or_path)
+    vae_note, vae_load = "", ""
+    if vae:
+        rows.append(("pretrained_vae_model_name_or_path", vae))
+        vae_note = f" Trained with the VAE `{vae}` instead of the base model's" + (
+            "; load it with the adapters (below)." if args.use_lora else "; this pipeline includes it.")
+        vae_load = f', vae=AutoencoderKL.from_pretrained("{vae}", torch_dtype=torch.float16)' if args.use_lora else ""
     table = "\n".join(f"| {key} | {value} |" for key, value in rows)
-    load = (f'pipe = DiffusionPipeline.from_pretrained("{args.pretrained_model_name_or_path}", torch_dtype=torch.float16)'
-            f'\npipe.load_lora_weights("{model_path}")' if args.use_lora else
-            f'pipe = DiffusionPipeline.from_pretrained("{model_path}", torch_dtype=torch.float16)')
-    grid = (f"\n## Validation images\n\nTop row: the base model; bottom row: this model (same prompts and seeds).\n\n"
-            f"![validation grid](./{grid_filename})\n" if grid_filename else "")
-    description = f"""# {method[args.loss_type].split(' (')[0]} fine-tune of {args.pretrained_model_name_or_path}
+    if args.use_lora:
+        load = (f'pipe = DiffusionPipeline.from_pretrained("{base}", torch_dtype=torch.float16{vae_load})\n'
+                f'pipe.load_lora_weights("{model_path}")')
+    else:
+        load = f'pipe = DiffusionPipeline.from_pretrained("{model_path}", torch_dtype=torch.float16)'
+    imports = "from diffusers import AutoencoderKL, DiffusionPipeline" if vae_load else "from diffusers import DiffusionPipeline"
+    last = progress.history[-10:]
+    results = "No optimizer step was logged."
+    if last:
+        def mean(name):
+            return sum(h[name] for h in last) / len(last)
 
-{weights.capitalize()} of `{args.pretrained_model_name_or_path}` fine-tuned with {method[args.loss_type]} on
-`{args.dataset_name}` (split `{args.dataset_split_name}`: {stats['pairs']} pairs after dropping {stats['ties_dropped']}
-ties), with `{SCRIPT_NAME}`.{vae_note}
+        results = (f"Over the last {len(last)} logged optimizer steps: loss {mean('loss'):.4f}"
+                   + (f", implicit accuracy {mean('implicit_acc'):.3f} (the fraction of pairs whose preferred image "
+                      "the model denoises better than the reference does, relative to the other image; 0.5 at the "
+                      "start)" if "implicit_acc" in last[0] else "")
+                   + (f". Last step: loss {last[-1]['loss']:.4f}." if len(last) > 1 else "."))
+        if progress.skipped_updates or progress.bad_rows:
+            results += (f" {progress.skipped_updates} updates were skipped (non-finite loss or gradient) and "
+                        f"{progress.bad_rows} undecodable pairs were skipped.")
+    grid = ("Top row: the base model; bottom row: this model (same prompts and seeds).\n\n"
+            f"![validation grid](./{grid_filename})" if grid_filename else "No validation images were rendered.")
+    limitations = {
+        "sft": "It imitates the preferred images only; it does not learn from the rejected ones.",
+        "dpo": f"beta = {args.beta_dpo:g} sets how far it may move from the base: an implicit accuracy near 1 with a "
+               "loss near 0 means the preference term is saturated, and the base's content can be lost.",
+        "rpo": f"beta = {args.beta_dpo:g} sets how far it may move from the base: an implicit accuracy near 1 with a "
+               "loss near 0 means the preference term is saturated, and the base's content can be lost.",
+    }[args.loss_type]
+    body = f"""
+# {method[args.loss_type].split(' (')[0]} fine-tune of {base}
 
-## Training hyperparameters
+{"LoRA adapters" if args.use_lora else "The full UNet"} of `{base}` fine-tuned with {method[args.loss_type]} on
+`{dataset}` (split `{args.dataset_split_name}`: {stats['pairs']} preference pairs used, {stats['ties_dropped']} ties of
+{stats['rows']} rows dropped), with `{SCRIPT_NAME}`.{vae_note}
 
-| setting | value |
-|---|---|
-{table}
-{grid}
 ## Usage
 
 ```python
 import torch
-from diffusers import DiffusionPipeline
+{imports}
 
 {load}
 pipe.to("cuda")
 image = pipe("a photo of an astronaut riding a horse on mars").images[0]
 ```
+
+## Training
+
+Data: `{dataset}`, label_0 = 1 makes image 0 the preferred one, ties are dropped; both images of a pair share one
+resize, flip and crop, and one diffusion noise and timestep.
+
+| setting | value |
+|---|---|
+{table}
+
+## Results
+
+{results}
+
+## Validation images
+
+{grid}
+
+## Limitations
+
+This model is tuned towards the preferences recorded in `{dataset}` and inherits their biases (who labelled, which
+prompts they wrote, what they preferred); it is not tuned for safety. {limitations} A lower training loss does not
+mean better images: compare samples and reward scores against the base on prompts unlike the training prompts. The
+base model's license and limitations apply.
 """
     # Without --push_to_hub there is no Hub card to extend: build it locally, without a network round trip (the
     # looked-up name must only be a valid repo id; folder names need not be).
@@ -1749,19 +1884,31 @@ image = pipe("a photo of an astronaut riding a horse on mars").images[0]
     with contextlib.nullcontext() if repo_id else hub_lookups_disabled():
         card = load_or_create_model_card(repo_id_or_path=repo_id or "local-model", token=args.hub_token,
                                          from_training=True, license=license,
-                                         base_model=args.pretrained_model_name_or_path,
-                                         model_description=description, inference=True)
+                                         base_model=None if base_is_local else base, inference=True)
+    card.text = body  # replaces the template's TODO sections
     tags = MODEL_CARD_TAGS + [args.loss_type] + (["lora"] if args.use_lora else [])
     card = populate_model_card(card, tags=tags)
-    if not os.path.isdir(args.dataset_name):
+    if not os.path.exists(args.dataset_name):
         card.data.datasets = [args.dataset_name]
     card.save(os.path.join(args.output_dir, "README.md"))
     return card
 
 
+def hub_upload_patterns(output_dir, use_lora):
+    """What a model repo holds: the pipeline's components (model_index.json names them) or the LoRA weights, the
+    card and the grid. Never checkpoints, the latent cache, logs or anything else left in the output folder."""
+    patterns = ["README.md", "validation_grid.png"]
+    if use_lora:
+        return patterns + ["pytorch_lora_weights.safetensors"]
+    with open(os.path.join(output_dir, "model_index.json")) as f:
+        components = [name for name, value in json.load(f).items()
+                      if not name.startswith("_") and isinstance(value, list) and value[0] is not None]
+    return patterns + ["model_index.json"] + [f"{name}/*" for name in components]
+
+
 def push_to_hub(args, repo_id):
     upload_folder(repo_id=repo_id, folder_path=args.output_dir, commit_message="End of training",
-                  ignore_patterns=["checkpoint-*", "step_*", "epoch_*", "*.incomplete"], token=args.hub_token)
+                  allow_patterns=hub_upload_patterns(args.output_dir, args.use_lora), token=args.hub_token)
 
 
 def gather_sharded_unet(accelerator, unet):
@@ -1923,9 +2070,8 @@ def run_training(args, accelerator):
     models = load_models(args, accelerator.device, weight_dtype)
     models.unwrap = accelerator.unwrap_model
     unet = models.unet
-    if args.scale_lr:
-        args.learning_rate *= args.gradient_accumulation_steps * args.train_batch_size * accelerator.num_processes
-    optimizer = create_optimizer(args, [p for p in unet.parameters() if p.requires_grad])
+    learning_rate = effective_learning_rate(args, accelerator.num_processes)
+    optimizer = create_optimizer(args, [p for p in unet.parameters() if p.requires_grad], learning_rate)
     if args.cache_latents:
         cached = build_latent_cache(args, accelerator, models, dataset)
         if len(cached) < len(dataset):
@@ -1954,7 +2100,7 @@ def run_training(args, accelerator):
             logger.info(f"Resuming from {checkpoint}")
             load_checkpoint(accelerator, checkpoint, progress)
     if accelerator.is_main_process:
-        accelerator.init_trackers(args.tracker_project_name, config=tracker_config(args))
+        accelerator.init_trackers(args.tracker_project_name, config=tracker_config(args, learning_rate))
 
     logger.info(f"***** Training ({args.loss_type}) *****  pairs {stats['pairs']}, epochs {num_epochs}, "
                 f"pairs per step {args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps}"
@@ -1976,7 +2122,7 @@ def run_training(args, accelerator):
         if grid is not None:
             grid_filename = "validation_grid.png"
             grid.save(os.path.join(args.output_dir, grid_filename))
-        write_model_card(args, repo_id, stats, progress.global_step, grid_filename)
+        write_model_card(args, repo_id, stats, progress, learning_rate, accelerator.num_processes, grid_filename)
         if args.push_to_hub:
             push_to_hub(args, repo_id)
     accelerator.end_training()
@@ -2017,6 +2163,10 @@ def train_loop(args, accelerator, models, unet, optimizer, lr_scheduler, loader,
             logs["lr"] = lr_scheduler.get_last_lr()[0]
             accumulated = {}
             record_faults(args, progress, guard.verdict, logs)
+            if progress.global_step == 1 and args.loss_type != "sft" and abs(logs["loss"] - math.log(2)) > 1e-3:
+                logger.warning(f"The first loss is {logs['loss']:.6f}, not ln 2 = 0.693147: the policy starts at the "
+                               "reference, so their denoising errors should be equal. The reference computes "
+                               "differently from the trained UNet (precision, attention backend or weights differ).")
             progress.history.append(logs)
             accelerator.log(logs, step=progress.global_step)
             progress_bar.update(1)

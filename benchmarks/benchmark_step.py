@@ -297,7 +297,8 @@ class OurStep:
                                         text_encoder=models.text_encoders[0], vae=models.vae, unet=models.unet,
                                         clip=models.clip, text_encoder_2=(models.text_encoders + [None])[1])
         self.models = script.setup_models(args, script_models, accelerator.device, self.weight_dtype)
-        optimizer = script.create_optimizer(args, [p for p in self.models.unet.parameters() if p.requires_grad])
+        optimizer = script.create_optimizer(args, [p for p in self.models.unet.parameters() if p.requires_grad],
+                                           args.learning_rate)
         lr_scheduler = get_scheduler("constant", optimizer=optimizer)
         self.unet, self.optimizer, self.lr_scheduler = accelerator.prepare(self.models.unet, optimizer, lr_scheduler)
         self.models.unwrap = accelerator.unwrap_model

@@ -196,11 +196,17 @@ def test_bad_datasets_are_rejected_clearly(pickapic_path, change, message):
 def test_undecodable_pairs_are_replaced_by_the_next_good_pair_and_counted(caplog):
     rows = tiny.corrupt_rows(tiny.pickapic_rows(6, labels=[1] * 6), [1, 2, 4])  # truncated, zero bytes, not an image
     items = pair_dataset(datasets.Dataset.from_list(rows))
-    batch = rpo.collate_pairs([items[(index, 0)] for index in range(6)])
-    # pair 1 -> 3 (2 is bad too), 2 -> 3, 4 -> 5: full batch, each replacement is a real pair with its own randomness
-    assert batch["pair_index"].tolist() == [0, 3, 3, 3, 5, 5]
+    pairs = [items[(index, 0)] for index in range(6)]
+    batch = rpo.collate_pairs(pairs)
+    # pair 1 -> row 3 (2 is bad too), 2 -> 3, 4 -> 5: full batch; each replacement keeps its slot's key, so row 3 is
+    # trained three times this epoch with three different noises, never twice with the same one
+    assert [pair["row_index"] for pair in pairs] == [0, 3, 3, 3, 5, 5]
+    assert batch["pair_index"].tolist() == [0, 1, 2, 3, 4, 5]
     assert batch["pixel_values"].shape[0] == 12 and int(batch["bad_rows"]) == 4  # 1 and 2, then 2, then 4
-    assert torch.equal(batch["pixel_values"][1], batch["pixel_values"][3])
+    noises = [rpo.draw_pair_noise(0, int(key), 0, (4, 4, 4))["noise"] for key in batch["pair_index"][1:4]]
+    assert not torch.equal(noises[0], noises[1]) and not torch.equal(noises[0], noises[2])
+    plain = pair_dataset(datasets.Dataset.from_list(rows), hflip=False, random_crop=False)
+    assert torch.equal(plain[(1, 0)]["pixel_values"], plain[(3, 0)]["pixel_values"])  # row 3's images in slot 1
     assert "Pair 1: cannot decode" in caplog.text and "Pair 4: cannot decode" in caplog.text
 
 

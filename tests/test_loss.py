@@ -102,14 +102,19 @@ def test_rpo_diagonal_equals_dpo_when_embeddings_separate_pairs():
     assert metrics["weight_diag_mean"].item() == pytest.approx(1.0, rel=1e-6)
 
 
-def test_sft_is_mean_winner_loss():
+def test_sft_is_the_mean_winner_loss_of_2m_losses_winners_first():
+    # One shape for every loss type: (2M,) winners first. SFT reads the winners' half only, with or without a
+    # reference, and the losers' slots may be NaN (the training step does not denoise them).
     model, ref, _ = random_losses(3, seed=4)
     winners = model[:3]
-    loss, metrics = rpo.compute_preference_loss(winners, None, loss_type="sft", beta=5000.0)
-    assert loss.item() == pytest.approx(winners.mean().item())
-    loss_2m, _ = rpo.compute_preference_loss(model, ref, loss_type="sft", beta=5000.0)
-    assert loss_2m.item() == pytest.approx(winners.mean().item())
+    loss, metrics = rpo.compute_preference_loss(model, None, loss_type="sft", beta=5000.0)
+    assert loss.item() == pytest.approx(winners.mean().item()) and loss.item() != pytest.approx(model.mean().item())
+    not_denoised = torch.cat([winners, torch.full_like(winners, float("nan"))])
+    assert rpo.compute_preference_loss(not_denoised, None, loss_type="sft", beta=5000.0)[0].item() == loss.item()
+    assert rpo.compute_preference_loss(model, ref, loss_type="sft", beta=5000.0)[0].item() == loss.item()
     assert set(metrics) == {"model_mse_w"}
+    with pytest.raises(ValueError, match=r"shape \(2M,\)"):
+        rpo.compute_preference_loss(winners, None, loss_type="sft", beta=5000.0)  # 3 losses: not winners + losers
 
 
 @pytest.mark.parametrize("loss_type", ["dpo", "rpo"])

@@ -177,7 +177,18 @@ def test_guard_skips_nonfinite_gradients_but_leaves_fp16_overflow_to_the_scaler(
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def test_sigint_saves_a_checkpoint_and_a_resume_matches_the_straight_run(train, script, tmp_path, monkeypatch):
+@pytest.fixture
+def sigint_disposition():
+    """Sets SIGINT's disposition for one test and restores the inherited one: a suite started in the background
+    (`make test &`, nohup, a batch scheduler) inherits SIGINT ignored, and tests must not depend on that."""
+    inherited = signal.getsignal(signal.SIGINT)
+    yield lambda handler: signal.signal(signal.SIGINT, handler)
+    signal.signal(signal.SIGINT, inherited)
+
+
+def test_sigint_saves_a_checkpoint_and_a_resume_matches_the_straight_run(train, script, tmp_path, monkeypatch,
+                                                                         sigint_disposition):
+    sigint_disposition(signal.default_int_handler)
     straight = train("--max_train_steps", "4", "--checkpointing_steps", "100", output_dir="straight")
     original = script.module.record_faults
 
@@ -196,6 +207,21 @@ def test_sigint_saves_a_checkpoint_and_a_resume_matches_the_straight_run(train, 
                     output_dir="split")
     assert [h["loss"] for h in resumed.history] == [h["loss"] for h in straight.history[3:]]
     assert same_weights(unet_weights(tmp_path / "straight"), unet_weights(tmp_path / "split"))
+
+
+def test_sigint_ignored_at_start_stays_ignored(train, script, tmp_path, monkeypatch, sigint_disposition):
+    sigint_disposition(signal.SIG_IGN)  # as `nohup` or `&` start a run
+    original = script.module.record_faults
+
+    def interrupt_at_step_1(args, progress, verdict, logs):
+        original(args, progress, verdict, logs)
+        if progress.global_step == 1:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(script.module, "record_faults", interrupt_at_step_1)
+    progress = train("--max_train_steps", "3", "--checkpointing_steps", "100", output_dir="ignored")
+    assert progress.stopped_by is None and progress.global_step == 3 and (tmp_path / "ignored" / "unet").exists()
+    assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
 
 
 def test_sigterm_to_a_launched_run_saves_and_the_resume_is_bitwise_exact(train, script, pickapic_path,
