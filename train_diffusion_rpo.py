@@ -1965,7 +1965,13 @@ def resolve_seed(args, accelerator, checkpoint=None):
 
 
 def weight_dtype_for(accelerator):
-    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+    """The dtype frozen models compute in: the mixed-precision dtype, where accelerate runs the policy under it."""
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+    if dtype != torch.float32 and not accelerator.native_amp and accelerator.distributed_type != DistributedType.DEEPSPEED:
+        raise ValueError(f"--mixed_precision {accelerator.mixed_precision} is not available on "
+                         f"{accelerator.device.type} (accelerate runs no autocast there): use --mixed_precision bf16 "
+                         "on CPU, fp16 on a GPU.")
+    return dtype
 
 
 def clip_tokenize_fn(args, models):

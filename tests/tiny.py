@@ -288,7 +288,8 @@ def perturbed_pipeline(source, path, scale=0.01, seed=7):
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for parameter in unet.parameters():
+            spread = parameter.std().nan_to_num(0).item() if parameter.numel() > 1 else 0.0
             parameter.mul_(1 + scale * torch.randn(parameter.shape, generator=generator))
-            parameter.add_(scale * torch.randn(parameter.shape, generator=generator) * parameter.std().nan_to_num(0))
+            parameter.add_(scale * (spread or 1.0) * torch.randn(parameter.shape, generator=generator))
     unet.save_pretrained(os.path.join(path, "unet"))
     return path
