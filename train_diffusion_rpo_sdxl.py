@@ -348,8 +348,10 @@ def check_args(args, parser):
     for name, lowest, exclusive in NUMERIC_FLAG_RANGES:
         value = getattr(args, name)
         if value is not None and (value < lowest or (exclusive and value == lowest)):
+            hint = " To turn validation off, pass --validation_prompts with no prompts." if name.startswith(
+                "validation") else ""
             parser.error(f"--{name} {value} is out of range: it must be {'above' if exclusive else 'at least'} "
-                         f"{lowest:g}.")
+                         f"{lowest:g}.{hint}")
     for name in ("adam_beta1", "adam_beta2"):
         if not getattr(args, name) < 1:
             parser.error(f"--{name} {getattr(args, name)} must be below 1.")

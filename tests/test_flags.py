@@ -1,0 +1,134 @@
+"""Flags: every documented command parses with a sane learning rate, numeric flags are range-checked, defaults that
+depend on other flags are resolved before anything loads, and what a run records reproduces it."""
+
+import glob
+import os
+import re
+import shlex
+
+import pytest
+import yaml
+
+import train_diffusion_rpo as rpo
+import train_diffusion_rpo_sdxl as rpo_sdxl
+from test_train import cli
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPTS = {"train_diffusion_rpo.py": rpo, "train_diffusion_rpo_sdxl.py": rpo_sdxl}
+
+
+def documented_commands():
+    """Every `accelerate launch ... train_*.py ...` command in README.md and docs/: (source, launch flags, script
+    flags), with shell comments and the `...` elisions of abbreviated commands removed."""
+    commands = []
+    for path in [os.path.join(ROOT, "README.md"), *sorted(glob.glob(os.path.join(ROOT, "docs", "*.md")))]:
+        with open(path) as f:
+            text = f.read().replace("\\\n", " ")
+        for line in text.splitlines():
+            if "accelerate launch" not in line or not re.search(r"train_diffusion_rpo(_sdxl)?\.py", line):
+                continue
+            tokens = shlex.split(line[line.index("accelerate launch"):].strip("`"), comments=True)
+            script = next(i for i, token in enumerate(tokens) if token in SCRIPTS)
+            commands.append((os.path.relpath(path, ROOT), tokens[2:script], tokens[script],
+                             [t for t in tokens[script + 1:] if t != "..."]))
+    return commands
+
+
+def launch_processes(launch_flags):
+    """The process count a launch runs: --num_processes, else its --config_file's, else 1."""
+    if "--num_processes" in launch_flags:
+        return int(launch_flags[launch_flags.index("--num_processes") + 1])
+    if "--config_file" in launch_flags:
+        with open(os.path.join(ROOT, launch_flags[launch_flags.index("--config_file") + 1])) as f:
+            return int(yaml.safe_load(f)["num_processes"])
+    return 1
+
+
+def test_documented_commands_parse_and_train_at_a_sane_learning_rate():
+    commands = documented_commands()
+    assert len(commands) >= 4  # SD1.5, SDXL, multi-GPU, multi-node at least
+    low, high = rpo.SANE_LEARNING_RATES
+    for source, launch_flags, script, flags in commands:
+        args = SCRIPTS[script].parse_args(flags)
+        for processes in sorted({1, launch_processes(launch_flags)}):
+            rate = rpo.effective_learning_rate(args, processes)
+            assert low <= rate <= high, (source, script, flags, processes, rate)
+
+
+def test_learning_rate_defaults_depend_on_the_mode(capsys):
+    assert rpo.parse_args([]).learning_rate == rpo.DEFAULT_LEARNING_RATE == 1e-5
+    assert rpo.parse_args(["--use_lora"]).learning_rate == rpo.DEFAULT_LORA_LEARNING_RATE == 1e-4
+    with pytest.raises(SystemExit):
+        rpo.parse_args(["--scale_lr"])  # the per-pair rate must be given: 1e-5 x 2048 pairs would diverge
+    assert "--scale_lr multiplies --learning_rate" in capsys.readouterr().err
+    args = rpo.parse_args(["--learning_rate", "1e-8", "--scale_lr", "--train_batch_size", "8",
+                           "--gradient_accumulation_steps", "32"])
+    assert rpo.effective_learning_rate(args, 8) == pytest.approx(2.048e-5)  # DiffusionDPO's recipe
+    assert args.learning_rate == 1e-8  # args keep what was passed
+
+
+def test_an_effective_learning_rate_outside_the_sane_range_is_warned(caplog):
+    from accelerate import PartialState
+
+    PartialState()  # the script's logger needs accelerate's state, as in a run
+    rpo.effective_learning_rate(rpo.parse_args(["--learning_rate", "1e-8"]), 1)
+    assert "barely move" in caplog.text
+    caplog.clear()
+    rpo.effective_learning_rate(rpo.parse_args(["--learning_rate", "1e-4", "--scale_lr"]), 8)  # 6.4e-3
+    assert "diverge" in caplog.text
+    caplog.clear()
+    rpo.effective_learning_rate(rpo.parse_args([]), 1)
+    assert caplog.text == ""
+
+
+@pytest.mark.parametrize("name,lowest,exclusive", rpo.NUMERIC_FLAG_RANGES,
+                         ids=[name for name, _, _ in rpo.NUMERIC_FLAG_RANGES])
+def test_every_numeric_flag_is_range_checked(name, lowest, exclusive, capsys):
+    bad = lowest if exclusive else lowest - 1
+    with pytest.raises(SystemExit):
+        rpo.parse_args([f"--{name}", str(bad)])
+    error = capsys.readouterr().err
+    assert f"--{name} {bad}" in error and "out of range" in error
+    good = {"adam_beta1": 0.5, "adam_beta2": 0.5, "resolution": 16}.get(name, lowest + 1)
+    parsed = rpo.parse_args([f"--{name}", str(good)] + (["--max_train_steps", "5"] if name == "shuffle_buffer_size"
+                                                         else []))
+    assert getattr(parsed, name) == good
+
+
+def test_validation_steps_0_explains_how_to_turn_validation_off(capsys):
+    with pytest.raises(SystemExit):
+        rpo.parse_args(["--validation_steps", "0"])
+    assert "pass --validation_prompts with no prompts" in capsys.readouterr().err
+    assert rpo.parse_args(["--validation_prompts"]).validation_prompts == []
+
+
+def test_adafactor_refuses_adam_settings_and_turns_clipping_off(capsys):
+    assert rpo.parse_args([]).max_grad_norm == 1.0
+    adafactor = rpo.parse_args(["--use_adafactor"])
+    assert adafactor.max_grad_norm == 0.0  # its update clipping replaces gradient clipping (DiffusionDPO)
+    assert rpo.parse_args(["--use_adafactor", "--max_grad_norm", "1"]).max_grad_norm == 1.0  # asked for: kept
+    assert rpo.parse_args(["--use_adafactor", "--adam_weight_decay", "0.1"]).adam_weight_decay == 0.1  # Adafactor's too
+    for flag, value in (("--adam_beta1", "0.8"), ("--adam_beta2", "0.99"), ("--adam_epsilon", "1e-6")):
+        with pytest.raises(SystemExit):
+            rpo.parse_args(["--use_adafactor", flag, value])
+        assert f"{flag} set an AdamW setting" in capsys.readouterr().err
+
+
+def test_epochs_set_the_steps_unless_max_train_steps(script, pickapic_path, clip_model_path, tmp_path):
+    flags = cli(script.pipeline, pickapic_path, clip_model_path, tmp_path / "out", "--validation_prompts",
+                "--num_train_epochs", "2")
+    flags.remove("--max_train_steps")
+    flags.remove("2")  # cli's "--max_train_steps 2"
+    progress = script.module.main(script.module.parse_args(flags))
+    assert progress.global_step == 2 * (12 // 3)  # 12 pairs, 3 per step, 2 epochs
+
+
+def test_card_and_trackers_record_the_rate_as_passed_and_as_trained(script, pickapic_path, clip_model_path, tmp_path):
+    args = script.module.parse_args(cli(script.pipeline, pickapic_path, clip_model_path, tmp_path / "out",
+                                        "--validation_prompts", "--learning_rate", "1e-4", "--scale_lr"))
+    assert script.module.tracker_config(args, 3e-4)["effective_learning_rate"] == 3e-4
+    assert script.module.tracker_config(args, 3e-4)["learning_rate"] == 1e-4
+    script.module.main(args)
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "| learning_rate (as passed) | 0.0001 |" in card and "| scale_lr | True |" in card
+    assert "| effective learning rate | 0.0003 |" in card  # 1e-4 x 3 pairs x 1 step x 1 process
