@@ -172,6 +172,47 @@ def test_large_jpegs_decode_at_reduced_scale_to_nearly_the_same_crop():
     assert (crops[0] - crops[1]).abs().mean() < 0.02
 
 
+def test_sdxl_original_size_is_the_files_size_for_jpeg_and_png(tmp_path):
+    """SDXL's time ids take the picture's true size: a JPEG decoded at reduced scale and the same picture as PNG give
+    the same original_size, live and in the latent cache."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    import tiny
+
+    array = tiny.random_image(np.random.default_rng(2), 256, 320)
+    png = io.BytesIO()
+    Image.fromarray(array).save(png, format="PNG")
+    for data in (tiny.jpeg_bytes(array), png.getvalue()):
+        image = rpo.decode_image(data, min_size=32)
+        assert image.info["original_size"] == (320, 256)
+        _, sizes, _ = rpo.paired_transform([image, image], 32, (0.5, 0.5), False)
+        assert sizes == [(256, 320), (256, 320)]  # (height, width), not the 1/8-scale decode's (32, 40)
+    assert rpo.decode_image(tiny.jpeg_bytes(array), min_size=32).size == (40, 32)  # it was decoded reduced
+
+
+def test_cached_and_live_original_sizes_agree_for_large_jpegs(sd_pipeline_path, clip_model_path, tmp_path):
+    import datasets
+    import numpy as np
+
+    import tiny
+
+    rng = np.random.default_rng(3)
+    rows = [{"caption": f"pair {i}", "jpg_0": tiny.jpeg_bytes(tiny.random_image(rng, 128, 192)),
+             "jpg_1": tiny.jpeg_bytes(tiny.random_image(rng, 128, 192)), "label_0": 1.0} for i in range(2)]
+    path = tiny.write_pickapic_dataset(str(tmp_path / "large"), rows)
+    args = rpo.parse_args(cli(sd_pipeline_path, path, clip_model_path, tmp_path, "--cache_latents"))
+    models = rpo.load_models(args, torch.device("cpu"), torch.float32)
+    dataset, _ = rpo.prepare_preference_dataset(datasets.load_dataset(path, split="train"), rpo.dataset_columns(args))
+    cached = rpo.build_latent_cache(args, SingleProcess(), models, dataset)
+    live = rpo.PreferencePairDataset(dataset, rpo.dataset_columns(args), 32, seed=5)
+    from_cache = rpo.PreferencePairDataset(cached, rpo.dataset_columns(args), 32, seed=5)
+    for key in ((0, 0), (1, 0)):
+        assert live[key]["original_size"] == from_cache[key]["original_size"] == (128, 192)
+
+
 def test_pairs_with_nonfinite_latents_are_left_out_of_the_cache(sd_pipeline_path, pickapic_path, clip_model_path,
                                                                 tmp_path, monkeypatch):
     args = rpo.parse_args(cli(sd_pipeline_path, pickapic_path, clip_model_path, tmp_path, "--cache_latents"))

@@ -149,6 +149,14 @@ def test_a_nonfinite_loss_skips_the_update(train, script, tmp_path, monkeypatch,
     assert all(torch.isfinite(w).all() for w in unet_weights(out).values())
 
 
+def test_a_skipped_update_does_not_advance_the_learning_rate_schedule(train, script, monkeypatch):
+    # Warmup over 4 steps: lr after step k is k/4 of the peak; step 2 is skipped, so step 3 trains at step 2's rate.
+    poison_losses(monkeypatch, script.module, from_call=2, until_call=2)
+    progress = train("--max_train_steps", "4", "--lr_scheduler", "constant_with_warmup", "--lr_warmup_steps", "4",
+                     "--learning_rate", "1e-3")
+    assert [h["lr"] for h in progress.history] == pytest.approx([2.5e-4, 2.5e-4, 5e-4, 7.5e-4])
+
+
 def test_nonfinite_steps_in_a_row_stop_the_run_at_the_last_good_weights(train, script, tmp_path, monkeypatch):
     poison_losses(monkeypatch, script.module, from_call=2)
     with pytest.raises(RuntimeError, match="3 optimizer steps in a row .*non-finite.*last checkpoint is .*checkpoint-3"):

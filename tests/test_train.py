@@ -4,6 +4,7 @@ import math
 import os
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -148,23 +149,52 @@ def test_lora_run_saves_adapters_that_load_on_the_base(run, sd_pipeline_path, tm
     assert progress.history[0]["loss"] == LN2_FP32  # the reference is the base with adapters off
 
 
-def test_model_card_parses_with_metadata_and_grid(run, sd_pipeline_path, tmp_path):
-    from huggingface_hub import ModelCard
+def test_model_card_is_complete_and_carries_no_local_path(run, sd_pipeline_path, tmp_path):
+    from huggingface_hub import ModelCard, ModelCardData
 
     out = tmp_path / "run lr=1e-5, beta=5000"  # a folder name that is no valid Hub repo id
-    run("--loss_type", "rpo", output_dir=out)
+    progress, _ = run("--loss_type", "rpo", output_dir=out)
+    text = (out / "README.md").read_text()
     card = ModelCard.load(out / "README.md")
     assert card.data.license == "creativeml-openrail-m"  # read from the base model's card
-    assert card.data.base_model == sd_pipeline_path
+    assert card.data.base_model is None  # a local base is no Hub id: named in the text by its folder name only
     assert {"diffusion-rpo", "rpo", "text-to-image", "diffusers-training"} <= set(card.data.tags)
-    assert card.data.library_name == "diffusers"
-    assert "arXiv 2406.06382" in card.text and "validation_grid.png" in card.text
-    assert f'DiffusionPipeline.from_pretrained("{out}"' in card.text
-    assert (out / "validation_grid.png").exists()
+    assert card.data.library_name == "diffusers" and card.data.datasets is None  # a local dataset
+    ModelCardData(**card.data.to_dict())  # the metadata round-trips
+    assert "TODO" not in text and str(tmp_path) not in text and "/tmp" not in text
+    base_name = os.path.basename(sd_pipeline_path)
+    assert f"fine-tune of {base_name}" in text and "arXiv 2406.06382" in text
+    assert 'DiffusionPipeline.from_pretrained("run lr=1e-5, beta=5000"' in text
+    assert "12 preference pairs used, 6 ties of\n18 rows dropped" in text
+    last = progress.history[-2:]
+    assert f"loss {sum(h['loss'] for h in last) / 2:.4f}" in text
+    assert f"implicit accuracy {sum(h['implicit_acc'] for h in last) / 2:.3f}" in text
+    assert "validation_grid.png" in text and (out / "validation_grid.png").exists()
+    for section in ("## Usage", "## Training", "## Results", "## Validation images", "## Limitations"):
+        assert section in text
 
 
-def test_push_to_hub_uploads_the_folder_without_checkpoints_or_token(run_either, tmp_path, monkeypatch, caplog,
-                                                                     capfd):
+def test_model_card_of_a_hub_base_names_it_in_the_metadata(tmp_path):
+    from huggingface_hub import ModelCard
+    from huggingface_hub.utils import validate_repo_id
+
+    args = rpo.parse_args(["--output_dir", str(tmp_path), "--use_lora", "--loss_type", "dpo"])
+    progress = rpo.TrainingProgress(seed=0)
+    progress.global_step, progress.history = 1, [{"loss": 0.69, "implicit_acc": 0.5}]
+    rpo.write_model_card(args, None, {"rows": 10, "ties_dropped": 2, "pairs": 8}, progress, 1e-4, 1)
+    card = ModelCard.load(tmp_path / "README.md")
+    assert card.data.base_model == "stable-diffusion-v1-5/stable-diffusion-v1-5"
+    validate_repo_id(card.data.base_model)
+    assert card.data.datasets == ["yuvalkirstain/pickapic_v2"] and "lora" in card.data.tags
+    assert 'from_pretrained("stable-diffusion-v1-5/stable-diffusion-v1-5"' in card.text
+    assert "pipe.load_lora_weights(" in card.text and "TODO" not in card.text
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_push_to_hub_uploads_the_model_only_and_never_the_token(run_either, tmp_path, monkeypatch, caplog, capfd,
+                                                                 lora):
+    from huggingface_hub.utils import filter_repo_objects
+
     calls = {}
 
     class Repo:
@@ -174,22 +204,48 @@ def test_push_to_hub_uploads_the_folder_without_checkpoints_or_token(run_either,
         calls["create_repo"] = kwargs
         return Repo()
 
+    def recording_upload_folder(**kwargs):  # what upload_folder would send: its own filter over the folder's files
+        calls["upload_folder"] = kwargs
+        folder = kwargs["folder_path"]
+        files = [os.path.relpath(os.path.join(d, f), folder) for d, _, fs in os.walk(folder) for f in fs]
+        calls["uploaded"] = sorted(filter_repo_objects(files, allow_patterns=kwargs.get("allow_patterns"),
+                                                       ignore_patterns=kwargs.get("ignore_patterns")))
+
     monkeypatch.setattr(run_either.module, "create_repo", fake_create_repo)
-    monkeypatch.setattr(run_either.module, "upload_folder", lambda **kwargs: calls.setdefault("upload_folder", kwargs))
+    monkeypatch.setattr(run_either.module, "upload_folder", recording_upload_folder)
     secret = "hf_TESTSECRETtoken123"
-    run_either("--push_to_hub", "--hub_model_id", "someone/tiny-rpo", "--hub_token", secret, "--report_to", "tensorboard",
-        "--checkpointing_steps", "1")
+    run_either("--push_to_hub", "--hub_model_id", "someone/tiny-rpo", "--hub_token", secret, "--report_to",
+               "tensorboard", "--checkpointing_steps", "1", "--cache_latents", *(["--use_lora"] if lora else []))
     assert calls["create_repo"] == {"repo_id": "someone/tiny-rpo", "exist_ok": True, "token": secret}
     upload = calls["upload_folder"]
     assert upload["repo_id"] == "someone/tiny-rpo" and upload["folder_path"] == str(tmp_path / "out")
-    assert "checkpoint-*" in upload["ignore_patterns"] and upload["token"] == secret
-    written = [os.path.join(d, f) for d, _, files in os.walk(tmp_path / "out") for f in files]
-    assert any("events.out.tfevents" in f for f in written) and any("checkpoint-1" in f for f in written)
+    assert upload["token"] == secret
+    written = sorted(os.path.relpath(os.path.join(d, f), tmp_path / "out")
+                     for d, _, files in os.walk(tmp_path / "out") for f in files)
+    assert any("events.out.tfevents" in f for f in written) and any(f.startswith("checkpoint-1") for f in written)
+    assert any(f.startswith("latent_cache") for f in written)
+    if lora:
+        expected = ["README.md", "pytorch_lora_weights.safetensors", "validation_grid.png"]
+    else:
+        components = {"sd15": ["scheduler", "text_encoder", "tokenizer", "unet", "vae"],
+                      "sdxl": ["scheduler", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "unet",
+                               "vae"]}["sdxl" if "sdxl" in run_either.module.SCRIPT_NAME else "sd15"]
+        expected = sorted(["README.md", "model_index.json", "validation_grid.png"]
+                          + [f for f in written if f.split(os.sep)[0] in components])
+    assert calls["uploaded"] == expected
     for path in written:
-        with open(path, "rb") as f:
+        with open(tmp_path / "out" / path, "rb") as f:
             assert secret.encode() not in f.read(), path
     captured = capfd.readouterr()
     assert secret not in caplog.text + captured.out + captured.err  # nor in the logs
+
+
+def test_validation_renders_on_the_main_process_only(monkeypatch):
+    rendered = []
+    monkeypatch.setattr(rpo, "generate_validation_images", lambda *a, **k: rendered.append(a) or [])
+    args = rpo.parse_args(["--validation_prompts", "a red circle"])
+    other = SimpleNamespace(is_main_process=False)
+    assert rpo.log_validation(other, args, None, None, torch.float32, 0, 1) is None and rendered == []
 
 
 @pytest.mark.parametrize("flag", ["--snr_gamma", "--prediction_type"])
