@@ -1042,7 +1042,9 @@ def prepare_diffusion_inputs(args, models, batch, micro_step, seed):
     timesteps = draw_timesteps(args.timestep_sampling, uniform_t, seed, micro_step,
                                scheduler.config.num_train_timesteps).to(device).repeat(samples_per_pair)
     latents = sample_latents(mean, std, latent_noise, models.vae.config)
-    noisy_latents = scheduler.add_noise(latents, noise, timesteps)
+    # Contiguous: a channels-last input (e.g. latents from a VAE run channels-last) sends the trained UNet (grad mode)
+    # and the reference (no_grad) down kernels that round differently, and theta = reference no longer gives ln 2.
+    noisy_latents = scheduler.add_noise(latents, noise, timesteps).contiguous()
     if scheduler.config.prediction_type == "epsilon":
         target = noise
     elif scheduler.config.prediction_type == "v_prediction":

@@ -84,6 +84,9 @@ def parse_args(argv=None):
                         help="With --data_only: the step time the loader must keep up with.")
     parser.add_argument("--peak_tflops", type=float, default=None, help="Device peak for MFU (default: by GPU name).")
     parser.add_argument("--out", type=str, default=None, help="Write the results as JSON here.")
+    parser.add_argument("--perturb_weights", type=float, default=0.0,
+                        help="Perturb the UNet's random init by this relative scale (0.01: like trained weights, norm "
+                        "scales and biases are then not representable in half precision), for the first-loss check.")
     args = parser.parse_args(argv)
     cuda = torch.cuda.is_available()
     family = FAMILIES[args.family]
@@ -152,6 +155,17 @@ def build_models(size, family, device, need_clip):
                                    image_mean=CLIP_MEAN, image_std=CLIP_STD)
     scheduler = DDPMScheduler.from_config(read_config(size, family, "scheduler"))
     return SimpleNamespace(unet=unet, vae=vae, text_encoders=text_encoders, noise_scheduler=scheduler, clip=clip)
+
+
+@torch.no_grad()
+def perturb(module, scale, seed=7):
+    """w -> w (1 + scale N(0,1)) + scale std(w) N(0,1) (std 1 for constant tensors), as fine-tuning leaves weights."""
+    generator = torch.Generator(device=next(module.parameters()).device).manual_seed(seed)
+    for parameter in module.parameters():
+        spread = parameter.std().nan_to_num(0).item() if parameter.numel() > 1 else 0.0
+        noise = torch.randn(parameter.shape, generator=generator, device=parameter.device, dtype=parameter.dtype)
+        parameter.mul_(1 + scale * noise)
+        parameter.add_(scale * (spread or 1.0) * torch.randn_like(parameter))
 
 
 def synthetic_batch(models, pairs, resolution, seed=0):
@@ -378,6 +392,8 @@ def run_variant(args, variant, accelerator, flops_per_image):
     device = accelerator.device
     need_clip = variant["step"] == "ours" and variant["loss_type"] == "rpo"
     models = build_models(args.size, args.family, device, need_clip)
+    if args.perturb_weights:
+        perturb(models.unet, args.perturb_weights)
     weight_dtype = rpo.weight_dtype_for(accelerator)
     if flops_per_image is None:
         flops_per_image = unet_forward_flops(models, args.resolution, device, weight_dtype)

@@ -17,7 +17,17 @@ gpu=$(python3 -c "import torch; print(torch.cuda.get_device_name().split()[1].lo
 python3 benchmarks/benchmark_step.py --family sd15 --compile on \
   --variants reference_dpo_adamw,ours_dpo_adamw_cached_compiled,ours_rpo_adamw_cached_compiled,ours_rpo_adamw_uncached_compiled,reference_dpo_adamw8bit_ckpt,ours_dpo_adamw8bit_ckpt_cached_compiled,ours_rpo_adamw8bit_ckpt_cached_compiled \
   --out "$out/sd15_${gpu}_${stamp}.json"
-# SDXL (issue #8's run): bf16, 8-bit Adam + gradient checkpointing, 2 pairs at 1024, the reference vs our rpo step.
+# SDXL: bf16, 8-bit Adam + gradient checkpointing, 2 pairs at 1024, the reference vs our rpo step.
 python3 benchmarks/benchmark_step.py --family sdxl --data_pairs 32 \
   --variants reference_dpo_adamw8bit_ckpt,ours_rpo_adamw8bit_ckpt_cached,ours_dpo_adamw8bit_ckpt_cached \
   --out "$out/sdxl_${gpu}_${stamp}.json"
+# The exact reference at full size with trained-like weights (random init perturbed by 1%): the first loss of our
+# step in bf16 and fp16 must be ln 2 = 0.6931 (the peers' reference step's is printed beside it), SD1.5 and SDXL.
+for precision in bf16 fp16; do
+  for family in sd15 sdxl; do
+    python3 benchmarks/benchmark_step.py --family "$family" --mixed_precision "$precision" --perturb_weights 0.01 \
+      --steps 1 --warmup 0 --compile off --data_pairs 0 \
+      --variants reference_dpo_adamw8bit_ckpt,ours_dpo_adamw8bit_ckpt_cached,ours_rpo_adamw8bit_ckpt_uncached \
+      --out "$out/first_step_${family}_${precision}_${gpu}_${stamp}.json"
+  done
+done

@@ -157,6 +157,20 @@ def test_benchmark_runs_both_steps_on_tiny_configs(tmp_path):
     assert report["targets"] == [] and "not evaluated" in report["note"]
 
 
+@pytest.mark.parametrize("family", ["sd15", "sdxl"])
+def test_benchmark_first_bf16_loss_with_trained_like_weights(family):
+    """What benchmarks/run_gpu.sh checks at full size in bf16 and fp16: with perturbed weights our step starts at ln 2,
+    the peers' reference (a bf16 copy run outside autocast) does not. Here tiny configs, bf16 on CPU, channels-last
+    latents from the synthetic cache included."""
+    import benchmarks.benchmark_step as benchmark
+
+    report = benchmark.main(["--family", family, "--size", "tiny", "--mixed_precision", "bf16", "--perturb_weights",
+                             "0.01", "--steps", "1", "--warmup", "0", "--compile", "off", "--data_pairs", "0"])
+    rows = {row["name"]: row["first_loss"] for row in report["results"]}
+    assert all(abs(loss - LN2_FP32) <= 1e-6 for name, loss in rows.items() if name.startswith("ours")), rows
+    assert all(abs(loss - LN2_FP32) > 1e-3 for name, loss in rows.items() if name.startswith("reference")), rows
+
+
 def test_large_jpegs_decode_at_reduced_scale_to_nearly_the_same_crop():
     import numpy as np
 

@@ -100,7 +100,7 @@ def test_latent_cache_leaves_corrupt_rows_out_and_counts_them(train, corrupt_pic
     cache = datasets.concatenate_datasets([datasets.Dataset.from_file(str(path))
                                            for path in (tmp_path / "out" / "latent_cache").glob("*.arrow")])
     assert len(cache) == 10
-    assert "10 pairs after dropping" in (tmp_path / "out" / "README.md").read_text()
+    assert "10 preference pairs used" in (tmp_path / "out" / "README.md").read_text()
 
 
 def test_streamed_corrupt_rows_are_skipped_in_full_batches(corrupt_pickapic):
