@@ -57,7 +57,7 @@ from diffusers import (
     UNet2DConditionModel,
 )
 from diffusers.optimization import get_scheduler
-from diffusers.training_utils import cast_training_params
+from diffusers.training_utils import EMAModel, cast_training_params
 from diffusers.utils import convert_state_dict_to_diffusers, make_image_grid
 from diffusers.utils.hub_utils import load_or_create_model_card, populate_model_card
 
@@ -147,7 +147,7 @@ MAX_CONSECUTIVE_BAD_ROWS = 64  # more undecodable pairs in a row than this means
 TIE_LABEL = 0.5
 VALID_LABELS = (0.0, 0.5, 1.0)
 # Streams of the indexed randomness (method.md, "Randomness"): every draw is a pure function of (seed, stream, keys).
-STREAM_ORDER, STREAM_AUGMENT, STREAM_PAIR_NOISE, STREAM_BATCH_TIMESTEP = 1, 2, 3, 4
+STREAM_ORDER, STREAM_AUGMENT, STREAM_PAIR_NOISE, STREAM_BATCH_TIMESTEP, STREAM_CAPTION_DROPOUT = 1, 2, 3, 4, 5
 # Columns of the latent cache (--cache_latents): per pair, (orientations, [winner, loser], ...) arrays.
 CACHE_LATENT_MEAN, CACHE_LATENT_STD, CACHE_EMBEDDINGS = "latent_mean", "latent_std", "similarity_embedding"
 CACHE_ORIGINAL_SIZE, CACHE_CROP_TOP_LEFT = "original_size", "crop_top_left"
@@ -184,6 +184,10 @@ def parse_args(input_args=None):
                       help="Train on a random subset of this many pairs (drawn with --seed after dropping ties).")
     data.add_argument("--cache_dir", type=str, default=None, help="Cache folder for downloaded models and datasets.")
     data.add_argument("--resolution", type=int, default=DEFAULT_RESOLUTION, help="Training resolution (square crops).")
+    data.add_argument("--proportion_empty_prompts", type=float, default=0.0,
+                      help="Fraction of pairs trained with the empty caption (classifier-free guidance dropout; the "
+                      "DPO recipe uses 0.2). Drawn per pair from --seed; winner and loser share it; the RPO text "
+                      "embeddings see the empty caption too.")
     data.add_argument("--random_crop", action="store_true",
                       help="Random crop instead of a centre crop (the same crop for winner and loser).")
     data.add_argument("--no_hflip", action="store_true", help="Disable random horizontal flips (shared by the pair).")
@@ -246,6 +250,13 @@ def parse_args(input_args=None):
                        help="Gradient clipping norm (0: off). Default 1.0 with AdamW; off with --use_adafactor (its "
                        "update clipping replaces it, as in DiffusionDPO).")
     optim.add_argument("--use_8bit_adam", action="store_true", help="bitsandbytes AdamW8bit (8-bit optimizer state).")
+    optim.add_argument("--use_ema", action="store_true",
+                       help="Keep an exponential moving average of the trained UNet (diffusers EMAModel); validation, "
+                       "the saved pipeline and the card use the EMA weights. Not with --use_lora.")
+    optim.add_argument("--ema_decay", type=float, default=0.9999,
+                       help="EMA decay; update t uses min(ema_decay, (1 + t) / (10 + t)) (diffusers' warm-up).")
+    optim.add_argument("--offload_ema", action="store_true", help="Keep the EMA weights in (pinned) CPU memory.")
+    optim.add_argument("--foreach_ema", action="store_true", help="Update the EMA with foreach kernels (faster, more memory).")
     optim.add_argument("--use_adafactor", action="store_true",
                        help="transformers' Adafactor at --learning_rate (factored second moments, no first moment: "
                        "what DiffusionDPO uses for full SDXL fine-tuning).")
@@ -302,6 +313,16 @@ def parse_args(input_args=None):
     output.add_argument("--validation_steps", type=int, default=500,
                         help="Render validation images every N steps and at the end (pass --validation_prompts alone "
                         "to turn validation off).")
+    output.add_argument("--validation_scorer", type=str, default="none", choices=["none", "pickscore", "clip"],
+                        help="Score every validation image with a reward model and log the mean (and the base's), so a "
+                        "run shows preference reward, not only the loss: PickScore (logit_scale x cosine) or CLIP "
+                        "score (100 x max(cosine, 0)), as eval/ computes them.")
+    output.add_argument("--validation_scorer_model", type=str, default=None,
+                        help="The scorer's CLIPModel (default: yuvalkirstain/PickScore_v1 for pickscore, "
+                        "openai/clip-vit-large-patch14 for clip).")
+    output.add_argument("--validation_scorer_processor", type=str, default=None,
+                        help="Where the scorer's tokenizer and image settings are (default: "
+                        "laion/CLIP-ViT-H-14-laion2B-s32B-b79K for pickscore, the model itself for clip).")
     output.add_argument("--validation_num_inference_steps", type=int, default=25)
     output.add_argument("--validation_guidance_scale", type=float, default=7.5)
     output.add_argument("--push_to_hub", action="store_true", help="Upload the output folder (without checkpoints).")
@@ -330,8 +351,12 @@ NUMERIC_FLAG_RANGES = [
     ("max_grad_norm", 0, False), ("lora_rank", 1, False), ("beta_dpo", 0, True), ("rpo_weight_scale", 0, True),
     ("distance_temperature", 0, True), ("noise_offset", 0, False), ("seed", 0, False),
     ("validation_steps", 1, False), ("validation_num_inference_steps", 1, False),
-    ("validation_guidance_scale", 0, False),
+    ("validation_guidance_scale", 0, False), ("proportion_empty_prompts", 0, False), ("ema_decay", 0, False),
 ]
+VALIDATION_SCORERS = {  # --validation_scorer: (model, tokenizer and image settings) defaults
+    "pickscore": ("yuvalkirstain/PickScore_v1", "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"),
+    "clip": ("openai/clip-vit-large-patch14", None),
+}
 
 
 def check_args(args, parser):
@@ -355,6 +380,21 @@ def check_args(args, parser):
     for name in ("adam_beta1", "adam_beta2"):
         if not getattr(args, name) < 1:
             parser.error(f"--{name} {getattr(args, name)} must be below 1.")
+    for name in ("proportion_empty_prompts", "ema_decay"):
+        if getattr(args, name) > 1:
+            parser.error(f"--{name} {getattr(args, name)} must be at most 1.")
+    if args.use_ema and args.use_lora:
+        parser.error("--use_ema averages the full UNet's weights; with --use_lora only the adapters train. Drop one.")
+    if (args.offload_ema or args.foreach_ema) and not args.use_ema:
+        parser.error("--offload_ema and --foreach_ema configure --use_ema: pass --use_ema too, or drop them.")
+    if args.validation_scorer != "none":
+        model, processor = VALIDATION_SCORERS[args.validation_scorer]
+        args.validation_scorer_model = args.validation_scorer_model or model
+        args.validation_scorer_processor = args.validation_scorer_processor or processor or args.validation_scorer_model
+    if (args.proportion_empty_prompts and args.cache_latents and needs_similarity_model(args)
+            and args.similarity_embedding != "image"):
+        parser.error("--cache_latents stores the RPO text embeddings of the captions, so it cannot drop captions "
+                     "(--proportion_empty_prompts) for them: use --similarity_embedding image, or drop one flag.")
     if args.use_adafactor:
         ignored = [f"--{name}" for name in ("adam_beta1", "adam_beta2", "adam_epsilon")
                    if getattr(args, name) != parser.get_default(name)]
@@ -527,6 +567,12 @@ def sample_pair_augmentation(seed, pair_index, epoch, random_crop, hflip):
     return {"crop_fraction": crop_fraction, "flip": bool(hflip and u[2] < 0.5)}
 
 
+def caption_dropped(seed, pair_index, epoch, proportion):
+    """Whether the pair trains with the empty caption (--proportion_empty_prompts), drawn from its own stream."""
+    return proportion > 0 and torch.rand((), generator=indexed_generator(seed, STREAM_CAPTION_DROPOUT, pair_index,
+                                                                          epoch)).item() < proportion
+
+
 def draw_pair_noise(seed, pair_index, epoch, latent_shape, noise_offset=0.0):
     """A pair's diffusion noise eps (shared by winner and loser) and its two latent-sampling draws."""
     generator = indexed_generator(seed, STREAM_PAIR_NOISE, pair_index, epoch)
@@ -630,14 +676,15 @@ class PreferencePairDataset(torch.utils.data.Dataset):
     an output name to a callable caption -> LongTensor (the text encoder's ids; the CLIP similarity model's ids).
     """
 
-    def __init__(self, hf_dataset, columns, resolution, seed, random_crop=False, hflip=True, tokenizers=None):
+    def __init__(self, hf_dataset, columns, resolution, seed, random_crop=False, hflip=True, tokenizers=None,
+                 proportion_empty_prompts=0.0):
         self.cached = hf_dataset is not None and CACHE_LATENT_MEAN in hf_dataset.column_names
         if self.cached:
             arrays = [name for name in hf_dataset.column_names if name in CACHE_ARRAY_COLUMNS]
             hf_dataset = hf_dataset.with_format("torch", columns=arrays, output_all_columns=True)
         self.dataset, self.columns = hf_dataset, columns
         self.resolution, self.seed, self.random_crop, self.hflip = resolution, seed, random_crop, hflip
-        self.tokenizers = tokenizers or {}
+        self.tokenizers, self.proportion_empty_prompts = tokenizers or {}, proportion_empty_prompts
 
     def __len__(self):
         return len(self.dataset)
@@ -669,6 +716,8 @@ class PreferencePairDataset(torch.utils.data.Dataset):
         augmentation = sample_pair_augmentation(self.seed, pair_index, epoch, self.random_crop, self.hflip)
         item = cached_pair(row, augmentation["flip"]) if self.cached else self.decoded_pair(row, row_index, augmentation)
         caption = row[self.columns.caption] or ""
+        if caption_dropped(self.seed, pair_index, epoch, self.proportion_empty_prompts):
+            caption = ""  # one caption per pair: winner, loser and the RPO text embeddings all see it empty
         item.update(pair_index=pair_index, row_index=row_index, epoch=epoch, caption=caption)
         for name, tokenize in self.tokenizers.items():
             item[name] = tokenize(caption)
@@ -1289,20 +1338,26 @@ def check_pretrained_pipeline(args):
 
 def load_similarity_model(args, device, dtype):
     """The CLIP model for RPO weights, its tokenizer, and its image size/mean/std (from its processor config)."""
-    path = args.clip_model_name_or_path
+    return load_clip(args.clip_model_name_or_path, args.clip_model_name_or_path, args.cache_dir, device, dtype,
+                     "--clip_model_name_or_path", "RPO similarity weights need it; pass a CLIP model or use "
+                     "--rpo_weighting uniform")
+
+
+def load_clip(path, processor_path, cache_dir, device, dtype, flag, fix):
+    """A frozen CLIPModel with the tokenizer and image size/mean/std found at `processor_path`."""
     try:
-        model = CLIPModel.from_pretrained(path, cache_dir=args.cache_dir, torch_dtype=dtype)
-        tokenizer = AutoTokenizer.from_pretrained(path, cache_dir=args.cache_dir)
+        model = CLIPModel.from_pretrained(path, cache_dir=cache_dir, torch_dtype=dtype)
+        tokenizer = AutoTokenizer.from_pretrained(processor_path, cache_dir=cache_dir)
     except Exception as error:
-        raise ValueError(f"--clip_model_name_or_path {path!r} could not be loaded as a CLIPModel with its tokenizer "
-                         f"({error}). RPO similarity weights need it; pass a CLIP model or use --rpo_weighting uniform."
+        raise ValueError(f"{flag} {path!r} could not be loaded as a CLIPModel with its tokenizer ({error}). {fix}."
                          ) from error
     mean, std = [0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711]  # OpenAI CLIP defaults
     try:
-        processor_config = transformers.CLIPImageProcessor.get_image_processor_dict(path, cache_dir=args.cache_dir)[0]
+        processor_config = transformers.CLIPImageProcessor.get_image_processor_dict(processor_path,
+                                                                                    cache_dir=cache_dir)[0]
         mean, std = processor_config.get("image_mean", mean), processor_config.get("image_std", std)
     except Exception:
-        logger.warning(f"No image processor config in {path}; using the OpenAI CLIP mean/std.")
+        logger.warning(f"No image processor config in {processor_path}; using the OpenAI CLIP mean/std.")
     model.requires_grad_(False).eval().to(device)
     return SimpleNamespace(model=model, tokenizer=tokenizer, image_size=model.config.vision_config.image_size,
                            image_mean=list(mean), image_std=list(std))
@@ -1652,6 +1707,7 @@ class TrainingProgress:
         self.stream_states = {}  # --streaming: reader -> the stream state after its last consumed batch
         self.bad_rows = self.skipped_updates = self.nonfinite_in_a_row = 0
         self.history = []  # the logged metrics of this process's run (not checkpointed)
+        self.validation_rewards = []  # --validation_scorer: {"step", "validation_reward", ...} (not checkpointed)
         self.stopped_by = None  # the signal that stopped the run early (not checkpointed)
 
     def state_dict(self):
@@ -1705,17 +1761,29 @@ def vae_decode_without_autocast(vae, device_type):
         del vae.decode
 
 
-def log_validation(accelerator, args, models, unet, weight_dtype, seed, global_step):
-    """The main process renders the validation prompts (the others go on) and logs them; returns the grid."""
+def log_validation(accelerator, args, models, unet, weight_dtype, progress):
+    """The main process renders the validation prompts (the others go on) with the weights the saved pipeline will
+    hold (the EMA's with --use_ema), and the reference's; logs them and their reward; returns the grid."""
     if not args.validation_prompts or not accelerator.is_main_process:
         return None
+    seed, global_step = progress.seed, progress.global_step
     logger.info(f"Rendering {len(args.validation_prompts)} validation prompts at step {global_step}")
     was_training = unet.training
     unet.eval()
-    trained = generate_validation_images(args, models, accelerator.unwrap_model(unet), weight_dtype, seed)
+    with ema_weights(models.ema, accelerator.unwrap_model(unet)):
+        trained = generate_validation_images(args, models, accelerator.unwrap_model(unet), weight_dtype, seed)
     reference = generate_validation_images(args, models, accelerator.unwrap_model(unet), weight_dtype, seed,
                                            reference=True)
     unet.train(was_training)
+    if models.validation_scorer is not None:
+        rewards = {"validation_reward": validation_reward(models.validation_scorer, args, trained, models.device)}
+        if reference:
+            rewards["validation_reward_reference"] = validation_reward(models.validation_scorer, args, reference,
+                                                                       models.device)
+        progress.validation_rewards.append({"step": global_step, **rewards})
+        accelerator.log(rewards, step=global_step)
+        logger.info(f"Step {global_step}: validation {args.validation_scorer} "
+                    + ", ".join(f"{name} {value:.4f}" for name, value in rewards.items()))
     for tracker in accelerator.trackers:
         for name, images in (("validation", trained), ("reference", reference)):
             if not images:
@@ -1731,6 +1799,27 @@ def log_validation(accelerator, args, models, unet, weight_dtype, seed, global_s
     rows = [trained] + ([reference] if reference else [])
     grid = make_image_grid([image for row in rows[::-1] for image in row], rows=len(rows), cols=len(trained))
     return grid
+
+
+@torch.no_grad()
+def validation_reward(scorer, args, images, device):
+    """Mean reward of the validation images for their prompts: PickScore = logit_scale.exp() x cosine, CLIP score =
+    100 x max(cosine, 0), with the image preprocessing eval/scorers.py applies (square images: resized to the model's
+    input, bicubic, antialiased; the model's mean/std)."""
+    scorer.model.to(device)
+    pixels = torch.stack([torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1)
+                          for image in images]).to(device)
+    pixels = clip_pixel_values(pixels, scorer.image_size, scorer.image_mean, scorer.image_std)
+    image_features = _features(scorer.model.get_image_features(pixel_values=pixels.to(scorer.model.dtype)))
+    max_length = min(scorer.tokenizer.model_max_length, scorer.model.config.text_config.max_position_embeddings)
+    tokens = scorer.tokenizer(list(args.validation_prompts), padding="max_length", truncation=True,
+                              max_length=max_length, return_tensors="pt")
+    text_features = _features(scorer.model.get_text_features(input_ids=tokens.input_ids.to(device)))
+    cosine = (F.normalize(image_features.float(), dim=-1) * F.normalize(text_features.float(), dim=-1)).sum(-1)
+    scores = scorer.model.logit_scale.exp().float() * cosine if args.validation_scorer == "pickscore" else (
+        100 * cosine.clamp(min=0))
+    scorer.model.to("cpu")  # kept off the accelerator between validations
+    return scores.mean().item()
 
 
 def tracker_config(args, learning_rate):
@@ -1803,6 +1892,10 @@ def write_model_card(args, repo_id, stats, progress, learning_rate, num_processe
                  ("clip_model_name_or_path", hub_or_folder_name(args.clip_model_name_or_path))]
     if args.use_lora:
         rows.append(("lora_rank", args.lora_rank))
+    if args.proportion_empty_prompts:
+        rows.append(("proportion_empty_prompts", args.proportion_empty_prompts))
+    if args.use_ema:
+        rows.append(("use_ema", f"yes (decay {args.ema_decay:g}): the saved UNet holds the EMA weights"))
     vae = hub_or_folder_name(args.pretrained_vae_model_name_or_path)
     vae_note, vae_load = "", ""
     if vae:
@@ -1828,6 +1921,12 @@ def write_model_card(args, repo_id, stats, progress, learning_rate, num_processe
                       "the model denoises better than the reference does, relative to the other image; 0.5 at the "
                       "start)" if "implicit_acc" in last[0] else "")
                    + (f". Last step: loss {last[-1]['loss']:.4f}." if len(last) > 1 else "."))
+        if progress.validation_rewards:
+            last_reward = progress.validation_rewards[-1]
+            results += (f" Validation reward ({args.validation_scorer}, mean over {len(args.validation_prompts)} "
+                        f"prompts) at step {last_reward['step']}: {last_reward['validation_reward']:.4f}"
+                        + (f" (base: {last_reward['validation_reward_reference']:.4f})"
+                           if "validation_reward_reference" in last_reward else "") + ".")
         if progress.skipped_updates or progress.bad_rows:
             results += (f" {progress.skipped_updates} updates were skipped (non-finite loss or gradient) and "
                         f"{progress.bad_rows} undecodable pairs were skipped.")
@@ -1913,6 +2012,62 @@ def hub_upload_patterns(output_dir, use_lora):
 def push_to_hub(args, repo_id):
     upload_folder(repo_id=repo_id, folder_path=args.output_dir, commit_message="End of training",
                   allow_patterns=hub_upload_patterns(args.output_dir, args.use_lora), token=args.hub_token)
+
+
+def create_ema(args, accelerator, unet):
+    """--use_ema: diffusers' EMAModel of the trained UNet, saved in every checkpoint as `unet_ema/` (a UNet folder:
+    safetensors weights, decay and update count in its config; no pickle) by accelerate's save/load hooks."""
+    if not args.use_ema:
+        return None
+    if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        raise ValueError("--use_ema needs the full weights on every process; under FSDP/DeepSpeed they are sharded. "
+                         "Train with DDP (configs/accelerate/multi_gpu.yaml) or drop --use_ema.")
+    model = accelerator.unwrap_model(unet)
+    ema = EMAModel(model.parameters(), decay=args.ema_decay, model_cls=UNet2DConditionModel, model_config=model.config,
+                   foreach=args.foreach_ema)
+    home = torch.device("cpu") if args.offload_ema else accelerator.device
+
+    def place():
+        ema.to(home)
+        if args.offload_ema and torch.cuda.is_available():
+            ema.pin_memory()
+
+    def save_ema(models, weights, output_dir):
+        if accelerator.is_main_process:
+            ema.save_pretrained(os.path.join(output_dir, "unet_ema"))
+
+    def load_ema(models, input_dir):
+        loaded = EMAModel.from_pretrained(os.path.join(input_dir, "unet_ema"), UNet2DConditionModel,
+                                          foreach=args.foreach_ema)
+        ema.load_state_dict(loaded.state_dict())
+        place()
+
+    place()
+    accelerator.register_save_state_pre_hook(save_ema)
+    accelerator.register_load_state_pre_hook(load_ema)
+    return ema
+
+
+def update_ema(ema, unet, device, offload):
+    if offload:
+        ema.to(device, non_blocking=True)
+    ema.step(unet.parameters())
+    if offload:
+        ema.to("cpu", non_blocking=True)
+
+
+@contextlib.contextmanager
+def ema_weights(ema, unet):
+    """The UNet holds the EMA weights inside the block, its own again after."""
+    if ema is None:
+        yield
+        return
+    ema.store(unet.parameters())
+    ema.copy_to(unet.parameters())
+    try:
+        yield
+    finally:
+        ema.restore(unet.parameters())
 
 
 def gather_sharded_unet(accelerator, unet):
@@ -2013,7 +2168,7 @@ def build_dataloader(args, accelerator, models, dataset, seed, progress=None):
         tokenizers["clip_input_ids"] = clip_tokenize
     pair_dataset = PreferencePairDataset(None if args.streaming else dataset, dataset_columns(args), args.resolution,
                                          seed, random_crop=args.random_crop, hflip=not args.no_hflip,
-                                         tokenizers=tokenizers)
+                                         tokenizers=tokenizers, proportion_empty_prompts=args.proportion_empty_prompts)
     workers = args.dataloader_num_workers
     loader_options = {"num_workers": workers, "pin_memory": torch.cuda.is_available(),
                       "persistent_workers": workers > 0, "prefetch_factor": 4 if workers > 0 else None,
@@ -2102,6 +2257,12 @@ def run_training(args, accelerator):
     if accelerator.state.deepspeed_plugin is not None:  # our loader is not prepared, so DeepSpeed cannot infer it
         accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = args.train_batch_size
     unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
+    models.ema = create_ema(args, accelerator, unet)
+    models.validation_scorer = None
+    if args.validation_scorer != "none" and args.validation_prompts and accelerator.is_main_process:
+        models.validation_scorer = load_clip(args.validation_scorer_model, args.validation_scorer_processor,
+                                             args.cache_dir, torch.device("cpu"), torch.float32,
+                                             "--validation_scorer_model", "Pass a local CLIPModel folder or a Hub id")
 
     if args.resume_from_checkpoint:
         if checkpoint is None:
@@ -2124,9 +2285,11 @@ def run_training(args, accelerator):
         return progress
 
     accelerator.wait_for_everyone()
-    grid = log_validation(accelerator, args, models, unet, weight_dtype, progress.seed, progress.global_step)
+    grid = log_validation(accelerator, args, models, unet, weight_dtype, progress)
     trained_unet = gather_sharded_unet(accelerator, unet)
     if accelerator.is_main_process:
+        if models.ema is not None:
+            models.ema.copy_to(trained_unet.parameters())  # the saved pipeline holds the EMA weights
         save_final_model(accelerator, args, models, trained_unet)
         grid_filename = None
         if grid is not None:
@@ -2166,6 +2329,8 @@ def train_loop(args, accelerator, models, unet, optimizer, lr_scheduler, loader,
             if not accelerator.sync_gradients:
                 continue
             progress.global_step += 1
+            if models.ema is not None and not guard.verdict.skip_update:
+                update_ema(models.ema, accelerator.unwrap_model(unet), accelerator.device, args.offload_ema)
             if progress.batch_in_epoch >= sampler.batches_per_epoch:
                 progress.epoch, progress.batch_in_epoch = epoch + 1, 0
             logs = {name: accelerator.reduce(torch.stack(values).mean(), "mean").item()
@@ -2202,7 +2367,7 @@ def train_loop(args, accelerator, models, unet, optimizer, lr_scheduler, loader,
                     save_checkpoint(accelerator, args, progress.global_step, progress)
                 return
             if args.validation_prompts and progress.global_step % args.validation_steps == 0:
-                log_validation(accelerator, args, models, unet, weight_dtype, progress.seed, progress.global_step)
+                log_validation(accelerator, args, models, unet, weight_dtype, progress)
             if progress.global_step >= args.max_train_steps:
                 return
 

@@ -245,7 +245,7 @@ def test_validation_renders_on_the_main_process_only(monkeypatch):
     monkeypatch.setattr(rpo, "generate_validation_images", lambda *a, **k: rendered.append(a) or [])
     args = rpo.parse_args(["--validation_prompts", "a red circle"])
     other = SimpleNamespace(is_main_process=False)
-    assert rpo.log_validation(other, args, None, None, torch.float32, 0, 1) is None and rendered == []
+    assert rpo.log_validation(other, args, None, None, torch.float32, None) is None and rendered == []
 
 
 @pytest.mark.parametrize("flag", ["--snr_gamma", "--prediction_type"])
