@@ -198,7 +198,8 @@ def parse_args(input_args=None):
     steps.add_argument("--num_train_epochs", type=int, default=1,
                        help="Epochs over the pairs; the run's optimizer steps follow from it unless --max_train_steps.")
     steps.add_argument("--max_train_steps", type=int, default=None,
-                       help="Optimizer steps; overrides --num_train_epochs when set (the DPO recipe: 2000).")
+                       help="Optimizer steps; overrides --num_train_epochs when set (the DPO recipe: 2000; 0 or unset: "
+                       "from the epochs).")
     steps.add_argument("--gradient_accumulation_steps", type=int, default=1)
     steps.add_argument("--checkpointing_steps", type=int, default=500,
                        help="Save the accelerate training state every N optimizer steps under output_dir/checkpoint-N.")
@@ -324,12 +325,12 @@ def parse_args(input_args=None):
 
 
 # (flag, lowest allowed, whether the lowest is excluded); None values (optional flags left unset) are not checked.
+# --max_bad_rows and --max_nonfinite_steps have checks of their own below.
 NUMERIC_FLAG_RANGES = [
     ("train_batch_size", 1, False), ("gradient_accumulation_steps", 1, False), ("num_train_epochs", 1, False),
-    ("max_train_steps", 1, False), ("checkpointing_steps", 1, False), ("checkpoints_total_limit", 1, False),
+    ("max_train_steps", 0, False), ("checkpointing_steps", 1, False), ("checkpoints_total_limit", 1, False),
     ("max_train_samples", 1, False), ("resolution", 8, False), ("dataloader_num_workers", 0, False),
-    ("vae_encode_batch_size", 1, False), ("shuffle_buffer_size", 0, False), ("max_bad_rows", 0, False),
-    ("max_nonfinite_steps", 1, False), ("learning_rate", 0, True), ("lr_warmup_steps", 0, False),
+    ("vae_encode_batch_size", 1, False), ("shuffle_buffer_size", 0, False), ("learning_rate", 0, True), ("lr_warmup_steps", 0, False),
     ("adam_beta1", 0, False), ("adam_beta2", 0, False), ("adam_weight_decay", 0, False), ("adam_epsilon", 0, False),
     ("max_grad_norm", 0, False), ("lora_rank", 1, False), ("beta_dpo", 0, True), ("rpo_weight_scale", 0, True),
     ("distance_temperature", 0, True), ("noise_offset", 0, False), ("seed", 0, False),
@@ -353,6 +354,8 @@ def check_args(args, parser):
         args.learning_rate = DEFAULT_LORA_LEARNING_RATE if args.use_lora else DEFAULT_LEARNING_RATE
     if args.max_grad_norm is None:
         args.max_grad_norm = 0.0 if args.use_adafactor else 1.0
+    if args.max_train_steps == 0:
+        args.max_train_steps = None  # 0: from --num_train_epochs, as when unset
     for name, lowest, exclusive in NUMERIC_FLAG_RANGES:
         value = getattr(args, name)
         if value is not None and (value < lowest or (exclusive and value == lowest)):
@@ -778,7 +781,7 @@ def load_raw_dataset(args):
     elif os.path.isdir(path) and os.path.exists(os.path.join(path, "state.json")):
         on_disk = datasets.load_from_disk(path)
     if on_disk is not None:
-        return on_disk.to_iterable_dataset(num_shards=64) if args.streaming else on_disk
+        return on_disk.to_iterable_dataset(num_shards=min(64, len(on_disk))) if args.streaming else on_disk
     try:
         return datasets.load_dataset(path, args.dataset_config_name, split=args.dataset_split_name,
                                      cache_dir=args.cache_dir, streaming=args.streaming)

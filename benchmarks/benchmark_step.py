@@ -48,7 +48,7 @@ FAMILIES = {
     "sd15": {"pairs": 8, "resolution": 512, "tiny_resolution": 32, "text_encoders": ["text_encoder"]},
     "sdxl": {"pairs": 2, "resolution": 1024, "tiny_resolution": 32, "text_encoders": ["text_encoder", "text_encoder_2"]},
 }
-# The reference step measured on one H100 80GB (../shared/anchors/anchor_h100_2026-11-26.log), seconds per step.
+# The reference step measured on one H100 80GB (benchmarks/anchors/anchor_h100_2026-11-26.log), seconds per step.
 ANCHOR_STEP_S = {("sd15", "adamw", False): 0.3955, ("sd15", "adamw8bit", True): 0.4995,
                  ("sdxl", "adamw8bit", True): 0.887}
 # Dense bf16 tensor-core peaks (TFLOP/s) for UNet MFU.

@@ -211,8 +211,9 @@ def test_custom_vae_is_trained_with_saved_and_named_in_the_card(sdxl_pipeline_pa
     assert all(torch.equal(saved[k], custom[k]) for k in custom) and not all(torch.equal(base[k], custom[k]) for k in base)
     card = ModelCard.load(out / "README.md")
     assert {"stable-diffusion-xl", "stable-diffusion-xl-diffusers", "diffusion-rpo", "rpo"} <= set(card.data.tags)
-    assert card.data.license == "openrail++" and card.data.base_model == sdxl_pipeline_path
-    assert f"Trained with the VAE `{custom_vae}`" in card.text and "train_diffusion_rpo_sdxl.py" in card.text
+    assert card.data.license == "openrail++" and card.data.base_model is None  # a local base is no Hub id
+    assert f"Trained with the VAE `{os.path.basename(custom_vae)}`" in card.text
+    assert "train_diffusion_rpo_sdxl.py" in card.text
     # Training itself runs with the custom VAE's weights.
     args = sdxl.parse_args(cli(sdxl_pipeline_path, pickapic_path, clip_model_path, tmp_path / "x",
                                "--pretrained_vae_model_name_or_path", custom_vae, "--loss_type", "dpo"))
