@@ -1047,9 +1047,22 @@ AUTOCAST_LOWER_PRECISION_LAYERS = (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Co
                                    torch.nn.ConvTranspose1d, torch.nn.ConvTranspose2d, torch.nn.ConvTranspose3d)
 
 
+def sharding_engine():
+    """FSDP or DeepSpeed when accelerate runs one (they shard the trained UNet and compute with every parameter in the
+    mixed-precision dtype: FSDP's param_dtype, which accelerate sets from --mixed_precision, and DeepSpeed's bf16/fp16
+    module), else None (single process, DDP)."""
+    from accelerate.state import AcceleratorState
+
+    if not AcceleratorState._shared_state:
+        return None
+    engine = AcceleratorState().distributed_type
+    return engine if engine in (DistributedType.FSDP, DistributedType.DEEPSPEED) else None
+
+
 def store_as_autocast_computes(module, dtype):
-    """Frozen weights stored the way autocast computes with an fp32 module (docs/method.md, "Reference in mixed
-    precision"): linear and convolution parameters in `dtype`, the rest (norms, embeddings) in fp32.
+    """Frozen weights stored the way the trained UNet computes (docs/method.md, "Reference in mixed precision"): under
+    autocast with fp32 master weights, linear and convolution parameters in `dtype` and the rest (norms, embeddings) in
+    fp32; under FSDP or DeepSpeed, which cast every parameter, all of them in `dtype`.
 
     Run under the same autocast as the fp32 policy, such a copy computes bitwise what the policy computes at
     theta = theta_ref, so the first loss is exactly ln 2. A plain `.to(bf16)` copy run outside autocast rounds the norm
@@ -1057,6 +1070,8 @@ def store_as_autocast_computes(module, dtype):
     policy's by enough that beta/2 * (difference) is a logit of order 1 at step 0. Norm parameters are well under 1%
     of a UNet's, so the copy costs about what a half-precision copy costs."""
     module.float()
+    if dtype != torch.float32 and sharding_engine() is not None:
+        return module.to(dtype)
     if dtype != torch.float32:
         for layer in module.modules():
             if isinstance(layer, AUTOCAST_LOWER_PRECISION_LAYERS):
@@ -1065,8 +1080,9 @@ def store_as_autocast_computes(module, dtype):
 
 
 def autocast_like_policy(device, weight_dtype):
-    """The autocast accelerate wraps the trained UNet's forward in, for the frozen reference's forward."""
-    if weight_dtype == torch.float32:
+    """The autocast accelerate wraps the trained UNet's forward in, for the frozen reference's forward (none under
+    DeepSpeed, whose module computes in its own dtype)."""
+    if weight_dtype == torch.float32 or sharding_engine() == DistributedType.DEEPSPEED:
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=weight_dtype)
 
@@ -1165,6 +1181,8 @@ def compute_step_loss(args, models, unet, batch, micro_step, seed, weight_dtype=
     """One micro-batch's preference loss and metrics: the seam every later feature (cache, compile, gather) uses."""
     inputs = prepare_diffusion_inputs(args, models, batch, micro_step, seed)
     noisy, target, timesteps = inputs.noisy_latents, inputs.target, inputs.timesteps
+    if sharding_engine() == DistributedType.DEEPSPEED:
+        noisy = noisy.to(weight_dtype)  # a bf16/fp16 module without autocast: fp32 latents would fail at conv_in
     hidden = inputs.encoder_hidden_states.to(weight_dtype)
     unet_kwargs = cast_floats(inputs.unet_kwargs, weight_dtype)
     model_losses = per_sample_denoising_loss(unet, noisy, timesteps, hidden, target, **unet_kwargs)
@@ -1767,16 +1785,19 @@ def vae_decode_without_autocast(vae, device_type):
 def log_validation(accelerator, args, models, unet, weight_dtype, progress):
     """The main process renders the validation prompts (the others go on) with the weights the saved pipeline will
     hold (the EMA's with --use_ema), and the reference's; logs them and their reward; returns the grid."""
-    if not args.validation_prompts or not accelerator.is_main_process:
+    if not args.validation_prompts:
         return None
+    rendering_unet = gather_sharded_unet(accelerator, unet)  # under FSDP/DeepSpeed every process joins the gather
+    if not accelerator.is_main_process:
+        return None
+    rendering_unet.to(models.device)
     seed, global_step = progress.seed, progress.global_step
     logger.info(f"Rendering {len(args.validation_prompts)} validation prompts at step {global_step}")
     was_training = unet.training
     unet.eval()
-    with ema_weights(models.ema, accelerator.unwrap_model(unet)):
-        trained = generate_validation_images(args, models, accelerator.unwrap_model(unet), weight_dtype, seed)
-    reference = generate_validation_images(args, models, accelerator.unwrap_model(unet), weight_dtype, seed,
-                                           reference=True)
+    with ema_weights(models.ema, rendering_unet):
+        trained = generate_validation_images(args, models, rendering_unet, weight_dtype, seed)
+    reference = generate_validation_images(args, models, rendering_unet, weight_dtype, seed, reference=True)
     unet.train(was_training)
     if models.validation_scorer is not None:
         rewards = {"validation_reward": validation_reward(models.validation_scorer, args, trained, models.device)}
@@ -2215,6 +2236,10 @@ def main(args):
 
 def run_training(args, accelerator):
     check_pretrained_pipeline(args)  # a wrong model path fails now, not after the dataset is prepared
+    if args.use_lora and sharding_engine() is not None:
+        raise ValueError(f"--use_lora under {sharding_engine().value}: LoRA adapters are a few MB, so sharding them "
+                         "saves nothing while the frozen base would need its own handling. Launch with DDP "
+                         "(configs/accelerate/multi_gpu.yaml), or train the full UNet under this engine.")
     if accelerator.is_main_process:
         os.makedirs(args.output_dir, exist_ok=True)
         remove_interrupted_saves(args.output_dir)

@@ -31,3 +31,6 @@ for precision in bf16 fp16; do
       --out "$out/first_step_${family}_${precision}_${gpu}_${stamp}.json"
   done
 done
+# The shipped accelerate configs end to end on this GPU (FSDP and DeepSpeed run only on GPUs): tiny pipeline with
+# perturbed weights, bf16, first loss (ln 2), checkpoint, resume, saved pipeline. DeepSpeed needs its wheel in .whl/.
+python3 benchmarks/engine_check.py "$out/engines_${gpu}_${stamp}" --configs fsdp,deepspeed_zero2,multi_gpu

@@ -154,3 +154,44 @@ def test_accelerate_configs_load_and_agree_with_the_script():
 
     for layer in fsdp["fsdp_transformer_layer_cls_to_wrap"].split(","):
         assert hasattr(diffusers.models.attention, layer) or hasattr(diffusers.models.resnet, layer)
+
+
+def launch_two_nodes(script, arguments, cwd):
+    """The README's multi-node commands on one machine: two `accelerate launch --num_machines 2` of one process each,
+    node 0 at 127.0.0.1 (loopback only), started together; both must succeed."""
+    port = free_port()
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    nodes = []
+    for rank in (0, 1):
+        command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_machines", "2",
+                   "--num_processes", "2", "--machine_rank", str(rank), "--main_process_ip", "127.0.0.1",
+                   "--main_process_port", str(port), "--mixed_precision", "no", "--dynamo_backend", "no",
+                   script, *arguments]
+        nodes.append(subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                      text=True))
+    outputs = [node.communicate(timeout=600) for node in nodes]
+    for node, (_, stderr) in zip(nodes, outputs):
+        assert node.returncode == 0, stderr[-4000:]
+    return outputs
+
+
+def test_two_nodes_on_loopback_train_checkpoint_resume_and_equal_one_node(sd_pipeline_path, pickapic_path,
+                                                                          clip_model_path, tmp_path):
+    from safetensors.torch import load_file
+
+    script = os.path.join(ROOT, "train_diffusion_rpo.py")
+
+    def flags(out, steps, *extra):
+        return cli(sd_pipeline_path, pickapic_path, clip_model_path, out, "--validation_prompts", "--train_batch_size",
+                   "2", "--rpo_global_matrix", "--checkpointing_steps", "2", "--max_train_steps", str(steps), *extra)
+
+    launch(script, flags(tmp_path / "one-node", 3), 2, tmp_path)
+    launch_two_nodes(script, flags(tmp_path / "two-nodes", 2), tmp_path)
+    assert (tmp_path / "two-nodes" / "checkpoint-2" / "training_progress.json").exists()
+    (_, node0), _ = launch_two_nodes(script, flags(tmp_path / "two-nodes", 3, "--resume_from_checkpoint", "latest"),
+                                     tmp_path)
+    assert "Resuming from" in node0 and "checkpoint-2" in node0
+    weights = [load_file(tmp_path / run / "unet" / "diffusion_pytorch_model.safetensors")
+               for run in ("one-node", "two-nodes")]
+    assert weights[0].keys() == weights[1].keys()
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])  # bitwise: same data, same reductions
