@@ -301,3 +301,15 @@ def test_accelerate_launch_end_to_end(sd_pipeline_path, pickapic_path, clip_mode
     assert result.returncode == 0, result.stderr[-3000:]
     assert (out / "unet" / "diffusion_pytorch_model.safetensors").exists()
     assert (out / "README.md").exists() and any("events.out.tfevents" in f for _, _, fs in os.walk(out) for f in fs)
+
+
+def test_sft_encodes_and_denoises_the_winners_only(run, monkeypatch):
+    encoded, denoised = [], []
+    encode, denoise = rpo.encode_latent_distribution, rpo.per_sample_denoising_loss
+    monkeypatch.setattr(rpo, "encode_latent_distribution",
+                        lambda vae, pixels, batch_size: encoded.append(pixels.shape[0]) or encode(vae, pixels, batch_size))
+    monkeypatch.setattr(rpo, "per_sample_denoising_loss",
+                        lambda unet, noisy, *a, **k: denoised.append(noisy.shape[0]) or denoise(unet, noisy, *a, **k))
+    progress, _ = run("--loss_type", "sft", "--max_train_steps", "1", "--validation_prompts")
+    assert encoded == [3] and denoised == [3]  # 3 pairs per step: their 3 winners, not 6 images
+    assert set(progress.history[0]) == {"loss", "lr", "model_mse_w"}
