@@ -283,6 +283,11 @@ def parse_args(input_args=None):
                         "Changes the objective with the number of processes; see README 'Multi-GPU'.")
     method.add_argument("--noise_offset", type=float, default=0.0,
                         help="Noise offset scale (the same offset for a pair's winner and loser).")
+    method.add_argument("--stabilizer", type=str, default="none", choices=["none", "dpop", "sft"],
+                        help="Keep the preferred images' likelihood from falling (dpo/rpo; docs/method.md, "
+                        "\"Stabilizers\"): dpop subtracts lambda * max(0, winner's error - reference's) inside every "
+                        "logit (DPO-Positive); sft adds lambda * the winners' denoising error to the loss.")
+    method.add_argument("--stabilizer_weight", type=float, default=1.0, help="lambda of --stabilizer.")
 
     output = parser.add_argument_group("output and logging")
     output.add_argument("--output_dir", type=str, default="diffusion-rpo-model")
@@ -336,6 +341,7 @@ NUMERIC_FLAG_RANGES = [
     ("distance_temperature", 0, True), ("noise_offset", 0, False), ("seed", 0, False),
     ("validation_steps", 1, False), ("validation_num_inference_steps", 1, False),
     ("validation_guidance_scale", 0, False), ("proportion_empty_prompts", 0, False), ("ema_decay", 0, False),
+    ("stabilizer_weight", 0, True),
 ]
 VALIDATION_SCORERS = {  # --validation_scorer: (model, tokenizer and image settings) defaults
     "pickscore": ("yuvalkirstain/PickScore_v1", "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"),
@@ -369,6 +375,9 @@ def check_args(args, parser):
     for name in ("proportion_empty_prompts", "ema_decay"):
         if getattr(args, name) > 1:
             parser.error(f"--{name} {getattr(args, name)} must be at most 1.")
+    if args.stabilizer != "none" and args.loss_type == "sft":
+        parser.error(f"--stabilizer {args.stabilizer} anchors the preferred images of a preference loss; --loss_type "
+                     "sft has no preference term. Use --loss_type dpo or rpo, or drop --stabilizer.")
     if args.use_ema and args.use_lora:
         parser.error("--use_ema averages the full UNet's weights; with --use_lora only the adapters train. Drop one.")
     if (args.offload_ema or args.foreach_ema) and not args.use_ema:
@@ -444,12 +453,16 @@ def compute_preference_loss(
     temperature=0.5,
     weighting="similarity",
     weight_scale=1.0,
+    stabilizer="none",
+    stabilizer_weight=1.0,
 ):
     """Preference loss from per-sample denoising losses (method.md, "Losses").
 
     model_losses: (2M,) per-sample mean squared errors, winners first, for every loss_type. ref_losses: the
     reference's, of the same shape, for dpo/rpo; sft ignores it (None) and reads only the winners' half of
     model_losses (the losers' entries may be NaN: the training step does not compute them).
+    stabilizer (dpo/rpo): "dpop" subtracts stabilizer_weight * max(0, delta_w^i) from the logits of row i (DPO-Positive);
+    "sft" adds stabilizer_weight * mean(model_w) to the loss (docs/method.md, "Stabilizers"). Both are 0 at theta = ref.
     Returns (loss, metrics) with metrics a dict of detached float tensors.
     """
     if model_losses.ndim != 1 or model_losses.shape[0] % 2:
@@ -464,6 +477,8 @@ def compute_preference_loss(
         raise ValueError(f"Unknown loss_type {loss_type!r}: expected 'rpo', 'dpo' or 'sft'.")
     if ref_losses is None or ref_losses.shape != model_losses.shape:
         raise ValueError("dpo/rpo need model_losses and ref_losses of the same shape (2M,), winners first.")
+    if stabilizer not in ("none", "dpop", "sft"):
+        raise ValueError(f"Unknown stabilizer {stabilizer!r}: expected 'none', 'dpop' or 'sft'.")
     model_w, model_l = model_losses.chunk(2)
     ref_w, ref_l = ref_losses.double().detach().chunk(2)
     delta_w, delta_l = model_w - ref_w, model_l - ref_l
@@ -473,12 +488,21 @@ def compute_preference_loss(
         "model_mse_l": model_l.detach().mean(),
         "ref_mse_w": ref_w.mean(),
         "ref_mse_l": ref_l.mean(),
+        # Which side moves the loss: a falling winner error, or a rising loser error ("likelihood displacement").
+        "delta_mse_w": delta_w.detach().mean(),
+        "delta_mse_l": delta_l.detach().mean(),
         "implicit_acc": ((diagonal_logits > 0).float() + 0.5 * (diagonal_logits == 0).float()).detach().mean(),
     }
+    # DPO-Positive (Pal et al. 2024, arXiv 2402.13228), with -log p(x) ~ the denoising error: row i's logits lose
+    # lambda * max(0, delta_w^i), so lowering the loss by raising the winner's error too is penalised.
+    winner_penalty = stabilizer_weight * delta_w.clamp(min=0) if stabilizer == "dpop" else torch.zeros_like(delta_w)
+    extra_loss = stabilizer_weight * model_w.mean() if stabilizer == "sft" else model_w.new_zeros(())
+    if stabilizer != "none":
+        metrics["stabilizer_term"] = (winner_penalty.mean() if stabilizer == "dpop" else extra_loss).detach()
     if loss_type == "dpo":
-        loss = -F.logsigmoid(0.5 * beta * diagonal_logits).mean()
+        loss = -F.logsigmoid(0.5 * beta * (diagonal_logits - winner_penalty)).mean() + extra_loss
         return loss.to(output_dtype), cast_metrics(metrics, output_dtype)
-    logits = -(delta_w[:, None] - delta_l[None, :])
+    logits = -(delta_w[:, None] - delta_l[None, :]) - winner_penalty[:, None]
     if weighting == "similarity":
         if embeddings is None or embeddings.shape[0] != model_losses.shape[0]:
             raise ValueError("rpo with similarity weighting needs embeddings of shape (2M, D), winners first.")
@@ -489,7 +513,7 @@ def compute_preference_loss(
         raise ValueError(f"Unknown weighting {weighting!r}: expected 'similarity' or 'uniform'.")
     # Weight inside the sigmoid, rows averaged (not weight-summed), as in the RPO authors' LLM code; mean of the
     # log-sigmoids, not the log-sigmoid of a mean (a peer bug).
-    loss = -F.logsigmoid(weights * (0.5 * beta) * logits).mean()
+    loss = -F.logsigmoid(weights * (0.5 * beta) * logits).mean() + extra_loss
     weight_diag_mean = torch.diagonal(weights).mean().detach()
     metrics["weight_diag_mean"] = weight_diag_mean
     metrics["beta_effective_diag"] = 0.5 * beta * weight_diag_mean
@@ -1190,7 +1214,8 @@ def compute_step_loss(args, models, unet, batch, micro_step, seed, weight_dtype=
         embeddings = None if embeddings is None else gather_pairs(embeddings)
     return compute_preference_loss(model_losses, ref_losses, loss_type=args.loss_type, beta=args.beta_dpo,
                                    embeddings=embeddings, temperature=args.distance_temperature,
-                                   weighting=args.rpo_weighting, weight_scale=args.rpo_weight_scale)
+                                   weighting=args.rpo_weighting, weight_scale=args.rpo_weight_scale,
+                                   stabilizer=args.stabilizer, stabilizer_weight=args.stabilizer_weight)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -1901,6 +1926,8 @@ def write_model_card(args, repo_id, stats, progress, learning_rate, num_processe
         rows.append(("lora_rank", args.lora_rank))
     if args.proportion_empty_prompts:
         rows.append(("proportion_empty_prompts", args.proportion_empty_prompts))
+    if args.stabilizer != "none":
+        rows.append(("stabilizer", f"{args.stabilizer} (lambda {args.stabilizer_weight:g})"))
     if args.use_ema:
         rows.append(("use_ema", f"yes (decay {args.ema_decay:g}): the saved UNet holds the EMA weights"))
     vae = hub_or_folder_name(args.pretrained_vae_model_name_or_path)
@@ -2349,8 +2376,9 @@ def train_loop(args, accelerator, models, unet, optimizer, lr_scheduler, loader,
             logs["lr"] = lr_scheduler.get_last_lr()[0]
             accumulated = {}
             record_faults(args, progress, guard.verdict, logs)
-            if progress.global_step == 1 and args.loss_type != "sft" and abs(logs["loss"] - math.log(2)) > 1e-3:
-                logger.warning(f"The first loss is {logs['loss']:.6f}, not ln 2 = 0.693147: the policy starts at the "
+            preference_loss = logs["loss"] - (logs.get("stabilizer_term", 0.0) if args.stabilizer == "sft" else 0.0)
+            if progress.global_step == 1 and args.loss_type != "sft" and abs(preference_loss - math.log(2)) > 1e-3:
+                logger.warning(f"The first loss is {preference_loss:.6f}, not ln 2 = 0.693147: the policy starts at the "
                                "reference, so their denoising errors should be equal. The reference computes "
                                "differently from the trained UNet (precision, attention backend or weights differ).")
             progress.history.append(logs)

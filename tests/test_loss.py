@@ -170,3 +170,73 @@ def test_bad_arguments_are_explained():
         rpo.compute_preference_loss(model, ref, loss_type="rpo", beta=1.0)
     with pytest.raises(ValueError, match="same shape"):
         rpo.compute_preference_loss(model, None, loss_type="dpo", beta=1.0)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Stabilizers (docs/method.md, "Stabilizers")
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def test_dpo_positive_matches_hand_computed_value():
+    # The hand example above: pair 2's winner error rose by 0.02 over the reference's, pair 1's fell.
+    model = torch.tensor([0.10, 0.20, 0.30, 0.10], dtype=torch.float64)
+    ref = torch.tensor([0.11, 0.18, 0.30, 0.12], dtype=torch.float64)
+    beta, lam = 1000.0, 3.0
+    # pair 1: z = 0.01, penalty 0; pair 2: z = -0.04, penalty 3 x 0.02 = 0.06 -> logit -0.10
+    expected = -(logsigmoid(0.5 * beta * 0.01) + logsigmoid(0.5 * beta * -0.10)) / 2
+    loss, metrics = rpo.compute_preference_loss(model, ref, loss_type="dpo", beta=beta, stabilizer="dpop",
+                                                stabilizer_weight=lam)
+    assert loss.item() == pytest.approx(expected, rel=1e-9)
+    assert metrics["stabilizer_term"].item() == pytest.approx(3.0 * 0.02 / 2)
+    assert metrics["delta_mse_w"].item() == pytest.approx((-0.01 + 0.02) / 2)
+    assert metrics["delta_mse_l"].item() == pytest.approx((0.0 - 0.02) / 2)
+    assert metrics["implicit_acc"].item() == 0.5  # accuracy reads the plain DPO logits
+
+
+def test_rpo_dpo_positive_matches_a_direct_double_loop():
+    model, ref, embeddings = random_losses(3, seed=11)
+    model = model.clone()
+    model[:3] += torch.tensor([2e-4, -1e-4, 3e-4], dtype=torch.float64)  # two winners got worse than the reference
+    beta, lam, m = 5000.0, 2.0, 3
+    weights = rpo.similarity_weights(embeddings, 0.5, 1.0)
+    expected = 0.0
+    for i in range(m):
+        delta_w = (model[i] - ref[i]).item()
+        for j in range(m):
+            z = -(delta_w - (model[m + j] - ref[m + j]).item()) - lam * max(0.0, delta_w)
+            expected -= logsigmoid(weights[i, j].item() * 0.5 * beta * z)
+    loss, _ = rpo.compute_preference_loss(model, ref, loss_type="rpo", beta=beta, embeddings=embeddings,
+                                          stabilizer="dpop", stabilizer_weight=lam)
+    assert loss.item() == pytest.approx(expected / m**2, rel=1e-9)
+
+
+@pytest.mark.parametrize("loss_type", ["dpo", "rpo"])
+def test_sft_stabilizer_adds_the_weighted_winner_error_and_its_gradient(loss_type):
+    model, ref, embeddings = random_losses(4, seed=12)
+    model = model.clone().requires_grad_(True)
+    plain, _ = rpo.compute_preference_loss(model, ref, loss_type=loss_type, beta=5000.0, embeddings=embeddings)
+    (plain_grad,) = torch.autograd.grad(plain, model)
+    anchored, metrics = rpo.compute_preference_loss(model, ref, loss_type=loss_type, beta=5000.0,
+                                                    embeddings=embeddings, stabilizer="sft", stabilizer_weight=0.5)
+    (anchored_grad,) = torch.autograd.grad(anchored, model)
+    assert anchored.item() == pytest.approx(plain.item() + 0.5 * model[:4].mean().item(), rel=1e-12)
+    assert metrics["stabilizer_term"].item() == pytest.approx(0.5 * model[:4].mean().item())
+    torch.testing.assert_close(anchored_grad - plain_grad,
+                               torch.tensor([0.5 / 4] * 4 + [0.0] * 4, dtype=torch.float64), rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("stabilizer", ["dpop", "sft"])
+def test_at_the_reference_dpop_gives_ln2_and_sft_adds_its_term(stabilizer):
+    model, _, embeddings = random_losses(3, seed=13)
+    loss, _ = rpo.compute_preference_loss(model, model.clone(), loss_type="rpo", beta=5000.0, embeddings=embeddings,
+                                          stabilizer=stabilizer)
+    offset = model[:3].mean().item() if stabilizer == "sft" else 0.0
+    assert loss.item() == pytest.approx(math.log(2) + offset, rel=1e-12)
+
+
+def test_stabilizer_flags_are_checked(capsys):
+    with pytest.raises(SystemExit):
+        rpo.parse_args(["--loss_type", "sft", "--stabilizer", "dpop"])
+    assert "sft has no preference term" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="Unknown stabilizer"):
+        rpo.compute_preference_loss(*random_losses(2)[:2], loss_type="dpo", beta=1.0, stabilizer="dpo_positive")

@@ -66,7 +66,8 @@ def test_training_saves_a_pipeline_that_loads_and_generates(run, sd_pipeline_pat
                      generator=torch.Generator().manual_seed(0), output_type="np").images[0]
     assert image.shape == (32, 32, 3) and image.std() > 0
     expected_metrics = {"sft": {"loss", "lr", "model_mse_w"},
-                        "dpo": {"loss", "lr", "model_mse_w", "model_mse_l", "ref_mse_w", "ref_mse_l", "implicit_acc"}}
+                        "dpo": {"loss", "lr", "model_mse_w", "model_mse_l", "ref_mse_w", "ref_mse_l", "delta_mse_w",
+                                "delta_mse_l", "implicit_acc"}}
     expected_metrics["rpo"] = expected_metrics["dpo"] | {"weight_diag_mean", "beta_effective_diag"}
     assert set(progress.history[0]) == expected_metrics[loss_type]
 
@@ -313,3 +314,13 @@ def test_sft_encodes_and_denoises_the_winners_only(run, monkeypatch):
     progress, _ = run("--loss_type", "sft", "--max_train_steps", "1", "--validation_prompts")
     assert encoded == [3] and denoised == [3]  # 3 pairs per step: their 3 winners, not 6 images
     assert set(progress.history[0]) == {"loss", "lr", "model_mse_w"}
+
+
+@pytest.mark.parametrize("stabilizer", ["dpop", "sft"])
+def test_a_stabilized_run_starts_at_ln2_and_logs_its_term(run, tmp_path, caplog, stabilizer):
+    progress, _ = run("--stabilizer", stabilizer, "--stabilizer_weight", "2", "--validation_prompts")
+    first = progress.history[0]
+    offset = 2 * first["model_mse_w"] if stabilizer == "sft" else 0.0
+    assert first["loss"] == pytest.approx(LN2_FP32 + offset, abs=1e-6) and first["stabilizer_term"] == offset
+    assert "The first loss is" not in caplog.text
+    assert f"| stabilizer | {stabilizer} (lambda 2) |" in (tmp_path / "out" / "README.md").read_text()
