@@ -245,7 +245,8 @@ def test_validation_renders_on_the_main_process_only(monkeypatch):
     rendered = []
     monkeypatch.setattr(rpo, "generate_validation_images", lambda *a, **k: rendered.append(a) or [])
     args = rpo.parse_args(["--validation_prompts", "a red circle"])
-    other = SimpleNamespace(is_main_process=False)
+    other = SimpleNamespace(is_main_process=False, distributed_type=rpo.DistributedType.MULTI_GPU,
+                            unwrap_model=lambda unet: unet)
     assert rpo.log_validation(other, args, None, None, torch.float32, None) is None and rendered == []
 
 
