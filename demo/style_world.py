@@ -3,6 +3,7 @@
     python -m demo.style_world --demo                         # `make demo`: one RPO alignment, before/after, grid
     python -m demo.style_world --compare rpo,dpo,sft --seeds 3  # the equal-budget sweep: table, plot, grid
     python -m demo.style_world --ablation --seeds 2           # RPO's open choices (method.md)
+    python -m demo.style_world --stabilizers --seeds 2 --style frame  # RPO with each stabilizer
 
 Every training run is `train_diffusion_rpo.main` on a preference dataset in the Pick-a-Pic schema (chosen = the styled
 rendering, rejected = the plain one, same caption); every score comes from the world's exact detectors on samples for
@@ -39,6 +40,15 @@ ABLATIONS = {
     "similarity_embedding text": ["--similarity_embedding", "text"],
     "similarity_embedding image": ["--similarity_embedding", "image"],
     "uniform weights": ["--rpo_weighting", "uniform"],
+}
+# --stabilizers: RPO at the demo point with each stabilizer (docs/method.md, "Stabilizers"). lambda spans the range
+# where the added gradient is comparable to RPO's own at the start (about 1250 / M^2 per winner for the sft term).
+STABILIZERS = {
+    "none": [],
+    "dpop lambda=1": ["--stabilizer", "dpop", "--stabilizer_weight", "1"],
+    "dpop lambda=10": ["--stabilizer", "dpop", "--stabilizer_weight", "10"],
+    "sft lambda=100": ["--stabilizer", "sft", "--stabilizer_weight", "100"],
+    "sft lambda=1000": ["--stabilizer", "sft", "--stabilizer_weight", "1000"],
 }
 PAIRS_PER_STEP = 8
 DEMO_CONFIG = {"learning_rate": 3e-5, "beta_dpo": 5000.0}  # a swept point; also demo/results/ci_record.json's
@@ -143,12 +153,16 @@ def run_grid(runs, seeds, style, workdir, assets, samples_per_scene, steps, repo
             name = "".join(c if c.isalnum() or c in "-._" else "_" for c in f"{method}-{label}-seed{seed}")
             output_dir = os.path.join(workdir, "runs", name)
             start = time.time()
-            train(method, config, dataset, output_dir, seed, steps, assets, extra)
+            progress = train(method, config, dataset, output_dir, seed, steps, assets, extra)
             train_s = time.time() - start
             new = []
             for step_count, result in evaluate_run(output_dir, items, style, assets,
                                                    [s for s in STEP_COUNTS if s <= steps]).items():
-                new.append({"method": method, "config": label, "seed": seed, "steps": step_count, **result,
+                # Which side moved the loss over the 10 steps before this evaluation (mean model - reference MSE).
+                window = progress.history[max(0, step_count - 10):step_count]
+                deltas = {name: float(np.mean([h[name] for h in window])) for name in ("delta_mse_w", "delta_mse_l")
+                          if window and name in window[0]}
+                new.append({"method": method, "config": label, "seed": seed, "steps": step_count, **result, **deltas,
                             "train_s": train_s})
                 log(f"{method:4s} {label:32s} seed {seed} step {step_count:4d}: style {result['style_hit_rate']:.3f} "
                     f"content {result['content_accuracy']:.3f}")
@@ -161,15 +175,18 @@ def run_grid(runs, seeds, style, workdir, assets, samples_per_scene, steps, repo
 
 def table(records, base):
     """Markdown: mean +- std over seeds of style hit rate and content accuracy per method, configuration and steps."""
-    lines = ["| method | configuration | steps | style hit rate | content accuracy | seeds |", "|---|---|---|---|---|---|",
-             f"| base | - | 0 | {base['style_hit_rate']:.3f} | {base['content_accuracy']:.3f} | - |"]
+    lines = ["| method | configuration | steps | style hit rate | content accuracy | delta_mse_w | delta_mse_l | seeds |",
+             "|---|---|---|---|---|---|---|---|",
+             f"| base | - | 0 | {base['style_hit_rate']:.3f} | {base['content_accuracy']:.3f} | - | - | - |"]
     keys = sorted({(r["method"], r["config"], r["steps"]) for r in records}, key=lambda k: (k[0], k[1], k[2]))
     for method, config, steps in keys:
         chosen = [r for r in records if (r["method"], r["config"], r["steps"]) == (method, config, steps)]
         style = summarise([r["style_hit_rate"] for r in chosen])
         content = summarise([r["content_accuracy"] for r in chosen])
+        deltas = [f"{np.mean([r[name] for r in chosen]):.2e}" if all(name in r for r in chosen) else "-"
+                  for name in ("delta_mse_w", "delta_mse_l")]
         lines.append(f"| {method} | {config} | {steps} | {style['mean']:.3f} +- {style['std']:.3f} | "
-                     f"{content['mean']:.3f} +- {content['std']:.3f} | {style['n']} |")
+                     f"{content['mean']:.3f} +- {content['std']:.3f} | {deltas[0]} | {deltas[1]} | {style['n']} |")
     return "\n".join(lines)
 
 
@@ -232,11 +249,17 @@ def ablation(args):
     return sweep(args, "ablation", runs, f"Style '{args.style}': RPO choices")
 
 
+def stabilizers(args):
+    runs = [("rpo", label, DEMO_CONFIG, extra) for label, extra in STABILIZERS.items()]
+    return sweep(args, "stabilizers", runs, f"Style '{args.style}': RPO with stabilizers")
+
+
 def write_report(args, name, records, base, title):
     os.makedirs(args.results, exist_ok=True)
     stem = os.path.join(args.results, f"{name}-{args.style}")
     with open(stem + ".json", "w") as f:
-        json.dump({"base": base, "records": records, "sweep": SWEEP if name == "compare" else ABLATIONS,
+        json.dump({"base": base, "records": records,
+                   "sweep": {"compare": SWEEP, "ablation": ABLATIONS, "stabilizers": STABILIZERS}[name],
                    "step_counts": STEP_COUNTS, "pairs_per_step": PAIRS_PER_STEP,
                    "samples_per_scene": args.samples_per_scene, "seeds": args.seeds}, f, indent=1)
     markdown = table(records, base)
@@ -297,6 +320,8 @@ def parse_args(argv=None):
     parser.add_argument("--demo", action="store_true", help="One RPO alignment, before/after scores and a grid.")
     parser.add_argument("--compare", type=str, default=None, help="Methods to sweep, e.g. rpo,dpo,sft.")
     parser.add_argument("--ablation", action="store_true", help="Sweep RPO's open choices (method.md).")
+    parser.add_argument("--stabilizers", action="store_true",
+                        help="RPO at the demo point with each --stabilizer (docs/method.md, \"Stabilizers\").")
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--style", type=str, default="stripes", choices=sorted(world.STYLES))
     parser.add_argument("--steps", type=int, default=max(STEP_COUNTS), help="Alignment steps for --demo.")
@@ -315,7 +340,9 @@ def main(argv=None):
         compare(args)
     if args.ablation:
         ablation(args)
-    if args.demo or not (args.compare or args.ablation):
+    if args.stabilizers:
+        stabilizers(args)
+    if args.demo or not (args.compare or args.ablation or args.stabilizers):
         demo(args)
 
 
