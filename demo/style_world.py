@@ -159,10 +159,11 @@ def run_grid(runs, seeds, style, workdir, assets, samples_per_scene, steps, repo
             new = []
             for step_count, result in evaluate_run(output_dir, items, style, assets,
                                                    [s for s in STEP_COUNTS if s <= steps]).items():
-                # Which side moved the loss over the 10 steps before this evaluation (mean model - reference MSE).
+                # Which side moved the loss over the 10 steps before this evaluation (mean model - reference MSE), and
+                # RPO's diagonal weight there.
                 window = progress.history[max(0, step_count - 10):step_count]
-                deltas = {name: float(np.mean([h[name] for h in window])) for name in ("delta_mse_w", "delta_mse_l")
-                          if window and name in window[0]}
+                deltas = {name: float(np.mean([h[name] for h in window]))
+                          for name in ("delta_mse_w", "delta_mse_l", "weight_diag_mean") if window and name in window[0]}
                 new.append({"method": method, "config": label, "seed": seed, "steps": step_count, **result, **deltas,
                             "train_s": train_s})
                 log(f"{method:4s} {label:32s} seed {seed} step {step_count:4d}: style {result['style_hit_rate']:.3f} "
