@@ -352,7 +352,8 @@ NUMERIC_FLAG_RANGES = [
     ("train_batch_size", 1, False), ("gradient_accumulation_steps", 1, False), ("num_train_epochs", 1, False),
     ("max_train_steps", 0, False), ("checkpointing_steps", 1, False), ("checkpoints_total_limit", 1, False),
     ("max_train_samples", 1, False), ("resolution", 8, False), ("dataloader_num_workers", 0, False),
-    ("vae_encode_batch_size", 1, False), ("shuffle_buffer_size", 0, False), ("learning_rate", 0, True), ("lr_warmup_steps", 0, False),
+    ("vae_encode_batch_size", 1, False), ("shuffle_buffer_size", 0, False), ("learning_rate", 0, True),
+    ("lr_warmup_steps", 0, False),
     ("adam_beta1", 0, False), ("adam_beta2", 0, False), ("adam_weight_decay", 0, False), ("adam_epsilon", 0, False),
     ("max_grad_norm", 0, False), ("lora_rank", 1, False), ("beta_dpo", 0, True), ("rpo_weight_scale", 0, True),
     ("distance_temperature", 0, True), ("noise_offset", 0, False), ("seed", 0, False),
@@ -677,8 +678,8 @@ def paired_transform(images, resolution, crop_fraction, flip):
     # diffusers' DPO scripts.
     images = [image if image.size == images[0].size else image.resize(images[0].size, Image.Resampling.BICUBIC)
               for image in images]
+    original_width, original_height = images[0].info.get("original_size", images[0].size)
     for image in images:
-        original_width, original_height = images[0].info.get("original_size", images[0].size)
         width, height = image.size
         scale = resolution / min(width, height)
         new_size = (max(resolution, round(width * scale)), max(resolution, round(height * scale)))
@@ -1094,12 +1095,13 @@ def store_as_autocast_computes(module, dtype):
     policy's by enough that beta/2 * (difference) is a logit of order 1 at step 0. Norm parameters are well under 1%
     of a UNet's, so the copy costs about what a half-precision copy costs."""
     module.float()
-    if dtype != torch.float32 and sharding_engine() is not None:
+    if dtype == torch.float32:
+        return module
+    if sharding_engine() is not None:
         return module.to(dtype)
-    if dtype != torch.float32:
-        for layer in module.modules():
-            if isinstance(layer, AUTOCAST_LOWER_PRECISION_LAYERS):
-                layer.to(dtype)
+    for layer in module.modules():
+        if isinstance(layer, AUTOCAST_LOWER_PRECISION_LAYERS):
+            layer.to(dtype)
     return module
 
 
@@ -1825,10 +1827,9 @@ def log_validation(accelerator, args, models, unet, weight_dtype, progress):
     reference = generate_validation_images(args, models, rendering_unet, weight_dtype, seed, reference=True)
     unet.train(was_training)
     if models.validation_scorer is not None:
-        rewards = {"validation_reward": validation_reward(models.validation_scorer, args, trained, models.device)}
-        if reference:
-            rewards["validation_reward_reference"] = validation_reward(models.validation_scorer, args, reference,
-                                                                       models.device)
+        image_sets = {"validation_reward": trained, "validation_reward_reference": reference}
+        rewards = validation_rewards(models.validation_scorer, args, {k: v for k, v in image_sets.items() if v},
+                                     models.device)
         progress.validation_rewards.append({"step": global_step, **rewards})
         accelerator.log(rewards, step=global_step)
         logger.info(f"Step {global_step}: validation {args.validation_scorer} "
@@ -1851,24 +1852,28 @@ def log_validation(accelerator, args, models, unet, weight_dtype, progress):
 
 
 @torch.no_grad()
-def validation_reward(scorer, args, images, device):
-    """Mean reward of the validation images for their prompts: PickScore = logit_scale.exp() x cosine, CLIP score =
-    100 x max(cosine, 0), with the image preprocessing eval/scorers.py applies (square images: resized to the model's
-    input, bicubic, antialiased; the model's mean/std)."""
+def validation_rewards(scorer, args, image_sets, device):
+    """{name: images of the validation prompts} -> {name: their mean reward}: PickScore = logit_scale.exp() x cosine,
+    CLIP score = 100 x max(cosine, 0), with the image preprocessing eval/scorers.py applies (square images: resized to
+    the model's input, bicubic, antialiased; the model's mean/std). The scorer visits the device once per call."""
     scorer.model.to(device)
-    pixels = torch.stack([torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1)
-                          for image in images]).to(device)
-    pixels = clip_pixel_values(pixels, scorer.image_size, scorer.image_mean, scorer.image_std)
-    image_features = _features(scorer.model.get_image_features(pixel_values=pixels.to(scorer.model.dtype)))
     max_length = min(scorer.tokenizer.model_max_length, scorer.model.config.text_config.max_position_embeddings)
     tokens = scorer.tokenizer(list(args.validation_prompts), padding="max_length", truncation=True,
                               max_length=max_length, return_tensors="pt")
     text_features = _features(scorer.model.get_text_features(input_ids=tokens.input_ids.to(device)))
-    cosine = (F.normalize(image_features.float(), dim=-1) * F.normalize(text_features.float(), dim=-1)).sum(-1)
-    scores = scorer.model.logit_scale.exp().float() * cosine if args.validation_scorer == "pickscore" else (
-        100 * cosine.clamp(min=0))
+    text_features = F.normalize(text_features.float(), dim=-1)
+    rewards = {}
+    for name, images in image_sets.items():
+        pixels = torch.stack([torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1)
+                              for image in images]).to(device)
+        pixels = clip_pixel_values(pixels, scorer.image_size, scorer.image_mean, scorer.image_std)
+        image_features = _features(scorer.model.get_image_features(pixel_values=pixels.to(scorer.model.dtype)))
+        cosine = (F.normalize(image_features.float(), dim=-1) * text_features).sum(-1)
+        scores = scorer.model.logit_scale.exp().float() * cosine if args.validation_scorer == "pickscore" else (
+            100 * cosine.clamp(min=0))
+        rewards[name] = scores.mean().item()
     scorer.model.to("cpu")  # kept off the accelerator between validations
-    return scores.mean().item()
+    return rewards
 
 
 def tracker_config(args, learning_rate):
@@ -1983,13 +1988,10 @@ def write_model_card(args, repo_id, stats, progress, learning_rate, num_processe
                         f"{progress.bad_rows} undecodable pairs were skipped.")
     grid = ("Top row: the base model; bottom row: this model (same prompts and seeds).\n\n"
             f"![validation grid](./{grid_filename})" if grid_filename else "No validation images were rendered.")
-    limitations = {
-        "sft": "It imitates the preferred images only; it does not learn from the rejected ones.",
-        "dpo": f"beta = {args.beta_dpo:g} sets how far it may move from the base: an implicit accuracy near 1 with a "
-               "loss near 0 means the preference term is saturated, and the base's content can be lost.",
-        "rpo": f"beta = {args.beta_dpo:g} sets how far it may move from the base: an implicit accuracy near 1 with a "
-               "loss near 0 means the preference term is saturated, and the base's content can be lost.",
-    }[args.loss_type]
+    limitations = ("It imitates the preferred images only; it does not learn from the rejected ones."
+                   if args.loss_type == "sft" else
+                   f"beta = {args.beta_dpo:g} sets how far it may move from the base: an implicit accuracy near 1 with "
+                   "a loss near 0 means the preference term is saturated, and the base's content can be lost.")
     body = f"""
 # {method[args.loss_type].split(' (')[0]} fine-tune of {base}
 
