@@ -2123,6 +2123,17 @@ def ema_weights(ema, unet):
         ema.restore(unet.parameters())
 
 
+def trained_weight_norm(args, unet):
+    """L2 norm of the trained UNet's parameters, for the `weight_norm_drift` metric (||theta_t|| / ||theta_0|| - 1,
+    docs/method.md "Diagnostics"); None for LoRA (the base weights do not move) and under FSDP/DeepSpeed (each
+    process holds a shard)."""
+    if args.use_lora or sharding_engine() is not None:
+        return None
+    with torch.no_grad():  # one device sync, not one per tensor
+        return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.detach(), dtype=torch.float32)
+                                                             for p in unet.parameters()])))
+
+
 def gather_sharded_unet(accelerator, unet):
     """Under FSDP or DeepSpeed the trained weights are sharded: every process joins in gathering the full state dict,
     and the main process gets a plain UNet holding it (None elsewhere). Otherwise the unwrapped UNet itself."""
@@ -2313,6 +2324,7 @@ def run_training(args, accelerator):
                                  num_training_steps=args.max_train_steps * accelerator.num_processes)
     if accelerator.state.deepspeed_plugin is not None:  # our loader is not prepared, so DeepSpeed cannot infer it
         accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = args.train_batch_size
+    models.initial_weight_norm = trained_weight_norm(args, unet)  # before a resume: the base's norm
     unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
     models.ema = create_ema(args, accelerator, unet)
     models.validation_scorer = None
@@ -2393,6 +2405,8 @@ def train_loop(args, accelerator, models, unet, optimizer, lr_scheduler, loader,
             logs = {name: accelerator.reduce(torch.stack(values).mean(), "mean").item()
                     for name, values in accumulated.items()}
             logs["lr"] = lr_scheduler.get_last_lr()[0]
+            if models.initial_weight_norm is not None:
+                logs["weight_norm_drift"] = trained_weight_norm(args, unet) / models.initial_weight_norm - 1
             accumulated = {}
             record_faults(args, progress, guard.verdict, logs)
             preference_loss = logs["loss"] - (logs.get("stabilizer_term", 0.0) if args.stabilizer == "sft" else 0.0)

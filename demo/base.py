@@ -1,6 +1,6 @@
 """Builds the style world's tiny base: datasets, an autoencoder, a contrastive CLIP, and a UNet trained from random init
 by `train_diffusion_rpo.py --loss_type sft`. The result is committed under demo/assets/ with SHA-256 checksums;
-`python -m demo.base --out demo/assets` rebuilds it (about 20 minutes on 2 CPU cores).
+`python -m demo.base --out demo/assets` rebuilds it (about 30 minutes on 2 CPU cores).
 """
 
 import argparse
@@ -125,16 +125,58 @@ def to_pixels(images):
     return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 127.5 - 1
 
 
-def random_world_images(rng, count, styles=(None, *world.STYLES)):
+def random_background(rng):
+    """Plain (a quarter), the frame (an eighth) or a random member of the texture family."""
+    draw = rng.random()
+    return None if draw < 0.25 else "frame" if draw < 0.375 else world.random_texture(rng)
+
+
+def random_world_images(rng, count):
     scenes = world.all_scenes()
     picks = rng.integers(0, len(scenes), size=count)
-    style_picks = rng.integers(0, len(styles), size=count)
-    images = [world.render(scenes[p], rng, styles[s]) for p, s in zip(picks, style_picks)]
+    images = [world.render(scenes[p], rng, random_background(rng)) for p in picks]
     return [scenes[p] for p in picks], to_pixels(images)
 
 
+def round_trip(vae, images):
+    """uint8 images through the autoencoder (posterior mean) and back to uint8."""
+    with torch.no_grad():
+        decoded = vae.decode(vae.encode(to_pixels(images)).latent_dist.mode()).sample
+    return ((decoded.permute(0, 2, 3, 1).numpy() + 1) * 127.5).round().clip(0, 255).astype(np.uint8)
+
+
+def round_trip_report(vae, seed, members=200):
+    """How well the autoencoder keeps styles: the named styles, and random texture-family members none of which is
+    a named style: pixel MSE in [-1, 1] units and the fraction of styled images still detected after the round trip
+    (and of plain ones still not detected)."""
+    rng = np.random.default_rng(seed)
+    scenes = world.all_scenes()
+    report = {}
+    styles = {name: world.STYLES[name] for name in world.STYLES}
+    for index in range(members):
+        texture = world.random_texture(rng)
+        styles[f"random-{index}"] = world.texture_style(f"random-{index}", texture)
+    kept, plain_kept, errors = {}, [], []
+    for name, style in styles.items():
+        picked = [scenes[i] for i in rng.integers(0, len(scenes), size=4)]
+        styled = [world.render(s, rng, style) for s in picked]
+        plain = [world.render(s, rng) for s in picked]
+        styled_back, plain_back = round_trip(vae, styled), round_trip(vae, plain)
+        errors.append(float(np.mean(((styled_back.astype(float) - np.stack(styled)) / 127.5) ** 2)))
+        kept[name] = float(np.mean([style.detect(image) for image in styled_back]))
+        plain_kept.append(float(np.mean([not style.detect(image) for image in plain_back])))
+    report["named_styles_detected_after_round_trip"] = {name: kept[name] for name in world.STYLES}
+    random_kept = [value for name, value in kept.items() if name.startswith("random-")]
+    report["random_members"] = members
+    report["random_members_detected_after_round_trip"] = float(np.mean(random_kept))
+    report["plain_not_detected_after_round_trip"] = float(np.mean(plain_kept))
+    report["styled_round_trip_mse"] = float(np.mean(errors))
+    return report
+
+
 def train_autoencoder(steps, seed, log):
-    """A 2-level AutoencoderKL (32 px -> 16 x 16 x 4 latents) trained to reconstruct the world."""
+    """A 2-level AutoencoderKL (32 px -> 16 x 16 x 4 latents) trained to reconstruct scenes on plain, framed and
+    random texture-family backgrounds."""
     from diffusers import AutoencoderKL
 
     torch.manual_seed(seed)
@@ -143,6 +185,7 @@ def train_autoencoder(steps, seed, log):
                         down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
                         latent_channels=4, norm_num_groups=16, sample_size=32)
     optimizer = torch.optim.AdamW(vae.parameters(), lr=2e-3)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
     for step in range(steps):
         _, images = random_world_images(rng, 16)
         posterior = vae.encode(images).latent_dist
@@ -151,6 +194,7 @@ def train_autoencoder(steps, seed, log):
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
+        schedule.step()
         if step % 100 == 0 or step == steps - 1:
             log(f"  autoencoder step {step}: reconstruction mse {loss.item():.4f}")
     vae.eval()
@@ -159,7 +203,8 @@ def train_autoencoder(steps, seed, log):
         latents = vae.encode(images).latent_dist.sample()
         mse = F.mse_loss(vae.decode(latents).sample, images).item()
     vae.register_to_config(scaling_factor=float(1.0 / latents.std()))
-    return vae, {"reconstruction_mse": mse, "scaling_factor": float(1.0 / latents.std())}
+    return vae, {"reconstruction_mse": mse, "scaling_factor": float(1.0 / latents.std()),
+                 "round_trip": round_trip_report(vae, seed + 100)}
 
 
 def clip_config(vocab_size, bos, eos):
@@ -182,8 +227,7 @@ def retrieval_accuracy(model, tokenizer, scenes, seed, per_scene=4):
     all_scenes = world.all_scenes()
     ids = tokenizer([s.caption for s in all_scenes], padding="max_length", max_length=TOKEN_LENGTH,
                     return_tensors="pt").input_ids
-    styles = (None, *world.STYLES)
-    images = [world.render(s, rng, styles[i % len(styles)]) for s in scenes for i in range(per_scene)]
+    images = [world.render(s, rng, random_background(rng)) for s in scenes for _ in range(per_scene)]
     truth = [all_scenes.index(s) for s in scenes for _ in range(per_scene)]
     with torch.no_grad():
         text = F.normalize(features(model.get_text_features(input_ids=ids)), dim=-1)
@@ -208,9 +252,8 @@ def train_clip(path, steps, seed, log):
     scenes = world.split_scenes()[0]
     ids = tokenizer([s.caption for s in scenes], padding="max_length", max_length=TOKEN_LENGTH,
                     return_tensors="pt").input_ids
-    styles = (None, *world.STYLES)
     for step in range(steps):
-        images = [world.render(s, rng, styles[rng.integers(len(styles))]) for s in scenes]
+        images = [world.render(s, rng, random_background(rng)) for s in scenes]
         pixels = clip_image_inputs(to_pixels(images))
         loss = model(input_ids=ids, pixel_values=pixels, return_loss=True).loss
         optimizer.zero_grad()
@@ -281,13 +324,26 @@ def sha256_tree(path):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", default="demo/assets")
-    parser.add_argument("--autoencoder_steps", type=int, default=400)
+    parser.add_argument("--autoencoder_steps", type=int, default=1200)
     parser.add_argument("--clip_steps", type=int, default=600)
     parser.add_argument("--unet_steps", type=int, default=1500)
     parser.add_argument("--variants_per_scene", type=int, default=100)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--round_trip_only", action="store_true",
+                        help="Recompute only the autoencoder's round-trip report of an existing build (--out).")
     args = parser.parse_args(argv)
     log = print
+    if args.round_trip_only:
+        from diffusers import AutoencoderKL
+
+        with open(os.path.join(args.out, "build_report.json")) as f:
+            report = json.load(f)
+        vae = AutoencoderKL.from_pretrained(os.path.join(args.out, "base"), subfolder="vae").eval()
+        report["autoencoder"]["round_trip"] = round_trip_report(vae, args.seed + 100)
+        with open(os.path.join(args.out, "build_report.json"), "w") as f:
+            json.dump(report, f, indent=2)
+        log(json.dumps(report["autoencoder"], indent=2))
+        return
     os.makedirs(args.out, exist_ok=True)
     times, report = {}, {}
     start = time.time()

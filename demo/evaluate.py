@@ -58,11 +58,20 @@ def sample(pipeline, items, batch_size=64):
 
 
 def score(images, items, style):
-    """Style hit rate (the style's detector) and content accuracy (colour and position) of samples."""
+    """Style hit rate (the style's detector), content accuracy (colour and position), and the share of samples with
+    both."""
     detector = world.STYLES[style]
-    hits = [detector.detect(image) for image in images]
-    content = [world.content_correct(image, scene) for image, (scene, _) in zip(images, items)]
-    return {"style_hit_rate": float(np.mean(hits)), "content_accuracy": float(np.mean(content)), "n": len(images)}
+    hits = np.array([detector.detect(image) for image in images])
+    content = np.array([world.content_correct(image, scene) for image, (scene, _) in zip(images, items)])
+    return {"style_hit_rate": float(hits.mean()), "content_accuracy": float(content.mean()),
+            "styled_and_correct": float((hits & content).mean()), "n": len(images)}
+
+
+def weight_drift(unet, reference):
+    """||theta - theta_ref|| / ||theta_ref|| over every UNet parameter (float64 sums)."""
+    change = sum(float((p.double() - q.double()).pow(2).sum()) for p, q in zip(unet.parameters(), reference.parameters()))
+    size = sum(float(q.double().pow(2).sum()) for q in reference.parameters())
+    return (change / size) ** 0.5
 
 
 def grid(rows, scale=3):

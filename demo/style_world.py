@@ -1,13 +1,16 @@
-"""The style-alignment world: align the tiny base to a style with RPO, DPO and SFT and measure who learns it.
+"""The style-alignment world: align the tiny base to a style with RPO, DPO, SFT (and RPO/DPO with the SFT stabilizer)
+and measure who learns it, on several styles of the texture family.
 
-    python -m demo.style_world --demo                         # `make demo`: one RPO alignment, before/after, grid
-    python -m demo.style_world --compare rpo,dpo,sft --seeds 3  # the equal-budget sweep: table, plot, grid
-    python -m demo.style_world --ablation --seeds 2           # RPO's open choices (method.md)
-    python -m demo.style_world --stabilizers --seeds 2 --style frame  # RPO with each stabilizer
+    python -m demo.style_world --demo                          # `make demo`: the chosen method, before/after, grid
+    python -m demo.style_world --compare --seeds 2             # the equal-budget sweep on every tuning style
+    python -m demo.style_world --held_out --seeds 3            # the chosen configuration on the held-out style
+    python -m demo.style_world --ablation --seeds 2 --styles stripes  # RPO's open choices (docs/method.md)
 
 Every training run is `train_diffusion_rpo.main` on a preference dataset in the Pick-a-Pic schema (chosen = the styled
 rendering, rejected = the plain one, same caption); every score comes from the world's exact detectors on samples for
-held-out captions (scene combinations never seen in training).
+held-out captions (scene combinations never seen in training). Which configuration the demo and the README recommend
+is decided by the mean over the tuning styles (`world.TUNING_STYLES`) of the share of samples that are both styled and
+correct; the CI check runs on `world.HELD_OUT_STYLE`, which no sweep that chose a setting has seen.
 """
 
 import argparse
@@ -23,16 +26,18 @@ from demo import evaluate, world
 
 ASSETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets")
 STEP_COUNTS = (40, 80, 120)
-# Equal tuning budget: four configurations per method (learning rate x beta for DPO and RPO, learning rate for SFT).
+SFT_STABILIZER = {"stabilizer": "sft", "stabilizer_weight": 100.0}
+LEARNING_RATES = (3e-5, 1e-4)
+# Equal tuning budget: every method at the same learning rates, DPO and RPO at the scripts' default beta, the SFT
+# stabilizer at lambda = 100 (its gradient dominates at the start; with Adam the loss scale does not set the step).
 SWEEP = {
-    "sft": [{"learning_rate": lr} for lr in (1e-5, 3e-5, 1e-4, 3e-4)],
-    # DPO saturates within a few steps at beta >= 1000 here (its loss reaches ~1e-3), so its grid reaches lower; RPO's
-    # softmax weights put only part of each row's weight on the diagonal (about 0.34 here), so its effective beta is
-    # a fraction of beta/2.
-    "dpo": [{"learning_rate": lr, "beta_dpo": beta} for lr in (1e-5, 3e-5) for beta in (100.0, 1000.0)],
-    "rpo": [{"learning_rate": lr, "beta_dpo": beta} for lr in (1e-5, 3e-5) for beta in (1000.0, 5000.0)],
+    "sft": [{"learning_rate": lr} for lr in LEARNING_RATES],
+    "dpo": [{"learning_rate": lr, "beta_dpo": 5000.0} for lr in LEARNING_RATES],
+    "rpo": [{"learning_rate": lr, "beta_dpo": 5000.0} for lr in LEARNING_RATES],
+    "dpo+sft": [{"learning_rate": lr, "beta_dpo": 5000.0, **SFT_STABILIZER} for lr in LEARNING_RATES],
+    "rpo+sft": [{"learning_rate": lr, "beta_dpo": 5000.0, **SFT_STABILIZER} for lr in LEARNING_RATES],
 }
-# RPO's open choices (method.md), each varied alone around the defaults at one operating point.
+# RPO's open choices (docs/method.md), each varied alone around the defaults at one operating point.
 ABLATION_POINT = {"learning_rate": 3e-5, "beta_dpo": 5000.0}
 ABLATIONS = {
     "defaults (pair t, s=1, text_image)": [],
@@ -42,17 +47,9 @@ ABLATIONS = {
     "similarity_embedding image": ["--similarity_embedding", "image"],
     "uniform weights": ["--rpo_weighting", "uniform"],
 }
-# --stabilizers: RPO at the demo point with each stabilizer (docs/method.md, "Stabilizers"). lambda spans the range
-# where the added gradient is comparable to RPO's own at the start (about 1250 / M^2 per winner for the sft term).
-STABILIZERS = {
-    "none": [],
-    "dpop lambda=1": ["--stabilizer", "dpop", "--stabilizer_weight", "1"],
-    "dpop lambda=10": ["--stabilizer", "dpop", "--stabilizer_weight", "10"],
-    "sft lambda=100": ["--stabilizer", "sft", "--stabilizer_weight", "100"],
-    "sft lambda=1000": ["--stabilizer", "sft", "--stabilizer_weight", "1000"],
-}
 PAIRS_PER_STEP = 8
-DEMO_CONFIG = {"learning_rate": 3e-5, "beta_dpo": 5000.0}  # a swept point; also demo/results/ci_record.json's
+# The demo's method and configuration: the best mean over the tuning styles in demo/results/compare-summary.json.
+DEMO_METHOD, DEMO_CONFIG = "rpo+sft", {"learning_rate": 1e-4, "beta_dpo": 5000.0, **SFT_STABILIZER}
 
 
 def log(message):
@@ -77,15 +74,19 @@ def write_preferences(workdir, style, variants_per_scene=10, seed=1):
     return path
 
 
-def train(method, config, dataset, output_dir, seed, steps, assets, extra=()):
-    """One alignment run with the training script, checkpointing at each evaluated step count."""
+def train(method, config, dataset, output_dir, seed, steps, assets, extra=(), pairs_per_step=None,
+          checkpoint_every=None):
+    """One alignment run with the training script (`method` is a loss type, "+sft" naming the stabilizer that
+    `config` sets), checkpointing every `checkpoint_every` steps (the first evaluated step count by default)."""
     import train_diffusion_rpo as trainer
     from accelerate.state import AcceleratorState, GradientState, PartialState
 
     argv = ["--pretrained_model_name_or_path", os.path.join(assets, "base"), "--dataset_name", dataset,
-            "--clip_model_name_or_path", os.path.join(assets, "clip"), "--loss_type", method, "--resolution", "32",
-            "--no_hflip", "--train_batch_size", str(PAIRS_PER_STEP), "--max_train_steps", str(steps),
-            "--lr_scheduler", "constant", "--lr_warmup_steps", "0", "--checkpointing_steps", str(STEP_COUNTS[0]),
+            "--clip_model_name_or_path", os.path.join(assets, "clip"), "--loss_type", method.split("+")[0],
+            "--resolution", "32",
+            "--no_hflip", "--train_batch_size", str(pairs_per_step or PAIRS_PER_STEP), "--max_train_steps", str(steps),
+            "--lr_scheduler", "constant", "--lr_warmup_steps", "0",
+            "--checkpointing_steps", str(checkpoint_every or STEP_COUNTS[0]),
             "--dataloader_num_workers", "0", "--validation_prompts", "--report_to", "none", "--seed", str(seed),
             "--output_dir", output_dir, "--mixed_precision", "no", "--adam_weight_decay", "0"]
     for key, value in config.items():
@@ -99,13 +100,16 @@ def train(method, config, dataset, output_dir, seed, steps, assets, extra=()):
 
 
 def evaluate_run(output_dir, items, style, assets, step_counts):
+    """Scores at each step count, and the UNet's relative distance from the base (`weight_drift`)."""
     results = {}
+    base_unet = evaluate.load_pipeline(os.path.join(assets, "base")).unet
     for steps in step_counts:
         weights = os.path.join(output_dir, f"checkpoint-{steps}")
         if not os.path.isdir(weights):
             weights = output_dir
         pipeline = evaluate.load_pipeline(os.path.join(assets, "base"), weights)
         results[steps] = evaluate.score(evaluate.sample(pipeline, items), items, style)
+        results[steps]["weight_drift"] = evaluate.weight_drift(pipeline.unet, base_unet)
     return results
 
 
@@ -124,10 +128,11 @@ def summarise(values):
             "n": int(len(values))}
 
 
-def config_label(config, extra_label=None):
-    if extra_label:
-        return extra_label
-    return ", ".join(f"{k.replace('learning_rate', 'lr').replace('beta_dpo', 'beta')}={v:g}" for k, v in config.items())
+CONFIG_NAMES = {"learning_rate": "lr", "beta_dpo": "beta", "stabilizer_weight": "lambda"}
+
+
+def config_label(config):
+    return ", ".join(f"{CONFIG_NAMES[k]}={v:g}" for k, v in config.items() if k in CONFIG_NAMES)
 
 
 def run_grid(runs, seeds, style, workdir, assets, samples_per_scene, steps, report_only=False):
@@ -151,23 +156,24 @@ def run_grid(runs, seeds, style, workdir, assets, samples_per_scene, steps, repo
             if done or report_only:
                 records.extend(done)
                 continue
-            name = "".join(c if c.isalnum() or c in "-._" else "_" for c in f"{method}-{label}-seed{seed}")
+            name = "".join(c if c.isalnum() or c in "-._" else "_" for c in f"{style}-{method}-{label}-seed{seed}")
             output_dir = os.path.join(workdir, "runs", name)
             start = time.time()
             progress = train(method, config, dataset, output_dir, seed, steps, assets, extra)
             train_s = time.time() - start
+            trajectory = {name: [h[name] for h in progress.history] for name in TRAJECTORY if name in progress.history[0]}
             new = []
             for step_count, result in evaluate_run(output_dir, items, style, assets,
                                                    [s for s in STEP_COUNTS if s <= steps]).items():
-                # Which side moved the loss over the 10 steps before this evaluation (mean model - reference MSE), and
-                # RPO's diagonal weight there.
-                window = progress.history[max(0, step_count - 10):step_count]
-                deltas = {name: float(np.mean([h[name] for h in window]))
-                          for name in ("delta_mse_w", "delta_mse_l", "weight_diag_mean") if window and name in window[0]}
-                new.append({"method": method, "config": label, "seed": seed, "steps": step_count, **result, **deltas,
-                            "train_s": train_s})
-                log(f"{method:4s} {label:32s} seed {seed} step {step_count:4d}: style {result['style_hit_rate']:.3f} "
-                    f"content {result['content_accuracy']:.3f}")
+                # Which side moved the loss over the 10 steps before this evaluation (mean model - reference MSE),
+                # the weights' norm drift, and RPO's diagonal weight there.
+                means = {name: float(np.mean(values[max(0, step_count - 10):step_count]))
+                         for name, values in trajectory.items()}
+                new.append({"style": style, "method": method, "config": label, "seed": seed, "steps": step_count,
+                            **result, **means, "train_s": train_s})
+                log(f"{style:8s} {method:7s} {label:34s} seed {seed} step {step_count:4d}: style "
+                    f"{result['style_hit_rate']:.3f} content {result['content_accuracy']:.3f}")
+            new[-1]["trajectory"] = trajectory
             with open(cache_path, "a") as f:
                 f.writelines(json.dumps(r) + "\n" for r in new)
             records.extend(new)
@@ -175,32 +181,43 @@ def run_grid(runs, seeds, style, workdir, assets, samples_per_scene, steps, repo
     return records
 
 
+TRAJECTORY = ("loss", "implicit_acc", "delta_mse_w", "delta_mse_l", "weight_norm_drift", "weight_diag_mean")
+METRICS = (("style hit rate", "style_hit_rate"), ("content accuracy", "content_accuracy"),
+           ("styled and correct", "styled_and_correct"))
+
+
 def table(records, base):
-    """Markdown: mean +- std over seeds of style hit rate and content accuracy per method, configuration and steps."""
-    lines = ["| method | configuration | steps | style hit rate | content accuracy | delta_mse_w | delta_mse_l | seeds |",
-             "|---|---|---|---|---|---|---|---|",
-             f"| base | - | 0 | {base['style_hit_rate']:.3f} | {base['content_accuracy']:.3f} | - | - | - |"]
-    keys = sorted({(r["method"], r["config"], r["steps"]) for r in records}, key=lambda k: (k[0], k[1], k[2]))
+    """Markdown: mean +- std over seeds per method, configuration and steps."""
+    lines = ["| method | configuration | steps | style hit rate | content accuracy | styled and correct | delta_mse_w | "
+             "delta_mse_l | weight drift | seeds |", "|---|---|---|---|---|---|---|---|---|---|",
+             f"| base | - | 0 | {base['style_hit_rate']:.3f} | {base['content_accuracy']:.3f} | "
+             f"{base['styled_and_correct']:.3f} | - | - | 0 | - |"]
+    keys = sorted({(r["method"], r["config"], r["steps"]) for r in records})
     for method, config, steps in keys:
         chosen = [r for r in records if (r["method"], r["config"], r["steps"]) == (method, config, steps)]
-        style = summarise([r["style_hit_rate"] for r in chosen])
-        content = summarise([r["content_accuracy"] for r in chosen])
-        deltas = [f"{np.mean([r[name] for r in chosen]):.2e}" if all(name in r for r in chosen) else "-"
-                  for name in ("delta_mse_w", "delta_mse_l")]
-        lines.append(f"| {method} | {config} | {steps} | {style['mean']:.3f} +- {style['std']:.3f} | "
-                     f"{content['mean']:.3f} +- {content['std']:.3f} | {deltas[0]} | {deltas[1]} | {style['n']} |")
+        cells = []
+        for _, key in METRICS:
+            summary = summarise([r[key] for r in chosen])
+            cells.append(f"{summary['mean']:.3f} +- {summary['std']:.3f}")
+        for key, fmt in (("delta_mse_w", ".2e"), ("delta_mse_l", ".2e"), ("weight_drift", ".4f")):
+            cells.append(format(np.mean([r[key] for r in chosen]), fmt) if all(key in r for r in chosen) else "-")
+        lines.append(f"| {method} | {config} | {steps} | " + " | ".join(cells) + f" | {len(chosen)} |")
     return "\n".join(lines)
 
 
+COLOURS = {"rpo": "tab:red", "dpo": "tab:blue", "sft": "tab:green", "rpo+sft": "tab:orange", "dpo+sft": "tab:purple"}
+
+
 def plot(records, base, path, title):
-    """Style hit rate against content accuracy; one colour per method, a line per configuration through its steps."""
+    """Left: style hit rate against content accuracy (a line per configuration through its steps). Right: the
+    diagnosis, model - reference MSE of winners (solid) and losers (dashed) over training, per method (mean over its
+    configurations and seeds)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    colours = {"rpo": "tab:red", "dpo": "tab:blue", "sft": "tab:green"}
-    figure, axis = plt.subplots(figsize=(6.5, 5))
+    figure, (axis, diagnosis) = plt.subplots(1, 2, figsize=(12, 5))
     axis.scatter([base["content_accuracy"]], [base["style_hit_rate"]], color="black", marker="*", s=150, label="base")
     seen = set()
     for method, config in sorted({(r["method"], r["config"]) for r in records}):
@@ -208,17 +225,31 @@ def plot(records, base, path, title):
         steps = sorted({r["steps"] for r in chosen})
         xs = [np.mean([r["content_accuracy"] for r in chosen if r["steps"] == s]) for s in steps]
         ys = [np.mean([r["style_hit_rate"] for r in chosen if r["steps"] == s]) for s in steps]
-        colour = colours.get(method, None)
-        axis.plot([base["content_accuracy"], *xs], [base["style_hit_rate"], *ys], "-o", color=colour, alpha=0.6,
-                  markersize=4, label=method if method not in seen else None)
+        axis.plot([base["content_accuracy"], *xs], [base["style_hit_rate"], *ys], "-o", color=COLOURS.get(method),
+                  alpha=0.6, markersize=4, label=method if method not in seen else None)
         seen.add(method)
     axis.set_xlabel("content accuracy (held-out captions)")
     axis.set_ylabel("style hit rate (held-out captions)")
     axis.set_title(title)
     axis.grid(alpha=0.3)
     axis.legend()
+    for method in sorted({r["method"] for r in records}):
+        curves = [r["trajectory"] for r in records if r["method"] == method and "trajectory" in r
+                  and "delta_mse_w" in r["trajectory"]]
+        if not curves:
+            continue
+        for key, style in (("delta_mse_w", "-"), ("delta_mse_l", "--")):
+            mean = np.mean([c[key] for c in curves], axis=0)
+            diagnosis.plot(np.arange(1, len(mean) + 1), mean, style, color=COLOURS.get(method),
+                           label=f"{method} {'winners' if key.endswith('w') else 'losers'}")
+    diagnosis.axhline(0, color="black", linewidth=0.5)
+    diagnosis.set_xlabel("optimizer step")
+    diagnosis.set_ylabel("model MSE - reference MSE")
+    diagnosis.set_title("which side moves (solid: winners, dashed: losers)")
+    diagnosis.grid(alpha=0.3)
+    diagnosis.legend(fontsize=7)
     figure.tight_layout()
-    figure.savefig(path, dpi=120)
+    figure.savefig(path, dpi=110)
     plt.close(figure)
 
 
@@ -232,119 +263,225 @@ def sample_grid(run_dirs, style, assets, path, samples=8):
     return path
 
 
-def sweep(args, name, runs, title):
-    """Train and evaluate `runs` over --seeds against the base, then write the report (table, JSON, plot)."""
-    check_assets(args.assets)
-    base = base_score(evaluation_items(args.samples_per_scene), args.style, args.assets)
-    records = run_grid(runs, list(range(args.seeds)), args.style, args.workdir, args.assets, args.samples_per_scene,
+def sweep(args, style, name, runs, title):
+    """Train and evaluate `runs` over --seeds on one style against the base, then write its report."""
+    base = base_score(evaluation_items(args.samples_per_scene), style, args.assets)
+    records = run_grid(runs, list(range(args.seeds)), style, args.workdir, args.assets, args.samples_per_scene,
                        max(STEP_COUNTS), args.report_only)
-    return write_report(args, name, records, base, title)
+    write_report(args, f"{name}-{style}", records, base, title, {"runs": [r[:3] for r in runs]})
+    return base, records
 
 
 def compare(args):
-    runs = [(m, config_label(c), c, []) for m in args.compare.split(",") for c in SWEEP[m]]
-    return sweep(args, "compare", runs, f"Style '{args.style}': equal-budget sweep")
+    """The equal-budget sweep on each style, then the summary over styles that chooses the configurations."""
+    runs = [(m, config_label(c), c, []) for m in args.methods.split(",") for c in SWEEP[m]]
+    per_style = {style: sweep(args, style, "compare", runs, f"Style '{style}': equal-budget sweep")
+                 for style in args.styles.split(",")}
+    return summarise_styles(args, per_style)
+
+
+def summarise_styles(args, per_style):
+    """Per method and configuration at the final step count: the mean over styles of each score, and each style's
+    share of styled-and-correct samples; the best configuration of each method by that mean."""
+    final = max(STEP_COUNTS)
+    rows = {}
+    for style, (base, records) in per_style.items():
+        for r in records:
+            if r["steps"] == final:
+                rows.setdefault((r["method"], r["config"]), {}).setdefault(style, []).append(r)
+    summary = []
+    for (method, config), by_style in sorted(rows.items()):
+        entry = {"method": method, "config": config, "styles": sorted(by_style),
+                 "seeds": min(len(v) for v in by_style.values())}
+        for _, key in METRICS:
+            entry[key] = float(np.mean([np.mean([r[key] for r in v]) for v in by_style.values()]))
+        entry["per_style"] = {s: float(np.mean([r["styled_and_correct"] for r in v])) for s, v in by_style.items()}
+        entry["worst_style"] = min(entry["per_style"].values())
+        summary.append(entry)
+    best = {}
+    for entry in summary:
+        if len(entry["styles"]) == len(per_style) and (
+                entry["method"] not in best or entry["styled_and_correct"] > best[entry["method"]]["styled_and_correct"]):
+            best[entry["method"]] = entry
+    styles = list(per_style)
+    lines = [f"# Mean over styles ({', '.join(styles)}) at {final} steps\n",
+             "Chosen per method (bold): the configuration with the highest mean share of samples that are both styled "
+             "and correct.\n",
+             "| method | configuration | style hit rate | content accuracy | styled and correct | worst style | "
+             + " | ".join(styles) + " | seeds |", "|---|---|---|---|---|---|" + "---|" * len(styles) + "---|",
+             "| base | - | " + " | ".join(f"{np.mean([per_style[s][0][k] for s in styles]):.3f}" for _, k in METRICS)
+             + f" | {min(per_style[s][0]['styled_and_correct'] for s in styles):.3f} | "
+             + " | ".join(f"{per_style[s][0]['styled_and_correct']:.3f}" for s in styles) + " | - |"]
+    for entry in summary:
+        bold = "**" if best.get(entry["method"]) is entry else ""
+        lines.append(f"| {entry['method']} | {bold}{entry['config']}{bold} | "
+                     + " | ".join(f"{entry[k]:.3f}" for _, k in METRICS) + f" | {entry['worst_style']:.3f} | "
+                     + " | ".join(f"{entry['per_style'].get(s, float('nan')):.3f}" for s in styles)
+                     + f" | {entry['seeds']} |")
+    markdown = "\n".join(lines)
+    stem = os.path.join(args.results, "compare-summary")
+    with open(stem + ".json", "w") as f:
+        json.dump({"styles": styles, "step_count": final, "summary": summary,
+                   "best": {m: e["config"] for m, e in best.items()},
+                   "base": {s: per_style[s][0] for s in styles}}, f, indent=1)
+    with open(stem + ".md", "w") as f:
+        f.write(markdown + "\n")
+    log(markdown)
+    return summary, best
+
+
+def held_out(args):
+    """Each method's chosen configuration (compare-summary.json) on the held-out style, and the CI record from the
+    demo's configuration there."""
+    with open(os.path.join(args.results, "compare-summary.json")) as f:
+        chosen = json.load(f)["best"]
+    configs = {m: next(c for c in SWEEP[m] if config_label(c) == label) for m, label in chosen.items()}
+    runs = [(m, config_label(c), c, []) for m, c in configs.items()]
+    style = world.HELD_OUT_STYLE
+    base, records = sweep(args, style, "held-out", runs, f"Held-out style '{style}': each method's chosen configuration")
+    write_ci_record(args, base, records)
+    return records
+
+
+def write_ci_record(args, base, records):
+    """The CI alignment check's thresholds: the recorded mean gain minus 2 seed-to-seed sd of the demo's
+    configuration on the held-out style (sd pooled over every method's group there)."""
+    final = max(STEP_COUNTS)
+    label = config_label(DEMO_CONFIG)
+    demo_runs = [r for r in records if (r["method"], r["config"], r["steps"]) == (DEMO_METHOD, label, final)]
+    groups = {}
+    for r in records:
+        if r["steps"] == final:
+            groups.setdefault((r["method"], r["config"]), []).append(r)
+
+    def pooled_sd(key):
+        variances = [np.var([r[key] for r in group], ddof=1) for group in groups.values() if len(group) > 1]
+        return float(np.sqrt(np.mean(variances)))
+
+    style_sd, content_sd = pooled_sd("style_hit_rate"), pooled_sd("content_accuracy")
+    gain = np.mean([r["style_hit_rate"] for r in demo_runs]) - base["style_hit_rate"]
+    record = {"style": world.HELD_OUT_STYLE, "method": DEMO_METHOD, "config": DEMO_CONFIG, "steps": final, "seed": 0,
+              "samples_per_scene": args.samples_per_scene,
+              "recorded": {"source": f"demo/results/held-out-{world.HELD_OUT_STYLE}.json", "base": base,
+                           "seeds": [r["seed"] for r in demo_runs],
+                           "style_hit_rate": [r["style_hit_rate"] for r in demo_runs],
+                           "content_accuracy": [r["content_accuracy"] for r in demo_runs]},
+              "required_gain": round(float(gain - 2 * style_sd), 3),
+              "min_content_accuracy": round(float(np.mean([r["content_accuracy"] for r in demo_runs]) - 2 * content_sd), 3),
+              "rule": "required_gain = recorded mean gain - 2 x pooled seed-to-seed sd of the style hit rate; "
+                      "min_content_accuracy = recorded mean - 2 x pooled sd of the content accuracy (chance is 1/16)",
+              "pooled_seed_sd": {"style_hit_rate": style_sd, "content_accuracy": content_sd, "groups": len(groups),
+                                 "over": f"every method's chosen configuration at {final} steps on the held-out style"}}
+    with open(os.path.join(args.results, "ci_record.json"), "w") as f:
+        json.dump(record, f, indent=1)
+    log(f"CI record: required gain {record['required_gain']}, min content {record['min_content_accuracy']}")
 
 
 def ablation(args):
     runs = [("rpo", label, ABLATION_POINT, extra) for label, extra in ABLATIONS.items()]
-    return sweep(args, "ablation", runs, f"Style '{args.style}': RPO choices")
+    return [sweep(args, style, "ablation", runs, f"Style '{style}': RPO choices") for style in args.styles.split(",")]
 
 
-def stabilizers(args):
-    runs = [("rpo", label, DEMO_CONFIG, extra) for label, extra in STABILIZERS.items()]
-    return sweep(args, "stabilizers", runs, f"Style '{args.style}': RPO with stabilizers")
-
-
-def write_report(args, name, records, base, title):
+def write_report(args, stem_name, records, base, title, sweep_description):
     os.makedirs(args.results, exist_ok=True)
-    stem = os.path.join(args.results, f"{name}-{args.style}")
+    stem = os.path.join(args.results, stem_name)
     with open(stem + ".json", "w") as f:
-        json.dump({"base": base, "records": records,
-                   "sweep": {"compare": SWEEP, "ablation": ABLATIONS, "stabilizers": STABILIZERS}[name],
-                   "step_counts": STEP_COUNTS, "pairs_per_step": PAIRS_PER_STEP,
-                   "samples_per_scene": args.samples_per_scene, "seeds": args.seeds}, f, indent=1)
+        json.dump({"base": base, "records": records, "sweep": sweep_description, "step_counts": STEP_COUNTS,
+                   "pairs_per_step": PAIRS_PER_STEP, "samples_per_scene": args.samples_per_scene,
+                   "seeds": args.seeds}, f)
     markdown = table(records, base)
     with open(stem + ".md", "w") as f:
         f.write(f"# {title}\n\n{markdown}\n")
     plot(records, base, stem + ".png", title)
     log(markdown)
     log(f"Wrote {stem}.json, {stem}.md and {stem}.png")
-    return records
 
 
 def demo(args):
-    """`make demo`: one RPO alignment from the committed base, evaluated before and after, saved and shown."""
-    from tqdm.auto import tqdm
-
+    """`make demo`: the chosen method from the committed base, evaluated before and after, saved and shown."""
     stages = {}
     start = time.time()
     check_assets(args.assets)
-    dataset = write_preferences(args.workdir, args.style)
+    style = args.styles.split(",")[0]
+    dataset = write_preferences(args.workdir, style)
     items = evaluation_items(args.samples_per_scene)
     stages["check base + build preference data"] = time.time() - start
     start = time.time()
-    base = base_score(items, args.style, args.assets)
+    base = base_score(items, style, args.assets)
     stages["evaluate base"] = time.time() - start
-    output_dir = os.path.join(args.workdir, f"rpo-{args.style}")
+    output_dir = os.path.join(args.workdir, f"{DEMO_METHOD}-{style}")
     if os.path.exists(output_dir):
         shutil.rmtree(output_dir)
     start = time.time()
-    train("rpo", DEMO_CONFIG, dataset, output_dir, 0, args.steps, args.assets)
-    stages["RPO alignment (train_diffusion_rpo.py)"] = time.time() - start
+    train(DEMO_METHOD, DEMO_CONFIG, dataset, output_dir, 0, args.steps, args.assets)
+    stages[f"{DEMO_METHOD} alignment (train_diffusion_rpo.py)"] = time.time() - start
     start = time.time()
     aligned = evaluate.score(evaluate.sample(evaluate.load_pipeline(os.path.join(args.assets, "base"), output_dir),
-                                             items), items, args.style)
+                                             items), items, style)
     stages["evaluate aligned"] = time.time() - start
     start = time.time()
-    grid_path = sample_grid([output_dir], args.style, args.assets, os.path.join(output_dir, "base_vs_rpo.png"))
+    grid_path = sample_grid([output_dir], style, args.assets, os.path.join(output_dir, "base_vs_aligned.png"))
     stages["sample grid"] = time.time() - start
     for checkpoint in [p for p in os.listdir(output_dir) if p.startswith("checkpoint-")]:
         shutil.rmtree(os.path.join(output_dir, checkpoint))
-    report = {"style": args.style, "base": base, "rpo": aligned, "stages_s": stages, "output_dir": output_dir}
+    report = {"style": style, "method": DEMO_METHOD, "config": DEMO_CONFIG, "base": base, "aligned": aligned,
+              "stages_s": stages, "output_dir": output_dir}
     with open(os.path.join(output_dir, "demo_report.json"), "w") as f:
         json.dump(report, f, indent=2)
     log("")
-    log(f"Style '{args.style}' on {len(items)} samples of held-out captions:")
-    log(f"  base:        style hit rate {base['style_hit_rate']:.3f}, content accuracy {base['content_accuracy']:.3f}")
-    log(f"  RPO-aligned: style hit rate {aligned['style_hit_rate']:.3f}, content accuracy "
-        f"{aligned['content_accuracy']:.3f}")
+    log(f"Style '{style}' ({DEMO_METHOD}, {config_label(DEMO_CONFIG)}) on {len(items)} samples of held-out captions:")
+    for name, result in (("base", base), ("aligned", aligned)):
+        log(f"  {name + ':':9s} style hit rate {result['style_hit_rate']:.3f}, content accuracy "
+            f"{result['content_accuracy']:.3f}, styled and correct {result['styled_and_correct']:.3f}")
     for stage, seconds in stages.items():
         log(f"  {stage}: {seconds:.0f} s")
     log(f"Aligned pipeline (DiffusionPipeline.from_pretrained): {output_dir}")
     log(f"Model card: {os.path.join(output_dir, 'README.md')}")
-    log(f"Grid (top: base, bottom: RPO; same captions and seeds): {grid_path}")
+    log(f"Grid (top: base, bottom: aligned; same captions and seeds): {grid_path}")
     return report
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--demo", action="store_true", help="One RPO alignment, before/after scores and a grid.")
-    parser.add_argument("--compare", type=str, default=None, help="Methods to sweep, e.g. rpo,dpo,sft.")
-    parser.add_argument("--ablation", action="store_true", help="Sweep RPO's open choices (method.md).")
-    parser.add_argument("--stabilizers", action="store_true",
-                        help="RPO at the demo point with each --stabilizer (docs/method.md, \"Stabilizers\").")
-    parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--style", type=str, default="stripes", choices=sorted(world.STYLES))
+    parser.add_argument("--demo", action="store_true", help="One alignment with the chosen method, scores, a grid.")
+    parser.add_argument("--compare", action="store_true", help="The equal-budget sweep of --methods on --styles.")
+    parser.add_argument("--held_out", action="store_true",
+                        help="Each method's chosen configuration on world.HELD_OUT_STYLE; writes ci_record.json.")
+    parser.add_argument("--ablation", action="store_true", help="Sweep RPO's open choices (docs/method.md).")
+    parser.add_argument("--methods", type=str, default=",".join(SWEEP))
+    parser.add_argument("--styles", type=str, default=None,
+                        help="Comma-separated styles (default: the tuning styles; --demo: the held-out style).")
+    parser.add_argument("--seeds", type=int, default=2)
     parser.add_argument("--steps", type=int, default=max(STEP_COUNTS), help="Alignment steps for --demo.")
     parser.add_argument("--samples_per_scene", type=int, default=6, help="Samples per held-out caption.")
     parser.add_argument("--report_only", action="store_true",
-                        help="Write the report from the runs already recorded in --workdir; train nothing.")
+                        help="Write the reports from the runs already recorded in --workdir; train nothing.")
     parser.add_argument("--assets", type=str, default=ASSETS)
     parser.add_argument("--workdir", type=str, default=os.path.join("outputs", "style_world"))
     parser.add_argument("--results", type=str, default=os.path.join("demo", "results"))
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    demo_only = not (args.compare or args.held_out or args.ablation)
+    if args.styles is None:
+        args.styles = world.HELD_OUT_STYLE if demo_only else ",".join(world.TUNING_STYLES)
+    unknown = sorted(set(args.styles.split(",")) - set(world.STYLES))
+    if unknown:
+        parser.error(f"Unknown --styles {unknown}; choose from {sorted(world.STYLES)}.")
+    unknown = sorted(set(args.methods.split(",")) - set(SWEEP))
+    if unknown:
+        parser.error(f"Unknown --methods {unknown}; choose from {list(SWEEP)}.")
+    return args
 
 
 def main(argv=None):
     args = parse_args(argv)
+    check_assets(args.assets)
     if args.compare:
         compare(args)
+    if args.held_out:
+        held_out(args)
     if args.ablation:
         ablation(args)
-    if args.stabilizers:
-        stabilizers(args)
-    if args.demo or not (args.compare or args.ablation or args.stabilizers):
+    if args.demo or not (args.compare or args.held_out or args.ablation):
         demo(args)
 
 

@@ -64,11 +64,11 @@ def shape_mask(scene, rng):
 
 
 def render(scene, rng, style=None):
-    """An RGB uint8 image of the scene; `style` (a name in STYLES) is applied to the background only."""
+    """An RGB uint8 image of the scene; `style` (a name in STYLES, or a `Texture`) is applied to the background only."""
     mask = shape_mask(scene, rng)
     image = np.broadcast_to(BACKGROUND, (SIZE, SIZE, 3)).copy()
     if style is not None:
-        image = STYLES[style].apply(image)
+        image = (STYLES[style] if isinstance(style, str) else style).apply(image)
     image[mask] = COLOURS[scene.colour]
     return image.clip(0, 255).astype(np.uint8)
 
@@ -77,23 +77,15 @@ def grayscale(image):
     return np.asarray(image, dtype=np.float32)[..., :3].mean(axis=-1)
 
 
+def saturated(image):
+    """Boolean (SIZE, SIZE): the shape's pixels (background and styles are gray)."""
+    rgb = np.asarray(image, dtype=np.float32)[..., :3]
+    return (rgb.max(axis=-1) - rgb.min(axis=-1)) > SATURATION_THRESHOLD
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Styles: a background transform and a detector score with its decision threshold.
 # ---------------------------------------------------------------------------------------------------------------------
-
-STRIPE_SIGN = np.where((np.arange(SIZE) // 2) % 2 == 0, 1.0, -1.0)  # rows 0-1 light, 2-3 dark, ...
-
-
-def apply_stripes(background):
-    out = background.copy()
-    out[STRIPE_SIGN < 0] *= 0.55
-    return out
-
-
-def stripes_score(image):
-    """Row-profile correlation with the fixed 4-px stripe pattern: ~43 for the style, ~0 for plain scenes."""
-    return float(abs((grayscale(image).mean(axis=1) * STRIPE_SIGN).mean()))
-
 
 def apply_frame(background):
     out = background.copy()
@@ -112,6 +104,76 @@ def frame_score(image):
     return float(gray[inner].mean() - gray[ring].mean())
 
 
+# The texture family: a periodic two-tone pattern (orientation, period, phase) darkening part of the background
+# (placement) by a contrast factor. `stripes` and the evaluated new styles are members; the autoencoder and the CLIP
+# are trained on random members (`random_texture`), never on preference data.
+ORIENTATIONS = ("horizontal", "vertical", "diagonal", "checker")
+PERIODS = (4, 6, 8, 10, 12, 16)
+PLACEMENTS = ("full", "top", "bottom", "left", "right", "border")
+CONTRAST_RANGE = (0.4, 0.75)
+BORDER_WIDTH = 7
+
+
+def placement_mask(placement):
+    y, x = np.mgrid[0:SIZE, 0:SIZE]
+    half = SIZE // 2
+    masks = {"full": np.ones((SIZE, SIZE), dtype=bool), "top": y < half, "bottom": y >= half, "left": x < half,
+             "right": x >= half,
+             "border": np.minimum(np.minimum(y, x), np.minimum(SIZE - 1 - y, SIZE - 1 - x)) < BORDER_WIDTH}
+    return masks[placement]
+
+
+@dataclasses.dataclass(frozen=True)
+class Texture:
+    orientation: str
+    period: int  # pixels; half of it light, half dark
+    placement: str
+    contrast: float  # the dark half is the background times this
+    phase: int = 0
+
+    @property
+    def dark(self):
+        """Boolean (SIZE, SIZE): where the pattern is dark (before placement)."""
+        y, x = np.mgrid[0:SIZE, 0:SIZE] + self.phase
+        half = self.period // 2
+        bands = {"horizontal": y // half, "vertical": x // half, "diagonal": (x + y) // half,
+                 "checker": y // half + x // half}[self.orientation]
+        return bands % 2 == 1
+
+    def apply(self, background):
+        out = background.copy()
+        out[self.dark & placement_mask(self.placement)] *= self.contrast
+        return out
+
+    def score(self, image):
+        """Correlation of the background with the pattern inside the placement minus the same outside it.
+
+        Saturated (shape) pixels are left out, so the shape does not mask the pattern; the template is zero-mean
+        within each region, so a uniform background scores 0 whatever the pattern's light/dark balance; and the
+        pattern in the wrong place (or everywhere) is not this style.
+        """
+        gray = grayscale(image)
+        sign = np.where(self.dark, -1.0, 1.0)
+        background = ~saturated(image)
+        placed = placement_mask(self.placement)
+        inside, outside = placed & background, ~placed & background
+
+        def correlation(region):
+            if not region.any():
+                return 0.0
+            template = sign[region] - sign[region].mean()
+            return abs(float((gray[region] * template).mean()))
+
+        return correlation(inside) - correlation(outside)
+
+
+def random_texture(rng):
+    """A random member of the texture family (for training the autoencoder and the CLIP)."""
+    period = int(rng.choice(PERIODS))
+    return Texture(orientation=str(rng.choice(ORIENTATIONS)), period=period, placement=str(rng.choice(PLACEMENTS)),
+                   contrast=float(rng.uniform(*CONTRAST_RANGE)), phase=int(rng.integers(period)))
+
+
 @dataclasses.dataclass(frozen=True)
 class Style:
     name: str
@@ -123,10 +185,27 @@ class Style:
         return self.score(image) > self.threshold
 
 
+def texture_style(name, texture):
+    """A texture as a named style; its threshold is half the score of its own empty styled background."""
+    styled = texture.apply(np.broadcast_to(BACKGROUND, (SIZE, SIZE, 3)).copy())
+    return Style(name, texture.apply, texture.score, threshold=0.5 * texture.score(styled))
+
+
+# Evaluated styles: different frequencies, orientations, placements and contrasts. "bars" is held out of every
+# sweep that chose a setting (the CI alignment check runs on it).
+STYLE_TEXTURES = {
+    "stripes": Texture("horizontal", 4, "full", 0.55),
+    "checks": Texture("checker", 8, "full", 0.6),
+    "diagonal": Texture("diagonal", 6, "left", 0.5),
+    "bands": Texture("vertical", 12, "bottom", 0.55),
+    "bars": Texture("vertical", 6, "top", 0.5),
+}
 STYLES = {
-    "stripes": Style("stripes", apply_stripes, stripes_score, threshold=20.0),
+    **{name: texture_style(name, texture) for name, texture in STYLE_TEXTURES.items()},
     "frame": Style("frame", apply_frame, frame_score, threshold=70.0),
 }
+TUNING_STYLES = ("stripes", "frame", "checks", "diagonal", "bands")
+HELD_OUT_STYLE = "bars"
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -137,16 +216,16 @@ STYLES = {
 def classify_content(image):
     """(colour, position) of the image's saturated pixels, or (None, None) when there are too few of them."""
     rgb = np.asarray(image, dtype=np.float32)[..., :3]
-    saturated = (rgb.max(axis=-1) - rgb.min(axis=-1)) > SATURATION_THRESHOLD
-    if saturated.sum() < MIN_SHAPE_PIXELS:
+    shape = saturated(image)
+    if shape.sum() < MIN_SHAPE_PIXELS:
         return None, None
     names = list(COLOURS)
     references = np.array([COLOURS[n] for n in names], dtype=np.float32)
-    nearest = np.argmin(((rgb[saturated][:, None, :] - references[None]) ** 2).sum(-1), axis=1)
+    nearest = np.argmin(((rgb[shape][:, None, :] - references[None]) ** 2).sum(-1), axis=1)
     votes = np.bincount(nearest, minlength=len(names))
     colour = names[int(votes.argmax())]
-    chosen = np.zeros_like(saturated)
-    chosen[saturated] = nearest == votes.argmax()
+    chosen = np.zeros_like(shape)
+    chosen[shape] = nearest == votes.argmax()
     rows, cols = np.nonzero(chosen)
     centre = np.array([rows.mean(), cols.mean()])
     position = min(POSITIONS, key=lambda p: float(((centre - np.array(POSITIONS[p])) ** 2).sum()))
@@ -155,3 +234,27 @@ def classify_content(image):
 
 def content_correct(image, scene):
     return classify_content(image) == (scene.colour, scene.position)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# A hidden reward for the relative-preference world (demo/relative.py): prompt faithfulness plus a visual attribute the
+# base varies on (the shape's area), as a rater with a taste for big, correct shapes would judge.
+# ---------------------------------------------------------------------------------------------------------------------
+
+AREA_SCALE = 100.0  # pixels; a radius-6 circle covers ~113
+
+
+def shape_area(image):
+    """Pixels of the dominant saturated colour (0 when there is no shape)."""
+    rgb = np.asarray(image, dtype=np.float32)[..., :3]
+    shape = saturated(image)
+    if shape.sum() < MIN_SHAPE_PIXELS:
+        return 0
+    references = np.array(list(COLOURS.values()), dtype=np.float32)
+    nearest = np.argmin(((rgb[shape][:, None, :] - references[None]) ** 2).sum(-1), axis=1)
+    return int(np.bincount(nearest, minlength=len(COLOURS)).max())
+
+
+def hidden_reward(image, scene):
+    """1 for the right colour and position, plus the shape's area in units of AREA_SCALE pixels."""
+    return float(content_correct(image, scene)) + shape_area(image) / AREA_SCALE

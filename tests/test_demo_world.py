@@ -1,6 +1,7 @@
 """The style world's detectors, content classifier, tokenizer and preference data (demo/)."""
 
 import io
+import os
 
 import numpy as np
 import pytest
@@ -60,3 +61,70 @@ def test_preference_rows_put_the_styled_image_on_the_labelled_side():
         chosen, rejected = (first, second) if row["label_0"] == 1 else (second, first)
         assert world.STYLES["frame"].detect(chosen) and not world.STYLES["frame"].detect(rejected)
         assert world.classify_content(chosen) == world.classify_content(rejected)  # same content, same jitter
+
+
+def empty_background(style):
+    return style.apply(np.broadcast_to(world.BACKGROUND, (world.SIZE, world.SIZE, 3)).copy())
+
+
+def test_every_texture_family_member_is_detected_by_its_own_detector_and_not_on_plain_scenes():
+    rng = np.random.default_rng(3)
+    scenes = world.all_scenes()
+    for index in range(60):
+        style = world.texture_style(f"member-{index}", world.random_texture(rng))
+        for scene in [scenes[i] for i in rng.integers(0, len(scenes), size=3)]:
+            assert style.detect(world.render(scene, rng, style)), style
+            assert not style.detect(world.render(scene, rng)), style
+
+
+def test_a_texture_in_the_wrong_place_is_not_the_style():
+    """The detector scores the pattern inside its placement minus the same pattern outside it."""
+    top = world.Texture("vertical", 6, "top", 0.5)
+    everywhere = world.Texture("vertical", 6, "full", 0.5)
+    bottom = world.Texture("vertical", 6, "bottom", 0.5)
+    detector = world.texture_style("top", top)
+    assert detector.detect(empty_background(top))
+    assert not detector.detect(empty_background(everywhere)) and not detector.detect(empty_background(bottom))
+
+
+def test_committed_autoencoder_reconstructs_texture_family_members_it_was_not_evaluated_on():
+    """Round trips through the committed base's autoencoder keep each style's detector verdict: every named style,
+    and random family members drawn with a seed the build never used."""
+    from diffusers import AutoencoderKL
+
+    from demo import style_world
+
+    vae = AutoencoderKL.from_pretrained(os.path.join(style_world.ASSETS, "base"), subfolder="vae").eval()
+    report = base.round_trip_report(vae, seed=2024, members=60)
+    assert all(rate == 1.0 for rate in report["named_styles_detected_after_round_trip"].values()), report
+    assert report["random_members_detected_after_round_trip"] >= 0.9, report
+    assert report["plain_not_detected_after_round_trip"] == 1.0, report
+    assert report["styled_round_trip_mse"] < 0.02, report
+
+
+def test_hidden_reward_is_faithfulness_plus_area():
+    rng = np.random.default_rng(4)
+    scene = world.Scene("red", "square", "left")
+    image = world.render(scene, rng)
+    area = world.shape_area(image)
+    assert 60 <= area <= 170
+    assert world.hidden_reward(image, scene) == 1.0 + area / world.AREA_SCALE
+    assert world.hidden_reward(image, world.Scene("blue", "square", "left")) == area / world.AREA_SCALE
+
+
+def test_relative_preferences_are_two_base_samples_labelled_by_the_reward(monkeypatch):
+    """With a vanishing Bradley-Terry temperature every label follows the reward's order, and pairs closer than the
+    tie margin are ties; the two images differ (two seeds of the same caption)."""
+    from demo import relative, style_world
+
+    monkeypatch.setattr(relative, "REWARD_TEMPERATURE", 1e-9)
+    rows = relative.preference_rows(style_world.ASSETS, seed=5, variants_per_scene=1)
+    assert len(rows) == len(world.split_scenes()[0])
+    margins = np.array([row["reward_0"] - row["reward_1"] for row in rows])
+    labels = np.array([row["label_0"] for row in rows])
+    assert np.array_equal(labels == 0.5, np.abs(margins) < relative.TIE_MARGIN)
+    decided = labels != 0.5
+    assert decided.sum() > len(rows) // 2
+    assert np.array_equal(labels[decided] == 1.0, margins[decided] > 0)
+    assert all(row["jpg_0"] != row["jpg_1"] for row in rows)
+    assert {row["caption"] for row in rows} == {scene.caption for scene in world.split_scenes()[0]}

@@ -65,9 +65,9 @@ def test_training_saves_a_pipeline_that_loads_and_generates(run, sd_pipeline_pat
     image = pipeline("a red circle", num_inference_steps=2, height=32, width=32,
                      generator=torch.Generator().manual_seed(0), output_type="np").images[0]
     assert image.shape == (32, 32, 3) and image.std() > 0
-    expected_metrics = {"sft": {"loss", "lr", "model_mse_w"},
+    expected_metrics = {"sft": {"loss", "lr", "model_mse_w", "weight_norm_drift"},
                         "dpo": {"loss", "lr", "model_mse_w", "model_mse_l", "ref_mse_w", "ref_mse_l", "delta_mse_w",
-                                "delta_mse_l", "implicit_acc"}}
+                                "delta_mse_l", "implicit_acc", "weight_norm_drift"}}
     expected_metrics["rpo"] = expected_metrics["dpo"] | {"weight_diag_mean", "beta_effective_diag"}
     assert set(progress.history[0]) == expected_metrics[loss_type]
 
@@ -93,6 +93,20 @@ def test_rpo_weights_are_logged_from_the_clip_similarity(run):
     # Softmax rows over M=3 losers: the diagonal weight lies strictly between 0 and s, and beta_eff = beta/2 * it.
     assert 0 < logged["weight_diag_mean"] < 3
     assert logged["beta_effective_diag"] == pytest.approx(2500 * logged["weight_diag_mean"], rel=1e-5)
+
+
+def test_weight_norm_drift_is_measured_from_the_base_also_after_a_resume(run, sd_pipeline_path, tmp_path):
+    out = tmp_path / "drift"
+    run("--max_train_steps", "2", "--checkpointing_steps", "1", "--validation_prompts", output_dir=out)
+    progress, _ = run("--max_train_steps", "3", "--resume_from_checkpoint", "latest", "--validation_prompts",
+                      output_dir=out)
+
+    def norm(weights):
+        return math.sqrt(sum(float(value.double().pow(2).sum()) for value in weights.values()))
+
+    expected = norm(unet_weights(out)) / norm(unet_weights(sd_pipeline_path)) - 1
+    assert abs(expected) > 1e-5
+    assert progress.history[-1]["weight_norm_drift"] == pytest.approx(expected, rel=1e-3, abs=1e-7)
 
 
 def test_checkpoints_prune_and_resume_latest(run_either, tmp_path):
