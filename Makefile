@@ -8,7 +8,7 @@ install:
 	$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install -q $(TORCH)
 	$(PYTHON) -m pip install -q -r requirements.txt -r requirements-dev.txt
 
-test:
+test: install
 	$(PYTHON) -m pytest -q -p no:cacheprovider tests
 
 # The toy style-alignment world: RPO alignment of the committed tiny base, before/after scores, a grid (CPU, minutes).

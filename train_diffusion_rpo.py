@@ -120,7 +120,7 @@ DEFAULT_VALIDATION_PROMPTS = [
 REFUSED_PEER_FLAGS = {
     "prediction_type": "the policy and the frozen reference must share the scheduler's parameterisation; "
     "the prediction type is read from the model's scheduler config",
-    "snr_gamma": "Min-SNR weighting changes the preference objective's per-timestep weighting (see method.md)",
+    "snr_gamma": "Min-SNR weighting changes the preference objective's per-timestep weighting (see docs/method.md)",
 }
 # Default learning rates (docs/method.md, "Defaults"): those of the diffusers text_to_image READMEs for full and LoRA
 # fine-tuning; 1e-5 is also about half DiffusionDPO's effective rate (1e-8 per pair x 2048 pairs).
@@ -129,7 +129,7 @@ SANE_LEARNING_RATES = (1e-7, 1e-3)  # outside this range a run barely moves or d
 MAX_CONSECUTIVE_BAD_ROWS = 64  # more undecodable pairs in a row than this means wrong image columns, not bad rows
 TIE_LABEL = 0.5
 VALID_LABELS = (0.0, 0.5, 1.0)
-# Streams of the indexed randomness (method.md, "Randomness"): every draw is a pure function of (seed, stream, keys).
+# Streams of the indexed randomness (docs/method.md, "Randomness"): every draw is a pure function of (seed, stream, keys).
 STREAM_ORDER, STREAM_AUGMENT, STREAM_PAIR_NOISE, STREAM_BATCH_TIMESTEP, STREAM_CAPTION_DROPOUT = 1, 2, 3, 4, 5
 # Columns of the latent cache (--cache_latents): per pair, (orientations, [winner, loser], ...) arrays.
 CACHE_LATENT_MEAN, CACHE_LATENT_STD, CACHE_EMBEDDINGS = "latent_mean", "latent_std", "similarity_embedding"
@@ -264,7 +264,7 @@ def parse_args(input_args=None):
     method = parser.add_argument_group("method (see docs/method.md)")
     method.add_argument("--loss_type", type=str, default="rpo", choices=["rpo", "dpo", "sft"])
     method.add_argument("--beta_dpo", type=float, default=5000.0,
-                        help="KL strength beta in the -1/2 beta convention of DiffusionDPO (README maps the others).")
+                        help="KL strength beta in the -1/2 beta convention of DiffusionDPO (docs/method.md maps the others).")
     method.add_argument("--rpo_weighting", type=str, default="similarity", choices=["similarity", "uniform"],
                         help="RPO contrast weights: CLIP-similarity softmax rows, or uniform.")
     method.add_argument("--rpo_weight_scale", type=float, default=1.0,
@@ -280,7 +280,7 @@ def parse_args(input_args=None):
     method.add_argument("--rpo_global_matrix", action="store_true",
                         help="Build RPO's contrast matrix over the micro-batches of all processes (M x N pairs, "
                         "gathered differentiably: 2 floats and one embedding per sample) instead of per process. "
-                        "Changes the objective with the number of processes; see README 'Multi-GPU'.")
+                        "Changes the objective with the number of processes; see docs/behaviour.md, 'Multi-GPU and multi-node'.")
     method.add_argument("--noise_offset", type=float, default=0.0,
                         help="Noise offset scale (the same offset for a pair's winner and loser).")
     method.add_argument("--stabilizer", type=str, default="none", choices=["none", "dpop", "sft"],
@@ -432,7 +432,7 @@ def needs_similarity_model(args):
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# The objective (method.md). Shared verbatim with train_diffusion_rpo_sdxl.py.
+# The objective (docs/method.md). Shared verbatim with train_diffusion_rpo_sdxl.py.
 # ----------------------------------------------------------------------------------------------------------------------
 
 
@@ -457,7 +457,7 @@ def compute_preference_loss(
     stabilizer="none",
     stabilizer_weight=1.0,
 ):
-    """Preference loss from per-sample denoising losses (method.md, "Losses").
+    """Preference loss from per-sample denoising losses (docs/method.md, "Losses").
 
     model_losses: (2M,) per-sample mean squared errors, winners first, for every loss_type. ref_losses: the
     reference's, of the same shape, for dpo/rpo; sft ignores it (None) and reads only the winners' half of
@@ -526,7 +526,7 @@ def cast_metrics(metrics, dtype):
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Indexed randomness and data order (method.md, "Randomness"). Shared verbatim with the SDXL script.
+# Indexed randomness and data order (docs/method.md, "Randomness"). Shared verbatim with the SDXL script.
 # ----------------------------------------------------------------------------------------------------------------------
 
 
@@ -1010,7 +1010,7 @@ def _features(output):
 
 @torch.no_grad()
 def compute_similarity_embeddings(clip, mode, clip_input_ids=None, pixel_values=None):
-    """(2M, D) L2-normalised CLIP embeddings, winners first (method.md, "Weights"); no gradient."""
+    """(2M, D) L2-normalised CLIP embeddings, winners first (docs/method.md, "Weights"); no gradient."""
     text = image = None
     if mode in ("text", "text_image"):
         text = F.normalize(_features(clip.model.get_text_features(input_ids=clip_input_ids)).float(), dim=-1)
@@ -1114,7 +1114,7 @@ def prepare_diffusion_inputs(args, models, batch, micro_step, seed):
     for `sft` the M winners only (the losers are neither encoded nor denoised).
 
     The batch holds either pixels ("pixel_values") or a cached latent distribution ("latent_mean", "latent_std");
-    every random draw is indexed by the pair (method.md, "Randomness").
+    every random draw is indexed by the pair (docs/method.md, "Randomness").
     """
     device = models.device
     num_pairs = batch["pair_index"].shape[0]

@@ -2,7 +2,7 @@
 # The full-size benchmark on one GPU, sized for a 15-minute device slot (compilation is about 2 minutes per UNet pair).
 #   bash benchmarks/run_gpu.sh [results_dir]
 # With a .whl/ folder of wheels beside the repo root (diffusers, datasets, dill, multiprocess, importlib_metadata,
-# bitsandbytes: see README "Performance"), they are installed to /tmp/site first.
+# bitsandbytes: see benchmarks/README.md), they are installed to /tmp/site first.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-${OUT:-benchmarks/results}}

@@ -240,7 +240,7 @@ class ImageReward:
         except ImportError as error:
             raise ValueError("The imagereward metric needs the `image-reward` package, which pins timm==0.6.13 and "
                              f"only imports under transformers<5 ({error}); install it in a separate environment "
-                             "(README, 'ImageReward') and run `python -m eval.score --metrics imagereward` "
+                             "(eval/README.md, 'ImageReward') and run `python -m eval.score --metrics imagereward` "
                              "there.") from error
         self.model = reward_package.load(options["imagereward_checkpoint"], device=device,
                                          med_config=options.get("imagereward_med_config"))

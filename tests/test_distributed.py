@@ -165,7 +165,7 @@ def test_accelerate_configs_load_and_agree_with_the_script():
 
 
 def launch_two_nodes(script, arguments, cwd):
-    """The README's multi-node commands on one machine: two `accelerate launch --num_machines 2` of one process each,
+    """The multi-node commands of docs/behaviour.md on one machine: two `accelerate launch --num_machines 2` of one process each,
     node 0 at 127.0.0.1 (loopback only), started together; both must succeed."""
     port = free_port()
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}

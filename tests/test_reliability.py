@@ -1,7 +1,7 @@
 """Fault injection: corrupt rows, non-finite losses, stop signals, broken checkpoints, pickle-free resumes.
 
 Each test injects one fault into a real run of train_diffusion_rpo (in-process, or under `accelerate launch` where
-the fault is a signal to the process group) and asserts what the README's "Failure handling" table promises.
+the fault is a signal to the process group) and asserts what the "Failure handling" table of docs/behaviour.md promises.
 """
 
 import json
