@@ -15,16 +15,14 @@ test: install
 demo: install
 	$(PYTHON) -m demo.style_world --demo
 
-# The evidence behind demo/README.md: the equal-budget sweep on the five tuning styles, the relative-preference world
-# and RPO's ablation run as independent jobs, two at a time with one thread each (every number in demo/results/ comes
-# from this target); then the reports, and each method's chosen configuration on the held-out style.
+# The evidence behind demo/README.md: the equal-budget sweep on the five tuning styles and the relative-preference
+# world run as independent jobs, two at a time with one thread each (every number in demo/results/ comes from this
+# target); then the reports, and each method's chosen configuration on the held-out style.
 COMPARE_JOBS = "demo.style_world --compare --seeds 2 --styles stripes" "demo.style_world --compare --seeds 2 --styles frame" \
 	"demo.style_world --compare --seeds 2 --styles checks" "demo.style_world --compare --seeds 2 --styles diagonal" \
-	"demo.style_world --compare --seeds 2 --styles bands" "demo.relative --seeds 2" \
-	"demo.style_world --ablation --seeds 2 --styles stripes"
+	"demo.style_world --compare --seeds 2 --styles bands" "demo.relative --seeds 2"
 compare: install
 	printf '%s\n' $(COMPARE_JOBS) | OMP_NUM_THREADS=1 xargs -P 2 -I{} sh -c '$(PYTHON) -m {} --results outputs/partial_results'
 	$(PYTHON) -m demo.relative --seeds 2 --report_only
 	$(PYTHON) -m demo.style_world --compare --seeds 2 --report_only
-	$(PYTHON) -m demo.style_world --ablation --seeds 2 --styles stripes --report_only
 	OMP_NUM_THREADS=1 $(PYTHON) -m demo.style_world --held_out --seeds 3

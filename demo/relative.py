@@ -1,6 +1,6 @@
 """The relative-preference world: the Pick-a-Pic setting in miniature.
 
-    python -m demo.relative --seeds 2     # part of `make compare`: sft, dpo, rpo, rpo+sft; 4 and 16 pairs per step
+    python -m demo.relative --seeds 2     # part of `make compare`: sft, dpo, rpo; 4 and 16 pairs per step
 
 Each pair is two samples of the committed base for the same training caption (different seeds), as Pick-a-Pic pairs
 are two generations for one prompt. A hidden reward (`world.hidden_reward`: prompt faithfulness plus the shape's area)
@@ -30,8 +30,8 @@ EVAL_SAMPLES_PER_SCENE = 16  # 8 held-out captions x 16 seeds = 128 comparisons 
 STEPS = 120
 STEP_COUNTS = (40, 120)
 PAIRS_PER_STEP = (4, 16)
-# Equal budget: the style sweep's configurations (the same learning rates for every method, the default beta).
-SWEEP = {method: style_world.SWEEP[method] for method in ("sft", "dpo", "rpo", "rpo+sft")}
+# Equal budget: one configuration per method, the style sweep's lower learning rate at the default beta.
+SWEEP = {method: style_world.SWEEP[method][:1] for method in ("sft", "dpo", "rpo")}
 
 
 def log(message):
