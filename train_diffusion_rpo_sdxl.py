@@ -101,6 +101,16 @@ def load_models(args, device, weight_dtype):
     return setup_models(args, models, device, weight_dtype)
 
 
+def text_encoders(models):
+    """The frozen text encoders (`setup_models` moves them to the device)."""
+    return [models.text_encoder, models.text_encoder_2]
+
+
+def text_tokenizers(models):
+    """Loader output name -> the tokenizer whose ids `encode_conditioning` reads under that name."""
+    return {"input_ids": models.tokenizer, "input_ids_2": models.tokenizer_2}
+
+
 @torch.no_grad()
 def encode_conditioning(args, models, batch):
     """Per pair: the prompt embeddings (both encoders' penultimate hidden states, concatenated), encoder 2's pooled
@@ -1436,9 +1446,8 @@ def setup_models(args, models, device, weight_dtype):
     `models` holds the loaded tokenizer, noise_scheduler, text_encoder, vae, unet and clip (benchmarks/ passes
     randomly initialised full-size ones).
     """
-    for name in ("text_encoder", "text_encoder_2"):
-        if getattr(models, name, None) is not None:
-            getattr(models, name).requires_grad_(False).eval().to(device, dtype=weight_dtype)
+    for text_encoder in text_encoders(models):
+        text_encoder.requires_grad_(False).eval().to(device, dtype=weight_dtype)
     models.vae.requires_grad_(False).eval().to(device, dtype=vae_dtype(args, weight_dtype))
     unet, ref_unet = models.unet, None
     if args.use_lora:
@@ -2224,9 +2233,7 @@ def clip_tokenize_fn(args, models):
 def build_dataloader(args, accelerator, models, dataset, seed, progress=None):
     """The loader and its sampler: indexed batches of a map-style dataset, or (--streaming, `progress` given) the
     stream readers' batches with a stand-in sampler of unbounded epoch length."""
-    tokenizers = {"input_ids": make_tokenize_fn(models.tokenizer)}
-    if getattr(models, "tokenizer_2", None) is not None:
-        tokenizers["input_ids_2"] = make_tokenize_fn(models.tokenizer_2)
+    tokenizers = {name: make_tokenize_fn(tokenizer) for name, tokenizer in text_tokenizers(models).items()}
     clip_tokenize = clip_tokenize_fn(args, models)
     if clip_tokenize is not None:
         tokenizers["clip_input_ids"] = clip_tokenize
