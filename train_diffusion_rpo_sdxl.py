@@ -41,7 +41,13 @@ import torch.nn.functional as F
 import transformers
 from accelerate import Accelerator
 from accelerate.logging import get_logger
-from accelerate.utils import DistributedType, ProjectConfiguration, broadcast_object_list, gather_object
+from accelerate.utils import (
+    DistributedType,
+    ProjectConfiguration,
+    broadcast_object_list,
+    extract_model_from_parallel,
+    gather_object,
+)
 from huggingface_hub import create_repo, upload_folder
 from PIL import Image, ImageOps
 from tqdm.auto import tqdm
@@ -1073,7 +1079,7 @@ def reference_forward(models, unet):
     """The frozen reference UNet and the context it runs in."""
     if models.ref_unet is not None:
         return models.ref_unet, contextlib.nullcontext()
-    unet = models.unwrap(unet)
+    unet = extract_model_from_parallel(unet)  # the LoRA UNet's adapters are switched on the model itself
     return unet, adapters_disabled(unet)
 
 
@@ -1467,7 +1473,7 @@ def setup_models(args, models, device, weight_dtype):
         unet.enable_gradient_checkpointing()
     if args.compile:
         compile_unets(args.compile_backend, args.compile_mode, unet, ref_unet)
-    models.ref_unet, models.device, models.unwrap = ref_unet, device, lambda model: model
+    models.ref_unet, models.device = ref_unet, device
     return models
 
 
@@ -1578,16 +1584,22 @@ def training_step(args, accelerator, models, unet, optimizer, lr_scheduler, batc
     return loss.detach(), metrics
 
 
-STOP_REQUEST = {"signal": None}  # set by the SIGTERM/SIGINT handler of `stop_on_signals`
+class StopRequest:
+    """The stop signal received (None until one is): set by the SIGTERM/SIGINT handler of `stop_on_signals`."""
+
+    def __init__(self):
+        self.signal = None
 
 
 class StepGuard:
     """What all processes must agree on at an optimizer step, settled in one collective: was a loss or gradient of
     the update non-finite anywhere (then every process skips it), did a stop signal arrive, how many rows were
-    skipped by the loaders. Under fp16 a gradient overflow is left to the loss scaler (it skips the step itself)."""
+    skipped by the loaders. Under fp16 a gradient overflow is left to the loss scaler (it skips the step itself).
+    `stop_request` is the run's `StopRequest` (a fresh one, never set, if none is given)."""
 
-    def __init__(self, accelerator):
+    def __init__(self, accelerator, stop_request=None):
         self.accelerator, self.window_nonfinite, self.window_bad_rows, self.verdict = accelerator, False, 0, None
+        self.stop_request = stop_request or StopRequest()
 
     def observe(self, loss, batch):
         self.window_nonfinite |= not bool(torch.isfinite(loss.detach()).all())
@@ -1597,7 +1609,7 @@ class StepGuard:
         accelerator = self.accelerator
         grad_nonfinite = (grad_norm is not None and accelerator.scaler is None
                           and not bool(torch.isfinite(torch.as_tensor(grad_norm)).all()))
-        flags = torch.tensor([float(self.window_nonfinite or grad_nonfinite), float(STOP_REQUEST["signal"] is not None),
+        flags = torch.tensor([float(self.window_nonfinite or grad_nonfinite), float(self.stop_request.signal is not None),
                               float(self.window_bad_rows)], device=accelerator.device)
         if accelerator.num_processes > 1:
             flags = accelerator.reduce(flags, "sum")
@@ -1623,22 +1635,23 @@ def stop_on_signals():
     """SIGTERM (preemption) and SIGINT (Ctrl-C) ask the run to save a checkpoint at the end of the current optimizer
     step and stop; a second SIGINT interrupts at once. Loader workers ignore both (`ignore_stop_signals`). A signal
     already ignored at start stays ignored (a run started with `nohup` or `&` inherits SIGINT ignored: the shell
-    asked that Ctrl-C not reach it), and the handlers found at start are restored at the end."""
+    asked that Ctrl-C not reach it), and the handlers found at start are restored at the end. Yields the
+    `StopRequest` the handlers set."""
+    stop_request = StopRequest()
 
     def request_stop(signum, frame):
-        if signum == signal.SIGINT and STOP_REQUEST["signal"] == signal.SIGINT:
+        if signum == signal.SIGINT and stop_request.signal == signal.SIGINT:
             raise KeyboardInterrupt
-        STOP_REQUEST["signal"] = signum
+        stop_request.signal = signum
         row_logger.warning(f"Received {signal.Signals(signum).name}: saving a checkpoint at the end of this optimizer "
                            "step, then stopping (SIGINT again to interrupt at once).")
 
-    STOP_REQUEST["signal"] = None
     previous = {}
     if threading.current_thread() is threading.main_thread():
         previous = {signum: signal.signal(signum, request_stop) for signum in (signal.SIGTERM, signal.SIGINT)
                     if signal.getsignal(signum) is not signal.SIG_IGN}
     try:
-        yield STOP_REQUEST
+        yield stop_request
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
@@ -2234,7 +2247,7 @@ def build_dataloader(args, accelerator, models, dataset, seed, progress=None):
     """The loader and its sampler: indexed batches of a map-style dataset, or (--streaming, `progress` given) the
     stream readers' batches with a stand-in sampler of unbounded epoch length."""
     tokenizers = {name: make_tokenize_fn(tokenizer) for name, tokenizer in text_tokenizers(models).items()}
-    clip_tokenize = clip_tokenize_fn(args, models)
+    clip_tokenize = None if args.cache_latents else clip_tokenize_fn(args, models)  # cached rows hold embeddings
     if clip_tokenize is not None:
         tokenizers["clip_input_ids"] = clip_tokenize
     pair_dataset = PreferencePairDataset(None if args.streaming else dataset, dataset_columns(args), args.resolution,
@@ -2268,10 +2281,10 @@ def build_dataloader(args, accelerator, models, dataset, seed, progress=None):
 
 
 def main(args):
-    with stop_on_signals():
+    with stop_on_signals() as stop_request:
         accelerator = build_accelerator(args)
         try:
-            return run_training(args, accelerator)
+            return run_training(args, accelerator, stop_request)
         except BaseException as error:
             # Let a failed run exit: free the traceback's locals, so the loader shuts its workers down (they ignore
             # the SIGTERM multiprocessing would stop them with at exit), and tear down the process group.
@@ -2281,7 +2294,7 @@ def main(args):
             raise
 
 
-def run_training(args, accelerator):
+def run_training(args, accelerator, stop_request):
     check_pretrained_pipeline(args)  # a wrong model path fails now, not after the dataset is prepared
     if args.use_lora and sharding_engine() is not None:
         raise ValueError(f"--use_lora under {sharding_engine().value}: LoRA adapters are a few MB, so sharding them "
@@ -2308,7 +2321,6 @@ def run_training(args, accelerator):
     logger.info(f"Dataset: {stats['rows']} rows, {stats['ties_dropped']} ties dropped, {stats['pairs']} pairs used.")
 
     models = load_models(args, accelerator.device, weight_dtype)
-    models.unwrap = accelerator.unwrap_model
     unet = models.unet
     learning_rate = effective_learning_rate(args, accelerator.num_processes)
     optimizer = create_optimizer(args, [p for p in unet.parameters() if p.requires_grad], learning_rate)
@@ -2320,7 +2332,7 @@ def run_training(args, accelerator):
             check_bad_rows(args, len(dataset) - len(cached), len(dataset), "while building the latent cache")
             stats["pairs"] = len(cached)
         dataset = cached
-        models.clip = None  # its embeddings are cached
+        models.clip = None  # frees it: the cache holds its embeddings
     loader, sampler = build_dataloader(args, accelerator, models, dataset, progress.seed, progress)
     updates_per_epoch = sampler.batches_per_epoch // args.gradient_accumulation_steps
     if args.max_train_steps is None:
@@ -2353,7 +2365,7 @@ def run_training(args, accelerator):
                 f"pairs per step {args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps}"
                 f", optimizer steps {args.max_train_steps}, seed {progress.seed}")
     train_loop(args, accelerator, models, unet, optimizer, lr_scheduler, loader, sampler, progress, num_epochs,
-               weight_dtype)
+               weight_dtype, stop_request)
     if progress.stopped_by is not None:
         logger.info(f"Stopped by {signal.Signals(progress.stopped_by).name} at step {progress.global_step}; resume "
                     "with --resume_from_checkpoint latest.")
@@ -2379,13 +2391,13 @@ def run_training(args, accelerator):
 
 
 def train_loop(args, accelerator, models, unet, optimizer, lr_scheduler, loader, sampler, progress, num_epochs,
-               weight_dtype):
+               weight_dtype, stop_request):
     progress_bar = tqdm(range(args.max_train_steps), initial=progress.global_step, desc="Steps",
                         disable=not accelerator.is_local_main_process)
     unet.train()
     if progress.global_step >= args.max_train_steps:  # resumed from a checkpoint of the final step
         return
-    accumulated, guard = {}, StepGuard(accelerator)
+    accumulated, guard = {}, StepGuard(accelerator, stop_request)
     pairs_read = args.max_train_steps * args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
     for epoch in range(progress.epoch, num_epochs):
         sampler.set_epoch(epoch, progress.batch_in_epoch if epoch == progress.epoch else 0)
@@ -2441,7 +2453,7 @@ def train_loop(args, accelerator, models, unet, optimizer, lr_scheduler, loader,
                     save_checkpoint(accelerator, args, progress.global_step, progress)
                 check_bad_rows(args, progress.bad_rows, pairs_read, "by the loader")
             if guard.verdict.stop and progress.global_step < args.max_train_steps:  # at the last step: finish
-                progress.stopped_by = STOP_REQUEST["signal"] or signal.SIGTERM  # the signal reached another process
+                progress.stopped_by = stop_request.signal or signal.SIGTERM  # the signal reached another process
                 if not saved:
                     save_checkpoint(accelerator, args, progress.global_step, progress)
                 return
