@@ -14,6 +14,7 @@ tests and outside checks import. Also trains Diffusion-DPO (`--loss_type dpo`) a
 import argparse
 import contextlib
 import copy
+import dataclasses
 import functools
 import gc
 import hashlib
@@ -1749,6 +1750,22 @@ def prune_checkpoints(output_dir, limit, keep):
         shutil.rmtree(old)
 
 
+@dataclasses.dataclass(frozen=True)
+class TrainingPlan:
+    """How long the run is: optimizer steps (--max_train_steps, or --num_train_epochs of them), the epochs they span
+    and the optimizer updates in one epoch of the loader."""
+
+    steps: int
+    epochs: int
+    updates_per_epoch: int
+
+    @classmethod
+    def for_loader(cls, args, batches_per_epoch):
+        updates_per_epoch = batches_per_epoch // args.gradient_accumulation_steps
+        steps = args.num_train_epochs * updates_per_epoch if args.max_train_steps is None else args.max_train_steps
+        return cls(steps=steps, epochs=math.ceil(steps / updates_per_epoch), updates_per_epoch=updates_per_epoch)
+
+
 class TrainingProgress:
     """Step count, data position, seed and fault counts, saved (as JSON) in every checkpoint so a resume continues
     exactly."""
@@ -1881,14 +1898,16 @@ def validation_rewards(scorer, args, image_sets, device):
     return rewards
 
 
-def tracker_config(args, learning_rate):
+def tracker_config(args, learning_rate, max_train_steps=None):
     """Run hyperparameters for the trackers: no token, lists flattened for tensorboard; the learning rate as passed
-    and as trained (after --scale_lr)."""
+    and as trained (after --scale_lr); `max_train_steps`, the planned steps, replaces an unset --max_train_steps."""
     config = {"effective_learning_rate": learning_rate}
     for key, value in vars(args).items():
         if key == "hub_token":
             continue
         config[key] = " | ".join(value) if isinstance(value, list) else value
+    if max_train_steps is not None:
+        config["max_train_steps"] = max_train_steps
     return config
 
 
@@ -2317,13 +2336,10 @@ def run_training(args, accelerator, stop_request):
         dataset = cached
         models.clip = None  # frees it: the cache holds its embeddings
     loader, sampler = build_dataloader(args, accelerator, models, dataset, progress.seed, progress)
-    updates_per_epoch = sampler.batches_per_epoch // args.gradient_accumulation_steps
-    if args.max_train_steps is None:
-        args.max_train_steps = args.num_train_epochs * updates_per_epoch
-    num_epochs = math.ceil(args.max_train_steps / updates_per_epoch)
+    plan = TrainingPlan.for_loader(args, sampler.batches_per_epoch)
     lr_scheduler = get_scheduler(args.lr_scheduler, optimizer=optimizer,
                                  num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
-                                 num_training_steps=args.max_train_steps * accelerator.num_processes)
+                                 num_training_steps=plan.steps * accelerator.num_processes)
     if accelerator.state.deepspeed_plugin is not None:  # our loader is not prepared, so DeepSpeed cannot infer it
         accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = args.train_batch_size
     models.initial_weight_norm = trained_weight_norm(args, unet)  # before a resume: the base's norm
@@ -2342,12 +2358,12 @@ def run_training(args, accelerator, stop_request):
             logger.info(f"Resuming from {checkpoint}")
             load_checkpoint(accelerator, checkpoint, progress)
     if accelerator.is_main_process:
-        accelerator.init_trackers(args.tracker_project_name, config=tracker_config(args, learning_rate))
+        accelerator.init_trackers(args.tracker_project_name, config=tracker_config(args, learning_rate, plan.steps))
 
-    logger.info(f"***** Training ({args.loss_type}) *****  pairs {stats['pairs']}, epochs {num_epochs}, "
+    logger.info(f"***** Training ({args.loss_type}) *****  pairs {stats['pairs']}, epochs {plan.epochs}, "
                 f"pairs per step {args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps}"
-                f", optimizer steps {args.max_train_steps}, seed {progress.seed}")
-    train_loop(args, accelerator, models, unet, optimizer, lr_scheduler, loader, sampler, progress, num_epochs,
+                f", optimizer steps {plan.steps}, seed {progress.seed}")
+    train_loop(args, accelerator, models, unet, optimizer, lr_scheduler, loader, sampler, progress, plan,
                weight_dtype, stop_request)
     if progress.stopped_by is not None:
         logger.info(f"Stopped by {signal.Signals(progress.stopped_by).name} at step {progress.global_step}; resume "
@@ -2373,16 +2389,16 @@ def run_training(args, accelerator, stop_request):
     return progress
 
 
-def train_loop(args, accelerator, models, unet, optimizer, lr_scheduler, loader, sampler, progress, num_epochs,
+def train_loop(args, accelerator, models, unet, optimizer, lr_scheduler, loader, sampler, progress, plan,
                weight_dtype, stop_request):
-    progress_bar = tqdm(range(args.max_train_steps), initial=progress.global_step, desc="Steps",
+    progress_bar = tqdm(range(plan.steps), initial=progress.global_step, desc="Steps",
                         disable=not accelerator.is_local_main_process)
     unet.train()
-    if progress.global_step >= args.max_train_steps:  # resumed from a checkpoint of the final step
+    if progress.global_step >= plan.steps:  # resumed from a checkpoint of the final step
         return
     accumulated, guard = {}, StepGuard(accelerator, stop_request)
-    pairs_read = args.max_train_steps * args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
-    for epoch in range(progress.epoch, num_epochs):
+    pairs_read = plan.steps * args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
+    for epoch in range(progress.epoch, plan.epochs):
         sampler.set_epoch(epoch, progress.batch_in_epoch if epoch == progress.epoch else 0)
         progress.epoch = epoch
         for batch in loader:
@@ -2435,14 +2451,14 @@ def train_loop(args, accelerator, models, unet, optimizer, lr_scheduler, loader,
                 if not saved:  # the weights are fine: keep what was trained
                     save_checkpoint(accelerator, args, progress.global_step, progress)
                 check_bad_rows(args, progress.bad_rows, pairs_read, "by the loader")
-            if guard.verdict.stop and progress.global_step < args.max_train_steps:  # at the last step: finish
+            if guard.verdict.stop and progress.global_step < plan.steps:  # at the last step: finish
                 progress.stopped_by = stop_request.signal or signal.SIGTERM  # the signal reached another process
                 if not saved:
                     save_checkpoint(accelerator, args, progress.global_step, progress)
                 return
             if args.validation_prompts and progress.global_step % args.validation_steps == 0:
                 log_validation(accelerator, args, models, unet, weight_dtype, progress)
-            if progress.global_step >= args.max_train_steps:
+            if progress.global_step >= plan.steps:
                 return
 
 
