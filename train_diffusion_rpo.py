@@ -151,7 +151,6 @@ STREAM_ORDER, STREAM_AUGMENT, STREAM_PAIR_NOISE, STREAM_BATCH_TIMESTEP, STREAM_C
 # Columns of the latent cache (--cache_latents): per pair, (orientations, [winner, loser], ...) arrays.
 CACHE_LATENT_MEAN, CACHE_LATENT_STD, CACHE_EMBEDDINGS = "latent_mean", "latent_std", "similarity_embedding"
 CACHE_ORIGINAL_SIZE, CACHE_CROP_TOP_LEFT = "original_size", "crop_top_left"
-STREAM_TURN = "stream_turn"  # a --streaming loader worker's placeholder batch that realigns a resumed loader
 CACHE_ARRAY_COLUMNS = (CACHE_LATENT_MEAN, CACHE_LATENT_STD, CACHE_EMBEDDINGS, CACHE_ORIGINAL_SIZE, CACHE_CROP_TOP_LEFT)
 
 
@@ -696,23 +695,49 @@ def paired_transform(images, resolution, crop_fraction, flip):
     return tensors, original_sizes, crops_top_left
 
 
-class PreferencePairDataset(torch.utils.data.Dataset):
-    """A pair on access (in loader workers), winner first, with its indexed shared augmentation.
+class PairMaker:
+    """A dataset row -> a pair (in loader workers), winner first, with its indexed shared augmentation: decodes and
+    transforms the two images, or, on a latent cache (`build_latent_cache`), picks the cached orientation the pair's
+    flip draw selects. `tokenizers` maps an output name to a callable caption -> LongTensor (the text encoder's ids;
+    the CLIP similarity model's ids). Used by `PreferencePairDataset` and, for --streaming, `StreamingPairDataset`."""
 
-    Indexed by (pair_index, epoch) keys from IndexedBatchSampler. Decodes and transforms the two images, or, on a
-    latent cache (`build_latent_cache`), picks the cached orientation the pair's flip draw selects. `tokenizers` maps
-    an output name to a callable caption -> LongTensor (the text encoder's ids; the CLIP similarity model's ids).
-    """
+    def __init__(self, columns, resolution, seed, random_crop=False, hflip=True, tokenizers=None,
+                 proportion_empty_prompts=0.0, cached=False):
+        self.columns, self.resolution, self.seed, self.random_crop, self.hflip = columns, resolution, seed, random_crop, hflip
+        self.tokenizers, self.proportion_empty_prompts, self.cached = tokenizers or {}, proportion_empty_prompts, cached
 
-    def __init__(self, hf_dataset, columns, resolution, seed, random_crop=False, hflip=True, tokenizers=None,
-                 proportion_empty_prompts=0.0):
-        self.cached = hf_dataset is not None and CACHE_LATENT_MEAN in hf_dataset.column_names
+    def __call__(self, row, pair_index, epoch, row_index=None):
+        """The pair, its randomness keyed by (pair_index, epoch); `row_index` (default: pair_index) names the row in
+        messages."""
+        row_index = pair_index if row_index is None else row_index
+        augmentation = sample_pair_augmentation(self.seed, pair_index, epoch, self.random_crop, self.hflip)
         if self.cached:
+            item = cached_pair(row, augmentation["flip"])
+        else:
+            images = decode_pair(self.columns, row, row_index, self.resolution)
+            tensors, original_sizes, crops_top_left = paired_transform(images, self.resolution, **augmentation)
+            item = {"pixel_values": torch.stack(tensors), "original_size": original_sizes[0],
+                    "crop_top_left": crops_top_left[0]}
+        caption = row[self.columns.caption] or ""
+        if caption_dropped(self.seed, pair_index, epoch, self.proportion_empty_prompts):
+            caption = ""  # one caption per pair: winner, loser and the RPO text embeddings all see it empty
+        item.update(pair_index=pair_index, row_index=row_index, epoch=epoch, caption=caption)
+        for name, tokenize in self.tokenizers.items():
+            item[name] = tokenize(caption)
+        return item
+
+
+class PreferencePairDataset(torch.utils.data.Dataset):
+    """The pairs of a prepared dataset (or of its latent cache), indexed by (pair_index, epoch) keys from
+    IndexedBatchSampler; the keyword options are `PairMaker`'s."""
+
+    def __init__(self, hf_dataset, columns, resolution, seed, **options):
+        cached = CACHE_LATENT_MEAN in hf_dataset.column_names
+        if cached:
             arrays = [name for name in hf_dataset.column_names if name in CACHE_ARRAY_COLUMNS]
             hf_dataset = hf_dataset.with_format("torch", columns=arrays, output_all_columns=True)
         self.dataset, self.columns = hf_dataset, columns
-        self.resolution, self.seed, self.random_crop, self.hflip = resolution, seed, random_crop, hflip
-        self.tokenizers, self.proportion_empty_prompts = tokenizers or {}, proportion_empty_prompts
+        self.make_pair = PairMaker(columns, resolution, seed, cached=cached, **options)
 
     def __len__(self):
         return len(self.dataset)
@@ -726,7 +751,7 @@ class PreferencePairDataset(torch.utils.data.Dataset):
         for offset in range(min(len(self), MAX_CONSECUTIVE_BAD_ROWS)):
             index = (pair_index + offset) % len(self)
             try:
-                item = self.pair_item(self.dataset[index], pair_index, epoch, row_index=index)
+                item = self.make_pair(self.dataset[index], pair_index, epoch, row_index=index)
             except UndecodablePair as error:
                 bad_rows += 1
                 row_logger.warning(f"Skipped: {error}")
@@ -736,26 +761,6 @@ class PreferencePairDataset(torch.utils.data.Dataset):
         raise UndecodablePair(f"{bad_rows} pairs in a row from pair {pair_index} cannot be decoded: the image columns "
                               f"({self.columns.image_0!r}, {self.columns.image_1!r}) do not hold readable images. "
                               "Pass the right --image_0_column/--image_1_column or repair the dataset.")
-
-    def pair_item(self, row, pair_index, epoch, row_index=None):
-        """Row -> a pair whose randomness is keyed by (pair_index, epoch); `row_index` (default: pair_index) names the
-        row in messages."""
-        row_index = pair_index if row_index is None else row_index
-        augmentation = sample_pair_augmentation(self.seed, pair_index, epoch, self.random_crop, self.hflip)
-        item = cached_pair(row, augmentation["flip"]) if self.cached else self.decoded_pair(row, row_index, augmentation)
-        caption = row[self.columns.caption] or ""
-        if caption_dropped(self.seed, pair_index, epoch, self.proportion_empty_prompts):
-            caption = ""  # one caption per pair: winner, loser and the RPO text embeddings all see it empty
-        item.update(pair_index=pair_index, row_index=row_index, epoch=epoch, caption=caption)
-        for name, tokenize in self.tokenizers.items():
-            item[name] = tokenize(caption)
-        return item
-
-    def decoded_pair(self, row, pair_index, augmentation):
-        images = decode_pair(self.columns, row, pair_index, self.resolution)
-        tensors, original_sizes, crops_top_left = paired_transform(images, self.resolution, **augmentation)
-        return {"pixel_values": torch.stack(tensors), "original_size": original_sizes[0],
-                "crop_top_left": crops_top_left[0]}
 
 
 class UndecodablePair(ValueError):
@@ -907,81 +912,6 @@ def check_images_decode(dataset, columns, probe=8):
         raise ValueError(f"None of the first {len(rows)} pairs' images can be decoded from columns {columns.image_0!r} "
                          f"and {columns.image_1!r} ({errors[0]}). Pass the right --image_0_column/--image_1_column "
                          "(JPEG/PNG bytes, paths or the datasets Image feature).")
-
-
-def prepare_streaming_dataset(stream, columns, seed, shuffle_buffer_size):
-    """--streaming: the same checks, label rules and columns as `prepare_preference_dataset`, applied on the fly;
-    shard order and a buffer shuffled with the seed (`set_epoch` reshuffles)."""
-    check_dataset_schema(stream, columns)
-    stream = pair_columns(stream, columns)
-
-    def is_preference(label):
-        if float(label) not in VALID_LABELS:
-            raise ValueError(f"Column {columns.label_0!r} has the label {label}; expected 1, 0 or 0.5 (tie). Fix the "
-                             "labels or pass the right --label_0_column.")
-        return float(label) != TIE_LABEL
-
-    stream = stream.filter(is_preference, input_columns=[columns.label_0])
-    check_images_decode(stream, columns)  # before the shuffle buffer: reads only the first rows
-    return stream.shuffle(seed=seed, buffer_size=shuffle_buffer_size) if shuffle_buffer_size > 1 else stream
-
-
-class StreamingPairDataset(torch.utils.data.IterableDataset):
-    """--streaming: each (process, loader worker) reads its own part of the stream (`split_dataset_by_node` over
-    processes, then `datasets`' split over workers) and yields whole micro-batches, each carrying that reader's stream
-    state after it.
-
-    A pair's randomness is keyed like the map-style path's, with pair_index = position x readers + reader within the
-    epoch (unique across processes and workers; the split, and so the data order, depends on their numbers). Streams
-    are cycled over epochs, so every process always has a next batch. `progress.stream_states` (checkpointed) holds the
-    state of the last batch each reader delivered; a resumed run continues there (examples that sat in the shuffle
-    buffer at that moment are not replayed: `datasets` does not save the buffer).
-    """
-
-    def __init__(self, stream, pairs, batch_size, num_processes, process_index, progress):
-        self.stream, self.pairs, self.batch_size = stream, pairs, batch_size
-        self.num_processes, self.process_index, self.progress = num_processes, process_index, progress
-
-    def __iter__(self):
-        from datasets.distributed import split_dataset_by_node
-
-        worker = torch.utils.data.get_worker_info()
-        workers, worker_id = (worker.num_workers, worker.id) if worker is not None else (1, 0)
-        reader, readers = self.process_index * workers + worker_id, self.num_processes * workers
-        state = self.progress.stream_states.get(reader, {"epoch": 0, "position": 0, "stream": None})
-        epoch, position, resume = state["epoch"], state["position"], state["stream"]
-        if worker_id < self.progress.batch_in_epoch % workers:
-            # The loader takes batches from its workers in turn, starting with worker 0, while after b consumed
-            # batches the next one is worker (b mod workers)'s: the workers before it yield a placeholder first.
-            yield {STREAM_TURN: True}
-        while True:
-            # This process's part of the stream; `datasets` itself splits it further over the loader's workers.
-            stream = split_dataset_by_node(self.stream, self.process_index, self.num_processes)
-            stream.set_epoch(epoch)
-            if resume is not None:
-                stream.load_state_dict(resume)
-                resume = None
-            items, bad_rows, bad_in_a_row = [], 0, 0
-            for row in stream:
-                try:
-                    items.append(self.pairs.pair_item(row, position * readers + reader, epoch))
-                    bad_in_a_row = 0
-                except UndecodablePair as error:
-                    bad_rows, bad_in_a_row = bad_rows + 1, bad_in_a_row + 1
-                    row_logger.warning(f"Skipped: {error}")
-                    if bad_in_a_row >= MAX_CONSECUTIVE_BAD_ROWS:
-                        raise UndecodablePair(f"{bad_in_a_row} streamed pairs in a row cannot be decoded: pass the "
-                                              "right --image_0_column/--image_1_column or repair the dataset.") from error
-                position += 1
-                if len(items) == self.batch_size:
-                    batch = collate_pairs(items)
-                    batch["bad_rows"] += bad_rows
-                    bad_rows = 0
-                    batch["stream_state"] = {"reader": reader, "epoch": epoch, "position": position,
-                                             "stream": copy.deepcopy(stream.state_dict())}
-                    items = []
-                    yield batch
-            epoch, position = epoch + 1, 0
 
 
 def dataset_columns(args):
@@ -2246,28 +2176,21 @@ def clip_tokenize_fn(args, models):
 
 
 def build_dataloader(args, accelerator, models, dataset, seed, progress=None):
-    """The loader and its sampler: indexed batches of a map-style dataset, or (--streaming, `progress` given) the
-    stream readers' batches with a stand-in sampler of unbounded epoch length."""
+    """The loader and its sampler: indexed batches of a map-style dataset, or (--streaming, `progress` given)
+    `build_streaming_loader`'s."""
     tokenizers = {name: make_tokenize_fn(tokenizer) for name, tokenizer in text_tokenizers(models).items()}
     clip_tokenize = None if args.cache_latents else clip_tokenize_fn(args, models)  # cached rows hold embeddings
     if clip_tokenize is not None:
         tokenizers["clip_input_ids"] = clip_tokenize
-    pair_dataset = PreferencePairDataset(None if args.streaming else dataset, dataset_columns(args), args.resolution,
-                                         seed, random_crop=args.random_crop, hflip=not args.no_hflip,
-                                         tokenizers=tokenizers, proportion_empty_prompts=args.proportion_empty_prompts)
+    pair_options = {"random_crop": args.random_crop, "hflip": not args.no_hflip, "tokenizers": tokenizers,
+                    "proportion_empty_prompts": args.proportion_empty_prompts}
     workers = args.dataloader_num_workers
     loader_options = {"num_workers": workers, "pin_memory": torch.cuda.is_available(),
                       "persistent_workers": workers > 0, "prefetch_factor": 4 if workers > 0 else None,
                       "worker_init_fn": ignore_stop_signals if workers > 0 else None}
     if args.streaming:
-        readers = accelerator.num_processes * max(1, workers)
-        if dataset.n_shards < readers:
-            logger.warning(f"The stream has {dataset.n_shards} shards for {readers} readers (processes x workers): "
-                           f"each reader reads every shard and keeps 1 example in {readers}.")
-        stream = StreamingPairDataset(dataset, pair_dataset, args.train_batch_size, accelerator.num_processes,
-                                      accelerator.process_index, progress)
-        loader = torch.utils.data.DataLoader(stream, batch_size=None, **loader_options)
-        return loader, SimpleNamespace(batches_per_epoch=sys.maxsize, set_epoch=lambda epoch, start_batch=0: None)
+        make_pair = PairMaker(dataset_columns(args), args.resolution, seed, **pair_options)
+        return build_streaming_loader(args, accelerator, dataset, make_pair, loader_options, progress)
     global_batch = args.train_batch_size * accelerator.num_processes
     batches_per_epoch = (len(dataset) // global_batch) // args.gradient_accumulation_steps
     batches_per_epoch *= args.gradient_accumulation_steps
@@ -2277,6 +2200,7 @@ def build_dataloader(args, accelerator, models, dataset, seed, progress=None):
                          "--gradient_accumulation_steps, or use more data.")
     sampler = IndexedBatchSampler(len(dataset), args.train_batch_size, seed, batches_per_epoch,
                                   accelerator.num_processes, accelerator.process_index)
+    pair_dataset = PreferencePairDataset(dataset, dataset_columns(args), args.resolution, seed, **pair_options)
     loader = torch.utils.data.DataLoader(pair_dataset, batch_sampler=sampler, collate_fn=collate_pairs,
                                          **loader_options)
     return loader, sampler
@@ -2402,11 +2326,6 @@ def train_loop(args, accelerator, models, unet, optimizer, lr_scheduler, loader,
         sampler.set_epoch(epoch, progress.batch_in_epoch if epoch == progress.epoch else 0)
         progress.epoch = epoch
         for batch in loader:
-            if STREAM_TURN in batch:
-                continue
-            stream_state = batch.pop("stream_state", None)
-            if stream_state is not None:
-                progress.stream_states[stream_state["reader"]] = stream_state
             micro_step = progress.global_step * args.gradient_accumulation_steps + len(accumulated.get("loss", []))
             loss, metrics = training_step(args, accelerator, models, unet, optimizer, lr_scheduler, batch, micro_step,
                                           progress.seed, weight_dtype, guard)
@@ -2478,6 +2397,121 @@ def record_faults(args, progress, verdict, logs):
         progress.nonfinite_in_a_row = 0
     if progress.bad_rows or progress.skipped_updates:
         logs.update(bad_rows=progress.bad_rows, skipped_updates=progress.skipped_updates)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Appendix: streaming (--streaming). The stream is read where it lies: no length, no index, no latent cache.
+# ----------------------------------------------------------------------------------------------------------------------
+
+STREAM_TURN = "stream_turn"  # a loader worker's placeholder batch that realigns a resumed loader
+
+def prepare_streaming_dataset(stream, columns, seed, shuffle_buffer_size):
+    """--streaming: the same checks, label rules and columns as `prepare_preference_dataset`, applied on the fly;
+    shard order and a buffer shuffled with the seed (`set_epoch` reshuffles)."""
+    check_dataset_schema(stream, columns)
+    stream = pair_columns(stream, columns)
+
+    def is_preference(label):
+        if float(label) not in VALID_LABELS:
+            raise ValueError(f"Column {columns.label_0!r} has the label {label}; expected 1, 0 or 0.5 (tie). Fix the "
+                             "labels or pass the right --label_0_column.")
+        return float(label) != TIE_LABEL
+
+    stream = stream.filter(is_preference, input_columns=[columns.label_0])
+    check_images_decode(stream, columns)  # before the shuffle buffer: reads only the first rows
+    return stream.shuffle(seed=seed, buffer_size=shuffle_buffer_size) if shuffle_buffer_size > 1 else stream
+
+
+class StreamingPairDataset(torch.utils.data.IterableDataset):
+    """--streaming: each (process, loader worker) reads its own part of the stream (`split_dataset_by_node` over
+    processes, then `datasets`' split over workers) and yields whole micro-batches of `make_pair`'s pairs, each carrying that reader's stream
+    state after it.
+
+    A pair's randomness is keyed like the map-style path's, with pair_index = position x readers + reader within the
+    epoch (unique across processes and workers; the split, and so the data order, depends on their numbers). Streams
+    are cycled over epochs, so every process always has a next batch. `progress.stream_states` (checkpointed) holds the
+    state of the last batch each reader delivered; a resumed run continues there (examples that sat in the shuffle
+    buffer at that moment are not replayed: `datasets` does not save the buffer).
+    """
+
+    def __init__(self, stream, make_pair, batch_size, num_processes, process_index, progress):
+        self.stream, self.make_pair, self.batch_size = stream, make_pair, batch_size
+        self.num_processes, self.process_index, self.progress = num_processes, process_index, progress
+
+    def __iter__(self):
+        from datasets.distributed import split_dataset_by_node
+
+        worker = torch.utils.data.get_worker_info()
+        workers, worker_id = (worker.num_workers, worker.id) if worker is not None else (1, 0)
+        reader, readers = self.process_index * workers + worker_id, self.num_processes * workers
+        state = self.progress.stream_states.get(reader, {"epoch": 0, "position": 0, "stream": None})
+        epoch, position, resume = state["epoch"], state["position"], state["stream"]
+        if worker_id < self.progress.batch_in_epoch % workers:
+            # The loader takes batches from its workers in turn, starting with worker 0, while after b consumed
+            # batches the next one is worker (b mod workers)'s: the workers before it yield a placeholder first.
+            yield {STREAM_TURN: True}
+        while True:
+            # This process's part of the stream; `datasets` itself splits it further over the loader's workers.
+            stream = split_dataset_by_node(self.stream, self.process_index, self.num_processes)
+            stream.set_epoch(epoch)
+            if resume is not None:
+                stream.load_state_dict(resume)
+                resume = None
+            items, bad_rows, bad_in_a_row = [], 0, 0
+            for row in stream:
+                try:
+                    items.append(self.make_pair(row, position * readers + reader, epoch))
+                    bad_in_a_row = 0
+                except UndecodablePair as error:
+                    bad_rows, bad_in_a_row = bad_rows + 1, bad_in_a_row + 1
+                    row_logger.warning(f"Skipped: {error}")
+                    if bad_in_a_row >= MAX_CONSECUTIVE_BAD_ROWS:
+                        raise UndecodablePair(f"{bad_in_a_row} streamed pairs in a row cannot be decoded: pass the "
+                                              "right --image_0_column/--image_1_column or repair the dataset.") from error
+                position += 1
+                if len(items) == self.batch_size:
+                    batch = collate_pairs(items)
+                    batch["bad_rows"] += bad_rows
+                    bad_rows = 0
+                    batch["stream_state"] = {"reader": reader, "epoch": epoch, "position": position,
+                                             "stream": copy.deepcopy(stream.state_dict())}
+                    items = []
+                    yield batch
+            epoch, position = epoch + 1, 0
+
+
+class StreamingBatches:
+    """The stream readers' loader as the training loop reads it, in place of a loader and its sampler: their batches
+    without the turn placeholders, each batch's reader state recorded into `progress` (checkpointed) as the batch is
+    consumed, and an epoch of unbounded length (the readers cycle their streams themselves)."""
+
+    batches_per_epoch = sys.maxsize
+
+    def __init__(self, loader, progress):
+        self.loader, self.progress = loader, progress
+
+    def set_epoch(self, epoch, start_batch=0):
+        """Nothing to reposition: the readers continue from `progress.stream_states`."""
+
+    def __iter__(self):
+        for batch in self.loader:
+            if STREAM_TURN in batch:
+                continue
+            state = batch.pop("stream_state")
+            self.progress.stream_states[state["reader"]] = state
+            yield batch
+
+
+def build_streaming_loader(args, accelerator, stream, make_pair, loader_options, progress):
+    """--streaming's loader and sampler: one `StreamingBatches` over the readers' loader."""
+    readers = accelerator.num_processes * max(1, args.dataloader_num_workers)
+    if stream.n_shards < readers:
+        logger.warning(f"The stream has {stream.n_shards} shards for {readers} readers (processes x workers): "
+                       f"each reader reads every shard and keeps 1 example in {readers}.")
+    pairs = StreamingPairDataset(stream, make_pair, args.train_batch_size, accelerator.num_processes,
+                                 accelerator.process_index, progress)
+    batches = StreamingBatches(torch.utils.data.DataLoader(pairs, batch_size=None, **loader_options), progress)
+    return batches, batches
 
 
 if __name__ == "__main__":
