@@ -1871,16 +1871,8 @@ def hub_or_folder_name(path):
     return path
 
 
-def write_model_card(args, repo_id, stats, progress, learning_rate, num_processes, grid_filename=None):
-    """The output folder's README.md, every section filled from what the run knows (diffusers' template leaves TODOs).
-    `repo_id` is None without --push_to_hub. Local paths (base, data, output) are named by their folder name only, and
-    a local base is left out of the `base_model` metadata (it must be a Hub id)."""
-    base, base_is_local = hub_or_folder_name(args.pretrained_model_name_or_path), os.path.exists(
-        args.pretrained_model_name_or_path)
-    dataset = hub_or_folder_name(args.dataset_name)
-    model_path = repo_id or hub_or_folder_name(args.output_dir)
-    method = {"rpo": "Diffusion-RPO (Relative Preference Optimization, arXiv 2406.06382)",
-              "dpo": "Diffusion-DPO (arXiv 2311.12908)", "sft": "supervised fine-tuning on the preferred images"}
+def model_card_settings(args, progress, learning_rate, num_processes):
+    """The model card's settings table rows: (setting, value)."""
     pairs_per_step = args.train_batch_size * args.gradient_accumulation_steps * num_processes
     rows = [("loss_type", args.loss_type), ("beta_dpo (-1/2 beta convention)", args.beta_dpo),
             ("learning_rate (as passed)", args.learning_rate), ("scale_lr", args.scale_lr),
@@ -1906,6 +1898,46 @@ def write_model_card(args, repo_id, stats, progress, learning_rate, num_processe
         rows.append(("stabilizer", f"{args.stabilizer} (lambda {args.stabilizer_weight:g})"))
     if args.use_ema:
         rows.append(("use_ema", f"yes (decay {args.ema_decay:g}): the saved UNet holds the EMA weights"))
+    return rows
+
+
+def model_card_results(args, progress):
+    """The model card's results: the last logged steps' loss and accuracy, the last validation reward, fault counts."""
+    last = progress.history[-10:]
+    if not last:
+        return "No optimizer step was logged."
+
+    def mean(name):
+        return sum(h[name] for h in last) / len(last)
+
+    results = (f"Over the last {len(last)} logged optimizer steps: loss {mean('loss'):.4f}"
+               + (f", implicit accuracy {mean('implicit_acc'):.3f} (the fraction of pairs whose preferred image "
+                  "the model denoises better than the reference does, relative to the other image; 0.5 at the "
+                  "start)" if "implicit_acc" in last[0] else "")
+               + (f". Last step: loss {last[-1]['loss']:.4f}." if len(last) > 1 else "."))
+    if progress.validation_rewards:
+        last_reward = progress.validation_rewards[-1]
+        results += (f" Validation reward ({args.validation_scorer}, mean over {len(args.validation_prompts)} "
+                    f"prompts) at step {last_reward['step']}: {last_reward['validation_reward']:.4f}"
+                    + (f" (base: {last_reward['validation_reward_reference']:.4f})"
+                       if "validation_reward_reference" in last_reward else "") + ".")
+    if progress.skipped_updates or progress.bad_rows:
+        results += (f" {progress.skipped_updates} updates were skipped (non-finite loss or gradient) and "
+                    f"{progress.bad_rows} undecodable pairs were skipped.")
+    return results
+
+
+def write_model_card(args, repo_id, stats, progress, learning_rate, num_processes, grid_filename=None):
+    """The output folder's README.md, every section filled from what the run knows (diffusers' template leaves TODOs).
+    `repo_id` is None without --push_to_hub. Local paths (base, data, output) are named by their folder name only, and
+    a local base is left out of the `base_model` metadata (it must be a Hub id)."""
+    base, base_is_local = hub_or_folder_name(args.pretrained_model_name_or_path), os.path.exists(
+        args.pretrained_model_name_or_path)
+    dataset = hub_or_folder_name(args.dataset_name)
+    model_path = repo_id or hub_or_folder_name(args.output_dir)
+    method = {"rpo": "Diffusion-RPO (Relative Preference Optimization, arXiv 2406.06382)",
+              "dpo": "Diffusion-DPO (arXiv 2311.12908)", "sft": "supervised fine-tuning on the preferred images"}
+    rows = model_card_settings(args, progress, learning_rate, num_processes)
     vae = hub_or_folder_name(args.pretrained_vae_model_name_or_path)
     vae_note, vae_load = "", ""
     if vae:
@@ -1920,26 +1952,7 @@ def write_model_card(args, repo_id, stats, progress, learning_rate, num_processe
     else:
         load = f'pipe = DiffusionPipeline.from_pretrained("{model_path}", torch_dtype=torch.float16)'
     imports = "from diffusers import AutoencoderKL, DiffusionPipeline" if vae_load else "from diffusers import DiffusionPipeline"
-    last = progress.history[-10:]
-    results = "No optimizer step was logged."
-    if last:
-        def mean(name):
-            return sum(h[name] for h in last) / len(last)
-
-        results = (f"Over the last {len(last)} logged optimizer steps: loss {mean('loss'):.4f}"
-                   + (f", implicit accuracy {mean('implicit_acc'):.3f} (the fraction of pairs whose preferred image "
-                      "the model denoises better than the reference does, relative to the other image; 0.5 at the "
-                      "start)" if "implicit_acc" in last[0] else "")
-                   + (f". Last step: loss {last[-1]['loss']:.4f}." if len(last) > 1 else "."))
-        if progress.validation_rewards:
-            last_reward = progress.validation_rewards[-1]
-            results += (f" Validation reward ({args.validation_scorer}, mean over {len(args.validation_prompts)} "
-                        f"prompts) at step {last_reward['step']}: {last_reward['validation_reward']:.4f}"
-                        + (f" (base: {last_reward['validation_reward_reference']:.4f})"
-                           if "validation_reward_reference" in last_reward else "") + ".")
-        if progress.skipped_updates or progress.bad_rows:
-            results += (f" {progress.skipped_updates} updates were skipped (non-finite loss or gradient) and "
-                        f"{progress.bad_rows} undecodable pairs were skipped.")
+    results = model_card_results(args, progress)
     grid = ("Top row: the base model; bottom row: this model (same prompts and seeds).\n\n"
             f"![validation grid](./{grid_filename})" if grid_filename else "No validation images were rendered.")
     limitations = ("It imitates the preferred images only; it does not learn from the rejected ones."
@@ -1988,13 +2001,18 @@ prompts they wrote, what they preferred); it is not tuned for safety. {limitatio
 mean better images: compare samples and reward scores against the base on prompts unlike the training prompts. The
 base model's license and limitations apply.
 """
+    return save_model_card(args, repo_id, body, base_model=None if base_is_local else base)
+
+
+def save_model_card(args, repo_id, body, base_model):
+    """The card with `body` as its text and the run's metadata (license, base model, tags, dataset), saved as the
+    output folder's README.md."""
     # Without --push_to_hub there is no Hub card to extend: build it locally, without a network round trip (the
     # looked-up name must only be a valid repo id; folder names need not be).
     license = base_model_license(args)  # outside the offline block: a Hub base's card is still read
     with contextlib.nullcontext() if repo_id else hub_lookups_disabled():
         card = load_or_create_model_card(repo_id_or_path=repo_id or "local-model", token=args.hub_token,
-                                         from_training=True, license=license,
-                                         base_model=None if base_is_local else base, inference=True)
+                                         from_training=True, license=license, base_model=base_model, inference=True)
     card.text = body  # replaces the template's TODO sections
     tags = MODEL_CARD_TAGS + [args.loss_type] + (["lora"] if args.use_lora else [])
     card = populate_model_card(card, tags=tags)
