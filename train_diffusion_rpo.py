@@ -552,10 +552,6 @@ def indexed_generator(seed, stream, *keys):
     return torch.Generator().manual_seed((int(state[0]) << 32) | int(state[1]))
 
 
-def epoch_permutation(num_pairs, seed, epoch):
-    return torch.randperm(num_pairs, generator=indexed_generator(seed, STREAM_ORDER, epoch))
-
-
 class IndexedBatchSampler:
     """Yields this process's micro-batches of (pair_index, epoch) keys.
 
@@ -580,7 +576,9 @@ class IndexedBatchSampler:
         return self.batches_per_epoch - self.start_batch
 
     def __iter__(self):
-        order = epoch_permutation(self.num_pairs, self.seed, self.epoch) if self.shuffle else torch.arange(self.num_pairs)
+        order = torch.arange(self.num_pairs)
+        if self.shuffle:
+            order = torch.randperm(self.num_pairs, generator=indexed_generator(self.seed, STREAM_ORDER, self.epoch))
         global_batch = self.batch_size * self.num_processes
         for b in range(self.start_batch, self.batches_per_epoch):
             start = b * global_batch + self.process_index * self.batch_size
@@ -1663,12 +1661,6 @@ def save_checkpoint(accelerator, args, global_step, progress):
     return final
 
 
-def load_checkpoint(accelerator, checkpoint, progress):
-    accelerator.load_state(checkpoint)
-    with open(os.path.join(checkpoint, PROGRESS_FILE)) as f:
-        progress.load_state_dict(json.load(f))
-
-
 def prune_checkpoints(output_dir, limit, keep):
     """Deletes the oldest checkpoints beyond `limit`, never `keep` (the one just saved, even when a resumed run's
     older step sorts before later leftovers)."""
@@ -2034,11 +2026,6 @@ def hub_upload_patterns(output_dir, use_lora):
     return patterns + ["model_index.json"] + [f"{name}/*" for name in components]
 
 
-def push_to_hub(args, repo_id):
-    upload_folder(repo_id=repo_id, folder_path=args.output_dir, commit_message="End of training",
-                  allow_patterns=hub_upload_patterns(args.output_dir, args.use_lora), token=args.hub_token)
-
-
 def create_ema(args, accelerator, unet):
     """--use_ema: diffusers' EMAModel of the trained UNet, saved in every checkpoint as `unet_ema/` (a UNet folder:
     safetensors weights, decay and update count in its config; no pickle) by accelerate's save/load hooks."""
@@ -2239,69 +2226,25 @@ def main(args):
 
 
 def run_training(args, accelerator, stop_request):
-    check_pretrained_pipeline(args)  # a wrong model path fails now, not after the dataset is prepared
-    if args.use_lora and sharding_engine() is not None:
-        raise ValueError(f"--use_lora under {sharding_engine().value}: LoRA adapters are a few MB, so sharding them "
-                         "saves nothing while the frozen base would need its own handling. Launch with DDP "
-                         "(configs/accelerate/multi_gpu.yaml), or train the full UNet under this engine.")
-    if accelerator.is_main_process:
-        os.makedirs(args.output_dir, exist_ok=True)
-        remove_interrupted_saves(args.output_dir)
-    repo_id = None
-    if args.push_to_hub and accelerator.is_main_process:
-        repo_id = create_repo(repo_id=args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir)),
-                              exist_ok=True, token=args.hub_token).repo_id
+    """A run, in order: output folder, seed, data, models, optimizer, latent cache, loader, plan and accelerate's
+    wrapping, resume, the training loop, then (unless a signal stopped it) the final validation, model and card."""
+    repo_id = prepare_output(args, accelerator)
     weight_dtype = weight_dtype_for(accelerator)
     checkpoint = resolve_checkpoint_path(args) if args.resume_from_checkpoint else None
     progress = TrainingProgress(resolve_seed(args, accelerator, checkpoint))
-
-    raw_dataset = load_raw_dataset(args)
-    if args.streaming:
-        dataset = prepare_streaming_dataset(raw_dataset, dataset_columns(args), progress.seed, args.shuffle_buffer_size)
-        stats = {"rows": "streamed", "ties_dropped": "all", "pairs": "streamed"}  # a stream is not counted
-    else:
-        dataset, stats = prepare_preference_dataset(raw_dataset, dataset_columns(args), args.max_train_samples,
-                                                    progress.seed)
-    logger.info(f"Dataset: {stats['rows']} rows, {stats['ties_dropped']} ties dropped, {stats['pairs']} pairs used.")
-
+    dataset, stats = load_training_pairs(args, progress.seed)
     models = load_models(args, accelerator.device, weight_dtype)
-    unet = models.unet
     learning_rate = effective_learning_rate(args, accelerator.num_processes)
-    optimizer = create_optimizer(args, [p for p in unet.parameters() if p.requires_grad], learning_rate)
+    optimizer = create_optimizer(args, [p for p in models.unet.parameters() if p.requires_grad], learning_rate)
     if args.cache_latents:
-        cached = build_latent_cache(args, accelerator, models, dataset)
-        if len(cached) < len(dataset):
-            logger.warning(f"Latent cache: {len(dataset) - len(cached)} of {len(dataset)} pairs could not be decoded "
-                           "(or gave non-finite latents) and are left out.")
-            check_bad_rows(args, len(dataset) - len(cached), len(dataset), "while building the latent cache")
-            stats["pairs"] = len(cached)
-        dataset = cached
-        models.clip = None  # frees it: the cache holds its embeddings
+        dataset = cache_latents(args, accelerator, models, dataset, stats)
     loader, sampler = build_dataloader(args, accelerator, models, dataset, progress.seed, progress)
     plan = TrainingPlan.for_loader(args, sampler.batches_per_epoch)
-    lr_scheduler = get_scheduler(args.lr_scheduler, optimizer=optimizer,
-                                 num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
-                                 num_training_steps=plan.steps * accelerator.num_processes)
-    if accelerator.state.deepspeed_plugin is not None:  # our loader is not prepared, so DeepSpeed cannot infer it
-        accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = args.train_batch_size
-    models.initial_weight_norm = trained_weight_norm(args, unet)  # before a resume: the base's norm
-    unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
-    models.ema = create_ema(args, accelerator, unet)
-    models.validation_scorer = None
-    if args.validation_scorer != "none" and args.validation_prompts and accelerator.is_main_process:
-        models.validation_scorer = load_clip(args.validation_scorer_model, args.validation_scorer_processor,
-                                             args.cache_dir, torch.device("cpu"), torch.float32,
-                                             "--validation_scorer_model", "Pass a local CLIPModel folder or a Hub id")
-
+    unet, optimizer, lr_scheduler = prepare_training(args, accelerator, models, optimizer, plan)
     if args.resume_from_checkpoint:
-        if checkpoint is None:
-            logger.info(f"No checkpoint in {args.output_dir} to resume from: starting a new run.")
-        else:
-            logger.info(f"Resuming from {checkpoint}")
-            load_checkpoint(accelerator, checkpoint, progress)
+        resume(args, accelerator, checkpoint, progress)
     if accelerator.is_main_process:
         accelerator.init_trackers(args.tracker_project_name, config=tracker_config(args, learning_rate, plan.steps))
-
     logger.info(f"***** Training ({args.loss_type}) *****  pairs {stats['pairs']}, epochs {plan.epochs}, "
                 f"pairs per step {args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps}"
                 f", optimizer steps {plan.steps}, seed {progress.seed}")
@@ -2310,36 +2253,113 @@ def run_training(args, accelerator, stop_request):
     if progress.stopped_by is not None:
         logger.info(f"Stopped by {signal.Signals(progress.stopped_by).name} at step {progress.global_step}; resume "
                     "with --resume_from_checkpoint latest.")
-        accelerator.end_training()
-        return progress
-
-    accelerator.wait_for_everyone()
-    grid = log_validation(accelerator, args, models, unet, weight_dtype, progress)
-    trained_unet = gather_sharded_unet(accelerator, unet)
-    if accelerator.is_main_process:
-        if models.ema is not None:
-            models.ema.copy_to(trained_unet.parameters())  # the saved pipeline holds the EMA weights
-        save_final_model(accelerator, args, models, trained_unet)
-        grid_filename = None
-        if grid is not None:
-            grid_filename = "validation_grid.png"
-            grid.save(os.path.join(args.output_dir, grid_filename))
-        write_model_card(args, repo_id, stats, progress, learning_rate, accelerator.num_processes, grid_filename)
-        if args.push_to_hub:
-            push_to_hub(args, repo_id)
+    else:
+        finish_run(args, accelerator, models, unet, weight_dtype, progress, repo_id, stats, learning_rate)
     accelerator.end_training()
     return progress
 
 
+def prepare_output(args, accelerator):
+    """Checks that fail early (the model path, LoRA under a sharding engine), the output folder cleared of interrupted
+    saves, and with --push_to_hub the Hub repo (its id; None otherwise)."""
+    check_pretrained_pipeline(args)  # a wrong model path fails now, not after the dataset is prepared
+    if args.use_lora and sharding_engine() is not None:
+        raise ValueError(f"--use_lora under {sharding_engine().value}: LoRA adapters are a few MB, so sharding them "
+                         "saves nothing while the frozen base would need its own handling. Launch with DDP "
+                         "(configs/accelerate/multi_gpu.yaml), or train the full UNet under this engine.")
+    if accelerator.is_main_process:
+        os.makedirs(args.output_dir, exist_ok=True)
+        remove_interrupted_saves(args.output_dir)
+    if args.push_to_hub and accelerator.is_main_process:
+        return create_repo(repo_id=args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir)),
+                           exist_ok=True, token=args.hub_token).repo_id
+    return None
+
+
+def load_training_pairs(args, seed):
+    """The prepared preference pairs (or the prepared stream) and their counts for the log and the card."""
+    raw_dataset = load_raw_dataset(args)
+    if args.streaming:
+        dataset = prepare_streaming_dataset(raw_dataset, dataset_columns(args), seed, args.shuffle_buffer_size)
+        stats = {"rows": "streamed", "ties_dropped": "all", "pairs": "streamed"}  # a stream is not counted
+    else:
+        dataset, stats = prepare_preference_dataset(raw_dataset, dataset_columns(args), args.max_train_samples, seed)
+    logger.info(f"Dataset: {stats['rows']} rows, {stats['ties_dropped']} ties dropped, {stats['pairs']} pairs used.")
+    return dataset, stats
+
+
+def cache_latents(args, accelerator, models, dataset, stats):
+    """--cache_latents: the latent cache in place of the dataset (pairs left out counted against --max_bad_rows and
+    in `stats`); the CLIP similarity model is freed, the cache holding its embeddings."""
+    cached = build_latent_cache(args, accelerator, models, dataset)
+    if len(cached) < len(dataset):
+        logger.warning(f"Latent cache: {len(dataset) - len(cached)} of {len(dataset)} pairs could not be decoded "
+                       "(or gave non-finite latents) and are left out.")
+        check_bad_rows(args, len(dataset) - len(cached), len(dataset), "while building the latent cache")
+        stats["pairs"] = len(cached)
+    models.clip = None
+    return cached
+
+
+def prepare_training(args, accelerator, models, optimizer, plan):
+    """The learning-rate schedule, the UNet, optimizer and schedule wrapped by accelerate, and the models the loop
+    reads besides: the base's weight norm, the EMA and the validation scorer."""
+    lr_scheduler = get_scheduler(args.lr_scheduler, optimizer=optimizer,
+                                 num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
+                                 num_training_steps=plan.steps * accelerator.num_processes)
+    if accelerator.state.deepspeed_plugin is not None:  # our loader is not prepared, so DeepSpeed cannot infer it
+        accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = args.train_batch_size
+    models.initial_weight_norm = trained_weight_norm(args, models.unet)  # before a resume: the base's norm
+    unet, optimizer, lr_scheduler = accelerator.prepare(models.unet, optimizer, lr_scheduler)
+    models.ema = create_ema(args, accelerator, unet)
+    models.validation_scorer = None
+    if args.validation_scorer != "none" and args.validation_prompts and accelerator.is_main_process:
+        models.validation_scorer = load_clip(args.validation_scorer_model, args.validation_scorer_processor,
+                                             args.cache_dir, torch.device("cpu"), torch.float32,
+                                             "--validation_scorer_model", "Pass a local CLIPModel folder or a Hub id")
+    return unet, optimizer, lr_scheduler
+
+
+def resume(args, accelerator, checkpoint, progress):
+    """--resume_from_checkpoint: the accelerate state and `progress` of `checkpoint` (None: a new run)."""
+    if checkpoint is None:
+        logger.info(f"No checkpoint in {args.output_dir} to resume from: starting a new run.")
+    else:
+        logger.info(f"Resuming from {checkpoint}")
+        accelerator.load_state(checkpoint)
+        with open(os.path.join(checkpoint, PROGRESS_FILE)) as f:
+            progress.load_state_dict(json.load(f))
+
+
+def finish_run(args, accelerator, models, unet, weight_dtype, progress, repo_id, stats, learning_rate):
+    """The final validation, the trained pipeline (or LoRA weights) with its grid and card, and the upload."""
+    accelerator.wait_for_everyone()
+    grid = log_validation(accelerator, args, models, unet, weight_dtype, progress)
+    trained_unet = gather_sharded_unet(accelerator, unet)
+    if not accelerator.is_main_process:
+        return
+    if models.ema is not None:
+        models.ema.copy_to(trained_unet.parameters())  # the saved pipeline holds the EMA weights
+    save_final_model(accelerator, args, models, trained_unet)
+    grid_filename = None
+    if grid is not None:
+        grid_filename = "validation_grid.png"
+        grid.save(os.path.join(args.output_dir, grid_filename))
+    write_model_card(args, repo_id, stats, progress, learning_rate, accelerator.num_processes, grid_filename)
+    if args.push_to_hub:
+        upload_folder(repo_id=repo_id, folder_path=args.output_dir, commit_message="End of training",
+                      allow_patterns=hub_upload_patterns(args.output_dir, args.use_lora), token=args.hub_token)
+
+
 def train_loop(args, accelerator, models, unet, optimizer, lr_scheduler, loader, sampler, progress, plan,
                weight_dtype, stop_request):
+    """Optimizer steps from `progress` to `plan.steps`, or until a stop signal (then `progress.stopped_by`)."""
     progress_bar = tqdm(range(plan.steps), initial=progress.global_step, desc="Steps",
                         disable=not accelerator.is_local_main_process)
     unet.train()
     if progress.global_step >= plan.steps:  # resumed from a checkpoint of the final step
         return
     accumulated, guard = {}, StepGuard(accelerator, stop_request)
-    pairs_read = plan.steps * args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
     for epoch in range(progress.epoch, plan.epochs):
         sampler.set_epoch(epoch, progress.batch_in_epoch if epoch == progress.epoch else 0)
         progress.epoch = epoch
@@ -2357,41 +2377,15 @@ def train_loop(args, accelerator, models, unet, optimizer, lr_scheduler, loader,
                 update_ema(models.ema, accelerator.unwrap_model(unet), accelerator.device, args.offload_ema)
             if progress.batch_in_epoch >= sampler.batches_per_epoch:
                 progress.epoch, progress.batch_in_epoch = epoch + 1, 0
-            logs = {name: accelerator.reduce(torch.stack(values).mean(), "mean").item()
-                    for name, values in accumulated.items()}
-            logs["lr"] = lr_scheduler.get_last_lr()[0]
-            if models.initial_weight_norm is not None:
-                logs["weight_norm_drift"] = trained_weight_norm(args, unet) / models.initial_weight_norm - 1
+            logs = step_logs(args, accelerator, models, unet, lr_scheduler, accumulated)
             accumulated = {}
             record_faults(args, progress, guard.verdict, logs)
-            preference_loss = logs["loss"] - (logs.get("stabilizer_term", 0.0) if args.stabilizer == "sft" else 0.0)
-            if progress.global_step == 1 and args.loss_type != "sft" and abs(preference_loss - math.log(2)) > 1e-3:
-                logger.warning(f"The first loss is {preference_loss:.6f}, not ln 2 = 0.693147: the policy starts at the "
-                               "reference, so their denoising errors should be equal. The reference computes "
-                               "differently from the trained UNet (precision, attention backend or weights differ).")
+            warn_if_first_loss_is_not_ln2(args, progress, logs)
             progress.history.append(logs)
             accelerator.log(logs, step=progress.global_step)
             progress_bar.update(1)
             progress_bar.set_postfix({name: f"{logs[name]:.4g}" for name in ("loss", "implicit_acc") if name in logs})
-            if progress.nonfinite_in_a_row >= args.max_nonfinite_steps:
-                last = list_checkpoints(args.output_dir)
-                raise RuntimeError(
-                    f"{progress.nonfinite_in_a_row} optimizer steps in a row (up to step {progress.global_step}) had a "
-                    "non-finite loss or gradient; each was skipped, so the weights are those of the last good step, "
-                    f"and the last checkpoint is {last[-1] if last else 'none'}. Lower --learning_rate, train in bf16 "
-                    "rather than fp16, check the data, or raise --max_nonfinite_steps.")
-            saved = False
-            if progress.global_step % args.checkpointing_steps == 0:
-                save_checkpoint(accelerator, args, progress.global_step, progress)
-                saved = True
-            if progress.bad_rows > bad_row_limit(args, pairs_read):
-                if not saved:  # the weights are fine: keep what was trained
-                    save_checkpoint(accelerator, args, progress.global_step, progress)
-                check_bad_rows(args, progress.bad_rows, pairs_read, "by the loader")
-            if guard.verdict.stop and progress.global_step < plan.steps:  # at the last step: finish
-                progress.stopped_by = stop_request.signal or signal.SIGTERM  # the signal reached another process
-                if not saved:
-                    save_checkpoint(accelerator, args, progress.global_step, progress)
+            if stop_after_step(args, accelerator, progress, plan, guard.verdict, stop_request):
                 return
             if args.validation_prompts and progress.global_step % args.validation_steps == 0:
                 log_validation(accelerator, args, models, unet, weight_dtype, progress)
@@ -2399,6 +2393,50 @@ def train_loop(args, accelerator, models, unet, optimizer, lr_scheduler, loader,
                 return
 
 
+def step_logs(args, accelerator, models, unet, lr_scheduler, accumulated):
+    """An optimizer step's metrics (means over its micro-steps and processes), learning rate and weight-norm drift;
+    at the first step, a warning when the loss is not ln 2."""
+    logs = {name: accelerator.reduce(torch.stack(values).mean(), "mean").item() for name, values in accumulated.items()}
+    logs["lr"] = lr_scheduler.get_last_lr()[0]
+    if models.initial_weight_norm is not None:
+        logs["weight_norm_drift"] = trained_weight_norm(args, unet) / models.initial_weight_norm - 1
+    return logs
+
+
+def warn_if_first_loss_is_not_ln2(args, progress, logs):
+    preference_loss = logs["loss"] - (logs.get("stabilizer_term", 0.0) if args.stabilizer == "sft" else 0.0)
+    if progress.global_step == 1 and args.loss_type != "sft" and abs(preference_loss - math.log(2)) > 1e-3:
+        logger.warning(f"The first loss is {preference_loss:.6f}, not ln 2 = 0.693147: the policy starts at the "
+                       "reference, so their denoising errors should be equal. The reference computes "
+                       "differently from the trained UNet (precision, attention backend or weights differ).")
+
+
+def stop_after_step(args, accelerator, progress, plan, verdict, stop_request):
+    """The end of an optimizer step: too many non-finite steps in a row raise; a checkpoint every
+    --checkpointing_steps; past --max_bad_rows a checkpoint, then the error; a stop signal before the last step saves
+    a checkpoint and returns True (the run stops)."""
+    if progress.nonfinite_in_a_row >= args.max_nonfinite_steps:
+        last = list_checkpoints(args.output_dir)
+        raise RuntimeError(
+            f"{progress.nonfinite_in_a_row} optimizer steps in a row (up to step {progress.global_step}) had a "
+            "non-finite loss or gradient; each was skipped, so the weights are those of the last good step, "
+            f"and the last checkpoint is {last[-1] if last else 'none'}. Lower --learning_rate, train in bf16 "
+            "rather than fp16, check the data, or raise --max_nonfinite_steps.")
+    saved = False
+    if progress.global_step % args.checkpointing_steps == 0:
+        save_checkpoint(accelerator, args, progress.global_step, progress)
+        saved = True
+    pairs_read = plan.steps * args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
+    if progress.bad_rows > bad_row_limit(args, pairs_read):
+        if not saved:  # the weights are fine: keep what was trained
+            save_checkpoint(accelerator, args, progress.global_step, progress)
+        check_bad_rows(args, progress.bad_rows, pairs_read, "by the loader")
+    if verdict.stop and progress.global_step < plan.steps:  # at the last step: finish
+        progress.stopped_by = stop_request.signal or signal.SIGTERM  # the signal reached another process
+        if not saved:
+            save_checkpoint(accelerator, args, progress.global_step, progress)
+        return True
+    return False
 def record_faults(args, progress, verdict, logs):
     """Counts this optimizer step's skipped rows and skipped update into `progress` (checkpointed) and the logs."""
     progress.bad_rows += verdict.bad_rows
