@@ -14,6 +14,7 @@ tests and outside checks import. Also trains Diffusion-DPO (`--loss_type dpo`) a
 import argparse
 import contextlib
 import copy
+import dataclasses
 import functools
 import gc
 import hashlib
@@ -38,7 +39,13 @@ import torch.nn.functional as F
 import transformers
 from accelerate import Accelerator
 from accelerate.logging import get_logger
-from accelerate.utils import DistributedType, ProjectConfiguration, broadcast_object_list, gather_object
+from accelerate.utils import (
+    DistributedType,
+    ProjectConfiguration,
+    broadcast_object_list,
+    extract_model_from_parallel,
+    gather_object,
+)
 from huggingface_hub import create_repo, upload_folder
 from PIL import Image, ImageOps
 from tqdm.auto import tqdm
@@ -94,6 +101,16 @@ def load_models(args, device, weight_dtype):
     return setup_models(args, models, device, weight_dtype)
 
 
+def text_encoders(models):
+    """The frozen text encoders (`setup_models` moves them to the device)."""
+    return [models.text_encoder]
+
+
+def text_tokenizers(models):
+    """Loader output name -> the tokenizer whose ids `encode_conditioning` reads under that name."""
+    return {"input_ids": models.tokenizer}
+
+
 @torch.no_grad()
 def encode_conditioning(args, models, batch):
     """Per pair: the text encoder's last hidden states, and no extra UNet inputs."""
@@ -134,7 +151,6 @@ STREAM_ORDER, STREAM_AUGMENT, STREAM_PAIR_NOISE, STREAM_BATCH_TIMESTEP, STREAM_C
 # Columns of the latent cache (--cache_latents): per pair, (orientations, [winner, loser], ...) arrays.
 CACHE_LATENT_MEAN, CACHE_LATENT_STD, CACHE_EMBEDDINGS = "latent_mean", "latent_std", "similarity_embedding"
 CACHE_ORIGINAL_SIZE, CACHE_CROP_TOP_LEFT = "original_size", "crop_top_left"
-STREAM_TURN = "stream_turn"  # a --streaming loader worker's placeholder batch that realigns a resumed loader
 CACHE_ARRAY_COLUMNS = (CACHE_LATENT_MEAN, CACHE_LATENT_STD, CACHE_EMBEDDINGS, CACHE_ORIGINAL_SIZE, CACHE_CROP_TOP_LEFT)
 
 
@@ -536,10 +552,6 @@ def indexed_generator(seed, stream, *keys):
     return torch.Generator().manual_seed((int(state[0]) << 32) | int(state[1]))
 
 
-def epoch_permutation(num_pairs, seed, epoch):
-    return torch.randperm(num_pairs, generator=indexed_generator(seed, STREAM_ORDER, epoch))
-
-
 class IndexedBatchSampler:
     """Yields this process's micro-batches of (pair_index, epoch) keys.
 
@@ -564,7 +576,9 @@ class IndexedBatchSampler:
         return self.batches_per_epoch - self.start_batch
 
     def __iter__(self):
-        order = epoch_permutation(self.num_pairs, self.seed, self.epoch) if self.shuffle else torch.arange(self.num_pairs)
+        order = torch.arange(self.num_pairs)
+        if self.shuffle:
+            order = torch.randperm(self.num_pairs, generator=indexed_generator(self.seed, STREAM_ORDER, self.epoch))
         global_batch = self.batch_size * self.num_processes
         for b in range(self.start_batch, self.batches_per_epoch):
             start = b * global_batch + self.process_index * self.batch_size
@@ -679,23 +693,49 @@ def paired_transform(images, resolution, crop_fraction, flip):
     return tensors, original_sizes, crops_top_left
 
 
-class PreferencePairDataset(torch.utils.data.Dataset):
-    """A pair on access (in loader workers), winner first, with its indexed shared augmentation.
+class PairMaker:
+    """A dataset row -> a pair (in loader workers), winner first, with its indexed shared augmentation: decodes and
+    transforms the two images, or, on a latent cache (`build_latent_cache`), picks the cached orientation the pair's
+    flip draw selects. `tokenizers` maps an output name to a callable caption -> LongTensor (the text encoder's ids;
+    the CLIP similarity model's ids). Used by `PreferencePairDataset` and, for --streaming, `StreamingPairDataset`."""
 
-    Indexed by (pair_index, epoch) keys from IndexedBatchSampler. Decodes and transforms the two images, or, on a
-    latent cache (`build_latent_cache`), picks the cached orientation the pair's flip draw selects. `tokenizers` maps
-    an output name to a callable caption -> LongTensor (the text encoder's ids; the CLIP similarity model's ids).
-    """
+    def __init__(self, columns, resolution, seed, random_crop=False, hflip=True, tokenizers=None,
+                 proportion_empty_prompts=0.0, cached=False):
+        self.columns, self.resolution, self.seed, self.random_crop, self.hflip = columns, resolution, seed, random_crop, hflip
+        self.tokenizers, self.proportion_empty_prompts, self.cached = tokenizers or {}, proportion_empty_prompts, cached
 
-    def __init__(self, hf_dataset, columns, resolution, seed, random_crop=False, hflip=True, tokenizers=None,
-                 proportion_empty_prompts=0.0):
-        self.cached = hf_dataset is not None and CACHE_LATENT_MEAN in hf_dataset.column_names
+    def __call__(self, row, pair_index, epoch, row_index=None):
+        """The pair, its randomness keyed by (pair_index, epoch); `row_index` (default: pair_index) names the row in
+        messages."""
+        row_index = pair_index if row_index is None else row_index
+        augmentation = sample_pair_augmentation(self.seed, pair_index, epoch, self.random_crop, self.hflip)
         if self.cached:
+            item = cached_pair(row, augmentation["flip"])
+        else:
+            images = decode_pair(self.columns, row, row_index, self.resolution)
+            tensors, original_sizes, crops_top_left = paired_transform(images, self.resolution, **augmentation)
+            item = {"pixel_values": torch.stack(tensors), "original_size": original_sizes[0],
+                    "crop_top_left": crops_top_left[0]}
+        caption = row[self.columns.caption] or ""
+        if caption_dropped(self.seed, pair_index, epoch, self.proportion_empty_prompts):
+            caption = ""  # one caption per pair: winner, loser and the RPO text embeddings all see it empty
+        item.update(pair_index=pair_index, row_index=row_index, epoch=epoch, caption=caption)
+        for name, tokenize in self.tokenizers.items():
+            item[name] = tokenize(caption)
+        return item
+
+
+class PreferencePairDataset(torch.utils.data.Dataset):
+    """The pairs of a prepared dataset (or of its latent cache), indexed by (pair_index, epoch) keys from
+    IndexedBatchSampler; the keyword options are `PairMaker`'s."""
+
+    def __init__(self, hf_dataset, columns, resolution, seed, **options):
+        cached = CACHE_LATENT_MEAN in hf_dataset.column_names
+        if cached:
             arrays = [name for name in hf_dataset.column_names if name in CACHE_ARRAY_COLUMNS]
             hf_dataset = hf_dataset.with_format("torch", columns=arrays, output_all_columns=True)
         self.dataset, self.columns = hf_dataset, columns
-        self.resolution, self.seed, self.random_crop, self.hflip = resolution, seed, random_crop, hflip
-        self.tokenizers, self.proportion_empty_prompts = tokenizers or {}, proportion_empty_prompts
+        self.make_pair = PairMaker(columns, resolution, seed, cached=cached, **options)
 
     def __len__(self):
         return len(self.dataset)
@@ -709,7 +749,7 @@ class PreferencePairDataset(torch.utils.data.Dataset):
         for offset in range(min(len(self), MAX_CONSECUTIVE_BAD_ROWS)):
             index = (pair_index + offset) % len(self)
             try:
-                item = self.pair_item(self.dataset[index], pair_index, epoch, row_index=index)
+                item = self.make_pair(self.dataset[index], pair_index, epoch, row_index=index)
             except UndecodablePair as error:
                 bad_rows += 1
                 row_logger.warning(f"Skipped: {error}")
@@ -719,26 +759,6 @@ class PreferencePairDataset(torch.utils.data.Dataset):
         raise UndecodablePair(f"{bad_rows} pairs in a row from pair {pair_index} cannot be decoded: the image columns "
                               f"({self.columns.image_0!r}, {self.columns.image_1!r}) do not hold readable images. "
                               "Pass the right --image_0_column/--image_1_column or repair the dataset.")
-
-    def pair_item(self, row, pair_index, epoch, row_index=None):
-        """Row -> a pair whose randomness is keyed by (pair_index, epoch); `row_index` (default: pair_index) names the
-        row in messages."""
-        row_index = pair_index if row_index is None else row_index
-        augmentation = sample_pair_augmentation(self.seed, pair_index, epoch, self.random_crop, self.hflip)
-        item = cached_pair(row, augmentation["flip"]) if self.cached else self.decoded_pair(row, row_index, augmentation)
-        caption = row[self.columns.caption] or ""
-        if caption_dropped(self.seed, pair_index, epoch, self.proportion_empty_prompts):
-            caption = ""  # one caption per pair: winner, loser and the RPO text embeddings all see it empty
-        item.update(pair_index=pair_index, row_index=row_index, epoch=epoch, caption=caption)
-        for name, tokenize in self.tokenizers.items():
-            item[name] = tokenize(caption)
-        return item
-
-    def decoded_pair(self, row, pair_index, augmentation):
-        images = decode_pair(self.columns, row, pair_index, self.resolution)
-        tensors, original_sizes, crops_top_left = paired_transform(images, self.resolution, **augmentation)
-        return {"pixel_values": torch.stack(tensors), "original_size": original_sizes[0],
-                "crop_top_left": crops_top_left[0]}
 
 
 class UndecodablePair(ValueError):
@@ -892,81 +912,6 @@ def check_images_decode(dataset, columns, probe=8):
                          "(JPEG/PNG bytes, paths or the datasets Image feature).")
 
 
-def prepare_streaming_dataset(stream, columns, seed, shuffle_buffer_size):
-    """--streaming: the same checks, label rules and columns as `prepare_preference_dataset`, applied on the fly;
-    shard order and a buffer shuffled with the seed (`set_epoch` reshuffles)."""
-    check_dataset_schema(stream, columns)
-    stream = pair_columns(stream, columns)
-
-    def is_preference(label):
-        if float(label) not in VALID_LABELS:
-            raise ValueError(f"Column {columns.label_0!r} has the label {label}; expected 1, 0 or 0.5 (tie). Fix the "
-                             "labels or pass the right --label_0_column.")
-        return float(label) != TIE_LABEL
-
-    stream = stream.filter(is_preference, input_columns=[columns.label_0])
-    check_images_decode(stream, columns)  # before the shuffle buffer: reads only the first rows
-    return stream.shuffle(seed=seed, buffer_size=shuffle_buffer_size) if shuffle_buffer_size > 1 else stream
-
-
-class StreamingPairDataset(torch.utils.data.IterableDataset):
-    """--streaming: each (process, loader worker) reads its own part of the stream (`split_dataset_by_node` over
-    processes, then `datasets`' split over workers) and yields whole micro-batches, each carrying that reader's stream
-    state after it.
-
-    A pair's randomness is keyed like the map-style path's, with pair_index = position x readers + reader within the
-    epoch (unique across processes and workers; the split, and so the data order, depends on their numbers). Streams
-    are cycled over epochs, so every process always has a next batch. `progress.stream_states` (checkpointed) holds the
-    state of the last batch each reader delivered; a resumed run continues there (examples that sat in the shuffle
-    buffer at that moment are not replayed: `datasets` does not save the buffer).
-    """
-
-    def __init__(self, stream, pairs, batch_size, num_processes, process_index, progress):
-        self.stream, self.pairs, self.batch_size = stream, pairs, batch_size
-        self.num_processes, self.process_index, self.progress = num_processes, process_index, progress
-
-    def __iter__(self):
-        from datasets.distributed import split_dataset_by_node
-
-        worker = torch.utils.data.get_worker_info()
-        workers, worker_id = (worker.num_workers, worker.id) if worker is not None else (1, 0)
-        reader, readers = self.process_index * workers + worker_id, self.num_processes * workers
-        state = self.progress.stream_states.get(reader, {"epoch": 0, "position": 0, "stream": None})
-        epoch, position, resume = state["epoch"], state["position"], state["stream"]
-        if worker_id < self.progress.batch_in_epoch % workers:
-            # The loader takes batches from its workers in turn, starting with worker 0, while after b consumed
-            # batches the next one is worker (b mod workers)'s: the workers before it yield a placeholder first.
-            yield {STREAM_TURN: True}
-        while True:
-            # This process's part of the stream; `datasets` itself splits it further over the loader's workers.
-            stream = split_dataset_by_node(self.stream, self.process_index, self.num_processes)
-            stream.set_epoch(epoch)
-            if resume is not None:
-                stream.load_state_dict(resume)
-                resume = None
-            items, bad_rows, bad_in_a_row = [], 0, 0
-            for row in stream:
-                try:
-                    items.append(self.pairs.pair_item(row, position * readers + reader, epoch))
-                    bad_in_a_row = 0
-                except UndecodablePair as error:
-                    bad_rows, bad_in_a_row = bad_rows + 1, bad_in_a_row + 1
-                    row_logger.warning(f"Skipped: {error}")
-                    if bad_in_a_row >= MAX_CONSECUTIVE_BAD_ROWS:
-                        raise UndecodablePair(f"{bad_in_a_row} streamed pairs in a row cannot be decoded: pass the "
-                                              "right --image_0_column/--image_1_column or repair the dataset.") from error
-                position += 1
-                if len(items) == self.batch_size:
-                    batch = collate_pairs(items)
-                    batch["bad_rows"] += bad_rows
-                    bad_rows = 0
-                    batch["stream_state"] = {"reader": reader, "epoch": epoch, "position": position,
-                                             "stream": copy.deepcopy(stream.state_dict())}
-                    items = []
-                    yield batch
-            epoch, position = epoch + 1, 0
-
-
 def dataset_columns(args):
     return SimpleNamespace(caption=args.caption_column, image_0=args.image_0_column, image_1=args.image_1_column,
                            label_0=args.label_0_column)
@@ -1046,7 +991,7 @@ def reference_forward(models, unet):
     """The frozen reference UNet and the context it runs in."""
     if models.ref_unet is not None:
         return models.ref_unet, contextlib.nullcontext()
-    unet = models.unwrap(unet)
+    unet = extract_model_from_parallel(unet)  # the LoRA UNet's adapters are switched on the model itself
     return unet, adapters_disabled(unet)
 
 
@@ -1419,9 +1364,8 @@ def setup_models(args, models, device, weight_dtype):
     `models` holds the loaded tokenizer, noise_scheduler, text_encoder, vae, unet and clip (benchmarks/ passes
     randomly initialised full-size ones).
     """
-    for name in ("text_encoder", "text_encoder_2"):
-        if getattr(models, name, None) is not None:
-            getattr(models, name).requires_grad_(False).eval().to(device, dtype=weight_dtype)
+    for text_encoder in text_encoders(models):
+        text_encoder.requires_grad_(False).eval().to(device, dtype=weight_dtype)
     models.vae.requires_grad_(False).eval().to(device, dtype=vae_dtype(args, weight_dtype))
     unet, ref_unet = models.unet, None
     if args.use_lora:
@@ -1441,7 +1385,7 @@ def setup_models(args, models, device, weight_dtype):
         unet.enable_gradient_checkpointing()
     if args.compile:
         compile_unets(args.compile_backend, args.compile_mode, unet, ref_unet)
-    models.ref_unet, models.device, models.unwrap = ref_unet, device, lambda model: model
+    models.ref_unet, models.device = ref_unet, device
     return models
 
 
@@ -1552,16 +1496,22 @@ def training_step(args, accelerator, models, unet, optimizer, lr_scheduler, batc
     return loss.detach(), metrics
 
 
-STOP_REQUEST = {"signal": None}  # set by the SIGTERM/SIGINT handler of `stop_on_signals`
+class StopRequest:
+    """The stop signal received (None until one is): set by the SIGTERM/SIGINT handler of `stop_on_signals`."""
+
+    def __init__(self):
+        self.signal = None
 
 
 class StepGuard:
     """What all processes must agree on at an optimizer step, settled in one collective: was a loss or gradient of
     the update non-finite anywhere (then every process skips it), did a stop signal arrive, how many rows were
-    skipped by the loaders. Under fp16 a gradient overflow is left to the loss scaler (it skips the step itself)."""
+    skipped by the loaders. Under fp16 a gradient overflow is left to the loss scaler (it skips the step itself).
+    `stop_request` is the run's `StopRequest` (a fresh one, never set, if none is given)."""
 
-    def __init__(self, accelerator):
+    def __init__(self, accelerator, stop_request=None):
         self.accelerator, self.window_nonfinite, self.window_bad_rows, self.verdict = accelerator, False, 0, None
+        self.stop_request = stop_request or StopRequest()
 
     def observe(self, loss, batch):
         self.window_nonfinite |= not bool(torch.isfinite(loss.detach()).all())
@@ -1571,7 +1521,7 @@ class StepGuard:
         accelerator = self.accelerator
         grad_nonfinite = (grad_norm is not None and accelerator.scaler is None
                           and not bool(torch.isfinite(torch.as_tensor(grad_norm)).all()))
-        flags = torch.tensor([float(self.window_nonfinite or grad_nonfinite), float(STOP_REQUEST["signal"] is not None),
+        flags = torch.tensor([float(self.window_nonfinite or grad_nonfinite), float(self.stop_request.signal is not None),
                               float(self.window_bad_rows)], device=accelerator.device)
         if accelerator.num_processes > 1:
             flags = accelerator.reduce(flags, "sum")
@@ -1597,22 +1547,23 @@ def stop_on_signals():
     """SIGTERM (preemption) and SIGINT (Ctrl-C) ask the run to save a checkpoint at the end of the current optimizer
     step and stop; a second SIGINT interrupts at once. Loader workers ignore both (`ignore_stop_signals`). A signal
     already ignored at start stays ignored (a run started with `nohup` or `&` inherits SIGINT ignored: the shell
-    asked that Ctrl-C not reach it), and the handlers found at start are restored at the end."""
+    asked that Ctrl-C not reach it), and the handlers found at start are restored at the end. Yields the
+    `StopRequest` the handlers set."""
+    stop_request = StopRequest()
 
     def request_stop(signum, frame):
-        if signum == signal.SIGINT and STOP_REQUEST["signal"] == signal.SIGINT:
+        if signum == signal.SIGINT and stop_request.signal == signal.SIGINT:
             raise KeyboardInterrupt
-        STOP_REQUEST["signal"] = signum
+        stop_request.signal = signum
         row_logger.warning(f"Received {signal.Signals(signum).name}: saving a checkpoint at the end of this optimizer "
                            "step, then stopping (SIGINT again to interrupt at once).")
 
-    STOP_REQUEST["signal"] = None
     previous = {}
     if threading.current_thread() is threading.main_thread():
         previous = {signum: signal.signal(signum, request_stop) for signum in (signal.SIGTERM, signal.SIGINT)
                     if signal.getsignal(signum) is not signal.SIG_IGN}
     try:
-        yield STOP_REQUEST
+        yield stop_request
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
@@ -1710,12 +1661,6 @@ def save_checkpoint(accelerator, args, global_step, progress):
     return final
 
 
-def load_checkpoint(accelerator, checkpoint, progress):
-    accelerator.load_state(checkpoint)
-    with open(os.path.join(checkpoint, PROGRESS_FILE)) as f:
-        progress.load_state_dict(json.load(f))
-
-
 def prune_checkpoints(output_dir, limit, keep):
     """Deletes the oldest checkpoints beyond `limit`, never `keep` (the one just saved, even when a resumed run's
     older step sorts before later leftovers)."""
@@ -1725,6 +1670,22 @@ def prune_checkpoints(output_dir, limit, keep):
     for old in checkpoints[: max(0, len(checkpoints) + 1 - max(limit, 1))]:
         logger.info(f"Removing checkpoint {old} (--checkpoints_total_limit {limit})")
         shutil.rmtree(old)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainingPlan:
+    """How long the run is: optimizer steps (--max_train_steps, or --num_train_epochs of them), the epochs they span
+    and the optimizer updates in one epoch of the loader."""
+
+    steps: int
+    epochs: int
+    updates_per_epoch: int
+
+    @classmethod
+    def for_loader(cls, args, batches_per_epoch):
+        updates_per_epoch = batches_per_epoch // args.gradient_accumulation_steps
+        steps = args.num_train_epochs * updates_per_epoch if args.max_train_steps is None else args.max_train_steps
+        return cls(steps=steps, epochs=math.ceil(steps / updates_per_epoch), updates_per_epoch=updates_per_epoch)
 
 
 class TrainingProgress:
@@ -1859,14 +1820,16 @@ def validation_rewards(scorer, args, image_sets, device):
     return rewards
 
 
-def tracker_config(args, learning_rate):
+def tracker_config(args, learning_rate, max_train_steps=None):
     """Run hyperparameters for the trackers: no token, lists flattened for tensorboard; the learning rate as passed
-    and as trained (after --scale_lr)."""
+    and as trained (after --scale_lr); `max_train_steps`, the planned steps, replaces an unset --max_train_steps."""
     config = {"effective_learning_rate": learning_rate}
     for key, value in vars(args).items():
         if key == "hub_token":
             continue
         config[key] = " | ".join(value) if isinstance(value, list) else value
+    if max_train_steps is not None:
+        config["max_train_steps"] = max_train_steps
     return config
 
 
@@ -1900,16 +1863,8 @@ def hub_or_folder_name(path):
     return path
 
 
-def write_model_card(args, repo_id, stats, progress, learning_rate, num_processes, grid_filename=None):
-    """The output folder's README.md, every section filled from what the run knows (diffusers' template leaves TODOs).
-    `repo_id` is None without --push_to_hub. Local paths (base, data, output) are named by their folder name only, and
-    a local base is left out of the `base_model` metadata (it must be a Hub id)."""
-    base, base_is_local = hub_or_folder_name(args.pretrained_model_name_or_path), os.path.exists(
-        args.pretrained_model_name_or_path)
-    dataset = hub_or_folder_name(args.dataset_name)
-    model_path = repo_id or hub_or_folder_name(args.output_dir)
-    method = {"rpo": "Diffusion-RPO (Relative Preference Optimization, arXiv 2406.06382)",
-              "dpo": "Diffusion-DPO (arXiv 2311.12908)", "sft": "supervised fine-tuning on the preferred images"}
+def model_card_settings(args, progress, learning_rate, num_processes):
+    """The model card's settings table rows: (setting, value)."""
     pairs_per_step = args.train_batch_size * args.gradient_accumulation_steps * num_processes
     rows = [("loss_type", args.loss_type), ("beta_dpo (-1/2 beta convention)", args.beta_dpo),
             ("learning_rate (as passed)", args.learning_rate), ("scale_lr", args.scale_lr),
@@ -1935,6 +1890,46 @@ def write_model_card(args, repo_id, stats, progress, learning_rate, num_processe
         rows.append(("stabilizer", f"{args.stabilizer} (lambda {args.stabilizer_weight:g})"))
     if args.use_ema:
         rows.append(("use_ema", f"yes (decay {args.ema_decay:g}): the saved UNet holds the EMA weights"))
+    return rows
+
+
+def model_card_results(args, progress):
+    """The model card's results: the last logged steps' loss and accuracy, the last validation reward, fault counts."""
+    last = progress.history[-10:]
+    if not last:
+        return "No optimizer step was logged."
+
+    def mean(name):
+        return sum(h[name] for h in last) / len(last)
+
+    results = (f"Over the last {len(last)} logged optimizer steps: loss {mean('loss'):.4f}"
+               + (f", implicit accuracy {mean('implicit_acc'):.3f} (the fraction of pairs whose preferred image "
+                  "the model denoises better than the reference does, relative to the other image; 0.5 at the "
+                  "start)" if "implicit_acc" in last[0] else "")
+               + (f". Last step: loss {last[-1]['loss']:.4f}." if len(last) > 1 else "."))
+    if progress.validation_rewards:
+        last_reward = progress.validation_rewards[-1]
+        results += (f" Validation reward ({args.validation_scorer}, mean over {len(args.validation_prompts)} "
+                    f"prompts) at step {last_reward['step']}: {last_reward['validation_reward']:.4f}"
+                    + (f" (base: {last_reward['validation_reward_reference']:.4f})"
+                       if "validation_reward_reference" in last_reward else "") + ".")
+    if progress.skipped_updates or progress.bad_rows:
+        results += (f" {progress.skipped_updates} updates were skipped (non-finite loss or gradient) and "
+                    f"{progress.bad_rows} undecodable pairs were skipped.")
+    return results
+
+
+def write_model_card(args, repo_id, stats, progress, learning_rate, num_processes, grid_filename=None):
+    """The output folder's README.md, every section filled from what the run knows (diffusers' template leaves TODOs).
+    `repo_id` is None without --push_to_hub. Local paths (base, data, output) are named by their folder name only, and
+    a local base is left out of the `base_model` metadata (it must be a Hub id)."""
+    base, base_is_local = hub_or_folder_name(args.pretrained_model_name_or_path), os.path.exists(
+        args.pretrained_model_name_or_path)
+    dataset = hub_or_folder_name(args.dataset_name)
+    model_path = repo_id or hub_or_folder_name(args.output_dir)
+    method = {"rpo": "Diffusion-RPO (Relative Preference Optimization, arXiv 2406.06382)",
+              "dpo": "Diffusion-DPO (arXiv 2311.12908)", "sft": "supervised fine-tuning on the preferred images"}
+    rows = model_card_settings(args, progress, learning_rate, num_processes)
     vae = hub_or_folder_name(args.pretrained_vae_model_name_or_path)
     vae_note, vae_load = "", ""
     if vae:
@@ -1949,26 +1944,7 @@ def write_model_card(args, repo_id, stats, progress, learning_rate, num_processe
     else:
         load = f'pipe = DiffusionPipeline.from_pretrained("{model_path}", torch_dtype=torch.float16)'
     imports = "from diffusers import AutoencoderKL, DiffusionPipeline" if vae_load else "from diffusers import DiffusionPipeline"
-    last = progress.history[-10:]
-    results = "No optimizer step was logged."
-    if last:
-        def mean(name):
-            return sum(h[name] for h in last) / len(last)
-
-        results = (f"Over the last {len(last)} logged optimizer steps: loss {mean('loss'):.4f}"
-                   + (f", implicit accuracy {mean('implicit_acc'):.3f} (the fraction of pairs whose preferred image "
-                      "the model denoises better than the reference does, relative to the other image; 0.5 at the "
-                      "start)" if "implicit_acc" in last[0] else "")
-                   + (f". Last step: loss {last[-1]['loss']:.4f}." if len(last) > 1 else "."))
-        if progress.validation_rewards:
-            last_reward = progress.validation_rewards[-1]
-            results += (f" Validation reward ({args.validation_scorer}, mean over {len(args.validation_prompts)} "
-                        f"prompts) at step {last_reward['step']}: {last_reward['validation_reward']:.4f}"
-                        + (f" (base: {last_reward['validation_reward_reference']:.4f})"
-                           if "validation_reward_reference" in last_reward else "") + ".")
-        if progress.skipped_updates or progress.bad_rows:
-            results += (f" {progress.skipped_updates} updates were skipped (non-finite loss or gradient) and "
-                        f"{progress.bad_rows} undecodable pairs were skipped.")
+    results = model_card_results(args, progress)
     grid = ("Top row: the base model; bottom row: this model (same prompts and seeds).\n\n"
             f"![validation grid](./{grid_filename})" if grid_filename else "No validation images were rendered.")
     limitations = ("It imitates the preferred images only; it does not learn from the rejected ones."
@@ -2017,13 +1993,18 @@ prompts they wrote, what they preferred); it is not tuned for safety. {limitatio
 mean better images: compare samples and reward scores against the base on prompts unlike the training prompts. The
 base model's license and limitations apply.
 """
+    return save_model_card(args, repo_id, body, base_model=None if base_is_local else base)
+
+
+def save_model_card(args, repo_id, body, base_model):
+    """The card with `body` as its text and the run's metadata (license, base model, tags, dataset), saved as the
+    output folder's README.md."""
     # Without --push_to_hub there is no Hub card to extend: build it locally, without a network round trip (the
     # looked-up name must only be a valid repo id; folder names need not be).
     license = base_model_license(args)  # outside the offline block: a Hub base's card is still read
     with contextlib.nullcontext() if repo_id else hub_lookups_disabled():
         card = load_or_create_model_card(repo_id_or_path=repo_id or "local-model", token=args.hub_token,
-                                         from_training=True, license=license,
-                                         base_model=None if base_is_local else base, inference=True)
+                                         from_training=True, license=license, base_model=base_model, inference=True)
     card.text = body  # replaces the template's TODO sections
     tags = MODEL_CARD_TAGS + [args.loss_type] + (["lora"] if args.use_lora else [])
     card = populate_model_card(card, tags=tags)
@@ -2043,11 +2024,6 @@ def hub_upload_patterns(output_dir, use_lora):
         components = [name for name, value in json.load(f).items()
                       if not name.startswith("_") and isinstance(value, list) and value[0] is not None]
     return patterns + ["model_index.json"] + [f"{name}/*" for name in components]
-
-
-def push_to_hub(args, repo_id):
-    upload_folder(repo_id=repo_id, folder_path=args.output_dir, commit_message="End of training",
-                  allow_patterns=hub_upload_patterns(args.output_dir, args.use_lora), token=args.hub_token)
 
 
 def create_ema(args, accelerator, unet):
@@ -2205,30 +2181,21 @@ def clip_tokenize_fn(args, models):
 
 
 def build_dataloader(args, accelerator, models, dataset, seed, progress=None):
-    """The loader and its sampler: indexed batches of a map-style dataset, or (--streaming, `progress` given) the
-    stream readers' batches with a stand-in sampler of unbounded epoch length."""
-    tokenizers = {"input_ids": make_tokenize_fn(models.tokenizer)}
-    if getattr(models, "tokenizer_2", None) is not None:
-        tokenizers["input_ids_2"] = make_tokenize_fn(models.tokenizer_2)
-    clip_tokenize = clip_tokenize_fn(args, models)
+    """The loader and its sampler: indexed batches of a map-style dataset, or (--streaming, `progress` given)
+    `build_streaming_loader`'s."""
+    tokenizers = {name: make_tokenize_fn(tokenizer) for name, tokenizer in text_tokenizers(models).items()}
+    clip_tokenize = None if args.cache_latents else clip_tokenize_fn(args, models)  # cached rows hold embeddings
     if clip_tokenize is not None:
         tokenizers["clip_input_ids"] = clip_tokenize
-    pair_dataset = PreferencePairDataset(None if args.streaming else dataset, dataset_columns(args), args.resolution,
-                                         seed, random_crop=args.random_crop, hflip=not args.no_hflip,
-                                         tokenizers=tokenizers, proportion_empty_prompts=args.proportion_empty_prompts)
+    pair_options = {"random_crop": args.random_crop, "hflip": not args.no_hflip, "tokenizers": tokenizers,
+                    "proportion_empty_prompts": args.proportion_empty_prompts}
     workers = args.dataloader_num_workers
     loader_options = {"num_workers": workers, "pin_memory": torch.cuda.is_available(),
                       "persistent_workers": workers > 0, "prefetch_factor": 4 if workers > 0 else None,
                       "worker_init_fn": ignore_stop_signals if workers > 0 else None}
     if args.streaming:
-        readers = accelerator.num_processes * max(1, workers)
-        if dataset.n_shards < readers:
-            logger.warning(f"The stream has {dataset.n_shards} shards for {readers} readers (processes x workers): "
-                           f"each reader reads every shard and keeps 1 example in {readers}.")
-        stream = StreamingPairDataset(dataset, pair_dataset, args.train_batch_size, accelerator.num_processes,
-                                      accelerator.process_index, progress)
-        loader = torch.utils.data.DataLoader(stream, batch_size=None, **loader_options)
-        return loader, SimpleNamespace(batches_per_epoch=sys.maxsize, set_epoch=lambda epoch, start_batch=0: None)
+        make_pair = PairMaker(dataset_columns(args), args.resolution, seed, **pair_options)
+        return build_streaming_loader(args, accelerator, dataset, make_pair, loader_options, progress)
     global_batch = args.train_batch_size * accelerator.num_processes
     batches_per_epoch = (len(dataset) // global_batch) // args.gradient_accumulation_steps
     batches_per_epoch *= args.gradient_accumulation_steps
@@ -2238,16 +2205,17 @@ def build_dataloader(args, accelerator, models, dataset, seed, progress=None):
                          "--gradient_accumulation_steps, or use more data.")
     sampler = IndexedBatchSampler(len(dataset), args.train_batch_size, seed, batches_per_epoch,
                                   accelerator.num_processes, accelerator.process_index)
+    pair_dataset = PreferencePairDataset(dataset, dataset_columns(args), args.resolution, seed, **pair_options)
     loader = torch.utils.data.DataLoader(pair_dataset, batch_sampler=sampler, collate_fn=collate_pairs,
                                          **loader_options)
     return loader, sampler
 
 
 def main(args):
-    with stop_on_signals():
+    with stop_on_signals() as stop_request:
         accelerator = build_accelerator(args)
         try:
-            return run_training(args, accelerator)
+            return run_training(args, accelerator, stop_request)
         except BaseException as error:
             # Let a failed run exit: free the traceback's locals, so the loader shuts its workers down (they ignore
             # the SIGTERM multiprocessing would stop them with at exit), and tear down the process group.
@@ -2257,7 +2225,43 @@ def main(args):
             raise
 
 
-def run_training(args, accelerator):
+def run_training(args, accelerator, stop_request):
+    """A run, in order: output folder, seed, data, models, optimizer, latent cache, loader, plan and accelerate's
+    wrapping, resume, the training loop, then (unless a signal stopped it) the final validation, model and card."""
+    repo_id = prepare_output(args, accelerator)
+    weight_dtype = weight_dtype_for(accelerator)
+    checkpoint = resolve_checkpoint_path(args) if args.resume_from_checkpoint else None
+    progress = TrainingProgress(resolve_seed(args, accelerator, checkpoint))
+    dataset, stats = load_training_pairs(args, progress.seed)
+    models = load_models(args, accelerator.device, weight_dtype)
+    learning_rate = effective_learning_rate(args, accelerator.num_processes)
+    optimizer = create_optimizer(args, [p for p in models.unet.parameters() if p.requires_grad], learning_rate)
+    if args.cache_latents:
+        dataset = cache_latents(args, accelerator, models, dataset, stats)
+    loader, sampler = build_dataloader(args, accelerator, models, dataset, progress.seed, progress)
+    plan = TrainingPlan.for_loader(args, sampler.batches_per_epoch)
+    unet, optimizer, lr_scheduler = prepare_training(args, accelerator, models, optimizer, plan)
+    if args.resume_from_checkpoint:
+        resume(args, accelerator, checkpoint, progress)
+    if accelerator.is_main_process:
+        accelerator.init_trackers(args.tracker_project_name, config=tracker_config(args, learning_rate, plan.steps))
+    logger.info(f"***** Training ({args.loss_type}) *****  pairs {stats['pairs']}, epochs {plan.epochs}, "
+                f"pairs per step {args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps}"
+                f", optimizer steps {plan.steps}, seed {progress.seed}")
+    train_loop(args, accelerator, models, unet, optimizer, lr_scheduler, loader, sampler, progress, plan,
+               weight_dtype, stop_request)
+    if progress.stopped_by is not None:
+        logger.info(f"Stopped by {signal.Signals(progress.stopped_by).name} at step {progress.global_step}; resume "
+                    "with --resume_from_checkpoint latest.")
+    else:
+        finish_run(args, accelerator, models, unet, weight_dtype, progress, repo_id, stats, learning_rate)
+    accelerator.end_training()
+    return progress
+
+
+def prepare_output(args, accelerator):
+    """Checks that fail early (the model path, LoRA under a sharding engine), the output folder cleared of interrupted
+    saves, and with --push_to_hub the Hub repo (its id; None otherwise)."""
     check_pretrained_pipeline(args)  # a wrong model path fails now, not after the dataset is prepared
     if args.use_lora and sharding_engine() is not None:
         raise ValueError(f"--use_lora under {sharding_engine().value}: LoRA adapters are a few MB, so sharding them "
@@ -2266,112 +2270,100 @@ def run_training(args, accelerator):
     if accelerator.is_main_process:
         os.makedirs(args.output_dir, exist_ok=True)
         remove_interrupted_saves(args.output_dir)
-    repo_id = None
     if args.push_to_hub and accelerator.is_main_process:
-        repo_id = create_repo(repo_id=args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir)),
-                              exist_ok=True, token=args.hub_token).repo_id
-    weight_dtype = weight_dtype_for(accelerator)
-    checkpoint = resolve_checkpoint_path(args) if args.resume_from_checkpoint else None
-    progress = TrainingProgress(resolve_seed(args, accelerator, checkpoint))
+        return create_repo(repo_id=args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir)),
+                           exist_ok=True, token=args.hub_token).repo_id
+    return None
 
+
+def load_training_pairs(args, seed):
+    """The prepared preference pairs (or the prepared stream) and their counts for the log and the card."""
     raw_dataset = load_raw_dataset(args)
     if args.streaming:
-        dataset = prepare_streaming_dataset(raw_dataset, dataset_columns(args), progress.seed, args.shuffle_buffer_size)
+        dataset = prepare_streaming_dataset(raw_dataset, dataset_columns(args), seed, args.shuffle_buffer_size)
         stats = {"rows": "streamed", "ties_dropped": "all", "pairs": "streamed"}  # a stream is not counted
     else:
-        dataset, stats = prepare_preference_dataset(raw_dataset, dataset_columns(args), args.max_train_samples,
-                                                    progress.seed)
+        dataset, stats = prepare_preference_dataset(raw_dataset, dataset_columns(args), args.max_train_samples, seed)
     logger.info(f"Dataset: {stats['rows']} rows, {stats['ties_dropped']} ties dropped, {stats['pairs']} pairs used.")
+    return dataset, stats
 
-    models = load_models(args, accelerator.device, weight_dtype)
-    models.unwrap = accelerator.unwrap_model
-    unet = models.unet
-    learning_rate = effective_learning_rate(args, accelerator.num_processes)
-    optimizer = create_optimizer(args, [p for p in unet.parameters() if p.requires_grad], learning_rate)
-    if args.cache_latents:
-        cached = build_latent_cache(args, accelerator, models, dataset)
-        if len(cached) < len(dataset):
-            logger.warning(f"Latent cache: {len(dataset) - len(cached)} of {len(dataset)} pairs could not be decoded "
-                           "(or gave non-finite latents) and are left out.")
-            check_bad_rows(args, len(dataset) - len(cached), len(dataset), "while building the latent cache")
-            stats["pairs"] = len(cached)
-        dataset = cached
-        models.clip = None  # its embeddings are cached
-    loader, sampler = build_dataloader(args, accelerator, models, dataset, progress.seed, progress)
-    updates_per_epoch = sampler.batches_per_epoch // args.gradient_accumulation_steps
-    if args.max_train_steps is None:
-        args.max_train_steps = args.num_train_epochs * updates_per_epoch
-    num_epochs = math.ceil(args.max_train_steps / updates_per_epoch)
+
+def cache_latents(args, accelerator, models, dataset, stats):
+    """--cache_latents: the latent cache in place of the dataset (pairs left out counted against --max_bad_rows and
+    in `stats`); the CLIP similarity model is freed, the cache holding its embeddings."""
+    cached = build_latent_cache(args, accelerator, models, dataset)
+    if len(cached) < len(dataset):
+        logger.warning(f"Latent cache: {len(dataset) - len(cached)} of {len(dataset)} pairs could not be decoded "
+                       "(or gave non-finite latents) and are left out.")
+        check_bad_rows(args, len(dataset) - len(cached), len(dataset), "while building the latent cache")
+        stats["pairs"] = len(cached)
+    models.clip = None
+    return cached
+
+
+def prepare_training(args, accelerator, models, optimizer, plan):
+    """The learning-rate schedule, the UNet, optimizer and schedule wrapped by accelerate, and the models the loop
+    reads besides: the base's weight norm, the EMA and the validation scorer."""
     lr_scheduler = get_scheduler(args.lr_scheduler, optimizer=optimizer,
                                  num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
-                                 num_training_steps=args.max_train_steps * accelerator.num_processes)
+                                 num_training_steps=plan.steps * accelerator.num_processes)
     if accelerator.state.deepspeed_plugin is not None:  # our loader is not prepared, so DeepSpeed cannot infer it
         accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = args.train_batch_size
-    models.initial_weight_norm = trained_weight_norm(args, unet)  # before a resume: the base's norm
-    unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
+    models.initial_weight_norm = trained_weight_norm(args, models.unet)  # before a resume: the base's norm
+    unet, optimizer, lr_scheduler = accelerator.prepare(models.unet, optimizer, lr_scheduler)
     models.ema = create_ema(args, accelerator, unet)
     models.validation_scorer = None
     if args.validation_scorer != "none" and args.validation_prompts and accelerator.is_main_process:
         models.validation_scorer = load_clip(args.validation_scorer_model, args.validation_scorer_processor,
                                              args.cache_dir, torch.device("cpu"), torch.float32,
                                              "--validation_scorer_model", "Pass a local CLIPModel folder or a Hub id")
+    return unet, optimizer, lr_scheduler
 
-    if args.resume_from_checkpoint:
-        if checkpoint is None:
-            logger.info(f"No checkpoint in {args.output_dir} to resume from: starting a new run.")
-        else:
-            logger.info(f"Resuming from {checkpoint}")
-            load_checkpoint(accelerator, checkpoint, progress)
-    if accelerator.is_main_process:
-        accelerator.init_trackers(args.tracker_project_name, config=tracker_config(args, learning_rate))
 
-    logger.info(f"***** Training ({args.loss_type}) *****  pairs {stats['pairs']}, epochs {num_epochs}, "
-                f"pairs per step {args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps}"
-                f", optimizer steps {args.max_train_steps}, seed {progress.seed}")
-    train_loop(args, accelerator, models, unet, optimizer, lr_scheduler, loader, sampler, progress, num_epochs,
-               weight_dtype)
-    if progress.stopped_by is not None:
-        logger.info(f"Stopped by {signal.Signals(progress.stopped_by).name} at step {progress.global_step}; resume "
-                    "with --resume_from_checkpoint latest.")
-        accelerator.end_training()
-        return progress
+def resume(args, accelerator, checkpoint, progress):
+    """--resume_from_checkpoint: the accelerate state and `progress` of `checkpoint` (None: a new run)."""
+    if checkpoint is None:
+        logger.info(f"No checkpoint in {args.output_dir} to resume from: starting a new run.")
+    else:
+        logger.info(f"Resuming from {checkpoint}")
+        accelerator.load_state(checkpoint)
+        with open(os.path.join(checkpoint, PROGRESS_FILE)) as f:
+            progress.load_state_dict(json.load(f))
 
+
+def finish_run(args, accelerator, models, unet, weight_dtype, progress, repo_id, stats, learning_rate):
+    """The final validation, the trained pipeline (or LoRA weights) with its grid and card, and the upload."""
     accelerator.wait_for_everyone()
     grid = log_validation(accelerator, args, models, unet, weight_dtype, progress)
     trained_unet = gather_sharded_unet(accelerator, unet)
-    if accelerator.is_main_process:
-        if models.ema is not None:
-            models.ema.copy_to(trained_unet.parameters())  # the saved pipeline holds the EMA weights
-        save_final_model(accelerator, args, models, trained_unet)
-        grid_filename = None
-        if grid is not None:
-            grid_filename = "validation_grid.png"
-            grid.save(os.path.join(args.output_dir, grid_filename))
-        write_model_card(args, repo_id, stats, progress, learning_rate, accelerator.num_processes, grid_filename)
-        if args.push_to_hub:
-            push_to_hub(args, repo_id)
-    accelerator.end_training()
-    return progress
+    if not accelerator.is_main_process:
+        return
+    if models.ema is not None:
+        models.ema.copy_to(trained_unet.parameters())  # the saved pipeline holds the EMA weights
+    save_final_model(accelerator, args, models, trained_unet)
+    grid_filename = None
+    if grid is not None:
+        grid_filename = "validation_grid.png"
+        grid.save(os.path.join(args.output_dir, grid_filename))
+    write_model_card(args, repo_id, stats, progress, learning_rate, accelerator.num_processes, grid_filename)
+    if args.push_to_hub:
+        upload_folder(repo_id=repo_id, folder_path=args.output_dir, commit_message="End of training",
+                      allow_patterns=hub_upload_patterns(args.output_dir, args.use_lora), token=args.hub_token)
 
 
-def train_loop(args, accelerator, models, unet, optimizer, lr_scheduler, loader, sampler, progress, num_epochs,
-               weight_dtype):
-    progress_bar = tqdm(range(args.max_train_steps), initial=progress.global_step, desc="Steps",
+def train_loop(args, accelerator, models, unet, optimizer, lr_scheduler, loader, sampler, progress, plan,
+               weight_dtype, stop_request):
+    """Optimizer steps from `progress` to `plan.steps`, or until a stop signal (then `progress.stopped_by`)."""
+    progress_bar = tqdm(range(plan.steps), initial=progress.global_step, desc="Steps",
                         disable=not accelerator.is_local_main_process)
     unet.train()
-    if progress.global_step >= args.max_train_steps:  # resumed from a checkpoint of the final step
+    if progress.global_step >= plan.steps:  # resumed from a checkpoint of the final step
         return
-    accumulated, guard = {}, StepGuard(accelerator)
-    pairs_read = args.max_train_steps * args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
-    for epoch in range(progress.epoch, num_epochs):
+    accumulated, guard = {}, StepGuard(accelerator, stop_request)
+    for epoch in range(progress.epoch, plan.epochs):
         sampler.set_epoch(epoch, progress.batch_in_epoch if epoch == progress.epoch else 0)
         progress.epoch = epoch
         for batch in loader:
-            if STREAM_TURN in batch:
-                continue
-            stream_state = batch.pop("stream_state", None)
-            if stream_state is not None:
-                progress.stream_states[stream_state["reader"]] = stream_state
             micro_step = progress.global_step * args.gradient_accumulation_steps + len(accumulated.get("loss", []))
             loss, metrics = training_step(args, accelerator, models, unet, optimizer, lr_scheduler, batch, micro_step,
                                           progress.seed, weight_dtype, guard)
@@ -2385,48 +2377,66 @@ def train_loop(args, accelerator, models, unet, optimizer, lr_scheduler, loader,
                 update_ema(models.ema, accelerator.unwrap_model(unet), accelerator.device, args.offload_ema)
             if progress.batch_in_epoch >= sampler.batches_per_epoch:
                 progress.epoch, progress.batch_in_epoch = epoch + 1, 0
-            logs = {name: accelerator.reduce(torch.stack(values).mean(), "mean").item()
-                    for name, values in accumulated.items()}
-            logs["lr"] = lr_scheduler.get_last_lr()[0]
-            if models.initial_weight_norm is not None:
-                logs["weight_norm_drift"] = trained_weight_norm(args, unet) / models.initial_weight_norm - 1
+            logs = step_logs(args, accelerator, models, unet, lr_scheduler, accumulated)
             accumulated = {}
             record_faults(args, progress, guard.verdict, logs)
-            preference_loss = logs["loss"] - (logs.get("stabilizer_term", 0.0) if args.stabilizer == "sft" else 0.0)
-            if progress.global_step == 1 and args.loss_type != "sft" and abs(preference_loss - math.log(2)) > 1e-3:
-                logger.warning(f"The first loss is {preference_loss:.6f}, not ln 2 = 0.693147: the policy starts at the "
-                               "reference, so their denoising errors should be equal. The reference computes "
-                               "differently from the trained UNet (precision, attention backend or weights differ).")
+            warn_if_first_loss_is_not_ln2(args, progress, logs)
             progress.history.append(logs)
             accelerator.log(logs, step=progress.global_step)
             progress_bar.update(1)
             progress_bar.set_postfix({name: f"{logs[name]:.4g}" for name in ("loss", "implicit_acc") if name in logs})
-            if progress.nonfinite_in_a_row >= args.max_nonfinite_steps:
-                last = list_checkpoints(args.output_dir)
-                raise RuntimeError(
-                    f"{progress.nonfinite_in_a_row} optimizer steps in a row (up to step {progress.global_step}) had a "
-                    "non-finite loss or gradient; each was skipped, so the weights are those of the last good step, "
-                    f"and the last checkpoint is {last[-1] if last else 'none'}. Lower --learning_rate, train in bf16 "
-                    "rather than fp16, check the data, or raise --max_nonfinite_steps.")
-            saved = False
-            if progress.global_step % args.checkpointing_steps == 0:
-                save_checkpoint(accelerator, args, progress.global_step, progress)
-                saved = True
-            if progress.bad_rows > bad_row_limit(args, pairs_read):
-                if not saved:  # the weights are fine: keep what was trained
-                    save_checkpoint(accelerator, args, progress.global_step, progress)
-                check_bad_rows(args, progress.bad_rows, pairs_read, "by the loader")
-            if guard.verdict.stop and progress.global_step < args.max_train_steps:  # at the last step: finish
-                progress.stopped_by = STOP_REQUEST["signal"] or signal.SIGTERM  # the signal reached another process
-                if not saved:
-                    save_checkpoint(accelerator, args, progress.global_step, progress)
+            if stop_after_step(args, accelerator, progress, plan, guard.verdict, stop_request):
                 return
             if args.validation_prompts and progress.global_step % args.validation_steps == 0:
                 log_validation(accelerator, args, models, unet, weight_dtype, progress)
-            if progress.global_step >= args.max_train_steps:
+            if progress.global_step >= plan.steps:
                 return
 
 
+def step_logs(args, accelerator, models, unet, lr_scheduler, accumulated):
+    """An optimizer step's metrics (means over its micro-steps and processes), learning rate and weight-norm drift;
+    at the first step, a warning when the loss is not ln 2."""
+    logs = {name: accelerator.reduce(torch.stack(values).mean(), "mean").item() for name, values in accumulated.items()}
+    logs["lr"] = lr_scheduler.get_last_lr()[0]
+    if models.initial_weight_norm is not None:
+        logs["weight_norm_drift"] = trained_weight_norm(args, unet) / models.initial_weight_norm - 1
+    return logs
+
+
+def warn_if_first_loss_is_not_ln2(args, progress, logs):
+    preference_loss = logs["loss"] - (logs.get("stabilizer_term", 0.0) if args.stabilizer == "sft" else 0.0)
+    if progress.global_step == 1 and args.loss_type != "sft" and abs(preference_loss - math.log(2)) > 1e-3:
+        logger.warning(f"The first loss is {preference_loss:.6f}, not ln 2 = 0.693147: the policy starts at the "
+                       "reference, so their denoising errors should be equal. The reference computes "
+                       "differently from the trained UNet (precision, attention backend or weights differ).")
+
+
+def stop_after_step(args, accelerator, progress, plan, verdict, stop_request):
+    """The end of an optimizer step: too many non-finite steps in a row raise; a checkpoint every
+    --checkpointing_steps; past --max_bad_rows a checkpoint, then the error; a stop signal before the last step saves
+    a checkpoint and returns True (the run stops)."""
+    if progress.nonfinite_in_a_row >= args.max_nonfinite_steps:
+        last = list_checkpoints(args.output_dir)
+        raise RuntimeError(
+            f"{progress.nonfinite_in_a_row} optimizer steps in a row (up to step {progress.global_step}) had a "
+            "non-finite loss or gradient; each was skipped, so the weights are those of the last good step, "
+            f"and the last checkpoint is {last[-1] if last else 'none'}. Lower --learning_rate, train in bf16 "
+            "rather than fp16, check the data, or raise --max_nonfinite_steps.")
+    saved = False
+    if progress.global_step % args.checkpointing_steps == 0:
+        save_checkpoint(accelerator, args, progress.global_step, progress)
+        saved = True
+    pairs_read = plan.steps * args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
+    if progress.bad_rows > bad_row_limit(args, pairs_read):
+        if not saved:  # the weights are fine: keep what was trained
+            save_checkpoint(accelerator, args, progress.global_step, progress)
+        check_bad_rows(args, progress.bad_rows, pairs_read, "by the loader")
+    if verdict.stop and progress.global_step < plan.steps:  # at the last step: finish
+        progress.stopped_by = stop_request.signal or signal.SIGTERM  # the signal reached another process
+        if not saved:
+            save_checkpoint(accelerator, args, progress.global_step, progress)
+        return True
+    return False
 def record_faults(args, progress, verdict, logs):
     """Counts this optimizer step's skipped rows and skipped update into `progress` (checkpointed) and the logs."""
     progress.bad_rows += verdict.bad_rows
@@ -2443,6 +2453,121 @@ def record_faults(args, progress, verdict, logs):
         progress.nonfinite_in_a_row = 0
     if progress.bad_rows or progress.skipped_updates:
         logs.update(bad_rows=progress.bad_rows, skipped_updates=progress.skipped_updates)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Appendix: streaming (--streaming). The stream is read where it lies: no length, no index, no latent cache.
+# ----------------------------------------------------------------------------------------------------------------------
+
+STREAM_TURN = "stream_turn"  # a loader worker's placeholder batch that realigns a resumed loader
+
+def prepare_streaming_dataset(stream, columns, seed, shuffle_buffer_size):
+    """--streaming: the same checks, label rules and columns as `prepare_preference_dataset`, applied on the fly;
+    shard order and a buffer shuffled with the seed (`set_epoch` reshuffles)."""
+    check_dataset_schema(stream, columns)
+    stream = pair_columns(stream, columns)
+
+    def is_preference(label):
+        if float(label) not in VALID_LABELS:
+            raise ValueError(f"Column {columns.label_0!r} has the label {label}; expected 1, 0 or 0.5 (tie). Fix the "
+                             "labels or pass the right --label_0_column.")
+        return float(label) != TIE_LABEL
+
+    stream = stream.filter(is_preference, input_columns=[columns.label_0])
+    check_images_decode(stream, columns)  # before the shuffle buffer: reads only the first rows
+    return stream.shuffle(seed=seed, buffer_size=shuffle_buffer_size) if shuffle_buffer_size > 1 else stream
+
+
+class StreamingPairDataset(torch.utils.data.IterableDataset):
+    """--streaming: each (process, loader worker) reads its own part of the stream (`split_dataset_by_node` over
+    processes, then `datasets`' split over workers) and yields whole micro-batches of `make_pair`'s pairs, each carrying that reader's stream
+    state after it.
+
+    A pair's randomness is keyed like the map-style path's, with pair_index = position x readers + reader within the
+    epoch (unique across processes and workers; the split, and so the data order, depends on their numbers). Streams
+    are cycled over epochs, so every process always has a next batch. `progress.stream_states` (checkpointed) holds the
+    state of the last batch each reader delivered; a resumed run continues there (examples that sat in the shuffle
+    buffer at that moment are not replayed: `datasets` does not save the buffer).
+    """
+
+    def __init__(self, stream, make_pair, batch_size, num_processes, process_index, progress):
+        self.stream, self.make_pair, self.batch_size = stream, make_pair, batch_size
+        self.num_processes, self.process_index, self.progress = num_processes, process_index, progress
+
+    def __iter__(self):
+        from datasets.distributed import split_dataset_by_node
+
+        worker = torch.utils.data.get_worker_info()
+        workers, worker_id = (worker.num_workers, worker.id) if worker is not None else (1, 0)
+        reader, readers = self.process_index * workers + worker_id, self.num_processes * workers
+        state = self.progress.stream_states.get(reader, {"epoch": 0, "position": 0, "stream": None})
+        epoch, position, resume = state["epoch"], state["position"], state["stream"]
+        if worker_id < self.progress.batch_in_epoch % workers:
+            # The loader takes batches from its workers in turn, starting with worker 0, while after b consumed
+            # batches the next one is worker (b mod workers)'s: the workers before it yield a placeholder first.
+            yield {STREAM_TURN: True}
+        while True:
+            # This process's part of the stream; `datasets` itself splits it further over the loader's workers.
+            stream = split_dataset_by_node(self.stream, self.process_index, self.num_processes)
+            stream.set_epoch(epoch)
+            if resume is not None:
+                stream.load_state_dict(resume)
+                resume = None
+            items, bad_rows, bad_in_a_row = [], 0, 0
+            for row in stream:
+                try:
+                    items.append(self.make_pair(row, position * readers + reader, epoch))
+                    bad_in_a_row = 0
+                except UndecodablePair as error:
+                    bad_rows, bad_in_a_row = bad_rows + 1, bad_in_a_row + 1
+                    row_logger.warning(f"Skipped: {error}")
+                    if bad_in_a_row >= MAX_CONSECUTIVE_BAD_ROWS:
+                        raise UndecodablePair(f"{bad_in_a_row} streamed pairs in a row cannot be decoded: pass the "
+                                              "right --image_0_column/--image_1_column or repair the dataset.") from error
+                position += 1
+                if len(items) == self.batch_size:
+                    batch = collate_pairs(items)
+                    batch["bad_rows"] += bad_rows
+                    bad_rows = 0
+                    batch["stream_state"] = {"reader": reader, "epoch": epoch, "position": position,
+                                             "stream": copy.deepcopy(stream.state_dict())}
+                    items = []
+                    yield batch
+            epoch, position = epoch + 1, 0
+
+
+class StreamingBatches:
+    """The stream readers' loader as the training loop reads it, in place of a loader and its sampler: their batches
+    without the turn placeholders, each batch's reader state recorded into `progress` (checkpointed) as the batch is
+    consumed, and an epoch of unbounded length (the readers cycle their streams themselves)."""
+
+    batches_per_epoch = sys.maxsize
+
+    def __init__(self, loader, progress):
+        self.loader, self.progress = loader, progress
+
+    def set_epoch(self, epoch, start_batch=0):
+        """Nothing to reposition: the readers continue from `progress.stream_states`."""
+
+    def __iter__(self):
+        for batch in self.loader:
+            if STREAM_TURN in batch:
+                continue
+            state = batch.pop("stream_state")
+            self.progress.stream_states[state["reader"]] = state
+            yield batch
+
+
+def build_streaming_loader(args, accelerator, stream, make_pair, loader_options, progress):
+    """--streaming's loader and sampler: one `StreamingBatches` over the readers' loader."""
+    readers = accelerator.num_processes * max(1, args.dataloader_num_workers)
+    if stream.n_shards < readers:
+        logger.warning(f"The stream has {stream.n_shards} shards for {readers} readers (processes x workers): "
+                       f"each reader reads every shard and keeps 1 example in {readers}.")
+    pairs = StreamingPairDataset(stream, make_pair, args.train_batch_size, accelerator.num_processes,
+                                 accelerator.process_index, progress)
+    batches = StreamingBatches(torch.utils.data.DataLoader(pairs, batch_size=None, **loader_options), progress)
+    return batches, batches
 
 
 if __name__ == "__main__":

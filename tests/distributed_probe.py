@@ -20,7 +20,6 @@ def main(argv):
     dataset, _ = rpo.prepare_preference_dataset(rpo.load_raw_dataset(args), rpo.dataset_columns(args))
     models = rpo.load_models(args, accelerator.device, torch.float32)
     unet = accelerator.prepare(models.unet)
-    models.unwrap = accelerator.unwrap_model
     loader, _ = rpo.build_dataloader(args, accelerator, models, dataset, args.seed)
     seen = {"model_losses": [], "ref_losses": []}
     compute_preference_loss = rpo.compute_preference_loss

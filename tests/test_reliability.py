@@ -107,7 +107,7 @@ def test_streamed_corrupt_rows_are_skipped_in_full_batches(corrupt_pickapic):
     columns = SimpleNamespace(caption="caption", image_0="jpg_0", image_1="jpg_1", label_0="label_0")
     stream = datasets.load_dataset(corrupt_pickapic, split="train", streaming=True)
     stream = rpo.prepare_streaming_dataset(stream, columns, seed=0, shuffle_buffer_size=0)
-    pairs = rpo.PreferencePairDataset(None, columns, 32, 0)
+    pairs = rpo.PairMaker(columns, 32, 0)
     batches = rpo.StreamingPairDataset(stream, pairs, 2, 1, 0, rpo.TrainingProgress(0))
     epoch = [batch for _, batch in zip(range(5), batches)]  # 12 pairs, 2 bad: 5 full batches of 2
     assert all(batch["pixel_values"].shape[0] == 4 for batch in epoch)

@@ -48,7 +48,7 @@ def test_streaming_drops_ties_and_reads_each_pair_once_per_epoch(sd_pipeline_pat
     args = rpo.parse_args(cli(sd_pipeline_path, sharded_pickapic, clip_model_path, "unused", "--streaming",
                               "--shuffle_buffer_size", "4", "--train_batch_size", "2"))
     stream = rpo.prepare_streaming_dataset(rpo.load_raw_dataset(args), rpo.dataset_columns(args), 0, 4)
-    pairs = rpo.PreferencePairDataset(None, rpo.dataset_columns(args), 32, 0)
+    pairs = rpo.PairMaker(rpo.dataset_columns(args), 32, 0)
     progress = rpo.TrainingProgress(0)
     readers = [rpo.StreamingPairDataset(stream, pairs, 2, num_processes=2, process_index=rank, progress=progress)
                for rank in (0, 1)]
