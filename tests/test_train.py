@@ -328,7 +328,7 @@ def test_sft_encodes_and_denoises_the_winners_only(run, monkeypatch):
                         lambda unet, noisy, *a, **k: denoised.append(noisy.shape[0]) or denoise(unet, noisy, *a, **k))
     progress, _ = run("--loss_type", "sft", "--max_train_steps", "1", "--validation_prompts")
     assert encoded == [3] and denoised == [3]  # 3 pairs per step: their 3 winners, not 6 images
-    assert set(progress.history[0]) == {"loss", "lr", "model_mse_w"}
+    assert set(progress.history[0]) == {"loss", "lr", "model_mse_w", "weight_norm_drift"}
 
 
 @pytest.mark.parametrize("stabilizer", ["dpop", "sft"])
