@@ -93,10 +93,7 @@ def run(args):
     items = evaluate.evaluation_set(world.split_scenes()[1], EVAL_SAMPLES_PER_SCENE)
     base = score(evaluate.sample(evaluate.load_pipeline(os.path.join(args.assets, "base")), items), items)
     cache_path = os.path.join(args.workdir, "records-relative.jsonl")
-    cached = []
-    if os.path.exists(cache_path):
-        with open(cache_path) as f:
-            cached = [json.loads(line) for line in f if line.strip()]
+    cached = style_world.read_records(cache_path)
     records = []
     for pairs in PAIRS_PER_STEP:
         for method, configs in SWEEP.items():
@@ -139,8 +136,7 @@ def train_and_score(args, method, config, label, pairs, seed, dataset, items, ba
         log(f"{method:4s} {label:22s} pairs {pairs:2d} seed {seed} step {steps:3d}: reward {result['reward_mean']:.3f} "
             f"win rate {wins['win_rate']:.3f} [{wins['ci_low']:.3f}, {wins['ci_high']:.3f}] content "
             f"{result['content_accuracy']:.3f}")
-    with open(cache_path, "a") as f:
-        f.writelines(json.dumps(r) + "\n" for r in new)
+    style_world.append_records(cache_path, new)
     shutil.rmtree(output_dir)
     return new
 

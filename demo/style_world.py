@@ -23,6 +23,7 @@ import numpy as np
 
 from demo import base as world_base
 from demo import evaluate, world
+from eval.stats import summarize
 
 ASSETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets")
 STEP_COUNTS = (40, 80, 120)
@@ -122,10 +123,17 @@ def base_score(items, style, assets):
     return evaluate.score(evaluate.sample(pipeline, items), items, style)
 
 
-def summarise(values):
-    values = np.asarray(values, dtype=float)
-    return {"mean": float(values.mean()), "std": float(values.std(ddof=1)) if len(values) > 1 else 0.0,
-            "n": int(len(values))}
+def read_records(path):
+    """The records a sweep appended to `path` (JSON lines), [] before the first."""
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def append_records(path, records):
+    with open(path, "a") as f:
+        f.writelines(json.dumps(r) + "\n" for r in records)
 
 
 CONFIG_NAMES = {"learning_rate": "lr", "beta_dpo": "beta", "stabilizer_weight": "lambda"}
@@ -144,10 +152,7 @@ def run_grid(runs, seeds, style, workdir, assets, samples_per_scene, steps, repo
     dataset = write_preferences(workdir, style)
     items = evaluation_items(samples_per_scene)
     cache_path = os.path.join(workdir, f"records-{style}.jsonl")
-    cached = []
-    if os.path.exists(cache_path):
-        with open(cache_path) as f:
-            cached = [json.loads(line) for line in f if line.strip()]
+    cached = read_records(cache_path)
     records = []
     for method, label, config, extra in runs:
         for seed in seeds:
@@ -174,8 +179,7 @@ def run_grid(runs, seeds, style, workdir, assets, samples_per_scene, steps, repo
                 log(f"{style:8s} {method:7s} {label:34s} seed {seed} step {step_count:4d}: style "
                     f"{result['style_hit_rate']:.3f} content {result['content_accuracy']:.3f}")
             new[-1]["trajectory"] = trajectory
-            with open(cache_path, "a") as f:
-                f.writelines(json.dumps(r) + "\n" for r in new)
+            append_records(cache_path, new)
             records.extend(new)
             shutil.rmtree(output_dir)
     return records
@@ -197,7 +201,7 @@ def table(records, base):
         chosen = [r for r in records if (r["method"], r["config"], r["steps"]) == (method, config, steps)]
         cells = []
         for _, key in METRICS:
-            summary = summarise([r[key] for r in chosen])
+            summary = summarize([r[key] for r in chosen])
             cells.append(f"{summary['mean']:.3f} +- {summary['std']:.3f}")
         for key, fmt in (("delta_mse_w", ".2e"), ("delta_mse_l", ".2e"), ("weight_drift", ".4f")):
             cells.append(format(np.mean([r[key] for r in chosen]), fmt) if all(key in r for r in chosen) else "-")

@@ -213,20 +213,29 @@ HELD_OUT_STYLE = "bars"
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def classify_content(image):
-    """(colour, position) of the image's saturated pixels, or (None, None) when there are too few of them."""
+def dominant_colour(image):
+    """(name, boolean mask of its pixels) of the most frequent shape colour, or None when there are too few saturated
+    pixels for a shape."""
     rgb = np.asarray(image, dtype=np.float32)[..., :3]
     shape = saturated(image)
     if shape.sum() < MIN_SHAPE_PIXELS:
-        return None, None
+        return None
     names = list(COLOURS)
     references = np.array([COLOURS[n] for n in names], dtype=np.float32)
     nearest = np.argmin(((rgb[shape][:, None, :] - references[None]) ** 2).sum(-1), axis=1)
-    votes = np.bincount(nearest, minlength=len(names))
-    colour = names[int(votes.argmax())]
-    chosen = np.zeros_like(shape)
-    chosen[shape] = nearest == votes.argmax()
-    rows, cols = np.nonzero(chosen)
+    winner = int(np.bincount(nearest, minlength=len(names)).argmax())
+    mask = np.zeros_like(shape)
+    mask[shape] = nearest == winner
+    return names[winner], mask
+
+
+def classify_content(image):
+    """(colour, position) of the image's saturated pixels, or (None, None) when there are too few of them."""
+    found = dominant_colour(image)
+    if found is None:
+        return None, None
+    colour, mask = found
+    rows, cols = np.nonzero(mask)
     centre = np.array([rows.mean(), cols.mean()])
     position = min(POSITIONS, key=lambda p: float(((centre - np.array(POSITIONS[p])) ** 2).sum()))
     return colour, position
@@ -246,13 +255,8 @@ AREA_SCALE = 100.0  # pixels; a radius-6 circle covers ~113
 
 def shape_area(image):
     """Pixels of the dominant saturated colour (0 when there is no shape)."""
-    rgb = np.asarray(image, dtype=np.float32)[..., :3]
-    shape = saturated(image)
-    if shape.sum() < MIN_SHAPE_PIXELS:
-        return 0
-    references = np.array(list(COLOURS.values()), dtype=np.float32)
-    nearest = np.argmin(((rgb[shape][:, None, :] - references[None]) ** 2).sum(-1), axis=1)
-    return int(np.bincount(nearest, minlength=len(COLOURS)).max())
+    found = dominant_colour(image)
+    return 0 if found is None else int(found[1].sum())
 
 
 def hidden_reward(image, scene):
