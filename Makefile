@@ -2,14 +2,19 @@ PYTHON ?= python3
 # A CPU build of torch; on a GPU machine install the CUDA build you want first and this step is skipped.
 TORCH ?= torch==2.13.0
 
-.PHONY: test install demo compare
+.PHONY: test lint install demo compare
 
 install:
 	$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install -q $(TORCH)
 	$(PYTHON) -m pip install -q -r requirements.txt -r requirements-dev.txt
 
-test: install
+test: install lint
 	$(PYTHON) -m pytest -q -p no:cacheprovider tests
+
+# ruff lint and format check with the settings in pyproject.toml (`ruff format .` applies the formatting).
+lint: install
+	$(PYTHON) -m ruff check .
+	$(PYTHON) -m ruff format --check .
 
 # The toy style-alignment world: RPO alignment of the committed tiny base, before/after scores, a grid (CPU, minutes).
 demo: install

@@ -33,6 +33,7 @@ import traceback
 from types import SimpleNamespace
 
 import datasets
+import diffusers
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -46,12 +47,6 @@ from accelerate.utils import (
     extract_model_from_parallel,
     gather_object,
 )
-from huggingface_hub import create_repo, upload_folder
-from PIL import Image, ImageOps
-from tqdm.auto import tqdm
-from transformers import AutoTokenizer, CLIPModel, CLIPTextModel, CLIPTokenizer
-
-import diffusers
 from diffusers import (
     AutoencoderKL,
     DDPMScheduler,
@@ -64,6 +59,11 @@ from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel, cast_training_params
 from diffusers.utils import convert_state_dict_to_diffusers, make_image_grid
 from diffusers.utils.hub_utils import load_or_create_model_card, populate_model_card
+from huggingface_hub import create_repo, upload_folder
+from PIL import Image, ImageOps
+from tqdm.auto import tqdm
+from transformers import AutoTokenizer, CLIPModel, CLIPTextModel, CLIPTokenizer
+
 
 logger = get_logger(__name__, log_level="INFO")
 row_logger = logging.getLogger(__name__)  # loader workers have no accelerate state: plain logging
@@ -80,8 +80,14 @@ WRONG_PIPELINE_HINTS = {"StableDiffusionXLPipeline": "Use train_diffusion_rpo_sd
 DEFAULT_PRETRAINED_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 DEFAULT_RESOLUTION = 512
 DEFAULT_LICENSE = "creativeml-openrail-m"  # SD1.5's, used when the base model's card cannot be read
-MODEL_CARD_TAGS = ["stable-diffusion", "stable-diffusion-diffusers", "text-to-image", "diffusers", "diffusers-training",
-                   "diffusion-rpo"]
+MODEL_CARD_TAGS = [
+    "stable-diffusion",
+    "stable-diffusion-diffusers",
+    "text-to-image",
+    "diffusers",
+    "diffusers-training",
+    "diffusion-rpo",
+]
 VAE_FP32_UNLESS_CUSTOM = False  # the SD1.x VAE is stable in fp16/bf16
 
 
@@ -118,9 +124,16 @@ def encode_conditioning(args, models, batch):
 
 
 def build_validation_pipeline(models, unet, scheduler):
-    return PIPELINE_CLASS(vae=models.vae, text_encoder=models.text_encoder, tokenizer=models.tokenizer, unet=unet,
-                          scheduler=scheduler, safety_checker=None, feature_extractor=None,
-                          requires_safety_checker=False)
+    return PIPELINE_CLASS(
+        vae=models.vae,
+        text_encoder=models.text_encoder,
+        tokenizer=models.tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
 
 
 # ======================================================================================================================
@@ -160,180 +173,382 @@ def parse_args(input_args=None):
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     model = parser.add_argument_group("model")
-    model.add_argument("--pretrained_model_name_or_path", type=str, default=DEFAULT_PRETRAINED_MODEL,
-                       help="Diffusers pipeline to fine-tune: a Hub id or a local folder with model_index.json.")
-    model.add_argument("--pretrained_vae_model_name_or_path", type=str, default=None,
-                       help="A VAE to train with instead of the base's (e.g. madebyollin/sdxl-vae-fp16-fix for SDXL in "
-                       "fp16/bf16); saved into the final pipeline and named in the model card.")
-    model.add_argument("--revision", type=str, default=None, help="Revision (branch, tag or commit) of the base model.")
+    model.add_argument(
+        "--pretrained_model_name_or_path",
+        type=str,
+        default=DEFAULT_PRETRAINED_MODEL,
+        help="Diffusers pipeline to fine-tune: a Hub id or a local folder with model_index.json.",
+    )
+    model.add_argument(
+        "--pretrained_vae_model_name_or_path",
+        type=str,
+        default=None,
+        help="A VAE to train with instead of the base's (e.g. madebyollin/sdxl-vae-fp16-fix for SDXL in "
+        "fp16/bf16); saved into the final pipeline and named in the model card.",
+    )
+    model.add_argument(
+        "--revision", type=str, default=None, help="Revision (branch, tag or commit) of the base model."
+    )
     model.add_argument("--variant", type=str, default=None, help="Weights variant of the base model, e.g. fp16.")
 
     data = parser.add_argument_group("data")
-    data.add_argument("--dataset_name", type=str, default="yuvalkirstain/pickapic_v2",
-                      help="Preference dataset: a Hub id, a local folder of data files, or a `save_to_disk` folder.")
+    data.add_argument(
+        "--dataset_name",
+        type=str,
+        default="yuvalkirstain/pickapic_v2",
+        help="Preference dataset: a Hub id, a local folder of data files, or a `save_to_disk` folder.",
+    )
     data.add_argument("--dataset_config_name", type=str, default=None, help="Dataset configuration name.")
     data.add_argument("--dataset_split_name", type=str, default="train", help="Split to train on.")
     data.add_argument("--caption_column", type=str, default="caption", help="Column with the prompt.")
-    data.add_argument("--image_0_column", type=str, default="jpg_0", help="Column with the first image (bytes or Image).")
+    data.add_argument(
+        "--image_0_column", type=str, default="jpg_0", help="Column with the first image (bytes or Image)."
+    )
     data.add_argument("--image_1_column", type=str, default="jpg_1", help="Column with the second image.")
-    data.add_argument("--label_0_column", type=str, default="label_0",
-                      help="Column with the first image's preference label: 1 (image 0 preferred), 0 (image 1 preferred) "
-                      "or 0.5 (tie: dropped and counted).")
-    data.add_argument("--max_train_samples", type=int, default=None,
-                      help="Train on a random subset of this many pairs (drawn with --seed after dropping ties).")
+    data.add_argument(
+        "--label_0_column",
+        type=str,
+        default="label_0",
+        help="Column with the first image's preference label: 1 (image 0 preferred), 0 (image 1 preferred) "
+        "or 0.5 (tie: dropped and counted).",
+    )
+    data.add_argument(
+        "--max_train_samples",
+        type=int,
+        default=None,
+        help="Train on a random subset of this many pairs (drawn with --seed after dropping ties).",
+    )
     data.add_argument("--cache_dir", type=str, default=None, help="Cache folder for downloaded models and datasets.")
     data.add_argument("--resolution", type=int, default=DEFAULT_RESOLUTION, help="Training resolution (square crops).")
-    data.add_argument("--proportion_empty_prompts", type=float, default=0.0,
-                      help="Fraction of pairs trained with the empty caption (classifier-free guidance dropout; the "
-                      "DPO recipe uses 0.2). Drawn per pair from --seed; winner and loser share it; the RPO text "
-                      "embeddings see the empty caption too.")
-    data.add_argument("--random_crop", action="store_true",
-                      help="Random crop instead of a centre crop (the same crop for winner and loser).")
+    data.add_argument(
+        "--proportion_empty_prompts",
+        type=float,
+        default=0.0,
+        help="Fraction of pairs trained with the empty caption (classifier-free guidance dropout; the "
+        "DPO recipe uses 0.2). Drawn per pair from --seed; winner and loser share it; the RPO text "
+        "embeddings see the empty caption too.",
+    )
+    data.add_argument(
+        "--random_crop",
+        action="store_true",
+        help="Random crop instead of a centre crop (the same crop for winner and loser).",
+    )
     data.add_argument("--no_hflip", action="store_true", help="Disable random horizontal flips (shared by the pair).")
-    data.add_argument("--dataloader_num_workers", type=int, default=4,
-                      help="Loader worker processes decoding JPEGs off the main process (0: decode in the main process).")
+    data.add_argument(
+        "--dataloader_num_workers",
+        type=int,
+        default=4,
+        help="Loader worker processes decoding JPEGs off the main process (0: decode in the main process).",
+    )
     data.add_argument("--vae_encode_batch_size", type=int, default=16, help="Images per VAE encode call.")
-    data.add_argument("--streaming", action="store_true",
-                      help="Stream the dataset instead of downloading it (Pick-a-Pic v2 is ~335 GB): each process and "
-                      "loader worker reads its own split of the shuffled stream; needs --max_train_steps.")
-    data.add_argument("--shuffle_buffer_size", type=int, default=1000,
-                      help="With --streaming: the shuffle buffer (examples) on top of the shuffled shard order.")
-    data.add_argument("--cache_latents", action="store_true",
-                      help="Encode every pair once (VAE latent distribution of both flip orientations of the centre "
-                      "crop, and the RPO CLIP embeddings of the same crops) and train from that cache: no VAE or CLIP "
-                      "forward in the training step. Not with --random_crop.")
-    data.add_argument("--latent_cache_dir", type=str, default=None,
-                      help="Folder of the latent cache (default: output_dir/latent_cache). Reused by any run with the "
-                      "same data, model, resolution and similarity settings.")
-    data.add_argument("--latent_cache_dtype", type=str, default="float32", choices=["float32", "float16"],
-                      help="Storage dtype of the cached latent mean/std (float16 halves the disk size).")
+    data.add_argument(
+        "--streaming",
+        action="store_true",
+        help="Stream the dataset instead of downloading it (Pick-a-Pic v2 is ~335 GB): each process and "
+        "loader worker reads its own split of the shuffled stream; needs --max_train_steps.",
+    )
+    data.add_argument(
+        "--shuffle_buffer_size",
+        type=int,
+        default=1000,
+        help="With --streaming: the shuffle buffer (examples) on top of the shuffled shard order.",
+    )
+    data.add_argument(
+        "--cache_latents",
+        action="store_true",
+        help="Encode every pair once (VAE latent distribution of both flip orientations of the centre "
+        "crop, and the RPO CLIP embeddings of the same crops) and train from that cache: no VAE or CLIP "
+        "forward in the training step. Not with --random_crop.",
+    )
+    data.add_argument(
+        "--latent_cache_dir",
+        type=str,
+        default=None,
+        help="Folder of the latent cache (default: output_dir/latent_cache). Reused by any run with the "
+        "same data, model, resolution and similarity settings.",
+    )
+    data.add_argument(
+        "--latent_cache_dtype",
+        type=str,
+        default="float32",
+        choices=["float32", "float16"],
+        help="Storage dtype of the cached latent mean/std (float16 halves the disk size).",
+    )
 
     steps = parser.add_argument_group("steps and checkpoints")
-    steps.add_argument("--train_batch_size", type=int, default=8,
-                       help="Preference pairs per process per micro-batch (M: the RPO contrast matrix is M x M).")
-    steps.add_argument("--num_train_epochs", type=int, default=1,
-                       help="Epochs over the pairs; the run's optimizer steps follow from it unless --max_train_steps.")
-    steps.add_argument("--max_train_steps", type=int, default=None,
-                       help="Optimizer steps; overrides --num_train_epochs when set (the DPO recipe: 2000; 0 or unset: "
-                       "from the epochs).")
+    steps.add_argument(
+        "--train_batch_size",
+        type=int,
+        default=8,
+        help="Preference pairs per process per micro-batch (M: the RPO contrast matrix is M x M).",
+    )
+    steps.add_argument(
+        "--num_train_epochs",
+        type=int,
+        default=1,
+        help="Epochs over the pairs; the run's optimizer steps follow from it unless --max_train_steps.",
+    )
+    steps.add_argument(
+        "--max_train_steps",
+        type=int,
+        default=None,
+        help="Optimizer steps; overrides --num_train_epochs when set (the DPO recipe: 2000; 0 or unset: "
+        "from the epochs).",
+    )
     steps.add_argument("--gradient_accumulation_steps", type=int, default=1)
-    steps.add_argument("--checkpointing_steps", type=int, default=500,
-                       help="Save the accelerate training state every N optimizer steps under output_dir/checkpoint-N.")
-    steps.add_argument("--checkpoints_total_limit", type=int, default=None,
-                       help="Keep at most this many checkpoints (the oldest are deleted after a new one is complete).")
-    steps.add_argument("--resume_from_checkpoint", type=str, default=None,
-                       help='Resume from a checkpoint folder, or "latest" for the newest complete one in output_dir.')
-    steps.add_argument("--max_bad_rows", type=float, default=0.01,
-                       help="Pairs whose images cannot be decoded are skipped (replaced by the next good pair), counted "
-                       "and logged; the run stops with an error past this many: a fraction (< 1) of the pairs the run "
-                       "reads, or a count (>= 1). 0: stop at the first one.")
-    steps.add_argument("--max_nonfinite_steps", type=int, default=10,
-                       help="An optimizer step whose loss or gradient is not finite is skipped (counted, logged); the "
-                       "run stops with an error after this many in a row.")
+    steps.add_argument(
+        "--checkpointing_steps",
+        type=int,
+        default=500,
+        help="Save the accelerate training state every N optimizer steps under output_dir/checkpoint-N.",
+    )
+    steps.add_argument(
+        "--checkpoints_total_limit",
+        type=int,
+        default=None,
+        help="Keep at most this many checkpoints (the oldest are deleted after a new one is complete).",
+    )
+    steps.add_argument(
+        "--resume_from_checkpoint",
+        type=str,
+        default=None,
+        help='Resume from a checkpoint folder, or "latest" for the newest complete one in output_dir.',
+    )
+    steps.add_argument(
+        "--max_bad_rows",
+        type=float,
+        default=0.01,
+        help="Pairs whose images cannot be decoded are skipped (replaced by the next good pair), counted "
+        "and logged; the run stops with an error past this many: a fraction (< 1) of the pairs the run "
+        "reads, or a count (>= 1). 0: stop at the first one.",
+    )
+    steps.add_argument(
+        "--max_nonfinite_steps",
+        type=int,
+        default=10,
+        help="An optimizer step whose loss or gradient is not finite is skipped (counted, logged); the "
+        "run stops with an error after this many in a row.",
+    )
 
     optim = parser.add_argument_group("optimisation")
-    optim.add_argument("--learning_rate", type=float, default=None,
-                       help=f"Learning rate. Default {DEFAULT_LEARNING_RATE:g} (full fine-tuning) or "
-                       f"{DEFAULT_LORA_LEARNING_RATE:g} (--use_lora). With --scale_lr it is a per-pair rate (DiffusionDPO: "
-                       "1e-8 x 2048 pairs per step = 2.048e-5) and must be given.")
-    optim.add_argument("--scale_lr", action="store_true",
-                       help="Multiply --learning_rate by train_batch_size x gradient_accumulation_steps x processes.")
-    optim.add_argument("--lr_scheduler", type=str, default="constant_with_warmup",
-                       help='One of "linear", "cosine", "cosine_with_restarts", "polynomial", "constant", '
-                       '"constant_with_warmup".')
+    optim.add_argument(
+        "--learning_rate",
+        type=float,
+        default=None,
+        help=f"Learning rate. Default {DEFAULT_LEARNING_RATE:g} (full fine-tuning) or "
+        f"{DEFAULT_LORA_LEARNING_RATE:g} (--use_lora). With --scale_lr it is a per-pair rate (DiffusionDPO: "
+        "1e-8 x 2048 pairs per step = 2.048e-5) and must be given.",
+    )
+    optim.add_argument(
+        "--scale_lr",
+        action="store_true",
+        help="Multiply --learning_rate by train_batch_size x gradient_accumulation_steps x processes.",
+    )
+    optim.add_argument(
+        "--lr_scheduler",
+        type=str,
+        default="constant_with_warmup",
+        help='One of "linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup".',
+    )
     optim.add_argument("--lr_warmup_steps", type=int, default=500)
     optim.add_argument("--adam_beta1", type=float, default=0.9)
     optim.add_argument("--adam_beta2", type=float, default=0.999)
     optim.add_argument("--adam_weight_decay", type=float, default=1e-2)
     optim.add_argument("--adam_epsilon", type=float, default=1e-8)
-    optim.add_argument("--max_grad_norm", type=float, default=None,
-                       help="Gradient clipping norm (0: off). Default 1.0 with AdamW; off with --use_adafactor (its "
-                       "update clipping replaces it, as in DiffusionDPO).")
+    optim.add_argument(
+        "--max_grad_norm",
+        type=float,
+        default=None,
+        help="Gradient clipping norm (0: off). Default 1.0 with AdamW; off with --use_adafactor (its "
+        "update clipping replaces it, as in DiffusionDPO).",
+    )
     optim.add_argument("--use_8bit_adam", action="store_true", help="bitsandbytes AdamW8bit (8-bit optimizer state).")
-    optim.add_argument("--use_ema", action="store_true",
-                       help="Keep an exponential moving average of the trained UNet (diffusers EMAModel); validation, "
-                       "the saved pipeline and the card use the EMA weights. Not with --use_lora.")
-    optim.add_argument("--ema_decay", type=float, default=0.9999,
-                       help="EMA decay; update t uses min(ema_decay, (1 + t) / (10 + t)) (diffusers' warm-up).")
+    optim.add_argument(
+        "--use_ema",
+        action="store_true",
+        help="Keep an exponential moving average of the trained UNet (diffusers EMAModel); validation, "
+        "the saved pipeline and the card use the EMA weights. Not with --use_lora.",
+    )
+    optim.add_argument(
+        "--ema_decay",
+        type=float,
+        default=0.9999,
+        help="EMA decay; update t uses min(ema_decay, (1 + t) / (10 + t)) (diffusers' warm-up).",
+    )
     optim.add_argument("--offload_ema", action="store_true", help="Keep the EMA weights in (pinned) CPU memory.")
-    optim.add_argument("--foreach_ema", action="store_true", help="Update the EMA with foreach kernels (faster, more memory).")
-    optim.add_argument("--use_adafactor", action="store_true",
-                       help="transformers' Adafactor at --learning_rate (factored second moments, no first moment: "
-                       "what DiffusionDPO uses for full SDXL fine-tuning).")
-    optim.add_argument("--compile", action="store_true",
-                       help="torch.compile the trained and the reference UNet (in place; falls back to eager with a "
-                       "warning where the backend is unavailable).")
+    optim.add_argument(
+        "--foreach_ema", action="store_true", help="Update the EMA with foreach kernels (faster, more memory)."
+    )
+    optim.add_argument(
+        "--use_adafactor",
+        action="store_true",
+        help="transformers' Adafactor at --learning_rate (factored second moments, no first moment: "
+        "what DiffusionDPO uses for full SDXL fine-tuning).",
+    )
+    optim.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile the trained and the reference UNet (in place; falls back to eager with a "
+        "warning where the backend is unavailable).",
+    )
     optim.add_argument("--compile_backend", type=str, default="inductor", help="torch.compile backend.")
-    optim.add_argument("--compile_mode", type=str, default=None,
-                       choices=["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"],
-                       help="torch.compile mode.")
+    optim.add_argument(
+        "--compile_mode",
+        type=str,
+        default=None,
+        choices=["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"],
+        help="torch.compile mode.",
+    )
     optim.add_argument("--allow_tf32", action="store_true", help="Allow TF32 matmuls on Ampere and newer GPUs.")
-    optim.add_argument("--mixed_precision", type=str, default=None, choices=["no", "fp16", "bf16"],
-                       help="Overrides the accelerate config. Frozen models run in this dtype; trained weights stay fp32.")
-    optim.add_argument("--gradient_checkpointing", action="store_true", help="Trade compute for UNet activation memory.")
-    optim.add_argument("--enable_xformers_memory_efficient_attention", action="store_true",
-                       help="Use xformers attention (PyTorch SDPA is the default); fails at start if xformers is unusable.")
-    optim.add_argument("--use_lora", action="store_true",
-                       help="Train LoRA adapters on the UNet attention; the reference is the base with adapters disabled.")
+    optim.add_argument(
+        "--mixed_precision",
+        type=str,
+        default=None,
+        choices=["no", "fp16", "bf16"],
+        help="Overrides the accelerate config. Frozen models run in this dtype; trained weights stay fp32.",
+    )
+    optim.add_argument(
+        "--gradient_checkpointing", action="store_true", help="Trade compute for UNet activation memory."
+    )
+    optim.add_argument(
+        "--enable_xformers_memory_efficient_attention",
+        action="store_true",
+        help="Use xformers attention (PyTorch SDPA is the default); fails at start if xformers is unusable.",
+    )
+    optim.add_argument(
+        "--use_lora",
+        action="store_true",
+        help="Train LoRA adapters on the UNet attention; the reference is the base with adapters disabled.",
+    )
     optim.add_argument("--lora_rank", type=int, default=8)
 
     method = parser.add_argument_group("method (see docs/method.md)")
     method.add_argument("--loss_type", type=str, default="rpo", choices=["rpo", "dpo", "sft"])
-    method.add_argument("--beta_dpo", type=float, default=5000.0,
-                        help="KL strength beta in the -1/2 beta convention of DiffusionDPO (docs/method.md maps the others).")
-    method.add_argument("--rpo_weighting", type=str, default="similarity", choices=["similarity", "uniform"],
-                        help="RPO contrast weights: CLIP-similarity softmax rows, or uniform.")
-    method.add_argument("--rpo_weight_scale", type=float, default=1.0,
-                        help="s in omega = s * softmax(...); the diagonal's effective beta is about beta/2 * s/M.")
-    method.add_argument("--similarity_embedding", type=str, default="text_image", choices=["text", "image", "text_image"],
-                        help="CLIP embeddings compared by the similarity weights.")
+    method.add_argument(
+        "--beta_dpo",
+        type=float,
+        default=5000.0,
+        help="KL strength beta in the -1/2 beta convention of DiffusionDPO (docs/method.md maps the others).",
+    )
+    method.add_argument(
+        "--rpo_weighting",
+        type=str,
+        default="similarity",
+        choices=["similarity", "uniform"],
+        help="RPO contrast weights: CLIP-similarity softmax rows, or uniform.",
+    )
+    method.add_argument(
+        "--rpo_weight_scale",
+        type=float,
+        default=1.0,
+        help="s in omega = s * softmax(...); the diagonal's effective beta is about beta/2 * s/M.",
+    )
+    method.add_argument(
+        "--similarity_embedding",
+        type=str,
+        default="text_image",
+        choices=["text", "image", "text_image"],
+        help="CLIP embeddings compared by the similarity weights.",
+    )
     method.add_argument("--distance_temperature", type=float, default=0.5, help="tau of the similarity softmax.")
-    method.add_argument("--clip_model_name_or_path", type=str, default="openai/clip-vit-large-patch14",
-                        help="CLIP model for the RPO similarity weights (Hub id or local folder).")
-    method.add_argument("--timestep_sampling", type=str, default="pair", choices=["pair", "batch"],
-                        help="One timestep per pair, or one per micro-batch shared by the whole RPO matrix. pair is the "
-                        "default for every loss: it gave RPO the better style/content trade-off in the style world.")
-    method.add_argument("--rpo_global_matrix", action="store_true",
-                        help="Build RPO's contrast matrix over the micro-batches of all processes (M x N pairs, "
-                        "gathered differentiably: 2 floats and one embedding per sample) instead of per process. "
-                        "Changes the objective with the number of processes; see docs/behaviour.md, 'Multi-GPU and multi-node'.")
-    method.add_argument("--noise_offset", type=float, default=0.0,
-                        help="Noise offset scale (the same offset for a pair's winner and loser).")
-    method.add_argument("--stabilizer", type=str, default="none", choices=["none", "dpop", "sft"],
-                        help="Keep the preferred images' likelihood from falling (dpo/rpo; docs/method.md, "
-                        "\"Stabilizers\"): dpop subtracts lambda * max(0, winner's error - reference's) inside every "
-                        "logit (DPO-Positive); sft adds lambda * the winners' denoising error to the loss.")
+    method.add_argument(
+        "--clip_model_name_or_path",
+        type=str,
+        default="openai/clip-vit-large-patch14",
+        help="CLIP model for the RPO similarity weights (Hub id or local folder).",
+    )
+    method.add_argument(
+        "--timestep_sampling",
+        type=str,
+        default="pair",
+        choices=["pair", "batch"],
+        help="One timestep per pair, or one per micro-batch shared by the whole RPO matrix. pair is the "
+        "default for every loss: it gave RPO the better style/content trade-off in the style world.",
+    )
+    method.add_argument(
+        "--rpo_global_matrix",
+        action="store_true",
+        help="Build RPO's contrast matrix over the micro-batches of all processes (M x N pairs, "
+        "gathered differentiably: 2 floats and one embedding per sample) instead of per process. "
+        "Changes the objective with the number of processes; see docs/behaviour.md, 'Multi-GPU and multi-node'.",
+    )
+    method.add_argument(
+        "--noise_offset",
+        type=float,
+        default=0.0,
+        help="Noise offset scale (the same offset for a pair's winner and loser).",
+    )
+    method.add_argument(
+        "--stabilizer",
+        type=str,
+        default="none",
+        choices=["none", "dpop", "sft"],
+        help="Keep the preferred images' likelihood from falling (dpo/rpo; docs/method.md, "
+        "\"Stabilizers\"): dpop subtracts lambda * max(0, winner's error - reference's) inside every "
+        "logit (DPO-Positive); sft adds lambda * the winners' denoising error to the loss.",
+    )
     method.add_argument("--stabilizer_weight", type=float, default=1.0, help="lambda of --stabilizer.")
 
     output = parser.add_argument_group("output and logging")
     output.add_argument("--output_dir", type=str, default="diffusion-rpo-model")
-    output.add_argument("--seed", type=int, default=None,
-                        help="Seed of every random draw (a random one is drawn, logged and checkpointed when unset).")
-    output.add_argument("--report_to", type=str, default="tensorboard",
-                        help='"tensorboard", "wandb", "comet_ml", "all" or "none".')
+    output.add_argument(
+        "--seed",
+        type=int,
+        default=None,
+        help="Seed of every random draw (a random one is drawn, logged and checkpointed when unset).",
+    )
+    output.add_argument(
+        "--report_to", type=str, default="tensorboard", help='"tensorboard", "wandb", "comet_ml", "all" or "none".'
+    )
     output.add_argument("--logging_dir", type=str, default="logs", help="Tracker folder, relative to output_dir.")
     output.add_argument("--tracker_project_name", type=str, default="diffusion-rpo")
-    output.add_argument("--validation_prompts", type=str, nargs="*", default=DEFAULT_VALIDATION_PROMPTS,
-                        help="Prompts rendered by the trained and the reference model (pass the flag alone to disable).")
-    output.add_argument("--validation_steps", type=int, default=500,
-                        help="Render validation images every N steps and at the end (pass --validation_prompts alone "
-                        "to turn validation off).")
-    output.add_argument("--validation_scorer", type=str, default="none", choices=["none", "pickscore", "clip"],
-                        help="Score every validation image with a reward model and log the mean (and the base's), so a "
-                        "run shows preference reward, not only the loss: PickScore (logit_scale x cosine) or CLIP "
-                        "score (100 x max(cosine, 0)), as eval/ computes them.")
-    output.add_argument("--validation_scorer_model", type=str, default=None,
-                        help="The scorer's CLIPModel (default: yuvalkirstain/PickScore_v1 for pickscore, "
-                        "openai/clip-vit-large-patch14 for clip).")
-    output.add_argument("--validation_scorer_processor", type=str, default=None,
-                        help="Where the scorer's tokenizer and image settings are (default: "
-                        "laion/CLIP-ViT-H-14-laion2B-s32B-b79K for pickscore, the model itself for clip).")
+    output.add_argument(
+        "--validation_prompts",
+        type=str,
+        nargs="*",
+        default=DEFAULT_VALIDATION_PROMPTS,
+        help="Prompts rendered by the trained and the reference model (pass the flag alone to disable).",
+    )
+    output.add_argument(
+        "--validation_steps",
+        type=int,
+        default=500,
+        help="Render validation images every N steps and at the end (pass --validation_prompts alone "
+        "to turn validation off).",
+    )
+    output.add_argument(
+        "--validation_scorer",
+        type=str,
+        default="none",
+        choices=["none", "pickscore", "clip"],
+        help="Score every validation image with a reward model and log the mean (and the base's), so a "
+        "run shows preference reward, not only the loss: PickScore (logit_scale x cosine) or CLIP "
+        "score (100 x max(cosine, 0)), as eval/ computes them.",
+    )
+    output.add_argument(
+        "--validation_scorer_model",
+        type=str,
+        default=None,
+        help="The scorer's CLIPModel (default: yuvalkirstain/PickScore_v1 for pickscore, "
+        "openai/clip-vit-large-patch14 for clip).",
+    )
+    output.add_argument(
+        "--validation_scorer_processor",
+        type=str,
+        default=None,
+        help="Where the scorer's tokenizer and image settings are (default: "
+        "laion/CLIP-ViT-H-14-laion2B-s32B-b79K for pickscore, the model itself for clip).",
+    )
     output.add_argument("--validation_num_inference_steps", type=int, default=25)
     output.add_argument("--validation_guidance_scale", type=float, default=7.5)
     output.add_argument("--push_to_hub", action="store_true", help="Upload the output folder (without checkpoints).")
     output.add_argument("--hub_model_id", type=str, default=None, help="Hub repo id (default: output_dir's name).")
-    output.add_argument("--hub_token", type=str, default=None,
-                        help="Hub token; discouraged: prefer `hf auth login`. Never logged or written to disk.")
+    output.add_argument(
+        "--hub_token",
+        type=str,
+        default=None,
+        help="Hub token; discouraged: prefer `hf auth login`. Never logged or written to disk.",
+    )
     for name in REFUSED_PEER_FLAGS:
         parser.add_argument(f"--{name}", default=None, help=argparse.SUPPRESS)
 
@@ -348,16 +563,35 @@ def parse_args(input_args=None):
 # (flag, lowest allowed, whether the lowest is excluded); None values (optional flags left unset) are not checked.
 # --max_bad_rows and --max_nonfinite_steps have checks of their own below.
 NUMERIC_FLAG_RANGES = [
-    ("train_batch_size", 1, False), ("gradient_accumulation_steps", 1, False), ("num_train_epochs", 1, False),
-    ("max_train_steps", 0, False), ("checkpointing_steps", 1, False), ("checkpoints_total_limit", 1, False),
-    ("max_train_samples", 1, False), ("resolution", 8, False), ("dataloader_num_workers", 0, False),
-    ("vae_encode_batch_size", 1, False), ("shuffle_buffer_size", 0, False), ("learning_rate", 0, True),
+    ("train_batch_size", 1, False),
+    ("gradient_accumulation_steps", 1, False),
+    ("num_train_epochs", 1, False),
+    ("max_train_steps", 0, False),
+    ("checkpointing_steps", 1, False),
+    ("checkpoints_total_limit", 1, False),
+    ("max_train_samples", 1, False),
+    ("resolution", 8, False),
+    ("dataloader_num_workers", 0, False),
+    ("vae_encode_batch_size", 1, False),
+    ("shuffle_buffer_size", 0, False),
+    ("learning_rate", 0, True),
     ("lr_warmup_steps", 0, False),
-    ("adam_beta1", 0, False), ("adam_beta2", 0, False), ("adam_weight_decay", 0, False), ("adam_epsilon", 0, False),
-    ("max_grad_norm", 0, False), ("lora_rank", 1, False), ("beta_dpo", 0, True), ("rpo_weight_scale", 0, True),
-    ("distance_temperature", 0, True), ("noise_offset", 0, False), ("seed", 0, False),
-    ("validation_steps", 1, False), ("validation_num_inference_steps", 1, False),
-    ("validation_guidance_scale", 0, False), ("proportion_empty_prompts", 0, False), ("ema_decay", 0, False),
+    ("adam_beta1", 0, False),
+    ("adam_beta2", 0, False),
+    ("adam_weight_decay", 0, False),
+    ("adam_epsilon", 0, False),
+    ("max_grad_norm", 0, False),
+    ("lora_rank", 1, False),
+    ("beta_dpo", 0, True),
+    ("rpo_weight_scale", 0, True),
+    ("distance_temperature", 0, True),
+    ("noise_offset", 0, False),
+    ("seed", 0, False),
+    ("validation_steps", 1, False),
+    ("validation_num_inference_steps", 1, False),
+    ("validation_guidance_scale", 0, False),
+    ("proportion_empty_prompts", 0, False),
+    ("ema_decay", 0, False),
     ("stabilizer_weight", 0, True),
 ]
 VALIDATION_SCORERS = {  # --validation_scorer: (model, tokenizer and image settings) defaults
@@ -371,9 +605,11 @@ def check_args(args, parser):
     other flags (learning rate, gradient clipping) are resolved here, and `args` is not changed after it."""
     if args.learning_rate is None:
         if args.scale_lr:
-            parser.error("--scale_lr multiplies --learning_rate by the pairs per optimizer step, so it needs the "
-                         "per-pair rate: pass --learning_rate (DiffusionDPO: --learning_rate 1e-8 --scale_lr at 2048 "
-                         "pairs per step), or drop --scale_lr to train at the default rate.")
+            parser.error(
+                "--scale_lr multiplies --learning_rate by the pairs per optimizer step, so it needs the "
+                "per-pair rate: pass --learning_rate (DiffusionDPO: --learning_rate 1e-8 --scale_lr at 2048 "
+                "pairs per step), or drop --scale_lr to train at the default rate."
+            )
         args.learning_rate = DEFAULT_LORA_LEARNING_RATE if args.use_lora else DEFAULT_LEARNING_RATE
     if args.max_grad_norm is None:
         args.max_grad_norm = 0.0 if args.use_adafactor else 1.0
@@ -382,10 +618,15 @@ def check_args(args, parser):
     for name, lowest, exclusive in NUMERIC_FLAG_RANGES:
         value = getattr(args, name)
         if value is not None and (value < lowest or (exclusive and value == lowest)):
-            hint = " To turn validation off, pass --validation_prompts with no prompts." if name.startswith(
-                "validation") else ""
-            parser.error(f"--{name} {value} is out of range: it must be {'above' if exclusive else 'at least'} "
-                         f"{lowest:g}.{hint}")
+            hint = (
+                " To turn validation off, pass --validation_prompts with no prompts."
+                if name.startswith("validation")
+                else ""
+            )
+            parser.error(
+                f"--{name} {value} is out of range: it must be {'above' if exclusive else 'at least'} "
+                f"{lowest:g}.{hint}"
+            )
     for name in ("adam_beta1", "adam_beta2"):
         if not getattr(args, name) < 1:
             parser.error(f"--{name} {getattr(args, name)} must be below 1.")
@@ -393,8 +634,10 @@ def check_args(args, parser):
         if getattr(args, name) > 1:
             parser.error(f"--{name} {getattr(args, name)} must be at most 1.")
     if args.stabilizer != "none" and args.loss_type == "sft":
-        parser.error(f"--stabilizer {args.stabilizer} anchors the preferred images of a preference loss; --loss_type "
-                     "sft has no preference term. Use --loss_type dpo or rpo, or drop --stabilizer.")
+        parser.error(
+            f"--stabilizer {args.stabilizer} anchors the preferred images of a preference loss; --loss_type "
+            "sft has no preference term. Use --loss_type dpo or rpo, or drop --stabilizer."
+        )
     if args.use_ema and args.use_lora:
         parser.error("--use_ema averages the full UNet's weights; with --use_lora only the adapters train. Drop one.")
     if (args.offload_ema or args.foreach_ema) and not args.use_ema:
@@ -402,27 +645,46 @@ def check_args(args, parser):
     if args.validation_scorer != "none":
         model, processor = VALIDATION_SCORERS[args.validation_scorer]
         args.validation_scorer_model = args.validation_scorer_model or model
-        args.validation_scorer_processor = args.validation_scorer_processor or processor or args.validation_scorer_model
-    if (args.proportion_empty_prompts and args.cache_latents and needs_similarity_model(args)
-            and args.similarity_embedding != "image"):
-        parser.error("--cache_latents stores the RPO text embeddings of the captions, so it cannot drop captions "
-                     "(--proportion_empty_prompts) for them: use --similarity_embedding image, or drop one flag.")
+        args.validation_scorer_processor = (
+            args.validation_scorer_processor or processor or args.validation_scorer_model
+        )
+    if (
+        args.proportion_empty_prompts
+        and args.cache_latents
+        and needs_similarity_model(args)
+        and args.similarity_embedding != "image"
+    ):
+        parser.error(
+            "--cache_latents stores the RPO text embeddings of the captions, so it cannot drop captions "
+            "(--proportion_empty_prompts) for them: use --similarity_embedding image, or drop one flag."
+        )
     if args.use_adafactor:
-        ignored = [f"--{name}" for name in ("adam_beta1", "adam_beta2", "adam_epsilon")
-                   if getattr(args, name) != parser.get_default(name)]
+        ignored = [
+            f"--{name}"
+            for name in ("adam_beta1", "adam_beta2", "adam_epsilon")
+            if getattr(args, name) != parser.get_default(name)
+        ]
         if ignored:
-            parser.error(f"{', '.join(ignored)} set an AdamW setting, but --use_adafactor trains with Adafactor, which "
-                         "has no such setting (it uses --learning_rate and --adam_weight_decay). Drop one or the other.")
+            parser.error(
+                f"{', '.join(ignored)} set an AdamW setting, but --use_adafactor trains with Adafactor, which "
+                "has no such setting (it uses --learning_rate and --adam_weight_decay). Drop one or the other."
+            )
     if args.resolution % 8 != 0:
         parser.error(f"--resolution {args.resolution} must be divisible by 8 (the VAE downsamples by 8).")
     if args.report_to in ("wandb", "all") and args.hub_token is not None:
-        parser.error("--hub_token with --report_to wandb would expose the token in the run config; use `hf auth login`.")
+        parser.error(
+            "--hub_token with --report_to wandb would expose the token in the run config; use `hf auth login`."
+        )
     if args.streaming and (args.max_train_steps is None or args.cache_latents or args.max_train_samples):
-        parser.error("--streaming needs --max_train_steps (a stream has no length) and works without "
-                     "--cache_latents and --max_train_samples (they need the whole dataset).")
+        parser.error(
+            "--streaming needs --max_train_steps (a stream has no length) and works without "
+            "--cache_latents and --max_train_samples (they need the whole dataset)."
+        )
     if args.cache_latents and args.random_crop:
-        parser.error("--cache_latents stores the centre crop (both flips); it cannot serve --random_crop. Drop one "
-                     "of the two flags.")
+        parser.error(
+            "--cache_latents stores the centre crop (both flips); it cannot serve --random_crop. Drop one "
+            "of the two flags."
+        )
     if args.use_8bit_adam and args.use_adafactor:
         parser.error("--use_8bit_adam and --use_adafactor are two optimizers: pick one.")
     if args.use_8bit_adam:
@@ -435,12 +697,16 @@ def check_args(args, parser):
     if args.max_nonfinite_steps < 1:
         parser.error("--max_nonfinite_steps must be at least 1.")
     if needs_similarity_model(args) and not args.clip_model_name_or_path:
-        parser.error("--rpo_weighting similarity needs a CLIP model: pass --clip_model_name_or_path (e.g. "
-                     "openai/clip-vit-large-patch14) or use --rpo_weighting uniform.")
+        parser.error(
+            "--rpo_weighting similarity needs a CLIP model: pass --clip_model_name_or_path (e.g. "
+            "openai/clip-vit-large-patch14) or use --rpo_weighting uniform."
+        )
     if args.resume_from_checkpoint not in (None, "latest") and resolve_checkpoint_path(args) is None:
-        parser.error(f"--resume_from_checkpoint {args.resume_from_checkpoint}: no such checkpoint folder with a "
-                     f"training_progress.json (also looked in {args.output_dir}; a folder without it is incomplete). "
-                     "Pass a complete checkpoint-N folder or 'latest'.")
+        parser.error(
+            f"--resume_from_checkpoint {args.resume_from_checkpoint}: no such checkpoint folder with a "
+            f"training_progress.json (also looked in {args.output_dir}; a folder without it is incomplete). "
+            "Pass a complete checkpoint-N folder or 'latest'."
+        )
 
 
 def needs_similarity_model(args):
@@ -594,8 +860,11 @@ def sample_pair_augmentation(seed, pair_index, epoch, random_crop, hflip):
 
 def caption_dropped(seed, pair_index, epoch, proportion):
     """Whether the pair trains with the empty caption (--proportion_empty_prompts), drawn from its own stream."""
-    return proportion > 0 and torch.rand((), generator=indexed_generator(seed, STREAM_CAPTION_DROPOUT, pair_index,
-                                                                          epoch)).item() < proportion
+    return (
+        proportion > 0
+        and torch.rand((), generator=indexed_generator(seed, STREAM_CAPTION_DROPOUT, pair_index, epoch)).item()
+        < proportion
+    )
 
 
 def draw_pair_noise(seed, pair_index, epoch, latent_shape, noise_offset=0.0):
@@ -606,7 +875,12 @@ def draw_pair_noise(seed, pair_index, epoch, latent_shape, noise_offset=0.0):
     if noise_offset:
         noise = noise + noise_offset * torch.randn((latent_shape[0], 1, 1), generator=generator)
     uniform_t = torch.rand((), generator=generator)
-    return {"latent_noise_w": latent_noise[0], "latent_noise_l": latent_noise[1], "noise": noise, "uniform_t": uniform_t}
+    return {
+        "latent_noise_w": latent_noise[0],
+        "latent_noise_l": latent_noise[1],
+        "noise": noise,
+        "uniform_t": uniform_t,
+    }
 
 
 def draw_timesteps(mode, uniform_t_per_pair, seed, micro_step, num_train_timesteps):
@@ -673,8 +947,10 @@ def paired_transform(images, resolution, crop_fraction, flip):
     tensors, original_sizes, crops_top_left = [], [], []
     # One geometry per pair (one crop, one set of SDXL time ids): a loser of another size takes the winner's, as in
     # diffusers' DPO scripts.
-    images = [image if image.size == images[0].size else image.resize(images[0].size, Image.Resampling.BICUBIC)
-              for image in images]
+    images = [
+        image if image.size == images[0].size else image.resize(images[0].size, Image.Resampling.BICUBIC)
+        for image in images
+    ]
     original_width, original_height = images[0].info.get("original_size", images[0].size)
     for image in images:
         width, height = image.size
@@ -699,10 +975,29 @@ class PairMaker:
     flip draw selects. `tokenizers` maps an output name to a callable caption -> LongTensor (the text encoder's ids;
     the CLIP similarity model's ids). Used by `PreferencePairDataset` and, for --streaming, `StreamingPairDataset`."""
 
-    def __init__(self, columns, resolution, seed, random_crop=False, hflip=True, tokenizers=None,
-                 proportion_empty_prompts=0.0, cached=False):
-        self.columns, self.resolution, self.seed, self.random_crop, self.hflip = columns, resolution, seed, random_crop, hflip
-        self.tokenizers, self.proportion_empty_prompts, self.cached = tokenizers or {}, proportion_empty_prompts, cached
+    def __init__(
+        self,
+        columns,
+        resolution,
+        seed,
+        random_crop=False,
+        hflip=True,
+        tokenizers=None,
+        proportion_empty_prompts=0.0,
+        cached=False,
+    ):
+        self.columns, self.resolution, self.seed, self.random_crop, self.hflip = (
+            columns,
+            resolution,
+            seed,
+            random_crop,
+            hflip,
+        )
+        self.tokenizers, self.proportion_empty_prompts, self.cached = (
+            tokenizers or {},
+            proportion_empty_prompts,
+            cached,
+        )
 
     def __call__(self, row, pair_index, epoch, row_index=None):
         """The pair, its randomness keyed by (pair_index, epoch); `row_index` (default: pair_index) names the row in
@@ -714,8 +1009,11 @@ class PairMaker:
         else:
             images = decode_pair(self.columns, row, row_index, self.resolution)
             tensors, original_sizes, crops_top_left = paired_transform(images, self.resolution, **augmentation)
-            item = {"pixel_values": torch.stack(tensors), "original_size": original_sizes[0],
-                    "crop_top_left": crops_top_left[0]}
+            item = {
+                "pixel_values": torch.stack(tensors),
+                "original_size": original_sizes[0],
+                "crop_top_left": crops_top_left[0],
+            }
         caption = row[self.columns.caption] or ""
         if caption_dropped(self.seed, pair_index, epoch, self.proportion_empty_prompts):
             caption = ""  # one caption per pair: winner, loser and the RPO text embeddings all see it empty
@@ -756,9 +1054,11 @@ class PreferencePairDataset(torch.utils.data.Dataset):
                 continue
             item["bad_rows"] = bad_rows
             return item
-        raise UndecodablePair(f"{bad_rows} pairs in a row from pair {pair_index} cannot be decoded: the image columns "
-                              f"({self.columns.image_0!r}, {self.columns.image_1!r}) do not hold readable images. "
-                              "Pass the right --image_0_column/--image_1_column or repair the dataset.")
+        raise UndecodablePair(
+            f"{bad_rows} pairs in a row from pair {pair_index} cannot be decoded: the image columns "
+            f"({self.columns.image_0!r}, {self.columns.image_1!r}) do not hold readable images. "
+            "Pass the right --image_0_column/--image_1_column or repair the dataset."
+        )
 
 
 class UndecodablePair(ValueError):
@@ -767,19 +1067,26 @@ class UndecodablePair(ValueError):
 
 def decode_pair(columns, row, pair_index, min_size):
     """A row's two images decoded, winner first (label_0 = 1: image 0 wins)."""
-    first, second = (columns.image_0, columns.image_1) if row[columns.label_0] == 1 else (columns.image_1, columns.image_0)
+    first, second = (
+        (columns.image_0, columns.image_1) if row[columns.label_0] == 1 else (columns.image_1, columns.image_0)
+    )
     try:
         return [decode_image(row[first], min_size), decode_image(row[second], min_size)]
     except Exception as error:
-        raise UndecodablePair(f"Pair {pair_index}: cannot decode its images ({type(error).__name__}: {error}).") from error
+        raise UndecodablePair(
+            f"Pair {pair_index}: cannot decode its images ({type(error).__name__}: {error})."
+        ) from error
 
 
 def cached_pair(row, flip):
     """The cached latent distribution (and embeddings) of a pair in the orientation its flip draw selects."""
     orientation = int(flip) if row[CACHE_LATENT_MEAN].shape[0] == 2 else 0
-    item = {"latent_mean": row[CACHE_LATENT_MEAN][orientation], "latent_std": row[CACHE_LATENT_STD][orientation],
-            "original_size": tuple(row[CACHE_ORIGINAL_SIZE].tolist()),
-            "crop_top_left": tuple(row[CACHE_CROP_TOP_LEFT][orientation].tolist())}
+    item = {
+        "latent_mean": row[CACHE_LATENT_MEAN][orientation],
+        "latent_std": row[CACHE_LATENT_STD][orientation],
+        "original_size": tuple(row[CACHE_ORIGINAL_SIZE].tolist()),
+        "crop_top_left": tuple(row[CACHE_CROP_TOP_LEFT][orientation].tolist()),
+    }
     if CACHE_EMBEDDINGS in row:
         item["embeddings"] = row[CACHE_EMBEDDINGS][orientation]
     return item
@@ -811,8 +1118,9 @@ def make_tokenize_fn(tokenizer, max_length=None):
     max_length = max_length or tokenizer.model_max_length
 
     def tokenize(caption):
-        return tokenizer(caption, max_length=max_length, padding="max_length", truncation=True,
-                         return_tensors="pt").input_ids[0]
+        return tokenizer(
+            caption, max_length=max_length, padding="max_length", truncation=True, return_tensors="pt"
+        ).input_ids[0]
 
     return tokenize
 
@@ -828,34 +1136,53 @@ def load_raw_dataset(args):
     if on_disk is not None:
         return on_disk.to_iterable_dataset(num_shards=min(64, len(on_disk))) if args.streaming else on_disk
     try:
-        return datasets.load_dataset(path, args.dataset_config_name, split=args.dataset_split_name,
-                                     cache_dir=args.cache_dir, streaming=args.streaming)
+        return datasets.load_dataset(
+            path,
+            args.dataset_config_name,
+            split=args.dataset_split_name,
+            cache_dir=args.cache_dir,
+            streaming=args.streaming,
+        )
     except Exception as error:
-        raise ValueError(f"Cannot load dataset {path!r} (config {args.dataset_config_name!r}, split "
-                         f"{args.dataset_split_name!r}): {error}. Pass a Hub id you can reach, a local folder of "
-                         "parquet/json/csv files, or a `save_to_disk` folder.") from error
+        raise ValueError(
+            f"Cannot load dataset {path!r} (config {args.dataset_config_name!r}, split "
+            f"{args.dataset_split_name!r}): {error}. Pass a Hub id you can reach, a local folder of "
+            "parquet/json/csv files, or a `save_to_disk` folder."
+        ) from error
 
 
 def check_dataset_schema(dataset, columns):
     """Clear errors for missing columns or wrong column types, naming the flag that fixes each."""
-    flags = {"caption": "--caption_column", "image_0": "--image_0_column", "image_1": "--image_1_column",
-             "label_0": "--label_0_column"}
+    flags = {
+        "caption": "--caption_column",
+        "image_0": "--image_0_column",
+        "image_1": "--image_1_column",
+        "label_0": "--label_0_column",
+    }
     for role, flag in flags.items():
         name = getattr(columns, role)
         if name not in dataset.column_names:
-            raise ValueError(f"Dataset has no column {name!r} (the {role} column). Its columns are "
-                             f"{dataset.column_names}; pass {flag} <name>.")
+            raise ValueError(
+                f"Dataset has no column {name!r} (the {role} column). Its columns are "
+                f"{dataset.column_names}; pass {flag} <name>."
+            )
     features = dataset.features
     if features is None:  # a stream whose format does not declare its features: checked row by row instead
         return
     for role in ("image_0", "image_1"):
         feature = features[getattr(columns, role)]
         is_image = isinstance(feature, datasets.Image)
-        is_value = isinstance(feature, datasets.Value) and feature.dtype in ("binary", "large_binary", "string",
-                                                                              "large_string")
+        is_value = isinstance(feature, datasets.Value) and feature.dtype in (
+            "binary",
+            "large_binary",
+            "string",
+            "large_string",
+        )
         if not (is_image or is_value):
-            raise ValueError(f"Column {getattr(columns, role)!r} must hold images (bytes, paths or the datasets Image "
-                             f"feature), not {feature}.")
+            raise ValueError(
+                f"Column {getattr(columns, role)!r} must hold images (bytes, paths or the datasets Image "
+                f"feature), not {feature}."
+            )
     label_feature = features[columns.label_0]
     if not (isinstance(label_feature, datasets.Value) and label_feature.dtype.startswith(("float", "int", "bool"))):
         raise ValueError(f"Column {columns.label_0!r} must be numeric (1, 0 or 0.5), not {label_feature}.")
@@ -880,8 +1207,10 @@ def prepare_preference_dataset(dataset, columns, max_train_samples=None, seed=0)
     labels = {float(label) for label in dataset.unique(columns.label_0)}
     bad = sorted(labels - set(VALID_LABELS))
     if bad:
-        raise ValueError(f"Column {columns.label_0!r} has labels {bad}; expected 1 (image 0 preferred), 0 (image 1 "
-                         "preferred) or 0.5 (tie). Fix the labels or pass the right --label_0_column.")
+        raise ValueError(
+            f"Column {columns.label_0!r} has labels {bad}; expected 1 (image 0 preferred), 0 (image 1 "
+            "preferred) or 0.5 (tie). Fix the labels or pass the right --label_0_column."
+        )
     dataset = pair_columns(dataset, columns)
     total = len(dataset)
     dataset = dataset.filter(lambda label: float(label) != TIE_LABEL, input_columns=[columns.label_0])
@@ -907,14 +1236,20 @@ def check_images_decode(dataset, columns, probe=8):
         except UndecodablePair as error:
             errors.append(str(error))
     if errors:
-        raise ValueError(f"None of the first {len(rows)} pairs' images can be decoded from columns {columns.image_0!r} "
-                         f"and {columns.image_1!r} ({errors[0]}). Pass the right --image_0_column/--image_1_column "
-                         "(JPEG/PNG bytes, paths or the datasets Image feature).")
+        raise ValueError(
+            f"None of the first {len(rows)} pairs' images can be decoded from columns {columns.image_0!r} "
+            f"and {columns.image_1!r} ({errors[0]}). Pass the right --image_0_column/--image_1_column "
+            "(JPEG/PNG bytes, paths or the datasets Image feature)."
+        )
 
 
 def dataset_columns(args):
-    return SimpleNamespace(caption=args.caption_column, image_0=args.image_0_column, image_1=args.image_1_column,
-                           label_0=args.label_0_column)
+    return SimpleNamespace(
+        caption=args.caption_column,
+        image_0=args.image_0_column,
+        image_1=args.image_1_column,
+        label_0=args.label_0_column,
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -996,8 +1331,15 @@ def reference_forward(models, unet):
 
 
 # Layers whose inputs autocast casts to the lower-precision dtype (torch.amp's "lower precision" ops: linear, conv).
-AUTOCAST_LOWER_PRECISION_LAYERS = (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d,
-                                   torch.nn.ConvTranspose1d, torch.nn.ConvTranspose2d, torch.nn.ConvTranspose3d)
+AUTOCAST_LOWER_PRECISION_LAYERS = (
+    torch.nn.Linear,
+    torch.nn.Conv1d,
+    torch.nn.Conv2d,
+    torch.nn.Conv3d,
+    torch.nn.ConvTranspose1d,
+    torch.nn.ConvTranspose2d,
+    torch.nn.ConvTranspose3d,
+)
 
 
 def sharding_engine():
@@ -1068,18 +1410,24 @@ def prepare_diffusion_inputs(args, models, batch, micro_step, seed):
     if "latent_mean" in batch:
         mean, std = batch["latent_mean"][:rows].to(device).float(), batch["latent_std"][:rows].to(device).float()
     else:
-        mean, std = encode_latent_distribution(models.vae, batch["pixel_values"][:rows].to(device),
-                                               args.vae_encode_batch_size)
+        mean, std = encode_latent_distribution(
+            models.vae, batch["pixel_values"][:rows].to(device), args.vae_encode_batch_size
+        )
     latent_shape = tuple(mean.shape[1:])
-    draws = [draw_pair_noise(seed, int(i), int(e), latent_shape, args.noise_offset)
-             for i, e in zip(batch["pair_index"].tolist(), batch["epoch"].tolist())]
+    draws = [
+        draw_pair_noise(seed, int(i), int(e), latent_shape, args.noise_offset)
+        for i, e in zip(batch["pair_index"].tolist(), batch["epoch"].tolist())
+    ]
     latent_noise = [d["latent_noise_w"] for d in draws] + [d["latent_noise_l"] for d in draws]
     latent_noise = torch.stack(latent_noise[:rows]).to(device)
     noise = repeat_for_samples(torch.stack([d["noise"] for d in draws]).to(device), samples_per_pair)
     uniform_t = torch.stack([d["uniform_t"] for d in draws])
     scheduler = models.noise_scheduler
-    timesteps = draw_timesteps(args.timestep_sampling, uniform_t, seed, micro_step,
-                               scheduler.config.num_train_timesteps).to(device).repeat(samples_per_pair)
+    timesteps = (
+        draw_timesteps(args.timestep_sampling, uniform_t, seed, micro_step, scheduler.config.num_train_timesteps)
+        .to(device)
+        .repeat(samples_per_pair)
+    )
     latents = sample_latents(mean, std, latent_noise, models.vae.config)
     # Contiguous: a channels-last input (e.g. latents from a VAE run channels-last) sends the trained UNet (grad mode)
     # and the reference (no_grad) down kernels that round differently, and theta = reference no longer gives ln 2.
@@ -1091,9 +1439,14 @@ def prepare_diffusion_inputs(args, models, batch, micro_step, seed):
     else:
         raise ValueError(f"Unsupported prediction_type {scheduler.config.prediction_type!r} in the scheduler config.")
     hidden_states, unet_kwargs = encode_conditioning(args, models, batch)
-    return SimpleNamespace(noisy_latents=noisy_latents, target=target, timesteps=timesteps,
-                           encoder_hidden_states=repeat_for_samples(hidden_states, samples_per_pair),
-                           num_pairs=num_pairs, unet_kwargs=repeat_for_samples(unet_kwargs, samples_per_pair))
+    return SimpleNamespace(
+        noisy_latents=noisy_latents,
+        target=target,
+        timesteps=timesteps,
+        encoder_hidden_states=repeat_for_samples(hidden_states, samples_per_pair),
+        num_pairs=num_pairs,
+        unet_kwargs=repeat_for_samples(unet_kwargs, samples_per_pair),
+    )
 
 
 class _GatherAcrossProcesses(torch.autograd.Function):
@@ -1152,17 +1505,27 @@ def compute_step_loss(args, models, unet, batch, micro_step, seed, weight_dtype=
         if embeddings is None:
             clip_input_ids = batch.get("clip_input_ids")
             embeddings = compute_similarity_embeddings(
-                models.clip, args.similarity_embedding,
+                models.clip,
+                args.similarity_embedding,
                 None if clip_input_ids is None else clip_input_ids.to(models.device),
-                batch["pixel_values"].to(models.device))
+                batch["pixel_values"].to(models.device),
+            )
         embeddings = embeddings.to(models.device)
     if args.rpo_global_matrix and args.loss_type == "rpo":
         model_losses, ref_losses = gather_pairs(model_losses), gather_pairs(ref_losses)
         embeddings = None if embeddings is None else gather_pairs(embeddings)
-    return compute_preference_loss(model_losses, ref_losses, loss_type=args.loss_type, beta=args.beta_dpo,
-                                   embeddings=embeddings, temperature=args.distance_temperature,
-                                   weighting=args.rpo_weighting, weight_scale=args.rpo_weight_scale,
-                                   stabilizer=args.stabilizer, stabilizer_weight=args.stabilizer_weight)
+    return compute_preference_loss(
+        model_losses,
+        ref_losses,
+        loss_type=args.loss_type,
+        beta=args.beta_dpo,
+        embeddings=embeddings,
+        temperature=args.distance_temperature,
+        weighting=args.rpo_weighting,
+        weight_scale=args.rpo_weight_scale,
+        stabilizer=args.stabilizer,
+        stabilizer_weight=args.stabilizer_weight,
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -1180,12 +1543,22 @@ def latent_cache_fingerprint(args, dataset, models):
     """Changes whenever anything the cached values depend on changes (then the cache is rebuilt, never misread)."""
     settings = {
         "dataset": [dataset._fingerprint, len(dataset), sorted(vars(dataset_columns(args)).items())],
-        "model": [args.pretrained_model_name_or_path, args.revision, args.variant,
-                  getattr(args, "pretrained_vae_model_name_or_path", None)],
+        "model": [
+            args.pretrained_model_name_or_path,
+            args.revision,
+            args.variant,
+            getattr(args, "pretrained_vae_model_name_or_path", None),
+        ],
         "vae": [dict(models.vae.config), str(models.vae.dtype), weights_checksum(models.vae)],
         "crop": [args.resolution, not args.no_hflip, args.latent_cache_dtype],
-        "similarity": None if models.clip is None else [args.clip_model_name_or_path, args.similarity_embedding,
-                                                        str(models.clip.model.dtype), weights_checksum(models.clip.model)],
+        "similarity": None
+        if models.clip is None
+        else [
+            args.clip_model_name_or_path,
+            args.similarity_embedding,
+            str(models.clip.model.dtype),
+            weights_checksum(models.clip.model),
+        ],
     }
     return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -1196,10 +1569,14 @@ def latent_cache_features(args, dataset, models):
     size = args.resolution // 2 ** (len(config.block_out_channels) - 1)
     orientations = 1 if args.no_hflip else 2
     latent = datasets.Array5D((orientations, 2, config.latent_channels, size, size), args.latent_cache_dtype)
-    features = {columns.caption: dataset.features[columns.caption], columns.label_0: dataset.features[columns.label_0],
-                CACHE_LATENT_MEAN: latent, CACHE_LATENT_STD: latent,
-                CACHE_ORIGINAL_SIZE: datasets.Sequence(datasets.Value("int32"), length=2),
-                CACHE_CROP_TOP_LEFT: datasets.Array2D((orientations, 2), "int32")}
+    features = {
+        columns.caption: dataset.features[columns.caption],
+        columns.label_0: dataset.features[columns.label_0],
+        CACHE_LATENT_MEAN: latent,
+        CACHE_LATENT_STD: latent,
+        CACHE_ORIGINAL_SIZE: datasets.Sequence(datasets.Value("int32"), length=2),
+        CACHE_CROP_TOP_LEFT: datasets.Array2D((orientations, 2), "int32"),
+    }
     if models.clip is not None:
         dim = models.clip.model.config.projection_dim
         features[CACHE_EMBEDDINGS] = datasets.Array3D((orientations, 2, dim), "float32")
@@ -1228,8 +1605,10 @@ def encode_cache_rows(rows, indices, *, args, models, clip_tokenize, first_index
             pixels.append(torch.stack(tensors))
             crops.append(crop[0])  # the winner's, as in the live path
         original_sizes.append(sizes[0])
-    rows = {columns.caption: [rows[columns.caption][i] for i in kept],
-            columns.label_0: [rows[columns.label_0][i] for i in kept]}
+    rows = {
+        columns.caption: [rows[columns.caption][i] for i in kept],
+        columns.label_0: [rows[columns.label_0][i] for i in kept],
+    }
     num_rows, orientations = len(kept), len(flips)
     if num_rows == 0:
         cached = CACHE_ARRAY_COLUMNS if models.clip is not None else CACHE_ARRAY_COLUMNS[:2] + CACHE_ARRAY_COLUMNS[3:]
@@ -1243,21 +1622,29 @@ def encode_cache_rows(rows, indices, *, args, models, clip_tokenize, first_index
 
     mean, std = encode_latent_distribution(models.vae, winners_first, args.vae_encode_batch_size)
     dtype = getattr(torch, args.latent_cache_dtype)
-    rows.update({CACHE_LATENT_MEAN: per_row(mean).to(dtype).numpy(), CACHE_LATENT_STD: per_row(std).to(dtype).numpy(),
-                 CACHE_ORIGINAL_SIZE: original_sizes,
-                 CACHE_CROP_TOP_LEFT: torch.tensor(crops).reshape(num_rows, orientations, 2).numpy()})
+    rows.update(
+        {
+            CACHE_LATENT_MEAN: per_row(mean).to(dtype).numpy(),
+            CACHE_LATENT_STD: per_row(std).to(dtype).numpy(),
+            CACHE_ORIGINAL_SIZE: original_sizes,
+            CACHE_CROP_TOP_LEFT: torch.tensor(crops).reshape(num_rows, orientations, 2).numpy(),
+        }
+    )
     if models.clip is not None:
         clip_input_ids = None
         if clip_tokenize is not None:
             captions = [caption or "" for caption in rows[columns.caption] for _ in flips]
             clip_input_ids = torch.stack([clip_tokenize(caption) for caption in captions]).to(models.device)
-        embeddings = compute_similarity_embeddings(models.clip, args.similarity_embedding, clip_input_ids,
-                                                   winners_first)
+        embeddings = compute_similarity_embeddings(
+            models.clip, args.similarity_embedding, clip_input_ids, winners_first
+        )
         rows[CACHE_EMBEDDINGS] = per_row(embeddings).numpy()
     finite = per_row(torch.isfinite(mean).flatten(1).all(1) & torch.isfinite(std).flatten(1).all(1)).flatten(1).all(1)
     if not finite.all():  # a VAE overflow (SDXL's original VAE in fp16): never cache NaN latents
-        row_logger.warning(f"Skipped: {int((~finite).sum())} pairs whose VAE latents are not finite (an fp16 VAE "
-                           "overflow: keep the VAE in fp32 or use an fp16-safe VAE).")
+        row_logger.warning(
+            f"Skipped: {int((~finite).sum())} pairs whose VAE latents are not finite (an fp16 VAE "
+            "overflow: keep the VAE in fp32 or use an fp16-safe VAE)."
+        )
         keep = finite.nonzero().flatten().tolist()
         rows = {name: [values[i] for i in keep] for name, values in rows.items()}
     return rows
@@ -1279,13 +1666,25 @@ def build_latent_cache(args, accelerator, models, dataset):
         logger.info(f"Latent cache {paths[rank]} found: reusing it.", main_process_only=False)
     else:
         first_index = (len(dataset) // count) * rank + min(rank, len(dataset) % count)  # datasets' contiguous shard
-        encode = functools.partial(encode_cache_rows, args=args, models=models, clip_tokenize=clip_tokenize_fn(args, models),
-                                   first_index=first_index)
+        encode = functools.partial(
+            encode_cache_rows,
+            args=args,
+            models=models,
+            clip_tokenize=clip_tokenize_fn(args, models),
+            first_index=first_index,
+        )
         dataset.shard(count, rank, contiguous=True).map(
-            encode, batched=True, with_indices=True, batch_size=max(1, args.vae_encode_batch_size // 2),
-            writer_batch_size=64, remove_columns=dataset.column_names,  # rows may be dropped: all are rewritten
-            features=latent_cache_features(args, dataset, models), cache_file_name=paths[rank],
-            new_fingerprint=f"{key}-{rank}-of-{count}", desc="Caching latents")
+            encode,
+            batched=True,
+            with_indices=True,
+            batch_size=max(1, args.vae_encode_batch_size // 2),
+            writer_batch_size=64,
+            remove_columns=dataset.column_names,  # rows may be dropped: all are rewritten
+            features=latent_cache_features(args, dataset, models),
+            cache_file_name=paths[rank],
+            new_fingerprint=f"{key}-{rank}-of-{count}",
+            desc="Caching latents",
+        )
     accelerator.wait_for_everyone()
     return datasets.concatenate_datasets([datasets.Dataset.from_file(path) for path in paths])
 
@@ -1301,22 +1700,32 @@ def check_pretrained_pipeline(args):
     try:
         config = DiffusionPipeline.load_config(path, revision=args.revision, cache_dir=args.cache_dir)
     except Exception as error:
-        raise ValueError(f"--pretrained_model_name_or_path {path!r} is not a diffusers pipeline this run can load "
-                         f"(no model_index.json: {type(error).__name__}). Pass a diffusers model folder or Hub id, "
-                         f"e.g. {DEFAULT_PRETRAINED_MODEL}.") from error
+        raise ValueError(
+            f"--pretrained_model_name_or_path {path!r} is not a diffusers pipeline this run can load "
+            f"(no model_index.json: {type(error).__name__}). Pass a diffusers model folder or Hub id, "
+            f"e.g. {DEFAULT_PRETRAINED_MODEL}."
+        ) from error
     class_name = config.get("_class_name", "")
     if class_name not in EXPECTED_PIPELINE_CLASSES:
         hint = f" {WRONG_PIPELINE_HINTS[class_name]}" if class_name in WRONG_PIPELINE_HINTS else ""
-        raise ValueError(f"--pretrained_model_name_or_path {path!r} is a {class_name}, but this script trains "
-                         f"{' / '.join(EXPECTED_PIPELINE_CLASSES)}.{hint}")
+        raise ValueError(
+            f"--pretrained_model_name_or_path {path!r} is a {class_name}, but this script trains "
+            f"{' / '.join(EXPECTED_PIPELINE_CLASSES)}.{hint}"
+        )
     return config
 
 
 def load_similarity_model(args, device, dtype):
     """The CLIP model for RPO weights, its tokenizer, and its image size/mean/std (from its processor config)."""
-    return load_clip(args.clip_model_name_or_path, args.clip_model_name_or_path, args.cache_dir, device, dtype,
-                     "--clip_model_name_or_path", "RPO similarity weights need it; pass a CLIP model or use "
-                     "--rpo_weighting uniform")
+    return load_clip(
+        args.clip_model_name_or_path,
+        args.clip_model_name_or_path,
+        args.cache_dir,
+        device,
+        dtype,
+        "--clip_model_name_or_path",
+        "RPO similarity weights need it; pass a CLIP model or use --rpo_weighting uniform",
+    )
 
 
 def load_clip(path, processor_path, cache_dir, device, dtype, flag, fix):
@@ -1325,30 +1734,44 @@ def load_clip(path, processor_path, cache_dir, device, dtype, flag, fix):
         model = CLIPModel.from_pretrained(path, cache_dir=cache_dir, torch_dtype=dtype)
         tokenizer = AutoTokenizer.from_pretrained(processor_path, cache_dir=cache_dir)
     except Exception as error:
-        raise ValueError(f"{flag} {path!r} could not be loaded as a CLIPModel with its tokenizer ({error}). {fix}."
-                         ) from error
+        raise ValueError(
+            f"{flag} {path!r} could not be loaded as a CLIPModel with its tokenizer ({error}). {fix}."
+        ) from error
     mean, std = [0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711]  # OpenAI CLIP defaults
     try:
-        processor_config = transformers.CLIPImageProcessor.get_image_processor_dict(processor_path,
-                                                                                    cache_dir=cache_dir)[0]
+        processor_config = transformers.CLIPImageProcessor.get_image_processor_dict(
+            processor_path, cache_dir=cache_dir
+        )[0]
         mean, std = processor_config.get("image_mean", mean), processor_config.get("image_std", std)
     except Exception:
         logger.warning(f"No image processor config in {processor_path}; using the OpenAI CLIP mean/std.")
     model.requires_grad_(False).eval().to(device)
-    return SimpleNamespace(model=model, tokenizer=tokenizer, image_size=model.config.vision_config.image_size,
-                           image_mean=list(mean), image_std=list(std))
+    return SimpleNamespace(
+        model=model,
+        tokenizer=tokenizer,
+        image_size=model.config.vision_config.image_size,
+        image_mean=list(mean),
+        image_std=list(std),
+    )
 
 
 def load_vae(args):
     """The base pipeline's VAE, or --pretrained_vae_model_name_or_path (a VAE folder or Hub id, e.g. the fp16-fix)."""
     if args.pretrained_vae_model_name_or_path is None:
-        return AutoencoderKL.from_pretrained(args.pretrained_model_name_or_path, subfolder="vae", variant=args.variant,
-                                             revision=args.revision, cache_dir=args.cache_dir)
+        return AutoencoderKL.from_pretrained(
+            args.pretrained_model_name_or_path,
+            subfolder="vae",
+            variant=args.variant,
+            revision=args.revision,
+            cache_dir=args.cache_dir,
+        )
     try:
         return AutoencoderKL.from_pretrained(args.pretrained_vae_model_name_or_path, cache_dir=args.cache_dir)
     except Exception as error:
-        raise ValueError(f"--pretrained_vae_model_name_or_path {args.pretrained_vae_model_name_or_path!r} is not an "
-                         f"AutoencoderKL folder or Hub id ({type(error).__name__}: {error}).") from error
+        raise ValueError(
+            f"--pretrained_vae_model_name_or_path {args.pretrained_vae_model_name_or_path!r} is not an "
+            f"AutoencoderKL folder or Hub id ({type(error).__name__}: {error})."
+        ) from error
 
 
 def vae_dtype(args, weight_dtype):
@@ -1373,11 +1796,19 @@ def setup_models(args, models, device, weight_dtype):
 
         unet.requires_grad_(False)
         store_as_autocast_computes(unet, weight_dtype).to(device)
-        unet.add_adapter(LoraConfig(r=args.lora_rank, lora_alpha=args.lora_rank, init_lora_weights="gaussian",
-                                    target_modules=["to_k", "to_q", "to_v", "to_out.0"]))
+        unet.add_adapter(
+            LoraConfig(
+                r=args.lora_rank,
+                lora_alpha=args.lora_rank,
+                init_lora_weights="gaussian",
+                target_modules=["to_k", "to_q", "to_v", "to_out.0"],
+            )
+        )
         cast_training_params(unet, dtype=torch.float32)
     elif args.loss_type != "sft":
-        ref_unet = store_as_autocast_computes(copy.deepcopy(unet), weight_dtype).requires_grad_(False).eval().to(device)
+        ref_unet = (
+            store_as_autocast_computes(copy.deepcopy(unet), weight_dtype).requires_grad_(False).eval().to(device)
+        )
     unet.to(device)
     if args.enable_xformers_memory_efficient_attention:
         enable_xformers(unet, ref_unet)
@@ -1433,9 +1864,11 @@ def enable_xformers(*unets):
             if unet is not None:
                 unet.enable_xformers_memory_efficient_attention()
     except Exception as error:
-        raise RuntimeError(f"--enable_xformers_memory_efficient_attention: xformers is not usable here ({error}). "
-                           "Remove the flag (PyTorch SDPA attention is the default and as fast on torch 2), or install "
-                           "an xformers wheel built for this torch and CUDA.") from error
+        raise RuntimeError(
+            f"--enable_xformers_memory_efficient_attention: xformers is not usable here ({error}). "
+            "Remove the flag (PyTorch SDPA attention is the default and as fast on torch 2), or install "
+            "an xformers wheel built for this torch and CUDA."
+        ) from error
 
 
 def effective_learning_rate(args, num_processes):
@@ -1445,10 +1878,12 @@ def effective_learning_rate(args, num_processes):
         rate *= args.train_batch_size * args.gradient_accumulation_steps * num_processes
     low, high = SANE_LEARNING_RATES
     if not low <= rate <= high:
-        logger.warning(f"Training at an effective learning rate of {rate:.3g} (--learning_rate {args.learning_rate:g}"
-                       f"{' x pairs per step (--scale_lr)' if args.scale_lr else ''}), outside {low:g}-{high:g}: the "
-                       f"weights will {'barely move' if rate < low else 'likely diverge'}. Defaults: "
-                       f"{DEFAULT_LEARNING_RATE:g} (full), {DEFAULT_LORA_LEARNING_RATE:g} (LoRA).")
+        logger.warning(
+            f"Training at an effective learning rate of {rate:.3g} (--learning_rate {args.learning_rate:g}"
+            f"{' x pairs per step (--scale_lr)' if args.scale_lr else ''}), outside {low:g}-{high:g}: the "
+            f"weights will {'barely move' if rate < low else 'likely diverge'}. Defaults: "
+            f"{DEFAULT_LEARNING_RATE:g} (full), {DEFAULT_LORA_LEARNING_RATE:g} (LoRA)."
+        )
     return rate
 
 
@@ -1456,10 +1891,20 @@ def create_optimizer(args, params, learning_rate):
     """AdamW: fused on CUDA (one kernel for all parameters; the peers' default is foreach), bitsandbytes 8-bit, or
     Adafactor with DiffusionDPO's SDXL settings (a fixed learning rate, no parameter scaling, update clipping 1)."""
     if args.use_adafactor:
-        return transformers.Adafactor(params, lr=learning_rate, weight_decay=args.adam_weight_decay,
-                                      clip_threshold=1.0, scale_parameter=False, relative_step=False)
-    kwargs = {"lr": learning_rate, "betas": (args.adam_beta1, args.adam_beta2),
-              "weight_decay": args.adam_weight_decay, "eps": args.adam_epsilon}
+        return transformers.Adafactor(
+            params,
+            lr=learning_rate,
+            weight_decay=args.adam_weight_decay,
+            clip_threshold=1.0,
+            scale_parameter=False,
+            relative_step=False,
+        )
+    kwargs = {
+        "lr": learning_rate,
+        "betas": (args.adam_beta1, args.adam_beta2),
+        "weight_decay": args.adam_weight_decay,
+        "eps": args.adam_epsilon,
+    }
     if args.use_8bit_adam:
         import bitsandbytes as bnb
 
@@ -1470,8 +1915,9 @@ def create_optimizer(args, params, learning_rate):
     return torch.optim.AdamW(params, **kwargs)
 
 
-def training_step(args, accelerator, models, unet, optimizer, lr_scheduler, batch, micro_step, seed, weight_dtype,
-                  guard=None):
+def training_step(
+    args, accelerator, models, unet, optimizer, lr_scheduler, batch, micro_step, seed, weight_dtype, guard=None
+):
     """One micro-step: loss, backward, and (at accumulation boundaries) clipping and the optimizer update.
 
     With a `StepGuard`, an update whose loss or gradient is not finite on any process is skipped on every process
@@ -1519,26 +1965,40 @@ class StepGuard:
 
     def agree(self, grad_norm):
         accelerator = self.accelerator
-        grad_nonfinite = (grad_norm is not None and accelerator.scaler is None
-                          and not bool(torch.isfinite(torch.as_tensor(grad_norm)).all()))
-        flags = torch.tensor([float(self.window_nonfinite or grad_nonfinite), float(self.stop_request.signal is not None),
-                              float(self.window_bad_rows)], device=accelerator.device)
+        grad_nonfinite = (
+            grad_norm is not None
+            and accelerator.scaler is None
+            and not bool(torch.isfinite(torch.as_tensor(grad_norm)).all())
+        )
+        flags = torch.tensor(
+            [
+                float(self.window_nonfinite or grad_nonfinite),
+                float(self.stop_request.signal is not None),
+                float(self.window_bad_rows),
+            ],
+            device=accelerator.device,
+        )
         if accelerator.num_processes > 1:
             flags = accelerator.reduce(flags, "sum")
         flags = flags.tolist()
         self.window_nonfinite, self.window_bad_rows = False, 0
         # DeepSpeed's engine applies the update inside backward: there a non-finite step is counted, not skipped.
         can_skip = getattr(accelerator, "distributed_type", None) != DistributedType.DEEPSPEED
-        self.verdict = SimpleNamespace(nonfinite=flags[0] > 0, skip_update=flags[0] > 0 and can_skip,
-                                       stop=flags[1] > 0, bad_rows=int(flags[2]))
+        self.verdict = SimpleNamespace(
+            nonfinite=flags[0] > 0, skip_update=flags[0] > 0 and can_skip, stop=flags[1] > 0, bad_rows=int(flags[2])
+        )
         return self.verdict
 
     def note_scaler_skip(self, optimizer):
         """An fp16 step the GradScaler skipped although its scale is already below 1 has gradients that are not
         finite at any scale: counted like a skipped update (so an all-NaN fp16 run stops too)."""
         scaler = self.accelerator.scaler
-        if (scaler is not None and getattr(optimizer, "step_was_skipped", False) and not self.verdict.nonfinite
-                and scaler.get_scale() < 1.0):
+        if (
+            scaler is not None
+            and getattr(optimizer, "step_was_skipped", False)
+            and not self.verdict.nonfinite
+            and scaler.get_scale() < 1.0
+        ):
             self.verdict.nonfinite = self.verdict.skip_update = True
 
 
@@ -1555,13 +2015,18 @@ def stop_on_signals():
         if signum == signal.SIGINT and stop_request.signal == signal.SIGINT:
             raise KeyboardInterrupt
         stop_request.signal = signum
-        row_logger.warning(f"Received {signal.Signals(signum).name}: saving a checkpoint at the end of this optimizer "
-                           "step, then stopping (SIGINT again to interrupt at once).")
+        row_logger.warning(
+            f"Received {signal.Signals(signum).name}: saving a checkpoint at the end of this optimizer "
+            "step, then stopping (SIGINT again to interrupt at once)."
+        )
 
     previous = {}
     if threading.current_thread() is threading.main_thread():
-        previous = {signum: signal.signal(signum, request_stop) for signum in (signal.SIGTERM, signal.SIGINT)
-                    if signal.getsignal(signum) is not signal.SIG_IGN}
+        previous = {
+            signum: signal.signal(signum, request_stop)
+            for signum in (signal.SIGTERM, signal.SIGINT)
+            if signal.getsignal(signum) is not signal.SIG_IGN
+        }
     try:
         yield stop_request
     finally:
@@ -1583,9 +2048,11 @@ def bad_row_limit(args, rows):
 
 def check_bad_rows(args, bad_rows, rows, where):
     if bad_rows > bad_row_limit(args, rows):
-        raise RuntimeError(f"{bad_rows} pairs could not be decoded {where} (--max_bad_rows {args.max_bad_rows:g} allows "
-                           f"{bad_row_limit(args, rows)} of {rows}); the log names each one. Repair or filter the "
-                           "dataset, check the image columns, or raise --max_bad_rows.")
+        raise RuntimeError(
+            f"{bad_rows} pairs could not be decoded {where} (--max_bad_rows {args.max_bad_rows:g} allows "
+            f"{bad_row_limit(args, rows)} of {rows}); the log names each one. Repair or filter the "
+            "dataset, check the image columns, or raise --max_bad_rows."
+        )
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -1703,9 +2170,14 @@ class TrainingProgress:
         self.stopped_by = None  # the signal that stopped the run early (not checkpointed)
 
     def state_dict(self):
-        return {"seed": self.seed, "global_step": self.global_step, "epoch": self.epoch,
-                "batch_in_epoch": self.batch_in_epoch, "stream_states": list(self.stream_states.values()),
-                **{name: getattr(self, name) for name in self.COUNTS}}
+        return {
+            "seed": self.seed,
+            "global_step": self.global_step,
+            "epoch": self.epoch,
+            "batch_in_epoch": self.batch_in_epoch,
+            "stream_states": list(self.stream_states.values()),
+            **{name: getattr(self, name) for name in self.COUNTS},
+        }
 
     def load_state_dict(self, state):
         self.seed, self.global_step = int(state["seed"]), int(state["global_step"])
@@ -1726,13 +2198,22 @@ def generate_validation_images(args, models, unet, weight_dtype, seed, reference
     pipeline = build_validation_pipeline(models, ref_unet, scheduler)
     pipeline.set_progress_bar_config(disable=True)
     images = []
-    autocast = torch.autocast(device.type, dtype=weight_dtype) if weight_dtype != torch.float32 else contextlib.nullcontext()
+    autocast = (
+        torch.autocast(device.type, dtype=weight_dtype) if weight_dtype != torch.float32 else contextlib.nullcontext()
+    )
     with context, autocast, vae_decode_without_autocast(models.vae, device.type):
         for index, prompt in enumerate(args.validation_prompts):
             generator = torch.Generator(device=device).manual_seed(seed + index)  # works for seed 0 (a peer bug)
-            images.append(pipeline(prompt, num_inference_steps=args.validation_num_inference_steps,
-                                   guidance_scale=args.validation_guidance_scale, height=args.resolution,
-                                   width=args.resolution, generator=generator).images[0])
+            images.append(
+                pipeline(
+                    prompt,
+                    num_inference_steps=args.validation_num_inference_steps,
+                    guidance_scale=args.validation_guidance_scale,
+                    height=args.resolution,
+                    width=args.resolution,
+                    generator=generator,
+                ).images[0]
+            )
     return images
 
 
@@ -1772,24 +2253,35 @@ def log_validation(accelerator, args, models, unet, weight_dtype, progress):
     unet.train(was_training)
     if models.validation_scorer is not None:
         image_sets = {"validation_reward": trained, "validation_reward_reference": reference}
-        rewards = validation_rewards(models.validation_scorer, args, {k: v for k, v in image_sets.items() if v},
-                                     models.device)
+        rewards = validation_rewards(
+            models.validation_scorer, args, {k: v for k, v in image_sets.items() if v}, models.device
+        )
         progress.validation_rewards.append({"step": global_step, **rewards})
         accelerator.log(rewards, step=global_step)
-        logger.info(f"Step {global_step}: validation {args.validation_scorer} "
-                    + ", ".join(f"{name} {value:.4f}" for name, value in rewards.items()))
+        logger.info(
+            f"Step {global_step}: validation {args.validation_scorer} "
+            + ", ".join(f"{name} {value:.4f}" for name, value in rewards.items())
+        )
     for tracker in accelerator.trackers:
         for name, images in (("validation", trained), ("reference", reference)):
             if not images:
                 continue
             if tracker.name == "tensorboard":
-                tracker.writer.add_images(name, np.stack([np.asarray(image) for image in images]), global_step,
-                                          dataformats="NHWC")
+                tracker.writer.add_images(
+                    name, np.stack([np.asarray(image) for image in images]), global_step, dataformats="NHWC"
+                )
             elif tracker.name == "wandb":
                 import wandb  # only when asked for
 
-                tracker.log({name: [wandb.Image(image, caption=prompt)
-                                    for image, prompt in zip(images, args.validation_prompts)]}, step=global_step)
+                tracker.log(
+                    {
+                        name: [
+                            wandb.Image(image, caption=prompt)
+                            for image, prompt in zip(images, args.validation_prompts)
+                        ]
+                    },
+                    step=global_step,
+                )
     rows = [trained] + ([reference] if reference else [])
     grid = make_image_grid([image for row in rows[::-1] for image in row], rows=len(rows), cols=len(trained))
     return grid
@@ -1802,19 +2294,28 @@ def validation_rewards(scorer, args, image_sets, device):
     the model's input, bicubic, antialiased; the model's mean/std). The scorer visits the device once per call."""
     scorer.model.to(device)
     max_length = min(scorer.tokenizer.model_max_length, scorer.model.config.text_config.max_position_embeddings)
-    tokens = scorer.tokenizer(list(args.validation_prompts), padding="max_length", truncation=True,
-                              max_length=max_length, return_tensors="pt")
+    tokens = scorer.tokenizer(
+        list(args.validation_prompts),
+        padding="max_length",
+        truncation=True,
+        max_length=max_length,
+        return_tensors="pt",
+    )
     text_features = _features(scorer.model.get_text_features(input_ids=tokens.input_ids.to(device)))
     text_features = F.normalize(text_features.float(), dim=-1)
     rewards = {}
     for name, images in image_sets.items():
-        pixels = torch.stack([torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1)
-                              for image in images]).to(device)
+        pixels = torch.stack(
+            [torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1) for image in images]
+        ).to(device)
         pixels = clip_pixel_values(pixels, scorer.image_size, scorer.image_mean, scorer.image_std)
         image_features = _features(scorer.model.get_image_features(pixel_values=pixels.to(scorer.model.dtype)))
         cosine = (F.normalize(image_features.float(), dim=-1) * text_features).sum(-1)
-        scores = scorer.model.logit_scale.exp().float() * cosine if args.validation_scorer == "pickscore" else (
-            100 * cosine.clamp(min=0))
+        scores = (
+            scorer.model.logit_scale.exp().float() * cosine
+            if args.validation_scorer == "pickscore"
+            else (100 * cosine.clamp(min=0))
+        )
         rewards[name] = scores.mean().item()
     scorer.model.to("cpu")  # kept off the accelerator between validations
     return rewards
@@ -1866,22 +2367,34 @@ def hub_or_folder_name(path):
 def model_card_settings(args, progress, learning_rate, num_processes):
     """The model card's settings table rows: (setting, value)."""
     pairs_per_step = args.train_batch_size * args.gradient_accumulation_steps * num_processes
-    rows = [("loss_type", args.loss_type), ("beta_dpo (-1/2 beta convention)", args.beta_dpo),
-            ("learning_rate (as passed)", args.learning_rate), ("scale_lr", args.scale_lr),
-            ("effective learning rate", f"{learning_rate:.6g}"), ("lr_scheduler", args.lr_scheduler),
-            ("lr_warmup_steps", args.lr_warmup_steps),
-            ("optimizer", "Adafactor" if args.use_adafactor else "AdamW 8-bit" if args.use_8bit_adam else "AdamW"),
-            ("max_grad_norm", args.max_grad_norm or "off"),
-            ("train_batch_size (pairs per process)", args.train_batch_size),
-            ("gradient_accumulation_steps", args.gradient_accumulation_steps), ("processes", num_processes),
-            ("pairs per optimizer step", pairs_per_step), ("optimizer steps", progress.global_step),
-            ("resolution", args.resolution), ("mixed_precision", args.mixed_precision or "no"),
-            ("timestep_sampling", args.timestep_sampling), ("seed", progress.seed)]
+    rows = [
+        ("loss_type", args.loss_type),
+        ("beta_dpo (-1/2 beta convention)", args.beta_dpo),
+        ("learning_rate (as passed)", args.learning_rate),
+        ("scale_lr", args.scale_lr),
+        ("effective learning rate", f"{learning_rate:.6g}"),
+        ("lr_scheduler", args.lr_scheduler),
+        ("lr_warmup_steps", args.lr_warmup_steps),
+        ("optimizer", "Adafactor" if args.use_adafactor else "AdamW 8-bit" if args.use_8bit_adam else "AdamW"),
+        ("max_grad_norm", args.max_grad_norm or "off"),
+        ("train_batch_size (pairs per process)", args.train_batch_size),
+        ("gradient_accumulation_steps", args.gradient_accumulation_steps),
+        ("processes", num_processes),
+        ("pairs per optimizer step", pairs_per_step),
+        ("optimizer steps", progress.global_step),
+        ("resolution", args.resolution),
+        ("mixed_precision", args.mixed_precision or "no"),
+        ("timestep_sampling", args.timestep_sampling),
+        ("seed", progress.seed),
+    ]
     if args.loss_type == "rpo":
-        rows += [("rpo_weighting", args.rpo_weighting), ("rpo_weight_scale", args.rpo_weight_scale),
-                 ("similarity_embedding", args.similarity_embedding),
-                 ("distance_temperature", args.distance_temperature),
-                 ("clip_model_name_or_path", hub_or_folder_name(args.clip_model_name_or_path))]
+        rows += [
+            ("rpo_weighting", args.rpo_weighting),
+            ("rpo_weight_scale", args.rpo_weight_scale),
+            ("similarity_embedding", args.similarity_embedding),
+            ("distance_temperature", args.distance_temperature),
+            ("clip_model_name_or_path", hub_or_folder_name(args.clip_model_name_or_path)),
+        ]
     if args.use_lora:
         rows.append(("lora_rank", args.lora_rank))
     if args.proportion_empty_prompts:
@@ -1902,20 +2415,34 @@ def model_card_results(args, progress):
     def mean(name):
         return sum(h[name] for h in last) / len(last)
 
-    results = (f"Over the last {len(last)} logged optimizer steps: loss {mean('loss'):.4f}"
-               + (f", implicit accuracy {mean('implicit_acc'):.3f} (the fraction of pairs whose preferred image "
-                  "the model denoises better than the reference does, relative to the other image; 0.5 at the "
-                  "start)" if "implicit_acc" in last[0] else "")
-               + (f". Last step: loss {last[-1]['loss']:.4f}." if len(last) > 1 else "."))
+    results = (
+        f"Over the last {len(last)} logged optimizer steps: loss {mean('loss'):.4f}"
+        + (
+            f", implicit accuracy {mean('implicit_acc'):.3f} (the fraction of pairs whose preferred image "
+            "the model denoises better than the reference does, relative to the other image; 0.5 at the "
+            "start)"
+            if "implicit_acc" in last[0]
+            else ""
+        )
+        + (f". Last step: loss {last[-1]['loss']:.4f}." if len(last) > 1 else ".")
+    )
     if progress.validation_rewards:
         last_reward = progress.validation_rewards[-1]
-        results += (f" Validation reward ({args.validation_scorer}, mean over {len(args.validation_prompts)} "
-                    f"prompts) at step {last_reward['step']}: {last_reward['validation_reward']:.4f}"
-                    + (f" (base: {last_reward['validation_reward_reference']:.4f})"
-                       if "validation_reward_reference" in last_reward else "") + ".")
+        results += (
+            f" Validation reward ({args.validation_scorer}, mean over {len(args.validation_prompts)} "
+            f"prompts) at step {last_reward['step']}: {last_reward['validation_reward']:.4f}"
+            + (
+                f" (base: {last_reward['validation_reward_reference']:.4f})"
+                if "validation_reward_reference" in last_reward
+                else ""
+            )
+            + "."
+        )
     if progress.skipped_updates or progress.bad_rows:
-        results += (f" {progress.skipped_updates} updates were skipped (non-finite loss or gradient) and "
-                    f"{progress.bad_rows} undecodable pairs were skipped.")
+        results += (
+            f" {progress.skipped_updates} updates were skipped (non-finite loss or gradient) and "
+            f"{progress.bad_rows} undecodable pairs were skipped."
+        )
     return results
 
 
@@ -1923,40 +2450,58 @@ def write_model_card(args, repo_id, stats, progress, learning_rate, num_processe
     """The output folder's README.md, every section filled from what the run knows (diffusers' template leaves TODOs).
     `repo_id` is None without --push_to_hub. Local paths (base, data, output) are named by their folder name only, and
     a local base is left out of the `base_model` metadata (it must be a Hub id)."""
-    base, base_is_local = hub_or_folder_name(args.pretrained_model_name_or_path), os.path.exists(
-        args.pretrained_model_name_or_path)
+    base, base_is_local = (
+        hub_or_folder_name(args.pretrained_model_name_or_path),
+        os.path.exists(args.pretrained_model_name_or_path),
+    )
     dataset = hub_or_folder_name(args.dataset_name)
     model_path = repo_id or hub_or_folder_name(args.output_dir)
-    method = {"rpo": "Diffusion-RPO (Relative Preference Optimization, arXiv 2406.06382)",
-              "dpo": "Diffusion-DPO (arXiv 2311.12908)", "sft": "supervised fine-tuning on the preferred images"}
+    method = {
+        "rpo": "Diffusion-RPO (Relative Preference Optimization, arXiv 2406.06382)",
+        "dpo": "Diffusion-DPO (arXiv 2311.12908)",
+        "sft": "supervised fine-tuning on the preferred images",
+    }
     rows = model_card_settings(args, progress, learning_rate, num_processes)
     vae = hub_or_folder_name(args.pretrained_vae_model_name_or_path)
     vae_note, vae_load = "", ""
     if vae:
         rows.append(("pretrained_vae_model_name_or_path", vae))
         vae_note = f" Trained with the VAE `{vae}` instead of the base model's" + (
-            "; load it with the adapters (below)." if args.use_lora else "; this pipeline includes it.")
+            "; load it with the adapters (below)." if args.use_lora else "; this pipeline includes it."
+        )
         vae_load = f', vae=AutoencoderKL.from_pretrained("{vae}", torch_dtype=torch.float16)' if args.use_lora else ""
     table = "\n".join(f"| {key} | {value} |" for key, value in rows)
     if args.use_lora:
-        load = (f'pipe = DiffusionPipeline.from_pretrained("{base}", torch_dtype=torch.float16{vae_load})\n'
-                f'pipe.load_lora_weights("{model_path}")')
+        load = (
+            f'pipe = DiffusionPipeline.from_pretrained("{base}", torch_dtype=torch.float16{vae_load})\n'
+            f'pipe.load_lora_weights("{model_path}")'
+        )
     else:
         load = f'pipe = DiffusionPipeline.from_pretrained("{model_path}", torch_dtype=torch.float16)'
-    imports = "from diffusers import AutoencoderKL, DiffusionPipeline" if vae_load else "from diffusers import DiffusionPipeline"
+    imports = (
+        "from diffusers import AutoencoderKL, DiffusionPipeline"
+        if vae_load
+        else "from diffusers import DiffusionPipeline"
+    )
     results = model_card_results(args, progress)
-    grid = ("Top row: the base model; bottom row: this model (same prompts and seeds).\n\n"
-            f"![validation grid](./{grid_filename})" if grid_filename else "No validation images were rendered.")
-    limitations = ("It imitates the preferred images only; it does not learn from the rejected ones."
-                   if args.loss_type == "sft" else
-                   f"beta = {args.beta_dpo:g} sets how far it may move from the base: an implicit accuracy near 1 with "
-                   "a loss near 0 means the preference term is saturated, and the base's content can be lost.")
+    grid = (
+        "Top row: the base model; bottom row: this model (same prompts and seeds).\n\n"
+        f"![validation grid](./{grid_filename})"
+        if grid_filename
+        else "No validation images were rendered."
+    )
+    limitations = (
+        "It imitates the preferred images only; it does not learn from the rejected ones."
+        if args.loss_type == "sft"
+        else f"beta = {args.beta_dpo:g} sets how far it may move from the base: an implicit accuracy near 1 with "
+        "a loss near 0 means the preference term is saturated, and the base's content can be lost."
+    )
     body = f"""
-# {method[args.loss_type].split(' (')[0]} fine-tune of {base}
+# {method[args.loss_type].split(" (")[0]} fine-tune of {base}
 
 {"LoRA adapters" if args.use_lora else "The full UNet"} of `{base}` fine-tuned with {method[args.loss_type]} on
-`{dataset}` (split `{args.dataset_split_name}`: {stats['pairs']} preference pairs used, {stats['ties_dropped']} ties of
-{stats['rows']} rows dropped), with `{SCRIPT_NAME}`.{vae_note}
+`{dataset}` (split `{args.dataset_split_name}`: {stats["pairs"]} preference pairs used, {stats["ties_dropped"]} ties of
+{stats["rows"]} rows dropped), with `{SCRIPT_NAME}`.{vae_note}
 
 ## Usage
 
@@ -2003,8 +2548,14 @@ def save_model_card(args, repo_id, body, base_model):
     # looked-up name must only be a valid repo id; folder names need not be).
     license = base_model_license(args)  # outside the offline block: a Hub base's card is still read
     with contextlib.nullcontext() if repo_id else hub_lookups_disabled():
-        card = load_or_create_model_card(repo_id_or_path=repo_id or "local-model", token=args.hub_token,
-                                         from_training=True, license=license, base_model=base_model, inference=True)
+        card = load_or_create_model_card(
+            repo_id_or_path=repo_id or "local-model",
+            token=args.hub_token,
+            from_training=True,
+            license=license,
+            base_model=base_model,
+            inference=True,
+        )
     card.text = body  # replaces the template's TODO sections
     tags = MODEL_CARD_TAGS + [args.loss_type] + (["lora"] if args.use_lora else [])
     card = populate_model_card(card, tags=tags)
@@ -2021,8 +2572,11 @@ def hub_upload_patterns(output_dir, use_lora):
     if use_lora:
         return patterns + ["pytorch_lora_weights.safetensors"]
     with open(os.path.join(output_dir, "model_index.json")) as f:
-        components = [name for name, value in json.load(f).items()
-                      if not name.startswith("_") and isinstance(value, list) and value[0] is not None]
+        components = [
+            name
+            for name, value in json.load(f).items()
+            if not name.startswith("_") and isinstance(value, list) and value[0] is not None
+        ]
     return patterns + ["model_index.json"] + [f"{name}/*" for name in components]
 
 
@@ -2032,11 +2586,18 @@ def create_ema(args, accelerator, unet):
     if not args.use_ema:
         return None
     if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
-        raise ValueError("--use_ema needs the full weights on every process; under FSDP/DeepSpeed they are sharded. "
-                         "Train with DDP (configs/accelerate/multi_gpu.yaml) or drop --use_ema.")
+        raise ValueError(
+            "--use_ema needs the full weights on every process; under FSDP/DeepSpeed they are sharded. "
+            "Train with DDP (configs/accelerate/multi_gpu.yaml) or drop --use_ema."
+        )
     model = accelerator.unwrap_model(unet)
-    ema = EMAModel(model.parameters(), decay=args.ema_decay, model_cls=UNet2DConditionModel, model_config=model.config,
-                   foreach=args.foreach_ema)
+    ema = EMAModel(
+        model.parameters(),
+        decay=args.ema_decay,
+        model_cls=UNet2DConditionModel,
+        model_config=model.config,
+        foreach=args.foreach_ema,
+    )
     home = torch.device("cpu") if args.offload_ema else accelerator.device
 
     def place():
@@ -2049,8 +2610,9 @@ def create_ema(args, accelerator, unet):
             ema.save_pretrained(os.path.join(output_dir, "unet_ema"))
 
     def load_ema(models, input_dir):
-        loaded = EMAModel.from_pretrained(os.path.join(input_dir, "unet_ema"), UNet2DConditionModel,
-                                          foreach=args.foreach_ema)
+        loaded = EMAModel.from_pretrained(
+            os.path.join(input_dir, "unet_ema"), UNet2DConditionModel, foreach=args.foreach_ema
+        )
         ema.load_state_dict(loaded.state_dict())
         place()
 
@@ -2089,8 +2651,11 @@ def trained_weight_norm(args, unet):
     if args.use_lora or sharding_engine() is not None:
         return None
     with torch.no_grad():  # one device sync, not one per tensor
-        return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.detach(), dtype=torch.float32)
-                                                             for p in unet.parameters()])))
+        return float(
+            torch.linalg.vector_norm(
+                torch.stack([torch.linalg.vector_norm(p.detach(), dtype=torch.float32) for p in unet.parameters()])
+            )
+        )
 
 
 def gather_sharded_unet(accelerator, unet):
@@ -2118,8 +2683,13 @@ def save_final_model(accelerator, args, models, unet):
     components = {"unet": unet.float()}
     if args.pretrained_vae_model_name_or_path:  # the VAE the model was trained with, in fp32
         components["vae"] = load_vae(args)
-    pipeline = PIPELINE_CLASS.from_pretrained(args.pretrained_model_name_or_path, revision=args.revision,
-                                              variant=args.variant, cache_dir=args.cache_dir, **components)
+    pipeline = PIPELINE_CLASS.from_pretrained(
+        args.pretrained_model_name_or_path,
+        revision=args.revision,
+        variant=args.variant,
+        cache_dir=args.cache_dir,
+        **components,
+    )
     pipeline.save_pretrained(args.output_dir)
 
 
@@ -2131,16 +2701,22 @@ def save_final_model(accelerator, args, models, unet):
 def build_accelerator(args):
     logging_dir = os.path.join(args.output_dir, args.logging_dir)
     project_config = ProjectConfiguration(project_dir=args.output_dir, logging_dir=logging_dir)
-    accelerator = Accelerator(gradient_accumulation_steps=args.gradient_accumulation_steps,
-                              mixed_precision=args.mixed_precision,
-                              log_with=None if args.report_to == "none" else args.report_to,
-                              project_config=project_config)
-    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", datefmt="%m/%d/%Y %H:%M:%S",
-                        level=logging.INFO)
+    accelerator = Accelerator(
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        mixed_precision=args.mixed_precision,
+        log_with=None if args.report_to == "none" else args.report_to,
+        project_config=project_config,
+    )
+    logging.basicConfig(
+        format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", datefmt="%m/%d/%Y %H:%M:%S", level=logging.INFO
+    )
     logger.info(accelerator.state, main_process_only=False)
     for library in (datasets, transformers, diffusers):
-        (library.utils.logging.set_verbosity_warning if accelerator.is_local_main_process
-         else library.utils.logging.set_verbosity_error)()
+        (
+            library.utils.logging.set_verbosity_warning
+            if accelerator.is_local_main_process
+            else library.utils.logging.set_verbosity_error
+        )()
     if args.allow_tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
     return accelerator
@@ -2166,10 +2742,16 @@ def resolve_seed(args, accelerator, checkpoint=None):
 def weight_dtype_for(accelerator):
     """The dtype frozen models compute in: the mixed-precision dtype, where accelerate runs the policy under it."""
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
-    if dtype != torch.float32 and not accelerator.native_amp and accelerator.distributed_type != DistributedType.DEEPSPEED:
-        raise ValueError(f"--mixed_precision {accelerator.mixed_precision} is not available on "
-                         f"{accelerator.device.type} (accelerate runs no autocast there): use --mixed_precision bf16 "
-                         "on CPU, fp16 on a GPU.")
+    if (
+        dtype != torch.float32
+        and not accelerator.native_amp
+        and accelerator.distributed_type != DistributedType.DEEPSPEED
+    ):
+        raise ValueError(
+            f"--mixed_precision {accelerator.mixed_precision} is not available on "
+            f"{accelerator.device.type} (accelerate runs no autocast there): use --mixed_precision bf16 "
+            "on CPU, fp16 on a GPU."
+        )
     return dtype
 
 
@@ -2187,12 +2769,20 @@ def build_dataloader(args, accelerator, models, dataset, seed, progress=None):
     clip_tokenize = None if args.cache_latents else clip_tokenize_fn(args, models)  # cached rows hold embeddings
     if clip_tokenize is not None:
         tokenizers["clip_input_ids"] = clip_tokenize
-    pair_options = {"random_crop": args.random_crop, "hflip": not args.no_hflip, "tokenizers": tokenizers,
-                    "proportion_empty_prompts": args.proportion_empty_prompts}
+    pair_options = {
+        "random_crop": args.random_crop,
+        "hflip": not args.no_hflip,
+        "tokenizers": tokenizers,
+        "proportion_empty_prompts": args.proportion_empty_prompts,
+    }
     workers = args.dataloader_num_workers
-    loader_options = {"num_workers": workers, "pin_memory": torch.cuda.is_available(),
-                      "persistent_workers": workers > 0, "prefetch_factor": 4 if workers > 0 else None,
-                      "worker_init_fn": ignore_stop_signals if workers > 0 else None}
+    loader_options = {
+        "num_workers": workers,
+        "pin_memory": torch.cuda.is_available(),
+        "persistent_workers": workers > 0,
+        "prefetch_factor": 4 if workers > 0 else None,
+        "worker_init_fn": ignore_stop_signals if workers > 0 else None,
+    }
     if args.streaming:
         make_pair = PairMaker(dataset_columns(args), args.resolution, seed, **pair_options)
         return build_streaming_loader(args, accelerator, dataset, make_pair, loader_options, progress)
@@ -2200,14 +2790,23 @@ def build_dataloader(args, accelerator, models, dataset, seed, progress=None):
     batches_per_epoch = (len(dataset) // global_batch) // args.gradient_accumulation_steps
     batches_per_epoch *= args.gradient_accumulation_steps
     if batches_per_epoch == 0:
-        raise ValueError(f"{len(dataset)} pairs are fewer than one optimizer step needs ({global_batch} pairs x "
-                         f"{args.gradient_accumulation_steps} accumulation steps). Lower --train_batch_size or "
-                         "--gradient_accumulation_steps, or use more data.")
-    sampler = IndexedBatchSampler(len(dataset), args.train_batch_size, seed, batches_per_epoch,
-                                  accelerator.num_processes, accelerator.process_index)
+        raise ValueError(
+            f"{len(dataset)} pairs are fewer than one optimizer step needs ({global_batch} pairs x "
+            f"{args.gradient_accumulation_steps} accumulation steps). Lower --train_batch_size or "
+            "--gradient_accumulation_steps, or use more data."
+        )
+    sampler = IndexedBatchSampler(
+        len(dataset),
+        args.train_batch_size,
+        seed,
+        batches_per_epoch,
+        accelerator.num_processes,
+        accelerator.process_index,
+    )
     pair_dataset = PreferencePairDataset(dataset, dataset_columns(args), args.resolution, seed, **pair_options)
-    loader = torch.utils.data.DataLoader(pair_dataset, batch_sampler=sampler, collate_fn=collate_pairs,
-                                         **loader_options)
+    loader = torch.utils.data.DataLoader(
+        pair_dataset, batch_sampler=sampler, collate_fn=collate_pairs, **loader_options
+    )
     return loader, sampler
 
 
@@ -2245,14 +2844,30 @@ def run_training(args, accelerator, stop_request):
         resume(args, accelerator, checkpoint, progress)
     if accelerator.is_main_process:
         accelerator.init_trackers(args.tracker_project_name, config=tracker_config(args, learning_rate, plan.steps))
-    logger.info(f"***** Training ({args.loss_type}) *****  pairs {stats['pairs']}, epochs {plan.epochs}, "
-                f"pairs per step {args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps}"
-                f", optimizer steps {plan.steps}, seed {progress.seed}")
-    train_loop(args, accelerator, models, unet, optimizer, lr_scheduler, loader, sampler, progress, plan,
-               weight_dtype, stop_request)
+    logger.info(
+        f"***** Training ({args.loss_type}) *****  pairs {stats['pairs']}, epochs {plan.epochs}, "
+        f"pairs per step {args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps}"
+        f", optimizer steps {plan.steps}, seed {progress.seed}"
+    )
+    train_loop(
+        args,
+        accelerator,
+        models,
+        unet,
+        optimizer,
+        lr_scheduler,
+        loader,
+        sampler,
+        progress,
+        plan,
+        weight_dtype,
+        stop_request,
+    )
     if progress.stopped_by is not None:
-        logger.info(f"Stopped by {signal.Signals(progress.stopped_by).name} at step {progress.global_step}; resume "
-                    "with --resume_from_checkpoint latest.")
+        logger.info(
+            f"Stopped by {signal.Signals(progress.stopped_by).name} at step {progress.global_step}; resume "
+            "with --resume_from_checkpoint latest."
+        )
     else:
         finish_run(args, accelerator, models, unet, weight_dtype, progress, repo_id, stats, learning_rate)
     accelerator.end_training()
@@ -2264,15 +2879,20 @@ def prepare_output(args, accelerator):
     saves, and with --push_to_hub the Hub repo (its id; None otherwise)."""
     check_pretrained_pipeline(args)  # a wrong model path fails now, not after the dataset is prepared
     if args.use_lora and sharding_engine() is not None:
-        raise ValueError(f"--use_lora under {sharding_engine().value}: LoRA adapters are a few MB, so sharding them "
-                         "saves nothing while the frozen base would need its own handling. Launch with DDP "
-                         "(configs/accelerate/multi_gpu.yaml), or train the full UNet under this engine.")
+        raise ValueError(
+            f"--use_lora under {sharding_engine().value}: LoRA adapters are a few MB, so sharding them "
+            "saves nothing while the frozen base would need its own handling. Launch with DDP "
+            "(configs/accelerate/multi_gpu.yaml), or train the full UNet under this engine."
+        )
     if accelerator.is_main_process:
         os.makedirs(args.output_dir, exist_ok=True)
         remove_interrupted_saves(args.output_dir)
     if args.push_to_hub and accelerator.is_main_process:
-        return create_repo(repo_id=args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir)),
-                           exist_ok=True, token=args.hub_token).repo_id
+        return create_repo(
+            repo_id=args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir)),
+            exist_ok=True,
+            token=args.hub_token,
+        ).repo_id
     return None
 
 
@@ -2293,8 +2913,10 @@ def cache_latents(args, accelerator, models, dataset, stats):
     in `stats`); the CLIP similarity model is freed, the cache holding its embeddings."""
     cached = build_latent_cache(args, accelerator, models, dataset)
     if len(cached) < len(dataset):
-        logger.warning(f"Latent cache: {len(dataset) - len(cached)} of {len(dataset)} pairs could not be decoded "
-                       "(or gave non-finite latents) and are left out.")
+        logger.warning(
+            f"Latent cache: {len(dataset) - len(cached)} of {len(dataset)} pairs could not be decoded "
+            "(or gave non-finite latents) and are left out."
+        )
         check_bad_rows(args, len(dataset) - len(cached), len(dataset), "while building the latent cache")
         stats["pairs"] = len(cached)
     models.clip = None
@@ -2304,9 +2926,12 @@ def cache_latents(args, accelerator, models, dataset, stats):
 def prepare_training(args, accelerator, models, optimizer, plan):
     """The learning-rate schedule, the UNet, optimizer and schedule wrapped by accelerate, and the models the loop
     reads besides: the base's weight norm, the EMA and the validation scorer."""
-    lr_scheduler = get_scheduler(args.lr_scheduler, optimizer=optimizer,
-                                 num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
-                                 num_training_steps=plan.steps * accelerator.num_processes)
+    lr_scheduler = get_scheduler(
+        args.lr_scheduler,
+        optimizer=optimizer,
+        num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
+        num_training_steps=plan.steps * accelerator.num_processes,
+    )
     if accelerator.state.deepspeed_plugin is not None:  # our loader is not prepared, so DeepSpeed cannot infer it
         accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = args.train_batch_size
     models.initial_weight_norm = trained_weight_norm(args, models.unet)  # before a resume: the base's norm
@@ -2314,9 +2939,15 @@ def prepare_training(args, accelerator, models, optimizer, plan):
     models.ema = create_ema(args, accelerator, unet)
     models.validation_scorer = None
     if args.validation_scorer != "none" and args.validation_prompts and accelerator.is_main_process:
-        models.validation_scorer = load_clip(args.validation_scorer_model, args.validation_scorer_processor,
-                                             args.cache_dir, torch.device("cpu"), torch.float32,
-                                             "--validation_scorer_model", "Pass a local CLIPModel folder or a Hub id")
+        models.validation_scorer = load_clip(
+            args.validation_scorer_model,
+            args.validation_scorer_processor,
+            args.cache_dir,
+            torch.device("cpu"),
+            torch.float32,
+            "--validation_scorer_model",
+            "Pass a local CLIPModel folder or a Hub id",
+        )
     return unet, optimizer, lr_scheduler
 
 
@@ -2347,15 +2978,33 @@ def finish_run(args, accelerator, models, unet, weight_dtype, progress, repo_id,
         grid.save(os.path.join(args.output_dir, grid_filename))
     write_model_card(args, repo_id, stats, progress, learning_rate, accelerator.num_processes, grid_filename)
     if args.push_to_hub:
-        upload_folder(repo_id=repo_id, folder_path=args.output_dir, commit_message="End of training",
-                      allow_patterns=hub_upload_patterns(args.output_dir, args.use_lora), token=args.hub_token)
+        upload_folder(
+            repo_id=repo_id,
+            folder_path=args.output_dir,
+            commit_message="End of training",
+            allow_patterns=hub_upload_patterns(args.output_dir, args.use_lora),
+            token=args.hub_token,
+        )
 
 
-def train_loop(args, accelerator, models, unet, optimizer, lr_scheduler, loader, sampler, progress, plan,
-               weight_dtype, stop_request):
+def train_loop(
+    args,
+    accelerator,
+    models,
+    unet,
+    optimizer,
+    lr_scheduler,
+    loader,
+    sampler,
+    progress,
+    plan,
+    weight_dtype,
+    stop_request,
+):
     """Optimizer steps from `progress` to `plan.steps`, or until a stop signal (then `progress.stopped_by`)."""
-    progress_bar = tqdm(range(plan.steps), initial=progress.global_step, desc="Steps",
-                        disable=not accelerator.is_local_main_process)
+    progress_bar = tqdm(
+        range(plan.steps), initial=progress.global_step, desc="Steps", disable=not accelerator.is_local_main_process
+    )
     unet.train()
     if progress.global_step >= plan.steps:  # resumed from a checkpoint of the final step
         return
@@ -2365,8 +3014,19 @@ def train_loop(args, accelerator, models, unet, optimizer, lr_scheduler, loader,
         progress.epoch = epoch
         for batch in loader:
             micro_step = progress.global_step * args.gradient_accumulation_steps + len(accumulated.get("loss", []))
-            loss, metrics = training_step(args, accelerator, models, unet, optimizer, lr_scheduler, batch, micro_step,
-                                          progress.seed, weight_dtype, guard)
+            loss, metrics = training_step(
+                args,
+                accelerator,
+                models,
+                unet,
+                optimizer,
+                lr_scheduler,
+                batch,
+                micro_step,
+                progress.seed,
+                weight_dtype,
+                guard,
+            )
             for name, value in {"loss": loss, **metrics}.items():
                 accumulated.setdefault(name, []).append(value)
             progress.batch_in_epoch += 1
@@ -2396,7 +3056,9 @@ def train_loop(args, accelerator, models, unet, optimizer, lr_scheduler, loader,
 def step_logs(args, accelerator, models, unet, lr_scheduler, accumulated):
     """An optimizer step's metrics (means over its micro-steps and processes), learning rate and weight-norm drift;
     at the first step, a warning when the loss is not ln 2."""
-    logs = {name: accelerator.reduce(torch.stack(values).mean(), "mean").item() for name, values in accumulated.items()}
+    logs = {
+        name: accelerator.reduce(torch.stack(values).mean(), "mean").item() for name, values in accumulated.items()
+    }
     logs["lr"] = lr_scheduler.get_last_lr()[0]
     if models.initial_weight_norm is not None:
         logs["weight_norm_drift"] = trained_weight_norm(args, unet) / models.initial_weight_norm - 1
@@ -2406,9 +3068,11 @@ def step_logs(args, accelerator, models, unet, lr_scheduler, accumulated):
 def warn_if_first_loss_is_not_ln2(args, progress, logs):
     preference_loss = logs["loss"] - (logs.get("stabilizer_term", 0.0) if args.stabilizer == "sft" else 0.0)
     if progress.global_step == 1 and args.loss_type != "sft" and abs(preference_loss - math.log(2)) > 1e-3:
-        logger.warning(f"The first loss is {preference_loss:.6f}, not ln 2 = 0.693147: the policy starts at the "
-                       "reference, so their denoising errors should be equal. The reference computes "
-                       "differently from the trained UNet (precision, attention backend or weights differ).")
+        logger.warning(
+            f"The first loss is {preference_loss:.6f}, not ln 2 = 0.693147: the policy starts at the "
+            "reference, so their denoising errors should be equal. The reference computes "
+            "differently from the trained UNet (precision, attention backend or weights differ)."
+        )
 
 
 def stop_after_step(args, accelerator, progress, plan, verdict, stop_request):
@@ -2421,7 +3085,8 @@ def stop_after_step(args, accelerator, progress, plan, verdict, stop_request):
             f"{progress.nonfinite_in_a_row} optimizer steps in a row (up to step {progress.global_step}) had a "
             "non-finite loss or gradient; each was skipped, so the weights are those of the last good step, "
             f"and the last checkpoint is {last[-1] if last else 'none'}. Lower --learning_rate, train in bf16 "
-            "rather than fp16, check the data, or raise --max_nonfinite_steps.")
+            "rather than fp16, check the data, or raise --max_nonfinite_steps."
+        )
     saved = False
     if progress.global_step % args.checkpointing_steps == 0:
         save_checkpoint(accelerator, args, progress.global_step, progress)
@@ -2437,18 +3102,23 @@ def stop_after_step(args, accelerator, progress, plan, verdict, stop_request):
             save_checkpoint(accelerator, args, progress.global_step, progress)
         return True
     return False
+
+
 def record_faults(args, progress, verdict, logs):
     """Counts this optimizer step's skipped rows and skipped update into `progress` (checkpointed) and the logs."""
     progress.bad_rows += verdict.bad_rows
     if verdict.bad_rows:
-        logger.warning(f"Step {progress.global_step}: {verdict.bad_rows} undecodable pairs skipped "
-                       f"({progress.bad_rows} in all).")
+        logger.warning(
+            f"Step {progress.global_step}: {verdict.bad_rows} undecodable pairs skipped ({progress.bad_rows} in all)."
+        )
     if verdict.nonfinite:
         progress.skipped_updates += 1
         progress.nonfinite_in_a_row += 1
         action = "update skipped" if verdict.skip_update else "update applied by DeepSpeed"
-        logger.warning(f"Step {progress.global_step}: non-finite loss or gradient; {action} "
-                       f"({progress.nonfinite_in_a_row} in a row, {progress.skipped_updates} in all).")
+        logger.warning(
+            f"Step {progress.global_step}: non-finite loss or gradient; {action} "
+            f"({progress.nonfinite_in_a_row} in a row, {progress.skipped_updates} in all)."
+        )
     else:
         progress.nonfinite_in_a_row = 0
     if progress.bad_rows or progress.skipped_updates:
@@ -2461,6 +3131,7 @@ def record_faults(args, progress, verdict, logs):
 
 STREAM_TURN = "stream_turn"  # a loader worker's placeholder batch that realigns a resumed loader
 
+
 def prepare_streaming_dataset(stream, columns, seed, shuffle_buffer_size):
     """--streaming: the same checks, label rules and columns as `prepare_preference_dataset`, applied on the fly;
     shard order and a buffer shuffled with the seed (`set_epoch` reshuffles)."""
@@ -2469,8 +3140,10 @@ def prepare_streaming_dataset(stream, columns, seed, shuffle_buffer_size):
 
     def is_preference(label):
         if float(label) not in VALID_LABELS:
-            raise ValueError(f"Column {columns.label_0!r} has the label {label}; expected 1, 0 or 0.5 (tie). Fix the "
-                             "labels or pass the right --label_0_column.")
+            raise ValueError(
+                f"Column {columns.label_0!r} has the label {label}; expected 1, 0 or 0.5 (tie). Fix the "
+                "labels or pass the right --label_0_column."
+            )
         return float(label) != TIE_LABEL
 
     stream = stream.filter(is_preference, input_columns=[columns.label_0])
@@ -2522,15 +3195,21 @@ class StreamingPairDataset(torch.utils.data.IterableDataset):
                     bad_rows, bad_in_a_row = bad_rows + 1, bad_in_a_row + 1
                     row_logger.warning(f"Skipped: {error}")
                     if bad_in_a_row >= MAX_CONSECUTIVE_BAD_ROWS:
-                        raise UndecodablePair(f"{bad_in_a_row} streamed pairs in a row cannot be decoded: pass the "
-                                              "right --image_0_column/--image_1_column or repair the dataset.") from error
+                        raise UndecodablePair(
+                            f"{bad_in_a_row} streamed pairs in a row cannot be decoded: pass the "
+                            "right --image_0_column/--image_1_column or repair the dataset."
+                        ) from error
                 position += 1
                 if len(items) == self.batch_size:
                     batch = collate_pairs(items)
                     batch["bad_rows"] += bad_rows
                     bad_rows = 0
-                    batch["stream_state"] = {"reader": reader, "epoch": epoch, "position": position,
-                                             "stream": copy.deepcopy(stream.state_dict())}
+                    batch["stream_state"] = {
+                        "reader": reader,
+                        "epoch": epoch,
+                        "position": position,
+                        "stream": copy.deepcopy(stream.state_dict()),
+                    }
                     items = []
                     yield batch
             epoch, position = epoch + 1, 0
@@ -2562,10 +3241,13 @@ def build_streaming_loader(args, accelerator, stream, make_pair, loader_options,
     """--streaming's loader and sampler: one `StreamingBatches` over the readers' loader."""
     readers = accelerator.num_processes * max(1, args.dataloader_num_workers)
     if stream.n_shards < readers:
-        logger.warning(f"The stream has {stream.n_shards} shards for {readers} readers (processes x workers): "
-                       f"each reader reads every shard and keeps 1 example in {readers}.")
-    pairs = StreamingPairDataset(stream, make_pair, args.train_batch_size, accelerator.num_processes,
-                                 accelerator.process_index, progress)
+        logger.warning(
+            f"The stream has {stream.n_shards} shards for {readers} readers (processes x workers): "
+            f"each reader reads every shard and keeps 1 example in {readers}."
+        )
+    pairs = StreamingPairDataset(
+        stream, make_pair, args.train_batch_size, accelerator.num_processes, accelerator.process_index, progress
+    )
     batches = StreamingBatches(torch.utils.data.DataLoader(pairs, batch_size=None, **loader_options), progress)
     return batches, batches
 

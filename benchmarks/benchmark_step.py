@@ -37,56 +37,95 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import train_diffusion_rpo as rpo  # noqa: E402
 import train_diffusion_rpo_sdxl as rpo_sdxl  # noqa: E402
 
+
 CONFIG_DIR = os.path.join(ROOT, "benchmarks", "configs")
 FAMILIES = {
     "sd15": {"pairs": 8, "resolution": 512, "tiny_resolution": 32, "text_encoders": ["text_encoder"]},
-    "sdxl": {"pairs": 2, "resolution": 1024, "tiny_resolution": 32, "text_encoders": ["text_encoder", "text_encoder_2"]},
+    "sdxl": {
+        "pairs": 2,
+        "resolution": 1024,
+        "tiny_resolution": 32,
+        "text_encoders": ["text_encoder", "text_encoder_2"],
+    },
 }
 # The reference step measured on one H100 80GB (benchmarks/anchors/anchor_h100_2026-11-26.log), seconds per step.
-ANCHOR_STEP_S = {("sd15", "adamw", False): 0.3955, ("sd15", "adamw8bit", True): 0.4995,
-                 ("sdxl", "adamw8bit", True): 0.887}
+ANCHOR_STEP_S = {
+    ("sd15", "adamw", False): 0.3955,
+    ("sd15", "adamw8bit", True): 0.4995,
+    ("sdxl", "adamw8bit", True): 0.887,
+}
 # Dense bf16 tensor-core peaks (TFLOP/s) for UNet MFU.
 PEAK_BF16_TFLOPS = {"H100": 989.4, "H200": 989.4, "B200": 2250.0, "A100": 312.0, "L40S": 362.1, "A10G": 125.0}
 CLIP_MEAN, CLIP_STD = [0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711]
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     parser.add_argument("--family", choices=sorted(FAMILIES), default="sd15")
-    parser.add_argument("--size", choices=["auto", "full", "tiny"], default="auto",
-                        help="auto: full on CUDA, tiny on CPU.")
+    parser.add_argument(
+        "--size", choices=["auto", "full", "tiny"], default="auto", help="auto: full on CUDA, tiny on CPU."
+    )
     parser.add_argument("--pairs", type=int, default=None, help="Pairs per step (default: 8 for sd15, 2 for sdxl).")
     parser.add_argument("--resolution", type=int, default=None)
-    parser.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default=None,
-                        help="Default: bf16 on CUDA, no on CPU.")
+    parser.add_argument(
+        "--mixed_precision", choices=["no", "fp16", "bf16"], default=None, help="Default: bf16 on CUDA, no on CPU."
+    )
     parser.add_argument("--steps", type=int, default=None, help="Timed steps per variant (default 20 GPU, 3 CPU).")
     parser.add_argument("--warmup", type=int, default=None, help="Untimed steps first (default 3; compile adds 2).")
-    parser.add_argument("--variants", type=str, default=None,
-                        help="Comma-separated subset of the variant names (default: all of the family's suite).")
-    parser.add_argument("--compile", choices=["off", "on", "both"], default=None,
-                        help="torch.compile for our step (default: both on CUDA, off on CPU).")
+    parser.add_argument(
+        "--variants",
+        type=str,
+        default=None,
+        help="Comma-separated subset of the variant names (default: all of the family's suite).",
+    )
+    parser.add_argument(
+        "--compile",
+        choices=["off", "on", "both"],
+        default=None,
+        help="torch.compile for our step (default: both on CUDA, off on CPU).",
+    )
     parser.add_argument("--compile_backend", default="inductor")
-    parser.add_argument("--data_pairs", type=int, default=64, help="Pairs of JPEGs for the data-pipeline timing (0: skip).")
-    parser.add_argument("--data_image_sizes", type=str, default="512,768,1024",
-                        help="Square JPEG sizes cycled through the data-pipeline pairs (Pick-a-Pic holds 512-1024 px).")
-    parser.add_argument("--dataloader_num_workers", type=int, default=None,
-                        help="Default: the training script's default.")
-    parser.add_argument("--data_only", action="store_true",
-                        help="Time only the data pipeline against --consumer_step_s (e.g. a GPU step measured elsewhere).")
-    parser.add_argument("--consumer_step_s", type=float, default=None,
-                        help="With --data_only: the step time the loader must keep up with.")
+    parser.add_argument(
+        "--data_pairs", type=int, default=64, help="Pairs of JPEGs for the data-pipeline timing (0: skip)."
+    )
+    parser.add_argument(
+        "--data_image_sizes",
+        type=str,
+        default="512,768,1024",
+        help="Square JPEG sizes cycled through the data-pipeline pairs (Pick-a-Pic holds 512-1024 px).",
+    )
+    parser.add_argument(
+        "--dataloader_num_workers", type=int, default=None, help="Default: the training script's default."
+    )
+    parser.add_argument(
+        "--data_only",
+        action="store_true",
+        help="Time only the data pipeline against --consumer_step_s (e.g. a GPU step measured elsewhere).",
+    )
+    parser.add_argument(
+        "--consumer_step_s",
+        type=float,
+        default=None,
+        help="With --data_only: the step time the loader must keep up with.",
+    )
     parser.add_argument("--peak_tflops", type=float, default=None, help="Device peak for MFU (default: by GPU name).")
     parser.add_argument("--out", type=str, default=None, help="Write the results as JSON here.")
-    parser.add_argument("--perturb_weights", type=float, default=0.0,
-                        help="Perturb the UNet's random init by this relative scale (0.01: like trained weights, norm "
-                        "scales and biases are then not representable in half precision), for the first-loss check.")
+    parser.add_argument(
+        "--perturb_weights",
+        type=float,
+        default=0.0,
+        help="Perturb the UNet's random init by this relative scale (0.01: like trained weights, norm "
+        "scales and biases are then not representable in half precision), for the first-loss check.",
+    )
     args = parser.parse_args(argv)
     cuda = torch.cuda.is_available()
     family = FAMILIES[args.family]
@@ -112,15 +151,42 @@ def suite(family, compile_option):
         if (family, optimizer, checkpointing) not in ANCHOR_STEP_S:
             continue
         suffix = f"{optimizer}{'_ckpt' if checkpointing else ''}"
-        variants.append(dict(name=f"reference_dpo_{suffix}", step="reference", loss_type="dpo", optimizer=optimizer,
-                             checkpointing=checkpointing, cache=False, compile=False))
+        variants.append(
+            {
+                "name": f"reference_dpo_{suffix}",
+                "step": "reference",
+                "loss_type": "dpo",
+                "optimizer": optimizer,
+                "checkpointing": checkpointing,
+                "cache": False,
+                "compile": False,
+            }
+        )
         for compiled in compiles:
             tag = "_compiled" if compiled else ""
             for loss_type in ("dpo", "rpo"):
-                variants.append(dict(name=f"ours_{loss_type}_{suffix}_cached{tag}", step="ours", loss_type=loss_type,
-                                     optimizer=optimizer, checkpointing=checkpointing, cache=True, compile=compiled))
-            variants.append(dict(name=f"ours_rpo_{suffix}_uncached{tag}", step="ours", loss_type="rpo",
-                                 optimizer=optimizer, checkpointing=checkpointing, cache=False, compile=compiled))
+                variants.append(
+                    {
+                        "name": f"ours_{loss_type}_{suffix}_cached{tag}",
+                        "step": "ours",
+                        "loss_type": loss_type,
+                        "optimizer": optimizer,
+                        "checkpointing": checkpointing,
+                        "cache": True,
+                        "compile": compiled,
+                    }
+                )
+            variants.append(
+                {
+                    "name": f"ours_rpo_{suffix}_uncached{tag}",
+                    "step": "ours",
+                    "loss_type": "rpo",
+                    "optimizer": optimizer,
+                    "checkpointing": checkpointing,
+                    "cache": False,
+                    "compile": compiled,
+                }
+            )
     return variants
 
 
@@ -151,8 +217,13 @@ def build_models(size, family, device, need_clip):
         clip = None
         if need_clip:
             model = CLIPModel(CLIPConfig.from_dict(read_config(size, "clip", "clip_vit_large_patch14")))
-            clip = SimpleNamespace(model=model, tokenizer=None, image_size=model.config.vision_config.image_size,
-                                   image_mean=CLIP_MEAN, image_std=CLIP_STD)
+            clip = SimpleNamespace(
+                model=model,
+                tokenizer=None,
+                image_size=model.config.vision_config.image_size,
+                image_mean=CLIP_MEAN,
+                image_std=CLIP_STD,
+            )
     scheduler = DDPMScheduler.from_config(read_config(size, family, "scheduler"))
     return SimpleNamespace(unet=unet, vae=vae, text_encoders=text_encoders, noise_scheduler=scheduler, clip=clip)
 
@@ -173,16 +244,21 @@ def synthetic_batch(models, pairs, resolution, seed=0):
     generator = torch.Generator().manual_seed(seed)
     vocab = models.text_encoders[0].config.vocab_size
     length = models.text_encoders[0].config.max_position_embeddings
-    batch = {"pixel_values": torch.rand((2 * pairs, 3, resolution, resolution), generator=generator) * 2 - 1,
-             "input_ids": torch.randint(0, vocab, (pairs, length), generator=generator),
-             "pair_index": torch.arange(pairs), "epoch": torch.zeros(pairs, dtype=torch.long),
-             "original_size": torch.full((pairs, 2), resolution), "crop_top_left": torch.zeros((pairs, 2), dtype=torch.long)}
+    batch = {
+        "pixel_values": torch.rand((2 * pairs, 3, resolution, resolution), generator=generator) * 2 - 1,
+        "input_ids": torch.randint(0, vocab, (pairs, length), generator=generator),
+        "pair_index": torch.arange(pairs),
+        "epoch": torch.zeros(pairs, dtype=torch.long),
+        "original_size": torch.full((pairs, 2), resolution),
+        "crop_top_left": torch.zeros((pairs, 2), dtype=torch.long),
+    }
     if len(models.text_encoders) == 2:
         batch["input_ids_2"] = batch["input_ids"].clone()  # SDXL's two tokenizers share the vocabulary
     if models.clip is not None:
         config = models.clip.model.config.text_config
-        batch["clip_input_ids"] = torch.randint(0, config.vocab_size, (pairs, config.max_position_embeddings),
-                                                generator=generator)
+        batch["clip_input_ids"] = torch.randint(
+            0, config.vocab_size, (pairs, config.max_position_embeddings), generator=generator
+        )
     return batch
 
 
@@ -198,7 +274,9 @@ def to_loader_memory(batch):
 
 
 def sdxl_time_ids(original_size, crop_top_left, resolution, device, dtype):
-    ids = [list(map(int, o)) + list(map(int, c)) + [resolution, resolution] for o, c in zip(original_size, crop_top_left)]
+    ids = [
+        list(map(int, o)) + list(map(int, c)) + [resolution, resolution] for o, c in zip(original_size, crop_top_left)
+    ]
     return torch.tensor(ids, device=device, dtype=dtype)
 
 
@@ -257,16 +335,18 @@ class ReferenceStep:
         hidden = hidden.repeat(2, 1, 1)
         kwargs = {}
         if pooled is not None:
-            time_ids = sdxl_time_ids(batch["original_size"], batch["crop_top_left"], self.resolution, device,
-                                     self.weight_dtype).repeat(2, 1)
+            time_ids = sdxl_time_ids(
+                batch["original_size"], batch["crop_top_left"], self.resolution, device, self.weight_dtype
+            ).repeat(2, 1)
             kwargs["added_cond_kwargs"] = {"time_ids": time_ids, "text_embeds": pooled.repeat(2, 1)}
         model_pred = unet(noisy, timesteps, hidden, **kwargs).sample
         model_losses = F.mse_loss(model_pred.float(), noise.float(), reduction="none").mean(dim=[1, 2, 3])
         model_losses_w, model_losses_l = model_losses.chunk(2)
         with torch.no_grad():
             ref_kwargs = {k: {n: t.to(self.weight_dtype) for n, t in v.items()} for k, v in kwargs.items()}
-            ref_pred = self.ref_unet(noisy.to(self.weight_dtype), timesteps, hidden.to(self.weight_dtype),
-                                     **ref_kwargs).sample
+            ref_pred = self.ref_unet(
+                noisy.to(self.weight_dtype), timesteps, hidden.to(self.weight_dtype), **ref_kwargs
+            ).sample
             ref_losses = F.mse_loss(ref_pred.float(), noise.float(), reduction="none").mean(dim=[1, 2, 3])
             ref_losses_w, ref_losses_l = ref_losses.chunk(2)
         inside = -0.5 * self.beta * ((model_losses_w - model_losses_l) - (ref_losses_w - ref_losses_l))
@@ -284,10 +364,29 @@ class ReferenceStep:
 
 
 def script_args(script, variant, pairs, resolution, mixed_precision, compile_backend, output_dir):
-    flags = ["--loss_type", variant["loss_type"], "--train_batch_size", str(pairs), "--resolution", str(resolution),
-             "--mixed_precision", mixed_precision, "--learning_rate", "1e-8", "--lr_scheduler", "constant",
-             "--lr_warmup_steps", "0", "--seed", "0", "--report_to", "none", "--output_dir", output_dir,
-             "--validation_prompts"]
+    flags = [
+        "--loss_type",
+        variant["loss_type"],
+        "--train_batch_size",
+        str(pairs),
+        "--resolution",
+        str(resolution),
+        "--mixed_precision",
+        mixed_precision,
+        "--learning_rate",
+        "1e-8",
+        "--lr_scheduler",
+        "constant",
+        "--lr_warmup_steps",
+        "0",
+        "--seed",
+        "0",
+        "--report_to",
+        "none",
+        "--output_dir",
+        output_dir,
+        "--validation_prompts",
+    ]
     flags += ["--gradient_checkpointing"] if variant["checkpointing"] else []
     flags += ["--use_8bit_adam"] if variant["optimizer"] == "adamw8bit" else []
     flags += ["--cache_latents"] if variant["cache"] else []
@@ -307,12 +406,19 @@ class OurStep:
         self.accelerator, self.weight_dtype = accelerator, script.weight_dtype_for(accelerator)
         if models.clip is not None:
             models.clip.model.requires_grad_(False).eval().to(accelerator.device, dtype=self.weight_dtype)
-        script_models = SimpleNamespace(tokenizer=None, noise_scheduler=models.noise_scheduler,
-                                        text_encoder=models.text_encoders[0], vae=models.vae, unet=models.unet,
-                                        clip=models.clip, text_encoder_2=(models.text_encoders + [None])[1])
+        script_models = SimpleNamespace(
+            tokenizer=None,
+            noise_scheduler=models.noise_scheduler,
+            text_encoder=models.text_encoders[0],
+            vae=models.vae,
+            unet=models.unet,
+            clip=models.clip,
+            text_encoder_2=(models.text_encoders + [None])[1],
+        )
         self.models = script.setup_models(args, script_models, accelerator.device, self.weight_dtype)
-        optimizer = script.create_optimizer(args, [p for p in self.models.unet.parameters() if p.requires_grad],
-                                           args.learning_rate)
+        optimizer = script.create_optimizer(
+            args, [p for p in self.models.unet.parameters() if p.requires_grad], args.learning_rate
+        )
         lr_scheduler = get_scheduler("constant", optimizer=optimizer)
         self.unet, self.optimizer, self.lr_scheduler = accelerator.prepare(self.models.unet, optimizer, lr_scheduler)
         self.models.unwrap = accelerator.unwrap_model
@@ -327,14 +433,25 @@ class OurStep:
         batch["latent_mean"], batch["latent_std"] = mean.cpu(), std.cpu()
         if models.clip is not None:
             clip_ids = batch.pop("clip_input_ids").to(device)
-            batch["embeddings"] = self.script.compute_similarity_embeddings(models.clip, self.args.similarity_embedding,
-                                                                            clip_ids, pixels).cpu()
+            batch["embeddings"] = self.script.compute_similarity_embeddings(
+                models.clip, self.args.similarity_embedding, clip_ids, pixels
+            ).cpu()
             self.models.clip = None
         return batch
 
     def __call__(self, batch):
-        loss, _ = self.script.training_step(self.args, self.accelerator, self.models, self.unet, self.optimizer,
-                                            self.lr_scheduler, batch, self.micro_step, 0, self.weight_dtype)
+        loss, _ = self.script.training_step(
+            self.args,
+            self.accelerator,
+            self.models,
+            self.unet,
+            self.optimizer,
+            self.lr_scheduler,
+            batch,
+            self.micro_step,
+            0,
+            self.weight_dtype,
+        )
         self.micro_step += 1
         return loss
 
@@ -363,10 +480,13 @@ def unet_forward_flops(models, resolution, device, weight_dtype):
     kwargs = {}
     if config.addition_embed_type == "text_time":
         pooled = config.projection_class_embeddings_input_dim - 6 * config.addition_time_embed_dim
-        kwargs["added_cond_kwargs"] = {"time_ids": torch.zeros(1, 6, device=device),
-                                       "text_embeds": torch.zeros(1, pooled, device=device)}
-    autocast = (torch.autocast(device.type, dtype=weight_dtype) if weight_dtype != torch.float32
-                else contextlib.nullcontext())
+        kwargs["added_cond_kwargs"] = {
+            "time_ids": torch.zeros(1, 6, device=device),
+            "text_embeds": torch.zeros(1, pooled, device=device),
+        }
+    autocast = (
+        torch.autocast(device.type, dtype=weight_dtype) if weight_dtype != torch.float32 else contextlib.nullcontext()
+    )
     counter = FlopCounterMode(display=False)
     with torch.no_grad(), autocast, counter:
         unet.to(device)(sample, torch.tensor([500], device=device), hidden, **kwargs)
@@ -400,11 +520,26 @@ def run_variant(args, variant, accelerator, flops_per_image):
     batch = synthetic_batch(models, args.pairs, args.resolution)
     with tempfile.TemporaryDirectory() as workdir:
         if variant["step"] == "reference":
-            step = ReferenceStep(models, accelerator, variant["optimizer"], variant["checkpointing"], 5000.0,
-                                 args.resolution, weight_dtype)
+            step = ReferenceStep(
+                models,
+                accelerator,
+                variant["optimizer"],
+                variant["checkpointing"],
+                5000.0,
+                args.resolution,
+                weight_dtype,
+            )
         else:
-            step = OurStep(models, accelerator, variant, args.pairs, args.resolution, args.mixed_precision,
-                           args.compile_backend, workdir)
+            step = OurStep(
+                models,
+                accelerator,
+                variant,
+                args.pairs,
+                args.resolution,
+                args.mixed_precision,
+                args.compile_backend,
+                workdir,
+            )
             if variant["cache"]:
                 batch = step.cache(batch)
                 models.clip = None  # the script frees its CLIP model once the embeddings are cached
@@ -426,11 +561,21 @@ def run_variant(args, variant, accelerator, flops_per_image):
     images = 2 * args.pairs
     unet_flops = 4 * flops_per_image * images  # policy forward + backward (3x) and the reference forward (1x)
     peak = args.peak_tflops or peak_tflops(device)
-    return {**variant, "pairs": args.pairs, "resolution": args.resolution, "step_s": step_s,
-            "step_s_min": min(times), "step_s_max": max(times), "pairs_per_s": args.pairs / step_s,
-            "images_per_s": images / step_s, "peak_gb": peak_gb, "first_loss": first_loss,
-            "warmup_s": warmup_s, "unet_tflops_per_step": unet_flops / 1e12,
-            "unet_mfu": None if peak is None else unet_flops / step_s / (peak * 1e12)}, flops_per_image
+    return {
+        **variant,
+        "pairs": args.pairs,
+        "resolution": args.resolution,
+        "step_s": step_s,
+        "step_s_min": min(times),
+        "step_s_max": max(times),
+        "pairs_per_s": args.pairs / step_s,
+        "images_per_s": images / step_s,
+        "peak_gb": peak_gb,
+        "first_loss": first_loss,
+        "warmup_s": warmup_s,
+        "unet_tflops_per_step": unet_flops / 1e12,
+        "unet_mfu": None if peak is None else unet_flops / step_s / (peak * 1e12),
+    }, flops_per_image
 
 
 def peak_tflops(device):
@@ -471,8 +616,14 @@ def write_jpeg_dataset(folder, pairs, sizes):
             buffer = io.BytesIO()
             image.save(buffer, format="JPEG", quality=90)
             images.append(buffer.getvalue())
-        rows.append({"caption": f"a picture number {index}", "jpg_0": images[0], "jpg_1": images[1],
-                     "label_0": float(index % 2)})
+        rows.append(
+            {
+                "caption": f"a picture number {index}",
+                "jpg_0": images[0],
+                "jpg_1": images[1],
+                "label_0": float(index % 2),
+            }
+        )
     path = os.path.join(folder, "train.parquet")
     datasets.Dataset.from_list(rows).to_parquet(path)
     return path
@@ -486,10 +637,21 @@ def time_data_pipeline(args, step_s, workdir):
 
     sizes = [int(s) for s in args.data_image_sizes.split(",")]
     path = write_jpeg_dataset(workdir, args.data_pairs, sizes)
-    script = rpo.parse_args(["--resolution", str(args.resolution), "--train_batch_size", str(args.pairs),
-                             "--dataloader_num_workers", str(args.dataloader_num_workers), "--seed", "0"])
-    dataset, _ = rpo.prepare_preference_dataset(datasets.load_dataset("parquet", data_files=path, split="train"),
-                                                rpo.dataset_columns(script))
+    script = rpo.parse_args(
+        [
+            "--resolution",
+            str(args.resolution),
+            "--train_batch_size",
+            str(args.pairs),
+            "--dataloader_num_workers",
+            str(args.dataloader_num_workers),
+            "--seed",
+            "0",
+        ]
+    )
+    dataset, _ = rpo.prepare_preference_dataset(
+        datasets.load_dataset("parquet", data_files=path, split="train"), rpo.dataset_columns(script)
+    )
     models = SimpleNamespace(tokenizer=CharTokenizer(), clip=None)
     state = PartialState()
     loader, sampler = rpo.build_dataloader(script, state, models, dataset, 0)
@@ -512,15 +674,24 @@ def time_data_pipeline(args, step_s, workdir):
     batches = sum(1 for _ in single)
     per_batch_one_worker_s = (time.perf_counter() - start) / batches
     mean_wait = statistics.mean(waits) if waits else 0.0
-    steady = waits[len(waits) // 2:]  # after the workers' start-up backlog
+    steady = waits[len(waits) // 2 :]  # after the workers' start-up backlog
     steady_wait = statistics.mean(steady) if steady else 0.0
-    return {"pairs": args.data_pairs, "image_sizes": sizes, "resolution": args.resolution,
-            "workers": args.dataloader_num_workers, "batch_pairs": args.pairs, "consumer_step_s": step_s,
-            "measured_batches": len(waits), "startup_s": startup_s, "mean_wait_s": mean_wait,
-            "wait_fraction_of_step": mean_wait / step_s, "steady_wait_s": steady_wait,
-            "steady_wait_fraction_of_step": steady_wait / step_s,
-            "decode_transform_s_per_batch_one_worker": per_batch_one_worker_s,
-            "main_process_fraction_with_0_workers": per_batch_one_worker_s / step_s if step_s else None}
+    return {
+        "pairs": args.data_pairs,
+        "image_sizes": sizes,
+        "resolution": args.resolution,
+        "workers": args.dataloader_num_workers,
+        "batch_pairs": args.pairs,
+        "consumer_step_s": step_s,
+        "measured_batches": len(waits),
+        "startup_s": startup_s,
+        "mean_wait_s": mean_wait,
+        "wait_fraction_of_step": mean_wait / step_s,
+        "steady_wait_s": steady_wait,
+        "steady_wait_fraction_of_step": steady_wait / step_s,
+        "decode_transform_s_per_batch_one_worker": per_batch_one_worker_s,
+        "main_process_fraction_with_0_workers": per_batch_one_worker_s / step_s if step_s else None,
+    }
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -534,8 +705,9 @@ def add_ratios(results):
     for row in results:
         reference = references.get((row["optimizer"], row["checkpointing"]))
         row["speedup_vs_reference"] = None if reference is None else reference["step_s"] / row["step_s"]
-        row["peak_vs_reference"] = (None if reference is None or row["peak_gb"] is None
-                                    else row["peak_gb"] / reference["peak_gb"])
+        row["peak_vs_reference"] = (
+            None if reference is None or row["peak_gb"] is None else row["peak_gb"] / reference["peak_gb"]
+        )
 
 
 def best(results, **match):
@@ -553,37 +725,79 @@ def targets(args, results, data):
     for (family, optimizer, checkpointing), anchor in ANCHOR_STEP_S.items():
         reference = best(results, step="reference", optimizer=optimizer, checkpointing=checkpointing)
         if family == args.family and reference is not None:
-            check(f"reference {optimizer}{' + ckpt' if checkpointing else ''} within 10% of the H100 anchor "
-                  f"{anchor} s", reference["step_s"], "|ratio - 1| <= 0.10", abs(reference["step_s"] / anchor - 1) <= 0.1)
+            check(
+                f"reference {optimizer}{' + ckpt' if checkpointing else ''} within 10% of the H100 anchor {anchor} s",
+                reference["step_s"],
+                "|ratio - 1| <= 0.10",
+                abs(reference["step_s"] / anchor - 1) <= 0.1,
+            )
     for optimizer, checkpointing, goal in (("adamw", False, 1.8), ("adamw8bit", True, 1.5)):
-        ours = best(results, step="ours", loss_type="rpo", cache=True, optimizer=optimizer, checkpointing=checkpointing)
+        ours = best(
+            results, step="ours", loss_type="rpo", cache=True, optimizer=optimizer, checkpointing=checkpointing
+        )
         if ours is not None and ours["speedup_vs_reference"] is not None:
-            check(f"ours rpo ({ours['name']}) pairs/s vs reference, {optimizer}", ours["speedup_vs_reference"],
-                  f">= {goal}", ours["speedup_vs_reference"] >= goal)
+            check(
+                f"ours rpo ({ours['name']}) pairs/s vs reference, {optimizer}",
+                ours["speedup_vs_reference"],
+                f">= {goal}",
+                ours["speedup_vs_reference"] >= goal,
+            )
             if ours["peak_vs_reference"] is not None:
-                check(f"ours rpo ({ours['name']}) peak memory vs reference", ours["peak_vs_reference"], "<= 1.0",
-                      ours["peak_vs_reference"] <= 1.0)
+                check(
+                    f"ours rpo ({ours['name']}) peak memory vs reference",
+                    ours["peak_vs_reference"],
+                    "<= 1.0",
+                    ours["peak_vs_reference"] <= 1.0,
+                )
         for compiled in (False, True):
-            rpo_row = best(results, step="ours", loss_type="rpo", cache=True, optimizer=optimizer,
-                           checkpointing=checkpointing, compile=compiled)
-            dpo_row = best(results, step="ours", loss_type="dpo", cache=True, optimizer=optimizer,
-                           checkpointing=checkpointing, compile=compiled)
+            rpo_row = best(
+                results,
+                step="ours",
+                loss_type="rpo",
+                cache=True,
+                optimizer=optimizer,
+                checkpointing=checkpointing,
+                compile=compiled,
+            )
+            dpo_row = best(
+                results,
+                step="ours",
+                loss_type="dpo",
+                cache=True,
+                optimizer=optimizer,
+                checkpointing=checkpointing,
+                compile=compiled,
+            )
             if rpo_row and dpo_row:
                 slowdown = rpo_row["step_s"] / dpo_row["step_s"] - 1
-                check(f"rpo vs dpo, cached, {optimizer}{', compiled' if compiled else ''}", slowdown, "<= 0.03",
-                      slowdown <= 0.03)
+                check(
+                    f"rpo vs dpo, cached, {optimizer}{', compiled' if compiled else ''}",
+                    slowdown,
+                    "<= 0.03",
+                    slowdown <= 0.03,
+                )
     if data is not None:
-        check("data pipeline wait (steady state), fraction of our step", data["steady_wait_fraction_of_step"],
-              "< 0.05", data["steady_wait_fraction_of_step"] < 0.05)
+        check(
+            "data pipeline wait (steady state), fraction of our step",
+            data["steady_wait_fraction_of_step"],
+            "< 0.05",
+            data["steady_wait_fraction_of_step"] < 0.05,
+        )
     return checks
 
 
 def environment(args, device):
-    info = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
-            "cpu_count": os.cpu_count(), "torch": torch.__version__, "cuda": torch.version.cuda,
-            "python": platform.python_version(), "size": args.size, "family": args.family,
-            "mixed_precision": args.mixed_precision}
+    info = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "cpu_count": os.cpu_count(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "python": platform.python_version(),
+        "size": args.size,
+        "family": args.family,
+        "mixed_precision": args.mixed_precision,
+    }
     for package in ("diffusers", "transformers", "accelerate", "bitsandbytes"):
         try:
             info[package] = __import__(package).__version__
@@ -597,13 +811,17 @@ def print_table(results, checks, data, env):
     print(f"{'variant':46s} {'step s':>8s} {'pairs/s':>8s} {'peak GB':>8s} {'x ref':>6s} {'MFU':>6s} {'loss0':>7s}")
     for r in results:
         fmt = lambda v, spec: "-" if v is None else format(v, spec)  # noqa: E731
-        print(f"{r['name']:46s} {r['step_s']:8.4f} {r['pairs_per_s']:8.2f} {fmt(r['peak_gb'], '8.2f')} "
-              f"{fmt(r['speedup_vs_reference'], '6.2f')} {fmt(r['unet_mfu'], '6.3f')} {r['first_loss']:7.4f}")
+        print(
+            f"{r['name']:46s} {r['step_s']:8.4f} {r['pairs_per_s']:8.2f} {fmt(r['peak_gb'], '8.2f')} "
+            f"{fmt(r['speedup_vs_reference'], '6.2f')} {fmt(r['unet_mfu'], '6.3f')} {r['first_loss']:7.4f}"
+        )
     if data:
-        print(f"data pipeline: {data['workers']} workers, wait {data['mean_wait_s'] * 1e3:.2f} ms per "
-              f"{data['consumer_step_s'] * 1e3:.1f} ms step ({data['wait_fraction_of_step']:.1%}; steady state "
-              f"{data['steady_wait_fraction_of_step']:.1%}, first batch after {data['startup_s']:.2f} s); one worker "
-              f"decodes a batch in {data['decode_transform_s_per_batch_one_worker'] * 1e3:.1f} ms")
+        print(
+            f"data pipeline: {data['workers']} workers, wait {data['mean_wait_s'] * 1e3:.2f} ms per "
+            f"{data['consumer_step_s'] * 1e3:.1f} ms step ({data['wait_fraction_of_step']:.1%}; steady state "
+            f"{data['steady_wait_fraction_of_step']:.1%}, first batch after {data['startup_s']:.2f} s); one worker "
+            f"decodes a batch in {data['decode_transform_s_per_batch_one_worker'] * 1e3:.1f} ms"
+        )
     for c in checks:
         print(f"[{'met' if c['met'] else 'MISSED'}] {c['target']}: {c['measured']:.4g} (goal {c['goal']})")
 
@@ -636,10 +854,14 @@ def main(argv=None):
             data = time_data_pipeline(args, consumer_step_s, workdir)
     env = environment(args, accelerator.device)
     checks = targets(args, results, data) if args.size == "full" and accelerator.device.type == "cuda" else []
-    report = {"environment": env, "results": results,
-              "unet_forward_tflops_per_image": None if flops_per_image is None else flops_per_image / 1e12,
-              "data_pipeline": data, "targets": checks,
-              "note": None if checks else "CPU/tiny run: the code paths ran; speed targets are not evaluated."}
+    report = {
+        "environment": env,
+        "results": results,
+        "unet_forward_tflops_per_image": None if flops_per_image is None else flops_per_image / 1e12,
+        "data_pipeline": data,
+        "targets": checks,
+        "note": None if checks else "CPU/tiny run: the code paths ran; speed targets are not evaluated.",
+    }
     print_table(results, checks, data, env)
     if args.out:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)

@@ -14,6 +14,7 @@ import os
 import subprocess
 import sys
 
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "tests"))
 
@@ -36,14 +37,47 @@ def first_logged_loss(log_dir):
 
 
 def run(config, processes, assets, out, steps, *extra):
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-               os.path.join(ROOT, "configs", "accelerate", f"{config}.yaml"), "--num_processes", str(processes),
-               os.path.join(ROOT, "train_diffusion_rpo.py"), "--pretrained_model_name_or_path", assets["pipeline"],
-               "--dataset_name", assets["data"], "--clip_model_name_or_path", assets["clip"], "--output_dir", out,
-               "--resolution", "32", "--train_batch_size", "2", "--max_train_steps", str(steps), "--learning_rate",
-               "1e-4", "--lr_warmup_steps", "0", "--checkpointing_steps", "2", "--seed", "0", "--mixed_precision",
-               "bf16", "--report_to", "tensorboard", "--validation_prompts", "a red circle",
-               "--validation_num_inference_steps", "2", *extra]
+    command = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        os.path.join(ROOT, "configs", "accelerate", f"{config}.yaml"),
+        "--num_processes",
+        str(processes),
+        os.path.join(ROOT, "train_diffusion_rpo.py"),
+        "--pretrained_model_name_or_path",
+        assets["pipeline"],
+        "--dataset_name",
+        assets["data"],
+        "--clip_model_name_or_path",
+        assets["clip"],
+        "--output_dir",
+        out,
+        "--resolution",
+        "32",
+        "--train_batch_size",
+        "2",
+        "--max_train_steps",
+        str(steps),
+        "--learning_rate",
+        "1e-4",
+        "--lr_warmup_steps",
+        "0",
+        "--checkpointing_steps",
+        "2",
+        "--seed",
+        "0",
+        "--mixed_precision",
+        "bf16",
+        "--report_to",
+        "tensorboard",
+        "--validation_prompts",
+        "a red circle",
+        "--validation_num_inference_steps",
+        "2",
+        *extra,
+    ]
     return subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=900)
 
 
@@ -55,28 +89,43 @@ def main(argv=None):
     args = parser.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
     base = tiny.build_sd_pipeline(os.path.join(args.out, "tiny-sd"))
-    assets = {"pipeline": tiny.perturbed_pipeline(base, os.path.join(args.out, "tiny-sd-perturbed")),
-              "clip": tiny.build_clip_model(os.path.join(args.out, "tiny-clip")),
-              "data": tiny.write_pickapic_dataset(os.path.join(args.out, "data"), tiny.pickapic_rows(18))}
+    assets = {
+        "pipeline": tiny.perturbed_pipeline(base, os.path.join(args.out, "tiny-sd-perturbed")),
+        "clip": tiny.build_clip_model(os.path.join(args.out, "tiny-clip")),
+        "data": tiny.write_pickapic_dataset(os.path.join(args.out, "data"), tiny.pickapic_rows(18)),
+    }
     results = []
     for config in args.configs.split(","):
         out = os.path.join(args.out, config)
         first = run(config, args.num_processes, assets, out, 2)
         resumed = run(config, args.num_processes, assets, out, 3, "--resume_from_checkpoint", "latest")
-        logged_type = next((line.split("Distributed environment: ")[1].split()[0]
-                            for line in first.stderr.splitlines() if "Distributed environment: " in line), None)
+        logged_type = next(
+            (
+                line.split("Distributed environment: ")[1].split()[0]
+                for line in first.stderr.splitlines()
+                if "Distributed environment: " in line
+            ),
+            None,
+        )
         loss = first_logged_loss(os.path.join(out, "logs")) if first.returncode == 0 else None
         loads = False
         if resumed.returncode == 0:
             from diffusers import DiffusionPipeline
 
             loads = DiffusionPipeline.from_pretrained(out) is not None
-        result = {"config": config, "processes": args.num_processes, "distributed_type": logged_type,
-                  "first_loss": loss, "first_loss_is_ln2": loss is not None and abs(loss - math.log(2)) < 1e-6,
-                  "run_ok": first.returncode == 0, "resume_ok": resumed.returncode == 0 and "Resuming from" in resumed.stderr,
-                  "pipeline_loads": loads,
-                  "error": None if first.returncode == 0 and resumed.returncode == 0 else
-                  (first.stderr if first.returncode else resumed.stderr)[-1500:]}
+        result = {
+            "config": config,
+            "processes": args.num_processes,
+            "distributed_type": logged_type,
+            "first_loss": loss,
+            "first_loss_is_ln2": loss is not None and abs(loss - math.log(2)) < 1e-6,
+            "run_ok": first.returncode == 0,
+            "resume_ok": resumed.returncode == 0 and "Resuming from" in resumed.stderr,
+            "pipeline_loads": loads,
+            "error": None
+            if first.returncode == 0 and resumed.returncode == 0
+            else (first.stderr if first.returncode else resumed.stderr)[-1500:],
+        }
         results.append(result)
         print(json.dumps(result), flush=True)
     with open(os.path.join(args.out, "engine_check.json"), "w") as f:

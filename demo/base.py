@@ -17,11 +17,18 @@ from PIL import Image
 
 from demo import world
 
+
 WORDS = sorted({w for scene in world.all_scenes() for w in scene.caption.split()})
 TOKEN_LENGTH = 24
 TEXT_HIDDEN = 64
-SCHEDULER_CONFIG = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
-                    "num_train_timesteps": 1000, "prediction_type": "epsilon", "clip_sample": False}
+SCHEDULER_CONFIG = {
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "num_train_timesteps": 1000,
+    "prediction_type": "epsilon",
+    "clip_sample": False,
+}
 
 
 def learn_bpe_merges(words):
@@ -78,9 +85,18 @@ def png_bytes(array):
 
 def pickapic_row(caption, image_0, image_1, label_0, index):
     """A row with the Pick-a-Pic v2 columns the scripts read (plus ids); images are PNG bytes."""
-    return {"caption": caption, "jpg_0": png_bytes(image_0), "jpg_1": png_bytes(image_1), "label_0": float(label_0),
-            "label_1": 1.0 - float(label_0), "ranking_id": index, "image_0_uid": f"{index}-0",
-            "image_1_uid": f"{index}-1", "has_label": True, "are_different": True}
+    return {
+        "caption": caption,
+        "jpg_0": png_bytes(image_0),
+        "jpg_1": png_bytes(image_1),
+        "label_0": float(label_0),
+        "label_1": 1.0 - float(label_0),
+        "ranking_id": index,
+        "image_0_uid": f"{index}-0",
+        "image_1_uid": f"{index}-1",
+        "has_label": True,
+        "are_different": True,
+    }
 
 
 def write_dataset(path, rows):
@@ -181,9 +197,17 @@ def train_autoencoder(steps, seed, log):
 
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
-    vae = AutoencoderKL(block_out_channels=(32, 64), layers_per_block=1, in_channels=3, out_channels=3,
-                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-                        latent_channels=4, norm_num_groups=16, sample_size=32)
+    vae = AutoencoderKL(
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        latent_channels=4,
+        norm_num_groups=16,
+        sample_size=32,
+    )
     optimizer = torch.optim.AdamW(vae.parameters(), lr=2e-3)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
     for step in range(steps):
@@ -203,20 +227,38 @@ def train_autoencoder(steps, seed, log):
         latents = vae.encode(images).latent_dist.sample()
         mse = F.mse_loss(vae.decode(latents).sample, images).item()
     vae.register_to_config(scaling_factor=float(1.0 / latents.std()))
-    return vae, {"reconstruction_mse": mse, "scaling_factor": float(1.0 / latents.std()),
-                 "round_trip": round_trip_report(vae, seed + 100)}
+    return vae, {
+        "reconstruction_mse": mse,
+        "scaling_factor": float(1.0 / latents.std()),
+        "round_trip": round_trip_report(vae, seed + 100),
+    }
 
 
 def clip_config(vocab_size, bos, eos):
     from transformers import CLIPConfig
 
     return CLIPConfig(
-        text_config=dict(vocab_size=vocab_size, hidden_size=TEXT_HIDDEN, intermediate_size=128, num_attention_heads=4,
-                         num_hidden_layers=2, max_position_embeddings=TOKEN_LENGTH, bos_token_id=bos, eos_token_id=eos,
-                         pad_token_id=eos),
-        vision_config=dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_hidden_layers=2,
-                           image_size=32, patch_size=4),
-        projection_dim=64)
+        text_config={
+            "vocab_size": vocab_size,
+            "hidden_size": TEXT_HIDDEN,
+            "intermediate_size": 128,
+            "num_attention_heads": 4,
+            "num_hidden_layers": 2,
+            "max_position_embeddings": TOKEN_LENGTH,
+            "bos_token_id": bos,
+            "eos_token_id": eos,
+            "pad_token_id": eos,
+        },
+        vision_config={
+            "hidden_size": 64,
+            "intermediate_size": 128,
+            "num_attention_heads": 4,
+            "num_hidden_layers": 2,
+            "image_size": 32,
+            "patch_size": 4,
+        },
+        projection_dim=64,
+    )
 
 
 def retrieval_accuracy(model, tokenizer, scenes, seed, per_scene=4):
@@ -225,8 +267,9 @@ def retrieval_accuracy(model, tokenizer, scenes, seed, per_scene=4):
 
     rng = np.random.default_rng(seed)
     all_scenes = world.all_scenes()
-    ids = tokenizer([s.caption for s in all_scenes], padding="max_length", max_length=TOKEN_LENGTH,
-                    return_tensors="pt").input_ids
+    ids = tokenizer(
+        [s.caption for s in all_scenes], padding="max_length", max_length=TOKEN_LENGTH, return_tensors="pt"
+    ).input_ids
     images = [world.render(s, rng, random_background(rng)) for s in scenes for _ in range(per_scene)]
     truth = [all_scenes.index(s) for s in scenes for _ in range(per_scene)]
     with torch.no_grad():
@@ -250,8 +293,9 @@ def train_clip(path, steps, seed, log):
     optimizer = torch.optim.AdamW(model.parameters(), lr=5e-4, weight_decay=0.01)
     rng = np.random.default_rng(seed)
     scenes = world.split_scenes()[0]
-    ids = tokenizer([s.caption for s in scenes], padding="max_length", max_length=TOKEN_LENGTH,
-                    return_tensors="pt").input_ids
+    ids = tokenizer(
+        [s.caption for s in scenes], padding="max_length", max_length=TOKEN_LENGTH, return_tensors="pt"
+    ).input_ids
     for step in range(steps):
         images = [world.render(s, rng, random_background(rng)) for s in scenes]
         pixels = clip_image_inputs(to_pixels(images))
@@ -264,22 +308,46 @@ def train_clip(path, steps, seed, log):
     model.eval()
     model.save_pretrained(path)
     with open(os.path.join(path, "preprocessor_config.json"), "w") as f:
-        json.dump({"image_processor_type": "CLIPImageProcessor", "crop_size": {"height": 32, "width": 32},
-                   "size": {"shortest_edge": 32}, "do_resize": True, "do_center_crop": True, "do_normalize": True,
-                   "image_mean": CLIP_MEAN, "image_std": CLIP_STD}, f)
+        json.dump(
+            {
+                "image_processor_type": "CLIPImageProcessor",
+                "crop_size": {"height": 32, "width": 32},
+                "size": {"shortest_edge": 32},
+                "do_resize": True,
+                "do_center_crop": True,
+                "do_normalize": True,
+                "image_mean": CLIP_MEAN,
+                "image_std": CLIP_STD,
+            },
+            f,
+        )
     train, held_out = world.split_scenes()
-    return model, tokenizer, {"retrieval_accuracy_train": retrieval_accuracy(model, tokenizer, train, seed + 1),
-                              "retrieval_accuracy_held_out": retrieval_accuracy(model, tokenizer, held_out, seed + 2)}
+    return (
+        model,
+        tokenizer,
+        {
+            "retrieval_accuracy_train": retrieval_accuracy(model, tokenizer, train, seed + 1),
+            "retrieval_accuracy_held_out": retrieval_accuracy(model, tokenizer, held_out, seed + 2),
+        },
+    )
 
 
 def build_unet():
     from diffusers import UNet2DConditionModel
 
     torch.manual_seed(0)
-    return UNet2DConditionModel(sample_size=16, in_channels=4, out_channels=4, layers_per_block=1,
-                                block_out_channels=(64, 128), down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-                                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=TEXT_HIDDEN,
-                                attention_head_dim=8, norm_num_groups=32)
+    return UNet2DConditionModel(
+        sample_size=16,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=1,
+        block_out_channels=(64, 128),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=TEXT_HIDDEN,
+        attention_head_dim=8,
+        norm_num_groups=32,
+    )
 
 
 def assemble_pipeline(path, vae, clip_path, tokenizer):
@@ -288,9 +356,16 @@ def assemble_pipeline(path, vae, clip_path, tokenizer):
     from transformers import CLIPTextModel
 
     text_encoder = CLIPTextModel.from_pretrained(clip_path)
-    pipeline = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=build_unet(),
-                                       scheduler=DDPMScheduler(**SCHEDULER_CONFIG), safety_checker=None,
-                                       feature_extractor=None, requires_safety_checker=False)
+    pipeline = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=build_unet(),
+        scheduler=DDPMScheduler(**SCHEDULER_CONFIG),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
     pipeline.save_pretrained(path)
     with open(os.path.join(path, "README.md"), "w") as f:
         f.write("---\nlicense: apache-2.0\n---\n# Style-world base (tiny, procedurally trained)\n")
@@ -301,13 +376,44 @@ def pretrain_unet(pipeline_path, dataset_path, steps, seed, output_dir):
     """`train_diffusion_rpo.py --loss_type sft` on plain scenes, from the random-init UNet."""
     import train_diffusion_rpo as trainer
 
-    args = trainer.parse_args([
-        "--pretrained_model_name_or_path", pipeline_path, "--dataset_name", dataset_path, "--loss_type", "sft",
-        "--resolution", "32", "--no_hflip", "--train_batch_size", "32", "--learning_rate", "5e-4",
-        "--lr_scheduler", "cosine", "--lr_warmup_steps", "100", "--max_train_steps", str(steps),
-        "--adam_weight_decay", "0", "--checkpointing_steps", str(steps + 1), "--dataloader_num_workers", "0",
-        "--validation_prompts", "--report_to", "none", "--seed", str(seed), "--output_dir", output_dir,
-        "--mixed_precision", "no"])
+    args = trainer.parse_args(
+        [
+            "--pretrained_model_name_or_path",
+            pipeline_path,
+            "--dataset_name",
+            dataset_path,
+            "--loss_type",
+            "sft",
+            "--resolution",
+            "32",
+            "--no_hflip",
+            "--train_batch_size",
+            "32",
+            "--learning_rate",
+            "5e-4",
+            "--lr_scheduler",
+            "cosine",
+            "--lr_warmup_steps",
+            "100",
+            "--max_train_steps",
+            str(steps),
+            "--adam_weight_decay",
+            "0",
+            "--checkpointing_steps",
+            str(steps + 1),
+            "--dataloader_num_workers",
+            "0",
+            "--validation_prompts",
+            "--report_to",
+            "none",
+            "--seed",
+            str(seed),
+            "--output_dir",
+            output_dir,
+            "--mixed_precision",
+            "no",
+        ]
+    )
     return trainer.main(args)
 
 
@@ -329,8 +435,11 @@ def main(argv=None):
     parser.add_argument("--unet_steps", type=int, default=1500)
     parser.add_argument("--variants_per_scene", type=int, default=100)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--round_trip_only", action="store_true",
-                        help="Recompute only the autoencoder's round-trip report of an existing build (--out).")
+    parser.add_argument(
+        "--round_trip_only",
+        action="store_true",
+        help="Recompute only the autoencoder's round-trip report of an existing build (--out).",
+    )
     args = parser.parse_args(argv)
     log = print
     if args.round_trip_only:

@@ -25,6 +25,7 @@ from demo import base as world_base
 from demo import evaluate, world
 from eval.stats import summarize
 
+
 ASSETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets")
 STEP_COUNTS = (40, 80, 120)
 SFT_STABILIZER = {"stabilizer": "sft", "stabilizer_weight": 100.0}
@@ -64,8 +65,9 @@ def check_assets(assets):
     for name, digests in expected.items():
         actual = world_base.sha256_tree(os.path.join(assets, name))
         if actual != digests:
-            raise RuntimeError(f"{assets}/{name} does not match CHECKSUMS.json; rebuild it with "
-                               f"`python -m demo.base --out {assets}`.")
+            raise RuntimeError(
+                f"{assets}/{name} does not match CHECKSUMS.json; rebuild it with `python -m demo.base --out {assets}`."
+            )
 
 
 def write_preferences(workdir, style, variants_per_scene=10, seed=1):
@@ -75,21 +77,51 @@ def write_preferences(workdir, style, variants_per_scene=10, seed=1):
     return path
 
 
-def train(method, config, dataset, output_dir, seed, steps, assets, extra=(), pairs_per_step=None,
-          checkpoint_every=None):
+def train(
+    method, config, dataset, output_dir, seed, steps, assets, extra=(), pairs_per_step=None, checkpoint_every=None
+):
     """One alignment run with the training script (`method` is a loss type, "+sft" naming the stabilizer that
     `config` sets), checkpointing every `checkpoint_every` steps (the first evaluated step count by default)."""
-    import train_diffusion_rpo as trainer
     from accelerate.state import AcceleratorState, GradientState, PartialState
 
-    argv = ["--pretrained_model_name_or_path", os.path.join(assets, "base"), "--dataset_name", dataset,
-            "--clip_model_name_or_path", os.path.join(assets, "clip"), "--loss_type", method.split("+")[0],
-            "--resolution", "32",
-            "--no_hflip", "--train_batch_size", str(pairs_per_step or PAIRS_PER_STEP), "--max_train_steps", str(steps),
-            "--lr_scheduler", "constant", "--lr_warmup_steps", "0",
-            "--checkpointing_steps", str(checkpoint_every or STEP_COUNTS[0]),
-            "--dataloader_num_workers", "0", "--validation_prompts", "--report_to", "none", "--seed", str(seed),
-            "--output_dir", output_dir, "--mixed_precision", "no", "--adam_weight_decay", "0"]
+    import train_diffusion_rpo as trainer
+
+    argv = [
+        "--pretrained_model_name_or_path",
+        os.path.join(assets, "base"),
+        "--dataset_name",
+        dataset,
+        "--clip_model_name_or_path",
+        os.path.join(assets, "clip"),
+        "--loss_type",
+        method.split("+")[0],
+        "--resolution",
+        "32",
+        "--no_hflip",
+        "--train_batch_size",
+        str(pairs_per_step or PAIRS_PER_STEP),
+        "--max_train_steps",
+        str(steps),
+        "--lr_scheduler",
+        "constant",
+        "--lr_warmup_steps",
+        "0",
+        "--checkpointing_steps",
+        str(checkpoint_every or STEP_COUNTS[0]),
+        "--dataloader_num_workers",
+        "0",
+        "--validation_prompts",
+        "--report_to",
+        "none",
+        "--seed",
+        str(seed),
+        "--output_dir",
+        output_dir,
+        "--mixed_precision",
+        "no",
+        "--adam_weight_decay",
+        "0",
+    ]
     for key, value in config.items():
         argv += [f"--{key}", str(value)]
     try:
@@ -156,8 +188,11 @@ def run_grid(runs, seeds, style, workdir, assets, samples_per_scene, steps, repo
     records = []
     for method, label, config, extra in runs:
         for seed in seeds:
-            done = [r for r in cached if (r["method"], r["config"], r["seed"]) == (method, label, seed)
-                    and r["n"] == len(items)]
+            done = [
+                r
+                for r in cached
+                if (r["method"], r["config"], r["seed"]) == (method, label, seed) and r["n"] == len(items)
+            ]
             if done or report_only:
                 records.extend(done)
                 continue
@@ -166,18 +201,35 @@ def run_grid(runs, seeds, style, workdir, assets, samples_per_scene, steps, repo
             start = time.time()
             progress = train(method, config, dataset, output_dir, seed, steps, assets, extra)
             train_s = time.time() - start
-            trajectory = {name: [h[name] for h in progress.history] for name in TRAJECTORY if name in progress.history[0]}
+            trajectory = {
+                name: [h[name] for h in progress.history] for name in TRAJECTORY if name in progress.history[0]
+            }
             new = []
-            for step_count, result in evaluate_run(output_dir, items, style, assets,
-                                                   [s for s in STEP_COUNTS if s <= steps]).items():
+            for step_count, result in evaluate_run(
+                output_dir, items, style, assets, [s for s in STEP_COUNTS if s <= steps]
+            ).items():
                 # Which side moved the loss over the 10 steps before this evaluation (mean model - reference MSE),
                 # the weights' norm drift, and RPO's diagonal weight there.
-                means = {name: float(np.mean(values[max(0, step_count - 10):step_count]))
-                         for name, values in trajectory.items()}
-                new.append({"style": style, "method": method, "config": label, "seed": seed, "steps": step_count,
-                            **result, **means, "train_s": train_s})
-                log(f"{style:8s} {method:7s} {label:34s} seed {seed} step {step_count:4d}: style "
-                    f"{result['style_hit_rate']:.3f} content {result['content_accuracy']:.3f}")
+                means = {
+                    name: float(np.mean(values[max(0, step_count - 10) : step_count]))
+                    for name, values in trajectory.items()
+                }
+                new.append(
+                    {
+                        "style": style,
+                        "method": method,
+                        "config": label,
+                        "seed": seed,
+                        "steps": step_count,
+                        **result,
+                        **means,
+                        "train_s": train_s,
+                    }
+                )
+                log(
+                    f"{style:8s} {method:7s} {label:34s} seed {seed} step {step_count:4d}: style "
+                    f"{result['style_hit_rate']:.3f} content {result['content_accuracy']:.3f}"
+                )
             new[-1]["trajectory"] = trajectory
             append_records(cache_path, new)
             records.extend(new)
@@ -186,16 +238,22 @@ def run_grid(runs, seeds, style, workdir, assets, samples_per_scene, steps, repo
 
 
 TRAJECTORY = ("loss", "implicit_acc", "delta_mse_w", "delta_mse_l", "weight_norm_drift", "weight_diag_mean")
-METRICS = (("style hit rate", "style_hit_rate"), ("content accuracy", "content_accuracy"),
-           ("styled and correct", "styled_and_correct"))
+METRICS = (
+    ("style hit rate", "style_hit_rate"),
+    ("content accuracy", "content_accuracy"),
+    ("styled and correct", "styled_and_correct"),
+)
 
 
 def table(records, base):
     """Markdown: mean +- std over seeds per method, configuration and steps."""
-    lines = ["| method | configuration | steps | style hit rate | content accuracy | styled and correct | delta_mse_w | "
-             "delta_mse_l | weight drift | seeds |", "|---|---|---|---|---|---|---|---|---|---|",
-             f"| base | - | 0 | {base['style_hit_rate']:.3f} | {base['content_accuracy']:.3f} | "
-             f"{base['styled_and_correct']:.3f} | - | - | 0 | - |"]
+    lines = [
+        "| method | configuration | steps | style hit rate | content accuracy | styled and correct | delta_mse_w | "
+        "delta_mse_l | weight drift | seeds |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+        f"| base | - | 0 | {base['style_hit_rate']:.3f} | {base['content_accuracy']:.3f} | "
+        f"{base['styled_and_correct']:.3f} | - | - | 0 | - |",
+    ]
     keys = sorted({(r["method"], r["config"], r["steps"]) for r in records})
     for method, config, steps in keys:
         chosen = [r for r in records if (r["method"], r["config"], r["steps"]) == (method, config, steps)]
@@ -229,8 +287,15 @@ def plot(records, base, path, title):
         steps = sorted({r["steps"] for r in chosen})
         xs = [np.mean([r["content_accuracy"] for r in chosen if r["steps"] == s]) for s in steps]
         ys = [np.mean([r["style_hit_rate"] for r in chosen if r["steps"] == s]) for s in steps]
-        axis.plot([base["content_accuracy"], *xs], [base["style_hit_rate"], *ys], "-o", color=COLOURS.get(method),
-                  alpha=0.6, markersize=4, label=method if method not in seen else None)
+        axis.plot(
+            [base["content_accuracy"], *xs],
+            [base["style_hit_rate"], *ys],
+            "-o",
+            color=COLOURS.get(method),
+            alpha=0.6,
+            markersize=4,
+            label=method if method not in seen else None,
+        )
         seen.add(method)
     axis.set_xlabel("content accuracy (held-out captions)")
     axis.set_ylabel("style hit rate (held-out captions)")
@@ -238,14 +303,22 @@ def plot(records, base, path, title):
     axis.grid(alpha=0.3)
     axis.legend()
     for method in sorted({r["method"] for r in records}):
-        curves = [r["trajectory"] for r in records if r["method"] == method and "trajectory" in r
-                  and "delta_mse_w" in r["trajectory"]]
+        curves = [
+            r["trajectory"]
+            for r in records
+            if r["method"] == method and "trajectory" in r and "delta_mse_w" in r["trajectory"]
+        ]
         if not curves:
             continue
         for key, style in (("delta_mse_w", "-"), ("delta_mse_l", "--")):
             mean = np.mean([c[key] for c in curves], axis=0)
-            diagnosis.plot(np.arange(1, len(mean) + 1), mean, style, color=COLOURS.get(method),
-                           label=f"{method} {'winners' if key.endswith('w') else 'losers'}")
+            diagnosis.plot(
+                np.arange(1, len(mean) + 1),
+                mean,
+                style,
+                color=COLOURS.get(method),
+                label=f"{method} {'winners' if key.endswith('w') else 'losers'}",
+            )
     diagnosis.axhline(0, color="black", linewidth=0.5)
     diagnosis.set_xlabel("optimizer step")
     diagnosis.set_ylabel("model MSE - reference MSE")
@@ -270,8 +343,16 @@ def sample_grid(run_dirs, style, assets, path, samples=8):
 def sweep(args, style, name, runs, title):
     """Train and evaluate `runs` over --seeds on one style against the base, then write its report."""
     base = base_score(evaluation_items(args.samples_per_scene), style, args.assets)
-    records = run_grid(runs, list(range(args.seeds)), style, args.workdir, args.assets, args.samples_per_scene,
-                       max(STEP_COUNTS), args.report_only)
+    records = run_grid(
+        runs,
+        list(range(args.seeds)),
+        style,
+        args.workdir,
+        args.assets,
+        args.samples_per_scene,
+        max(STEP_COUNTS),
+        args.report_only,
+    )
     write_report(args, f"{name}-{style}", records, base, title, {"runs": [r[:3] for r in runs]})
     return base, records
 
@@ -279,8 +360,10 @@ def sweep(args, style, name, runs, title):
 def compare(args):
     """The equal-budget sweep on each style, then the summary over styles that chooses the configurations."""
     runs = [(m, config_label(c), c, []) for m in args.methods.split(",") for c in SWEEP[m]]
-    per_style = {style: sweep(args, style, "compare", runs, f"Style '{style}': equal-budget sweep")
-                 for style in args.styles.split(",")}
+    per_style = {
+        style: sweep(args, style, "compare", runs, f"Style '{style}': equal-budget sweep")
+        for style in args.styles.split(",")
+    }
     return summarise_styles(args, per_style)
 
 
@@ -295,8 +378,12 @@ def summarise_styles(args, per_style):
                 rows.setdefault((r["method"], r["config"]), {}).setdefault(style, []).append(r)
     summary = []
     for (method, config), by_style in sorted(rows.items()):
-        entry = {"method": method, "config": config, "styles": sorted(by_style),
-                 "seeds": min(len(v) for v in by_style.values())}
+        entry = {
+            "method": method,
+            "config": config,
+            "styles": sorted(by_style),
+            "seeds": min(len(v) for v in by_style.values()),
+        }
         for _, key in METRICS:
             entry[key] = float(np.mean([np.mean([r[key] for r in v]) for v in by_style.values()]))
         entry["per_style"] = {s: float(np.mean([r["styled_and_correct"] for r in v])) for s, v in by_style.items()}
@@ -305,43 +392,73 @@ def summarise_styles(args, per_style):
     best = {}
     for entry in summary:
         if len(entry["styles"]) == len(per_style) and (
-                entry["method"] not in best or entry["styled_and_correct"] > best[entry["method"]]["styled_and_correct"]):
+            entry["method"] not in best or entry["styled_and_correct"] > best[entry["method"]]["styled_and_correct"]
+        ):
             best[entry["method"]] = entry
     styles = list(per_style)
-    lines = [f"# Mean over styles ({', '.join(styles)}) at {final} steps\n",
-             "Chosen per method (bold): the configuration with the highest mean share of samples that are both styled "
-             "and correct.\n",
-             "| method | configuration | style hit rate | content accuracy | styled and correct | worst style | "
-             + " | ".join(styles) + " | seeds |", "|---|---|---|---|---|---|" + "---|" * len(styles) + "---|",
-             "| base | - | " + " | ".join(f"{np.mean([per_style[s][0][k] for s in styles]):.3f}" for _, k in METRICS)
-             + f" | {min(per_style[s][0]['styled_and_correct'] for s in styles):.3f} | "
-             + " | ".join(f"{per_style[s][0]['styled_and_correct']:.3f}" for s in styles) + " | - |"]
+    lines = [
+        f"# Mean over styles ({', '.join(styles)}) at {final} steps\n",
+        "Chosen per method (bold): the configuration with the highest mean share of samples that are both styled "
+        "and correct.\n",
+        "| method | configuration | style hit rate | content accuracy | styled and correct | worst style | "
+        + " | ".join(styles)
+        + " | seeds |",
+        "|---|---|---|---|---|---|" + "---|" * len(styles) + "---|",
+        "| base | - | "
+        + " | ".join(f"{np.mean([per_style[s][0][k] for s in styles]):.3f}" for _, k in METRICS)
+        + f" | {min(per_style[s][0]['styled_and_correct'] for s in styles):.3f} | "
+        + " | ".join(f"{per_style[s][0]['styled_and_correct']:.3f}" for s in styles)
+        + " | - |",
+    ]
     for entry in summary:
         bold = "**" if best.get(entry["method"]) is entry else ""
-        lines.append(f"| {entry['method']} | {bold}{entry['config']}{bold} | "
-                     + " | ".join(f"{entry[k]:.3f}" for _, k in METRICS) + f" | {entry['worst_style']:.3f} | "
-                     + " | ".join(f"{entry['per_style'].get(s, float('nan')):.3f}" for s in styles)
-                     + f" | {entry['seeds']} |")
-    lines += ["", f"## Diagnosis: each method's chosen configuration at {final} steps, per style\n",
-              "delta_mse_w / delta_mse_l: model - reference denoising error of the chosen / rejected images (mean "
-              "over the 10 steps before the evaluation); drift: ||theta - theta_base|| / ||theta_base||.\n",
-              "| method | configuration | " + " | ".join(styles) + " |", "|---|---|" + "---|" * len(styles)]
+        lines.append(
+            f"| {entry['method']} | {bold}{entry['config']}{bold} | "
+            + " | ".join(f"{entry[k]:.3f}" for _, k in METRICS)
+            + f" | {entry['worst_style']:.3f} | "
+            + " | ".join(f"{entry['per_style'].get(s, float('nan')):.3f}" for s in styles)
+            + f" | {entry['seeds']} |"
+        )
+    lines += [
+        "",
+        f"## Diagnosis: each method's chosen configuration at {final} steps, per style\n",
+        "delta_mse_w / delta_mse_l: model - reference denoising error of the chosen / rejected images (mean "
+        "over the 10 steps before the evaluation); drift: ||theta - theta_base|| / ||theta_base||.\n",
+        "| method | configuration | " + " | ".join(styles) + " |",
+        "|---|---|" + "---|" * len(styles),
+    ]
     for method, entry in sorted(best.items()):
         cells = []
         for style in styles:
-            chosen = [r for r in per_style[style][1] if (r["method"], r["config"], r["steps"]) ==
-                      (method, entry["config"], final)]
-            deltas = ("-" if "delta_mse_w" not in chosen[0] else
-                      f"{np.mean([r['delta_mse_w'] for r in chosen]):+.3f} / {np.mean([r['delta_mse_l'] for r in chosen]):+.3f}")
-            cells.append(f"{deltas}, drift {np.mean([r['weight_drift'] for r in chosen]):.3f}, content "
-                         f"{np.mean([r['content_accuracy'] for r in chosen]):.2f}")
+            chosen = [
+                r
+                for r in per_style[style][1]
+                if (r["method"], r["config"], r["steps"]) == (method, entry["config"], final)
+            ]
+            deltas = (
+                "-"
+                if "delta_mse_w" not in chosen[0]
+                else f"{np.mean([r['delta_mse_w'] for r in chosen]):+.3f} / {np.mean([r['delta_mse_l'] for r in chosen]):+.3f}"
+            )
+            cells.append(
+                f"{deltas}, drift {np.mean([r['weight_drift'] for r in chosen]):.3f}, content "
+                f"{np.mean([r['content_accuracy'] for r in chosen]):.2f}"
+            )
         lines.append(f"| {method} | {entry['config']} | " + " | ".join(cells) + " |")
     markdown = "\n".join(lines)
     stem = os.path.join(args.results, "compare-summary")
     with open(stem + ".json", "w") as f:
-        json.dump({"styles": styles, "step_count": final, "summary": summary,
-                   "best": {m: e["config"] for m, e in best.items()},
-                   "base": {s: per_style[s][0] for s in styles}}, f, indent=1)
+        json.dump(
+            {
+                "styles": styles,
+                "step_count": final,
+                "summary": summary,
+                "best": {m: e["config"] for m, e in best.items()},
+                "base": {s: per_style[s][0] for s in styles},
+            },
+            f,
+            indent=1,
+        )
     with open(stem + ".md", "w") as f:
         f.write(markdown + "\n")
     log(markdown)
@@ -353,17 +470,34 @@ def held_out(args):
     demo's configuration there."""
     with open(os.path.join(args.results, "compare-summary.json")) as f:
         chosen = json.load(f)["best"]
-    configs = {m: next(c for c in SWEEP[m] if config_label(c) == label) for m, label in chosen.items()
-               if m in args.methods.split(",")}
+    configs = {
+        m: next(c for c in SWEEP[m] if config_label(c) == label)
+        for m, label in chosen.items()
+        if m in args.methods.split(",")
+    }
     style = world.HELD_OUT_STYLE
     base = base_score(evaluation_items(args.samples_per_scene), style, args.assets)
     records = []
     for method, config in configs.items():  # --seeds for the demo's method, at most 2 for the others
         seeds = args.seeds if method == DEMO_METHOD else min(args.seeds, 2)
-        records += run_grid([(method, config_label(config), config, [])], list(range(seeds)), style, args.workdir,
-                            args.assets, args.samples_per_scene, max(STEP_COUNTS), args.report_only)
-    write_report(args, f"held-out-{style}", records, base,
-                 f"Held-out style '{style}': each method's chosen configuration", {"configs": configs})
+        records += run_grid(
+            [(method, config_label(config), config, [])],
+            list(range(seeds)),
+            style,
+            args.workdir,
+            args.assets,
+            args.samples_per_scene,
+            max(STEP_COUNTS),
+            args.report_only,
+        )
+    write_report(
+        args,
+        f"held-out-{style}",
+        records,
+        base,
+        f"Held-out style '{style}': each method's chosen configuration",
+        {"configs": configs},
+    )
     if any(r["method"] == DEMO_METHOD for r in records):
         write_ci_record(args, base, records)
     return records
@@ -388,20 +522,32 @@ def write_ci_record(args, base, records):
 
     style_sd, content_sd = pooled_sd("style_hit_rate"), pooled_sd("content_accuracy")
     gain = np.mean([r["style_hit_rate"] for r in demo_runs]) - base["style_hit_rate"]
-    record = {"style": world.HELD_OUT_STYLE, "method": DEMO_METHOD, "config": DEMO_CONFIG, "steps": final, "seed": 0,
-              "samples_per_scene": args.samples_per_scene,
-              "recorded": {"source": f"demo/results/held-out-{world.HELD_OUT_STYLE}.json", "base": base,
-                           "seeds": [r["seed"] for r in demo_runs],
-                           "style_hit_rate": [r["style_hit_rate"] for r in demo_runs],
-                           "content_accuracy": [r["content_accuracy"] for r in demo_runs]},
-              "required_gain": round(float(gain - 3 * style_sd), 3),
-              "min_content_accuracy": round(float(np.mean([r["content_accuracy"] for r in demo_runs]) - 3 * content_sd), 3),
-              "rule": "required_gain = recorded mean gain - 3 x pooled seed-to-seed sd of the style hit rate; "
-                      "min_content_accuracy = recorded mean - 3 x pooled sd of the content accuracy (chance is 1/16)",
-              "pooled_seed_sd": {"style_hit_rate": style_sd, "content_accuracy": content_sd, "groups": len(groups),
-                                 "over": f"the chosen configurations that learn the style, at {final} steps on the "
-                                         "held-out style"},
-              "threads": 1}
+    record = {
+        "style": world.HELD_OUT_STYLE,
+        "method": DEMO_METHOD,
+        "config": DEMO_CONFIG,
+        "steps": final,
+        "seed": 0,
+        "samples_per_scene": args.samples_per_scene,
+        "recorded": {
+            "source": f"demo/results/held-out-{world.HELD_OUT_STYLE}.json",
+            "base": base,
+            "seeds": [r["seed"] for r in demo_runs],
+            "style_hit_rate": [r["style_hit_rate"] for r in demo_runs],
+            "content_accuracy": [r["content_accuracy"] for r in demo_runs],
+        },
+        "required_gain": round(float(gain - 3 * style_sd), 3),
+        "min_content_accuracy": round(float(np.mean([r["content_accuracy"] for r in demo_runs]) - 3 * content_sd), 3),
+        "rule": "required_gain = recorded mean gain - 3 x pooled seed-to-seed sd of the style hit rate; "
+        "min_content_accuracy = recorded mean - 3 x pooled sd of the content accuracy (chance is 1/16)",
+        "pooled_seed_sd": {
+            "style_hit_rate": style_sd,
+            "content_accuracy": content_sd,
+            "groups": len(groups),
+            "over": f"the chosen configurations that learn the style, at {final} steps on the held-out style",
+        },
+        "threads": 1,
+    }
     with open(os.path.join(args.results, "ci_record.json"), "w") as f:
         json.dump(record, f, indent=1)
     log(f"CI record: required gain {record['required_gain']}, min content {record['min_content_accuracy']}")
@@ -416,9 +562,18 @@ def write_report(args, stem_name, records, base, title, sweep_description):
     os.makedirs(args.results, exist_ok=True)
     stem = os.path.join(args.results, stem_name)
     with open(stem + ".json", "w") as f:
-        json.dump({"base": base, "records": records, "sweep": sweep_description, "step_counts": STEP_COUNTS,
-                   "pairs_per_step": PAIRS_PER_STEP, "samples_per_scene": args.samples_per_scene,
-                   "seeds": args.seeds}, f)
+        json.dump(
+            {
+                "base": base,
+                "records": records,
+                "sweep": sweep_description,
+                "step_counts": STEP_COUNTS,
+                "pairs_per_step": PAIRS_PER_STEP,
+                "samples_per_scene": args.samples_per_scene,
+                "seeds": args.seeds,
+            },
+            f,
+        )
     markdown = table(records, base)
     with open(stem + ".md", "w") as f:
         f.write(f"# {title}\n\n{markdown}\n")
@@ -446,23 +601,33 @@ def demo(args):
     train(DEMO_METHOD, DEMO_CONFIG, dataset, output_dir, 0, args.steps, args.assets)
     stages[f"{DEMO_METHOD} alignment (train_diffusion_rpo.py)"] = time.time() - start
     start = time.time()
-    aligned = evaluate.score(evaluate.sample(evaluate.load_pipeline(os.path.join(args.assets, "base"), output_dir),
-                                             items), items, style)
+    aligned = evaluate.score(
+        evaluate.sample(evaluate.load_pipeline(os.path.join(args.assets, "base"), output_dir), items), items, style
+    )
     stages["evaluate aligned"] = time.time() - start
     start = time.time()
     grid_path = sample_grid([output_dir], style, args.assets, os.path.join(output_dir, "base_vs_aligned.png"))
     stages["sample grid"] = time.time() - start
     for checkpoint in [p for p in os.listdir(output_dir) if p.startswith("checkpoint-")]:
         shutil.rmtree(os.path.join(output_dir, checkpoint))
-    report = {"style": style, "method": DEMO_METHOD, "config": DEMO_CONFIG, "base": base, "aligned": aligned,
-              "stages_s": stages, "output_dir": output_dir}
+    report = {
+        "style": style,
+        "method": DEMO_METHOD,
+        "config": DEMO_CONFIG,
+        "base": base,
+        "aligned": aligned,
+        "stages_s": stages,
+        "output_dir": output_dir,
+    }
     with open(os.path.join(output_dir, "demo_report.json"), "w") as f:
         json.dump(report, f, indent=2)
     log("")
     log(f"Style '{style}' ({DEMO_METHOD}, {config_label(DEMO_CONFIG)}) on {len(items)} samples of held-out captions:")
     for name, result in (("base", base), ("aligned", aligned)):
-        log(f"  {name + ':':9s} style hit rate {result['style_hit_rate']:.3f}, content accuracy "
-            f"{result['content_accuracy']:.3f}, styled and correct {result['styled_and_correct']:.3f}")
+        log(
+            f"  {name + ':':9s} style hit rate {result['style_hit_rate']:.3f}, content accuracy "
+            f"{result['content_accuracy']:.3f}, styled and correct {result['styled_and_correct']:.3f}"
+        )
     for stage, seconds in stages.items():
         log(f"  {stage}: {seconds:.0f} s")
     log(f"Aligned pipeline (DiffusionPipeline.from_pretrained): {output_dir}")
@@ -475,17 +640,27 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--demo", action="store_true", help="One alignment with the chosen method, scores, a grid.")
     parser.add_argument("--compare", action="store_true", help="The equal-budget sweep of --methods on --styles.")
-    parser.add_argument("--held_out", action="store_true",
-                        help="Each method's chosen configuration on world.HELD_OUT_STYLE; writes ci_record.json.")
+    parser.add_argument(
+        "--held_out",
+        action="store_true",
+        help="Each method's chosen configuration on world.HELD_OUT_STYLE; writes ci_record.json.",
+    )
     parser.add_argument("--ablation", action="store_true", help="Sweep RPO's open choices (docs/method.md).")
     parser.add_argument("--methods", type=str, default=",".join(SWEEP))
-    parser.add_argument("--styles", type=str, default=None,
-                        help="Comma-separated styles (default: the tuning styles; --demo: the held-out style).")
+    parser.add_argument(
+        "--styles",
+        type=str,
+        default=None,
+        help="Comma-separated styles (default: the tuning styles; --demo: the held-out style).",
+    )
     parser.add_argument("--seeds", type=int, default=2)
     parser.add_argument("--steps", type=int, default=max(STEP_COUNTS), help="Alignment steps for --demo.")
     parser.add_argument("--samples_per_scene", type=int, default=6, help="Samples per held-out caption.")
-    parser.add_argument("--report_only", action="store_true",
-                        help="Write the reports from the runs already recorded in --workdir; train nothing.")
+    parser.add_argument(
+        "--report_only",
+        action="store_true",
+        help="Write the reports from the runs already recorded in --workdir; train nothing.",
+    )
     parser.add_argument("--assets", type=str, default=ASSETS)
     parser.add_argument("--workdir", type=str, default=os.path.join("outputs", "style_world"))
     parser.add_argument("--results", type=str, default=os.path.join("demo", "results"))

@@ -12,6 +12,7 @@ import itertools
 
 import numpy as np
 
+
 SIZE = 32
 BACKGROUND = np.array([190, 190, 190], dtype=np.float32)
 SHAPES = ("circle", "square", "triangle")
@@ -19,9 +20,16 @@ COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), 
 POSITIONS = {"left": (16, 9), "right": (16, 23), "top": (9, 16), "bottom": (23, 16)}  # (row, column) centres
 POSITION_WORDS = {"left": "on the left", "right": "on the right", "top": "at the top", "bottom": "at the bottom"}
 # Held-out combinations: every colour, shape and position still appears in training, never these together.
-HELD_OUT = (("red", "square", "right"), ("green", "circle", "top"), ("blue", "triangle", "left"),
-            ("yellow", "circle", "bottom"), ("red", "triangle", "top"), ("green", "square", "bottom"),
-            ("blue", "circle", "right"), ("yellow", "square", "left"))
+HELD_OUT = (
+    ("red", "square", "right"),
+    ("green", "circle", "top"),
+    ("blue", "triangle", "left"),
+    ("yellow", "circle", "bottom"),
+    ("red", "triangle", "top"),
+    ("green", "square", "bottom"),
+    ("blue", "circle", "right"),
+    ("yellow", "square", "left"),
+)
 MIN_SHAPE_PIXELS = 12
 SATURATION_THRESHOLD = 70
 
@@ -87,6 +95,7 @@ def saturated(image):
 # Styles: a background transform and a detector score with its decision threshold.
 # ---------------------------------------------------------------------------------------------------------------------
 
+
 def apply_frame(background):
     out = background.copy()
     out[:3, :] = out[-3:, :] = out[:, :3] = out[:, -3:] = 40.0
@@ -117,9 +126,14 @@ BORDER_WIDTH = 7
 def placement_mask(placement):
     y, x = np.mgrid[0:SIZE, 0:SIZE]
     half = SIZE // 2
-    masks = {"full": np.ones((SIZE, SIZE), dtype=bool), "top": y < half, "bottom": y >= half, "left": x < half,
-             "right": x >= half,
-             "border": np.minimum(np.minimum(y, x), np.minimum(SIZE - 1 - y, SIZE - 1 - x)) < BORDER_WIDTH}
+    masks = {
+        "full": np.ones((SIZE, SIZE), dtype=bool),
+        "top": y < half,
+        "bottom": y >= half,
+        "left": x < half,
+        "right": x >= half,
+        "border": np.minimum(np.minimum(y, x), np.minimum(SIZE - 1 - y, SIZE - 1 - x)) < BORDER_WIDTH,
+    }
     return masks[placement]
 
 
@@ -136,8 +150,12 @@ class Texture:
         """Boolean (SIZE, SIZE): where the pattern is dark (before placement)."""
         y, x = np.mgrid[0:SIZE, 0:SIZE] + self.phase
         half = self.period // 2
-        bands = {"horizontal": y // half, "vertical": x // half, "diagonal": (x + y) // half,
-                 "checker": y // half + x // half}[self.orientation]
+        bands = {
+            "horizontal": y // half,
+            "vertical": x // half,
+            "diagonal": (x + y) // half,
+            "checker": y // half + x // half,
+        }[self.orientation]
         return bands % 2 == 1
 
     def apply(self, background):
@@ -170,8 +188,13 @@ class Texture:
 def random_texture(rng):
     """A random member of the texture family (for training the autoencoder and the CLIP)."""
     period = int(rng.choice(PERIODS))
-    return Texture(orientation=str(rng.choice(ORIENTATIONS)), period=period, placement=str(rng.choice(PLACEMENTS)),
-                   contrast=float(rng.uniform(*CONTRAST_RANGE)), phase=int(rng.integers(period)))
+    return Texture(
+        orientation=str(rng.choice(ORIENTATIONS)),
+        period=period,
+        placement=str(rng.choice(PLACEMENTS)),
+        contrast=float(rng.uniform(*CONTRAST_RANGE)),
+        phase=int(rng.integers(period)),
+    )
 
 
 @dataclasses.dataclass(frozen=True)

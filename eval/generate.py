@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 from eval.image_folder import ImageFolderWriter
 from eval.prompts import PROMPT_SETS, load_prompts
 
+
 SCHEDULERS = {
     "default": None,  # the scheduler saved with the pipeline (PNDM for SD1.5, Euler for SDXL base)
     "ddim": "DDIMScheduler",
@@ -35,8 +36,9 @@ def parse_args(argv=None):
     parser.add_argument("--model", required=True, help="Pipeline folder or Hub id (SD1.5 or SDXL).")
     parser.add_argument("--lora", default=None, help="LoRA weights (folder or Hub id) loaded onto --model.")
     parser.add_argument("--vae", default=None, help="Replacement VAE, e.g. madebyollin/sdxl-vae-fp16-fix for SDXL.")
-    parser.add_argument("--prompts", required=True,
-                        help=f"A named set ({', '.join(PROMPT_SETS)}) or a local .txt/.jsonl/.csv file.")
+    parser.add_argument(
+        "--prompts", required=True, help=f"A named set ({', '.join(PROMPT_SETS)}) or a local .txt/.jsonl/.csv file."
+    )
     parser.add_argument("--prompts_source", default=None, help="Local copy of a named set's Hub dataset.")
     parser.add_argument("--prompt_column", default=None, help="Prompt column of a .jsonl/.csv file (default prompt).")
     parser.add_argument("--max_prompts", type=int, default=None, help="Only the first N prompts.")
@@ -48,12 +50,19 @@ def parse_args(argv=None):
     parser.add_argument("--guidance_scale", type=float, default=None, help="Default 7.5 (SD1.5) or 5.0 (SDXL).")
     parser.add_argument("--scheduler", choices=sorted(SCHEDULERS), default="default")
     parser.add_argument("--resolution", type=int, default=None, help="Default: the pipeline's native size.")
-    parser.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default=None,
-                        help="Weights dtype; default fp16 on CUDA, fp32 otherwise.")
+    parser.add_argument(
+        "--mixed_precision",
+        choices=["no", "fp16", "bf16"],
+        default=None,
+        help="Weights dtype; default fp16 on CUDA, fp32 otherwise.",
+    )
     parser.add_argument("--device", default=None, help="Default cuda when available.")
-    parser.add_argument("--disable_safety_checker", action="store_true",
-                        help="Keep images the SD1.5 safety checker would black out (it flags benign images too, "
-                             "which lowers every metric); flagged images are marked nsfw in metadata otherwise.")
+    parser.add_argument(
+        "--disable_safety_checker",
+        action="store_true",
+        help="Keep images the SD1.5 safety checker would black out (it flags benign images too, "
+        "which lowers every metric); flagged images are marked nsfw in metadata otherwise.",
+    )
     args = parser.parse_args(argv)
     for flag in ("images_per_prompt", "batch_size", "num_inference_steps"):
         if getattr(args, flag) < 1:
@@ -69,8 +78,16 @@ def resolve_device_and_dtype(device=None, mixed_precision=None):
     return device, dtype
 
 
-def load_pipeline(model, lora=None, vae=None, scheduler="default", device="cpu", dtype=torch.float32,
-                  disable_safety_checker=False, pipeline_class=None):
+def load_pipeline(
+    model,
+    lora=None,
+    vae=None,
+    scheduler="default",
+    device="cpu",
+    dtype=torch.float32,
+    disable_safety_checker=False,
+    pipeline_class=None,
+):
     """A diffusers pipeline (the class named by the model's model_index.json unless `pipeline_class` is given)."""
     import diffusers
 
@@ -83,8 +100,10 @@ def load_pipeline(model, lora=None, vae=None, scheduler="default", device="cpu",
     try:
         pipeline = loader.from_pretrained(model, **kwargs)
     except (OSError, ValueError) as error:
-        raise ValueError(f"Cannot load a diffusers pipeline from {model!r}: {error}. Pass a folder written by "
-                         "`save_pretrained` (a training run's output dir) or a Hub id you can reach.") from error
+        raise ValueError(
+            f"Cannot load a diffusers pipeline from {model!r}: {error}. Pass a folder written by "
+            "`save_pretrained` (a training run's output dir) or a Hub id you can reach."
+        ) from error
     if lora is not None:
         pipeline.load_lora_weights(lora)
     if SCHEDULERS[scheduler] is not None:
@@ -111,9 +130,17 @@ def render(pipeline, prompts, seeds, **call_kwargs):
 
 
 def generation_jobs(records, images_per_prompt, base_seed):
-    return [{"prompt_index": i, "image_index": k, "prompt": record["prompt"], "category": record.get("category"),
-             "seed": image_seed(base_seed, i, k)}
-            for i, record in enumerate(records) for k in range(images_per_prompt)]
+    return [
+        {
+            "prompt_index": i,
+            "image_index": k,
+            "prompt": record["prompt"],
+            "category": record.get("category"),
+            "seed": image_seed(base_seed, i, k),
+        }
+        for i, record in enumerate(records)
+        for k in range(images_per_prompt)
+    ]
 
 
 def run_jobs(pipeline, jobs, writer, batch_size, call_kwargs, progress=True, batch_inputs=None):
@@ -124,8 +151,9 @@ def run_jobs(pipeline, jobs, writer, batch_size, call_kwargs, progress=True, bat
     for start in range(0, len(pending), batch_size):
         chunk = pending[start : start + batch_size]
         extra = batch_inputs(chunk) if batch_inputs is not None else {}
-        images, flags = render(pipeline, [job["prompt"] for job in chunk], [job["seed"] for job in chunk],
-                               **call_kwargs, **extra)
+        images, flags = render(
+            pipeline, [job["prompt"] for job in chunk], [job["seed"] for job in chunk], **call_kwargs, **extra
+        )
         for job, image, flag in zip(chunk, images, flags):
             writer.add({**job, **({"nsfw": bool(flag)} if flag is not None else {})}, image)
         bar.update(len(chunk))
@@ -150,16 +178,26 @@ def main(argv=None):
     args = parse_args(argv)
     records = load_prompts(args.prompts, args.prompts_source, args.prompt_column, args.max_prompts)
     device, dtype = resolve_device_and_dtype(args.device, args.mixed_precision)
-    pipeline = load_pipeline(args.model, args.lora, args.vae, args.scheduler, device, dtype,
-                             args.disable_safety_checker)
+    pipeline = load_pipeline(
+        args.model, args.lora, args.vae, args.scheduler, device, dtype, args.disable_safety_checker
+    )
     call_kwargs = call_settings(pipeline, args)
     settings = {
-        "model": args.model, "lora": args.lora, "vae": args.vae, "pipeline": type(pipeline).__name__,
-        "scheduler": type(pipeline.scheduler).__name__, "prompts": args.prompts,
-        "num_prompts": len(records), "prompts_sha256": prompts_fingerprint(records), "seed": args.seed,
-        "images_per_prompt": args.images_per_prompt, "dtype": str(dtype).replace("torch.", ""),
-        "safety_checker": getattr(pipeline, "safety_checker", None) is not None, **call_kwargs,
-        "batch_size": args.batch_size, "device": device,
+        "model": args.model,
+        "lora": args.lora,
+        "vae": args.vae,
+        "pipeline": type(pipeline).__name__,
+        "scheduler": type(pipeline.scheduler).__name__,
+        "prompts": args.prompts,
+        "num_prompts": len(records),
+        "prompts_sha256": prompts_fingerprint(records),
+        "seed": args.seed,
+        "images_per_prompt": args.images_per_prompt,
+        "dtype": str(dtype).replace("torch.", ""),
+        "safety_checker": getattr(pipeline, "safety_checker", None) is not None,
+        **call_kwargs,
+        "batch_size": args.batch_size,
+        "device": device,
     }
     writer = ImageFolderWriter(args.out, settings)
     jobs = generation_jobs(records, args.images_per_prompt, args.seed)

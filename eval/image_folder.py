@@ -9,6 +9,7 @@ import os
 
 from PIL import Image
 
+
 METADATA = "metadata.jsonl"
 SETTINGS = "settings.json"
 IMAGES = "images"
@@ -20,8 +21,10 @@ def read_metadata(folder):
     """Entries of a folder's metadata.jsonl; a torn last line (a crash mid-write) is dropped."""
     path = os.path.join(folder, METADATA)
     if not os.path.exists(path):
-        raise FileNotFoundError(f"{folder!r} has no {METADATA}: score a folder written by `python -m eval.generate` "
-                                "(or write one line per image with at least the keys file and prompt).")
+        raise FileNotFoundError(
+            f"{folder!r} has no {METADATA}: score a folder written by `python -m eval.generate` "
+            "(or write one line per image with at least the keys file and prompt)."
+        )
     entries = []
     with open(path, encoding="utf-8") as f:
         lines = f.read().split("\n")
@@ -44,15 +47,19 @@ def read_metadata(folder):
 def load_image(folder, entry):
     path = os.path.join(folder, entry["file"])
     if not os.path.exists(path):
-        raise FileNotFoundError(f"Image {path!r} listed in {os.path.join(folder, METADATA)} is missing: regenerate "
-                                "it (eval.generate resumes and redraws only missing images) or remove its line.")
+        raise FileNotFoundError(
+            f"Image {path!r} listed in {os.path.join(folder, METADATA)} is missing: regenerate "
+            "it (eval.generate resumes and redraws only missing images) or remove its line."
+        )
     try:
         with Image.open(path) as image:
             return image.convert("RGB")
     except OSError as error:  # truncated or not an image (eval.generate writes atomically; this is outside damage)
-        raise ValueError(f"Image {path!r} cannot be read ({error}): delete it and its line in "
-                         f"{os.path.join(folder, METADATA)}, or rerun eval.generate after deleting the file (it redraws "
-                         "missing images).") from error
+        raise ValueError(
+            f"Image {path!r} cannot be read ({error}): delete it and its line in "
+            f"{os.path.join(folder, METADATA)}, or rerun eval.generate after deleting the file (it redraws "
+            "missing images)."
+        ) from error
 
 
 def image_key(entry):
@@ -76,12 +83,17 @@ class ImageFolderWriter:
         if os.path.exists(path):
             with open(path, encoding="utf-8") as f:
                 previous = json.load(f)
-            changed = sorted(key for key in set(previous) | set(settings) if key not in RUNTIME_KEYS
-                             and previous.get(key) != settings.get(key))
+            changed = sorted(
+                key
+                for key in set(previous) | set(settings)
+                if key not in RUNTIME_KEYS and previous.get(key) != settings.get(key)
+            )
             if changed:
                 details = "; ".join(f"{k}: {previous.get(k)!r} -> {settings.get(k)!r}" for k in changed)
-                raise ValueError(f"{self.folder!r} holds images made with other settings ({details}). Resume with "
-                                 "the same settings or choose a new --out folder.")
+                raise ValueError(
+                    f"{self.folder!r} holds images made with other settings ({details}). Resume with "
+                    "the same settings or choose a new --out folder."
+                )
         with open(path, "w", encoding="utf-8") as f:
             json.dump(settings, f, indent=2, sort_keys=True)
 

@@ -19,17 +19,24 @@ OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 # Recomputed buffers some open_clip versions saved; not weights.
 IGNORED_KEYS = {"attn_mask"}
 
-_BLOCK_RENAMES = {"ln_1": "layer_norm1", "ln_2": "layer_norm2", "mlp.c_fc": "mlp.fc1", "mlp.c_proj": "mlp.fc2",
-                  "attn.out_proj": "self_attn.out_proj"}
+_BLOCK_RENAMES = {
+    "ln_1": "layer_norm1",
+    "ln_2": "layer_norm2",
+    "mlp.c_fc": "mlp.fc1",
+    "mlp.c_proj": "mlp.fc2",
+    "attn.out_proj": "self_attn.out_proj",
+}
 _DIRECT_RENAMES = {
     "token_embedding.weight": "text_model.embeddings.token_embedding.weight",
     "positional_embedding": "text_model.embeddings.position_embedding.weight",
-    "ln_final.weight": "text_model.final_layer_norm.weight", "ln_final.bias": "text_model.final_layer_norm.bias",
+    "ln_final.weight": "text_model.final_layer_norm.weight",
+    "ln_final.bias": "text_model.final_layer_norm.bias",
     "logit_scale": "logit_scale",
     "visual.class_embedding": "vision_model.embeddings.class_embedding",
     "visual.conv1.weight": "vision_model.embeddings.patch_embedding.weight",
     "visual.positional_embedding": "vision_model.embeddings.position_embedding.weight",
-    "visual.ln_pre.weight": "vision_model.pre_layrnorm.weight", "visual.ln_pre.bias": "vision_model.pre_layrnorm.bias",
+    "visual.ln_pre.weight": "vision_model.pre_layrnorm.weight",
+    "visual.ln_pre.bias": "vision_model.pre_layrnorm.bias",
     "visual.ln_post.weight": "vision_model.post_layernorm.weight",
     "visual.ln_post.bias": "vision_model.post_layernorm.bias",
 }
@@ -57,14 +64,30 @@ def hf_clip_config(openclip_state, heads, special_tokens):
     text_mlp = openclip_state["transformer.resblocks.0.mlp.c_fc.weight"].shape[0]
     return CLIPConfig(
         projection_dim=embed_dim,
-        text_config=dict(vocab_size=vocab_size, hidden_size=text_width, num_hidden_layers=_depth(openclip_state, ""),
-                         num_attention_heads=heads["text_heads"], intermediate_size=text_mlp,
-                         max_position_embeddings=openclip_state["positional_embedding"].shape[0], hidden_act="gelu",
-                         layer_norm_eps=1e-5, projection_dim=embed_dim, **special_tokens),
-        vision_config=dict(image_size=grid * patch_size, patch_size=patch_size, hidden_size=vision_width,
-                           num_hidden_layers=_depth(openclip_state, "visual."), intermediate_size=vision_mlp,
-                           num_attention_heads=vision_width // heads["vision_head_width"], hidden_act="gelu",
-                           layer_norm_eps=1e-5, projection_dim=embed_dim))
+        text_config=dict(
+            vocab_size=vocab_size,
+            hidden_size=text_width,
+            num_hidden_layers=_depth(openclip_state, ""),
+            num_attention_heads=heads["text_heads"],
+            intermediate_size=text_mlp,
+            max_position_embeddings=openclip_state["positional_embedding"].shape[0],
+            hidden_act="gelu",
+            layer_norm_eps=1e-5,
+            projection_dim=embed_dim,
+            **special_tokens,
+        ),
+        vision_config={
+            "image_size": grid * patch_size,
+            "patch_size": patch_size,
+            "hidden_size": vision_width,
+            "num_hidden_layers": _depth(openclip_state, "visual."),
+            "intermediate_size": vision_mlp,
+            "num_attention_heads": vision_width // heads["vision_head_width"],
+            "hidden_act": "gelu",
+            "layer_norm_eps": 1e-5,
+            "projection_dim": embed_dim,
+        },
+    )
 
 
 def convert_state_dict(openclip_state):
@@ -110,6 +133,8 @@ def clip_model_from_openclip(openclip_state, heads, special_tokens):
         raise ValueError(f"The open_clip checkpoint does not match the model config: {error}") from error
     missing = [k for k in result.missing_keys if not k.endswith("position_ids")]
     if missing or result.unexpected_keys:
-        raise ValueError(f"The open_clip checkpoint does not match the model config: missing {missing[:8]}, "
-                         f"unexpected {result.unexpected_keys[:8]} (check the config's layers/width).")
+        raise ValueError(
+            f"The open_clip checkpoint does not match the model config: missing {missing[:8]}, "
+            f"unexpected {result.unexpected_keys[:8]} (check the config's layers/width)."
+        )
     return model.eval()

@@ -20,18 +20,40 @@ class PromptSet:
 
 PROMPT_SETS = {
     "pickapic_test": PromptSet(
-        "pickapic_test", "yuvalkirstain/pickapic_v2_no_images", "test_unique", "caption", 500,
-        "Pick-a-Pic v2 test set, one row per unique prompt (the Diffusion-DPO evaluation prompts)."),
+        "pickapic_test",
+        "yuvalkirstain/pickapic_v2_no_images",
+        "test_unique",
+        "caption",
+        500,
+        "Pick-a-Pic v2 test set, one row per unique prompt (the Diffusion-DPO evaluation prompts).",
+    ),
     "partiprompts": PromptSet(
-        "partiprompts", "nateraw/parti-prompts", "train", "Prompt", 1632,
-        "PartiPrompts (Yu et al. 2022), all 1632 prompts; `Category` kept per prompt.", category_column="Category"),
+        "partiprompts",
+        "nateraw/parti-prompts",
+        "train",
+        "Prompt",
+        1632,
+        "PartiPrompts (Yu et al. 2022), all 1632 prompts; `Category` kept per prompt.",
+        category_column="Category",
+    ),
     "hpsv2": PromptSet(
-        "hpsv2", "zhwang/HPDv2", "benchmark/{style}.json", "(a JSON list of strings per style)", 3200,
+        "hpsv2",
+        "zhwang/HPDv2",
+        "benchmark/{style}.json",
+        "(a JSON list of strings per style)",
+        3200,
         "HPSv2 benchmark prompts: anime, concept-art, paintings, photo, 800 each, from the files the hpsv2 package "
-        "downloads (dataset repo zhwang/HPDv2, benchmark/<style>.json); the style is kept as the category."),
+        "downloads (dataset repo zhwang/HPDv2, benchmark/<style>.json); the style is kept as the category.",
+    ),
     "drawbench": PromptSet(
-        "drawbench", "sayakpaul/drawbench", "train", "Prompts", 200,
-        "DrawBench (Saharia et al. 2022), 200 prompts; `Category` kept per prompt.", category_column="Category"),
+        "drawbench",
+        "sayakpaul/drawbench",
+        "train",
+        "Prompts",
+        200,
+        "DrawBench (Saharia et al. 2022), 200 prompts; `Category` kept per prompt.",
+        category_column="Category",
+    ),
 }
 
 HPSV2_STYLES = ("anime", "concept-art", "paintings", "photo")
@@ -49,8 +71,10 @@ def load_prompts(name_or_path, source=None, column=None, max_prompts=None):
     elif os.path.isfile(name_or_path):
         records = _load_local_file(name_or_path, column)
     else:
-        raise ValueError(f"Unknown prompt set {name_or_path!r}: pass one of {sorted(PROMPT_SETS)} or an existing "
-                         f"{'/'.join(LOCAL_SUFFIXES)} file.")
+        raise ValueError(
+            f"Unknown prompt set {name_or_path!r}: pass one of {sorted(PROMPT_SETS)} or an existing "
+            f"{'/'.join(LOCAL_SUFFIXES)} file."
+        )
     if not records:
         raise ValueError(f"No prompts in {name_or_path!r}: the file is empty or every line is blank.")
     return records[:max_prompts] if max_prompts else records
@@ -60,13 +84,16 @@ def _unreachable(prompt_set, location, error):
     return ValueError(
         f"Cannot load prompt set {prompt_set.name!r} from {location!r} ({prompt_set.split}, {prompt_set.column}): "
         f"{error}. It needs the Hugging Face Hub; offline, download it elsewhere and pass --prompts_source <local "
-        "copy>, or pass a local .txt/.jsonl/.csv file as --prompts.")
+        "copy>, or pass a local .txt/.jsonl/.csv file as --prompts."
+    )
 
 
 def _check_count(prompt_set, location, records):
     if len(records) != prompt_set.expected_count:
-        raise ValueError(f"Prompt set {prompt_set.name!r} from {location!r} has {len(records)} prompts, expected "
-                         f"{prompt_set.expected_count}: the source changed or is not the documented one.")
+        raise ValueError(
+            f"Prompt set {prompt_set.name!r} from {location!r} has {len(records)} prompts, expected "
+            f"{prompt_set.expected_count}: the source changed or is not the documented one."
+        )
     return records
 
 
@@ -103,11 +130,16 @@ def _load_named_set(prompt_set, source=None):
     except Exception as error:
         raise _unreachable(prompt_set, location, error) from error
     if prompt_set.column not in dataset.column_names:
-        raise ValueError(f"Prompt set {prompt_set.name!r} from {location!r} has no column {prompt_set.column!r} "
-                         f"(columns: {dataset.column_names}).")
+        raise ValueError(
+            f"Prompt set {prompt_set.name!r} from {location!r} has no column {prompt_set.column!r} "
+            f"(columns: {dataset.column_names})."
+        )
     prompts = dataset[prompt_set.column]
-    categories = (dataset[prompt_set.category_column] if prompt_set.category_column in dataset.column_names
-                  else [None] * len(prompts))
+    categories = (
+        dataset[prompt_set.category_column]
+        if prompt_set.category_column in dataset.column_names
+        else [None] * len(prompts)
+    )
     return _check_count(prompt_set, location, [{"prompt": p, "category": c} for p, c in zip(prompts, categories)])
 
 
@@ -126,7 +158,8 @@ def _load_local_file(path, column=None):
         raise ValueError(f"Prompt file {path!r} must end in one of {LOCAL_SUFFIXES}.")
     column = column or "prompt"
     if rows and column not in rows[0]:
-        raise ValueError(f"Prompt file {path!r} has no column {column!r} (columns: {sorted(rows[0])}); pass "
-                         "--prompt_column <name>.")
+        raise ValueError(
+            f"Prompt file {path!r} has no column {column!r} (columns: {sorted(rows[0])}); pass --prompt_column <name>."
+        )
     records = [{"prompt": str(row[column]).strip(), "category": row.get("category")} for row in rows]
     return [record for record in records if record["prompt"]]

@@ -34,6 +34,7 @@ from eval.score import add_scoring_args, resolve_device, scorer_options, torch_d
 from eval.scorers import load_scorer, parse_metrics
 from train_diffusion_rpo import TIE_LABEL, check_dataset_schema, decode_image, load_raw_dataset
 
+
 logger = logging.getLogger(__name__)
 
 SETTINGS = "settings.json"
@@ -47,8 +48,11 @@ MAX_CONSECUTIVE_UNDECODABLE = 64
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--dataset_name", default="yuvalkirstain/pickapic_v2",
-                        help="Hub dataset id, local folder of parquet/json files, or a `save_to_disk` folder.")
+    parser.add_argument(
+        "--dataset_name",
+        default="yuvalkirstain/pickapic_v2",
+        help="Hub dataset id, local folder of parquet/json files, or a `save_to_disk` folder.",
+    )
     parser.add_argument("--dataset_config_name", default=None)
     parser.add_argument("--split", default="train")
     parser.add_argument("--streaming", action="store_true", help="Read the input as a stream (no full download).")
@@ -58,11 +62,18 @@ def parse_args(argv=None):
     parser.add_argument("--image_1_column", default="jpg_1")
     parser.add_argument("--label_0_column", default="label_0", help="1: image 0 preferred, 0: image 1, 0.5: tie.")
     parser.add_argument("--label_1_column", default="label_1", help="Rewritten as 1 - label_0 when the input has it.")
-    parser.add_argument("--scorers", default="pickscore",
-                        help="Comma-separated scorer[:weight] (weight 1 when omitted), e.g. "
-                             "pickscore:1.0,aesthetic:0.5; the label follows the weighted sum of the scores.")
-    parser.add_argument("--tie_margin", type=float, default=0.0,
-                        help="A row is a tie unless its two (weighted) scores differ by more than this.")
+    parser.add_argument(
+        "--scorers",
+        default="pickscore",
+        help="Comma-separated scorer[:weight] (weight 1 when omitted), e.g. "
+        "pickscore:1.0,aesthetic:0.5; the label follows the weighted sum of the scores.",
+    )
+    parser.add_argument(
+        "--tie_margin",
+        type=float,
+        default=0.0,
+        help="A row is a tie unless its two (weighted) scores differ by more than this.",
+    )
     parser.add_argument("--out", required=True)
     parser.add_argument("--shard_size", type=int, default=1000, help="Rows per output shard (the unit of resume).")
     parser.add_argument("--max_rows", type=int, default=None, help="Relabel only the first this many rows.")
@@ -97,8 +108,10 @@ def parse_scorer_weights(text):
         except ValueError:
             weight = float("nan")
         if not math.isfinite(weight) or weight <= 0:
-            raise ValueError(f"--scorers {text!r}: the weight of {name} must be a positive number, not "
-                             f"{weight_text!r} (write scorer:weight, e.g. pickscore:1.0,aesthetic:0.5).")
+            raise ValueError(
+                f"--scorers {text!r}: the weight of {name} must be a positive number, not "
+                f"{weight_text!r} (write scorer:weight, e.g. pickscore:1.0,aesthetic:0.5)."
+            )
         weights[name] = weight
     return weights
 
@@ -116,11 +129,16 @@ def relabel_settings(args, weights):
     """Everything that changes the output rows: a resume must match it."""
     options = scorer_options(args)
     prefixes = tuple(name.split(".")[0] + "_" for name in weights)  # "hpsv2.1" -> the hpsv2_* flags
-    settings = {key: getattr(args, key) for key in vars(args) if key not in RUNTIME_FLAGS and key not in options
-                and key not in ("out", "scorers", "grid_prompts")}
-    settings.update(dataset_name=local_or_id(args.dataset_name), scorers=weights,
-                    scorer_weights={key: local_or_id(value) for key, value in options.items()
-                                    if key.startswith(prefixes)})
+    settings = {
+        key: getattr(args, key)
+        for key in vars(args)
+        if key not in RUNTIME_FLAGS and key not in options and key not in ("out", "scorers", "grid_prompts")
+    }
+    settings.update(
+        dataset_name=local_or_id(args.dataset_name),
+        scorers=weights,
+        scorer_weights={key: local_or_id(value) for key, value in options.items() if key.startswith(prefixes)},
+    )
     return json.loads(json.dumps(settings))  # as read back from settings.json (tuples -> lists)
 
 
@@ -135,12 +153,15 @@ def check_or_write_settings(out, settings):
         changed = sorted(key for key in set(previous) | set(settings) if previous.get(key) != settings.get(key))
         if changed:
             details = "; ".join(f"{key}: {previous.get(key)!r} -> {settings.get(key)!r}" for key in changed)
-            raise ValueError(f"{out!r} holds a relabelling made with other settings ({details}). Rerun with the same "
-                             "settings to resume, or choose a new --out folder.")
+            raise ValueError(
+                f"{out!r} holds a relabelling made with other settings ({details}). Rerun with the same "
+                "settings to resume, or choose a new --out folder."
+            )
         return
     if has_shards:
-        raise ValueError(f"{out!r} holds shards but no {SETTINGS}: it was not written by eval.relabel; choose a new "
-                         "--out folder.")
+        raise ValueError(
+            f"{out!r} holds shards but no {SETTINGS}: it was not written by eval.relabel; choose a new --out folder."
+        )
     write_json(path, settings)
 
 
@@ -155,8 +176,10 @@ def completed_shards(out):
         return []
     indices = sorted(int(match.group(1)) for match in map(SHARD_PATTERN.fullmatch, os.listdir(folder)) if match)
     if indices != list(range(len(indices))):
-        raise ValueError(f"{folder!r} has shards {indices}, not 0..{len(indices) - 1}: a shard was removed. Delete "
-                         "the shards after the gap (they are redone) or choose a new --out folder.")
+        raise ValueError(
+            f"{folder!r} has shards {indices}, not 0..{len(indices) - 1}: a shard was removed. Delete "
+            "the shards after the gap (they are redone) or choose a new --out folder."
+        )
     return [shard_path(out, index) for index in indices]
 
 
@@ -196,12 +219,18 @@ def load_input(args, columns):
     """The input with its columns checked and its image columns left as bytes (decoded here, copied untouched)."""
     # A save_to_disk folder is memory-mapped, so it is read in place: streaming it would gain nothing (and the
     # training script's 64-shard stream of it needs at least 64 rows).
-    saved_to_disk = any(os.path.exists(os.path.join(args.dataset_name, name)) for name in ("dataset_dict.json",
-                                                                                          "state.json"))
-    dataset = load_raw_dataset(SimpleNamespace(dataset_name=args.dataset_name,
-                                               dataset_config_name=args.dataset_config_name,
-                                               dataset_split_name=args.split, cache_dir=args.cache_dir,
-                                               streaming=args.streaming and not saved_to_disk))
+    saved_to_disk = any(
+        os.path.exists(os.path.join(args.dataset_name, name)) for name in ("dataset_dict.json", "state.json")
+    )
+    dataset = load_raw_dataset(
+        SimpleNamespace(
+            dataset_name=args.dataset_name,
+            dataset_config_name=args.dataset_config_name,
+            dataset_split_name=args.split,
+            cache_dir=args.cache_dir,
+            streaming=args.streaming and not saved_to_disk,
+        )
+    )
     if dataset.features is None:  # a stream of a format that does not declare its features: read them off the rows
         dataset = dataset._resolve_features()
     check_dataset_schema(dataset, columns)
@@ -238,8 +267,11 @@ def previous_relabel_columns(column_names):
     """Score columns of an input that eval.relabel already wrote: replaced, not kept beside the new ones."""
     if "human_label_0" not in column_names:
         return []
-    return [name for name in column_names
-            if name in ("score_0", "score_1", "undecodable") or name.startswith(("score_0_", "score_1_"))]
+    return [
+        name
+        for name in column_names
+        if name in ("score_0", "score_1", "undecodable") or name.startswith(("score_0_", "score_1_"))
+    ]
 
 
 def output_features(features, columns, weights):
@@ -283,13 +315,17 @@ def decode_batch(rows, columns, first_row, bad_run):
             pair = decode_image(row[columns.image_0]), decode_image(row[columns.image_1])
         except Exception as error:
             bad_run.count += 1
-            logger.warning(f"Row {first_row + position}: cannot decode its images ({type(error).__name__}: {error}); "
-                           "written as a tie with undecodable = True.")
+            logger.warning(
+                f"Row {first_row + position}: cannot decode its images ({type(error).__name__}: {error}); "
+                "written as a tie with undecodable = True."
+            )
             if bad_run.count > MAX_CONSECUTIVE_UNDECODABLE:
-                raise ValueError(f"{bad_run.count} rows in a row up to row {first_row + position} cannot be decoded "
-                                 f"from columns {columns.image_0!r} and {columns.image_1!r}: pass the right "
-                                 "--image_0_column/--image_1_column (JPEG/PNG bytes, paths or the datasets Image "
-                                 "feature).") from error
+                raise ValueError(
+                    f"{bad_run.count} rows in a row up to row {first_row + position} cannot be decoded "
+                    f"from columns {columns.image_0!r} and {columns.image_1!r}: pass the right "
+                    "--image_0_column/--image_1_column (JPEG/PNG bytes, paths or the datasets Image "
+                    "feature)."
+                ) from error
             continue
         bad_run.count = 0
         positions.append(position)
@@ -316,9 +352,15 @@ def score_shard(shard, columns, scorers, batch_size, first_row, bad_run, progres
 def relabel_shard(shard, columns, scorers, weights, margin, batch_size, first_row, bad_run, progress):
     """The shard with AI labels, its human labels, the scores and the undecodable flag."""
     per_scorer = score_shard(shard, columns, scorers, batch_size, first_row, bad_run, progress)
-    combined = [[None if any(per_scorer[name][side][row] is None for name in weights)
-                 else sum(weight * per_scorer[name][side][row] for name, weight in weights.items())
-                 for row in range(len(shard))] for side in (0, 1)]
+    combined = [
+        [
+            None
+            if any(per_scorer[name][side][row] is None for name in weights)
+            else sum(weight * per_scorer[name][side][row] for name, weight in weights.items())
+            for row in range(len(shard))
+        ]
+        for side in (0, 1)
+    ]
     labels = [preference_labels(score_0, score_1, margin) for score_0, score_1 in zip(*combined)]
     data = shard.to_dict()
     for target, source in human_label_columns(shard.column_names, columns).items():
@@ -347,12 +389,23 @@ def human_preference(label):
 def agreement_with_humans(ai_labels, human_labels, samples, seed):
     """On rows the humans decided: the share where the AI prefers the same image (an AI tie counts one half), with a
     percentile bootstrap 95% interval over rows, as eval.stats.win_rate reports one."""
-    outcomes = [1.0 if ai == human else TIE_LABEL if ai == TIE_LABEL else 0.0
-                for ai, human in zip(ai_labels, human_labels) if human is not None and human != TIE_LABEL]
+    outcomes = [
+        1.0 if ai == human else TIE_LABEL if ai == TIE_LABEL else 0.0
+        for ai, human in zip(ai_labels, human_labels)
+        if human is not None and human != TIE_LABEL
+    ]
     counts = np.array([outcomes.count(1.0), outcomes.count(TIE_LABEL), outcomes.count(0.0)])
     n = int(counts.sum())
-    result = {"agree": int(counts[0]), "ai_ties": int(counts[1]), "disagree": int(counts[2]), "n": n,
-              "rate": None, "ci_low": None, "ci_high": None, "bootstrap_samples": int(samples)}
+    result = {
+        "agree": int(counts[0]),
+        "ai_ties": int(counts[1]),
+        "disagree": int(counts[2]),
+        "n": n,
+        "rate": None,
+        "ci_low": None,
+        "ci_high": None,
+        "bootstrap_samples": int(samples),
+    }
     if n == 0:
         return result
     # Rows resampled with replacement, drawn as outcome counts: the same distribution, without win_rate's
@@ -376,24 +429,36 @@ def summarize_output(paths, columns, samples, seed):
     scored = [index for index, bad in enumerate(undecodable) if not bad]
     ties = ai_labels.count(TIE_LABEL)
     agreement = agreement_with_humans([ai_labels[i] for i in scored], [human[i] for i in scored], samples, seed)
-    return {"rows": len(ai_labels), "image_0_preferred": ai_labels.count(1.0),
-            "image_1_preferred": ai_labels.count(0.0), "ties": ties, "undecodable": sum(undecodable),
-            "pairs_for_training": len(ai_labels) - ties, "human_ties": human.count(TIE_LABEL),
-            "human_unlabelled": human.count(None), "agreement": agreement, "shards": len(paths)}
+    return {
+        "rows": len(ai_labels),
+        "image_0_preferred": ai_labels.count(1.0),
+        "image_1_preferred": ai_labels.count(0.0),
+        "ties": ties,
+        "undecodable": sum(undecodable),
+        "pairs_for_training": len(ai_labels) - ties,
+        "human_ties": human.count(TIE_LABEL),
+        "human_unlabelled": human.count(None),
+        "agreement": agreement,
+        "shards": len(paths),
+    }
 
 
 def summary_text(summary, weights, margin):
     scorers = ",".join(f"{name}:{weight:g}" for name, weight in weights.items())
-    lines = [f"Relabelled {summary['rows']} rows with {scorers} (tie margin {margin:g}): image 0 preferred "
-             f"{summary['image_0_preferred']}, image 1 preferred {summary['image_1_preferred']}, ties "
-             f"{summary['ties']} ({summary['undecodable']} undecodable); {summary['pairs_for_training']} pairs for "
-             "training."]
+    lines = [
+        f"Relabelled {summary['rows']} rows with {scorers} (tie margin {margin:g}): image 0 preferred "
+        f"{summary['image_0_preferred']}, image 1 preferred {summary['image_1_preferred']}, ties "
+        f"{summary['ties']} ({summary['undecodable']} undecodable); {summary['pairs_for_training']} pairs for "
+        "training."
+    ]
     agreement = summary["agreement"]
     if agreement["n"]:
-        lines.append(f"Agreement with the human labels on the {agreement['n']} scored rows they decided: "
-                     f"{agreement['rate']:.3f} (95% CI [{agreement['ci_low']:.3f}, {agreement['ci_high']:.3f}]; "
-                     f"{agreement['agree']} agree, {agreement['disagree']} disagree, {agreement['ai_ties']} AI ties "
-                     "counted one half).")
+        lines.append(
+            f"Agreement with the human labels on the {agreement['n']} scored rows they decided: "
+            f"{agreement['rate']:.3f} (95% CI [{agreement['ci_low']:.3f}, {agreement['ci_high']:.3f}]; "
+            f"{agreement['agree']} agree, {agreement['disagree']} disagree, {agreement['ai_ties']} AI ties "
+            "counted one half)."
+        )
     else:
         lines.append("No scored row has a decided human label: no agreement to report.")
     return "\n".join(lines)
@@ -402,11 +467,17 @@ def summary_text(summary, weights, margin):
 def main(argv=None):
     args = parse_args(argv)
     weights = parse_scorer_weights(args.scorers)
-    columns = SimpleNamespace(caption=args.caption_column, image_0=args.image_0_column, image_1=args.image_1_column,
-                              label_0=args.label_0_column, label_1=args.label_1_column)
+    columns = SimpleNamespace(
+        caption=args.caption_column,
+        image_0=args.image_0_column,
+        image_1=args.image_1_column,
+        label_0=args.label_0_column,
+        label_1=args.label_1_column,
+    )
     if os.path.abspath(args.out) == os.path.abspath(args.dataset_name):
-        raise ValueError("--out must be a new folder, not the input dataset's: the input is read while the output "
-                         "is written.")
+        raise ValueError(
+            "--out must be a new folder, not the input dataset's: the input is read while the output is written."
+        )
     out = ensure_dir(args.out)
     check_or_write_settings(out, relabel_settings(args, weights))
     dataset = load_input(args, columns)
@@ -423,8 +494,9 @@ def main(argv=None):
     first_row, bad_run = start_row, SimpleNamespace(count=0)
     with tqdm(total=total, initial=start_row, unit="row", desc="relabel") as progress:
         for index, shard in enumerate(input_shards(dataset, start_row, args.shard_size, args.max_rows), len(done)):
-            relabelled = relabel_shard(shard, columns, scorers, weights, args.tie_margin, args.batch_size, first_row,
-                                       bad_run, progress)
+            relabelled = relabel_shard(
+                shard, columns, scorers, weights, args.tie_margin, args.batch_size, first_row, bad_run, progress
+            )
             write_shard(relabelled, shard_path(out, index))
             first_row += len(shard)
     paths = completed_shards(out)
@@ -432,9 +504,14 @@ def main(argv=None):
         raise ValueError(f"Split {args.split!r} of {args.dataset_name!r} has no rows to relabel.")
 
     summary = summarize_output(paths, columns, args.bootstrap_samples, args.seed)
-    summary.update(dataset_name=args.dataset_name, split=args.split, tie_margin=args.tie_margin,
-                   scorers={scorer.name: {"weight": weights[scorer.name], "description": scorer.description}
-                            for scorer in scorers})
+    summary.update(
+        dataset_name=args.dataset_name,
+        split=args.split,
+        tie_margin=args.tie_margin,
+        scorers={
+            scorer.name: {"weight": weights[scorer.name], "description": scorer.description} for scorer in scorers
+        },
+    )
     write_json(os.path.join(out, SUMMARY), summary)
     print(summary_text(summary, weights, args.tie_margin))
     return summary

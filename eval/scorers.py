@@ -21,6 +21,7 @@ from torch import nn
 
 from eval.openclip import OPENAI_MEAN, OPENAI_STD, VIT_H_14_HEADS, clip_model_from_openclip
 
+
 DEFAULT_WEIGHTS = {
     "pickscore_model": "yuvalkirstain/PickScore_v1",
     "pickscore_processor": "laion/CLIP-ViT-H-14-laion2B-s32B-b79K",
@@ -28,7 +29,7 @@ DEFAULT_WEIGHTS = {
     "hpsv2_tokenizer": "laion/CLIP-ViT-H-14-laion2B-s32B-b79K",
     "aesthetic_clip": "openai/clip-vit-large-patch14",
     "aesthetic_mlp": "https://github.com/christophschuhmann/improved-aesthetic-predictor/raw/main/"
-                     "sac+logos+ava1-l14-linearMSE.pth",
+    "sac+logos+ava1-l14-linearMSE.pth",
     "clip_model": "openai/clip-vit-large-patch14",
     "imagereward_checkpoint": "ImageReward-v1.0",
     "imagereward_med_config": None,  # a local med_config.json for offline use; None lets the package download it
@@ -43,7 +44,7 @@ def resolve_weight_file(reference, cache_dir=None):
         if reference.startswith("hf://"):
             from huggingface_hub import hf_hub_download
 
-            owner, repo, filename = reference[len("hf://"):].split("/", 2)
+            owner, repo, filename = reference[len("hf://") :].split("/", 2)
             return hf_hub_download(f"{owner}/{repo}", filename, cache_dir=cache_dir)
         if reference.startswith(("http://", "https://")):
             target_dir = cache_dir or os.path.join(torch.hub.get_dir(), "checkpoints")
@@ -53,10 +54,12 @@ def resolve_weight_file(reference, cache_dir=None):
                 torch.hub.download_url_to_file(reference, target)
             return target
     except Exception as error:
-        raise ValueError(f"Cannot fetch weights {reference!r}: {error}. Download the file elsewhere and pass its "
-                         "local path.") from error
-    raise FileNotFoundError(f"Weight file {reference!r} does not exist (expected a local file, an http(s) URL or "
-                            "hf://owner/repo/file).")
+        raise ValueError(
+            f"Cannot fetch weights {reference!r}: {error}. Download the file elsewhere and pass its local path."
+        ) from error
+    raise FileNotFoundError(
+        f"Weight file {reference!r} does not exist (expected a local file, an http(s) URL or hf://owner/repo/file)."
+    )
 
 
 def load_weights(path):
@@ -68,8 +71,10 @@ def load_weights(path):
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
-        raise ValueError(f"{path} holds pickled objects besides tensors, which we do not execute: load it once in a "
-                         "trusted session and re-save its state dict with safetensors, then pass that file.") from error
+        raise ValueError(
+            f"{path} holds pickled objects besides tensors, which we do not execute: load it once in a "
+            "trusted session and re-save its state dict with safetensors, then pass that file."
+        ) from error
 
 
 def clip_preprocess(images, size, mean, std, crop_rounding="floor"):
@@ -84,7 +89,9 @@ def clip_preprocess(images, size, mean, std, crop_rounding="floor"):
         new_size = (size, int(size * width / height)) if height <= width else (int(size * height / width), size)
         if (height, width) != new_size:
             pixels = F.interpolate(pixels, size=new_size, mode="bicubic", align_corners=False, antialias=True)
-        offset = (lambda margin: int(round(margin / 2.0))) if crop_rounding == "round" else (lambda margin: margin // 2)
+        offset = (
+            (lambda margin: int(round(margin / 2.0))) if crop_rounding == "round" else (lambda margin: margin // 2)
+        )
         top, left = offset(new_size[0] - size), offset(new_size[1] - size)
         batch.append(pixels[..., top : top + size, left : left + size].clamp(0.0, 1.0))
     pixels = torch.cat(batch)
@@ -99,8 +106,11 @@ def image_settings(path):
 
     config, _ = ImageProcessingMixin.get_image_processor_dict(path)
     crop = config.get("crop_size") or config.get("size")
-    size = crop["height"] if isinstance(crop, dict) and "height" in crop else (
-        crop.get("shortest_edge") if isinstance(crop, dict) else crop)
+    size = (
+        crop["height"]
+        if isinstance(crop, dict) and "height" in crop
+        else (crop.get("shortest_edge") if isinstance(crop, dict) else crop)
+    )
     return int(size), tuple(config.get("image_mean", OPENAI_MEAN)), tuple(config.get("image_std", OPENAI_STD))
 
 
@@ -126,8 +136,9 @@ class ClipEmbedder:
 
     @torch.no_grad()
     def text_embeddings(self, prompts):
-        tokens = self.tokenizer(list(prompts), padding="max_length", truncation=True, max_length=self.max_length,
-                                return_tensors="pt")
+        tokens = self.tokenizer(
+            list(prompts), padding="max_length", truncation=True, max_length=self.max_length, return_tensors="pt"
+        )
         features = self.model.get_text_features(input_ids=tokens.input_ids.to(self.device))
         return F.normalize(_features(features).float(), dim=-1)
 
@@ -152,8 +163,10 @@ class PickScore:
 
     def __init__(self, options, device, dtype):
         self.clip = load_clip_embedder(options["pickscore_model"], options["pickscore_processor"], device, dtype)
-        self.description = (f"PickScore: {options['pickscore_model']} (processor {options['pickscore_processor']}), "
-                            "logit_scale.exp() * cosine")
+        self.description = (
+            f"PickScore: {options['pickscore_model']} (processor {options['pickscore_processor']}), "
+            "logit_scale.exp() * cosine"
+        )
 
     def score(self, images, prompts):
         return (self.clip.logit_scale * self.clip.cosine(images, prompts)).tolist()
@@ -169,14 +182,23 @@ class HPSv21:
         state = checkpoint["state_dict"] if "state_dict" in checkpoint else checkpoint
         tokenizer = AutoTokenizer.from_pretrained(options["hpsv2_tokenizer"])
         if tokenizer.eos_token_id != max(tokenizer.get_vocab().values()):
-            raise ValueError("open_clip pools text at the highest token id; the HPS tokenizer's end-of-text token "
-                             "must be its highest id (true of the CLIP BPE tokenizer).")
+            raise ValueError(
+                "open_clip pools text at the highest token id; the HPS tokenizer's end-of-text token "
+                "must be its highest id (true of the CLIP BPE tokenizer)."
+            )
         heads = dict(options.get("hpsv2_heads") or VIT_H_14_HEADS)
-        special_tokens = {f"{name}_token_id": getattr(tokenizer, f"{name}_token_id")
-                          for name in ("bos", "eos", "pad")}
+        special_tokens = {f"{name}_token_id": getattr(tokenizer, f"{name}_token_id") for name in ("bos", "eos", "pad")}
         model = clip_model_from_openclip(state, heads, special_tokens)
-        self.clip = ClipEmbedder(model, tokenizer, model.config.vision_config.image_size, OPENAI_MEAN, OPENAI_STD,
-                                 device, dtype, crop_rounding="round")
+        self.clip = ClipEmbedder(
+            model,
+            tokenizer,
+            model.config.vision_config.image_size,
+            OPENAI_MEAN,
+            OPENAI_STD,
+            device,
+            dtype,
+            crop_rounding="round",
+        )
         self.description = f"HPSv2.1: open_clip ViT-H-14 + {options['hpsv2_checkpoint']}, cosine"
 
     def score(self, images, prompts):
@@ -188,9 +210,16 @@ class AestheticMLP(nn.Module):
 
     def __init__(self, input_size=768):
         super().__init__()
-        self.layers = nn.Sequential(nn.Linear(input_size, 1024), nn.Dropout(0.2), nn.Linear(1024, 128),
-                                    nn.Dropout(0.2), nn.Linear(128, 64), nn.Dropout(0.1), nn.Linear(64, 16),
-                                    nn.Linear(16, 1))
+        self.layers = nn.Sequential(
+            nn.Linear(input_size, 1024),
+            nn.Dropout(0.2),
+            nn.Linear(1024, 128),
+            nn.Dropout(0.2),
+            nn.Linear(128, 64),
+            nn.Dropout(0.1),
+            nn.Linear(64, 16),
+            nn.Linear(16, 1),
+        )
 
     def forward(self, embeddings):
         return self.layers(embeddings)
@@ -203,16 +232,22 @@ class Aesthetic:
         self.clip = load_clip_embedder(options["aesthetic_clip"], options["aesthetic_clip"], device, dtype)
         state = load_weights(resolve_weight_file(options["aesthetic_mlp"]))
         if "layers.0.weight" not in state:
-            raise ValueError(f"{options['aesthetic_mlp']} is not the improved-aesthetic-predictor MLP state dict "
-                             f"(expected layers.0.weight ... layers.7.bias, found {sorted(state)[:4]}).")
+            raise ValueError(
+                f"{options['aesthetic_mlp']} is not the improved-aesthetic-predictor MLP state dict "
+                f"(expected layers.0.weight ... layers.7.bias, found {sorted(state)[:4]})."
+            )
         input_size = state["layers.0.weight"].shape[1]
         if input_size != self.clip.model.config.projection_dim:
-            raise ValueError(f"The aesthetic MLP expects {input_size}-d embeddings but {options['aesthetic_clip']} "
-                             f"gives {self.clip.model.config.projection_dim}-d ones (ViT-L/14 gives 768).")
+            raise ValueError(
+                f"The aesthetic MLP expects {input_size}-d embeddings but {options['aesthetic_clip']} "
+                f"gives {self.clip.model.config.projection_dim}-d ones (ViT-L/14 gives 768)."
+            )
         self.mlp = AestheticMLP(input_size)
         self.mlp.load_state_dict(state, strict=True)
         self.mlp.to(device).eval()
-        self.description = f"LAION aesthetic v2: {options['aesthetic_clip']} + {os.path.basename(options['aesthetic_mlp'])}"
+        self.description = (
+            f"LAION aesthetic v2: {options['aesthetic_clip']} + {os.path.basename(options['aesthetic_mlp'])}"
+        )
 
     @torch.no_grad()
     def score(self, images, prompts):
@@ -238,12 +273,15 @@ class ImageReward:
         try:
             import ImageReward as reward_package
         except ImportError as error:
-            raise ValueError("The imagereward metric needs the `image-reward` package, which pins timm==0.6.13 and "
-                             f"only imports under transformers<5 ({error}); install it in a separate environment "
-                             "(eval/README.md, 'ImageReward') and run `python -m eval.score --metrics imagereward` "
-                             "there.") from error
-        self.model = reward_package.load(options["imagereward_checkpoint"], device=device,
-                                         med_config=options.get("imagereward_med_config"))
+            raise ValueError(
+                "The imagereward metric needs the `image-reward` package, which pins timm==0.6.13 and "
+                f"only imports under transformers<5 ({error}); install it in a separate environment "
+                "(eval/README.md, 'ImageReward') and run `python -m eval.score --metrics imagereward` "
+                "there."
+            ) from error
+        self.model = reward_package.load(
+            options["imagereward_checkpoint"], device=device, med_config=options.get("imagereward_med_config")
+        )
         self.description = f"ImageReward: {options['imagereward_checkpoint']} (image-reward package)"
 
     @torch.no_grad()

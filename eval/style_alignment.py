@@ -17,8 +17,17 @@ import torch
 
 from eval.image_folder import read_metadata
 from eval.report import comparison_grid, ensure_dir, markdown_report, win_rate_chart, write_json, write_rows
-from eval.score import (add_scoring_args, check_pairing, compare_runs, grid_columns, resolve_device, score_folder,
-                        scorer_options, summarize_rows, torch_dtype)
+from eval.score import (
+    add_scoring_args,
+    check_pairing,
+    compare_runs,
+    grid_columns,
+    resolve_device,
+    score_folder,
+    scorer_options,
+    summarize_rows,
+    torch_dtype,
+)
 from eval.scorers import load_scorer
 from eval.stats import summarize
 
@@ -28,8 +37,10 @@ class StyleProbability:
 
     def __init__(self, clip_scorer, style, neutral):
         self.clip, self.style, self.neutral = clip_scorer.clip, style, neutral
-        self.description = (f"CLIP zero-shot P({style!r} | image) against {neutral!r}, "
-                            f"{clip_scorer.description.split(',')[0].replace('CLIP score: ', '')}")
+        self.description = (
+            f"CLIP zero-shot P({style!r} | image) against {neutral!r}, "
+            f"{clip_scorer.description.split(',')[0].replace('CLIP score: ', '')}"
+        )
 
     @torch.no_grad()
     def score(self, images, prompts):
@@ -72,8 +83,14 @@ def main(argv=None):
     summaries = {"model": style_summary(rows, args.threshold)}
     descriptions = {s.name: s.description for s in scorers}
     descriptions["style_hit_rate"] = f"share of images with style probability > {args.threshold}"
-    result = {"images": args.images, "style": args.style, "neutral": args.neutral, "threshold": args.threshold,
-              "metrics": descriptions, "summary": summaries}
+    result = {
+        "images": args.images,
+        "style": args.style,
+        "neutral": args.neutral,
+        "threshold": args.threshold,
+        "metrics": descriptions,
+        "summary": summaries,
+    }
     win_rates = None
     if baseline_entries is not None:
         baseline_rows = score_folder(args.baseline, baseline_entries, scorers, args.batch_size, "baseline")
@@ -82,13 +99,15 @@ def main(argv=None):
         win_rates = compare_runs(rows, baseline_rows, metrics, args.bootstrap_samples, args.seed)
         result.update(baseline=args.baseline, win_rates=win_rates)
         win_rate_chart(os.path.join(out, "win_rates.png"), win_rates, f"style {args.style!r}: model vs baseline")
-        comparison_grid(os.path.join(out, "grid.png"),
-                        grid_columns(args.images, entries, args.baseline, baseline_entries, args.grid_prompts),
-                        ["baseline", "model"], title=args.style)
+        comparison_grid(
+            os.path.join(out, "grid.png"),
+            grid_columns(args.images, entries, args.baseline, baseline_entries, args.grid_prompts),
+            ["baseline", "model"],
+            title=args.style,
+        )
     write_json(os.path.join(out, "style_alignment.json"), result)
     with open(os.path.join(out, "style_alignment.md"), "w", encoding="utf-8") as f:
-        f.write(markdown_report(f"Style alignment ({args.style}): {args.images}", summaries, win_rates,
-                                descriptions))
+        f.write(markdown_report(f"Style alignment ({args.style}): {args.images}", summaries, win_rates, descriptions))
     print(open(os.path.join(out, "style_alignment.md"), encoding="utf-8").read())
     return result
 

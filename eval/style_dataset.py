@@ -20,18 +20,27 @@ import os
 
 import numpy as np
 
-from eval.generate import (call_settings, generation_jobs, load_pipeline, prompts_fingerprint,
-                           resolve_device_and_dtype, run_jobs)
+from eval.generate import (
+    call_settings,
+    generation_jobs,
+    load_pipeline,
+    prompts_fingerprint,
+    resolve_device_and_dtype,
+    run_jobs,
+)
 from eval.image_folder import ImageFolderWriter, image_key, load_image, read_metadata
 from eval.prompts import PROMPT_SETS, load_prompts
 from eval.report import write_json
+
 
 METHODS = ("prompt", "instruct_pix2pix")
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", required=True, help="Base pipeline (folder or Hub id) that draws the rejected images.")
+    parser.add_argument(
+        "--model", required=True, help="Base pipeline (folder or Hub id) that draws the rejected images."
+    )
     parser.add_argument("--prompts", required=True, help=f"A named set ({', '.join(PROMPT_SETS)}) or a local file.")
     parser.add_argument("--prompts_source", default=None)
     parser.add_argument("--prompt_column", default=None)
@@ -60,11 +69,20 @@ def parse_args(argv=None):
 
 
 def generation_settings(args, pipeline, records, role, call_kwargs):
-    return {"role": role, "model": args.model if role == "rejected" or args.method == "prompt" else args.edit_model,
-            "style": args.style, "method": args.method, "template": args.style_prompt_template,
-            "instruction": args.edit_instruction, "num_prompts": len(records),
-            "prompts_sha256": prompts_fingerprint(records), "seed": args.seed,
-            "images_per_prompt": args.images_per_prompt, "pipeline": type(pipeline).__name__, **call_kwargs}
+    return {
+        "role": role,
+        "model": args.model if role == "rejected" or args.method == "prompt" else args.edit_model,
+        "style": args.style,
+        "method": args.method,
+        "template": args.style_prompt_template,
+        "instruction": args.edit_instruction,
+        "num_prompts": len(records),
+        "prompts_sha256": prompts_fingerprint(records),
+        "seed": args.seed,
+        "images_per_prompt": args.images_per_prompt,
+        "pipeline": type(pipeline).__name__,
+        **call_kwargs,
+    }
 
 
 def generate_pair_images(args, records, device, dtype):
@@ -77,25 +95,44 @@ def generate_pair_images(args, records, device, dtype):
     writer = ImageFolderWriter(rejected_dir, generation_settings(args, base, records, "rejected", call_kwargs))
     run_jobs(base, jobs, writer, args.batch_size, call_kwargs)
     if args.method == "prompt":
-        styled = [{**job, "prompt": args.style_prompt_template.format(prompt=job["prompt"], style=args.style),
-                   "content_prompt": job["prompt"]} for job in jobs]
+        styled = [
+            {
+                **job,
+                "prompt": args.style_prompt_template.format(prompt=job["prompt"], style=args.style),
+                "content_prompt": job["prompt"],
+            }
+            for job in jobs
+        ]
         writer = ImageFolderWriter(chosen_dir, generation_settings(args, base, records, "chosen", call_kwargs))
         run_jobs(base, styled, writer, args.batch_size, call_kwargs)
         return rejected_dir, chosen_dir
     from diffusers import StableDiffusionInstructPix2PixPipeline
 
     del base
-    editor = load_pipeline(args.edit_model, device=device, dtype=dtype, disable_safety_checker=True,
-                           pipeline_class=StableDiffusionInstructPix2PixPipeline)
-    edit_kwargs = {"num_inference_steps": args.num_inference_steps,
-                   "guidance_scale": args.guidance_scale if args.guidance_scale is not None else 7.5,
-                   "image_guidance_scale": args.image_guidance_scale}
+    editor = load_pipeline(
+        args.edit_model,
+        device=device,
+        dtype=dtype,
+        disable_safety_checker=True,
+        pipeline_class=StableDiffusionInstructPix2PixPipeline,
+    )
+    edit_kwargs = {
+        "num_inference_steps": args.num_inference_steps,
+        "guidance_scale": args.guidance_scale if args.guidance_scale is not None else 7.5,
+        "image_guidance_scale": args.image_guidance_scale,
+    }
     rejected = {image_key(e): e for e in read_metadata(rejected_dir)}
     instruction = args.edit_instruction.format(style=args.style)
     edits = [{**job, "prompt": instruction, "content_prompt": job["prompt"]} for job in jobs]
     writer = ImageFolderWriter(chosen_dir, generation_settings(args, editor, records, "chosen", edit_kwargs))
-    run_jobs(editor, edits, writer, args.batch_size, edit_kwargs,
-             batch_inputs=lambda chunk: {"image": [load_image(rejected_dir, rejected[image_key(j)]) for j in chunk]})
+    run_jobs(
+        editor,
+        edits,
+        writer,
+        args.batch_size,
+        edit_kwargs,
+        batch_inputs=lambda chunk: {"image": [load_image(rejected_dir, rejected[image_key(j)]) for j in chunk]},
+    )
     return rejected_dir, chosen_dir
 
 
@@ -118,14 +155,30 @@ def preference_rows(rejected_dir, chosen_dir, style, method, seed):
         if not chosen_first:
             images, names = images[::-1], names[::-1]
         uids = [f"{key[0]}-{key[1]}-{names[0]}", f"{key[0]}-{key[1]}-{names[1]}"]
-        rows.append({
-            "are_different": True, "best_image_uid": uids[0] if chosen_first else uids[1], "caption": caption,
-            "created_at": "", "has_label": True, "image_0_uid": uids[0], "image_0_url": "", "image_1_uid": uids[1],
-            "image_1_url": "", "jpg_0": png_bytes(images[0]), "jpg_1": png_bytes(images[1]),
-            "label_0": 1.0 if chosen_first else 0.0, "label_1": 0.0 if chosen_first else 1.0,
-            "model_0": names[0], "model_1": names[1], "ranking_id": ranking_id, "user_id": 0,
-            "num_example_per_prompt": 1, "style": style, "seed": int(rejected[key]["seed"]),
-        })
+        rows.append(
+            {
+                "are_different": True,
+                "best_image_uid": uids[0] if chosen_first else uids[1],
+                "caption": caption,
+                "created_at": "",
+                "has_label": True,
+                "image_0_uid": uids[0],
+                "image_0_url": "",
+                "image_1_uid": uids[1],
+                "image_1_url": "",
+                "jpg_0": png_bytes(images[0]),
+                "jpg_1": png_bytes(images[1]),
+                "label_0": 1.0 if chosen_first else 0.0,
+                "label_1": 0.0 if chosen_first else 1.0,
+                "model_0": names[0],
+                "model_1": names[1],
+                "ranking_id": ranking_id,
+                "user_id": 0,
+                "num_example_per_prompt": 1,
+                "style": style,
+                "seed": int(rejected[key]["seed"]),
+            }
+        )
     return rows
 
 
@@ -140,10 +193,18 @@ def main(argv=None):
     os.makedirs(os.path.join(args.out, "data"), exist_ok=True)
     path = os.path.join(args.out, "data", "train-00000-of-00001.parquet")
     datasets.Dataset.from_list(rows).to_parquet(path)
-    write_json(os.path.join(args.out, "style_dataset.json"),
-               {"style": args.style, "method": args.method, "model": args.model, "pairs": len(rows),
-                "chosen_first": int(sum(r["label_0"] == 1.0 for r in rows)), "prompts": args.prompts,
-                "template": args.style_prompt_template if args.method == "prompt" else args.edit_instruction})
+    write_json(
+        os.path.join(args.out, "style_dataset.json"),
+        {
+            "style": args.style,
+            "method": args.method,
+            "model": args.model,
+            "pairs": len(rows),
+            "chosen_first": int(sum(r["label_0"] == 1.0 for r in rows)),
+            "prompts": args.prompts,
+            "template": args.style_prompt_template if args.method == "prompt" else args.edit_instruction,
+        },
+    )
     print(f"{len(rows)} preference pairs written to {path}; train with --dataset_name {args.out}")
     return path
 

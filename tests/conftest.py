@@ -4,6 +4,7 @@ from types import SimpleNamespace
 
 import pytest
 
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -42,10 +43,13 @@ def script(request):
     import train_diffusion_rpo
     import train_diffusion_rpo_sdxl
 
-    module, pipeline_fixture = {"sd15": (train_diffusion_rpo, "sd_pipeline_path"),
-                                "sdxl": (train_diffusion_rpo_sdxl, "sdxl_pipeline_path")}[request.param]
-    return SimpleNamespace(module=module, pipeline=request.getfixturevalue(pipeline_fixture),
-                           path=os.path.join(ROOT, module.SCRIPT_NAME))
+    module, pipeline_fixture = {
+        "sd15": (train_diffusion_rpo, "sd_pipeline_path"),
+        "sdxl": (train_diffusion_rpo_sdxl, "sdxl_pipeline_path"),
+    }[request.param]
+    return SimpleNamespace(
+        module=module, pipeline=request.getfixturevalue(pipeline_fixture), path=os.path.join(ROOT, module.SCRIPT_NAME)
+    )
 
 
 @pytest.fixture(scope="session")
@@ -54,11 +58,19 @@ def scorer_weights(tmp_path_factory, clip_model_path):
     folder = str(tmp_path_factory.mktemp("scorer-weights"))
     hps = tiny.write_hpsv2_checkpoint(os.path.join(folder, "hps"))
     mlp = tiny.write_aesthetic_mlp(os.path.join(folder, "sac+logos+ava1-l14-linearMSE.pth"), input_size=24)
-    return {"pickscore_model": clip_model_path, "pickscore_processor": clip_model_path, "hpsv2_checkpoint": hps,
-            "hpsv2_tokenizer": os.path.join(folder, "hps", "tokenizer"),
-            "hpsv2_heads": {"vision_head_width": tiny.OPENCLIP_TINY["vision_head_width"],
-                            "text_heads": tiny.OPENCLIP_TINY["text_heads"]},
-            "aesthetic_clip": clip_model_path, "aesthetic_mlp": mlp, "clip_model": clip_model_path}
+    return {
+        "pickscore_model": clip_model_path,
+        "pickscore_processor": clip_model_path,
+        "hpsv2_checkpoint": hps,
+        "hpsv2_tokenizer": os.path.join(folder, "hps", "tokenizer"),
+        "hpsv2_heads": {
+            "vision_head_width": tiny.OPENCLIP_TINY["vision_head_width"],
+            "text_heads": tiny.OPENCLIP_TINY["text_heads"],
+        },
+        "aesthetic_clip": clip_model_path,
+        "aesthetic_mlp": mlp,
+        "clip_model": clip_model_path,
+    }
 
 
 @pytest.fixture(scope="session")

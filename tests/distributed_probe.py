@@ -40,9 +40,17 @@ def main(argv):
         losses.append(loss.detach())
         pair_indices.append(batch["pair_index"])
     gradient = torch.cat([p.grad.flatten() for p in accelerator.unwrap_model(unet).parameters()])
-    torch.save({"loss": torch.stack(losses), "gradient": gradient, "pair_index": torch.cat(pair_indices),
-                "model_losses": torch.cat(seen["model_losses"]), "ref_losses": torch.cat(seen["ref_losses"]),
-                "processes": accelerator.num_processes}, f"{out}.rank{accelerator.process_index}")
+    torch.save(
+        {
+            "loss": torch.stack(losses),
+            "gradient": gradient,
+            "pair_index": torch.cat(pair_indices),
+            "model_losses": torch.cat(seen["model_losses"]),
+            "ref_losses": torch.cat(seen["ref_losses"]),
+            "processes": accelerator.num_processes,
+        },
+        f"{out}.rank{accelerator.process_index}",
+    )
     accelerator.end_training()
 
 

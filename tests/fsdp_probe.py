@@ -32,10 +32,12 @@ def main(pipeline, out):
     unet = UNet2DConditionModel.from_pretrained(pipeline, subfolder="unet")
     generator = torch.Generator().manual_seed(0)
     config = unet.config
-    inputs = (torch.randn(4, config.in_channels, config.sample_size, config.sample_size, generator=generator),
-              torch.tensor([10, 250, 500, 900]),
-              torch.randn(4, 16, config.cross_attention_dim, generator=generator).bfloat16(),
-              torch.randn(4, config.in_channels, config.sample_size, config.sample_size, generator=generator))
+    inputs = (
+        torch.randn(4, config.in_channels, config.sample_size, config.sample_size, generator=generator),
+        torch.tensor([10, 250, 500, 900]),
+        torch.randn(4, 16, config.cross_attention_dim, generator=generator).bfloat16(),
+        torch.randn(4, config.in_channels, config.sample_size, config.sample_size, generator=generator),
+    )
     ddp_reference = rpo.store_as_autocast_computes(copy.deepcopy(unet), torch.bfloat16)
     rpo.sharding_engine = lambda: DistributedType.FSDP
     fsdp_reference = rpo.store_as_autocast_computes(copy.deepcopy(unet), torch.bfloat16)
@@ -44,8 +46,11 @@ def main(pipeline, out):
         if isinstance(module, (BasicTransformerBlock, ResnetBlock2D)):
             fully_shard(module, mp_policy=policy)
     fully_shard(unet, mp_policy=policy)
-    results = {"sharded": per_sample_losses(unet, inputs), "fsdp_reference": per_sample_losses(fsdp_reference, inputs),
-               "ddp_reference": per_sample_losses(ddp_reference, inputs)}
+    results = {
+        "sharded": per_sample_losses(unet, inputs),
+        "fsdp_reference": per_sample_losses(fsdp_reference, inputs),
+        "ddp_reference": per_sample_losses(ddp_reference, inputs),
+    }
     if dist.get_rank() == 0:
         torch.save(results, out)
     dist.destroy_process_group()

@@ -6,11 +6,12 @@ from types import SimpleNamespace
 import datasets
 import numpy as np
 import pytest
+import tiny
 import torch
 from PIL import Image
 
-import tiny
 import train_diffusion_rpo as rpo
+
 
 COLUMNS = SimpleNamespace(caption="caption", image_0="jpg_0", image_1="jpg_1", label_0="label_0")
 
@@ -65,8 +66,9 @@ def test_a_loser_of_another_size_gets_the_winner_geometry():
     loser = Image.fromarray(tiny.random_image(rng, 48, 40))
     augmentation = {"crop_fraction": (0.3, 0.8), "flip": True}
     tensors, sizes, crops = rpo.paired_transform([winner, loser], 32, **augmentation)
-    expected, _, _ = rpo.paired_transform([winner, loser.resize(winner.size, Image.Resampling.BICUBIC)], 32,
-                                          **augmentation)
+    expected, _, _ = rpo.paired_transform(
+        [winner, loser.resize(winner.size, Image.Resampling.BICUBIC)], 32, **augmentation
+    )
     assert torch.equal(tensors[1], expected[1])  # the loser is cropped where the winner is
     assert sizes == [(40, 64), (40, 64)] and crops[0] == crops[1]  # one set of SDXL time ids fits both
 
@@ -74,7 +76,9 @@ def test_a_loser_of_another_size_gets_the_winner_geometry():
 def test_augmentation_and_noise_are_pure_functions_of_the_pair():
     a = rpo.sample_pair_augmentation(7, 12, 2, True, True)
     assert a == rpo.sample_pair_augmentation(7, 12, 2, True, True)
-    assert a != rpo.sample_pair_augmentation(7, 12, 3, True, True) or a != rpo.sample_pair_augmentation(7, 13, 2, True, True)
+    assert a != rpo.sample_pair_augmentation(7, 12, 3, True, True) or a != rpo.sample_pair_augmentation(
+        7, 13, 2, True, True
+    )
     n1 = rpo.draw_pair_noise(7, 12, 2, (4, 8, 8), noise_offset=0.1)
     n2 = rpo.draw_pair_noise(7, 12, 2, (4, 8, 8), noise_offset=0.1)
     n3 = rpo.draw_pair_noise(7, 13, 2, (4, 8, 8), noise_offset=0.1)
@@ -90,8 +94,9 @@ def test_loader_output_does_not_depend_on_worker_count(pickapic_path):
     def batches(workers):
         sampler = rpo.IndexedBatchSampler(len(dataset), 3, seed=5, batches_per_epoch=4)
         sampler.set_epoch(1)
-        loader = torch.utils.data.DataLoader(items, batch_sampler=sampler, collate_fn=rpo.collate_pairs,
-                                             num_workers=workers)
+        loader = torch.utils.data.DataLoader(
+            items, batch_sampler=sampler, collate_fn=rpo.collate_pairs, num_workers=workers
+        )
         return list(loader)
 
     serial, parallel = batches(0), batches(2)
@@ -104,8 +109,9 @@ def test_loader_output_does_not_depend_on_worker_count(pickapic_path):
 
 def test_sampler_shards_a_global_batch_and_resumes_mid_epoch():
     single = rpo.IndexedBatchSampler(20, 4, seed=1, batches_per_epoch=5)
-    shards = [rpo.IndexedBatchSampler(20, 2, seed=1, batches_per_epoch=5, num_processes=2, process_index=r)
-              for r in range(2)]
+    shards = [
+        rpo.IndexedBatchSampler(20, 2, seed=1, batches_per_epoch=5, num_processes=2, process_index=r) for r in range(2)
+    ]
     for sampler in [single, *shards]:
         sampler.set_epoch(2)
     for global_batch, *local in zip(single, *shards):
@@ -119,8 +125,20 @@ def test_sampler_shards_a_global_batch_and_resumes_mid_epoch():
 
 
 def test_pair_noise_does_not_depend_on_batch_composition(sd_pipeline_path, pickapic_path):
-    args = rpo.parse_args(["--pretrained_model_name_or_path", sd_pipeline_path, "--dataset_name", pickapic_path,
-                           "--resolution", "32", "--loss_type", "dpo", "--rpo_weighting", "uniform"])
+    args = rpo.parse_args(
+        [
+            "--pretrained_model_name_or_path",
+            sd_pipeline_path,
+            "--dataset_name",
+            pickapic_path,
+            "--resolution",
+            "32",
+            "--loss_type",
+            "dpo",
+            "--rpo_weighting",
+            "uniform",
+        ]
+    )
     models = rpo.load_models(args, torch.device("cpu"), torch.float32)
     dataset, _ = rpo.prepare_preference_dataset(load(pickapic_path), COLUMNS)
     items = pair_dataset(dataset, tokenizers={"input_ids": rpo.make_tokenize_fn(models.tokenizer)})
@@ -170,9 +188,14 @@ def test_image_feature_and_file_paths_are_read(tmp_path):
         path = tmp_path / f"{i}.jpg"
         path.write_bytes(row["jpg_0"])
         paths.append(str(path))
-    dataset = datasets.Dataset.from_dict({
-        "caption": [r["caption"] for r in rows], "jpg_0": paths, "jpg_1": [r["jpg_1"] for r in rows],
-        "label_0": [r["label_0"] for r in rows]}).cast_column("jpg_0", datasets.Image())
+    dataset = datasets.Dataset.from_dict(
+        {
+            "caption": [r["caption"] for r in rows],
+            "jpg_0": paths,
+            "jpg_1": [r["jpg_1"] for r in rows],
+            "label_0": [r["label_0"] for r in rows],
+        }
+    ).cast_column("jpg_0", datasets.Image())
     prepared, _ = rpo.prepare_preference_dataset(dataset, COLUMNS)
     assert prepared.features["jpg_0"].decode is False
     item = pair_dataset(prepared, random_crop=False, hflip=False)[(0, 0)]
@@ -180,14 +203,17 @@ def test_image_feature_and_file_paths_are_read(tmp_path):
     assert torch.equal(item["pixel_values"][0], expected)
 
 
-@pytest.mark.parametrize("change,message", [
-    (lambda d: d.remove_columns("jpg_1"), r"no column 'jpg_1'.*--image_1_column"),
-    (lambda d: d.rename_column("caption", "prompt"), r"no column 'caption'.*--caption_column"),
-    (lambda d: d.map(lambda r: {"label_0": 2.0}), r"labels \[2.0\]"),
-    (lambda d: d.map(lambda r: {"label_0": 0.5}), r"No preference pairs left"),
-    (lambda d: d.cast_column("label_0", datasets.Value("string")), r"must be numeric"),
-    (lambda d: d.map(lambda r: {"jpg_0": 3}, features=None), r"must hold images"),
-])
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        (lambda d: d.remove_columns("jpg_1"), r"no column 'jpg_1'.*--image_1_column"),
+        (lambda d: d.rename_column("caption", "prompt"), r"no column 'caption'.*--caption_column"),
+        (lambda d: d.map(lambda r: {"label_0": 2.0}), r"labels \[2.0\]"),
+        (lambda d: d.map(lambda r: {"label_0": 0.5}), r"No preference pairs left"),
+        (lambda d: d.cast_column("label_0", datasets.Value("string")), r"must be numeric"),
+        (lambda d: d.map(lambda r: {"jpg_0": 3}, features=None), r"must hold images"),
+    ],
+)
 def test_bad_datasets_are_rejected_clearly(pickapic_path, change, message):
     with pytest.raises(ValueError, match=message):
         rpo.prepare_preference_dataset(change(load(pickapic_path)), COLUMNS)

@@ -8,6 +8,7 @@ import pytest
 
 from demo import evaluate, style_world, world
 
+
 RECORD = os.path.join(os.path.dirname(style_world.__file__), "results", "ci_record.json")
 
 
@@ -43,10 +44,14 @@ def test_demo_alignment_learns_the_held_out_style_without_losing_the_content(rec
     base = style_world.base_score(items, record["style"], style_world.ASSETS)
     dataset = style_world.write_preferences(str(tmp_path), record["style"])
     output_dir = str(tmp_path / "aligned")
-    style_world.train(record["method"], record["config"], dataset, output_dir, record["seed"], record["steps"],
-                      style_world.ASSETS)
-    aligned = evaluate.score(evaluate.sample(evaluate.load_pipeline(os.path.join(style_world.ASSETS, "base"),
-                                                                    output_dir), items), items, record["style"])
+    style_world.train(
+        record["method"], record["config"], dataset, output_dir, record["seed"], record["steps"], style_world.ASSETS
+    )
+    aligned = evaluate.score(
+        evaluate.sample(evaluate.load_pipeline(os.path.join(style_world.ASSETS, "base"), output_dir), items),
+        items,
+        record["style"],
+    )
     assert aligned["style_hit_rate"] - base["style_hit_rate"] >= record["required_gain"], (base, aligned)
     assert aligned["content_accuracy"] >= record["min_content_accuracy"], (base, aligned)
 
@@ -59,4 +64,7 @@ def test_demo_configuration_is_the_best_mean_over_the_tuning_styles():
     assert summary["styles"] == list(world.TUNING_STYLES)
     complete = [e for e in summary["summary"] if e["styles"] == sorted(world.TUNING_STYLES)]
     best = max(complete, key=lambda e: e["styled_and_correct"])
-    assert (best["method"], best["config"]) == (style_world.DEMO_METHOD, style_world.config_label(style_world.DEMO_CONFIG))
+    assert (best["method"], best["config"]) == (
+        style_world.DEMO_METHOD,
+        style_world.config_label(style_world.DEMO_CONFIG),
+    )

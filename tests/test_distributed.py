@@ -8,10 +8,10 @@ import subprocess
 import sys
 
 import pytest
-import torch
-
 import tiny
+import torch
 from test_train import cli
+
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROBE = os.path.join(ROOT, "tests", "distributed_probe.py")
@@ -29,12 +29,24 @@ def launch(script, arguments, processes, cwd, succeed=True, attempts=2):
     at start once in a clean-clone CI run, unexplained and not reproduced since)."""
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
     for attempt in range(attempts):
-        command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(processes),
-                   "--mixed_precision", "no", "--num_machines", "1", "--dynamo_backend", "no"]
+        command = [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--num_processes",
+            str(processes),
+            "--mixed_precision",
+            "no",
+            "--num_machines",
+            "1",
+            "--dynamo_backend",
+            "no",
+        ]
         command += ["--multi_gpu", "--main_process_port", str(free_port())] if processes > 1 else ["--cpu"]
         try:
-            result = subprocess.run([*command, script, *arguments], capture_output=True, text=True, timeout=300,
-                                    cwd=cwd, env=env)
+            result = subprocess.run(
+                [*command, script, *arguments], capture_output=True, text=True, timeout=300, cwd=cwd, env=env
+            )
             break
         except subprocess.TimeoutExpired:
             if attempt == attempts - 1:
@@ -50,17 +62,27 @@ def probes(sd_pipeline_path, pickapic_path, clip_model_path, tmp_path_factory):
     folder = tmp_path_factory.mktemp("probes")
 
     def probe(name, processes, *extra):
-        flags = cli(sd_pipeline_path, pickapic_path, clip_model_path, folder / name, "--validation_prompts",
-                    "--train_batch_size", str(4 // processes), *extra)
+        flags = cli(
+            sd_pipeline_path,
+            pickapic_path,
+            clip_model_path,
+            folder / name,
+            "--validation_prompts",
+            "--train_batch_size",
+            str(4 // processes),
+            *extra,
+        )
         launch(PROBE, [str(folder / name), *flags], processes, folder)
         return [torch.load(f"{folder / name}.rank{rank}", weights_only=True) for rank in range(processes)]
 
     accumulate = ["--gradient_accumulation_steps", "2", "--timestep_sampling", "batch"]
-    return {"single": probe("single", 1, "--rpo_global_matrix"),
-            "global": probe("global", 2, "--rpo_global_matrix"),
-            "local": probe("local", 2),
-            "single_accumulated": probe("single_accumulated", 1, "--rpo_global_matrix", *accumulate),
-            "global_accumulated": probe("global_accumulated", 2, "--rpo_global_matrix", *accumulate)}
+    return {
+        "single": probe("single", 1, "--rpo_global_matrix"),
+        "global": probe("global", 2, "--rpo_global_matrix"),
+        "local": probe("local", 2),
+        "single_accumulated": probe("single_accumulated", 1, "--rpo_global_matrix", *accumulate),
+        "global_accumulated": probe("global_accumulated", 2, "--rpo_global_matrix", *accumulate),
+    }
 
 
 def relative_difference(a, b):
@@ -100,8 +122,9 @@ def test_per_process_matrices_give_a_different_gradient(probes):
 
 
 @pytest.mark.parametrize("streaming", [False, True])
-def test_two_process_training_checkpoints_resumes_and_loads(sd_pipeline_path, pickapic_path, clip_model_path,
-                                                            tmp_path, streaming):
+def test_two_process_training_checkpoints_resumes_and_loads(
+    sd_pipeline_path, pickapic_path, clip_model_path, tmp_path, streaming
+):
     from diffusers import DiffusionPipeline, StableDiffusionPipeline
 
     out = tmp_path / "two"
@@ -110,12 +133,28 @@ def test_two_process_training_checkpoints_resumes_and_loads(sd_pipeline_path, pi
     if not streaming:  # two corrupt pairs (2 and 5): skipped in the dataset, so both processes keep full batches
         rows = tiny.corrupt_rows(tiny.pickapic_rows(18), [3, 7], kinds=["truncated", "missing"])
         dataset = tiny.write_pickapic_dataset(str(tmp_path / "corrupt"), rows)
-    flags = cli(sd_pipeline_path, dataset, clip_model_path, out, "--train_batch_size", "2",
-                "--rpo_global_matrix", "--checkpointing_steps", "1", "--dataloader_num_workers", "1",
-                *(["--streaming"] if streaming else ["--max_bad_rows", "2"]))
+    flags = cli(
+        sd_pipeline_path,
+        dataset,
+        clip_model_path,
+        out,
+        "--train_batch_size",
+        "2",
+        "--rpo_global_matrix",
+        "--checkpointing_steps",
+        "1",
+        "--dataloader_num_workers",
+        "1",
+        *(["--streaming"] if streaming else ["--max_bad_rows", "2"]),
+    )
     if not streaming:  # past --max_bad_rows both processes stop with the error, and exit (no hang in collectives)
-        failed = launch(script, [*flags, "--max_bad_rows", "1", "--output_dir", str(tmp_path / "strict")], 2,
-                        tmp_path, succeed=False)
+        failed = launch(
+            script,
+            [*flags, "--max_bad_rows", "1", "--output_dir", str(tmp_path / "strict")],
+            2,
+            tmp_path,
+            succeed=False,
+        )
         assert "2 pairs could not be decoded by the loader" in failed.stderr
     launch(script, flags, 2, tmp_path)
     assert sorted(p for p in os.listdir(out) if p.startswith("checkpoint")) == ["checkpoint-1", "checkpoint-2"]
@@ -123,7 +162,9 @@ def test_two_process_training_checkpoints_resumes_and_loads(sd_pipeline_path, pi
         with open(out / "checkpoint-2" / "training_progress.json") as f:
             progress = json.load(f)
         assert sorted(state["reader"] for state in progress["stream_states"]) == [0, 1]
-        assert [(s["epoch"], s["position"]) for s in progress["stream_states"]] == [(0, 4)] * 2, progress  # 2 steps x 2
+        assert [(s["epoch"], s["position"]) for s in progress["stream_states"]] == [(0, 4)] * 2, (
+            progress
+        )  # 2 steps x 2
     result = launch(script, [*flags, "--max_train_steps", "3", "--resume_from_checkpoint", "latest"], 2, tmp_path)
     assert "Resuming from" in result.stderr and "checkpoint-2" in result.stderr
     assert "checkpoint-3" in os.listdir(out)
@@ -132,8 +173,14 @@ def test_two_process_training_checkpoints_resumes_and_loads(sd_pipeline_path, pi
             assert json.load(f)["bad_rows"] == 2
     pipeline = DiffusionPipeline.from_pretrained(out)
     assert isinstance(pipeline, StableDiffusionPipeline)
-    image = pipeline("a red circle", num_inference_steps=2, height=32, width=32, output_type="np",
-                     generator=torch.Generator().manual_seed(0)).images[0]
+    image = pipeline(
+        "a red circle",
+        num_inference_steps=2,
+        height=32,
+        width=32,
+        output_type="np",
+        generator=torch.Generator().manual_seed(0),
+    ).images[0]
     assert image.shape == (32, 32, 3)
 
 
@@ -171,35 +218,70 @@ def launch_two_nodes(script, arguments, cwd):
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
     nodes = []
     for rank in (0, 1):
-        command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_machines", "2",
-                   "--num_processes", "2", "--machine_rank", str(rank), "--main_process_ip", "127.0.0.1",
-                   "--main_process_port", str(port), "--mixed_precision", "no", "--dynamo_backend", "no",
-                   script, *arguments]
-        nodes.append(subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                      text=True))
+        command = [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--multi_gpu",
+            "--num_machines",
+            "2",
+            "--num_processes",
+            "2",
+            "--machine_rank",
+            str(rank),
+            "--main_process_ip",
+            "127.0.0.1",
+            "--main_process_port",
+            str(port),
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+            script,
+            *arguments,
+        ]
+        nodes.append(
+            subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        )
     outputs = [node.communicate(timeout=600) for node in nodes]
     for node, (_, stderr) in zip(nodes, outputs):
         assert node.returncode == 0, stderr[-4000:]
     return outputs
 
 
-def test_two_nodes_on_loopback_train_checkpoint_resume_and_equal_one_node(sd_pipeline_path, pickapic_path,
-                                                                          clip_model_path, tmp_path):
+def test_two_nodes_on_loopback_train_checkpoint_resume_and_equal_one_node(
+    sd_pipeline_path, pickapic_path, clip_model_path, tmp_path
+):
     from safetensors.torch import load_file
 
     script = os.path.join(ROOT, "train_diffusion_rpo.py")
 
     def flags(out, steps, *extra):
-        return cli(sd_pipeline_path, pickapic_path, clip_model_path, out, "--validation_prompts", "--train_batch_size",
-                   "2", "--rpo_global_matrix", "--checkpointing_steps", "2", "--max_train_steps", str(steps), *extra)
+        return cli(
+            sd_pipeline_path,
+            pickapic_path,
+            clip_model_path,
+            out,
+            "--validation_prompts",
+            "--train_batch_size",
+            "2",
+            "--rpo_global_matrix",
+            "--checkpointing_steps",
+            "2",
+            "--max_train_steps",
+            str(steps),
+            *extra,
+        )
 
     launch(script, flags(tmp_path / "one-node", 3), 2, tmp_path)
     launch_two_nodes(script, flags(tmp_path / "two-nodes", 2), tmp_path)
     assert (tmp_path / "two-nodes" / "checkpoint-2" / "training_progress.json").exists()
-    (_, node0), _ = launch_two_nodes(script, flags(tmp_path / "two-nodes", 3, "--resume_from_checkpoint", "latest"),
-                                     tmp_path)
+    (_, node0), _ = launch_two_nodes(
+        script, flags(tmp_path / "two-nodes", 3, "--resume_from_checkpoint", "latest"), tmp_path
+    )
     assert "Resuming from" in node0 and "checkpoint-2" in node0
-    weights = [load_file(tmp_path / run / "unet" / "diffusion_pytorch_model.safetensors")
-               for run in ("one-node", "two-nodes")]
+    weights = [
+        load_file(tmp_path / run / "unet" / "diffusion_pytorch_model.safetensors") for run in ("one-node", "two-nodes")
+    ]
     assert weights[0].keys() == weights[1].keys()
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])  # bitwise: same data, same reductions

@@ -4,12 +4,16 @@ import glob
 import os
 import re
 
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_every_relative_markdown_link_resolves_inside_the_repository():
-    files = [os.path.join(ROOT, "README.md"), *glob.glob(os.path.join(ROOT, "*", "README.md")),
-             *glob.glob(os.path.join(ROOT, "docs", "*.md"))]
+    files = [
+        os.path.join(ROOT, "README.md"),
+        *glob.glob(os.path.join(ROOT, "*", "README.md")),
+        *glob.glob(os.path.join(ROOT, "docs", "*.md")),
+    ]
     assert len(files) >= 5
     broken = []
     for path in files:

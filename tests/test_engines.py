@@ -9,12 +9,13 @@ import sys
 from types import SimpleNamespace
 
 import pytest
+import tiny
 import torch
 from accelerate.utils import DistributedType
-
-import tiny
-import train_diffusion_rpo as rpo
 from test_train import LN2_FP32, cli
+
+import train_diffusion_rpo as rpo
+
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -27,25 +28,41 @@ def perturbed_sd(sd_pipeline_path, tmp_path_factory):
 def test_fsdp2_sharded_unet_equals_the_fsdp_reference_at_the_start(perturbed_sd, tmp_path):
     out = tmp_path / "probe.pt"
     env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                             os.path.join(ROOT, "tests", "fsdp_probe.py"), perturbed_sd, str(out)],
-                            capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            os.path.join(ROOT, "tests", "fsdp_probe.py"),
+            perturbed_sd,
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+        cwd=tmp_path,
+    )
     assert result.returncode == 0, result.stderr[-4000:]
     losses = torch.load(out, weights_only=True)
     assert torch.equal(losses["sharded"], losses["fsdp_reference"])  # bitwise: the first loss is ln 2
     assert not torch.equal(losses["sharded"], losses["ddp_reference"])  # FSDP casts norms too: the rule matters
 
 
-def test_deepspeed_half_precision_module_gets_half_precision_inputs(perturbed_sd, pickapic_path, clip_model_path,
-                                                                    tmp_path, monkeypatch):
+def test_deepspeed_half_precision_module_gets_half_precision_inputs(
+    perturbed_sd, pickapic_path, clip_model_path, tmp_path, monkeypatch
+):
     monkeypatch.setattr(rpo, "sharding_engine", lambda: DistributedType.DEEPSPEED)
     args = rpo.parse_args(cli(perturbed_sd, pickapic_path, clip_model_path, tmp_path, "--loss_type", "dpo"))
     models = rpo.load_models(args, torch.device("cpu"), torch.bfloat16)
     assert {p.dtype for p in models.ref_unet.parameters()} == {torch.bfloat16}
     models.unet.to(torch.bfloat16)  # what DeepSpeed's bf16 engine makes of the trained UNet (no autocast)
     dataset, _ = rpo.prepare_preference_dataset(rpo.load_raw_dataset(args), rpo.dataset_columns(args))
-    items = rpo.PreferencePairDataset(dataset, rpo.dataset_columns(args), 32, 0,
-                                      tokenizers={"input_ids": rpo.make_tokenize_fn(models.tokenizer)})
+    items = rpo.PreferencePairDataset(
+        dataset, rpo.dataset_columns(args), 32, 0, tokenizers={"input_ids": rpo.make_tokenize_fn(models.tokenizer)}
+    )
     batch = rpo.collate_pairs([items[(index, 0)] for index in range(3)])
     with torch.no_grad():
         loss, metrics = rpo.compute_step_loss(args, models, models.unet, batch, 0, 0, torch.bfloat16)
@@ -57,16 +74,20 @@ def test_deepspeed_half_precision_module_gets_half_precision_inputs(perturbed_sd
 
 def test_validation_gathers_sharded_weights_on_every_process(monkeypatch):
     gathered = []
-    fake = SimpleNamespace(distributed_type=DistributedType.FSDP, is_main_process=False,
-                           get_state_dict=lambda unet: gathered.append(unet) or {})
+    fake = SimpleNamespace(
+        distributed_type=DistributedType.FSDP,
+        is_main_process=False,
+        get_state_dict=lambda unet: gathered.append(unet) or {},
+    )
     args = rpo.parse_args(["--validation_prompts", "a red circle"])
     assert rpo.log_validation(fake, args, None, "sharded unet", torch.float32, None) is None
     assert gathered == ["sharded unet"]  # a non-main process joined the gather (FSDP's collective), rendered nothing
 
 
 @pytest.mark.parametrize("engine", [DistributedType.FSDP, DistributedType.DEEPSPEED])
-def test_lora_is_refused_under_sharding_engines(engine, sd_pipeline_path, pickapic_path, clip_model_path, tmp_path,
-                                                monkeypatch):
+def test_lora_is_refused_under_sharding_engines(
+    engine, sd_pipeline_path, pickapic_path, clip_model_path, tmp_path, monkeypatch
+):
     monkeypatch.setattr(rpo, "sharding_engine", lambda: engine)
     args = rpo.parse_args(cli(sd_pipeline_path, pickapic_path, clip_model_path, tmp_path, "--use_lora"))
     with pytest.raises(ValueError, match=f"--use_lora under {engine.value}.*multi_gpu.yaml"):

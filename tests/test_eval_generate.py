@@ -10,6 +10,7 @@ from PIL import Image
 from eval import generate, prompts
 from eval.image_folder import ImageFolderWriter, read_metadata
 
+
 FAST = ["--num_inference_steps", "2", "--device", "cpu"]
 
 
@@ -30,7 +31,8 @@ def test_same_seed_same_image_whatever_the_batch(sd_pipeline_path, prompt_file, 
         assert np.abs(one[name].astype(int) - three[name].astype(int)).max() <= 1
     entries = read_metadata(tmp_path / "b1")
     assert {(e["prompt_index"], e["image_index"], e["seed"]) for e in entries} == {
-        (i, k, i + k * generate.SEED_STRIDE) for i in range(4) for k in range(2)}
+        (i, k, i + k * generate.SEED_STRIDE) for i in range(4) for k in range(2)
+    }
     assert not np.array_equal(one["images/00000_0.png"], one["images/00000_1.png"])  # seeds differ per image
 
 
@@ -69,7 +71,10 @@ def test_sdxl_pipeline_generates_with_its_own_default_guidance(sdxl_pipeline_pat
     with open(tmp_path / "xl" / "settings.json") as f:
         settings = json.load(f)
     assert (settings["pipeline"], settings["guidance_scale"], settings["scheduler"]) == (
-        "StableDiffusionXLPipeline", 5.0, "DPMSolverMultistepScheduler")
+        "StableDiffusionXLPipeline",
+        5.0,
+        "DPMSolverMultistepScheduler",
+    )
     assert {image.shape for image in pixels(tmp_path / "xl").values()} == {(32, 32, 3)}
 
 
@@ -82,10 +87,12 @@ def test_lora_adapters_change_the_images(sd_pipeline_path, prompt_file, tmp_path
 
     unet = UNet2DConditionModel.from_pretrained(sd_pipeline_path, subfolder="unet")
     torch.manual_seed(0)
-    unet.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights=False,
-                                target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    unet.add_adapter(
+        LoraConfig(r=4, lora_alpha=4, init_lora_weights=False, target_modules=["to_q", "to_k", "to_v", "to_out.0"])
+    )
     StableDiffusionPipeline.save_lora_weights(
-        str(tmp_path / "lora"), unet_lora_layers=convert_state_dict_to_diffusers(get_peft_model_state_dict(unet)))
+        str(tmp_path / "lora"), unet_lora_layers=convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+    )
     run(sd_pipeline_path, prompt_file, tmp_path / "base", "--max_prompts", "2")
     run(sd_pipeline_path, prompt_file, tmp_path / "adapted", "--max_prompts", "2", "--lora", str(tmp_path / "lora"))
     base, adapted = pixels(tmp_path / "base"), pixels(tmp_path / "adapted")
@@ -101,7 +108,9 @@ def test_local_prompt_files(tmp_path):
     (tmp_path / "p.jsonl").write_text('{"text": "a cat", "category": "animals"}\n\n{"text": "a dog"}\n')
     (tmp_path / "p.csv").write_text("prompt,category\na cat,animals\n,empty\na dog,animals\n")
     assert prompts.load_prompts(str(tmp_path / "p.jsonl"), column="text") == [
-        {"prompt": "a cat", "category": "animals"}, {"prompt": "a dog", "category": None}]
+        {"prompt": "a cat", "category": "animals"},
+        {"prompt": "a dog", "category": None},
+    ]
     assert [r["prompt"] for r in prompts.load_prompts(str(tmp_path / "p.csv"))] == ["a cat", "a dog"]
     with pytest.raises(ValueError, match="--prompt_column"):
         prompts.load_prompts(str(tmp_path / "p.jsonl"))
@@ -121,11 +130,13 @@ def test_named_sets_from_a_local_copy_check_their_size(tmp_path):
     import datasets
 
     datasets.Dataset.from_dict({"caption": [f"prompt {i}" for i in range(500)]}).to_parquet(
-        str(tmp_path / "pickapic" / "data" / "test_unique-00000-of-00001.parquet"))
+        str(tmp_path / "pickapic" / "data" / "test_unique-00000-of-00001.parquet")
+    )
     records = prompts.load_prompts("pickapic_test", source=str(tmp_path / "pickapic"))
     assert len(records) == 500 and records[7]["prompt"] == "prompt 7"
     datasets.Dataset.from_dict({"Prompt": ["x"] * 10, "Category": ["c"] * 10}).to_parquet(
-        str(tmp_path / "parti" / "data" / "train-00000-of-00001.parquet"))
+        str(tmp_path / "parti" / "data" / "train-00000-of-00001.parquet")
+    )
     with pytest.raises(ValueError, match="has 10 prompts, expected 1632"):
         prompts.load_prompts("partiprompts", source=str(tmp_path / "parti"))
 

@@ -9,14 +9,15 @@ import os
 import datasets
 import numpy as np
 import pytest
-from PIL import Image
-
 import tiny
+from PIL import Image
+from test_eval_score import weight_flags
+from test_train import cli
+
 import train_diffusion_rpo as rpo
 from eval import relabel, scorers
 from eval.stats import win_rate
-from test_eval_score import weight_flags
-from test_train import cli
+
 
 NUM_ROWS = 18  # the rows of the pickapic_path fixture: tiny.pickapic_rows(18), human labels cycling 1, 0, 0.5
 HUMAN_DECIDED = 12
@@ -32,8 +33,10 @@ def direct_scores(rows, scorer_weights):
     """{scorer: (scores of image 0, scores of image 1)}, computed on the rows' images through eval.scorers."""
     images = [[Image.open(io.BytesIO(row[column])).convert("RGB") for row in rows] for column in ("jpg_0", "jpg_1")]
     captions = [row["caption"] for row in rows]
-    return {name: tuple(np.array(scorers.load_scorer(name, scorer_weights).score(side, captions)) for side in images)
-            for name in ("pickscore", "aesthetic")}
+    return {
+        name: tuple(np.array(scorers.load_scorer(name, scorer_weights).score(side, captions)) for side in images)
+        for name in ("pickscore", "aesthetic")
+    }
 
 
 def expected_labels(score_0, score_1, margin=0.0):
@@ -49,8 +52,22 @@ def margin_between(differences):
 
 
 def run_relabel(scorer_weights, dataset, out, *extra):
-    return relabel.main(["--dataset_name", str(dataset), "--out", str(out), "--device", "cpu", "--batch_size", "4",
-                         "--shard_size", "5", *weight_flags(scorer_weights), *extra])
+    return relabel.main(
+        [
+            "--dataset_name",
+            str(dataset),
+            "--out",
+            str(out),
+            "--device",
+            "cpu",
+            "--batch_size",
+            "4",
+            "--shard_size",
+            "5",
+            *weight_flags(scorer_weights),
+            *extra,
+        ]
+    )
 
 
 def load_output(out):
@@ -94,16 +111,18 @@ def test_rows_within_the_tie_margin_become_ties(pickapic_path, scorer_weights, d
     labels = expected_labels(score_0, score_1, margin)
     ties = int((labels == 0.5).sum())
     assert 0 < ties < NUM_ROWS
-    summary = run_relabel(scorer_weights, pickapic_path, tmp_path, "--scorers", "pickscore", "--tie_margin",
-                          str(margin))
+    summary = run_relabel(
+        scorer_weights, pickapic_path, tmp_path, "--scorers", "pickscore", "--tie_margin", str(margin)
+    )
     relabelled = load_output(tmp_path)
     assert relabelled["label_0"] == labels.tolist()
     assert relabelled["label_1"] == np.where(labels == 0.5, 0.5, 1 - labels).tolist()
     assert summary["ties"] == ties and summary["pairs_for_training"] == NUM_ROWS - ties
 
 
-def test_a_weighted_sum_of_two_scorers_is_the_weighted_sum_of_their_scores(pickapic_path, scorer_weights,
-                                                                          direct_scores, tmp_path):
+def test_a_weighted_sum_of_two_scorers_is_the_weighted_sum_of_their_scores(
+    pickapic_path, scorer_weights, direct_scores, tmp_path
+):
     summary = run_relabel(scorer_weights, pickapic_path, tmp_path, "--scorers", "pickscore:1.0,aesthetic:4")
     relabelled = load_output(tmp_path)
     pick, aesthetic = direct_scores["pickscore"], direct_scores["aesthetic"]
@@ -155,21 +174,43 @@ def test_resuming_with_other_settings_is_refused(pickscore_run, pickapic_path, s
     with pytest.raises(ValueError, match=r"scorers: \{'pickscore': 1.0\} -> \{'pickscore': 1.0, 'aesthetic': 1.0\}"):
         run_relabel(scorer_weights, pickapic_path, out, "--scorers", "pickscore,aesthetic")
     with pytest.raises(ValueError, match="pickscore_model"):
-        run_relabel({**scorer_weights, "pickscore_model": scorer_weights["hpsv2_tokenizer"]}, pickapic_path, out,
-                    "--scorers", "pickscore")
+        run_relabel(
+            {**scorer_weights, "pickscore_model": scorer_weights["hpsv2_tokenizer"]},
+            pickapic_path,
+            out,
+            "--scorers",
+            "pickscore",
+        )
     # A runtime flag may change: the finished run is only summarized again.
     monkeypatch.setattr(relabel, "write_shard", lambda shard, path: pytest.fail("rewrote a completed shard"))
     assert run_relabel(scorer_weights, pickapic_path, out, "--scorers", "pickscore", "--batch_size", "3") == summary
 
 
-def test_the_relabelled_dataset_loads_and_trains(pickapic_path, scorer_weights, direct_scores, sd_pipeline_path,
-                                                 clip_model_path, tmp_path, caplog):
+def test_the_relabelled_dataset_loads_and_trains(
+    pickapic_path, scorer_weights, direct_scores, sd_pipeline_path, clip_model_path, tmp_path, caplog
+):
     score_0, score_1 = direct_scores["pickscore"]
-    summary = run_relabel(scorer_weights, pickapic_path, tmp_path / "relabelled", "--scorers", "pickscore",
-                          "--tie_margin", str(margin_between(score_0 - score_1)))
+    summary = run_relabel(
+        scorer_weights,
+        pickapic_path,
+        tmp_path / "relabelled",
+        "--scorers",
+        "pickscore",
+        "--tie_margin",
+        str(margin_between(score_0 - score_1)),
+    )
     assert len(load_output(tmp_path / "relabelled")) == NUM_ROWS and 0 < summary["ties"] < NUM_ROWS
-    args = rpo.parse_args(cli(sd_pipeline_path, str(tmp_path / "relabelled"), clip_model_path, tmp_path / "train",
-                              "--max_train_steps", "1", "--validation_prompts"))
+    args = rpo.parse_args(
+        cli(
+            sd_pipeline_path,
+            str(tmp_path / "relabelled"),
+            clip_model_path,
+            tmp_path / "train",
+            "--max_train_steps",
+            "1",
+            "--validation_prompts",
+        )
+    )
     with caplog.at_level(logging.INFO):
         progress = rpo.main(args)
     assert progress.global_step == 1
@@ -180,8 +221,15 @@ def test_the_relabelled_dataset_loads_and_trains(pickapic_path, scorer_weights, 
 
 def test_the_agreement_summary_equals_a_direct_count(pickapic_path, scorer_weights, direct_scores, tmp_path):
     score_0, score_1 = direct_scores["aesthetic"]
-    summary = run_relabel(scorer_weights, pickapic_path, tmp_path, "--scorers", "aesthetic", "--tie_margin",
-                          str(margin_between(score_0 - score_1)))
+    summary = run_relabel(
+        scorer_weights,
+        pickapic_path,
+        tmp_path,
+        "--scorers",
+        "aesthetic",
+        "--tie_margin",
+        str(margin_between(score_0 - score_1)),
+    )
     relabelled = load_output(tmp_path)
     pairs = [(ai, human) for ai, human in zip(relabelled["label_0"], relabelled["human_label_0"]) if human != 0.5]
     agree = sum(ai == human for ai, human in pairs)
@@ -195,7 +243,7 @@ def test_the_agreement_summary_equals_a_direct_count(pickapic_path, scorer_weigh
     assert summary["human_ties"] == NUM_ROWS - HUMAN_DECIDED
     # The interval is eval.stats' bootstrap over rows: the same as win_rate's up to resampling noise.
     outcomes = {index: 1.0 if ai == human else 0.5 if ai == 0.5 else 0.0 for index, (ai, human) in enumerate(pairs)}
-    reference = win_rate(outcomes, {index: 0.5 for index in outcomes})
+    reference = win_rate(outcomes, dict.fromkeys(outcomes, 0.5))
     assert abs(agreement["ci_low"] - reference["ci_low"]) <= 1.5 / HUMAN_DECIDED
     assert abs(agreement["ci_high"] - reference["ci_high"]) <= 1.5 / HUMAN_DECIDED
 
@@ -219,8 +267,17 @@ def test_undecodable_rows_are_kept_as_flagged_ties(rows, scorer_weights, direct_
 def test_wrong_image_columns_stop_the_run(pickapic_path, scorer_weights, tmp_path, monkeypatch):
     monkeypatch.setattr(relabel, "MAX_CONSECUTIVE_UNDECODABLE", 3)
     with pytest.raises(ValueError, match="4 rows in a row .* --image_0_column/--image_1_column"):
-        run_relabel(scorer_weights, pickapic_path, tmp_path, "--scorers", "pickscore", "--image_0_column",
-                    "image_0_url", "--image_1_column", "image_1_url")
+        run_relabel(
+            scorer_weights,
+            pickapic_path,
+            tmp_path,
+            "--scorers",
+            "pickscore",
+            "--image_0_column",
+            "image_0_url",
+            "--image_1_column",
+            "image_1_url",
+        )
 
 
 @pytest.mark.parametrize("flag", ["--caption_column", "--image_0_column", "--image_1_column", "--label_0_column"])
@@ -235,14 +292,17 @@ def test_a_failed_start_does_not_bind_the_folder(pickapic_path, scorer_weights, 
     assert run_relabel(scorer_weights, pickapic_path, tmp_path, "--scorers", "pickscore")["rows"] == NUM_ROWS
 
 
-@pytest.mark.parametrize("text,message", [
-    ("pickscore,fid", r"Unknown metric\(s\) \['fid'\]"),
-    ("pickscore:abc", "the weight of pickscore must be a positive number, not 'abc'"),
-    ("pickscore:1,aesthetic:-0.5", "the weight of aesthetic must be a positive number, not '-0.5'"),
-    ("aesthetic:0", "the weight of aesthetic must be a positive number"),
-    ("pickscore:nan", "the weight of pickscore must be a positive number"),
-    ("pickscore:1,pickscore:2", r"names \['pickscore'\] more than once"),
-])
+@pytest.mark.parametrize(
+    "text,message",
+    [
+        ("pickscore,fid", r"Unknown metric\(s\) \['fid'\]"),
+        ("pickscore:abc", "the weight of pickscore must be a positive number, not 'abc'"),
+        ("pickscore:1,aesthetic:-0.5", "the weight of aesthetic must be a positive number, not '-0.5'"),
+        ("aesthetic:0", "the weight of aesthetic must be a positive number"),
+        ("pickscore:nan", "the weight of pickscore must be a positive number"),
+        ("pickscore:1,pickscore:2", r"names \['pickscore'\] more than once"),
+    ],
+)
 def test_unknown_scorers_and_bad_weights_fail_before_anything_loads(tmp_path, text, message):
     out = tmp_path / "out"
     with pytest.raises(ValueError, match=message):
@@ -250,25 +310,30 @@ def test_unknown_scorers_and_bad_weights_fail_before_anything_loads(tmp_path, te
     assert not out.exists()
 
 
-def test_streaming_and_save_to_disk_inputs_give_the_same_rows(pickscore_run, pickapic_path, rows, scorer_weights,
-                                                              tmp_path):
+def test_streaming_and_save_to_disk_inputs_give_the_same_rows(
+    pickscore_run, pickapic_path, rows, scorer_weights, tmp_path
+):
     out, summary = pickscore_run
     expected = load_output(out).to_dict()
-    assert run_relabel(scorer_weights, pickapic_path, tmp_path / "streamed", "--scorers", "pickscore",
-                       "--streaming") == summary
+    assert (
+        run_relabel(scorer_weights, pickapic_path, tmp_path / "streamed", "--scorers", "pickscore", "--streaming")
+        == summary
+    )
     assert load_output(tmp_path / "streamed").to_dict() == expected
 
     for name, streaming in (("first", []), ("first-streamed", ["--streaming"])):
-        first = run_relabel(scorer_weights, pickapic_path, tmp_path / name, "--scorers", "pickscore", "--max_rows",
-                            "7", *streaming)
+        first = run_relabel(
+            scorer_weights, pickapic_path, tmp_path / name, "--scorers", "pickscore", "--max_rows", "7", *streaming
+        )
         assert first["rows"] == 7 and first["shards"] == 2
         got = load_output(tmp_path / name).to_dict()
         for column in ("score_0", "score_1"):  # row 5 and 6 are scored in a smaller batch: float noise only
             np.testing.assert_allclose(got.pop(column), expected[column][:7], rtol=1e-5, atol=1e-5)
         assert got == {column: values[:7] for column, values in expected.items() if column in got}
 
-    on_disk = datasets.Dataset.from_list(rows).cast_column("jpg_0", datasets.Image()).cast_column("jpg_1",
-                                                                                                  datasets.Image())
+    on_disk = (
+        datasets.Dataset.from_list(rows).cast_column("jpg_0", datasets.Image()).cast_column("jpg_1", datasets.Image())
+    )
     on_disk.save_to_disk(str(tmp_path / "disk"))
     # (a save_to_disk folder is read in place, --streaming or not)
     run_relabel(scorer_weights, tmp_path / "disk", tmp_path / "from-disk", "--scorers", "pickscore", "--streaming")
@@ -279,8 +344,9 @@ def test_streaming_and_save_to_disk_inputs_give_the_same_rows(pickscore_run, pic
     assert relabelled["label_0"] == expected["label_0"] and relabelled["score_0"] == expected["score_0"]
 
 
-def test_relabelling_a_relabelled_dataset_keeps_the_human_labels(pickscore_run, rows, scorer_weights, direct_scores,
-                                                                 tmp_path):
+def test_relabelling_a_relabelled_dataset_keeps_the_human_labels(
+    pickscore_run, rows, scorer_weights, direct_scores, tmp_path
+):
     out, _ = pickscore_run
     summary = run_relabel(scorer_weights, out, tmp_path, "--scorers", "aesthetic")
     relabelled = load_output(tmp_path)

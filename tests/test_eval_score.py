@@ -9,6 +9,7 @@ from PIL import Image
 from eval import generate, score
 from eval.image_folder import read_metadata
 
+
 METRICS = "pickscore,hpsv2.1,aesthetic,clip"
 
 
@@ -23,16 +24,43 @@ def weight_flags(scorer_weights):
 def folders(sd_pipeline_path, prompt_file, tmp_path_factory):
     root = tmp_path_factory.mktemp("generated")
     for name, guidance in (("model", "7.5"), ("baseline", "1.0")):
-        generate.main(["--model", sd_pipeline_path, "--prompts", prompt_file, "--out", str(root / name),
-                       "--num_inference_steps", "2", "--device", "cpu", "--images_per_prompt", "2",
-                       "--guidance_scale", guidance])
+        generate.main(
+            [
+                "--model",
+                sd_pipeline_path,
+                "--prompts",
+                prompt_file,
+                "--out",
+                str(root / name),
+                "--num_inference_steps",
+                "2",
+                "--device",
+                "cpu",
+                "--images_per_prompt",
+                "2",
+                "--guidance_scale",
+                guidance,
+            ]
+        )
     return root
 
 
 def test_scores_summary_and_win_rates(folders, scorer_weights, tmp_path):
-    result = score.main(["--images", str(folders / "model"), "--baseline", str(folders / "baseline"),
-                         "--metrics", METRICS, "--out", str(tmp_path), "--device", "cpu",
-                         *weight_flags(scorer_weights)])
+    result = score.main(
+        [
+            "--images",
+            str(folders / "model"),
+            "--baseline",
+            str(folders / "baseline"),
+            "--metrics",
+            METRICS,
+            "--out",
+            str(tmp_path),
+            "--device",
+            "cpu",
+            *weight_flags(scorer_weights),
+        ]
+    )
     with open(tmp_path / "scores.jsonl") as f:
         rows = [json.loads(line) for line in f]
     assert len(rows) == 8 and set(METRICS.split(",")) <= set(rows[0])
@@ -52,13 +80,31 @@ def test_scores_summary_and_win_rates(folders, scorer_weights, tmp_path):
 
 
 def test_a_model_against_itself_ties_everywhere(folders, scorer_weights, tmp_path):
-    result = score.main(["--images", str(folders / "model"), "--baseline", str(folders / "model"), "--metrics",
-                         "clip", "--out", str(tmp_path), "--device", "cpu", *weight_flags(scorer_weights)])
+    result = score.main(
+        [
+            "--images",
+            str(folders / "model"),
+            "--baseline",
+            str(folders / "model"),
+            "--metrics",
+            "clip",
+            "--out",
+            str(tmp_path),
+            "--device",
+            "cpu",
+            *weight_flags(scorer_weights),
+        ]
+    )
     assert result["win_rates"]["clip"]["ties"] == 4 and result["win_rates"]["clip"]["win_rate"] == 0.5
 
 
-@pytest.mark.parametrize("damage,error,message", [("missing", FileNotFoundError, "00000_0.png.*is missing"),
-                                                    ("truncated", ValueError, "00000_0.png.*cannot be read")])
+@pytest.mark.parametrize(
+    "damage,error,message",
+    [
+        ("missing", FileNotFoundError, "00000_0.png.*is missing"),
+        ("truncated", ValueError, "00000_0.png.*cannot be read"),
+    ],
+)
 def test_missing_or_unreadable_image_is_named(folders, scorer_weights, tmp_path, damage, error, message):
     broken = tmp_path / "broken"
     os.makedirs(broken / "images")
@@ -81,8 +127,17 @@ def test_folders_without_metadata_or_with_other_prompts_are_refused(folders, sco
     with open(fewer / "metadata.jsonl", "w") as f:
         f.writelines(json.dumps(e) + "\n" for e in read_metadata(folders / "baseline")[:4])
     with pytest.raises(ValueError, match="different images"):
-        score.main(["--images", str(folders / "model"), "--baseline", str(fewer), "--metrics", "clip",
-                    *weight_flags(scorer_weights)])
+        score.main(
+            [
+                "--images",
+                str(folders / "model"),
+                "--baseline",
+                str(fewer),
+                "--metrics",
+                "clip",
+                *weight_flags(scorer_weights),
+            ]
+        )
 
 
 def test_unknown_metric_fails_before_any_model_loads(folders):

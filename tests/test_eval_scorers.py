@@ -4,12 +4,13 @@ import argparse
 
 import numpy as np
 import pytest
+import tiny
 import torch
 import torch.nn.functional as F
 from PIL import Image
 
-import tiny
 from eval import openclip, scorers
+
 
 PROMPTS = ["a red circle", "blue square on the left", "green tree"]
 
@@ -30,8 +31,9 @@ def hf_clip_outputs(model_path, images, prompts):
     from transformers import CLIPModel, CLIPTokenizer
 
     model = CLIPModel.from_pretrained(model_path).eval()
-    ids = CLIPTokenizer.from_pretrained(model_path)(prompts, padding="max_length", truncation=True,
-                                                    return_tensors="pt").input_ids
+    ids = CLIPTokenizer.from_pretrained(model_path)(
+        prompts, padding="max_length", truncation=True, return_tensors="pt"
+    ).input_ids
     with torch.no_grad():
         return model, model(input_ids=ids, pixel_values=normalized_pixels(images))
 
@@ -72,9 +74,23 @@ def openclip_reference_scores(state, heads, pixels, input_ids):
         width = x.shape[-1]
         y = F.layer_norm(x, (width,), state[f"{prefix}.ln_1.weight"], state[f"{prefix}.ln_1.bias"], 1e-5)
         attention, _ = F.multi_head_attention_forward(
-            y, y, y, width, num_heads, state[f"{prefix}.attn.in_proj_weight"], state[f"{prefix}.attn.in_proj_bias"],
-            None, None, False, 0.0, state[f"{prefix}.attn.out_proj.weight"], state[f"{prefix}.attn.out_proj.bias"],
-            training=False, need_weights=False, attn_mask=mask)
+            y,
+            y,
+            y,
+            width,
+            num_heads,
+            state[f"{prefix}.attn.in_proj_weight"],
+            state[f"{prefix}.attn.in_proj_bias"],
+            None,
+            None,
+            False,
+            0.0,
+            state[f"{prefix}.attn.out_proj.weight"],
+            state[f"{prefix}.attn.out_proj.bias"],
+            training=False,
+            need_weights=False,
+            attn_mask=mask,
+        )
         x = x + attention
         y = F.layer_norm(x, (width,), state[f"{prefix}.ln_2.weight"], state[f"{prefix}.ln_2.bias"], 1e-5)
         hidden = F.gelu(F.linear(y, state[f"{prefix}.mlp.c_fc.weight"], state[f"{prefix}.mlp.c_fc.bias"]))
@@ -87,8 +103,13 @@ def openclip_reference_scores(state, heads, pixels, input_ids):
     patch = state["visual.conv1.weight"].shape[-1]
     x = F.conv2d(pixels, state["visual.conv1.weight"], stride=patch).flatten(2).permute(0, 2, 1)
     x = torch.cat([state["visual.class_embedding"].expand(x.shape[0], 1, -1), x], dim=1)
-    x = F.layer_norm(x + state["visual.positional_embedding"], (vision_width,), state["visual.ln_pre.weight"],
-                     state["visual.ln_pre.bias"], 1e-5).permute(1, 0, 2)
+    x = F.layer_norm(
+        x + state["visual.positional_embedding"],
+        (vision_width,),
+        state["visual.ln_pre.weight"],
+        state["visual.ln_pre.bias"],
+        1e-5,
+    ).permute(1, 0, 2)
     for i in layers("visual.transformer.resblocks"):
         x = resblock(x, f"visual.transformer.resblocks.{i}", vision_width // heads["vision_head_width"])
     pooled = F.layer_norm(x[0], (vision_width,), state["visual.ln_post.weight"], state["visual.ln_post.bias"], 1e-5)
@@ -110,10 +131,15 @@ def test_hpsv21_equals_an_open_clip_forward_of_the_checkpoint(scorer_weights, im
 
     state = torch.load(scorer_weights["hpsv2_checkpoint"], weights_only=True)["state_dict"]
     ids = CLIPTokenizer.from_pretrained(scorer_weights["hpsv2_tokenizer"])(
-        PROMPTS, padding="max_length", truncation=True, return_tensors="pt").input_ids
+        PROMPTS, padding="max_length", truncation=True, return_tensors="pt"
+    ).input_ids
     with torch.no_grad():
-        expected = openclip_reference_scores(state, scorer_weights["hpsv2_heads"],
-                                             normalized_pixels(images, openclip.OPENAI_MEAN, openclip.OPENAI_STD), ids)
+        expected = openclip_reference_scores(
+            state,
+            scorer_weights["hpsv2_heads"],
+            normalized_pixels(images, openclip.OPENAI_MEAN, openclip.OPENAI_STD),
+            ids,
+        )
     got = torch.tensor(load("hpsv2.1", scorer_weights).score(images, PROMPTS))
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
     assert expected.abs().max() > 0.05  # the tiny weights give non-trivial scores, so the comparison means something
@@ -123,9 +149,15 @@ def hps_options(scorer_weights, path):
     return {**scorer_weights, "hpsv2_checkpoint": str(path)}
 
 
-@pytest.mark.parametrize("fault, message", [
-    ("missing", "missing"), ("extra", "unknown keys"), ("prefixed", "Not an open_clip"), ("narrow", "does not match"),
-])
+@pytest.mark.parametrize(
+    "fault, message",
+    [
+        ("missing", "missing"),
+        ("extra", "unknown keys"),
+        ("prefixed", "Not an open_clip"),
+        ("narrow", "does not match"),
+    ],
+)
 def test_hpsv21_loads_strictly(scorer_weights, tmp_path, fault, message):
     state = tiny.openclip_state_dict()
     if fault == "missing":
@@ -157,7 +189,9 @@ def test_aesthetic_mlp_with_other_layer_names_is_rejected(scorer_weights, tmp_pa
 def test_scorers_are_cached_per_weights(scorer_weights):
     first = load("clip", scorer_weights)
     assert load("clip", scorer_weights) is first
-    assert scorers.load_scorer("clip", {**scorer_weights, "clip_model": scorer_weights["clip_model"] + "/"}) is not first
+    assert (
+        scorers.load_scorer("clip", {**scorer_weights, "clip_model": scorer_weights["clip_model"] + "/"}) is not first
+    )
 
 
 def test_unknown_metric_lists_the_choices():
@@ -168,6 +202,7 @@ def test_unknown_metric_lists_the_choices():
 def test_imagereward_without_its_package_explains_the_separate_environment(scorer_weights):
     try:
         import ImageReward  # noqa: F401
+
         pytest.skip("image-reward is installed")
     except ImportError:
         pass

@@ -7,22 +7,24 @@ import os
 import datasets
 import numpy as np
 import pytest
+import tiny
 import torch
 from PIL import Image
+from test_train import cli
 
-import tiny
 import train_diffusion_rpo as rpo
 from eval import generate, style_alignment, style_dataset
 from eval.image_folder import load_image, read_metadata
-from test_train import cli
+
 
 STYLE = "pencil sketch"
 FAST = ["--num_inference_steps", "2", "--device", "cpu"]
 
 
 def build(model, prompt_file, out, *extra):
-    path = style_dataset.main(["--model", model, "--prompts", prompt_file, "--style", STYLE, "--out", str(out),
-                               *FAST, *extra])
+    path = style_dataset.main(
+        ["--model", model, "--prompts", prompt_file, "--style", STYLE, "--out", str(out), *FAST, *extra]
+    )
     return datasets.load_dataset("parquet", data_files=path, split="train")
 
 
@@ -34,7 +36,8 @@ def test_prompt_method_pairs_styled_and_plain_generations(sd_pipeline_path, prom
     dataset = build(sd_pipeline_path, prompt_file, tmp_path / "style", "--seed", "3")
     assert len(dataset) == 4
     assert {"caption", "jpg_0", "jpg_1", "label_0", "label_1", "best_image_uid", "model_0", "model_1"} <= set(
-        dataset.column_names)
+        dataset.column_names
+    )
     sides = np.random.default_rng(3).random(4) < 0.5
     assert dataset["label_0"] == [1.0 if first else 0.0 for first in sides]
     rejected_dir = tmp_path / "style" / "generations" / "rejected"
@@ -60,8 +63,9 @@ def test_chosen_image_is_the_base_model_on_the_styled_prompt(sd_pipeline_path, p
 
 def test_the_training_script_trains_on_the_style_dataset(sd_pipeline_path, prompt_file, clip_model_path, tmp_path):
     build(sd_pipeline_path, prompt_file, tmp_path / "style")
-    args = rpo.parse_args(cli(sd_pipeline_path, str(tmp_path / "style"), clip_model_path, tmp_path / "out",
-                              "--train_batch_size", "2"))
+    args = rpo.parse_args(
+        cli(sd_pipeline_path, str(tmp_path / "style"), clip_model_path, tmp_path / "out", "--train_batch_size", "2")
+    )
     progress = rpo.main(args)
     assert progress.global_step == 2
     assert os.path.exists(tmp_path / "out" / "unet" / "diffusion_pytorch_model.safetensors")
@@ -69,8 +73,17 @@ def test_the_training_script_trains_on_the_style_dataset(sd_pipeline_path, promp
 
 def test_instruct_pix2pix_method_edits_the_rejected_image(sd_pipeline_path, prompt_file, tmp_path):
     editor = tiny.build_instruct_pix2pix_pipeline(str(tmp_path / "ip2p"))
-    dataset = build(sd_pipeline_path, prompt_file, tmp_path / "style", "--method", "instruct_pix2pix",
-                    "--edit_model", editor, "--max_prompts", "2")
+    dataset = build(
+        sd_pipeline_path,
+        prompt_file,
+        tmp_path / "style",
+        "--method",
+        "instruct_pix2pix",
+        "--edit_model",
+        editor,
+        "--max_prompts",
+        "2",
+    )
     chosen = read_metadata(tmp_path / "style" / "generations" / "chosen")
     assert [e["prompt"] for e in chosen] == [f"turn it into a {STYLE}"] * 2
     for row in dataset:
@@ -80,8 +93,20 @@ def test_instruct_pix2pix_method_edits_the_rejected_image(sd_pipeline_path, prom
 
 def test_bad_templates_are_refused(capsys):
     with pytest.raises(SystemExit):
-        style_dataset.parse_args(["--model", "m", "--prompts", "p", "--style", "s", "--out", "o",
-                                  "--style_prompt_template", "{prompt} in style"])
+        style_dataset.parse_args(
+            [
+                "--model",
+                "m",
+                "--prompts",
+                "p",
+                "--style",
+                "s",
+                "--out",
+                "o",
+                "--style_prompt_template",
+                "{prompt} in style",
+            ]
+        )
     assert "{style}" in capsys.readouterr().err
 
 
@@ -89,18 +114,51 @@ def test_style_probability_hit_rate_and_content(sd_pipeline_path, prompt_file, c
     from transformers import CLIPModel, CLIPTokenizer
 
     for name, guidance in (("model", "7.5"), ("baseline", "1.0")):
-        generate.main(["--model", sd_pipeline_path, "--prompts", prompt_file, "--out", str(tmp_path / name),
-                       "--guidance_scale", guidance, *FAST])
-    result = style_alignment.main(["--images", str(tmp_path / "model"), "--baseline", str(tmp_path / "baseline"),
-                                   "--style", STYLE, "--neutral", "a photo", "--clip_model", clip_model_path,
-                                   "--threshold", "0.5", "--out", str(tmp_path / "report"), "--device", "cpu"])
+        generate.main(
+            [
+                "--model",
+                sd_pipeline_path,
+                "--prompts",
+                prompt_file,
+                "--out",
+                str(tmp_path / name),
+                "--guidance_scale",
+                guidance,
+                *FAST,
+            ]
+        )
+    result = style_alignment.main(
+        [
+            "--images",
+            str(tmp_path / "model"),
+            "--baseline",
+            str(tmp_path / "baseline"),
+            "--style",
+            STYLE,
+            "--neutral",
+            "a photo",
+            "--clip_model",
+            clip_model_path,
+            "--threshold",
+            "0.5",
+            "--out",
+            str(tmp_path / "report"),
+            "--device",
+            "cpu",
+        ]
+    )
     model = CLIPModel.from_pretrained(clip_model_path).eval()
     tokenizer = CLIPTokenizer.from_pretrained(clip_model_path)
     entries = read_metadata(tmp_path / "model")
-    pixels = torch.stack([torch.from_numpy(np.asarray(load_image(tmp_path / "model", e))).permute(2, 0, 1)
-                          for e in entries]).float() / 255.0
-    pixels = (pixels - torch.tensor(tiny.CLIP_IMAGE_MEAN).view(1, 3, 1, 1)) / torch.tensor(
-        tiny.CLIP_IMAGE_STD).view(1, 3, 1, 1)
+    pixels = (
+        torch.stack(
+            [torch.from_numpy(np.asarray(load_image(tmp_path / "model", e))).permute(2, 0, 1) for e in entries]
+        ).float()
+        / 255.0
+    )
+    pixels = (pixels - torch.tensor(tiny.CLIP_IMAGE_MEAN).view(1, 3, 1, 1)) / torch.tensor(tiny.CLIP_IMAGE_STD).view(
+        1, 3, 1, 1
+    )
     ids = tokenizer([STYLE, "a photo"], padding="max_length", truncation=True, return_tensors="pt").input_ids
     with torch.no_grad():
         probabilities = model(input_ids=ids, pixel_values=pixels).logits_per_image.softmax(-1)[:, 0]

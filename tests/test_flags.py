@@ -8,10 +8,11 @@ import shlex
 
 import pytest
 import yaml
+from test_train import cli
 
 import train_diffusion_rpo as rpo
 import train_diffusion_rpo_sdxl as rpo_sdxl
-from test_train import cli
+
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPTS = {"train_diffusion_rpo.py": rpo, "train_diffusion_rpo_sdxl.py": rpo_sdxl}
@@ -27,10 +28,16 @@ def documented_commands():
         for line in text.splitlines():
             if "accelerate launch" not in line or not re.search(r"train_diffusion_rpo(_sdxl)?\.py", line):
                 continue
-            tokens = shlex.split(line[line.index("accelerate launch"):].strip("`"), comments=True)
+            tokens = shlex.split(line[line.index("accelerate launch") :].strip("`"), comments=True)
             script = next(i for i, token in enumerate(tokens) if token in SCRIPTS)
-            commands.append((os.path.relpath(path, ROOT), tokens[2:script], tokens[script],
-                             [t for t in tokens[script + 1:] if t != "..."]))
+            commands.append(
+                (
+                    os.path.relpath(path, ROOT),
+                    tokens[2:script],
+                    tokens[script],
+                    [t for t in tokens[script + 1 :] if t != "..."],
+                )
+            )
     return commands
 
 
@@ -61,8 +68,9 @@ def test_learning_rate_defaults_depend_on_the_mode(capsys):
     with pytest.raises(SystemExit):
         rpo.parse_args(["--scale_lr"])  # the per-pair rate must be given: 1e-5 x 2048 pairs would diverge
     assert "--scale_lr multiplies --learning_rate" in capsys.readouterr().err
-    args = rpo.parse_args(["--learning_rate", "1e-8", "--scale_lr", "--train_batch_size", "8",
-                           "--gradient_accumulation_steps", "32"])
+    args = rpo.parse_args(
+        ["--learning_rate", "1e-8", "--scale_lr", "--train_batch_size", "8", "--gradient_accumulation_steps", "32"]
+    )
     assert rpo.effective_learning_rate(args, 8) == pytest.approx(2.048e-5)  # DiffusionDPO's recipe
     assert args.learning_rate == 1e-8  # args keep what was passed
 
@@ -81,8 +89,9 @@ def test_an_effective_learning_rate_outside_the_sane_range_is_warned(caplog):
     assert caplog.text == ""
 
 
-@pytest.mark.parametrize("name,lowest,exclusive", rpo.NUMERIC_FLAG_RANGES,
-                         ids=[name for name, _, _ in rpo.NUMERIC_FLAG_RANGES])
+@pytest.mark.parametrize(
+    "name,lowest,exclusive", rpo.NUMERIC_FLAG_RANGES, ids=[name for name, _, _ in rpo.NUMERIC_FLAG_RANGES]
+)
 def test_every_numeric_flag_is_range_checked(name, lowest, exclusive, capsys):
     bad = lowest if exclusive else lowest - 1
     with pytest.raises(SystemExit):
@@ -90,8 +99,9 @@ def test_every_numeric_flag_is_range_checked(name, lowest, exclusive, capsys):
     error = capsys.readouterr().err
     assert f"--{name} {bad}" in error and "out of range" in error
     good = {"adam_beta1": 0.5, "adam_beta2": 0.5, "resolution": 16}.get(name, lowest + 1)
-    parsed = rpo.parse_args([f"--{name}", str(good)] + (["--max_train_steps", "5"] if name == "shuffle_buffer_size"
-                                                         else []))
+    parsed = rpo.parse_args(
+        [f"--{name}", str(good)] + (["--max_train_steps", "5"] if name == "shuffle_buffer_size" else [])
+    )
     assert getattr(parsed, name) == good
 
 
@@ -107,7 +117,9 @@ def test_adafactor_refuses_adam_settings_and_turns_clipping_off(capsys):
     adafactor = rpo.parse_args(["--use_adafactor"])
     assert adafactor.max_grad_norm == 0.0  # its update clipping replaces gradient clipping (DiffusionDPO)
     assert rpo.parse_args(["--use_adafactor", "--max_grad_norm", "1"]).max_grad_norm == 1.0  # asked for: kept
-    assert rpo.parse_args(["--use_adafactor", "--adam_weight_decay", "0.1"]).adam_weight_decay == 0.1  # Adafactor's too
+    assert (
+        rpo.parse_args(["--use_adafactor", "--adam_weight_decay", "0.1"]).adam_weight_decay == 0.1
+    )  # Adafactor's too
     for flag, value in (("--adam_beta1", "0.8"), ("--adam_beta2", "0.99"), ("--adam_epsilon", "1e-6")):
         with pytest.raises(SystemExit):
             rpo.parse_args(["--use_adafactor", flag, value])
@@ -115,8 +127,15 @@ def test_adafactor_refuses_adam_settings_and_turns_clipping_off(capsys):
 
 
 def test_epochs_set_the_steps_unless_max_train_steps(script, pickapic_path, clip_model_path, tmp_path):
-    flags = cli(script.pipeline, pickapic_path, clip_model_path, tmp_path / "out", "--validation_prompts",
-                "--num_train_epochs", "2")
+    flags = cli(
+        script.pipeline,
+        pickapic_path,
+        clip_model_path,
+        tmp_path / "out",
+        "--validation_prompts",
+        "--num_train_epochs",
+        "2",
+    )
     flags.remove("--max_train_steps")
     flags.remove("2")  # cli's "--max_train_steps 2"
     progress = script.module.main(script.module.parse_args(flags))
@@ -124,8 +143,18 @@ def test_epochs_set_the_steps_unless_max_train_steps(script, pickapic_path, clip
 
 
 def test_card_and_trackers_record_the_rate_as_passed_and_as_trained(script, pickapic_path, clip_model_path, tmp_path):
-    args = script.module.parse_args(cli(script.pipeline, pickapic_path, clip_model_path, tmp_path / "out",
-                                        "--validation_prompts", "--learning_rate", "1e-4", "--scale_lr"))
+    args = script.module.parse_args(
+        cli(
+            script.pipeline,
+            pickapic_path,
+            clip_model_path,
+            tmp_path / "out",
+            "--validation_prompts",
+            "--learning_rate",
+            "1e-4",
+            "--scale_lr",
+        )
+    )
     assert script.module.tracker_config(args, 3e-4)["effective_learning_rate"] == 3e-4
     assert script.module.tracker_config(args, 3e-4)["learning_rate"] == 1e-4
     script.module.main(args)

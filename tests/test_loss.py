@@ -61,8 +61,9 @@ def direct_similarity_weights(embeddings, temperature, scale):
 @pytest.mark.parametrize("scale", [1.0, 4.0])
 def test_rpo_uniform_matches_double_loop(scale):
     model, ref, _ = random_losses(4)
-    loss, metrics = rpo.compute_preference_loss(model, ref, loss_type="rpo", beta=5000.0, weighting="uniform",
-                                                weight_scale=scale)
+    loss, metrics = rpo.compute_preference_loss(
+        model, ref, loss_type="rpo", beta=5000.0, weighting="uniform", weight_scale=scale
+    )
     assert loss.item() == pytest.approx(direct_rpo(model, ref, 5000.0, [[scale] * 4] * 4), rel=1e-9)
     assert metrics["weight_diag_mean"].item() == pytest.approx(scale)
     assert metrics["beta_effective_diag"].item() == pytest.approx(2500.0 * scale)
@@ -72,8 +73,9 @@ def test_rpo_uniform_matches_double_loop(scale):
 def test_rpo_similarity_matches_double_loop(temperature, scale):
     model, ref, embeddings = random_losses(3, seed=1)
     weights = direct_similarity_weights(embeddings, temperature, scale)
-    loss, metrics = rpo.compute_preference_loss(model, ref, loss_type="rpo", beta=2000.0, embeddings=embeddings,
-                                                temperature=temperature, weight_scale=scale)
+    loss, metrics = rpo.compute_preference_loss(
+        model, ref, loss_type="rpo", beta=2000.0, embeddings=embeddings, temperature=temperature, weight_scale=scale
+    )
     assert loss.item() == pytest.approx(direct_rpo(model, ref, 2000.0, weights), rel=1e-6)
     diag = sum(weights[i][i] for i in range(3)) / 3
     assert metrics["weight_diag_mean"].item() == pytest.approx(diag, rel=1e-6)
@@ -84,8 +86,9 @@ def test_rpo_with_one_pair_equals_dpo():
     model, ref, embeddings = random_losses(1, seed=2)
     dpo, _ = rpo.compute_preference_loss(model, ref, loss_type="dpo", beta=5000.0)
     for weighting in ("similarity", "uniform"):
-        loss, _ = rpo.compute_preference_loss(model, ref, loss_type="rpo", beta=5000.0, embeddings=embeddings,
-                                              weighting=weighting)
+        loss, _ = rpo.compute_preference_loss(
+            model, ref, loss_type="rpo", beta=5000.0, embeddings=embeddings, weighting=weighting
+        )
         assert loss.item() == pytest.approx(dpo.item(), rel=1e-12)
 
 
@@ -95,8 +98,9 @@ def test_rpo_diagonal_equals_dpo_when_embeddings_separate_pairs():
     basis = torch.eye(3, dtype=torch.float64)
     embeddings = torch.cat([basis, basis])
     dpo, _ = rpo.compute_preference_loss(model, ref, loss_type="dpo", beta=5000.0)
-    loss, metrics = rpo.compute_preference_loss(model, ref, loss_type="rpo", beta=5000.0, embeddings=embeddings,
-                                                temperature=0.01, weight_scale=1.0)
+    loss, metrics = rpo.compute_preference_loss(
+        model, ref, loss_type="rpo", beta=5000.0, embeddings=embeddings, temperature=0.01, weight_scale=1.0
+    )
     # Off-diagonal weights are ~0, so each of those terms is ln 2; the 3 diagonal terms carry DPO's loss.
     assert loss.item() == pytest.approx((3 * dpo.item() + 6 * math.log(2)) / 9, rel=1e-6)
     assert metrics["weight_diag_mean"].item() == pytest.approx(1.0, rel=1e-6)
@@ -125,13 +129,13 @@ def test_swapping_winner_and_loser_flips_the_logits(loss_type):
         w, l = x.chunk(2)
         return torch.cat([l, w])
 
-    kwargs = dict(loss_type=loss_type, beta=5000.0, weighting="uniform")
+    kwargs = {"loss_type": loss_type, "beta": 5000.0, "weighting": "uniform"}
     loss, metrics = rpo.compute_preference_loss(model, ref, **kwargs)
     loss_swapped, metrics_swapped = rpo.compute_preference_loss(swap(model), swap(ref), **kwargs)
     assert metrics_swapped["implicit_acc"].item() == pytest.approx(1 - metrics["implicit_acc"].item())
     # -log sigma(x) - (-log sigma(-x)) = -x: the loss difference is the mean logit, so it changes sign.
     m = 4
-    delta = (model - ref)
+    delta = model - ref
     if loss_type == "dpo":
         mean_logit = (-(delta[:m] - delta[m:]) * 2500.0).mean()
     else:
@@ -155,8 +159,9 @@ def test_gradients_reach_model_losses_only():
 @pytest.mark.parametrize("loss_type", ["dpo", "rpo"])
 def test_at_reference_loss_is_ln2_and_accuracy_half(loss_type):
     model, _, embeddings = random_losses(5, seed=7)
-    loss, metrics = rpo.compute_preference_loss(model.float(), model.float().clone(), loss_type=loss_type,
-                                                beta=5000.0, embeddings=embeddings.float())
+    loss, metrics = rpo.compute_preference_loss(
+        model.float(), model.float().clone(), loss_type=loss_type, beta=5000.0, embeddings=embeddings.float()
+    )
     assert loss.dtype == torch.float32
     assert loss.item() == torch.tensor(math.log(2), dtype=torch.float32).item()
     assert metrics["implicit_acc"].item() == 0.5
@@ -184,8 +189,9 @@ def test_dpo_positive_matches_hand_computed_value():
     beta, lam = 1000.0, 3.0
     # pair 1: z = 0.01, penalty 0; pair 2: z = -0.04, penalty 3 x 0.02 = 0.06 -> logit -0.10
     expected = -(logsigmoid(0.5 * beta * 0.01) + logsigmoid(0.5 * beta * -0.10)) / 2
-    loss, metrics = rpo.compute_preference_loss(model, ref, loss_type="dpo", beta=beta, stabilizer="dpop",
-                                                stabilizer_weight=lam)
+    loss, metrics = rpo.compute_preference_loss(
+        model, ref, loss_type="dpo", beta=beta, stabilizer="dpop", stabilizer_weight=lam
+    )
     assert loss.item() == pytest.approx(expected, rel=1e-9)
     assert metrics["stabilizer_term"].item() == pytest.approx(3.0 * 0.02 / 2)
     assert metrics["delta_mse_w"].item() == pytest.approx((-0.01 + 0.02) / 2)
@@ -205,8 +211,9 @@ def test_rpo_dpo_positive_matches_a_direct_double_loop():
         for j in range(m):
             z = -(delta_w - (model[m + j] - ref[m + j]).item()) - lam * max(0.0, delta_w)
             expected -= logsigmoid(weights[i, j].item() * 0.5 * beta * z)
-    loss, _ = rpo.compute_preference_loss(model, ref, loss_type="rpo", beta=beta, embeddings=embeddings,
-                                          stabilizer="dpop", stabilizer_weight=lam)
+    loss, _ = rpo.compute_preference_loss(
+        model, ref, loss_type="rpo", beta=beta, embeddings=embeddings, stabilizer="dpop", stabilizer_weight=lam
+    )
     assert loss.item() == pytest.approx(expected / m**2, rel=1e-9)
 
 
@@ -216,20 +223,23 @@ def test_sft_stabilizer_adds_the_weighted_winner_error_and_its_gradient(loss_typ
     model = model.clone().requires_grad_(True)
     plain, _ = rpo.compute_preference_loss(model, ref, loss_type=loss_type, beta=5000.0, embeddings=embeddings)
     (plain_grad,) = torch.autograd.grad(plain, model)
-    anchored, metrics = rpo.compute_preference_loss(model, ref, loss_type=loss_type, beta=5000.0,
-                                                    embeddings=embeddings, stabilizer="sft", stabilizer_weight=0.5)
+    anchored, metrics = rpo.compute_preference_loss(
+        model, ref, loss_type=loss_type, beta=5000.0, embeddings=embeddings, stabilizer="sft", stabilizer_weight=0.5
+    )
     (anchored_grad,) = torch.autograd.grad(anchored, model)
     assert anchored.item() == pytest.approx(plain.item() + 0.5 * model[:4].mean().item(), rel=1e-12)
     assert metrics["stabilizer_term"].item() == pytest.approx(0.5 * model[:4].mean().item())
-    torch.testing.assert_close(anchored_grad - plain_grad,
-                               torch.tensor([0.5 / 4] * 4 + [0.0] * 4, dtype=torch.float64), rtol=0, atol=1e-12)
+    torch.testing.assert_close(
+        anchored_grad - plain_grad, torch.tensor([0.5 / 4] * 4 + [0.0] * 4, dtype=torch.float64), rtol=0, atol=1e-12
+    )
 
 
 @pytest.mark.parametrize("stabilizer", ["dpop", "sft"])
 def test_at_the_reference_dpop_gives_ln2_and_sft_adds_its_term(stabilizer):
     model, _, embeddings = random_losses(3, seed=13)
-    loss, _ = rpo.compute_preference_loss(model, model.clone(), loss_type="rpo", beta=5000.0, embeddings=embeddings,
-                                          stabilizer=stabilizer)
+    loss, _ = rpo.compute_preference_loss(
+        model, model.clone(), loss_type="rpo", beta=5000.0, embeddings=embeddings, stabilizer=stabilizer
+    )
     offset = model[:3].mean().item() if stabilizer == "sft" else 0.0
     assert loss.item() == pytest.approx(math.log(2) + offset, rel=1e-12)
 

@@ -6,12 +6,13 @@ import math
 import os
 
 import pytest
-import torch
-
 import tiny
-import train_diffusion_rpo as rpo
+import torch
 from test_distributed import launch
 from test_train import LN2_FP32, cli
+
+import train_diffusion_rpo as rpo
+
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -19,17 +20,28 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 @pytest.fixture(scope="module")
 def perturbed(sd_pipeline_path, sdxl_pipeline_path, tmp_path_factory):
     folder = tmp_path_factory.mktemp("perturbed")
-    return {"sd15": tiny.perturbed_pipeline(sd_pipeline_path, str(folder / "sd15")),
-            "sdxl": tiny.perturbed_pipeline(sdxl_pipeline_path, str(folder / "sdxl"))}
+    return {
+        "sd15": tiny.perturbed_pipeline(sd_pipeline_path, str(folder / "sd15")),
+        "sdxl": tiny.perturbed_pipeline(sdxl_pipeline_path, str(folder / "sdxl")),
+    }
 
 
 @pytest.fixture
 def first_step(script, perturbed, pickapic_path, clip_model_path, tmp_path):
     def run(*extra):
         family = "sdxl" if script.module.SCRIPT_NAME.endswith("_sdxl.py") else "sd15"
-        flags = cli(perturbed[family], pickapic_path,
-                    clip_model_path, tmp_path / "out", "--mixed_precision", "bf16", "--max_train_steps", "1",
-                    "--validation_prompts", *extra)
+        flags = cli(
+            perturbed[family],
+            pickapic_path,
+            clip_model_path,
+            tmp_path / "out",
+            "--mixed_precision",
+            "bf16",
+            "--max_train_steps",
+            "1",
+            "--validation_prompts",
+            *extra,
+        )
         return script.module.main(script.module.parse_args(flags)).history[0]
 
     return run
@@ -50,9 +62,17 @@ def test_first_bf16_step_at_the_reference_is_exactly_ln2(first_step, loss_type):
     assert first["model_mse_w"] == first["ref_mse_w"] and first["model_mse_l"] == first["ref_mse_l"]
 
 
-@pytest.mark.parametrize("extra", [["--use_lora"], ["--cache_latents"], ["--gradient_checkpointing"],
-                                   ["--use_8bit_adam"], ["--compile", "--compile_backend", "aot_eager"]],
-                         ids=["lora", "latent-cache", "checkpointing", "8bit-adam", "compile"])
+@pytest.mark.parametrize(
+    "extra",
+    [
+        ["--use_lora"],
+        ["--cache_latents"],
+        ["--gradient_checkpointing"],
+        ["--use_8bit_adam"],
+        ["--compile", "--compile_backend", "aot_eager"],
+    ],
+    ids=["lora", "latent-cache", "checkpointing", "8bit-adam", "compile"],
+)
 def test_first_bf16_step_is_ln2_with_every_option(first_step, extra):
     first = first_step("--loss_type", "rpo", *extra)
     assert abs(first["loss"] - LN2_FP32) <= 1e-6 and first["implicit_acc"] == 0.5
@@ -63,12 +83,16 @@ def test_a_plain_half_precision_copy_is_not_exact_and_the_run_says_so(first_step
     as in the peers' scripts) misses ln 2 on these weights, and the run warns."""
     module = script.module
     monkeypatch.setattr(module, "store_as_autocast_computes", lambda unet, dtype: unet.to(dtype))
-    monkeypatch.setattr(module, "autocast_like_policy", lambda device, dtype: torch.autocast(device.type, enabled=False))
+    monkeypatch.setattr(
+        module, "autocast_like_policy", lambda device, dtype: torch.autocast(device.type, enabled=False)
+    )
     original = module.per_sample_denoising_loss
 
     def inputs_in_the_unet_dtype(unet, noisy, timesteps, hidden, target, **kwargs):
         dtype = next(unet.parameters()).dtype
-        return original(unet, noisy.to(dtype), timesteps, hidden.to(dtype), target, **module.cast_floats(kwargs, dtype))
+        return original(
+            unet, noisy.to(dtype), timesteps, hidden.to(dtype), target, **module.cast_floats(kwargs, dtype)
+        )
 
     monkeypatch.setattr(module, "per_sample_denoising_loss", inputs_in_the_unet_dtype)
     first = first_step("--loss_type", "dpo")
@@ -103,9 +127,22 @@ def test_ddp_first_bf16_step_is_ln2(perturbed, pickapic_path, clip_model_path, t
 
     for name, extra in (("full", []), ("lora", ["--use_lora"])):
         out = tmp_path / name
-        flags = cli(perturbed["sd15"], pickapic_path, clip_model_path, out, "--mixed_precision", "bf16",
-                    "--max_train_steps", "1", "--train_batch_size", "2", "--validation_prompts", "--report_to",
-                    "tensorboard", *extra)
+        flags = cli(
+            perturbed["sd15"],
+            pickapic_path,
+            clip_model_path,
+            out,
+            "--mixed_precision",
+            "bf16",
+            "--max_train_steps",
+            "1",
+            "--train_batch_size",
+            "2",
+            "--validation_prompts",
+            "--report_to",
+            "tensorboard",
+            *extra,
+        )
         launch(os.path.join(ROOT, "train_diffusion_rpo.py"), flags, 2, tmp_path)
         logs = [os.path.join(d, f) for d, _, files in os.walk(out / "logs") for f in files if "tfevents" in f]
         scalars = {}

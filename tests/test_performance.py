@@ -11,9 +11,10 @@ import pytest
 import torch
 from accelerate import Accelerator
 from safetensors.torch import load_file
+from test_train import cli
 
 import train_diffusion_rpo as rpo
-from test_train import cli
+
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LN2_FP32 = torch.tensor(math.log(2), dtype=torch.float32).item()
@@ -22,8 +23,9 @@ LN2_FP32 = torch.tensor(math.log(2), dtype=torch.float32).item()
 @pytest.fixture
 def train(sd_pipeline_path, pickapic_path, clip_model_path, tmp_path):
     def run(name, *extra):
-        args = rpo.parse_args(cli(sd_pipeline_path, pickapic_path, clip_model_path, tmp_path / name,
-                                  "--validation_prompts", *extra))
+        args = rpo.parse_args(
+            cli(sd_pipeline_path, pickapic_path, clip_model_path, tmp_path / name, "--validation_prompts", *extra)
+        )
         return rpo.main(args), args
 
     return run
@@ -61,8 +63,9 @@ def test_cache_holds_both_flips_of_the_live_crops(sd_pipeline_path, pickapic_pat
         mean, std = rpo.encode_latent_distribution(models.vae, live_item["pixel_values"], 16)
         torch.testing.assert_close(cached_item["latent_mean"], mean, rtol=0, atol=1e-5)
         torch.testing.assert_close(cached_item["latent_std"], std, rtol=0, atol=1e-6)
-        embeddings = rpo.compute_similarity_embeddings(models.clip, "text_image", live_item["clip_input_ids"][None],
-                                                       live_item["pixel_values"])
+        embeddings = rpo.compute_similarity_embeddings(
+            models.clip, "text_image", live_item["clip_input_ids"][None], live_item["pixel_values"]
+        )
         torch.testing.assert_close(cached_item["embeddings"], embeddings, rtol=0, atol=1e-5)
         assert cached_item["crop_top_left"] == live_item["crop_top_left"]
         assert cached_item["original_size"] == live_item["original_size"]
@@ -140,9 +143,22 @@ def test_benchmark_runs_both_steps_on_tiny_configs(tmp_path):
     import benchmarks.benchmark_step as benchmark
 
     out = tmp_path / "bench.json"
-    report = benchmark.main(["--variants", "reference_dpo_adamw,ours_dpo_adamw_cached,ours_rpo_adamw_uncached",
-                             "--steps", "2", "--warmup", "1", "--data_pairs", "16", "--data_image_sizes", "64,96",
-                             "--out", str(out)])
+    report = benchmark.main(
+        [
+            "--variants",
+            "reference_dpo_adamw,ours_dpo_adamw_cached,ours_rpo_adamw_uncached",
+            "--steps",
+            "2",
+            "--warmup",
+            "1",
+            "--data_pairs",
+            "16",
+            "--data_image_sizes",
+            "64,96",
+            "--out",
+            str(out),
+        ]
+    )
     assert json.loads(out.read_text())["results"] == json.loads(json.dumps(report["results"]))
     rows = {row["name"]: row for row in report["results"]}
     assert set(rows) == {"reference_dpo_adamw", "ours_dpo_adamw_cached", "ours_rpo_adamw_uncached"}
@@ -164,8 +180,26 @@ def test_benchmark_first_bf16_loss_with_trained_like_weights(family):
     latents from the synthetic cache included."""
     import benchmarks.benchmark_step as benchmark
 
-    report = benchmark.main(["--family", family, "--size", "tiny", "--mixed_precision", "bf16", "--perturb_weights",
-                             "0.01", "--steps", "1", "--warmup", "0", "--compile", "off", "--data_pairs", "0"])
+    report = benchmark.main(
+        [
+            "--family",
+            family,
+            "--size",
+            "tiny",
+            "--mixed_precision",
+            "bf16",
+            "--perturb_weights",
+            "0.01",
+            "--steps",
+            "1",
+            "--warmup",
+            "0",
+            "--compile",
+            "off",
+            "--data_pairs",
+            "0",
+        ]
+    )
     rows = {row["name"]: row["first_loss"] for row in report["results"]}
     assert all(abs(loss - LN2_FP32) <= 1e-6 for name, loss in rows.items() if name.startswith("ours")), rows
     assert all(abs(loss - LN2_FP32) > 1e-3 for name, loss in rows.items() if name.startswith("reference")), rows
@@ -173,7 +207,6 @@ def test_benchmark_first_bf16_loss_with_trained_like_weights(family):
 
 def test_large_jpegs_decode_at_reduced_scale_to_nearly_the_same_crop():
     import numpy as np
-
     import tiny
 
     rng = np.random.default_rng(1)
@@ -192,9 +225,8 @@ def test_sdxl_original_size_is_the_files_size_for_jpeg_and_png(tmp_path):
     import io
 
     import numpy as np
-    from PIL import Image
-
     import tiny
+    from PIL import Image
 
     array = tiny.random_image(np.random.default_rng(2), 256, 320)
     png = io.BytesIO()
@@ -210,12 +242,18 @@ def test_sdxl_original_size_is_the_files_size_for_jpeg_and_png(tmp_path):
 def test_cached_and_live_original_sizes_agree_for_large_jpegs(sd_pipeline_path, clip_model_path, tmp_path):
     import datasets
     import numpy as np
-
     import tiny
 
     rng = np.random.default_rng(3)
-    rows = [{"caption": f"pair {i}", "jpg_0": tiny.jpeg_bytes(tiny.random_image(rng, 128, 192)),
-             "jpg_1": tiny.jpeg_bytes(tiny.random_image(rng, 128, 192)), "label_0": 1.0} for i in range(2)]
+    rows = [
+        {
+            "caption": f"pair {i}",
+            "jpg_0": tiny.jpeg_bytes(tiny.random_image(rng, 128, 192)),
+            "jpg_1": tiny.jpeg_bytes(tiny.random_image(rng, 128, 192)),
+            "label_0": 1.0,
+        }
+        for i in range(2)
+    ]
     path = tiny.write_pickapic_dataset(str(tmp_path / "large"), rows)
     args = rpo.parse_args(cli(sd_pipeline_path, path, clip_model_path, tmp_path, "--cache_latents"))
     models = rpo.load_models(args, torch.device("cpu"), torch.float32)
@@ -227,8 +265,9 @@ def test_cached_and_live_original_sizes_agree_for_large_jpegs(sd_pipeline_path, 
         assert live[key]["original_size"] == from_cache[key]["original_size"] == (128, 192)
 
 
-def test_pairs_with_nonfinite_latents_are_left_out_of_the_cache(sd_pipeline_path, pickapic_path, clip_model_path,
-                                                                tmp_path, monkeypatch):
+def test_pairs_with_nonfinite_latents_are_left_out_of_the_cache(
+    sd_pipeline_path, pickapic_path, clip_model_path, tmp_path, monkeypatch
+):
     args = rpo.parse_args(cli(sd_pipeline_path, pickapic_path, clip_model_path, tmp_path, "--cache_latents"))
     models = rpo.load_models(args, torch.device("cpu"), torch.float32)
     dataset, _ = rpo.prepare_preference_dataset(rpo.load_raw_dataset(args), rpo.dataset_columns(args))

@@ -1,17 +1,15 @@
 """The recipe flags users bring from DiffusionDPO and the diffusers examples: caption dropout for classifier-free
 guidance, an EMA of the trained weights, and the reward of the validation images logged during training."""
 
-import os
-
-import datasets
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file
+from test_train import cli, unet_weights
 
 import train_diffusion_rpo as rpo
-from test_train import cli, unet_weights
+
 
 COLUMNS = rpo.dataset_columns(rpo.parse_args([]))
 
@@ -19,8 +17,9 @@ COLUMNS = rpo.dataset_columns(rpo.parse_args([]))
 @pytest.fixture
 def train(script, pickapic_path, clip_model_path, tmp_path):
     def run(*extra, output_dir="out"):
-        flags = cli(script.pipeline, pickapic_path, clip_model_path, tmp_path / output_dir, "--validation_prompts",
-                    *extra)
+        flags = cli(
+            script.pipeline, pickapic_path, clip_model_path, tmp_path / output_dir, "--validation_prompts", *extra
+        )
         return script.module.main(script.module.parse_args(flags))
 
     return run
@@ -44,17 +43,23 @@ def test_caption_dropout_rate_matches_the_flag_within_binomial_error():
     assert first != [rpo.caption_dropped(3, index, 1, 0.5) for index in range(200)]
 
 
-def test_a_dropped_caption_is_empty_for_both_images_and_every_encoder(script, pickapic_path, clip_model_path, tmp_path):
-    args = script.module.parse_args(cli(script.pipeline, pickapic_path, clip_model_path, tmp_path,
-                                        "--proportion_empty_prompts", "0.5"))
+def test_a_dropped_caption_is_empty_for_both_images_and_every_encoder(
+    script, pickapic_path, clip_model_path, tmp_path
+):
+    args = script.module.parse_args(
+        cli(script.pipeline, pickapic_path, clip_model_path, tmp_path, "--proportion_empty_prompts", "0.5")
+    )
     models = script.module.load_models(args, torch.device("cpu"), torch.float32)
     dataset, _ = rpo.prepare_preference_dataset(rpo.load_raw_dataset(args), COLUMNS)
-    tokenizers = {"input_ids": rpo.make_tokenize_fn(models.tokenizer),
-                  "clip_input_ids": rpo.clip_tokenize_fn(args, models)}
+    tokenizers = {
+        "input_ids": rpo.make_tokenize_fn(models.tokenizer),
+        "clip_input_ids": rpo.clip_tokenize_fn(args, models),
+    }
     if hasattr(models, "tokenizer_2"):
         tokenizers["input_ids_2"] = rpo.make_tokenize_fn(models.tokenizer_2)
-    items = rpo.PreferencePairDataset(dataset, COLUMNS, 32, seed=0, tokenizers=tokenizers,
-                                      proportion_empty_prompts=0.5)
+    items = rpo.PreferencePairDataset(
+        dataset, COLUMNS, 32, seed=0, tokenizers=tokenizers, proportion_empty_prompts=0.5
+    )
     keys = [(index, 0) for index in range(len(dataset))]
     dropped = [key for key in keys if rpo.caption_dropped(0, *key, 0.5)]
     assert 0 < len(dropped) < len(keys)
@@ -125,9 +130,14 @@ def test_ema_resumes_exactly(train, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-@pytest.mark.parametrize("flags,message", [(["--use_ema", "--use_lora"], "only the adapters train"),
-                                           (["--offload_ema"], "pass --use_ema too"),
-                                           (["--use_ema", "--ema_decay", "1.5"], "must be at most 1")])
+@pytest.mark.parametrize(
+    "flags,message",
+    [
+        (["--use_ema", "--use_lora"], "only the adapters train"),
+        (["--offload_ema"], "pass --use_ema too"),
+        (["--use_ema", "--ema_decay", "1.5"], "must be at most 1"),
+    ],
+)
 def test_contradictory_ema_flags_are_refused(flags, message, capsys):
     with pytest.raises(SystemExit):
         rpo.parse_args(flags)
@@ -139,16 +149,28 @@ def test_contradictory_ema_flags_are_refused(flags, message, capsys):
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def test_logged_validation_reward_is_pickscore_of_the_saved_images(script, pickapic_path, clip_model_path,
-                                                                  scorer_weights, tmp_path):
+def test_logged_validation_reward_is_pickscore_of_the_saved_images(
+    script, pickapic_path, clip_model_path, scorer_weights, tmp_path
+):
     from eval.scorers import PickScore
 
     prompts = ["a red circle", "a blue square on the left"]
     out = tmp_path / "out"
-    flags = cli(script.pipeline, pickapic_path, clip_model_path, out, "--validation_scorer", "pickscore",
-                "--validation_scorer_model", clip_model_path, "--validation_scorer_processor", clip_model_path,
-                "--validation_steps", "1")
-    flags[flags.index("--validation_prompts") + 1: flags.index("--validation_prompts") + 2] = prompts
+    flags = cli(
+        script.pipeline,
+        pickapic_path,
+        clip_model_path,
+        out,
+        "--validation_scorer",
+        "pickscore",
+        "--validation_scorer_model",
+        clip_model_path,
+        "--validation_scorer_processor",
+        clip_model_path,
+        "--validation_steps",
+        "1",
+    )
+    flags[flags.index("--validation_prompts") + 1 : flags.index("--validation_prompts") + 2] = prompts
     progress = script.module.main(script.module.parse_args(flags))
     assert [r["step"] for r in progress.validation_rewards] == [1, 2, 2]  # every step, then the final validation
     grid = Image.open(out / "validation_grid.png")  # top row: the reference; bottom row: the trained model
@@ -158,5 +180,7 @@ def test_logged_validation_reward_is_pickscore_of_the_saved_images(script, picka
     assert final["validation_reward"] == pytest.approx(np.mean(scorer.score(cells[1], prompts)), abs=1e-4)
     assert final["validation_reward_reference"] == pytest.approx(np.mean(scorer.score(cells[0], prompts)), abs=1e-4)
     assert final["validation_reward"] != final["validation_reward_reference"]  # the model moved
-    assert f"{final['validation_reward']:.4f} (base: {final['validation_reward_reference']:.4f})" in (
-        out / "README.md").read_text()
+    assert (
+        f"{final['validation_reward']:.4f} (base: {final['validation_reward_reference']:.4f})"
+        in (out / "README.md").read_text()
+    )

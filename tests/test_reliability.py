@@ -15,12 +15,13 @@ from types import SimpleNamespace
 
 import datasets
 import pytest
+import tiny
 import torch
 from safetensors.torch import load_file
-
-import tiny
-import train_diffusion_rpo as rpo
 from test_train import ROOT, cli, unet_weights
+
+import train_diffusion_rpo as rpo
+
 
 # Rows 3 and 7 of tiny.pickapic_rows(18) are pairs 2 and 5 once the 6 ties are dropped (not adjacent, so each is
 # read once per epoch: a replacement never runs into the other).
@@ -39,7 +40,7 @@ def train(script, pickapic_path, clip_model_path, tmp_path):
         flags = cli(script.pipeline, dataset, clip_model_path, tmp_path / output_dir, "--validation_prompts", *extra)
         if not seeded:
             at = flags.index("--seed")
-            flags = flags[:at] + flags[at + 2:]
+            flags = flags[:at] + flags[at + 2 :]
         args = script.module.parse_args(flags)
         return script.module.main(args)
 
@@ -71,8 +72,17 @@ def same_weights(a, b):
 @pytest.mark.parametrize("workers", [0, 2])
 def test_corrupt_rows_are_skipped_counted_and_checkpointed(train, corrupt_pickapic, tmp_path, workers, caplog):
     # 4 steps x 3 pairs read the 12 pairs once: both corrupt pairs are met once each.
-    progress = train("--max_train_steps", "4", "--checkpointing_steps", "4", "--max_bad_rows", "2",
-                     "--dataloader_num_workers", str(workers), dataset=corrupt_pickapic)
+    progress = train(
+        "--max_train_steps",
+        "4",
+        "--checkpointing_steps",
+        "4",
+        "--max_bad_rows",
+        "2",
+        "--dataloader_num_workers",
+        str(workers),
+        dataset=corrupt_pickapic,
+    )
     assert progress.global_step == 4 and progress.bad_rows == 2
     assert progress.history[-1]["bad_rows"] == 2
     assert checkpoint_progress(tmp_path / "out" / "checkpoint-4")["bad_rows"] == 2
@@ -85,8 +95,9 @@ def test_corrupt_rows_are_skipped_counted_and_checkpointed(train, corrupt_pickap
 @pytest.mark.parametrize("limit", ["1", "0.1"])  # a count, and a fraction of the 12 pairs the run reads (1.2 -> 1)
 def test_too_many_corrupt_rows_stop_the_run_and_keep_a_checkpoint(train, corrupt_pickapic, tmp_path, limit):
     with pytest.raises(RuntimeError, match=r"2 pairs could not be decoded by the loader .*allows 1 of 12"):
-        train("--max_train_steps", "4", "--checkpointing_steps", "100", "--max_bad_rows", limit,
-              dataset=corrupt_pickapic)
+        train(
+            "--max_train_steps", "4", "--checkpointing_steps", "100", "--max_bad_rows", limit, dataset=corrupt_pickapic
+        )
     checkpoints = rpo.list_checkpoints(tmp_path / "out")
     assert len(checkpoints) == 1 and checkpoint_progress(checkpoints[0])["bad_rows"] == 2
     assert not (tmp_path / "out" / "unet").exists()  # not a finished model
@@ -97,8 +108,9 @@ def test_latent_cache_leaves_corrupt_rows_out_and_counts_them(train, corrupt_pic
         train("--cache_latents", "--max_bad_rows", "1", output_dir="strict", dataset=corrupt_pickapic)
     train("--cache_latents", "--max_bad_rows", "2", "--max_train_steps", "3", dataset=corrupt_pickapic)
     assert "2 of 12 pairs could not be decoded (or gave non-finite latents) and are left out" in caplog.text
-    cache = datasets.concatenate_datasets([datasets.Dataset.from_file(str(path))
-                                           for path in (tmp_path / "out" / "latent_cache").glob("*.arrow")])
+    cache = datasets.concatenate_datasets(
+        [datasets.Dataset.from_file(str(path)) for path in (tmp_path / "out" / "latent_cache").glob("*.arrow")]
+    )
     assert len(cache) == 10
     assert "10 preference pairs used" in (tmp_path / "out" / "README.md").read_text()
 
@@ -152,14 +164,24 @@ def test_a_nonfinite_loss_skips_the_update(train, script, tmp_path, monkeypatch,
 def test_a_skipped_update_does_not_advance_the_learning_rate_schedule(train, script, monkeypatch):
     # Warmup over 4 steps: lr after step k is k/4 of the peak; step 2 is skipped, so step 3 trains at step 2's rate.
     poison_losses(monkeypatch, script.module, from_call=2, until_call=2)
-    progress = train("--max_train_steps", "4", "--lr_scheduler", "constant_with_warmup", "--lr_warmup_steps", "4",
-                     "--learning_rate", "1e-3")
+    progress = train(
+        "--max_train_steps",
+        "4",
+        "--lr_scheduler",
+        "constant_with_warmup",
+        "--lr_warmup_steps",
+        "4",
+        "--learning_rate",
+        "1e-3",
+    )
     assert [h["lr"] for h in progress.history] == pytest.approx([2.5e-4, 2.5e-4, 5e-4, 7.5e-4])
 
 
 def test_nonfinite_steps_in_a_row_stop_the_run_at_the_last_good_weights(train, script, tmp_path, monkeypatch):
     poison_losses(monkeypatch, script.module, from_call=2)
-    with pytest.raises(RuntimeError, match="3 optimizer steps in a row .*non-finite.*last checkpoint is .*checkpoint-3"):
+    with pytest.raises(
+        RuntimeError, match="3 optimizer steps in a row .*non-finite.*last checkpoint is .*checkpoint-3"
+    ):
         train("--max_train_steps", "6", "--checkpointing_steps", "1", "--max_nonfinite_steps", "3")
     out = tmp_path / "out"
     # Stopped at step 4 before its save; steps 2 and 3 were skipped, so checkpoint-3 holds step 1's weights.
@@ -194,8 +216,9 @@ def sigint_disposition():
     signal.signal(signal.SIGINT, inherited)
 
 
-def test_sigint_saves_a_checkpoint_and_a_resume_matches_the_straight_run(train, script, tmp_path, monkeypatch,
-                                                                         sigint_disposition):
+def test_sigint_saves_a_checkpoint_and_a_resume_matches_the_straight_run(
+    train, script, tmp_path, monkeypatch, sigint_disposition
+):
     sigint_disposition(signal.default_int_handler)
     straight = train("--max_train_steps", "4", "--checkpointing_steps", "100", output_dir="straight")
     original = script.module.record_faults
@@ -211,8 +234,15 @@ def test_sigint_saves_a_checkpoint_and_a_resume_matches_the_straight_run(train, 
     assert stopped.stopped_by == signal.SIGINT and stopped.global_step == 3
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
     assert checkpoint_names(tmp_path / "split") == ["checkpoint-3"] and not (tmp_path / "split" / "unet").exists()
-    resumed = train("--max_train_steps", "4", "--checkpointing_steps", "100", "--resume_from_checkpoint", "latest",
-                    output_dir="split")
+    resumed = train(
+        "--max_train_steps",
+        "4",
+        "--checkpointing_steps",
+        "100",
+        "--resume_from_checkpoint",
+        "latest",
+        output_dir="split",
+    )
     assert [h["loss"] for h in resumed.history] == [h["loss"] for h in straight.history[3:]]
     assert same_weights(unet_weights(tmp_path / "straight"), unet_weights(tmp_path / "split"))
 
@@ -232,19 +262,54 @@ def test_sigint_ignored_at_start_stays_ignored(train, script, tmp_path, monkeypa
     assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
 
 
-def test_sigterm_to_a_launched_run_saves_and_the_resume_is_bitwise_exact(train, script, pickapic_path,
-                                                                          clip_model_path, tmp_path):
+def test_sigterm_to_a_launched_run_saves_and_the_resume_is_bitwise_exact(
+    train, script, pickapic_path, clip_model_path, tmp_path
+):
     """Preemption: SIGTERM to the whole process group (launcher, trainer, loader workers), as SLURM and Ctrl-C do.
     The straight and the resumed runs are in-process, with the launched run's thread count (same arithmetic)."""
     steps = ["--max_train_steps", "12", "--train_batch_size", "4"]  # 4 epochs; killed after the step-2 checkpoint
     split = tmp_path / "split"
-    flags = cli(script.pipeline, pickapic_path, clip_model_path, split, "--validation_prompts", *steps,
-                "--dataloader_num_workers", "2", "--checkpointing_steps", "2", "--checkpoints_total_limit", "2")
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--cpu",
-               "--num_cpu_threads_per_process", str(torch.get_num_threads()), "--mixed_precision", "no",
-               "--num_machines", "1", "--dynamo_backend", "no", script.path, *flags]
-    run = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
-                           env={**os.environ, "PYTHONPATH": ROOT}, start_new_session=True)
+    flags = cli(
+        script.pipeline,
+        pickapic_path,
+        clip_model_path,
+        split,
+        "--validation_prompts",
+        *steps,
+        "--dataloader_num_workers",
+        "2",
+        "--checkpointing_steps",
+        "2",
+        "--checkpoints_total_limit",
+        "2",
+    )
+    command = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--num_processes",
+        "1",
+        "--cpu",
+        "--num_cpu_threads_per_process",
+        str(torch.get_num_threads()),
+        "--mixed_precision",
+        "no",
+        "--num_machines",
+        "1",
+        "--dynamo_backend",
+        "no",
+        script.path,
+        *flags,
+    ]
+    run = subprocess.Popen(
+        command,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": ROOT},
+        start_new_session=True,
+    )
     deadline = time.time() + 300
     while not rpo.list_checkpoints(split) and time.time() < deadline and run.poll() is None:
         time.sleep(0.05)
@@ -286,8 +351,16 @@ def test_total_limit_never_deletes_the_checkpoint_just_saved(train, tmp_path):
     train("--max_train_steps", "4", "--checkpointing_steps", "2")
     assert checkpoint_names(out) == ["checkpoint-2", "checkpoint-4"]
     # Resuming an earlier checkpoint: the new checkpoint-3 sorts before checkpoint-4, yet it is the one kept.
-    train("--max_train_steps", "3", "--checkpointing_steps", "1", "--checkpoints_total_limit", "1",
-          "--resume_from_checkpoint", str(out / "checkpoint-2"))
+    train(
+        "--max_train_steps",
+        "3",
+        "--checkpointing_steps",
+        "1",
+        "--checkpoints_total_limit",
+        "1",
+        "--resume_from_checkpoint",
+        str(out / "checkpoint-2"),
+    )
     assert checkpoint_names(out) == ["checkpoint-3"]
     assert checkpoint_progress(out / "checkpoint-3")["global_step"] == 3
 
@@ -308,15 +381,23 @@ def test_checkpoints_resume_without_unpickling_objects(train, tmp_path, monkeypa
         return original(*args, **kwargs)
 
     monkeypatch.setattr(torch, "load", weights_only_load)
-    progress = train("--max_train_steps", "3", "--checkpointing_steps", "100", "--use_8bit_adam",
-                     "--resume_from_checkpoint", "latest")
+    progress = train(
+        "--max_train_steps",
+        "3",
+        "--checkpointing_steps",
+        "100",
+        "--use_8bit_adam",
+        "--resume_from_checkpoint",
+        "latest",
+    )
     assert progress.global_step == 3 and len(progress.history) == 1
 
 
 def test_no_code_path_runs_remote_or_pickled_code():
     sources = [os.path.join(ROOT, "train_diffusion_rpo.py"), os.path.join(ROOT, "train_diffusion_rpo_sdxl.py")]
-    sources += [os.path.join(ROOT, "eval", name) for name in os.listdir(os.path.join(ROOT, "eval"))
-                if name.endswith(".py")]
+    sources += [
+        os.path.join(ROOT, "eval", name) for name in os.listdir(os.path.join(ROOT, "eval")) if name.endswith(".py")
+    ]
     for path in sources:
         text = open(path).read()
         assert "trust_remote_code=True" not in text and "weights_only=False" not in text, path
@@ -330,12 +411,15 @@ def test_no_code_path_runs_remote_or_pickled_code():
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("flags,message", [
-    (["--max_bad_rows", "1.5"], "pass a fraction below 1"),
-    (["--max_bad_rows", "-1"], "pass a fraction below 1"),
-    (["--max_nonfinite_steps", "0"], "--max_nonfinite_steps must be at least 1"),
-    (["--clip_model_name_or_path", ""], "needs a CLIP model"),
-])
+@pytest.mark.parametrize(
+    "flags,message",
+    [
+        (["--max_bad_rows", "1.5"], "pass a fraction below 1"),
+        (["--max_bad_rows", "-1"], "pass a fraction below 1"),
+        (["--max_nonfinite_steps", "0"], "--max_nonfinite_steps must be at least 1"),
+        (["--clip_model_name_or_path", ""], "needs a CLIP model"),
+    ],
+)
 def test_bad_reliability_flags_are_refused(flags, message, capsys):
     with pytest.raises(SystemExit):
         rpo.parse_args(flags)
@@ -353,8 +437,9 @@ def test_resume_without_a_seed_uses_the_checkpoint_seed_for_the_data(train, tmp_
     common = ["--max_train_samples", "8", "--train_batch_size", "2", "--checkpointing_steps", "2"]
     train(*common, "--max_train_steps", "2", output_dir="split", seeded=False)
     seed = checkpoint_progress(tmp_path / "split" / "checkpoint-2")["seed"]
-    resumed = train(*common, "--max_train_steps", "4", "--resume_from_checkpoint", "latest", output_dir="split",
-                    seeded=False)
+    resumed = train(
+        *common, "--max_train_steps", "4", "--resume_from_checkpoint", "latest", output_dir="split", seeded=False
+    )
     straight = train(*common, "--max_train_steps", "4", "--seed", str(seed), output_dir="straight", seeded=False)
     assert resumed.seed == seed
     assert [h["loss"] for h in resumed.history] == [h["loss"] for h in straight.history[2:]]

@@ -7,13 +7,14 @@ import subprocess
 import sys
 
 import pytest
+import tiny
 import torch
 from PIL import Image
+from test_train import ROOT, cli, unet_weights
 
-import tiny
 import train_diffusion_rpo as sd15
 import train_diffusion_rpo_sdxl as sdxl
-from test_train import ROOT, cli, unet_weights
+
 
 SCRIPTS = {name: os.path.join(ROOT, name) for name in ("train_diffusion_rpo.py", "train_diffusion_rpo_sdxl.py")}
 END_MARKER = "# END SCRIPT-SPECIFIC\n"
@@ -54,8 +55,9 @@ def test_both_scripts_give_identical_losses(loss_type):
     embeddings = torch.nn.functional.normalize(torch.randn(8, 16, generator=generator), dim=-1)
     results = []
     for module in (sd15, sdxl):
-        loss, metrics = module.compute_preference_loss(model_losses, ref_losses, loss_type=loss_type, beta=5000.0,
-                                                       embeddings=embeddings, temperature=0.5)
+        loss, metrics = module.compute_preference_loss(
+            model_losses, ref_losses, loss_type=loss_type, beta=5000.0, embeddings=embeddings, temperature=0.5
+        )
         (gradient,) = torch.autograd.grad(loss, model_losses)
         results.append((loss, gradient, metrics))
     assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
@@ -88,9 +90,17 @@ def test_time_ids_follow_the_pair_crop_and_flip(sdxl_pipeline_path, pickapic_pat
     args = sdxl.parse_args(cli(sdxl_pipeline_path, pickapic_path, clip_model_path, tmp_path, "--random_crop"))
     models = sdxl.load_models(args, torch.device("cpu"), torch.float32)
     dataset, _ = sdxl.prepare_preference_dataset(sdxl.load_raw_dataset(args), sdxl.dataset_columns(args))
-    items = sdxl.PreferencePairDataset(dataset, sdxl.dataset_columns(args), 32, seed=0, random_crop=True,
-                                       tokenizers={"input_ids": sdxl.make_tokenize_fn(models.tokenizer),
-                                                   "input_ids_2": sdxl.make_tokenize_fn(models.tokenizer_2)})
+    items = sdxl.PreferencePairDataset(
+        dataset,
+        sdxl.dataset_columns(args),
+        32,
+        seed=0,
+        random_crop=True,
+        tokenizers={
+            "input_ids": sdxl.make_tokenize_fn(models.tokenizer),
+            "input_ids_2": sdxl.make_tokenize_fn(models.tokenizer_2),
+        },
+    )
     keys = [(index, 0) for index in range(6)]
     batch = sdxl.collate_pairs([items[key] for key in keys])
     inputs = sdxl.prepare_diffusion_inputs(args, models, batch, micro_step=0, seed=0)
@@ -124,8 +134,9 @@ def test_time_ids_follow_the_pair_crop_and_flip(sdxl_pipeline_path, pickapic_pat
 def test_vae_stays_fp32_unless_a_custom_vae_is_given(sdxl_pipeline_path, pickapic_path, clip_model_path, tmp_path):
     custom_vae = tiny.save_vae(str(tmp_path / "vae"), seed=9)
     for extra, dtype in (([], torch.float32), (["--pretrained_vae_model_name_or_path", custom_vae], torch.bfloat16)):
-        args = sdxl.parse_args(cli(sdxl_pipeline_path, pickapic_path, clip_model_path, tmp_path, "--loss_type",
-                                   "dpo", *extra))
+        args = sdxl.parse_args(
+            cli(sdxl_pipeline_path, pickapic_path, clip_model_path, tmp_path, "--loss_type", "dpo", *extra)
+        )
         models = sdxl.load_models(args, torch.device("cpu"), torch.bfloat16)
         assert models.vae.dtype == dtype and models.text_encoder_2.dtype == torch.bfloat16
 
@@ -136,23 +147,51 @@ def test_vae_stays_fp32_unless_a_custom_vae_is_given(sdxl_pipeline_path, pickapi
 
 
 def generate(pipeline):
-    return pipeline("a red circle", num_inference_steps=2, height=32, width=32, output_type="np",
-                    generator=torch.Generator().manual_seed(0)).images[0]
+    return pipeline(
+        "a red circle",
+        num_inference_steps=2,
+        height=32,
+        width=32,
+        output_type="np",
+        generator=torch.Generator().manual_seed(0),
+    ).images[0]
 
 
 @pytest.mark.parametrize("loss_type", ["rpo", "dpo", "sft"])
-def test_accelerate_launch_trains_an_sdxl_pipeline_that_loads_and_generates(sdxl_pipeline_path, pickapic_path,
-                                                                            clip_model_path, tmp_path, loss_type):
+def test_accelerate_launch_trains_an_sdxl_pipeline_that_loads_and_generates(
+    sdxl_pipeline_path, pickapic_path, clip_model_path, tmp_path, loss_type
+):
     from diffusers import DiffusionPipeline, StableDiffusionXLPipeline
 
     out = tmp_path / "launched"
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--cpu",
-               "--mixed_precision", "no", "--num_machines", "1", "--dynamo_backend", "no",
-               SCRIPTS["train_diffusion_rpo_sdxl.py"],
-               *cli(sdxl_pipeline_path, pickapic_path, clip_model_path, out, "--loss_type", loss_type,
-                    "--checkpointing_steps", "1")]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=tmp_path,
-                            env={**os.environ, "PYTHONPATH": ROOT})
+    command = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--num_processes",
+        "1",
+        "--cpu",
+        "--mixed_precision",
+        "no",
+        "--num_machines",
+        "1",
+        "--dynamo_backend",
+        "no",
+        SCRIPTS["train_diffusion_rpo_sdxl.py"],
+        *cli(
+            sdxl_pipeline_path,
+            pickapic_path,
+            clip_model_path,
+            out,
+            "--loss_type",
+            loss_type,
+            "--checkpointing_steps",
+            "1",
+        ),
+    ]
+    result = subprocess.run(
+        command, capture_output=True, text=True, timeout=600, cwd=tmp_path, env={**os.environ, "PYTHONPATH": ROOT}
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert sorted(p for p in os.listdir(out) if p.startswith("checkpoint")) == ["checkpoint-1", "checkpoint-2"]
     trained, base = unet_weights(out), unet_weights(sdxl_pipeline_path)
@@ -165,17 +204,30 @@ def test_accelerate_launch_trains_an_sdxl_pipeline_that_loads_and_generates(sdxl
 
 
 def run_xl(sdxl_pipeline_path, pickapic_path, clip_model_path, output_dir, *extra):
-    return sdxl.main(sdxl.parse_args(cli(sdxl_pipeline_path, pickapic_path, clip_model_path, output_dir,
-                                         "--validation_prompts", *extra)))
+    return sdxl.main(
+        sdxl.parse_args(
+            cli(sdxl_pipeline_path, pickapic_path, clip_model_path, output_dir, "--validation_prompts", *extra)
+        )
+    )
 
 
 def test_sdxl_resume_is_bitwise_exact(sdxl_pipeline_path, pickapic_path, clip_model_path, tmp_path):
     common = ["--train_batch_size", "4", "--checkpointing_steps", "2"]
-    straight = run_xl(sdxl_pipeline_path, pickapic_path, clip_model_path, tmp_path / "straight", *common,
-                      "--max_train_steps", "4")
+    straight = run_xl(
+        sdxl_pipeline_path, pickapic_path, clip_model_path, tmp_path / "straight", *common, "--max_train_steps", "4"
+    )
     run_xl(sdxl_pipeline_path, pickapic_path, clip_model_path, tmp_path / "split", *common, "--max_train_steps", "2")
-    resumed = run_xl(sdxl_pipeline_path, pickapic_path, clip_model_path, tmp_path / "split", *common,
-                     "--max_train_steps", "4", "--resume_from_checkpoint", "latest")
+    resumed = run_xl(
+        sdxl_pipeline_path,
+        pickapic_path,
+        clip_model_path,
+        tmp_path / "split",
+        *common,
+        "--max_train_steps",
+        "4",
+        "--resume_from_checkpoint",
+        "latest",
+    )
     assert [h["loss"] for h in resumed.history] == [h["loss"] for h in straight.history[2:]]
     a, b = unet_weights(tmp_path / "straight"), unet_weights(tmp_path / "split")
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -185,8 +237,9 @@ def test_sdxl_lora_adapters_load_on_the_base(sdxl_pipeline_path, pickapic_path, 
     from diffusers import StableDiffusionXLPipeline
     from safetensors.torch import load_file
 
-    progress = run_xl(sdxl_pipeline_path, pickapic_path, clip_model_path, tmp_path / "out", "--use_lora", "--loss_type",
-                      "dpo")
+    progress = run_xl(
+        sdxl_pipeline_path, pickapic_path, clip_model_path, tmp_path / "out", "--use_lora", "--loss_type", "dpo"
+    )
     assert progress.history[0]["loss"] == torch.tensor(0.6931471805599453, dtype=torch.float32).item()
     lora = load_file(tmp_path / "out" / "pytorch_lora_weights.safetensors")
     assert lora and all("lora" in key for key in lora)
@@ -196,34 +249,62 @@ def test_sdxl_lora_adapters_load_on_the_base(sdxl_pipeline_path, pickapic_path, 
     assert abs(generate(pipeline) - before).max() > 0
 
 
-def test_custom_vae_is_trained_with_saved_and_named_in_the_card(sdxl_pipeline_path, pickapic_path, clip_model_path,
-                                                               tmp_path):
+def test_custom_vae_is_trained_with_saved_and_named_in_the_card(
+    sdxl_pipeline_path, pickapic_path, clip_model_path, tmp_path
+):
     from huggingface_hub import ModelCard
     from safetensors.torch import load_file
 
     custom_vae = tiny.save_vae(str(tmp_path / "fp16-fix-vae"), seed=9)
     out = tmp_path / "out"
-    run_xl(sdxl_pipeline_path, pickapic_path, clip_model_path, out, "--pretrained_vae_model_name_or_path", custom_vae,
-           "--adam_weight_decay", "0")
+    run_xl(
+        sdxl_pipeline_path,
+        pickapic_path,
+        clip_model_path,
+        out,
+        "--pretrained_vae_model_name_or_path",
+        custom_vae,
+        "--adam_weight_decay",
+        "0",
+    )
     saved = load_file(out / "vae" / "diffusion_pytorch_model.safetensors")
     custom = load_file(os.path.join(custom_vae, "diffusion_pytorch_model.safetensors"))
     base = load_file(os.path.join(sdxl_pipeline_path, "vae", "diffusion_pytorch_model.safetensors"))
-    assert all(torch.equal(saved[k], custom[k]) for k in custom) and not all(torch.equal(base[k], custom[k]) for k in base)
+    assert all(torch.equal(saved[k], custom[k]) for k in custom) and not all(
+        torch.equal(base[k], custom[k]) for k in base
+    )
     card = ModelCard.load(out / "README.md")
     assert {"stable-diffusion-xl", "stable-diffusion-xl-diffusers", "diffusion-rpo", "rpo"} <= set(card.data.tags)
     assert card.data.license == "openrail++" and card.data.base_model is None  # a local base is no Hub id
     assert f"Trained with the VAE `{os.path.basename(custom_vae)}`" in card.text
     assert "train_diffusion_rpo_sdxl.py" in card.text
     # Training itself runs with the custom VAE's weights.
-    args = sdxl.parse_args(cli(sdxl_pipeline_path, pickapic_path, clip_model_path, tmp_path / "x",
-                               "--pretrained_vae_model_name_or_path", custom_vae, "--loss_type", "dpo"))
+    args = sdxl.parse_args(
+        cli(
+            sdxl_pipeline_path,
+            pickapic_path,
+            clip_model_path,
+            tmp_path / "x",
+            "--pretrained_vae_model_name_or_path",
+            custom_vae,
+            "--loss_type",
+            "dpo",
+        )
+    )
     models = sdxl.load_models(args, torch.device("cpu"), torch.float32)
     assert all(torch.equal(models.vae.state_dict()[k], custom[k]) for k in custom)
 
 
 def test_adafactor_trains_with_factored_state(sdxl_pipeline_path, pickapic_path, clip_model_path, tmp_path):
-    progress = run_xl(sdxl_pipeline_path, pickapic_path, clip_model_path, tmp_path / "out", "--use_adafactor",
-                      "--checkpointing_steps", "2")
+    progress = run_xl(
+        sdxl_pipeline_path,
+        pickapic_path,
+        clip_model_path,
+        tmp_path / "out",
+        "--use_adafactor",
+        "--checkpointing_steps",
+        "2",
+    )
     state = torch.load(tmp_path / "out" / "checkpoint-2" / "optimizer.bin", weights_only=True)
     assert state["param_groups"][0]["relative_step"] is False
     assert any("exp_avg_sq_row" in s for s in state["state"].values())  # factored second moments, no exp_avg
@@ -234,6 +315,13 @@ def test_adafactor_trains_with_factored_state(sdxl_pipeline_path, pickapic_path,
 def test_sdxl_cached_run_matches_the_live_run(sdxl_pipeline_path, pickapic_path, clip_model_path, tmp_path):
     # The cache must carry what SDXL's time ids are built from (original size, crop of each flip) as well as latents.
     live = run_xl(sdxl_pipeline_path, pickapic_path, clip_model_path, tmp_path / "live", "--max_train_steps", "3")
-    cached = run_xl(sdxl_pipeline_path, pickapic_path, clip_model_path, tmp_path / "cached", "--max_train_steps", "3",
-                    "--cache_latents")
+    cached = run_xl(
+        sdxl_pipeline_path,
+        pickapic_path,
+        clip_model_path,
+        tmp_path / "cached",
+        "--max_train_steps",
+        "3",
+        "--cache_latents",
+    )
     assert [h["loss"] for h in cached.history] == pytest.approx([h["loss"] for h in live.history], rel=1e-4)

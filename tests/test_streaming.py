@@ -2,11 +2,11 @@
 stream position in checkpoints that a resumed run continues from."""
 
 import pytest
-import torch
-
 import tiny
-import train_diffusion_rpo as rpo
+import torch
 from test_train import cli
+
+import train_diffusion_rpo as rpo
 
 
 @pytest.fixture(scope="module")
@@ -18,8 +18,19 @@ def sharded_pickapic(tmp_path_factory):
 @pytest.fixture
 def stream_run(sd_pipeline_path, sharded_pickapic, clip_model_path, tmp_path):
     def run(name, *extra):
-        args = rpo.parse_args(cli(sd_pipeline_path, sharded_pickapic, clip_model_path, tmp_path / name,
-                                  "--validation_prompts", "--streaming", "--train_batch_size", "2", *extra))
+        args = rpo.parse_args(
+            cli(
+                sd_pipeline_path,
+                sharded_pickapic,
+                clip_model_path,
+                tmp_path / name,
+                "--validation_prompts",
+                "--streaming",
+                "--train_batch_size",
+                "2",
+                *extra,
+            )
+        )
         return rpo.main(args)
 
     return run
@@ -45,13 +56,26 @@ def test_streaming_resume_continues_at_the_saved_stream_position(stream_run, wor
 
 
 def test_streaming_drops_ties_and_reads_each_pair_once_per_epoch(sd_pipeline_path, sharded_pickapic, clip_model_path):
-    args = rpo.parse_args(cli(sd_pipeline_path, sharded_pickapic, clip_model_path, "unused", "--streaming",
-                              "--shuffle_buffer_size", "4", "--train_batch_size", "2"))
+    args = rpo.parse_args(
+        cli(
+            sd_pipeline_path,
+            sharded_pickapic,
+            clip_model_path,
+            "unused",
+            "--streaming",
+            "--shuffle_buffer_size",
+            "4",
+            "--train_batch_size",
+            "2",
+        )
+    )
     stream = rpo.prepare_streaming_dataset(rpo.load_raw_dataset(args), rpo.dataset_columns(args), 0, 4)
     pairs = rpo.PairMaker(rpo.dataset_columns(args), 32, 0)
     progress = rpo.TrainingProgress(0)
-    readers = [rpo.StreamingPairDataset(stream, pairs, 2, num_processes=2, process_index=rank, progress=progress)
-               for rank in (0, 1)]
+    readers = [
+        rpo.StreamingPairDataset(stream, pairs, 2, num_processes=2, process_index=rank, progress=progress)
+        for rank in (0, 1)
+    ]
     captions, indices = [], []
     for reader in readers:
         batches = iter(reader)

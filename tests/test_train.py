@@ -7,29 +7,57 @@ import sys
 from types import SimpleNamespace
 
 import pytest
+import tiny
 import torch
 from safetensors.torch import load_file
 
-import tiny
 import train_diffusion_rpo as rpo
+
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LN2_FP32 = torch.tensor(math.log(2), dtype=torch.float32).item()
 
 
 def cli(sd_pipeline_path, pickapic_path, clip_model_path, output_dir, *extra):
-    return ["--pretrained_model_name_or_path", sd_pipeline_path, "--dataset_name", pickapic_path,
-            "--clip_model_name_or_path", clip_model_path, "--output_dir", str(output_dir), "--resolution", "32",
-            "--train_batch_size", "3", "--max_train_steps", "2", "--learning_rate", "1e-3", "--lr_warmup_steps", "0",
-            "--dataloader_num_workers", "0", "--seed", "0", "--report_to", "none",
-            "--validation_prompts", "a red circle", "--validation_num_inference_steps", "2", *extra]
+    return [
+        "--pretrained_model_name_or_path",
+        sd_pipeline_path,
+        "--dataset_name",
+        pickapic_path,
+        "--clip_model_name_or_path",
+        clip_model_path,
+        "--output_dir",
+        str(output_dir),
+        "--resolution",
+        "32",
+        "--train_batch_size",
+        "3",
+        "--max_train_steps",
+        "2",
+        "--learning_rate",
+        "1e-3",
+        "--lr_warmup_steps",
+        "0",
+        "--dataloader_num_workers",
+        "0",
+        "--seed",
+        "0",
+        "--report_to",
+        "none",
+        "--validation_prompts",
+        "a red circle",
+        "--validation_num_inference_steps",
+        "2",
+        *extra,
+    ]
 
 
 @pytest.fixture
 def run(sd_pipeline_path, pickapic_path, clip_model_path, tmp_path):
     def run_main(*extra, output_dir=None):
-        args = rpo.parse_args(cli(sd_pipeline_path, pickapic_path, clip_model_path, output_dir or tmp_path / "out",
-                                  *extra))
+        args = rpo.parse_args(
+            cli(sd_pipeline_path, pickapic_path, clip_model_path, output_dir or tmp_path / "out", *extra)
+        )
         return rpo.main(args), args
 
     return run_main
@@ -38,9 +66,11 @@ def run(sd_pipeline_path, pickapic_path, clip_model_path, tmp_path):
 @pytest.fixture
 def run_either(script, pickapic_path, clip_model_path, tmp_path):
     """`run` for each of the two scripts (the `script` fixture), for behaviour in their shared code."""
+
     def run_main(*extra, output_dir=None):
-        args = script.module.parse_args(cli(script.pipeline, pickapic_path, clip_model_path,
-                                            output_dir or tmp_path / "out", *extra))
+        args = script.module.parse_args(
+            cli(script.pipeline, pickapic_path, clip_model_path, output_dir or tmp_path / "out", *extra)
+        )
         return script.module.main(args), args
 
     run_main.module = script.module
@@ -62,28 +92,48 @@ def test_training_saves_a_pipeline_that_loads_and_generates(run, sd_pipeline_pat
     assert any(not torch.equal(trained[k], base[k]) for k in base)
     pipeline = DiffusionPipeline.from_pretrained(args.output_dir)
     assert isinstance(pipeline, StableDiffusionPipeline)
-    image = pipeline("a red circle", num_inference_steps=2, height=32, width=32,
-                     generator=torch.Generator().manual_seed(0), output_type="np").images[0]
+    image = pipeline(
+        "a red circle",
+        num_inference_steps=2,
+        height=32,
+        width=32,
+        generator=torch.Generator().manual_seed(0),
+        output_type="np",
+    ).images[0]
     assert image.shape == (32, 32, 3) and image.std() > 0
-    expected_metrics = {"sft": {"loss", "lr", "model_mse_w", "weight_norm_drift"},
-                        "dpo": {"loss", "lr", "model_mse_w", "model_mse_l", "ref_mse_w", "ref_mse_l", "delta_mse_w",
-                                "delta_mse_l", "implicit_acc", "weight_norm_drift"}}
+    expected_metrics = {
+        "sft": {"loss", "lr", "model_mse_w", "weight_norm_drift"},
+        "dpo": {
+            "loss",
+            "lr",
+            "model_mse_w",
+            "model_mse_l",
+            "ref_mse_w",
+            "ref_mse_l",
+            "delta_mse_w",
+            "delta_mse_l",
+            "implicit_acc",
+            "weight_norm_drift",
+        },
+    }
     expected_metrics["rpo"] = expected_metrics["dpo"] | {"weight_diag_mean", "beta_effective_diag"}
     assert set(progress.history[0]) == expected_metrics[loss_type]
 
 
 @pytest.mark.parametrize("loss_type,sampling", [("rpo", "batch"), ("rpo", "pair"), ("dpo", "pair")])
 def test_first_step_at_the_reference_is_ln2_in_fp32(run_either, loss_type, sampling):
-    progress, _ = run_either("--loss_type", loss_type, "--timestep_sampling", sampling, "--max_train_steps", "1",
-                      "--validation_prompts")
+    progress, _ = run_either(
+        "--loss_type", loss_type, "--timestep_sampling", sampling, "--max_train_steps", "1", "--validation_prompts"
+    )
     first = progress.history[0]
     assert first["loss"] == LN2_FP32
     assert first["implicit_acc"] == 0.5
 
 
 def test_first_step_in_bf16_is_close_to_ln2(run):
-    progress, _ = run("--mixed_precision", "bf16", "--beta_dpo", "500", "--max_train_steps", "1",
-                      "--validation_prompts")
+    progress, _ = run(
+        "--mixed_precision", "bf16", "--beta_dpo", "500", "--max_train_steps", "1", "--validation_prompts"
+    )
     assert abs(progress.history[0]["loss"] - math.log(2)) < 0.05
 
 
@@ -98,8 +148,9 @@ def test_rpo_weights_are_logged_from_the_clip_similarity(run):
 def test_weight_norm_drift_is_measured_from_the_base_also_after_a_resume(run, sd_pipeline_path, tmp_path):
     out = tmp_path / "drift"
     run("--max_train_steps", "2", "--checkpointing_steps", "1", "--validation_prompts", output_dir=out)
-    progress, _ = run("--max_train_steps", "3", "--resume_from_checkpoint", "latest", "--validation_prompts",
-                      output_dir=out)
+    progress, _ = run(
+        "--max_train_steps", "3", "--resume_from_checkpoint", "latest", "--validation_prompts", output_dir=out
+    )
 
     def norm(weights):
         return math.sqrt(sum(float(value.double().pow(2).sum()) for value in weights.values()))
@@ -113,22 +164,45 @@ def test_checkpoints_prune_and_resume_latest(run_either, tmp_path):
     out = tmp_path / "ckpt"
     run_either("--max_train_steps", "4", "--checkpointing_steps", "2", "--validation_prompts", output_dir=out)
     assert sorted(p for p in os.listdir(out) if p.startswith("checkpoint")) == ["checkpoint-2", "checkpoint-4"]
-    progress, _ = run_either("--max_train_steps", "6", "--checkpointing_steps", "2", "--checkpoints_total_limit", "2",
-                             "--resume_from_checkpoint", "latest", "--validation_prompts", output_dir=out)
+    progress, _ = run_either(
+        "--max_train_steps",
+        "6",
+        "--checkpointing_steps",
+        "2",
+        "--checkpoints_total_limit",
+        "2",
+        "--resume_from_checkpoint",
+        "latest",
+        "--validation_prompts",
+        output_dir=out,
+    )
     assert sorted(p for p in os.listdir(out) if p.startswith("checkpoint")) == ["checkpoint-4", "checkpoint-6"]
     assert progress.global_step == 6 and len(progress.history) == 2  # continued from step 4
 
 
-@pytest.mark.parametrize("extra", [[], ["--dataloader_num_workers", "2"], ["--cache_latents"]],
-                         ids=["main-process", "workers", "latent-cache"])
+@pytest.mark.parametrize(
+    "extra",
+    [[], ["--dataloader_num_workers", "2"], ["--cache_latents"]],
+    ids=["main-process", "workers", "latent-cache"],
+)
 def test_resume_continues_the_data_position_exactly(run, tmp_path, extra):
     # 4 steps straight == 2 steps, stop, resume, 2 steps: the same losses and bitwise the same weights (data order,
     # augmentation, noise, optimizer and scheduler state). Steps 3-4 start the second epoch of the 12 pairs.
     extra = [*extra, "--train_batch_size", "4", "--validation_prompts"]
-    straight, _ = run("--max_train_steps", "4", "--checkpointing_steps", "100", *extra, output_dir=tmp_path / "straight")
+    straight, _ = run(
+        "--max_train_steps", "4", "--checkpointing_steps", "100", *extra, output_dir=tmp_path / "straight"
+    )
     run("--max_train_steps", "2", "--checkpointing_steps", "2", *extra, output_dir=tmp_path / "split")
-    resumed, _ = run("--max_train_steps", "4", "--checkpointing_steps", "100", "--resume_from_checkpoint", "latest",
-                     *extra, output_dir=tmp_path / "split")
+    resumed, _ = run(
+        "--max_train_steps",
+        "4",
+        "--checkpointing_steps",
+        "100",
+        "--resume_from_checkpoint",
+        "latest",
+        *extra,
+        output_dir=tmp_path / "split",
+    )
     assert [h["loss"] for h in resumed.history] == [h["loss"] for h in straight.history[2:]]
     a, b = unet_weights(tmp_path / "straight"), unet_weights(tmp_path / "split")
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -156,7 +230,7 @@ def test_lora_run_saves_adapters_that_load_on_the_base(run, sd_pipeline_path, tm
     lora = load_file(tmp_path / "out" / "pytorch_lora_weights.safetensors")
     assert lora and all("lora" in key for key in lora)
     pipeline = StableDiffusionPipeline.from_pretrained(sd_pipeline_path)
-    kwargs = dict(num_inference_steps=2, height=32, width=32, output_type="np")
+    kwargs = {"num_inference_steps": 2, "height": 32, "width": 32, "output_type": "np"}
     before = pipeline("a red circle", generator=torch.Generator().manual_seed(0), **kwargs).images[0]
     pipeline.load_lora_weights(str(tmp_path / "out"))
     after = pipeline("a red circle", generator=torch.Generator().manual_seed(0), **kwargs).images[0]
@@ -206,8 +280,9 @@ def test_model_card_of_a_hub_base_names_it_in_the_metadata(tmp_path):
 
 
 @pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
-def test_push_to_hub_uploads_the_model_only_and_never_the_token(run_either, tmp_path, monkeypatch, caplog, capfd,
-                                                                 lora):
+def test_push_to_hub_uploads_the_model_only_and_never_the_token(
+    run_either, tmp_path, monkeypatch, caplog, capfd, lora
+):
     from huggingface_hub.utils import filter_repo_objects
 
     calls = {}
@@ -223,30 +298,50 @@ def test_push_to_hub_uploads_the_model_only_and_never_the_token(run_either, tmp_
         calls["upload_folder"] = kwargs
         folder = kwargs["folder_path"]
         files = [os.path.relpath(os.path.join(d, f), folder) for d, _, fs in os.walk(folder) for f in fs]
-        calls["uploaded"] = sorted(filter_repo_objects(files, allow_patterns=kwargs.get("allow_patterns"),
-                                                       ignore_patterns=kwargs.get("ignore_patterns")))
+        calls["uploaded"] = sorted(
+            filter_repo_objects(
+                files, allow_patterns=kwargs.get("allow_patterns"), ignore_patterns=kwargs.get("ignore_patterns")
+            )
+        )
 
     monkeypatch.setattr(run_either.module, "create_repo", fake_create_repo)
     monkeypatch.setattr(run_either.module, "upload_folder", recording_upload_folder)
     secret = "hf_TESTSECRETtoken123"
-    run_either("--push_to_hub", "--hub_model_id", "someone/tiny-rpo", "--hub_token", secret, "--report_to",
-               "tensorboard", "--checkpointing_steps", "1", "--cache_latents", *(["--use_lora"] if lora else []))
+    run_either(
+        "--push_to_hub",
+        "--hub_model_id",
+        "someone/tiny-rpo",
+        "--hub_token",
+        secret,
+        "--report_to",
+        "tensorboard",
+        "--checkpointing_steps",
+        "1",
+        "--cache_latents",
+        *(["--use_lora"] if lora else []),
+    )
     assert calls["create_repo"] == {"repo_id": "someone/tiny-rpo", "exist_ok": True, "token": secret}
     upload = calls["upload_folder"]
     assert upload["repo_id"] == "someone/tiny-rpo" and upload["folder_path"] == str(tmp_path / "out")
     assert upload["token"] == secret
-    written = sorted(os.path.relpath(os.path.join(d, f), tmp_path / "out")
-                     for d, _, files in os.walk(tmp_path / "out") for f in files)
+    written = sorted(
+        os.path.relpath(os.path.join(d, f), tmp_path / "out")
+        for d, _, files in os.walk(tmp_path / "out")
+        for f in files
+    )
     assert any("events.out.tfevents" in f for f in written) and any(f.startswith("checkpoint-1") for f in written)
     assert any(f.startswith("latent_cache") for f in written)
     if lora:
         expected = ["README.md", "pytorch_lora_weights.safetensors", "validation_grid.png"]
     else:
-        components = {"sd15": ["scheduler", "text_encoder", "tokenizer", "unet", "vae"],
-                      "sdxl": ["scheduler", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "unet",
-                               "vae"]}["sdxl" if "sdxl" in run_either.module.SCRIPT_NAME else "sd15"]
-        expected = sorted(["README.md", "model_index.json", "validation_grid.png"]
-                          + [f for f in written if f.split(os.sep)[0] in components])
+        components = {
+            "sd15": ["scheduler", "text_encoder", "tokenizer", "unet", "vae"],
+            "sdxl": ["scheduler", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "unet", "vae"],
+        }["sdxl" if "sdxl" in run_either.module.SCRIPT_NAME else "sd15"]
+        expected = sorted(
+            ["README.md", "model_index.json", "validation_grid.png"]
+            + [f for f in written if f.split(os.sep)[0] in components]
+        )
     assert calls["uploaded"] == expected
     for path in written:
         with open(tmp_path / "out" / path, "rb") as f:
@@ -259,8 +354,9 @@ def test_validation_renders_on_the_main_process_only(monkeypatch):
     rendered = []
     monkeypatch.setattr(rpo, "generate_validation_images", lambda *a, **k: rendered.append(a) or [])
     args = rpo.parse_args(["--validation_prompts", "a red circle"])
-    other = SimpleNamespace(is_main_process=False, distributed_type=rpo.DistributedType.MULTI_GPU,
-                            unwrap_model=lambda unet: unet)
+    other = SimpleNamespace(
+        is_main_process=False, distributed_type=rpo.DistributedType.MULTI_GPU, unwrap_model=lambda unet: unet
+    )
     assert rpo.log_validation(other, args, None, None, torch.float32, None) is None and rendered == []
 
 
@@ -295,8 +391,9 @@ def test_v_prediction_targets_the_velocity(pickapic_path, clip_model_path, tmp_p
     args = rpo.parse_args(cli(path, pickapic_path, clip_model_path, tmp_path / "out", "--loss_type", "dpo"))
     models = rpo.load_models(args, torch.device("cpu"), torch.float32)
     dataset, _ = rpo.prepare_preference_dataset(rpo.load_raw_dataset(args), rpo.dataset_columns(args))
-    items = rpo.PreferencePairDataset(dataset, rpo.dataset_columns(args), 32, 0,
-                                      tokenizers={"input_ids": rpo.make_tokenize_fn(models.tokenizer)})
+    items = rpo.PreferencePairDataset(
+        dataset, rpo.dataset_columns(args), 32, 0, tokenizers={"input_ids": rpo.make_tokenize_fn(models.tokenizer)}
+    )
     batch = rpo.collate_pairs([items[(0, 0)], items[(1, 0)]])
     inputs = rpo.prepare_diffusion_inputs(args, models, batch, 0, 0)
     scheduler = models.noise_scheduler
@@ -310,9 +407,18 @@ def test_v_prediction_targets_the_velocity(pickapic_path, clip_model_path, tmp_p
 
 def test_accelerate_launch_end_to_end(sd_pipeline_path, pickapic_path, clip_model_path, tmp_path):
     out = tmp_path / "launched"
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--cpu",
-               "--mixed_precision", "no", os.path.join(ROOT, "train_diffusion_rpo.py"),
-               *cli(sd_pipeline_path, pickapic_path, clip_model_path, out, "--report_to", "tensorboard")]
+    command = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--num_processes",
+        "1",
+        "--cpu",
+        "--mixed_precision",
+        "no",
+        os.path.join(ROOT, "train_diffusion_rpo.py"),
+        *cli(sd_pipeline_path, pickapic_path, clip_model_path, out, "--report_to", "tensorboard"),
+    ]
     result = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert (out / "unet" / "diffusion_pytorch_model.safetensors").exists()
@@ -322,10 +428,16 @@ def test_accelerate_launch_end_to_end(sd_pipeline_path, pickapic_path, clip_mode
 def test_sft_encodes_and_denoises_the_winners_only(run, monkeypatch):
     encoded, denoised = [], []
     encode, denoise = rpo.encode_latent_distribution, rpo.per_sample_denoising_loss
-    monkeypatch.setattr(rpo, "encode_latent_distribution",
-                        lambda vae, pixels, batch_size: encoded.append(pixels.shape[0]) or encode(vae, pixels, batch_size))
-    monkeypatch.setattr(rpo, "per_sample_denoising_loss",
-                        lambda unet, noisy, *a, **k: denoised.append(noisy.shape[0]) or denoise(unet, noisy, *a, **k))
+    monkeypatch.setattr(
+        rpo,
+        "encode_latent_distribution",
+        lambda vae, pixels, batch_size: encoded.append(pixels.shape[0]) or encode(vae, pixels, batch_size),
+    )
+    monkeypatch.setattr(
+        rpo,
+        "per_sample_denoising_loss",
+        lambda unet, noisy, *a, **k: denoised.append(noisy.shape[0]) or denoise(unet, noisy, *a, **k),
+    )
     progress, _ = run("--loss_type", "sft", "--max_train_steps", "1", "--validation_prompts")
     assert encoded == [3] and denoised == [3]  # 3 pairs per step: their 3 winners, not 6 images
     assert set(progress.history[0]) == {"loss", "lr", "model_mse_w", "weight_norm_drift"}

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+
 VOCAB_CHARS = [chr(i) for i in range(33, 127)]
 VOCAB_SIZE = 2 * len(VOCAB_CHARS) + 2
 BOS_ID, EOS_ID = VOCAB_SIZE - 2, VOCAB_SIZE - 1
@@ -36,9 +37,17 @@ def write_tokenizer(path, max_length=MAX_TOKENS):
 
 
 def text_config_kwargs(hidden_size=32, projection_dim=None):
-    kwargs = dict(vocab_size=VOCAB_SIZE, hidden_size=hidden_size, intermediate_size=37, num_attention_heads=4,
-                  num_hidden_layers=2, max_position_embeddings=MAX_TOKENS, bos_token_id=BOS_ID, eos_token_id=EOS_ID,
-                  pad_token_id=EOS_ID)
+    kwargs = {
+        "vocab_size": VOCAB_SIZE,
+        "hidden_size": hidden_size,
+        "intermediate_size": 37,
+        "num_attention_heads": 4,
+        "num_hidden_layers": 2,
+        "max_position_embeddings": MAX_TOKENS,
+        "bos_token_id": BOS_ID,
+        "eos_token_id": EOS_ID,
+        "pad_token_id": EOS_ID,
+    }
     if projection_dim is not None:
         kwargs["projection_dim"] = projection_dim
     return kwargs
@@ -48,10 +57,18 @@ def build_unet(cross_attention_dim=32, sample_size=16, **overrides):
     from diffusers import UNet2DConditionModel
 
     torch.manual_seed(0)
-    config = dict(block_out_channels=(32, 64), layers_per_block=1, sample_size=sample_size, in_channels=4,
-                  out_channels=4, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-                  up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=cross_attention_dim,
-                  attention_head_dim=8, norm_num_groups=32)
+    config = {
+        "block_out_channels": (32, 64),
+        "layers_per_block": 1,
+        "sample_size": sample_size,
+        "in_channels": 4,
+        "out_channels": 4,
+        "down_block_types": ("CrossAttnDownBlock2D", "DownBlock2D"),
+        "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D"),
+        "cross_attention_dim": cross_attention_dim,
+        "attention_head_dim": 8,
+        "norm_num_groups": 32,
+    }
     config.update(overrides)
     return UNet2DConditionModel(**config)
 
@@ -60,9 +77,16 @@ def build_vae():
     from diffusers import AutoencoderKL
 
     torch.manual_seed(1)
-    return AutoencoderKL(block_out_channels=(32, 64), in_channels=3, out_channels=3,
-                         down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-                         latent_channels=4, norm_num_groups=32, sample_size=32)
+    return AutoencoderKL(
+        block_out_channels=(32, 64),
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        latent_channels=4,
+        norm_num_groups=32,
+        sample_size=32,
+    )
 
 
 def build_sd_pipeline(path, prediction_type="epsilon"):
@@ -73,11 +97,23 @@ def build_sd_pipeline(path, prediction_type="epsilon"):
     tokenizer = write_tokenizer(os.path.join(path, "_tokenizer_src"))
     torch.manual_seed(2)
     text_encoder = CLIPTextModel(CLIPTextConfig(**text_config_kwargs()))
-    scheduler = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                              num_train_timesteps=1000, prediction_type=prediction_type)
-    pipeline = StableDiffusionPipeline(vae=build_vae(), text_encoder=text_encoder, tokenizer=tokenizer,
-                                       unet=build_unet(), scheduler=scheduler, safety_checker=None,
-                                       feature_extractor=None, requires_safety_checker=False)
+    scheduler = DDPMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        num_train_timesteps=1000,
+        prediction_type=prediction_type,
+    )
+    pipeline = StableDiffusionPipeline(
+        vae=build_vae(),
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=build_unet(),
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
     pipeline.save_pretrained(path)
     with open(os.path.join(path, "README.md"), "w") as f:
         f.write("---\nlicense: creativeml-openrail-m\n---\n# tiny test pipeline\n")
@@ -93,12 +129,29 @@ def build_sdxl_pipeline(path):
     torch.manual_seed(4)
     text_encoder = CLIPTextModel(CLIPTextConfig(**text_config_kwargs()))
     text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**text_config_kwargs(projection_dim=32)))
-    unet = build_unet(cross_attention_dim=64, addition_embed_type="text_time", addition_time_embed_dim=8,
-                      projection_class_embeddings_input_dim=6 * 8 + 32)
-    scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                                       num_train_timesteps=1000, timestep_spacing="leading", steps_offset=1)
-    pipeline = StableDiffusionXLPipeline(vae=build_vae(), text_encoder=text_encoder, text_encoder_2=text_encoder_2,
-                                         tokenizer=tokenizer, tokenizer_2=tokenizer, unet=unet, scheduler=scheduler)
+    unet = build_unet(
+        cross_attention_dim=64,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=8,
+        projection_class_embeddings_input_dim=6 * 8 + 32,
+    )
+    scheduler = EulerDiscreteScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        num_train_timesteps=1000,
+        timestep_spacing="leading",
+        steps_offset=1,
+    )
+    pipeline = StableDiffusionXLPipeline(
+        vae=build_vae(),
+        text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+    )
     pipeline.save_pretrained(path)
     return path
 
@@ -111,10 +164,15 @@ def build_instruct_pix2pix_pipeline(path):
     tokenizer = write_tokenizer(os.path.join(path, "_tokenizer_src"))
     torch.manual_seed(5)
     pipeline = StableDiffusionInstructPix2PixPipeline(
-        vae=build_vae(), text_encoder=CLIPTextModel(CLIPTextConfig(**text_config_kwargs())), tokenizer=tokenizer,
-        unet=build_unet(in_channels=8), scheduler=EulerAncestralDiscreteScheduler(
-            beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear"),
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+        vae=build_vae(),
+        text_encoder=CLIPTextModel(CLIPTextConfig(**text_config_kwargs())),
+        tokenizer=tokenizer,
+        unet=build_unet(in_channels=8),
+        scheduler=EulerAncestralDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear"),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
     pipeline.save_pretrained(path)
     return path
 
@@ -124,16 +182,34 @@ def build_clip_model(path, image_size=32):
     from transformers import CLIPConfig, CLIPModel
 
     torch.manual_seed(3)
-    config = CLIPConfig(text_config=text_config_kwargs(),
-                        vision_config=dict(hidden_size=32, intermediate_size=37, num_attention_heads=4,
-                                           num_hidden_layers=2, image_size=image_size, patch_size=8),
-                        projection_dim=24)
+    config = CLIPConfig(
+        text_config=text_config_kwargs(),
+        vision_config={
+            "hidden_size": 32,
+            "intermediate_size": 37,
+            "num_attention_heads": 4,
+            "num_hidden_layers": 2,
+            "image_size": image_size,
+            "patch_size": 8,
+        },
+        projection_dim=24,
+    )
     CLIPModel(config).save_pretrained(path)
     write_tokenizer(path)
     with open(os.path.join(path, "preprocessor_config.json"), "w") as f:
-        json.dump({"image_processor_type": "CLIPImageProcessor", "crop_size": {"height": image_size, "width": image_size},
-                   "size": {"shortest_edge": image_size}, "do_center_crop": True, "do_normalize": True,
-                   "do_resize": True, "image_mean": CLIP_IMAGE_MEAN, "image_std": CLIP_IMAGE_STD}, f)
+        json.dump(
+            {
+                "image_processor_type": "CLIPImageProcessor",
+                "crop_size": {"height": image_size, "width": image_size},
+                "size": {"shortest_edge": image_size},
+                "do_center_crop": True,
+                "do_normalize": True,
+                "do_resize": True,
+                "image_mean": CLIP_IMAGE_MEAN,
+                "image_std": CLIP_IMAGE_STD,
+            },
+            f,
+        )
     return path
 
 
@@ -163,15 +239,28 @@ def pickapic_rows(num_rows, seed=0, labels=None, sizes=((40, 48), (48, 40), (32,
     for i in range(num_rows):
         height, width = sizes[i % len(sizes)]
         label = float(labels[i])
-        rows.append({
-            "are_different": True, "best_image_uid": f"uid{i}-{0 if label == 1 else 1}",
-            "caption": " ".join(rng.choice(words, size=4)), "created_at": "2023-05-01 00:00:00",
-            "has_label": True, "image_0_uid": f"uid{i}-0", "image_0_url": f"https://example.invalid/{i}-0.jpg",
-            "image_1_uid": f"uid{i}-1", "image_1_url": f"https://example.invalid/{i}-1.jpg",
-            "jpg_0": jpeg_bytes(random_image(rng, height, width)), "jpg_1": jpeg_bytes(random_image(rng, height, width)),
-            "label_0": label, "label_1": 1.0 - label, "model_0": "sd-1.5", "model_1": "sdxl", "ranking_id": i,
-            "user_id": int(rng.integers(0, 100)), "num_example_per_prompt": 1,
-        })
+        rows.append(
+            {
+                "are_different": True,
+                "best_image_uid": f"uid{i}-{0 if label == 1 else 1}",
+                "caption": " ".join(rng.choice(words, size=4)),
+                "created_at": "2023-05-01 00:00:00",
+                "has_label": True,
+                "image_0_uid": f"uid{i}-0",
+                "image_0_url": f"https://example.invalid/{i}-0.jpg",
+                "image_1_uid": f"uid{i}-1",
+                "image_1_url": f"https://example.invalid/{i}-1.jpg",
+                "jpg_0": jpeg_bytes(random_image(rng, height, width)),
+                "jpg_1": jpeg_bytes(random_image(rng, height, width)),
+                "label_0": label,
+                "label_1": 1.0 - label,
+                "model_0": "sd-1.5",
+                "model_1": "sdxl",
+                "ranking_id": i,
+                "user_id": int(rng.integers(0, 100)),
+                "num_example_per_prompt": 1,
+            }
+        )
     return rows
 
 
@@ -189,8 +278,17 @@ def write_pickapic_dataset(path, rows, num_files=1):
 
 # open_clip layout of a tiny ViT CLIP (names and shapes as open_clip's model.py/transformer.py write them for
 # ViT-H-14, scaled down): HPSv2.1's checkpoint is {"state_dict": <this>} for the real ViT-H-14.
-OPENCLIP_TINY = {"embed_dim": 24, "vision_width": 32, "vision_layers": 2, "vision_head_width": 8, "patch_size": 8,
-                 "image_size": 32, "text_width": 32, "text_layers": 2, "text_heads": 4}
+OPENCLIP_TINY = {
+    "embed_dim": 24,
+    "vision_width": 32,
+    "vision_layers": 2,
+    "vision_head_width": 8,
+    "patch_size": 8,
+    "image_size": 32,
+    "text_width": 32,
+    "text_layers": 2,
+    "text_heads": 4,
+}
 
 
 def openclip_state_dict(seed=6, spec=OPENCLIP_TINY):
@@ -200,26 +298,39 @@ def openclip_state_dict(seed=6, spec=OPENCLIP_TINY):
         return torch.randn(*shape, generator=generator) * scale
 
     def block(prefix, width):
-        return {f"{prefix}.ln_1.weight": 1 + randn(width), f"{prefix}.ln_1.bias": randn(width),
-                f"{prefix}.attn.in_proj_weight": randn(3 * width, width, scale=0.2),
-                f"{prefix}.attn.in_proj_bias": randn(3 * width),
-                f"{prefix}.attn.out_proj.weight": randn(width, width, scale=0.2),
-                f"{prefix}.attn.out_proj.bias": randn(width),
-                f"{prefix}.ln_2.weight": 1 + randn(width), f"{prefix}.ln_2.bias": randn(width),
-                f"{prefix}.mlp.c_fc.weight": randn(4 * width, width, scale=0.2), f"{prefix}.mlp.c_fc.bias": randn(4 * width),
-                f"{prefix}.mlp.c_proj.weight": randn(width, 4 * width, scale=0.2),
-                f"{prefix}.mlp.c_proj.bias": randn(width)}
+        return {
+            f"{prefix}.ln_1.weight": 1 + randn(width),
+            f"{prefix}.ln_1.bias": randn(width),
+            f"{prefix}.attn.in_proj_weight": randn(3 * width, width, scale=0.2),
+            f"{prefix}.attn.in_proj_bias": randn(3 * width),
+            f"{prefix}.attn.out_proj.weight": randn(width, width, scale=0.2),
+            f"{prefix}.attn.out_proj.bias": randn(width),
+            f"{prefix}.ln_2.weight": 1 + randn(width),
+            f"{prefix}.ln_2.bias": randn(width),
+            f"{prefix}.mlp.c_fc.weight": randn(4 * width, width, scale=0.2),
+            f"{prefix}.mlp.c_fc.bias": randn(4 * width),
+            f"{prefix}.mlp.c_proj.weight": randn(width, 4 * width, scale=0.2),
+            f"{prefix}.mlp.c_proj.bias": randn(width),
+        }
 
     vw, tw, dim = spec["vision_width"], spec["text_width"], spec["embed_dim"]
     grid = spec["image_size"] // spec["patch_size"]
-    state = {"visual.class_embedding": randn(vw, scale=0.5), "visual.conv1.weight": randn(vw, 3, spec["patch_size"],
-             spec["patch_size"], scale=0.1), "visual.positional_embedding": randn(grid * grid + 1, vw, scale=0.5),
-             "visual.ln_pre.weight": 1 + randn(vw), "visual.ln_pre.bias": randn(vw),
-             "visual.ln_post.weight": 1 + randn(vw), "visual.ln_post.bias": randn(vw), "visual.proj": randn(vw, dim, scale=0.3),
-             "token_embedding.weight": randn(VOCAB_SIZE, tw, scale=0.5),
-             "positional_embedding": randn(MAX_TOKENS, tw, scale=0.5), "ln_final.weight": 1 + randn(tw),
-             "ln_final.bias": randn(tw), "text_projection": randn(tw, dim, scale=0.3),
-             "logit_scale": torch.tensor(4.6052)}
+    state = {
+        "visual.class_embedding": randn(vw, scale=0.5),
+        "visual.conv1.weight": randn(vw, 3, spec["patch_size"], spec["patch_size"], scale=0.1),
+        "visual.positional_embedding": randn(grid * grid + 1, vw, scale=0.5),
+        "visual.ln_pre.weight": 1 + randn(vw),
+        "visual.ln_pre.bias": randn(vw),
+        "visual.ln_post.weight": 1 + randn(vw),
+        "visual.ln_post.bias": randn(vw),
+        "visual.proj": randn(vw, dim, scale=0.3),
+        "token_embedding.weight": randn(VOCAB_SIZE, tw, scale=0.5),
+        "positional_embedding": randn(MAX_TOKENS, tw, scale=0.5),
+        "ln_final.weight": 1 + randn(tw),
+        "ln_final.bias": randn(tw),
+        "text_projection": randn(tw, dim, scale=0.3),
+        "logit_scale": torch.tensor(4.6052),
+    }
     for i in range(spec["vision_layers"]):
         state.update(block(f"visual.transformer.resblocks.{i}", vw))
     for i in range(spec["text_layers"]):
@@ -242,7 +353,7 @@ def write_aesthetic_mlp(path, input_size):
     sizes = [(input_size, 1024), (1024, 128), (128, 64), (64, 16), (16, 1)]
     state = {}
     for index, (fan_in, fan_out) in zip((0, 2, 4, 6, 7), sizes):
-        state[f"layers.{index}.weight"] = torch.randn(fan_out, fan_in, generator=generator) / fan_in ** 0.5
+        state[f"layers.{index}.weight"] = torch.randn(fan_out, fan_in, generator=generator) / fan_in**0.5
         state[f"layers.{index}.bias"] = torch.randn(fan_out, generator=generator) * 0.1
     torch.save(state, path)
     return path
