@@ -30,6 +30,7 @@ import signal
 import sys
 import threading
 import traceback
+import unittest.mock
 from types import SimpleNamespace
 
 import datasets
@@ -70,7 +71,7 @@ row_logger = logging.getLogger(__name__)  # loader workers have no accelerate st
 
 # ======================================================================================================================
 # BEGIN SCRIPT-SPECIFIC: what differs between train_diffusion_rpo.py (SD1.x/2.x) and train_diffusion_rpo_sdxl.py.
-# Everything after END SCRIPT-SPECIFIC is textually identical in both scripts (tests/test_sdxl.py checks it).
+# Everything after END SCRIPT-SPECIFIC is textually identical in both scripts (tests/test_script_parity.py checks it).
 # ======================================================================================================================
 
 SCRIPT_NAME = "train_diffusion_rpo.py"
@@ -139,7 +140,6 @@ def build_validation_pipeline(models, unet, scheduler):
 # ======================================================================================================================
 # END SCRIPT-SPECIFIC
 # ======================================================================================================================
-
 DEFAULT_VALIDATION_PROMPTS = [
     "a photo of an astronaut riding a horse on mars",
     "a cute corgi wearing sunglasses, studio lighting",
@@ -165,6 +165,11 @@ STREAM_ORDER, STREAM_AUGMENT, STREAM_PAIR_NOISE, STREAM_BATCH_TIMESTEP, STREAM_C
 CACHE_LATENT_MEAN, CACHE_LATENT_STD, CACHE_EMBEDDINGS = "latent_mean", "latent_std", "similarity_embedding"
 CACHE_ORIGINAL_SIZE, CACHE_CROP_TOP_LEFT = "original_size", "crop_top_left"
 CACHE_ARRAY_COLUMNS = (CACHE_LATENT_MEAN, CACHE_LATENT_STD, CACHE_EMBEDDINGS, CACHE_ORIGINAL_SIZE, CACHE_CROP_TOP_LEFT)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Arguments
+# ----------------------------------------------------------------------------------------------------------------------
 
 
 def parse_args(input_args=None):
@@ -556,53 +561,7 @@ def parse_args(input_args=None):
     for name, reason in REFUSED_PEER_FLAGS.items():
         if getattr(args, name) is not None:
             parser.error(f"--{name} is not supported: {reason}. Remove the flag.")
-    check_args(args, parser)
-    return args
-
-
-# (flag, lowest allowed, whether the lowest is excluded); None values (optional flags left unset) are not checked.
-# --max_bad_rows and --max_nonfinite_steps have checks of their own below.
-NUMERIC_FLAG_RANGES = [
-    ("train_batch_size", 1, False),
-    ("gradient_accumulation_steps", 1, False),
-    ("num_train_epochs", 1, False),
-    ("max_train_steps", 0, False),
-    ("checkpointing_steps", 1, False),
-    ("checkpoints_total_limit", 1, False),
-    ("max_train_samples", 1, False),
-    ("resolution", 8, False),
-    ("dataloader_num_workers", 0, False),
-    ("vae_encode_batch_size", 1, False),
-    ("shuffle_buffer_size", 0, False),
-    ("learning_rate", 0, True),
-    ("lr_warmup_steps", 0, False),
-    ("adam_beta1", 0, False),
-    ("adam_beta2", 0, False),
-    ("adam_weight_decay", 0, False),
-    ("adam_epsilon", 0, False),
-    ("max_grad_norm", 0, False),
-    ("lora_rank", 1, False),
-    ("beta_dpo", 0, True),
-    ("rpo_weight_scale", 0, True),
-    ("distance_temperature", 0, True),
-    ("noise_offset", 0, False),
-    ("seed", 0, False),
-    ("validation_steps", 1, False),
-    ("validation_num_inference_steps", 1, False),
-    ("validation_guidance_scale", 0, False),
-    ("proportion_empty_prompts", 0, False),
-    ("ema_decay", 0, False),
-    ("stabilizer_weight", 0, True),
-]
-VALIDATION_SCORERS = {  # --validation_scorer: (model, tokenizer and image settings) defaults
-    "pickscore": ("yuvalkirstain/PickScore_v1", "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"),
-    "clip": ("openai/clip-vit-large-patch14", None),
-}
-
-
-def check_args(args, parser):
-    """Flag values and combinations that cannot work, reported before anything is loaded; the defaults that depend on
-    other flags (learning rate, gradient clipping) are resolved here, and `args` is not changed after it."""
+    # Defaults that depend on other flags; `args` is not changed after this.
     if args.learning_rate is None:
         if args.scale_lr:
             parser.error(
@@ -615,24 +574,71 @@ def check_args(args, parser):
         args.max_grad_norm = 0.0 if args.use_adafactor else 1.0
     if args.max_train_steps == 0:
         args.max_train_steps = None  # 0: from --num_train_epochs, as when unset
-    for name, lowest, exclusive in NUMERIC_FLAG_RANGES:
+    if args.validation_scorer != "none":
+        model, processor = VALIDATION_SCORERS[args.validation_scorer]
+        args.validation_scorer_model = args.validation_scorer_model or model
+        args.validation_scorer_processor = (
+            args.validation_scorer_processor or processor or args.validation_scorer_model
+        )
+    check_args(args, parser)
+    return args
+
+
+# (flag, lowest allowed, whether it is excluded, highest allowed or None, whether it is excluded); None values (optional
+# flags left unset) are not checked.
+# --max_bad_rows and --max_nonfinite_steps have checks of their own below.
+NUMERIC_FLAG_RANGES = [
+    ("train_batch_size", 1, False, None, False),
+    ("gradient_accumulation_steps", 1, False, None, False),
+    ("num_train_epochs", 1, False, None, False),
+    ("max_train_steps", 0, False, None, False),
+    ("checkpointing_steps", 1, False, None, False),
+    ("checkpoints_total_limit", 1, False, None, False),
+    ("max_train_samples", 1, False, None, False),
+    ("resolution", 8, False, None, False),
+    ("dataloader_num_workers", 0, False, None, False),
+    ("vae_encode_batch_size", 1, False, None, False),
+    ("shuffle_buffer_size", 0, False, None, False),
+    ("learning_rate", 0, True, None, False),
+    ("lr_warmup_steps", 0, False, None, False),
+    ("adam_beta1", 0, False, 1, True),
+    ("adam_beta2", 0, False, 1, True),
+    ("adam_weight_decay", 0, False, None, False),
+    ("adam_epsilon", 0, False, None, False),
+    ("max_grad_norm", 0, False, None, False),
+    ("lora_rank", 1, False, None, False),
+    ("beta_dpo", 0, True, None, False),
+    ("rpo_weight_scale", 0, True, None, False),
+    ("distance_temperature", 0, True, None, False),
+    ("noise_offset", 0, False, None, False),
+    ("seed", 0, False, None, False),
+    ("validation_steps", 1, False, None, False),
+    ("validation_num_inference_steps", 1, False, None, False),
+    ("validation_guidance_scale", 0, False, None, False),
+    ("proportion_empty_prompts", 0, False, 1, False),
+    ("ema_decay", 0, False, 1, False),
+    ("stabilizer_weight", 0, True, None, False),
+]
+VALIDATION_SCORERS = {  # --validation_scorer: (model, tokenizer and image settings) defaults
+    "pickscore": ("yuvalkirstain/PickScore_v1", "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"),
+    "clip": ("openai/clip-vit-large-patch14", None),
+}
+
+
+def check_args(args, parser):
+    """Flag values and combinations that cannot work, reported before anything is loaded."""
+    for name, lowest, lowest_excluded, highest, highest_excluded in NUMERIC_FLAG_RANGES:
         value = getattr(args, name)
-        if value is not None and (value < lowest or (exclusive and value == lowest)):
+        if value is None:
+            continue
+        if value < lowest or (lowest_excluded and value == lowest):
             hint = (
-                " To turn validation off, pass --validation_prompts with no prompts."
-                if name.startswith("validation")
-                else ""
+                " To turn validation off, pass --validation_prompts with no prompts." if "validation" in name else ""
             )
-            parser.error(
-                f"--{name} {value} is out of range: it must be {'above' if exclusive else 'at least'} "
-                f"{lowest:g}.{hint}"
-            )
-    for name in ("adam_beta1", "adam_beta2"):
-        if not getattr(args, name) < 1:
-            parser.error(f"--{name} {getattr(args, name)} must be below 1.")
-    for name in ("proportion_empty_prompts", "ema_decay"):
-        if getattr(args, name) > 1:
-            parser.error(f"--{name} {getattr(args, name)} must be at most 1.")
+            bound = f"{'above' if lowest_excluded else 'at least'} {lowest:g}"
+            parser.error(f"--{name} {value} is out of range: it must be {bound}.{hint}")
+        if highest is not None and (value > highest or (highest_excluded and value == highest)):
+            parser.error(f"--{name} {value} must be {'below' if highest_excluded else 'at most'} {highest:g}.")
     if args.stabilizer != "none" and args.loss_type == "sft":
         parser.error(
             f"--stabilizer {args.stabilizer} anchors the preferred images of a preference loss; --loss_type "
@@ -642,12 +648,6 @@ def check_args(args, parser):
         parser.error("--use_ema averages the full UNet's weights; with --use_lora only the adapters train. Drop one.")
     if (args.offload_ema or args.foreach_ema) and not args.use_ema:
         parser.error("--offload_ema and --foreach_ema configure --use_ema: pass --use_ema too, or drop them.")
-    if args.validation_scorer != "none":
-        model, processor = VALIDATION_SCORERS[args.validation_scorer]
-        args.validation_scorer_model = args.validation_scorer_model or model
-        args.validation_scorer_processor = (
-            args.validation_scorer_processor or processor or args.validation_scorer_model
-        )
     if (
         args.proportion_empty_prompts
         and args.cache_latents
@@ -681,10 +681,7 @@ def check_args(args, parser):
             "--cache_latents and --max_train_samples (they need the whole dataset)."
         )
     if args.cache_latents and args.random_crop:
-        parser.error(
-            "--cache_latents stores the centre crop (both flips); it cannot serve --random_crop. Drop one "
-            "of the two flags."
-        )
+        parser.error("--cache_latents stores the centre crop (both flips); it cannot serve --random_crop. Drop one.")
     if args.use_8bit_adam and args.use_adafactor:
         parser.error("--use_8bit_adam and --use_adafactor are two optimizers: pick one.")
     if args.use_8bit_adam:
@@ -714,7 +711,7 @@ def needs_similarity_model(args):
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# The objective (docs/method.md). Shared verbatim with train_diffusion_rpo_sdxl.py.
+# The objective (docs/method.md, "Losses" and "Weights")
 # ----------------------------------------------------------------------------------------------------------------------
 
 
@@ -782,33 +779,278 @@ def compute_preference_loss(
     extra_loss = stabilizer_weight * model_w.mean() if stabilizer == "sft" else model_w.new_zeros(())
     if stabilizer != "none":
         metrics["stabilizer_term"] = (winner_penalty.mean() if stabilizer == "dpop" else extra_loss).detach()
-    if loss_type == "dpo":
-        loss = -F.logsigmoid(0.5 * beta * (diagonal_logits - winner_penalty)).mean() + extra_loss
-        return loss.to(output_dtype), cast_metrics(metrics, output_dtype)
-    logits = -(delta_w[:, None] - delta_l[None, :]) - winner_penalty[:, None]
-    if weighting == "similarity":
-        if embeddings is None or embeddings.shape[0] != model_losses.shape[0]:
-            raise ValueError("rpo with similarity weighting needs embeddings of shape (2M, D), winners first.")
-        weights = similarity_weights(embeddings, temperature, weight_scale)
-    elif weighting == "uniform":
-        weights = torch.full_like(logits, float(weight_scale))
+    if loss_type == "rpo":
+        logits = -(delta_w[:, None] - delta_l[None, :]) - winner_penalty[:, None]
+        if weighting == "similarity":
+            if embeddings is None or embeddings.shape[0] != model_losses.shape[0]:
+                raise ValueError("rpo with similarity weighting needs embeddings of shape (2M, D), winners first.")
+            weights = similarity_weights(embeddings, temperature, weight_scale)
+        elif weighting == "uniform":
+            weights = torch.full_like(logits, float(weight_scale))
+        else:
+            raise ValueError(f"Unknown weighting {weighting!r}: expected 'similarity' or 'uniform'.")
+        # Weight inside the sigmoid, rows averaged (not weight-summed), as in the RPO authors' LLM code; the mean of
+        # the log-sigmoids, not the log-sigmoid of a mean (which would let one pair's margin pay for another's).
+        loss = -F.logsigmoid(weights * (0.5 * beta) * logits).mean()
+        metrics["weight_diag_mean"] = torch.diagonal(weights).mean().detach()
+        metrics["beta_effective_diag"] = 0.5 * beta * metrics["weight_diag_mean"]
     else:
-        raise ValueError(f"Unknown weighting {weighting!r}: expected 'similarity' or 'uniform'.")
-    # Weight inside the sigmoid, rows averaged (not weight-summed), as in the RPO authors' LLM code; mean of the
-    # log-sigmoids, not the log-sigmoid of a mean (a peer bug).
-    loss = -F.logsigmoid(weights * (0.5 * beta) * logits).mean() + extra_loss
-    weight_diag_mean = torch.diagonal(weights).mean().detach()
-    metrics["weight_diag_mean"] = weight_diag_mean
-    metrics["beta_effective_diag"] = 0.5 * beta * weight_diag_mean
-    return loss.to(output_dtype), cast_metrics(metrics, output_dtype)
-
-
-def cast_metrics(metrics, dtype):
-    return {name: value.to(dtype) for name, value in metrics.items()}
+        loss = -F.logsigmoid(0.5 * beta * (diagonal_logits - winner_penalty)).mean()
+    return (loss + extra_loss).to(output_dtype), {name: value.to(output_dtype) for name, value in metrics.items()}
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Indexed randomness and data order (docs/method.md, "Randomness"). Shared verbatim with the SDXL script.
+# The training step, in call order: an optimizer step, a micro-batch's loss, its diffusion inputs, the per-sample
+# denoising losses of the trained UNet and the reference, the similarity embeddings, the gather across processes.
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def training_step(
+    args, accelerator, models, unet, optimizer, lr_scheduler, batch, micro_step, seed, weight_dtype, guard=None
+):
+    """One micro-step: loss, backward, and (at accumulation boundaries) clipping and the optimizer update.
+
+    With a `StepGuard`, an update whose loss or gradient is not finite on any process is skipped on every process
+    (`guard.verdict` tells the caller)."""
+    with accelerator.accumulate(unet):
+        loss, metrics = compute_step_loss(args, models, unet, batch, micro_step, seed, weight_dtype)
+        accelerator.backward(loss)
+        if guard is not None:
+            guard.observe(loss, batch)
+        if accelerator.sync_gradients:
+            grad_norm = None
+            if args.max_grad_norm > 0 or guard is not None:  # max_norm inf: the norm only, grads untouched
+                grad_norm = accelerator.clip_grad_norm_(unet.parameters(), args.max_grad_norm or math.inf)
+            if guard is not None and guard.agree(grad_norm).skip_update:
+                optimizer.zero_grad(set_to_none=True)  # no gradients: the step leaves weights and moments untouched
+        optimizer.step()
+        if guard is not None and accelerator.sync_gradients:
+            guard.note_scaler_skip(optimizer)
+        if guard is None or not accelerator.sync_gradients or not guard.verdict.skip_update:
+            lr_scheduler.step()  # a skipped update does not advance the schedule (accelerate's also skips fp16 skips)
+        optimizer.zero_grad(set_to_none=True)
+    return loss.detach(), metrics
+
+
+def compute_step_loss(args, models, unet, batch, micro_step, seed, weight_dtype=torch.float32):
+    """One micro-batch's preference loss and metrics: the seam every later feature (cache, compile, gather) uses."""
+    inputs = prepare_diffusion_inputs(args, models, batch, micro_step, seed)
+    noisy, target, timesteps = inputs.noisy_latents, inputs.target, inputs.timesteps
+    if sharding_engine() == DistributedType.DEEPSPEED:
+        noisy = noisy.to(weight_dtype)  # a bf16/fp16 module without autocast: fp32 latents would fail at conv_in
+    hidden = inputs.encoder_hidden_states.to(weight_dtype)
+    unet_kwargs = cast_floats(inputs.unet_kwargs, weight_dtype)
+    model_losses = per_sample_denoising_loss(unet, noisy, timesteps, hidden, target, **unet_kwargs)
+    if args.loss_type == "sft":  # winners only were denoised; the losers' slots of the (2M,) losses stay NaN
+        model_losses = torch.cat([model_losses, torch.full_like(model_losses, math.nan)])
+        return compute_preference_loss(model_losses, None, loss_type="sft", beta=args.beta_dpo)
+    with torch.no_grad(), reference_unet(models, unet) as ref_unet, autocast_like_policy(models.device, weight_dtype):
+        ref_losses = per_sample_denoising_loss(ref_unet, noisy, timesteps, hidden, target, **unet_kwargs)
+    embeddings = None
+    if needs_similarity_model(args):
+        embeddings = batch.get("embeddings")  # cached, or computed here from the batch's prompts and crops
+        if embeddings is None:
+            clip_input_ids = batch.get("clip_input_ids")
+            embeddings = compute_similarity_embeddings(
+                models.clip,
+                args.similarity_embedding,
+                None if clip_input_ids is None else clip_input_ids.to(models.device),
+                batch["pixel_values"].to(models.device),
+            )
+        embeddings = embeddings.to(models.device)
+    if args.rpo_global_matrix and args.loss_type == "rpo":
+        model_losses, ref_losses = gather_pairs(model_losses), gather_pairs(ref_losses)
+        embeddings = None if embeddings is None else gather_pairs(embeddings)
+    return compute_preference_loss(
+        model_losses,
+        ref_losses,
+        loss_type=args.loss_type,
+        beta=args.beta_dpo,
+        embeddings=embeddings,
+        temperature=args.distance_temperature,
+        weighting=args.rpo_weighting,
+        weight_scale=args.rpo_weight_scale,
+        stabilizer=args.stabilizer,
+        stabilizer_weight=args.stabilizer_weight,
+    )
+
+
+def prepare_diffusion_inputs(args, models, batch, micro_step, seed):
+    """Noisy latents, targets, timesteps and conditioning for the 2M samples of a micro-batch (winners first), or
+    for `sft` the M winners only (the losers are neither encoded nor denoised).
+
+    The batch holds either pixels ("pixel_values") or a cached latent distribution ("latent_mean", "latent_std");
+    every random draw is indexed by the pair (docs/method.md, "Randomness").
+    """
+    device = models.device
+    num_pairs = batch["pair_index"].shape[0]
+    samples_per_pair = 1 if args.loss_type == "sft" else 2
+    rows = samples_per_pair * num_pairs
+    if "latent_mean" in batch:
+        mean, std = batch["latent_mean"][:rows].to(device).float(), batch["latent_std"][:rows].to(device).float()
+    else:
+        mean, std = encode_latent_distribution(
+            models.vae, batch["pixel_values"][:rows].to(device), args.vae_encode_batch_size
+        )
+    latent_shape = tuple(mean.shape[1:])
+    draws = [
+        draw_pair_noise(seed, int(i), int(e), latent_shape, args.noise_offset)
+        for i, e in zip(batch["pair_index"].tolist(), batch["epoch"].tolist())
+    ]
+    latent_noise = [d["latent_noise_w"] for d in draws] + [d["latent_noise_l"] for d in draws]
+    latent_noise = torch.stack(latent_noise[:rows]).to(device)
+    noise = repeat_for_samples(torch.stack([d["noise"] for d in draws]).to(device), samples_per_pair)
+    uniform_t = torch.stack([d["uniform_t"] for d in draws])
+    scheduler = models.noise_scheduler
+    timesteps = (
+        draw_timesteps(args.timestep_sampling, uniform_t, seed, micro_step, scheduler.config.num_train_timesteps)
+        .to(device)
+        .repeat(samples_per_pair)
+    )
+    shift = getattr(models.vae.config, "shift_factor", None) or 0.0
+    latents = (mean + std * latent_noise - shift) * models.vae.config.scaling_factor
+    # Contiguous: a channels-last input (e.g. latents from a VAE run channels-last) sends the trained UNet (grad mode)
+    # and the reference (no_grad) down kernels that round differently, and theta = reference no longer gives ln 2.
+    noisy_latents = scheduler.add_noise(latents, noise, timesteps).contiguous()
+    if scheduler.config.prediction_type == "epsilon":
+        target = noise
+    elif scheduler.config.prediction_type == "v_prediction":
+        target = scheduler.get_velocity(latents, noise, timesteps)
+    else:
+        raise ValueError(f"Unsupported prediction_type {scheduler.config.prediction_type!r} in the scheduler config.")
+    hidden_states, unet_kwargs = encode_conditioning(args, models, batch)
+    return SimpleNamespace(
+        noisy_latents=noisy_latents,
+        target=target,
+        timesteps=timesteps,
+        encoder_hidden_states=repeat_for_samples(hidden_states, samples_per_pair),
+        num_pairs=num_pairs,
+        unet_kwargs=repeat_for_samples(unet_kwargs, samples_per_pair),
+    )
+
+
+@torch.no_grad()
+def encode_latent_distribution(vae, pixel_values, batch_size):
+    """The VAE posterior's mean and std per image (cacheable; sampling from them stays exact)."""
+    means, stds = [], []
+    for chunk in pixel_values.split(batch_size):
+        distribution = vae.encode(chunk.to(vae.dtype)).latent_dist
+        means.append(distribution.mean.float())
+        stds.append(distribution.std.float())
+    return torch.cat(means), torch.cat(stds)
+
+
+def repeat_for_samples(value, times):
+    """Per-pair conditioning (M, ...) -> the same for winners (then losers): (times x M, ...), through nested dicts."""
+    if isinstance(value, dict):
+        return {key: repeat_for_samples(item, times) for key, item in value.items()}
+    return value.repeat(times, *[1] * (value.ndim - 1))
+
+
+def cast_floats(value, dtype):
+    if isinstance(value, dict):
+        return {key: cast_floats(item, dtype) for key, item in value.items()}
+    return value.to(dtype) if value.is_floating_point() else value
+
+
+def per_sample_denoising_loss(unet, noisy_latents, timesteps, encoder_hidden_states, target, **unet_kwargs):
+    """mean over (C, H, W) of ||target - f(x_t, c, t)||^2, in fp32."""
+    prediction = unet(noisy_latents, timesteps, encoder_hidden_states, **unet_kwargs).sample
+    return F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=list(range(1, prediction.ndim)))
+
+
+@contextlib.contextmanager
+def reference_unet(models, unet):
+    """The frozen reference UNet: its copy, or with LoRA the trained UNet with its adapters switched off inside the
+    block (no second copy)."""
+    if models.ref_unet is not None:
+        yield models.ref_unet
+        return
+    unet = extract_model_from_parallel(unet)  # the adapters are switched on the model itself
+    unet.disable_adapters()
+    try:
+        yield unet
+    finally:
+        unet.enable_adapters()
+
+
+def autocast_like_policy(device, weight_dtype):
+    """The autocast accelerate wraps the trained UNet's forward in, for the frozen reference's forward (none under
+    DeepSpeed, whose module computes in its own dtype)."""
+    if weight_dtype == torch.float32 or sharding_engine() == DistributedType.DEEPSPEED:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=weight_dtype)
+
+
+@torch.no_grad()
+def compute_similarity_embeddings(clip, mode, clip_input_ids=None, pixel_values=None):
+    """(2M, D) L2-normalised CLIP embeddings, winners first (docs/method.md, "Weights"); no gradient."""
+    text = image = None
+    if mode in ("text", "text_image"):
+        text = F.normalize(_features(clip.model.get_text_features(input_ids=clip_input_ids)).float(), dim=-1)
+        text = torch.cat([text, text])
+    if mode in ("image", "text_image"):
+        pixels = clip_pixel_values(pixel_values, clip.image_size, clip.image_mean, clip.image_std)
+        image = _features(clip.model.get_image_features(pixel_values=pixels.to(clip.model.dtype)))
+        image = F.normalize(image.float(), dim=-1)
+    if text is None:
+        return image
+    if image is None:
+        return text
+    return F.normalize(text + image, dim=-1)
+
+
+def clip_pixel_values(pixel_values, image_size, mean, std):
+    """Training crops in [-1, 1] to CLIP's input: resized on tensors and normalised with CLIP's mean/std."""
+    images = (pixel_values.float() + 1.0) / 2.0
+    images = F.interpolate(images, size=(image_size, image_size), mode="bicubic", align_corners=False, antialias=True)
+    images = images.clamp(0.0, 1.0)
+    mean = torch.tensor(mean, device=images.device).view(1, -1, 1, 1)
+    std = torch.tensor(std, device=images.device).view(1, -1, 1, 1)
+    return (images - mean) / std
+
+
+def _features(output):
+    return output if torch.is_tensor(output) else output.pooler_output
+
+
+def gather_pairs(values):
+    """(2M, ...) winners first on each process -> (2MN, ...) winners first over the N processes, in process order:
+    exactly the layout a single process with the global micro-batch has (IndexedBatchSampler gives process r the
+    r-th slice of every global micro-batch)."""
+    if not torch.distributed.is_initialized() or torch.distributed.get_world_size() == 1:
+        return values
+    processes, rows, rest = torch.distributed.get_world_size(), values.shape[0], values.shape[1:]
+    # One collective (so every process runs the same backward all_reduce), then process-major -> winners first.
+    gathered = _GatherAcrossProcesses.apply(values).reshape(processes, 2, rows // 2, *rest)
+    return gathered.transpose(0, 1).reshape(processes * rows, *rest)
+
+
+class _GatherAcrossProcesses(torch.autograd.Function):
+    """all_gather along dim 0 whose backward sums every process's gradient for a slice onto the process that owns it.
+
+    Every process computes the same global loss from the gathered values, so the owner receives N x dL/d(its slice);
+    DDP's gradient averaging then divides by N: the result is exactly the single-process gradient of the global loss.
+    (torch.distributed.nn.functional.all_gather does the same but is deprecated in torch 2.13; this works on every
+    backend, gloo included.)
+    """
+
+    @staticmethod
+    def forward(ctx, values):
+        ctx.rank, ctx.rows = torch.distributed.get_rank(), values.shape[0]
+        gathered = [torch.empty_like(values) for _ in range(torch.distributed.get_world_size())]
+        torch.distributed.all_gather(gathered, values.contiguous())
+        return torch.cat(gathered)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous()
+        torch.distributed.all_reduce(grad)
+        return grad[ctx.rank * ctx.rows : (ctx.rank + 1) * ctx.rows]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Indexed randomness and data order (docs/method.md, "Randomness")
 # ----------------------------------------------------------------------------------------------------------------------
 
 
@@ -896,8 +1138,135 @@ def draw_timesteps(mode, uniform_t_per_pair, seed, micro_step, num_train_timeste
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Data: Pick-a-Pic schema preference pairs. Shared verbatim with the SDXL script.
+# Data: Pick-a-Pic schema preference pairs
 # ----------------------------------------------------------------------------------------------------------------------
+
+
+def load_raw_dataset(args):
+    """A `datasets.Dataset`, or with --streaming an `IterableDataset`."""
+    path = args.dataset_name
+    on_disk = None
+    if os.path.isdir(path) and os.path.exists(os.path.join(path, "dataset_dict.json")):
+        on_disk = datasets.load_from_disk(path)[args.dataset_split_name]
+    elif os.path.isdir(path) and os.path.exists(os.path.join(path, "state.json")):
+        on_disk = datasets.load_from_disk(path)
+    if on_disk is not None:
+        return on_disk.to_iterable_dataset(num_shards=min(64, len(on_disk))) if args.streaming else on_disk
+    try:
+        return datasets.load_dataset(
+            path,
+            args.dataset_config_name,
+            split=args.dataset_split_name,
+            cache_dir=args.cache_dir,
+            streaming=args.streaming,
+        )
+    except Exception as error:
+        raise ValueError(
+            f"Cannot load dataset {path!r} (config {args.dataset_config_name!r}, split "
+            f"{args.dataset_split_name!r}): {error}. Pass a Hub id you can reach, a local folder of "
+            "parquet/json/csv files, or a `save_to_disk` folder."
+        ) from error
+
+
+def dataset_columns(args):
+    return SimpleNamespace(
+        caption=args.caption_column,
+        image_0=args.image_0_column,
+        image_1=args.image_1_column,
+        label_0=args.label_0_column,
+    )
+
+
+def check_dataset_schema(dataset, columns):
+    """Clear errors for missing columns or wrong column types, naming the flag that fixes each."""
+    flags = {
+        "caption": "--caption_column",
+        "image_0": "--image_0_column",
+        "image_1": "--image_1_column",
+        "label_0": "--label_0_column",
+    }
+    for role, flag in flags.items():
+        name = getattr(columns, role)
+        if name not in dataset.column_names:
+            raise ValueError(
+                f"Dataset has no column {name!r} (the {role} column). Its columns are "
+                f"{dataset.column_names}; pass {flag} <name>."
+            )
+    features = dataset.features
+    if features is None:  # a stream whose format does not declare its features: checked row by row instead
+        return
+    for role in ("image_0", "image_1"):
+        feature = features[getattr(columns, role)]
+        is_image = isinstance(feature, datasets.Image)
+        is_value = isinstance(feature, datasets.Value) and feature.dtype in (
+            "binary",
+            "large_binary",
+            "string",
+            "large_string",
+        )
+        if not (is_image or is_value):
+            raise ValueError(
+                f"Column {getattr(columns, role)!r} must hold images (bytes, paths or the datasets Image "
+                f"feature), not {feature}."
+            )
+    label_feature = features[columns.label_0]
+    if not (isinstance(label_feature, datasets.Value) and label_feature.dtype.startswith(("float", "int", "bool"))):
+        raise ValueError(f"Column {columns.label_0!r} must be numeric (1, 0 or 0.5), not {label_feature}.")
+    caption_feature = features[columns.caption]
+    if not (isinstance(caption_feature, datasets.Value) and "string" in caption_feature.dtype):
+        raise ValueError(f"Column {columns.caption!r} must hold strings, not {caption_feature}.")
+
+
+def pair_columns(dataset, columns):
+    """The four columns training reads, images left as bytes (decoded in the loader workers)."""
+    dataset = dataset.select_columns([columns.caption, columns.image_0, columns.image_1, columns.label_0])
+    for role in ("image_0", "image_1"):
+        name = getattr(columns, role)
+        if dataset.features is not None and isinstance(dataset.features[name], datasets.Image):
+            dataset = dataset.cast_column(name, datasets.Image(decode=False))
+    return dataset
+
+
+def prepare_preference_dataset(dataset, columns, max_train_samples=None, seed=0):
+    """Checks labels, drops ties (label 0.5), and returns (dataset with decode-on-access images, stats)."""
+    check_dataset_schema(dataset, columns)
+    labels = {float(label) for label in dataset.unique(columns.label_0)}
+    bad = sorted(labels - set(VALID_LABELS))
+    if bad:
+        raise ValueError(
+            f"Column {columns.label_0!r} has labels {bad}; expected 1 (image 0 preferred), 0 (image 1 "
+            "preferred) or 0.5 (tie). Fix the labels or pass the right --label_0_column."
+        )
+    dataset = pair_columns(dataset, columns)
+    total = len(dataset)
+    dataset = dataset.filter(lambda label: float(label) != TIE_LABEL, input_columns=[columns.label_0])
+    stats = {"rows": total, "ties_dropped": total - len(dataset), "pairs": len(dataset)}
+    if len(dataset) == 0:
+        raise ValueError(f"No preference pairs left: all {total} rows are ties (label 0.5) or the split is empty.")
+    if max_train_samples is not None and max_train_samples < len(dataset):
+        dataset = dataset.shuffle(seed=seed).select(range(max_train_samples))
+        stats["pairs"] = len(dataset)
+    check_images_decode(dataset, columns)
+    return dataset, stats
+
+
+def check_images_decode(dataset, columns, probe=8):
+    """The first rows' images must decode: if none of `probe` does, the image columns are wrong (an error now, before
+    the first step, instead of a run that skips every row)."""
+    rows = list(itertools.islice(iter(dataset), probe))
+    errors = []
+    for index, row in enumerate(rows):
+        try:
+            decode_pair(columns, row, index, None)
+            return
+        except UndecodablePair as error:
+            errors.append(str(error))
+    if errors:
+        raise ValueError(
+            f"None of the first {len(rows)} pairs' images can be decoded from columns {columns.image_0!r} "
+            f"and {columns.image_1!r} ({errors[0]}). Pass the right --image_0_column/--image_1_column "
+            "(JPEG/PNG bytes, paths or the datasets Image feature)."
+        )
 
 
 def decode_image(value, min_size=None):
@@ -1125,209 +1494,194 @@ def make_tokenize_fn(tokenizer, max_length=None):
     return tokenize
 
 
-def load_raw_dataset(args):
-    """A `datasets.Dataset`, or with --streaming an `IterableDataset`."""
-    path = args.dataset_name
-    on_disk = None
-    if os.path.isdir(path) and os.path.exists(os.path.join(path, "dataset_dict.json")):
-        on_disk = datasets.load_from_disk(path)[args.dataset_split_name]
-    elif os.path.isdir(path) and os.path.exists(os.path.join(path, "state.json")):
-        on_disk = datasets.load_from_disk(path)
-    if on_disk is not None:
-        return on_disk.to_iterable_dataset(num_shards=min(64, len(on_disk))) if args.streaming else on_disk
-    try:
-        return datasets.load_dataset(
-            path,
-            args.dataset_config_name,
-            split=args.dataset_split_name,
-            cache_dir=args.cache_dir,
-            streaming=args.streaming,
+def clip_tokenize_fn(args, models):
+    """Caption -> the CLIP similarity model's ids, when the similarity embedding reads the prompt."""
+    if models.clip is None or args.similarity_embedding not in ("text", "text_image"):
+        return None
+    return make_tokenize_fn(models.clip.tokenizer, models.clip.model.config.text_config.max_position_embeddings)
+
+
+def build_dataloader(args, accelerator, models, dataset, seed, progress=None):
+    """The loader and its sampler: indexed batches of a map-style dataset, or (--streaming, `progress` given)
+    `build_streaming_loader`'s."""
+    tokenizers = {name: make_tokenize_fn(tokenizer) for name, tokenizer in text_tokenizers(models).items()}
+    clip_tokenize = None if args.cache_latents else clip_tokenize_fn(args, models)  # cached rows hold embeddings
+    if clip_tokenize is not None:
+        tokenizers["clip_input_ids"] = clip_tokenize
+    pair_options = {
+        "random_crop": args.random_crop,
+        "hflip": not args.no_hflip,
+        "tokenizers": tokenizers,
+        "proportion_empty_prompts": args.proportion_empty_prompts,
+    }
+    workers = args.dataloader_num_workers
+    loader_options = {
+        "num_workers": workers,
+        "pin_memory": torch.cuda.is_available(),
+        "persistent_workers": workers > 0,
+        "prefetch_factor": 4 if workers > 0 else None,
+        "worker_init_fn": StopRequest.ignore_in_loader_worker if workers > 0 else None,
+    }
+    if args.streaming:
+        make_pair = PairMaker(dataset_columns(args), args.resolution, seed, **pair_options)
+        return build_streaming_loader(args, accelerator, dataset, make_pair, loader_options, progress)
+    global_batch = args.train_batch_size * accelerator.num_processes
+    batches_per_epoch = (len(dataset) // global_batch) // args.gradient_accumulation_steps
+    batches_per_epoch *= args.gradient_accumulation_steps
+    if batches_per_epoch == 0:
+        raise ValueError(
+            f"{len(dataset)} pairs are fewer than one optimizer step needs ({global_batch} pairs x "
+            f"{args.gradient_accumulation_steps} accumulation steps). Lower --train_batch_size or "
+            "--gradient_accumulation_steps, or use more data."
         )
+    sampler = IndexedBatchSampler(
+        len(dataset),
+        args.train_batch_size,
+        seed,
+        batches_per_epoch,
+        accelerator.num_processes,
+        accelerator.process_index,
+    )
+    pair_dataset = PreferencePairDataset(dataset, dataset_columns(args), args.resolution, seed, **pair_options)
+    loader = torch.utils.data.DataLoader(
+        pair_dataset, batch_sampler=sampler, collate_fn=collate_pairs, **loader_options
+    )
+    return loader, sampler
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Models: loading, the frozen reference and its precision, the optimizer
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def check_pretrained_pipeline(args):
+    """The base must be a diffusers pipeline of the kind this script trains; say so clearly before loading weights."""
+    path = args.pretrained_model_name_or_path
+    try:
+        config = DiffusionPipeline.load_config(path, revision=args.revision, cache_dir=args.cache_dir)
     except Exception as error:
         raise ValueError(
-            f"Cannot load dataset {path!r} (config {args.dataset_config_name!r}, split "
-            f"{args.dataset_split_name!r}): {error}. Pass a Hub id you can reach, a local folder of "
-            "parquet/json/csv files, or a `save_to_disk` folder."
+            f"--pretrained_model_name_or_path {path!r} is not a diffusers pipeline this run can load "
+            f"(no model_index.json: {type(error).__name__}). Pass a diffusers model folder or Hub id, "
+            f"e.g. {DEFAULT_PRETRAINED_MODEL}."
+        ) from error
+    class_name = config.get("_class_name", "")
+    if class_name not in EXPECTED_PIPELINE_CLASSES:
+        hint = f" {WRONG_PIPELINE_HINTS[class_name]}" if class_name in WRONG_PIPELINE_HINTS else ""
+        raise ValueError(
+            f"--pretrained_model_name_or_path {path!r} is a {class_name}, but this script trains "
+            f"{' / '.join(EXPECTED_PIPELINE_CLASSES)}.{hint}"
+        )
+    return config
+
+
+def load_vae(args):
+    """The base pipeline's VAE, or --pretrained_vae_model_name_or_path (a VAE folder or Hub id, e.g. the fp16-fix)."""
+    if args.pretrained_vae_model_name_or_path is None:
+        return AutoencoderKL.from_pretrained(
+            args.pretrained_model_name_or_path,
+            subfolder="vae",
+            variant=args.variant,
+            revision=args.revision,
+            cache_dir=args.cache_dir,
+        )
+    try:
+        return AutoencoderKL.from_pretrained(args.pretrained_vae_model_name_or_path, cache_dir=args.cache_dir)
+    except Exception as error:
+        raise ValueError(
+            f"--pretrained_vae_model_name_or_path {args.pretrained_vae_model_name_or_path!r} is not an "
+            f"AutoencoderKL folder or Hub id ({type(error).__name__}: {error})."
         ) from error
 
 
-def check_dataset_schema(dataset, columns):
-    """Clear errors for missing columns or wrong column types, naming the flag that fixes each."""
-    flags = {
-        "caption": "--caption_column",
-        "image_0": "--image_0_column",
-        "image_1": "--image_1_column",
-        "label_0": "--label_0_column",
-    }
-    for role, flag in flags.items():
-        name = getattr(columns, role)
-        if name not in dataset.column_names:
-            raise ValueError(
-                f"Dataset has no column {name!r} (the {role} column). Its columns are "
-                f"{dataset.column_names}; pass {flag} <name>."
-            )
-    features = dataset.features
-    if features is None:  # a stream whose format does not declare its features: checked row by row instead
-        return
-    for role in ("image_0", "image_1"):
-        feature = features[getattr(columns, role)]
-        is_image = isinstance(feature, datasets.Image)
-        is_value = isinstance(feature, datasets.Value) and feature.dtype in (
-            "binary",
-            "large_binary",
-            "string",
-            "large_string",
-        )
-        if not (is_image or is_value):
-            raise ValueError(
-                f"Column {getattr(columns, role)!r} must hold images (bytes, paths or the datasets Image "
-                f"feature), not {feature}."
-            )
-    label_feature = features[columns.label_0]
-    if not (isinstance(label_feature, datasets.Value) and label_feature.dtype.startswith(("float", "int", "bool"))):
-        raise ValueError(f"Column {columns.label_0!r} must be numeric (1, 0 or 0.5), not {label_feature}.")
-    caption_feature = features[columns.caption]
-    if not (isinstance(caption_feature, datasets.Value) and "string" in caption_feature.dtype):
-        raise ValueError(f"Column {columns.caption!r} must hold strings, not {caption_feature}.")
-
-
-def pair_columns(dataset, columns):
-    """The four columns training reads, images left as bytes (decoded in the loader workers)."""
-    dataset = dataset.select_columns([columns.caption, columns.image_0, columns.image_1, columns.label_0])
-    for role in ("image_0", "image_1"):
-        name = getattr(columns, role)
-        if dataset.features is not None and isinstance(dataset.features[name], datasets.Image):
-            dataset = dataset.cast_column(name, datasets.Image(decode=False))
-    return dataset
-
-
-def prepare_preference_dataset(dataset, columns, max_train_samples=None, seed=0):
-    """Checks labels, drops ties (label 0.5), and returns (dataset with decode-on-access images, stats)."""
-    check_dataset_schema(dataset, columns)
-    labels = {float(label) for label in dataset.unique(columns.label_0)}
-    bad = sorted(labels - set(VALID_LABELS))
-    if bad:
-        raise ValueError(
-            f"Column {columns.label_0!r} has labels {bad}; expected 1 (image 0 preferred), 0 (image 1 "
-            "preferred) or 0.5 (tie). Fix the labels or pass the right --label_0_column."
-        )
-    dataset = pair_columns(dataset, columns)
-    total = len(dataset)
-    dataset = dataset.filter(lambda label: float(label) != TIE_LABEL, input_columns=[columns.label_0])
-    stats = {"rows": total, "ties_dropped": total - len(dataset), "pairs": len(dataset)}
-    if len(dataset) == 0:
-        raise ValueError(f"No preference pairs left: all {total} rows are ties (label 0.5) or the split is empty.")
-    if max_train_samples is not None and max_train_samples < len(dataset):
-        dataset = dataset.shuffle(seed=seed).select(range(max_train_samples))
-        stats["pairs"] = len(dataset)
-    check_images_decode(dataset, columns)
-    return dataset, stats
-
-
-def check_images_decode(dataset, columns, probe=8):
-    """The first rows' images must decode: if none of `probe` does, the image columns are wrong (an error now, before
-    the first step, instead of a run that skips every row)."""
-    rows = list(itertools.islice(iter(dataset), probe))
-    errors = []
-    for index, row in enumerate(rows):
-        try:
-            decode_pair(columns, row, index, None)
-            return
-        except UndecodablePair as error:
-            errors.append(str(error))
-    if errors:
-        raise ValueError(
-            f"None of the first {len(rows)} pairs' images can be decoded from columns {columns.image_0!r} "
-            f"and {columns.image_1!r} ({errors[0]}). Pass the right --image_0_column/--image_1_column "
-            "(JPEG/PNG bytes, paths or the datasets Image feature)."
-        )
-
-
-def dataset_columns(args):
-    return SimpleNamespace(
-        caption=args.caption_column,
-        image_0=args.image_0_column,
-        image_1=args.image_1_column,
-        label_0=args.label_0_column,
+def load_similarity_model(args, device, dtype):
+    """The CLIP model for RPO weights, its tokenizer, and its image size/mean/std (from its processor config)."""
+    return load_clip(
+        args.clip_model_name_or_path,
+        args.clip_model_name_or_path,
+        args.cache_dir,
+        device,
+        dtype,
+        "--clip_model_name_or_path",
+        "RPO similarity weights need it; pass a CLIP model or use --rpo_weighting uniform",
     )
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# The training step: latents, embeddings, per-sample denoising losses.
-# ----------------------------------------------------------------------------------------------------------------------
-
-
-@torch.no_grad()
-def encode_latent_distribution(vae, pixel_values, batch_size):
-    """The VAE posterior's mean and std per image (cacheable; sampling from them stays exact)."""
-    means, stds = [], []
-    for chunk in pixel_values.split(batch_size):
-        distribution = vae.encode(chunk.to(vae.dtype)).latent_dist
-        means.append(distribution.mean.float())
-        stds.append(distribution.std.float())
-    return torch.cat(means), torch.cat(stds)
-
-
-def sample_latents(mean, std, latent_noise, vae_config):
-    latents = mean + std * latent_noise
-    shift = getattr(vae_config, "shift_factor", None) or 0.0
-    return (latents - shift) * vae_config.scaling_factor
-
-
-def clip_pixel_values(pixel_values, image_size, mean, std):
-    """Training crops in [-1, 1] to CLIP's input: resized on tensors and normalised with CLIP's mean/std."""
-    images = (pixel_values.float() + 1.0) / 2.0
-    images = F.interpolate(images, size=(image_size, image_size), mode="bicubic", align_corners=False, antialias=True)
-    images = images.clamp(0.0, 1.0)
-    mean = torch.tensor(mean, device=images.device).view(1, -1, 1, 1)
-    std = torch.tensor(std, device=images.device).view(1, -1, 1, 1)
-    return (images - mean) / std
-
-
-def _features(output):
-    return output if torch.is_tensor(output) else output.pooler_output
-
-
-@torch.no_grad()
-def compute_similarity_embeddings(clip, mode, clip_input_ids=None, pixel_values=None):
-    """(2M, D) L2-normalised CLIP embeddings, winners first (docs/method.md, "Weights"); no gradient."""
-    text = image = None
-    if mode in ("text", "text_image"):
-        text = F.normalize(_features(clip.model.get_text_features(input_ids=clip_input_ids)).float(), dim=-1)
-        text = torch.cat([text, text])
-    if mode in ("image", "text_image"):
-        pixels = clip_pixel_values(pixel_values, clip.image_size, clip.image_mean, clip.image_std)
-        image = _features(clip.model.get_image_features(pixel_values=pixels.to(clip.model.dtype)))
-        image = F.normalize(image.float(), dim=-1)
-    if text is None:
-        return image
-    if image is None:
-        return text
-    return F.normalize(text + image, dim=-1)
-
-
-def per_sample_denoising_loss(unet, noisy_latents, timesteps, encoder_hidden_states, target, **unet_kwargs):
-    """mean over (C, H, W) of ||target - f(x_t, c, t)||^2, in fp32."""
-    prediction = unet(noisy_latents, timesteps, encoder_hidden_states, **unet_kwargs).sample
-    return F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=list(range(1, prediction.ndim)))
-
-
-@contextlib.contextmanager
-def adapters_disabled(unet):
-    """The LoRA reference: the same UNet with its adapters switched off (no second copy)."""
-    unet.disable_adapters()
+def load_clip(path, processor_path, cache_dir, device, dtype, flag, fix):
+    """A frozen CLIPModel with the tokenizer and image size/mean/std found at `processor_path`."""
     try:
-        yield unet
-    finally:
-        unet.enable_adapters()
+        model = CLIPModel.from_pretrained(path, cache_dir=cache_dir, torch_dtype=dtype)
+        tokenizer = AutoTokenizer.from_pretrained(processor_path, cache_dir=cache_dir)
+    except Exception as error:
+        raise ValueError(
+            f"{flag} {path!r} could not be loaded as a CLIPModel with its tokenizer ({error}). {fix}."
+        ) from error
+    mean, std = [0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711]  # OpenAI CLIP defaults
+    try:
+        processor_config = transformers.CLIPImageProcessor.get_image_processor_dict(
+            processor_path, cache_dir=cache_dir
+        )[0]
+        mean, std = processor_config.get("image_mean", mean), processor_config.get("image_std", std)
+    except Exception:
+        logger.warning(f"No image processor config in {processor_path}; using the OpenAI CLIP mean/std.")
+    model.requires_grad_(False).eval().to(device)
+    return SimpleNamespace(
+        model=model,
+        tokenizer=tokenizer,
+        image_size=model.config.vision_config.image_size,
+        image_mean=list(mean),
+        image_std=list(std),
+    )
 
 
-def reference_forward(models, unet):
-    """The frozen reference UNet and the context it runs in."""
-    if models.ref_unet is not None:
-        return models.ref_unet, contextlib.nullcontext()
-    unet = extract_model_from_parallel(unet)  # the LoRA UNet's adapters are switched on the model itself
-    return unet, adapters_disabled(unet)
+def setup_models(args, models, device, weight_dtype):
+    """Frozen parts to the device in `weight_dtype`, the reference (a frozen copy, or the LoRA base), memory options.
+
+    `models` holds the loaded tokenizer, noise_scheduler, text_encoder, vae, unet and clip (benchmarks/ passes
+    randomly initialised full-size ones).
+    """
+    for text_encoder in text_encoders(models):
+        text_encoder.requires_grad_(False).eval().to(device, dtype=weight_dtype)
+    # SDXL's original VAE overflows in fp16 (NaN latents): it stays fp32 unless a custom VAE (the fp16-fix) is given.
+    fp32_vae = VAE_FP32_UNLESS_CUSTOM and args.pretrained_vae_model_name_or_path is None
+    models.vae.requires_grad_(False).eval().to(device, dtype=torch.float32 if fp32_vae else weight_dtype)
+    unet, ref_unet = models.unet, None
+    if args.use_lora:
+        from peft import LoraConfig
+
+        unet.requires_grad_(False)
+        store_as_autocast_computes(unet, weight_dtype).to(device)
+        unet.add_adapter(
+            LoraConfig(
+                r=args.lora_rank,
+                lora_alpha=args.lora_rank,
+                init_lora_weights="gaussian",
+                target_modules=["to_k", "to_q", "to_v", "to_out.0"],
+            )
+        )
+        cast_training_params(unet, dtype=torch.float32)
+    elif args.loss_type != "sft":
+        ref_unet = (
+            store_as_autocast_computes(copy.deepcopy(unet), weight_dtype).requires_grad_(False).eval().to(device)
+        )
+    unet.to(device)
+    if args.enable_xformers_memory_efficient_attention:
+        try:
+            for module in (unet, ref_unet):
+                if module is not None:
+                    module.enable_xformers_memory_efficient_attention()
+        except Exception as error:
+            raise RuntimeError(
+                f"--enable_xformers_memory_efficient_attention: xformers is not usable here ({error}). "
+                "Remove the flag (PyTorch SDPA attention is the default and as fast on torch 2), or install "
+                "an xformers wheel built for this torch and CUDA."
+            ) from error
+    if args.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    if args.compile:
+        compile_unets(args.compile_backend, args.compile_mode, unet, ref_unet)
+    models.ref_unet, models.device = ref_unet, device
+    return models
 
 
 # Layers whose inputs autocast casts to the lower-precision dtype (torch.amp's "lower precision" ops: linear, conv).
@@ -1375,179 +1729,1005 @@ def store_as_autocast_computes(module, dtype):
     return module
 
 
-def autocast_like_policy(device, weight_dtype):
-    """The autocast accelerate wraps the trained UNet's forward in, for the frozen reference's forward (none under
-    DeepSpeed, whose module computes in its own dtype)."""
-    if weight_dtype == torch.float32 or sharding_engine() == DistributedType.DEEPSPEED:
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=weight_dtype)
-
-
-def repeat_for_samples(value, times):
-    """Per-pair conditioning (M, ...) -> the same for winners (then losers): (times x M, ...), through nested dicts."""
-    if isinstance(value, dict):
-        return {key: repeat_for_samples(item, times) for key, item in value.items()}
-    return value.repeat(times, *[1] * (value.ndim - 1))
-
-
-def cast_floats(value, dtype):
-    if isinstance(value, dict):
-        return {key: cast_floats(item, dtype) for key, item in value.items()}
-    return value.to(dtype) if value.is_floating_point() else value
-
-
-def prepare_diffusion_inputs(args, models, batch, micro_step, seed):
-    """Noisy latents, targets, timesteps and conditioning for the 2M samples of a micro-batch (winners first), or
-    for `sft` the M winners only (the losers are neither encoded nor denoised).
-
-    The batch holds either pixels ("pixel_values") or a cached latent distribution ("latent_mean", "latent_std");
-    every random draw is indexed by the pair (docs/method.md, "Randomness").
-    """
-    device = models.device
-    num_pairs = batch["pair_index"].shape[0]
-    samples_per_pair = 1 if args.loss_type == "sft" else 2
-    rows = samples_per_pair * num_pairs
-    if "latent_mean" in batch:
-        mean, std = batch["latent_mean"][:rows].to(device).float(), batch["latent_std"][:rows].to(device).float()
-    else:
-        mean, std = encode_latent_distribution(
-            models.vae, batch["pixel_values"][:rows].to(device), args.vae_encode_batch_size
+def weight_dtype_for(accelerator):
+    """The dtype frozen models compute in: the mixed-precision dtype, where accelerate runs the policy under it."""
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+    if (
+        dtype != torch.float32
+        and not accelerator.native_amp
+        and accelerator.distributed_type != DistributedType.DEEPSPEED
+    ):
+        raise ValueError(
+            f"--mixed_precision {accelerator.mixed_precision} is not available on "
+            f"{accelerator.device.type} (accelerate runs no autocast there): use --mixed_precision bf16 "
+            "on CPU, fp16 on a GPU."
         )
-    latent_shape = tuple(mean.shape[1:])
-    draws = [
-        draw_pair_noise(seed, int(i), int(e), latent_shape, args.noise_offset)
-        for i, e in zip(batch["pair_index"].tolist(), batch["epoch"].tolist())
-    ]
-    latent_noise = [d["latent_noise_w"] for d in draws] + [d["latent_noise_l"] for d in draws]
-    latent_noise = torch.stack(latent_noise[:rows]).to(device)
-    noise = repeat_for_samples(torch.stack([d["noise"] for d in draws]).to(device), samples_per_pair)
-    uniform_t = torch.stack([d["uniform_t"] for d in draws])
-    scheduler = models.noise_scheduler
-    timesteps = (
-        draw_timesteps(args.timestep_sampling, uniform_t, seed, micro_step, scheduler.config.num_train_timesteps)
-        .to(device)
-        .repeat(samples_per_pair)
-    )
-    latents = sample_latents(mean, std, latent_noise, models.vae.config)
-    # Contiguous: a channels-last input (e.g. latents from a VAE run channels-last) sends the trained UNet (grad mode)
-    # and the reference (no_grad) down kernels that round differently, and theta = reference no longer gives ln 2.
-    noisy_latents = scheduler.add_noise(latents, noise, timesteps).contiguous()
-    if scheduler.config.prediction_type == "epsilon":
-        target = noise
-    elif scheduler.config.prediction_type == "v_prediction":
-        target = scheduler.get_velocity(latents, noise, timesteps)
-    else:
-        raise ValueError(f"Unsupported prediction_type {scheduler.config.prediction_type!r} in the scheduler config.")
-    hidden_states, unet_kwargs = encode_conditioning(args, models, batch)
-    return SimpleNamespace(
-        noisy_latents=noisy_latents,
-        target=target,
-        timesteps=timesteps,
-        encoder_hidden_states=repeat_for_samples(hidden_states, samples_per_pair),
-        num_pairs=num_pairs,
-        unet_kwargs=repeat_for_samples(unet_kwargs, samples_per_pair),
-    )
+    return dtype
 
 
-class _GatherAcrossProcesses(torch.autograd.Function):
-    """all_gather along dim 0 whose backward sums every process's gradient for a slice onto the process that owns it.
+def compile_unets(backend, mode, *unets):
+    """torch.compile in place (`Module.compile`: state-dict keys, saving and unwrapping stay unchanged). Where the
+    backend is unavailable, or a graph fails to compile, the UNet runs eagerly with a warning instead of failing."""
+    import torch._dynamo
 
-    Every process computes the same global loss from the gathered values, so the owner receives N x dL/d(its slice);
-    DDP's gradient averaging then divides by N: the result is exactly the single-process gradient of the global loss.
-    (torch.distributed.nn.functional.all_gather does the same but is deprecated in torch 2.13; this works on every
-    backend, gloo included.)
-    """
+    device, reason = next(unets[0].parameters()).device, None
+    if not torch._dynamo.is_dynamo_supported():
+        reason = f"torch.compile is not supported on this Python/platform (torch {torch.__version__})"
+    elif backend not in torch._dynamo.list_backends(exclude_tags=()):
+        reason = f"unknown backend {backend!r} (available: {', '.join(torch._dynamo.list_backends())})"
+    elif backend == "inductor" and device.type == "cuda":
+        from torch.utils._triton import has_triton
 
-    @staticmethod
-    def forward(ctx, values):
-        ctx.rank, ctx.rows = torch.distributed.get_rank(), values.shape[0]
-        gathered = [torch.empty_like(values) for _ in range(torch.distributed.get_world_size())]
-        torch.distributed.all_gather(gathered, values.contiguous())
-        return torch.cat(gathered)
-
-    @staticmethod
-    def backward(ctx, grad):
-        grad = grad.contiguous()
-        torch.distributed.all_reduce(grad)
-        return grad[ctx.rank * ctx.rows : (ctx.rank + 1) * ctx.rows]
-
-
-def gather_pairs(values):
-    """(2M, ...) winners first on each process -> (2MN, ...) winners first over the N processes, in process order:
-    exactly the layout a single process with the global micro-batch has (IndexedBatchSampler gives process r the
-    r-th slice of every global micro-batch)."""
-    if not torch.distributed.is_initialized() or torch.distributed.get_world_size() == 1:
-        return values
-    processes, rows, rest = torch.distributed.get_world_size(), values.shape[0], values.shape[1:]
-    # One collective (so every process runs the same backward all_reduce), then process-major -> winners first.
-    gathered = _GatherAcrossProcesses.apply(values).reshape(processes, 2, rows // 2, *rest)
-    return gathered.transpose(0, 1).reshape(processes * rows, *rest)
+        reason = None if has_triton() else "the inductor backend needs triton on CUDA (`pip install triton`)"
+    elif backend == "inductor" and shutil.which(os.environ.get("CXX", "g++")) is None:
+        reason = "the inductor backend needs a C++ compiler on CPU"
+    if reason is not None:
+        logger.warning(f"--compile: {reason}; training without compilation.")
+        return False
+    torch._dynamo.config.suppress_errors = True  # a graph that fails to compile falls back to eager, logged
+    for unet in unets:
+        if unet is not None:
+            unet.compile(backend=backend, mode=mode)
+    return True
 
 
-def compute_step_loss(args, models, unet, batch, micro_step, seed, weight_dtype=torch.float32):
-    """One micro-batch's preference loss and metrics: the seam every later feature (cache, compile, gather) uses."""
-    inputs = prepare_diffusion_inputs(args, models, batch, micro_step, seed)
-    noisy, target, timesteps = inputs.noisy_latents, inputs.target, inputs.timesteps
-    if sharding_engine() == DistributedType.DEEPSPEED:
-        noisy = noisy.to(weight_dtype)  # a bf16/fp16 module without autocast: fp32 latents would fail at conv_in
-    hidden = inputs.encoder_hidden_states.to(weight_dtype)
-    unet_kwargs = cast_floats(inputs.unet_kwargs, weight_dtype)
-    model_losses = per_sample_denoising_loss(unet, noisy, timesteps, hidden, target, **unet_kwargs)
-    if args.loss_type == "sft":  # winners only were denoised; the losers' slots of the (2M,) losses stay NaN
-        model_losses = torch.cat([model_losses, torch.full_like(model_losses, math.nan)])
-        return compute_preference_loss(model_losses, None, loss_type="sft", beta=args.beta_dpo)
-    ref_unet, context = reference_forward(models, unet)
-    with torch.no_grad(), context, autocast_like_policy(models.device, weight_dtype):
-        ref_losses = per_sample_denoising_loss(ref_unet, noisy, timesteps, hidden, target, **unet_kwargs)
-    embeddings = None
-    if needs_similarity_model(args):
-        embeddings = batch.get("embeddings")  # cached, or computed here from the batch's prompts and crops
-        if embeddings is None:
-            clip_input_ids = batch.get("clip_input_ids")
-            embeddings = compute_similarity_embeddings(
-                models.clip,
-                args.similarity_embedding,
-                None if clip_input_ids is None else clip_input_ids.to(models.device),
-                batch["pixel_values"].to(models.device),
+def effective_learning_rate(args, num_processes):
+    """--learning_rate, times the pairs per optimizer step with --scale_lr; warned about when outside the sane range."""
+    rate = args.learning_rate
+    if args.scale_lr:
+        rate *= args.train_batch_size * args.gradient_accumulation_steps * num_processes
+    low, high = SANE_LEARNING_RATES
+    if not low <= rate <= high:
+        logger.warning(
+            f"Training at an effective learning rate of {rate:.3g} (--learning_rate {args.learning_rate:g}"
+            f"{' x pairs per step (--scale_lr)' if args.scale_lr else ''}), outside {low:g}-{high:g}: the "
+            f"weights will {'barely move' if rate < low else 'likely diverge'}. Defaults: "
+            f"{DEFAULT_LEARNING_RATE:g} (full), {DEFAULT_LORA_LEARNING_RATE:g} (LoRA)."
+        )
+    return rate
+
+
+def create_optimizer(args, params, learning_rate):
+    """AdamW: fused on CUDA (one kernel for all parameters; the peers' default is foreach), bitsandbytes 8-bit, or
+    Adafactor with DiffusionDPO's SDXL settings (a fixed learning rate, no parameter scaling, update clipping 1)."""
+    if args.use_adafactor:
+        return transformers.Adafactor(
+            params,
+            lr=learning_rate,
+            weight_decay=args.adam_weight_decay,
+            clip_threshold=1.0,
+            scale_parameter=False,
+            relative_step=False,
+        )
+    kwargs = {
+        "lr": learning_rate,
+        "betas": (args.adam_beta1, args.adam_beta2),
+        "weight_decay": args.adam_weight_decay,
+        "eps": args.adam_epsilon,
+    }
+    if args.use_8bit_adam:
+        import bitsandbytes as bnb
+
+        return bnb.optim.AdamW8bit(params, **kwargs)
+    params = list(params)
+    if params and all(p.device.type == "cuda" for p in params):
+        kwargs["fused"] = True
+    return torch.optim.AdamW(params, **kwargs)
+
+
+def trained_weight_norm(args, unet):
+    """L2 norm of the trained UNet's parameters, for the `weight_norm_drift` metric (||theta_t|| / ||theta_0|| - 1,
+    docs/method.md "Diagnostics"); None for LoRA (the base weights do not move) and under FSDP/DeepSpeed (each
+    process holds a shard)."""
+    if args.use_lora or sharding_engine() is not None:
+        return None
+    with torch.no_grad():  # one device sync, not one per tensor
+        return float(
+            torch.linalg.vector_norm(
+                torch.stack([torch.linalg.vector_norm(p.detach(), dtype=torch.float32) for p in unet.parameters()])
             )
-        embeddings = embeddings.to(models.device)
-    if args.rpo_global_matrix and args.loss_type == "rpo":
-        model_losses, ref_losses = gather_pairs(model_losses), gather_pairs(ref_losses)
-        embeddings = None if embeddings is None else gather_pairs(embeddings)
-    return compute_preference_loss(
-        model_losses,
-        ref_losses,
-        loss_type=args.loss_type,
-        beta=args.beta_dpo,
-        embeddings=embeddings,
-        temperature=args.distance_temperature,
-        weighting=args.rpo_weighting,
-        weight_scale=args.rpo_weight_scale,
-        stabilizer=args.stabilizer,
-        stabilizer_weight=args.stabilizer_weight,
-    )
+        )
+
+
+def gather_sharded_unet(accelerator, unet):
+    """Under FSDP or DeepSpeed the trained weights are sharded: every process joins in gathering the full state dict,
+    and the main process gets a plain UNet holding it (None elsewhere). Otherwise the unwrapped UNet itself."""
+    if accelerator.distributed_type not in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        return accelerator.unwrap_model(unet)
+    state_dict = accelerator.get_state_dict(unet)
+    if not accelerator.is_main_process:
+        return None
+    full = UNet2DConditionModel.from_config(accelerator.unwrap_model(unet).config)
+    full.load_state_dict(state_dict)
+    return full
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Latent cache (--cache_latents): the VAE and CLIP work of every step, done once per pair.
+# Validation: images of the trained UNet and the reference, their reward
 # ----------------------------------------------------------------------------------------------------------------------
+
+
+def log_validation(accelerator, args, models, unet, weight_dtype, progress, gathered=False):
+    """The main process renders the validation prompts (the others go on) with the weights the saved pipeline will
+    hold (the EMA's with --use_ema), and the reference's; logs them and their reward; returns the grid. `gathered`:
+    `unet` is already `gather_sharded_unet`'s (the end of a run gathers once for validation and saving)."""
+    if not args.validation_prompts:
+        return None
+    # Under FSDP/DeepSpeed every process joins the gather.
+    rendering_unet = unet if gathered else gather_sharded_unet(accelerator, unet)
+    if not accelerator.is_main_process:
+        return None
+    rendering_unet.to(models.device)
+    seed, global_step = progress.seed, progress.global_step
+    logger.info(f"Rendering {len(args.validation_prompts)} validation prompts at step {global_step}")
+    was_training = unet.training
+    unet.eval()
+    with ema_weights(models.ema, rendering_unet):
+        trained = generate_validation_images(args, models, rendering_unet, weight_dtype, seed)
+    reference = generate_validation_images(args, models, rendering_unet, weight_dtype, seed, reference=True)
+    unet.train(was_training)
+    if models.validation_scorer is not None:
+        image_sets = {"validation_reward": trained, "validation_reward_reference": reference}
+        rewards = validation_rewards(
+            models.validation_scorer, args, {k: v for k, v in image_sets.items() if v}, models.device
+        )
+        progress.validation_rewards.append({"step": global_step, **rewards})
+        accelerator.log(rewards, step=global_step)
+        logger.info(
+            f"Step {global_step}: validation {args.validation_scorer} "
+            + ", ".join(f"{name} {value:.4f}" for name, value in rewards.items())
+        )
+    for tracker in accelerator.trackers:
+        for name, images in (("validation", trained), ("reference", reference)):
+            if not images:
+                continue
+            if tracker.name == "tensorboard":
+                tracker.writer.add_images(
+                    name, np.stack([np.asarray(image) for image in images]), global_step, dataformats="NHWC"
+                )
+            elif tracker.name == "wandb":
+                import wandb  # only when asked for
+
+                tracker.log(
+                    {
+                        name: [
+                            wandb.Image(image, caption=prompt)
+                            for image, prompt in zip(images, args.validation_prompts)
+                        ]
+                    },
+                    step=global_step,
+                )
+    rows = [trained] + ([reference] if reference else [])
+    grid = make_image_grid([image for row in rows[::-1] for image in row], rows=len(rows), cols=len(trained))
+    return grid
 
 
 @torch.no_grad()
-def weights_checksum(model):
-    """A cheap signature of a model's weights (so weights replaced under the same path invalidate the cache)."""
-    return repr(sum(float(p.double().abs().sum()) for p in model.parameters()))
+def generate_validation_images(args, models, unet, weight_dtype, seed, reference=False):
+    """The validation prompts rendered by the trained UNet, or by the reference, with the same seeds."""
+    device = models.device
+    if reference and models.ref_unet is None and not args.use_lora:
+        return []  # sft trains without a reference copy
+    scheduler = DPMSolverMultistepScheduler.from_config(models.noise_scheduler.config)
+    images = []
+    autocast = (
+        torch.autocast(device.type, dtype=weight_dtype) if weight_dtype != torch.float32 else contextlib.nullcontext()
+    )
+    rendering_unet = reference_unet(models, unet) if reference else contextlib.nullcontext(unet)
+    with rendering_unet as rendering_unet, autocast, vae_decode_without_autocast(models.vae, device.type):
+        pipeline = build_validation_pipeline(models, rendering_unet, scheduler)
+        pipeline.set_progress_bar_config(disable=True)
+        for index, prompt in enumerate(args.validation_prompts):
+            generator = torch.Generator(device=device).manual_seed(seed + index)  # works for seed 0 (a peer bug)
+            images.append(
+                pipeline(
+                    prompt,
+                    num_inference_steps=args.validation_num_inference_steps,
+                    guidance_scale=args.validation_guidance_scale,
+                    height=args.resolution,
+                    width=args.resolution,
+                    generator=generator,
+                ).images[0]
+            )
+    return images
+
+
+@contextlib.contextmanager
+def vae_decode_without_autocast(vae, device_type):
+    """Validation runs under autocast (an fp32 trained UNet beside half-precision frozen parts), which would also run
+    the VAE decoder's convolutions in fp16, where SDXL's original VAE overflows (black images): decode in its dtype."""
+    decode = vae.decode
+
+    def decode_in_vae_dtype(latents, *args, **kwargs):
+        with torch.autocast(device_type, enabled=False):
+            return decode(latents.to(vae.dtype), *args, **kwargs)
+
+    vae.decode = decode_in_vae_dtype
+    try:
+        yield
+    finally:
+        del vae.decode
+
+
+@torch.no_grad()
+def validation_rewards(scorer, args, image_sets, device):
+    """{name: images of the validation prompts} -> {name: their mean reward}: PickScore = logit_scale.exp() x cosine,
+    CLIP score = 100 x max(cosine, 0), with the image preprocessing eval/scorers.py applies (square images: resized to
+    the model's input, bicubic, antialiased; the model's mean/std). The scorer visits the device once per call."""
+    scorer.model.to(device)
+    max_length = min(scorer.tokenizer.model_max_length, scorer.model.config.text_config.max_position_embeddings)
+    tokens = scorer.tokenizer(
+        list(args.validation_prompts),
+        padding="max_length",
+        truncation=True,
+        max_length=max_length,
+        return_tensors="pt",
+    )
+    text_features = _features(scorer.model.get_text_features(input_ids=tokens.input_ids.to(device)))
+    text_features = F.normalize(text_features.float(), dim=-1)
+    rewards = {}
+    for name, images in image_sets.items():
+        pixels = torch.stack(
+            [torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1) for image in images]
+        ).to(device)
+        pixels = clip_pixel_values(pixels, scorer.image_size, scorer.image_mean, scorer.image_std)
+        image_features = _features(scorer.model.get_image_features(pixel_values=pixels.to(scorer.model.dtype)))
+        cosine = (F.normalize(image_features.float(), dim=-1) * text_features).sum(-1)
+        scores = (
+            scorer.model.logit_scale.exp().float() * cosine
+            if args.validation_scorer == "pickscore"
+            else (100 * cosine.clamp(min=0))
+        )
+        rewards[name] = scores.mean().item()
+    scorer.model.to("cpu")  # kept off the accelerator between validations
+    return rewards
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Main: a run from start to end
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainingPlan:
+    """How long the run is: optimizer steps (--max_train_steps, or --num_train_epochs of them), the epochs they span
+    and the optimizer updates in one epoch of the loader."""
+
+    steps: int
+    epochs: int
+    updates_per_epoch: int
+
+    @classmethod
+    def for_loader(cls, args, batches_per_epoch):
+        updates_per_epoch = batches_per_epoch // args.gradient_accumulation_steps
+        steps = args.num_train_epochs * updates_per_epoch if args.max_train_steps is None else args.max_train_steps
+        return cls(steps=steps, epochs=math.ceil(steps / updates_per_epoch), updates_per_epoch=updates_per_epoch)
+
+
+class TrainingProgress:
+    """Step count, data position, seed and fault counts, saved (as JSON) in every checkpoint so a resume continues
+    exactly."""
+
+    COUNTS = ("bad_rows", "skipped_updates", "nonfinite_in_a_row")
+
+    def __init__(self, seed):
+        self.seed, self.global_step, self.epoch, self.batch_in_epoch = seed, 0, 0, 0
+        self.stream_states = {}  # --streaming: reader -> the stream state after its last consumed batch
+        self.bad_rows = self.skipped_updates = self.nonfinite_in_a_row = 0
+        self.history = []  # the logged metrics of this process's run (not checkpointed)
+        self.validation_rewards = []  # --validation_scorer: {"step", "validation_reward", ...} (not checkpointed)
+        self.stopped_by = None  # the signal that stopped the run early (not checkpointed)
+
+    def state_dict(self):
+        return {
+            "seed": self.seed,
+            "global_step": self.global_step,
+            "epoch": self.epoch,
+            "batch_in_epoch": self.batch_in_epoch,
+            "stream_states": list(self.stream_states.values()),
+            **{name: getattr(self, name) for name in self.COUNTS},
+        }
+
+    def load_state_dict(self, state):
+        self.seed, self.global_step = int(state["seed"]), int(state["global_step"])
+        self.epoch, self.batch_in_epoch = int(state["epoch"]), int(state["batch_in_epoch"])
+        self.stream_states = {int(s["reader"]): s for s in state.get("stream_states", [])}
+        for name in self.COUNTS:
+            setattr(self, name, int(state.get(name, 0)))
+
+
+def main(args):
+    with StopRequest.on_signals() as stop_request:
+        accelerator = build_accelerator(args)
+        try:
+            return run_training(args, accelerator, stop_request)
+        except BaseException as error:
+            # Let a failed run exit: free the traceback's locals, so the loader shuts its workers down (they ignore
+            # the SIGTERM multiprocessing would stop them with at exit), and tear down the process group.
+            traceback.clear_frames(error.__traceback__)
+            gc.collect()
+            accelerator.end_training()
+            raise
+
+
+def build_accelerator(args):
+    logging_dir = os.path.join(args.output_dir, args.logging_dir)
+    project_config = ProjectConfiguration(project_dir=args.output_dir, logging_dir=logging_dir)
+    accelerator = Accelerator(
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        mixed_precision=args.mixed_precision,
+        log_with=None if args.report_to == "none" else args.report_to,
+        project_config=project_config,
+    )
+    logging.basicConfig(
+        format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", datefmt="%m/%d/%Y %H:%M:%S", level=logging.INFO
+    )
+    logger.info(accelerator.state, main_process_only=False)
+    for library in (datasets, transformers, diffusers):
+        (
+            library.utils.logging.set_verbosity_warning
+            if accelerator.is_local_main_process
+            else library.utils.logging.set_verbosity_error
+        )()
+    if args.allow_tf32 and torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = True
+    return accelerator
+
+
+def run_training(args, accelerator, stop_request):
+    """A run, in order: output folder, seed, data, models, optimizer, latent cache, loader, plan and accelerate's
+    wrapping, resume, the training loop, then (unless a signal stopped it) the final validation, model and card."""
+    repo_id = prepare_output(args, accelerator)
+    weight_dtype = weight_dtype_for(accelerator)
+    checkpoint = resolve_checkpoint_path(args) if args.resume_from_checkpoint else None
+    progress = TrainingProgress(resolve_seed(args, accelerator, checkpoint))
+    raw_dataset = load_raw_dataset(args)
+    if args.streaming:
+        dataset = prepare_streaming_dataset(
+            raw_dataset, dataset_columns(args), progress.seed, args.shuffle_buffer_size
+        )
+        stats = {"rows": "streamed", "ties_dropped": "all", "pairs": "streamed"}  # a stream is not counted
+    else:
+        columns, limit = dataset_columns(args), args.max_train_samples
+        dataset, stats = prepare_preference_dataset(raw_dataset, columns, limit, progress.seed)
+    logger.info(f"Dataset: {stats['rows']} rows, {stats['ties_dropped']} ties dropped, {stats['pairs']} pairs used.")
+    models = load_models(args, accelerator.device, weight_dtype)
+    learning_rate = effective_learning_rate(args, accelerator.num_processes)
+    optimizer = create_optimizer(args, [p for p in models.unet.parameters() if p.requires_grad], learning_rate)
+    if args.cache_latents:
+        dataset = cache_latents(args, accelerator, models, dataset, stats)
+    loader, sampler = build_dataloader(args, accelerator, models, dataset, progress.seed, progress)
+    plan = TrainingPlan.for_loader(args, sampler.batches_per_epoch)
+    unet, optimizer, lr_scheduler = prepare_training(args, accelerator, models, optimizer, plan)
+    if args.resume_from_checkpoint and checkpoint is None:
+        logger.info(f"No checkpoint in {args.output_dir} to resume from: starting a new run.")
+    elif args.resume_from_checkpoint:
+        logger.info(f"Resuming from {checkpoint}")
+        accelerator.load_state(checkpoint)
+        with open(os.path.join(checkpoint, PROGRESS_FILE)) as f:
+            progress.load_state_dict(json.load(f))
+    if accelerator.is_main_process:
+        accelerator.init_trackers(args.tracker_project_name, config=tracker_config(args, learning_rate, plan.steps))
+    logger.info(
+        f"***** Training ({args.loss_type}) *****  pairs {stats['pairs']}, epochs {plan.epochs}, "
+        f"pairs per step {args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps}"
+        f", optimizer steps {plan.steps}, seed {progress.seed}"
+    )
+    train_loop(
+        args,
+        accelerator,
+        models,
+        unet,
+        optimizer,
+        lr_scheduler,
+        loader,
+        sampler,
+        progress,
+        plan,
+        weight_dtype,
+        stop_request,
+    )
+    if progress.stopped_by is not None:
+        logger.info(
+            f"Stopped by {signal.Signals(progress.stopped_by).name} at step {progress.global_step}; resume "
+            "with --resume_from_checkpoint latest."
+        )
+    else:
+        finish_run(args, accelerator, models, unet, weight_dtype, progress, repo_id, stats, learning_rate)
+    accelerator.end_training()
+    return progress
+
+
+def prepare_output(args, accelerator):
+    """Checks that fail early (the model path, LoRA under a sharding engine), the output folder cleared of interrupted
+    saves, and with --push_to_hub the Hub repo (its id; None otherwise)."""
+    check_pretrained_pipeline(args)  # a wrong model path fails now, not after the dataset is prepared
+    if args.use_lora and sharding_engine() is not None:
+        raise ValueError(
+            f"--use_lora under {sharding_engine().value}: LoRA adapters are a few MB, so sharding them "
+            "saves nothing while the frozen base would need its own handling. Launch with DDP "
+            "(configs/accelerate/multi_gpu.yaml), or train the full UNet under this engine."
+        )
+    if accelerator.is_main_process:
+        os.makedirs(args.output_dir, exist_ok=True)
+        for name in os.listdir(args.output_dir):  # saves a crash or kill broke off: never resumable
+            if name.startswith("checkpoint-") and name.endswith(".incomplete"):
+                logger.warning(f"Removing {name}: a checkpoint save that was interrupted.")
+                shutil.rmtree(os.path.join(args.output_dir, name))
+    if args.push_to_hub and accelerator.is_main_process:
+        return create_repo(
+            repo_id=args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir)),
+            exist_ok=True,
+            token=args.hub_token,
+        ).repo_id
+    return None
+
+
+def resolve_seed(args, accelerator, checkpoint=None):
+    """--seed, or on resume the `checkpoint`'s seed (the data subset, order and every draw depend on it, so it is read
+    before the dataset is prepared), or a drawn one."""
+    if checkpoint is not None:
+        with open(os.path.join(checkpoint, PROGRESS_FILE)) as f:
+            seed = int(json.load(f)["seed"])
+        if args.seed is not None and args.seed != seed:
+            logger.warning(f"--seed {args.seed} ignored: {checkpoint} was trained with seed {seed}.")
+        return seed
+    if args.seed is not None:
+        return args.seed
+    seed = torch.randint(0, 2**31 - 1, ()).to(accelerator.device)
+    seed = int(accelerator.reduce(seed, "max")) if accelerator.num_processes > 1 else int(seed)
+    logger.info(f"No --seed given: drew seed {seed} (saved in checkpoints).")
+    return seed
+
+
+def prepare_training(args, accelerator, models, optimizer, plan):
+    """The learning-rate schedule, the UNet, optimizer and schedule wrapped by accelerate, and the models the loop
+    reads besides: the base's weight norm, the EMA and the validation scorer."""
+    lr_scheduler = get_scheduler(
+        args.lr_scheduler,
+        optimizer=optimizer,
+        num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
+        num_training_steps=plan.steps * accelerator.num_processes,
+    )
+    if accelerator.state.deepspeed_plugin is not None:  # our loader is not prepared, so DeepSpeed cannot infer it
+        accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = args.train_batch_size
+    models.initial_weight_norm = trained_weight_norm(args, models.unet)  # before a resume: the base's norm
+    unet, optimizer, lr_scheduler = accelerator.prepare(models.unet, optimizer, lr_scheduler)
+    models.ema = create_ema(args, accelerator, unet)
+    models.validation_scorer = None
+    if args.validation_scorer != "none" and args.validation_prompts and accelerator.is_main_process:
+        models.validation_scorer = load_clip(
+            args.validation_scorer_model,
+            args.validation_scorer_processor,
+            args.cache_dir,
+            torch.device("cpu"),
+            torch.float32,
+            "--validation_scorer_model",
+            "Pass a local CLIPModel folder or a Hub id",
+        )
+    return unet, optimizer, lr_scheduler
+
+
+def tracker_config(args, learning_rate, max_train_steps=None):
+    """Run hyperparameters for the trackers: no token, lists flattened for tensorboard; the learning rate as passed
+    and as trained (after --scale_lr); `max_train_steps`, the planned steps, replaces an unset --max_train_steps."""
+    config = {"effective_learning_rate": learning_rate}
+    for key, value in vars(args).items():
+        if key == "hub_token":
+            continue
+        config[key] = " | ".join(value) if isinstance(value, list) else value
+    if max_train_steps is not None:
+        config["max_train_steps"] = max_train_steps
+    return config
+
+
+def train_loop(
+    args,
+    accelerator,
+    models,
+    unet,
+    optimizer,
+    lr_scheduler,
+    loader,
+    sampler,
+    progress,
+    plan,
+    weight_dtype,
+    stop_request,
+):
+    """Optimizer steps from `progress` to `plan.steps`, or until a stop signal (then `progress.stopped_by`)."""
+    progress_bar = tqdm(
+        range(plan.steps), initial=progress.global_step, desc="Steps", disable=not accelerator.is_local_main_process
+    )
+    unet.train()
+    if progress.global_step >= plan.steps:  # resumed from a checkpoint of the final step
+        return
+    accumulated, guard = {}, StepGuard(accelerator, stop_request)
+    for epoch in range(progress.epoch, plan.epochs):
+        sampler.set_epoch(epoch, progress.batch_in_epoch if epoch == progress.epoch else 0)
+        progress.epoch = epoch
+        for batch in loader:
+            micro_step = progress.global_step * args.gradient_accumulation_steps + len(accumulated.get("loss", []))
+            loss, metrics = training_step(
+                args,
+                accelerator,
+                models,
+                unet,
+                optimizer,
+                lr_scheduler,
+                batch,
+                micro_step,
+                progress.seed,
+                weight_dtype,
+                guard,
+            )
+            for name, value in {"loss": loss, **metrics}.items():
+                accumulated.setdefault(name, []).append(value)
+            progress.batch_in_epoch += 1
+            if not accelerator.sync_gradients:
+                continue
+            progress.global_step += 1
+            if models.ema is not None and not guard.verdict.skip_update:
+                update_ema(models.ema, accelerator.unwrap_model(unet), accelerator.device, args.offload_ema)
+            if progress.batch_in_epoch >= sampler.batches_per_epoch:
+                progress.epoch, progress.batch_in_epoch = epoch + 1, 0
+            logs = step_logs(args, accelerator, models, unet, lr_scheduler, accumulated, progress.global_step)
+            accumulated = {}
+            record_faults(args, progress, guard.verdict, logs)
+            progress.history.append(logs)
+            accelerator.log(logs, step=progress.global_step)
+            progress_bar.update(1)
+            progress_bar.set_postfix({name: f"{logs[name]:.4g}" for name in ("loss", "implicit_acc") if name in logs})
+            if stop_after_step(args, accelerator, progress, plan, guard.verdict, stop_request):
+                return
+            if args.validation_prompts and progress.global_step % args.validation_steps == 0:
+                log_validation(accelerator, args, models, unet, weight_dtype, progress)
+            if progress.global_step >= plan.steps:
+                return
+
+
+def step_logs(args, accelerator, models, unet, lr_scheduler, accumulated, global_step):
+    """An optimizer step's metrics (means over its micro-steps and processes), learning rate and weight-norm drift;
+    at the first step, a warning when the loss is not ln 2."""
+    logs = {
+        name: accelerator.reduce(torch.stack(values).mean(), "mean").item() for name, values in accumulated.items()
+    }
+    logs["lr"] = lr_scheduler.get_last_lr()[0]
+    if models.initial_weight_norm is not None:
+        logs["weight_norm_drift"] = trained_weight_norm(args, unet) / models.initial_weight_norm - 1
+    preference_loss = logs["loss"] - (logs.get("stabilizer_term", 0.0) if args.stabilizer == "sft" else 0.0)
+    if global_step == 1 and args.loss_type != "sft" and abs(preference_loss - math.log(2)) > 1e-3:
+        logger.warning(
+            f"The first loss is {preference_loss:.6f}, not ln 2 = 0.693147: the policy starts at the "
+            "reference, so their denoising errors should be equal. The reference computes "
+            "differently from the trained UNet (precision, attention backend or weights differ)."
+        )
+    return logs
+
+
+def finish_run(args, accelerator, models, unet, weight_dtype, progress, repo_id, stats, learning_rate):
+    """The final validation, the trained pipeline (or LoRA weights) with its grid and card, and the upload."""
+    accelerator.wait_for_everyone()
+    trained_unet = gather_sharded_unet(accelerator, unet)
+    grid = log_validation(accelerator, args, models, trained_unet, weight_dtype, progress, gathered=True)
+    if not accelerator.is_main_process:
+        return
+    if models.ema is not None:
+        models.ema.copy_to(trained_unet.parameters())  # the saved pipeline holds the EMA weights
+    save_final_model(accelerator, args, models, trained_unet)
+    grid_filename = None
+    if grid is not None:
+        grid_filename = "validation_grid.png"
+        grid.save(os.path.join(args.output_dir, grid_filename))
+    write_model_card(args, repo_id, stats, progress, learning_rate, accelerator.num_processes, grid_filename)
+    if args.push_to_hub:
+        upload_folder(
+            repo_id=repo_id,
+            folder_path=args.output_dir,
+            commit_message="End of training",
+            allow_patterns=hub_upload_patterns(args.output_dir, args.use_lora),
+            token=args.hub_token,
+        )
+
+
+def save_final_model(accelerator, args, models, unet):
+    """A full pipeline (`DiffusionPipeline.from_pretrained(output_dir)`) or, with LoRA, the adapter weights.
+    `unet` is the gathered, unwrapped UNet (`gather_sharded_unet`)."""
+    if args.use_lora:
+        from peft.utils import get_peft_model_state_dict
+
+        lora_layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+        PIPELINE_CLASS.save_lora_weights(args.output_dir, unet_lora_layers=lora_layers)
+        return
+    components = {"unet": unet.float()}
+    if args.pretrained_vae_model_name_or_path:  # the VAE the model was trained with, in fp32
+        components["vae"] = load_vae(args)
+    pipeline = PIPELINE_CLASS.from_pretrained(
+        args.pretrained_model_name_or_path,
+        revision=args.revision,
+        variant=args.variant,
+        cache_dir=args.cache_dir,
+        **components,
+    )
+    pipeline.save_pretrained(args.output_dir)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Appendix: faults, stop signals and checkpoints (docs/behaviour.md)
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+class StopRequest:
+    """SIGTERM (preemption) and SIGINT (Ctrl-C) ask the run to save a checkpoint at the end of the current optimizer
+    step and stop; a second SIGINT interrupts at once. `signal` is the stop signal received (None until one is)."""
+
+    def __init__(self):
+        self.signal = None
+
+    @classmethod
+    @contextlib.contextmanager
+    def on_signals(cls):
+        """Yields the `StopRequest` that SIGTERM/SIGINT handlers set while the block runs. A signal already ignored
+        at start stays ignored (a run started with `nohup` or `&` inherits SIGINT ignored: the shell asked that
+        Ctrl-C not reach it), and the handlers found at start are restored at the end."""
+        stop_request = cls()
+
+        def request_stop(signum, frame):
+            if signum == signal.SIGINT and stop_request.signal == signal.SIGINT:
+                raise KeyboardInterrupt
+            stop_request.signal = signum
+            row_logger.warning(
+                f"Received {signal.Signals(signum).name}: saving a checkpoint at the end of this optimizer "
+                "step, then stopping (SIGINT again to interrupt at once)."
+            )
+
+        previous = {}
+        if threading.current_thread() is threading.main_thread():
+            previous = {
+                signum: signal.signal(signum, request_stop)
+                for signum in (signal.SIGTERM, signal.SIGINT)
+                if signal.getsignal(signum) is not signal.SIG_IGN
+            }
+        try:
+            yield stop_request
+        finally:
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
+
+    @staticmethod
+    def ignore_in_loader_worker(worker_id):
+        """Loader workers leave SIGTERM/SIGINT (sent to the whole process group on preemption or Ctrl-C) to the main
+        process, which stops cleanly and shuts them down; otherwise a killed worker crashes the loader mid-save."""
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+class StepGuard:
+    """What all processes must agree on at an optimizer step, settled in one collective: was a loss or gradient of
+    the update non-finite anywhere (then every process skips it), did a stop signal arrive, how many rows were
+    skipped by the loaders. Under fp16 a gradient overflow is left to the loss scaler (it skips the step itself).
+    `stop_request` is the run's `StopRequest` (a fresh one, never set, if none is given)."""
+
+    def __init__(self, accelerator, stop_request=None):
+        self.accelerator, self.window_nonfinite, self.window_bad_rows, self.verdict = accelerator, False, 0, None
+        self.stop_request = stop_request or StopRequest()
+
+    def observe(self, loss, batch):
+        self.window_nonfinite |= not bool(torch.isfinite(loss.detach()).all())
+        self.window_bad_rows += int(batch.get("bad_rows", 0))
+
+    def agree(self, grad_norm):
+        accelerator = self.accelerator
+        grad_nonfinite = (
+            grad_norm is not None
+            and accelerator.scaler is None
+            and not bool(torch.isfinite(torch.as_tensor(grad_norm)).all())
+        )
+        flags = torch.tensor(
+            [
+                float(self.window_nonfinite or grad_nonfinite),
+                float(self.stop_request.signal is not None),
+                float(self.window_bad_rows),
+            ],
+            device=accelerator.device,
+        )
+        if accelerator.num_processes > 1:
+            flags = accelerator.reduce(flags, "sum")
+        flags = flags.tolist()
+        self.window_nonfinite, self.window_bad_rows = False, 0
+        # DeepSpeed's engine applies the update inside backward: there a non-finite step is counted, not skipped.
+        can_skip = getattr(accelerator, "distributed_type", None) != DistributedType.DEEPSPEED
+        self.verdict = SimpleNamespace(
+            nonfinite=flags[0] > 0, skip_update=flags[0] > 0 and can_skip, stop=flags[1] > 0, bad_rows=int(flags[2])
+        )
+        return self.verdict
+
+    def note_scaler_skip(self, optimizer):
+        """An fp16 step the GradScaler skipped although its scale is already below 1 has gradients that are not
+        finite at any scale: counted like a skipped update (so an all-NaN fp16 run stops too)."""
+        scaler = self.accelerator.scaler
+        if (
+            scaler is not None
+            and getattr(optimizer, "step_was_skipped", False)
+            and not self.verdict.nonfinite
+            and scaler.get_scale() < 1.0
+        ):
+            self.verdict.nonfinite = self.verdict.skip_update = True
+
+
+def record_faults(args, progress, verdict, logs):
+    """Counts this optimizer step's skipped rows and skipped update into `progress` (checkpointed) and the logs."""
+    progress.bad_rows += verdict.bad_rows
+    if verdict.bad_rows:
+        logger.warning(
+            f"Step {progress.global_step}: {verdict.bad_rows} undecodable pairs skipped ({progress.bad_rows} in all)."
+        )
+    if verdict.nonfinite:
+        progress.skipped_updates += 1
+        progress.nonfinite_in_a_row += 1
+        action = "update skipped" if verdict.skip_update else "update applied by DeepSpeed"
+        logger.warning(
+            f"Step {progress.global_step}: non-finite loss or gradient; {action} "
+            f"({progress.nonfinite_in_a_row} in a row, {progress.skipped_updates} in all)."
+        )
+    else:
+        progress.nonfinite_in_a_row = 0
+    if progress.bad_rows or progress.skipped_updates:
+        logs.update(bad_rows=progress.bad_rows, skipped_updates=progress.skipped_updates)
+
+
+def stop_after_step(args, accelerator, progress, plan, verdict, stop_request):
+    """The end of an optimizer step: too many non-finite steps in a row raise; a checkpoint every
+    --checkpointing_steps; past --max_bad_rows a checkpoint, then the error; a stop signal before the last step saves
+    a checkpoint and returns True (the run stops)."""
+    if progress.nonfinite_in_a_row >= args.max_nonfinite_steps:
+        last = list_checkpoints(args.output_dir)
+        raise RuntimeError(
+            f"{progress.nonfinite_in_a_row} optimizer steps in a row (up to step {progress.global_step}) had a "
+            "non-finite loss or gradient; each was skipped, so the weights are those of the last good step, "
+            f"and the last checkpoint is {last[-1] if last else 'none'}. Lower --learning_rate, train in bf16 "
+            "rather than fp16, check the data, or raise --max_nonfinite_steps."
+        )
+    saved = False
+    if progress.global_step % args.checkpointing_steps == 0:
+        save_checkpoint(accelerator, args, progress.global_step, progress)
+        saved = True
+    pairs_read = plan.steps * args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
+    error = bad_rows_error(args, progress.bad_rows, pairs_read, "by the loader")
+    if error is not None:
+        if not saved:  # the weights are fine: keep what was trained
+            save_checkpoint(accelerator, args, progress.global_step, progress)
+        raise error
+    if verdict.stop and progress.global_step < plan.steps:  # at the last step: finish
+        progress.stopped_by = stop_request.signal or signal.SIGTERM  # the signal reached another process
+        if not saved:
+            save_checkpoint(accelerator, args, progress.global_step, progress)
+        return True
+    return False
+
+
+def bad_rows_error(args, bad_rows, rows, where):
+    """The error to stop the run with when `bad_rows` of `rows` pairs exceed --max_bad_rows (a fraction of `rows`,
+    or a count), else None."""
+    limit = math.floor(args.max_bad_rows * rows) if args.max_bad_rows < 1 else int(args.max_bad_rows)
+    if bad_rows <= limit:
+        return None
+    return RuntimeError(
+        f"{bad_rows} pairs could not be decoded {where} (--max_bad_rows {args.max_bad_rows:g} allows {limit} of "
+        f"{rows}); the log names each one. Repair or filter the dataset, check the image columns, or raise "
+        "--max_bad_rows."
+    )
+
+
+CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
+PROGRESS_FILE = "training_progress.json"  # written last into a checkpoint: its presence marks the checkpoint complete
+
+
+def list_checkpoints(output_dir):
+    """Complete checkpoints, oldest first: checkpoint-N folders holding the progress file (in-progress saves carry a
+    suffix; a folder without the file, e.g. from a copy that broke off, is never picked)."""
+    if not os.path.isdir(output_dir):
+        return []
+    found = []
+    for name in os.listdir(output_dir):
+        match = CHECKPOINT_PATTERN.match(name)
+        if match is None:
+            continue
+        if os.path.exists(os.path.join(output_dir, name, PROGRESS_FILE)):
+            found.append((int(match.group(1)), name))
+        else:
+            logger.warning(f"Ignoring {os.path.join(output_dir, name)}: no {PROGRESS_FILE}, so it is incomplete.")
+    return [os.path.join(output_dir, name) for _, name in sorted(found)]
+
+
+def resolve_checkpoint_path(args):
+    if args.resume_from_checkpoint == "latest":
+        checkpoints = list_checkpoints(args.output_dir)
+        return checkpoints[-1] if checkpoints else None
+    for candidate in (args.resume_from_checkpoint, os.path.join(args.output_dir, args.resume_from_checkpoint)):
+        if os.path.isdir(candidate) and os.path.exists(os.path.join(candidate, PROGRESS_FILE)):
+            return candidate
+    return None
+
+
+def save_checkpoint(accelerator, args, global_step, progress):
+    """Atomic save: written under a temporary name and renamed when complete; then the oldest beyond
+    --checkpoints_total_limit removed."""
+    if args.streaming and accelerator.num_processes > 1:
+        # Only the main process writes the progress file: it must hold every process's stream readers. (Only it
+        # merges: the others keep their own readers, so a stale copy never overwrites a fresh state.)
+        gathered = gather_object([progress.stream_states])
+        if accelerator.is_main_process:
+            for states in gathered:  # in process order: each process's own readers last, so freshest
+                progress.stream_states.update(states)
+    final = os.path.join(args.output_dir, f"checkpoint-{global_step}")
+    partial = final + ".incomplete"
+    if accelerator.is_main_process and os.path.exists(partial):
+        shutil.rmtree(partial)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(partial)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        with open(os.path.join(partial, PROGRESS_FILE), "w") as f:  # JSON, not pickle: resuming executes no code
+            json.dump(progress.state_dict(), f)
+        if os.path.exists(final):
+            shutil.rmtree(final)
+        os.replace(partial, final)
+        logger.info(f"Saved checkpoint {final}")
+        if args.checkpoints_total_limit is not None:
+            # Never the one just saved: a resumed run's step can sort before the leftovers of a longer run.
+            older = [path for path in list_checkpoints(args.output_dir) if not os.path.samefile(path, final)]
+            for old in older[: max(0, len(older) + 1 - args.checkpoints_total_limit)]:
+                logger.info(f"Removing checkpoint {old} (--checkpoints_total_limit {args.checkpoints_total_limit})")
+                shutil.rmtree(old)
+    accelerator.wait_for_everyone()
+    return final
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Appendix: EMA of the trained weights (--use_ema)
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def create_ema(args, accelerator, unet):
+    """--use_ema: diffusers' EMAModel of the trained UNet, saved in every checkpoint as `unet_ema/` (a UNet folder:
+    safetensors weights, decay and update count in its config; no pickle) by accelerate's save/load hooks."""
+    if not args.use_ema:
+        return None
+    if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        raise ValueError(
+            "--use_ema needs the full weights on every process; under FSDP/DeepSpeed they are sharded. "
+            "Train with DDP (configs/accelerate/multi_gpu.yaml) or drop --use_ema."
+        )
+    model = accelerator.unwrap_model(unet)
+    ema = EMAModel(
+        model.parameters(),
+        decay=args.ema_decay,
+        model_cls=UNet2DConditionModel,
+        model_config=model.config,
+        foreach=args.foreach_ema,
+    )
+    home = torch.device("cpu") if args.offload_ema else accelerator.device
+
+    def place():
+        ema.to(home)
+        if args.offload_ema and torch.cuda.is_available():
+            ema.pin_memory()
+
+    def save_ema(models, weights, output_dir):
+        if accelerator.is_main_process:
+            ema.save_pretrained(os.path.join(output_dir, "unet_ema"))
+
+    def load_ema(models, input_dir):
+        loaded = EMAModel.from_pretrained(
+            os.path.join(input_dir, "unet_ema"), UNet2DConditionModel, foreach=args.foreach_ema
+        )
+        ema.load_state_dict(loaded.state_dict())
+        place()
+
+    place()
+    accelerator.register_save_state_pre_hook(save_ema)
+    accelerator.register_load_state_pre_hook(load_ema)
+    return ema
+
+
+def update_ema(ema, unet, device, offload):
+    if offload:
+        ema.to(device, non_blocking=True)
+    ema.step(unet.parameters())
+    if offload:
+        ema.to("cpu", non_blocking=True)
+
+
+@contextlib.contextmanager
+def ema_weights(ema, unet):
+    """The UNet holds the EMA weights inside the block, its own again after."""
+    if ema is None:
+        yield
+        return
+    ema.store(unet.parameters())
+    ema.copy_to(unet.parameters())
+    try:
+        yield
+    finally:
+        ema.restore(unet.parameters())
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Appendix: latent cache (--cache_latents): the VAE and CLIP work of every step, done once per pair
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def cache_latents(args, accelerator, models, dataset, stats):
+    """--cache_latents: the latent cache in place of the dataset (pairs left out counted against --max_bad_rows and
+    in `stats`); the CLIP similarity model is freed, the cache holding its embeddings."""
+    cached = build_latent_cache(args, accelerator, models, dataset)
+    if len(cached) < len(dataset):
+        logger.warning(
+            f"Latent cache: {len(dataset) - len(cached)} of {len(dataset)} pairs could not be decoded "
+            "(or gave non-finite latents) and are left out."
+        )
+        error = bad_rows_error(args, len(dataset) - len(cached), len(dataset), "while building the latent cache")
+        if error is not None:
+            raise error
+        stats["pairs"] = len(cached)
+    models.clip = None
+    return cached
+
+
+def build_latent_cache(args, accelerator, models, dataset):
+    """The dataset with images replaced by cached latents: each process encodes its contiguous shard into an Arrow
+    file (written atomically by `datasets`), then every process reads all shards (a shared filesystem is assumed).
+    Pairs that cannot be decoded are left out (logged; the caller counts them against --max_bad_rows)."""
+    cache_dir = args.latent_cache_dir or os.path.join(args.output_dir, "latent_cache")
+    os.makedirs(cache_dir, exist_ok=True)
+    key = latent_cache_fingerprint(args, dataset, models)
+    count = accelerator.num_processes
+    if count > 1:  # every process must name the same files
+        key = broadcast_object_list([key])[0]
+    paths = [os.path.join(cache_dir, f"pairs-{key}-{index:05d}-of-{count:05d}.arrow") for index in range(count)]
+    rank = accelerator.process_index
+    if os.path.exists(paths[rank]):
+        logger.info(f"Latent cache {paths[rank]} found: reusing it.", main_process_only=False)
+    else:
+        first_index = (len(dataset) // count) * rank + min(rank, len(dataset) % count)  # datasets' contiguous shard
+        encode = functools.partial(
+            encode_cache_rows,
+            args=args,
+            models=models,
+            clip_tokenize=clip_tokenize_fn(args, models),
+            first_index=first_index,
+        )
+        dataset.shard(count, rank, contiguous=True).map(
+            encode,
+            batched=True,
+            with_indices=True,
+            batch_size=max(1, args.vae_encode_batch_size // 2),
+            writer_batch_size=64,
+            remove_columns=dataset.column_names,  # rows may be dropped: all are rewritten
+            features=latent_cache_features(args, dataset, models),
+            cache_file_name=paths[rank],
+            new_fingerprint=f"{key}-{rank}-of-{count}",
+            desc="Caching latents",
+        )
+    accelerator.wait_for_everyone()
+    return datasets.concatenate_datasets([datasets.Dataset.from_file(path) for path in paths])
 
 
 def latent_cache_fingerprint(args, dataset, models):
     """Changes whenever anything the cached values depend on changes (then the cache is rebuilt, never misread)."""
+
+    @torch.no_grad()
+    def weights_checksum(model):  # weights replaced under the same path invalidate the cache too
+        return repr(sum(float(p.double().abs().sum()) for p in model.parameters()))
+
     settings = {
         "dataset": [dataset._fingerprint, len(dataset), sorted(vars(dataset_columns(args)).items())],
         "model": [
             args.pretrained_model_name_or_path,
             args.revision,
             args.variant,
-            getattr(args, "pretrained_vae_model_name_or_path", None),
+            args.pretrained_vae_model_name_or_path,
         ],
         "vae": [dict(models.vae.config), str(models.vae.dtype), weights_checksum(models.vae)],
         "crop": [args.resolution, not args.no_hflip, args.latent_cache_dtype],
@@ -1650,718 +2830,107 @@ def encode_cache_rows(rows, indices, *, args, models, clip_tokenize, first_index
     return rows
 
 
-def build_latent_cache(args, accelerator, models, dataset):
-    """The dataset with images replaced by cached latents: each process encodes its contiguous shard into an Arrow
-    file (written atomically by `datasets`), then every process reads all shards (a shared filesystem is assumed).
-    Pairs that cannot be decoded are left out (logged; the caller counts them against --max_bad_rows)."""
-    cache_dir = args.latent_cache_dir or os.path.join(args.output_dir, "latent_cache")
-    os.makedirs(cache_dir, exist_ok=True)
-    key = latent_cache_fingerprint(args, dataset, models)
-    count = accelerator.num_processes
-    if count > 1:  # every process must name the same files
-        key = broadcast_object_list([key])[0]
-    paths = [os.path.join(cache_dir, f"pairs-{key}-{index:05d}-of-{count:05d}.arrow") for index in range(count)]
-    rank = accelerator.process_index
-    if os.path.exists(paths[rank]):
-        logger.info(f"Latent cache {paths[rank]} found: reusing it.", main_process_only=False)
-    else:
-        first_index = (len(dataset) // count) * rank + min(rank, len(dataset) % count)  # datasets' contiguous shard
-        encode = functools.partial(
-            encode_cache_rows,
-            args=args,
-            models=models,
-            clip_tokenize=clip_tokenize_fn(args, models),
-            first_index=first_index,
-        )
-        dataset.shard(count, rank, contiguous=True).map(
-            encode,
-            batched=True,
-            with_indices=True,
-            batch_size=max(1, args.vae_encode_batch_size // 2),
-            writer_batch_size=64,
-            remove_columns=dataset.column_names,  # rows may be dropped: all are rewritten
-            features=latent_cache_features(args, dataset, models),
-            cache_file_name=paths[rank],
-            new_fingerprint=f"{key}-{rank}-of-{count}",
-            desc="Caching latents",
-        )
-    accelerator.wait_for_everyone()
-    return datasets.concatenate_datasets([datasets.Dataset.from_file(path) for path in paths])
-
-
 # ----------------------------------------------------------------------------------------------------------------------
-# Models
+# Appendix: model card and Hub upload
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def check_pretrained_pipeline(args):
-    """The base must be a diffusers pipeline of the kind this script trains; say so clearly before loading weights."""
-    path = args.pretrained_model_name_or_path
-    try:
-        config = DiffusionPipeline.load_config(path, revision=args.revision, cache_dir=args.cache_dir)
-    except Exception as error:
-        raise ValueError(
-            f"--pretrained_model_name_or_path {path!r} is not a diffusers pipeline this run can load "
-            f"(no model_index.json: {type(error).__name__}). Pass a diffusers model folder or Hub id, "
-            f"e.g. {DEFAULT_PRETRAINED_MODEL}."
-        ) from error
-    class_name = config.get("_class_name", "")
-    if class_name not in EXPECTED_PIPELINE_CLASSES:
-        hint = f" {WRONG_PIPELINE_HINTS[class_name]}" if class_name in WRONG_PIPELINE_HINTS else ""
-        raise ValueError(
-            f"--pretrained_model_name_or_path {path!r} is a {class_name}, but this script trains "
-            f"{' / '.join(EXPECTED_PIPELINE_CLASSES)}.{hint}"
+MODEL_CARD_TEXT = """
+# {title} fine-tune of {base}
+
+{trained_part} of `{base}` fine-tuned with {method} on `{dataset}` (split `{split}`: {pairs} preference pairs used,
+{ties_dropped} ties of {rows} rows dropped), with `{script}`.{vae_note}
+
+## Usage
+
+```python
+import torch
+{imports}
+
+{load}
+pipe.to("cuda")
+image = pipe("a photo of an astronaut riding a horse on mars").images[0]
+```
+
+## Training
+
+Data: `{dataset}`, label_0 = 1 makes image 0 the preferred one, ties are dropped; both images of a pair share one
+resize, flip and crop, and one diffusion noise and timestep.
+
+| setting | value |
+|---|---|
+{table}
+
+## Results
+
+{results}
+
+## Validation images
+
+{grid}
+
+## Limitations
+
+This model is tuned towards the preferences recorded in `{dataset}` and inherits their biases (who labelled, which
+prompts they wrote, what they preferred); it is not tuned for safety. {limitations} A lower training loss does not
+mean better images: compare samples and reward scores against the base on prompts unlike the training prompts. The
+base model's license and limitations apply.
+"""
+METHOD_NAMES = {
+    "rpo": "Diffusion-RPO (Relative Preference Optimization, arXiv 2406.06382)",
+    "dpo": "Diffusion-DPO (arXiv 2311.12908)",
+    "sft": "supervised fine-tuning on the preferred images",
+}
+
+
+def write_model_card(args, repo_id, stats, progress, learning_rate, num_processes, grid_filename=None):
+    """The output folder's README.md, every section of MODEL_CARD_TEXT filled from what the run knows (diffusers'
+    template leaves TODOs), with the run's metadata (license, base model, tags, dataset). `repo_id` is None without
+    --push_to_hub. Local paths (base, data, output) are named by their folder name only, and a local base is left out
+    of the `base_model` metadata (it must be a Hub id)."""
+    base = hub_or_folder_name(args.pretrained_model_name_or_path)
+    model_path = repo_id or hub_or_folder_name(args.output_dir)
+    rows = model_card_settings(args, progress, learning_rate, num_processes)
+    vae = hub_or_folder_name(args.pretrained_vae_model_name_or_path)
+    vae_note = vae_load = ""
+    if vae:
+        rows.append(("pretrained_vae_model_name_or_path", vae))
+        vae_note = f" Trained with the VAE `{vae}` instead of the base model's" + (
+            "; load it with the adapters (below)." if args.use_lora else "; this pipeline includes it."
         )
-    return config
-
-
-def load_similarity_model(args, device, dtype):
-    """The CLIP model for RPO weights, its tokenizer, and its image size/mean/std (from its processor config)."""
-    return load_clip(
-        args.clip_model_name_or_path,
-        args.clip_model_name_or_path,
-        args.cache_dir,
-        device,
-        dtype,
-        "--clip_model_name_or_path",
-        "RPO similarity weights need it; pass a CLIP model or use --rpo_weighting uniform",
-    )
-
-
-def load_clip(path, processor_path, cache_dir, device, dtype, flag, fix):
-    """A frozen CLIPModel with the tokenizer and image size/mean/std found at `processor_path`."""
-    try:
-        model = CLIPModel.from_pretrained(path, cache_dir=cache_dir, torch_dtype=dtype)
-        tokenizer = AutoTokenizer.from_pretrained(processor_path, cache_dir=cache_dir)
-    except Exception as error:
-        raise ValueError(
-            f"{flag} {path!r} could not be loaded as a CLIPModel with its tokenizer ({error}). {fix}."
-        ) from error
-    mean, std = [0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711]  # OpenAI CLIP defaults
-    try:
-        processor_config = transformers.CLIPImageProcessor.get_image_processor_dict(
-            processor_path, cache_dir=cache_dir
-        )[0]
-        mean, std = processor_config.get("image_mean", mean), processor_config.get("image_std", std)
-    except Exception:
-        logger.warning(f"No image processor config in {processor_path}; using the OpenAI CLIP mean/std.")
-    model.requires_grad_(False).eval().to(device)
-    return SimpleNamespace(
-        model=model,
-        tokenizer=tokenizer,
-        image_size=model.config.vision_config.image_size,
-        image_mean=list(mean),
-        image_std=list(std),
-    )
-
-
-def load_vae(args):
-    """The base pipeline's VAE, or --pretrained_vae_model_name_or_path (a VAE folder or Hub id, e.g. the fp16-fix)."""
-    if args.pretrained_vae_model_name_or_path is None:
-        return AutoencoderKL.from_pretrained(
-            args.pretrained_model_name_or_path,
-            subfolder="vae",
-            variant=args.variant,
-            revision=args.revision,
-            cache_dir=args.cache_dir,
-        )
-    try:
-        return AutoencoderKL.from_pretrained(args.pretrained_vae_model_name_or_path, cache_dir=args.cache_dir)
-    except Exception as error:
-        raise ValueError(
-            f"--pretrained_vae_model_name_or_path {args.pretrained_vae_model_name_or_path!r} is not an "
-            f"AutoencoderKL folder or Hub id ({type(error).__name__}: {error})."
-        ) from error
-
-
-def vae_dtype(args, weight_dtype):
-    """SDXL's original VAE overflows in fp16 (NaN latents): it stays fp32 unless a custom VAE (the fp16-fix) is given."""
-    if VAE_FP32_UNLESS_CUSTOM and args.pretrained_vae_model_name_or_path is None:
-        return torch.float32
-    return weight_dtype
-
-
-def setup_models(args, models, device, weight_dtype):
-    """Frozen parts to the device in `weight_dtype`, the reference (a frozen copy, or the LoRA base), memory options.
-
-    `models` holds the loaded tokenizer, noise_scheduler, text_encoder, vae, unet and clip (benchmarks/ passes
-    randomly initialised full-size ones).
-    """
-    for text_encoder in text_encoders(models):
-        text_encoder.requires_grad_(False).eval().to(device, dtype=weight_dtype)
-    models.vae.requires_grad_(False).eval().to(device, dtype=vae_dtype(args, weight_dtype))
-    unet, ref_unet = models.unet, None
+        vae_load = f', vae=AutoencoderKL.from_pretrained("{vae}", torch_dtype=torch.float16)' if args.use_lora else ""
     if args.use_lora:
-        from peft import LoraConfig
-
-        unet.requires_grad_(False)
-        store_as_autocast_computes(unet, weight_dtype).to(device)
-        unet.add_adapter(
-            LoraConfig(
-                r=args.lora_rank,
-                lora_alpha=args.lora_rank,
-                init_lora_weights="gaussian",
-                target_modules=["to_k", "to_q", "to_v", "to_out.0"],
-            )
+        load = (
+            f'pipe = DiffusionPipeline.from_pretrained("{base}", torch_dtype=torch.float16{vae_load})\n'
+            f'pipe.load_lora_weights("{model_path}")'
         )
-        cast_training_params(unet, dtype=torch.float32)
-    elif args.loss_type != "sft":
-        ref_unet = (
-            store_as_autocast_computes(copy.deepcopy(unet), weight_dtype).requires_grad_(False).eval().to(device)
-        )
-    unet.to(device)
-    if args.enable_xformers_memory_efficient_attention:
-        enable_xformers(unet, ref_unet)
-    if args.gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
-    if args.compile:
-        compile_unets(args.compile_backend, args.compile_mode, unet, ref_unet)
-    models.ref_unet, models.device = ref_unet, device
-    return models
-
-
-def compile_unavailable_reason(backend, device):
-    """Why torch.compile cannot run `backend` here, or None."""
-    import torch._dynamo
-
-    if not torch._dynamo.is_dynamo_supported():
-        return f"torch.compile is not supported on this Python/platform (torch {torch.__version__})"
-    if backend not in torch._dynamo.list_backends(exclude_tags=()):
-        return f"unknown backend {backend!r} (available: {', '.join(torch._dynamo.list_backends())})"
-    if backend == "inductor":
-        if device.type == "cuda":
-            from torch.utils._triton import has_triton
-
-            if not has_triton():
-                return "the inductor backend needs triton on CUDA (`pip install triton`)"
-        elif shutil.which(os.environ.get("CXX", "g++")) is None:
-            return "the inductor backend needs a C++ compiler on CPU"
-    return None
-
-
-def compile_unets(backend, mode, *unets):
-    """torch.compile in place (`Module.compile`: state-dict keys, saving and unwrapping stay unchanged). Where the
-    backend is unavailable, or a graph fails to compile, the UNet runs eagerly with a warning instead of failing."""
-    device = next(unets[0].parameters()).device
-    reason = compile_unavailable_reason(backend, device)
-    if reason is not None:
-        logger.warning(f"--compile: {reason}; training without compilation.")
-        return False
-    import torch._dynamo
-
-    torch._dynamo.config.suppress_errors = True  # a graph that fails to compile falls back to eager, logged
-    for unet in unets:
-        if unet is not None:
-            unet.compile(backend=backend, mode=mode)
-    return True
-
-
-def enable_xformers(*unets):
-    try:
-        import xformers  # noqa: F401
-
-        for unet in unets:
-            if unet is not None:
-                unet.enable_xformers_memory_efficient_attention()
-    except Exception as error:
-        raise RuntimeError(
-            f"--enable_xformers_memory_efficient_attention: xformers is not usable here ({error}). "
-            "Remove the flag (PyTorch SDPA attention is the default and as fast on torch 2), or install "
-            "an xformers wheel built for this torch and CUDA."
-        ) from error
-
-
-def effective_learning_rate(args, num_processes):
-    """--learning_rate, times the pairs per optimizer step with --scale_lr; warned about when outside the sane range."""
-    rate = args.learning_rate
-    if args.scale_lr:
-        rate *= args.train_batch_size * args.gradient_accumulation_steps * num_processes
-    low, high = SANE_LEARNING_RATES
-    if not low <= rate <= high:
-        logger.warning(
-            f"Training at an effective learning rate of {rate:.3g} (--learning_rate {args.learning_rate:g}"
-            f"{' x pairs per step (--scale_lr)' if args.scale_lr else ''}), outside {low:g}-{high:g}: the "
-            f"weights will {'barely move' if rate < low else 'likely diverge'}. Defaults: "
-            f"{DEFAULT_LEARNING_RATE:g} (full), {DEFAULT_LORA_LEARNING_RATE:g} (LoRA)."
-        )
-    return rate
-
-
-def create_optimizer(args, params, learning_rate):
-    """AdamW: fused on CUDA (one kernel for all parameters; the peers' default is foreach), bitsandbytes 8-bit, or
-    Adafactor with DiffusionDPO's SDXL settings (a fixed learning rate, no parameter scaling, update clipping 1)."""
-    if args.use_adafactor:
-        return transformers.Adafactor(
-            params,
-            lr=learning_rate,
-            weight_decay=args.adam_weight_decay,
-            clip_threshold=1.0,
-            scale_parameter=False,
-            relative_step=False,
-        )
-    kwargs = {
-        "lr": learning_rate,
-        "betas": (args.adam_beta1, args.adam_beta2),
-        "weight_decay": args.adam_weight_decay,
-        "eps": args.adam_epsilon,
-    }
-    if args.use_8bit_adam:
-        import bitsandbytes as bnb
-
-        return bnb.optim.AdamW8bit(params, **kwargs)
-    params = list(params)
-    if params and all(p.device.type == "cuda" for p in params):
-        kwargs["fused"] = True
-    return torch.optim.AdamW(params, **kwargs)
-
-
-def training_step(
-    args, accelerator, models, unet, optimizer, lr_scheduler, batch, micro_step, seed, weight_dtype, guard=None
-):
-    """One micro-step: loss, backward, and (at accumulation boundaries) clipping and the optimizer update.
-
-    With a `StepGuard`, an update whose loss or gradient is not finite on any process is skipped on every process
-    (`guard.verdict` tells the caller)."""
-    with accelerator.accumulate(unet):
-        loss, metrics = compute_step_loss(args, models, unet, batch, micro_step, seed, weight_dtype)
-        accelerator.backward(loss)
-        if guard is not None:
-            guard.observe(loss, batch)
-        if accelerator.sync_gradients:
-            grad_norm = None
-            if args.max_grad_norm > 0 or guard is not None:  # max_norm inf: the norm only, grads untouched
-                grad_norm = accelerator.clip_grad_norm_(unet.parameters(), args.max_grad_norm or math.inf)
-            if guard is not None and guard.agree(grad_norm).skip_update:
-                optimizer.zero_grad(set_to_none=True)  # no gradients: the step leaves weights and moments untouched
-        optimizer.step()
-        if guard is not None and accelerator.sync_gradients:
-            guard.note_scaler_skip(optimizer)
-        if guard is None or not accelerator.sync_gradients or not guard.verdict.skip_update:
-            lr_scheduler.step()  # a skipped update does not advance the schedule (accelerate's also skips fp16 skips)
-        optimizer.zero_grad(set_to_none=True)
-    return loss.detach(), metrics
-
-
-class StopRequest:
-    """The stop signal received (None until one is): set by the SIGTERM/SIGINT handler of `stop_on_signals`."""
-
-    def __init__(self):
-        self.signal = None
-
-
-class StepGuard:
-    """What all processes must agree on at an optimizer step, settled in one collective: was a loss or gradient of
-    the update non-finite anywhere (then every process skips it), did a stop signal arrive, how many rows were
-    skipped by the loaders. Under fp16 a gradient overflow is left to the loss scaler (it skips the step itself).
-    `stop_request` is the run's `StopRequest` (a fresh one, never set, if none is given)."""
-
-    def __init__(self, accelerator, stop_request=None):
-        self.accelerator, self.window_nonfinite, self.window_bad_rows, self.verdict = accelerator, False, 0, None
-        self.stop_request = stop_request or StopRequest()
-
-    def observe(self, loss, batch):
-        self.window_nonfinite |= not bool(torch.isfinite(loss.detach()).all())
-        self.window_bad_rows += int(batch.get("bad_rows", 0))
-
-    def agree(self, grad_norm):
-        accelerator = self.accelerator
-        grad_nonfinite = (
-            grad_norm is not None
-            and accelerator.scaler is None
-            and not bool(torch.isfinite(torch.as_tensor(grad_norm)).all())
-        )
-        flags = torch.tensor(
-            [
-                float(self.window_nonfinite or grad_nonfinite),
-                float(self.stop_request.signal is not None),
-                float(self.window_bad_rows),
-            ],
-            device=accelerator.device,
-        )
-        if accelerator.num_processes > 1:
-            flags = accelerator.reduce(flags, "sum")
-        flags = flags.tolist()
-        self.window_nonfinite, self.window_bad_rows = False, 0
-        # DeepSpeed's engine applies the update inside backward: there a non-finite step is counted, not skipped.
-        can_skip = getattr(accelerator, "distributed_type", None) != DistributedType.DEEPSPEED
-        self.verdict = SimpleNamespace(
-            nonfinite=flags[0] > 0, skip_update=flags[0] > 0 and can_skip, stop=flags[1] > 0, bad_rows=int(flags[2])
-        )
-        return self.verdict
-
-    def note_scaler_skip(self, optimizer):
-        """An fp16 step the GradScaler skipped although its scale is already below 1 has gradients that are not
-        finite at any scale: counted like a skipped update (so an all-NaN fp16 run stops too)."""
-        scaler = self.accelerator.scaler
-        if (
-            scaler is not None
-            and getattr(optimizer, "step_was_skipped", False)
-            and not self.verdict.nonfinite
-            and scaler.get_scale() < 1.0
-        ):
-            self.verdict.nonfinite = self.verdict.skip_update = True
-
-
-@contextlib.contextmanager
-def stop_on_signals():
-    """SIGTERM (preemption) and SIGINT (Ctrl-C) ask the run to save a checkpoint at the end of the current optimizer
-    step and stop; a second SIGINT interrupts at once. Loader workers ignore both (`ignore_stop_signals`). A signal
-    already ignored at start stays ignored (a run started with `nohup` or `&` inherits SIGINT ignored: the shell
-    asked that Ctrl-C not reach it), and the handlers found at start are restored at the end. Yields the
-    `StopRequest` the handlers set."""
-    stop_request = StopRequest()
-
-    def request_stop(signum, frame):
-        if signum == signal.SIGINT and stop_request.signal == signal.SIGINT:
-            raise KeyboardInterrupt
-        stop_request.signal = signum
-        row_logger.warning(
-            f"Received {signal.Signals(signum).name}: saving a checkpoint at the end of this optimizer "
-            "step, then stopping (SIGINT again to interrupt at once)."
-        )
-
-    previous = {}
-    if threading.current_thread() is threading.main_thread():
-        previous = {
-            signum: signal.signal(signum, request_stop)
-            for signum in (signal.SIGTERM, signal.SIGINT)
-            if signal.getsignal(signum) is not signal.SIG_IGN
-        }
-    try:
-        yield stop_request
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
-
-
-def ignore_stop_signals(worker_id):
-    """Loader workers leave SIGTERM/SIGINT (sent to the whole process group on preemption or Ctrl-C) to the main
-    process, which stops cleanly and shuts them down; otherwise a killed worker crashes the loader mid-save."""
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-
-
-def bad_row_limit(args, rows):
-    """--max_bad_rows as a count: a fraction of `rows`, or the count itself."""
-    return math.floor(args.max_bad_rows * rows) if args.max_bad_rows < 1 else int(args.max_bad_rows)
-
-
-def check_bad_rows(args, bad_rows, rows, where):
-    if bad_rows > bad_row_limit(args, rows):
-        raise RuntimeError(
-            f"{bad_rows} pairs could not be decoded {where} (--max_bad_rows {args.max_bad_rows:g} allows "
-            f"{bad_row_limit(args, rows)} of {rows}); the log names each one. Repair or filter the "
-            "dataset, check the image columns, or raise --max_bad_rows."
-        )
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Checkpoints, progress, validation, model card, Hub
-# ----------------------------------------------------------------------------------------------------------------------
-
-CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
-PROGRESS_FILE = "training_progress.json"  # written last into a checkpoint: its presence marks the checkpoint complete
-
-
-def list_checkpoints(output_dir):
-    """Complete checkpoints, oldest first: checkpoint-N folders holding the progress file (in-progress saves carry a
-    suffix; a folder without the file, e.g. from a copy that broke off, is never picked)."""
-    if not os.path.isdir(output_dir):
-        return []
-    found = []
-    for name in os.listdir(output_dir):
-        match = CHECKPOINT_PATTERN.match(name)
-        if match is None:
-            continue
-        if os.path.exists(os.path.join(output_dir, name, PROGRESS_FILE)):
-            found.append((int(match.group(1)), name))
-        else:
-            logger.warning(f"Ignoring {os.path.join(output_dir, name)}: no {PROGRESS_FILE}, so it is incomplete.")
-    return [os.path.join(output_dir, name) for _, name in sorted(found)]
-
-
-def remove_interrupted_saves(output_dir):
-    """checkpoint-N.incomplete folders are saves a crash or kill broke off: never resumable, so removed."""
-    if not os.path.isdir(output_dir):
-        return
-    for name in os.listdir(output_dir):
-        if name.startswith("checkpoint-") and name.endswith(".incomplete"):
-            logger.warning(f"Removing {name}: a checkpoint save that was interrupted.")
-            shutil.rmtree(os.path.join(output_dir, name))
-
-
-def resolve_checkpoint_path(args):
-    if args.resume_from_checkpoint == "latest":
-        checkpoints = list_checkpoints(args.output_dir)
-        return checkpoints[-1] if checkpoints else None
-    for candidate in (args.resume_from_checkpoint, os.path.join(args.output_dir, args.resume_from_checkpoint)):
-        if os.path.isdir(candidate) and os.path.exists(os.path.join(candidate, PROGRESS_FILE)):
-            return candidate
-    return None
-
-
-def save_checkpoint(accelerator, args, global_step, progress):
-    """Atomic save: written under a temporary name and renamed when complete; then old ones pruned."""
-    if args.streaming and accelerator.num_processes > 1:
-        # Only the main process writes the progress file: it must hold every process's stream readers. (Only it
-        # merges: the others keep their own readers, so a stale copy never overwrites a fresh state.)
-        gathered = gather_object([progress.stream_states])
-        if accelerator.is_main_process:
-            for states in gathered:  # in process order: each process's own readers last, so freshest
-                progress.stream_states.update(states)
-    final = os.path.join(args.output_dir, f"checkpoint-{global_step}")
-    partial = final + ".incomplete"
-    if accelerator.is_main_process and os.path.exists(partial):
-        shutil.rmtree(partial)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(partial)
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        with open(os.path.join(partial, PROGRESS_FILE), "w") as f:  # JSON, not pickle: resuming executes no code
-            json.dump(progress.state_dict(), f)
-        if os.path.exists(final):
-            shutil.rmtree(final)
-        os.replace(partial, final)
-        prune_checkpoints(args.output_dir, args.checkpoints_total_limit, keep=final)
-        logger.info(f"Saved checkpoint {final}")
-    accelerator.wait_for_everyone()
-    return final
-
-
-def prune_checkpoints(output_dir, limit, keep):
-    """Deletes the oldest checkpoints beyond `limit`, never `keep` (the one just saved, even when a resumed run's
-    older step sorts before later leftovers)."""
-    if limit is None:
-        return
-    checkpoints = [path for path in list_checkpoints(output_dir) if os.path.abspath(path) != os.path.abspath(keep)]
-    for old in checkpoints[: max(0, len(checkpoints) + 1 - max(limit, 1))]:
-        logger.info(f"Removing checkpoint {old} (--checkpoints_total_limit {limit})")
-        shutil.rmtree(old)
-
-
-@dataclasses.dataclass(frozen=True)
-class TrainingPlan:
-    """How long the run is: optimizer steps (--max_train_steps, or --num_train_epochs of them), the epochs they span
-    and the optimizer updates in one epoch of the loader."""
-
-    steps: int
-    epochs: int
-    updates_per_epoch: int
-
-    @classmethod
-    def for_loader(cls, args, batches_per_epoch):
-        updates_per_epoch = batches_per_epoch // args.gradient_accumulation_steps
-        steps = args.num_train_epochs * updates_per_epoch if args.max_train_steps is None else args.max_train_steps
-        return cls(steps=steps, epochs=math.ceil(steps / updates_per_epoch), updates_per_epoch=updates_per_epoch)
-
-
-class TrainingProgress:
-    """Step count, data position, seed and fault counts, saved (as JSON) in every checkpoint so a resume continues
-    exactly."""
-
-    COUNTS = ("bad_rows", "skipped_updates", "nonfinite_in_a_row")
-
-    def __init__(self, seed):
-        self.seed, self.global_step, self.epoch, self.batch_in_epoch = seed, 0, 0, 0
-        self.stream_states = {}  # --streaming: reader -> the stream state after its last consumed batch
-        self.bad_rows = self.skipped_updates = self.nonfinite_in_a_row = 0
-        self.history = []  # the logged metrics of this process's run (not checkpointed)
-        self.validation_rewards = []  # --validation_scorer: {"step", "validation_reward", ...} (not checkpointed)
-        self.stopped_by = None  # the signal that stopped the run early (not checkpointed)
-
-    def state_dict(self):
-        return {
-            "seed": self.seed,
-            "global_step": self.global_step,
-            "epoch": self.epoch,
-            "batch_in_epoch": self.batch_in_epoch,
-            "stream_states": list(self.stream_states.values()),
-            **{name: getattr(self, name) for name in self.COUNTS},
-        }
-
-    def load_state_dict(self, state):
-        self.seed, self.global_step = int(state["seed"]), int(state["global_step"])
-        self.epoch, self.batch_in_epoch = int(state["epoch"]), int(state["batch_in_epoch"])
-        self.stream_states = {int(s["reader"]): s for s in state.get("stream_states", [])}
-        for name in self.COUNTS:
-            setattr(self, name, int(state.get(name, 0)))
-
-
-@torch.no_grad()
-def generate_validation_images(args, models, unet, weight_dtype, seed, reference=False):
-    """The validation prompts rendered by the trained UNet, or by the reference, with the same seeds."""
-    device = models.device
-    if reference and models.ref_unet is None and not args.use_lora:
-        return []  # sft trains without a reference copy
-    ref_unet, context = reference_forward(models, unet) if reference else (unet, contextlib.nullcontext())
-    scheduler = DPMSolverMultistepScheduler.from_config(models.noise_scheduler.config)
-    pipeline = build_validation_pipeline(models, ref_unet, scheduler)
-    pipeline.set_progress_bar_config(disable=True)
-    images = []
-    autocast = (
-        torch.autocast(device.type, dtype=weight_dtype) if weight_dtype != torch.float32 else contextlib.nullcontext()
+    else:
+        load = f'pipe = DiffusionPipeline.from_pretrained("{model_path}", torch_dtype=torch.float16)'
+    text = MODEL_CARD_TEXT.format(
+        title=METHOD_NAMES[args.loss_type].split(" (")[0],
+        base=base,
+        trained_part="LoRA adapters" if args.use_lora else "The full UNet",
+        method=METHOD_NAMES[args.loss_type],
+        dataset=hub_or_folder_name(args.dataset_name),
+        split=args.dataset_split_name,
+        script=SCRIPT_NAME,
+        vae_note=vae_note,
+        imports=f"from diffusers import {'AutoencoderKL, ' if vae_load else ''}DiffusionPipeline",
+        load=load,
+        table="\n".join(f"| {key} | {value} |" for key, value in rows),
+        results=model_card_results(args, progress),
+        grid="Top row: the base model; bottom row: this model (same prompts and seeds).\n\n"
+        f"![validation grid](./{grid_filename})"
+        if grid_filename
+        else "No validation images were rendered.",
+        limitations="It imitates the preferred images only; it does not learn from the rejected ones."
+        if args.loss_type == "sft"
+        else f"beta = {args.beta_dpo:g} sets how far it may move from the base: an implicit accuracy near 1 with "
+        "a loss near 0 means the preference term is saturated, and the base's content can be lost.",
+        **stats,
     )
-    with context, autocast, vae_decode_without_autocast(models.vae, device.type):
-        for index, prompt in enumerate(args.validation_prompts):
-            generator = torch.Generator(device=device).manual_seed(seed + index)  # works for seed 0 (a peer bug)
-            images.append(
-                pipeline(
-                    prompt,
-                    num_inference_steps=args.validation_num_inference_steps,
-                    guidance_scale=args.validation_guidance_scale,
-                    height=args.resolution,
-                    width=args.resolution,
-                    generator=generator,
-                ).images[0]
-            )
-    return images
-
-
-@contextlib.contextmanager
-def vae_decode_without_autocast(vae, device_type):
-    """Validation runs under autocast (an fp32 trained UNet beside half-precision frozen parts), which would also run
-    the VAE decoder's convolutions in fp16, where SDXL's original VAE overflows (black images): decode in its dtype."""
-    decode = vae.decode
-
-    def decode_in_vae_dtype(latents, *args, **kwargs):
-        with torch.autocast(device_type, enabled=False):
-            return decode(latents.to(vae.dtype), *args, **kwargs)
-
-    vae.decode = decode_in_vae_dtype
-    try:
-        yield
-    finally:
-        del vae.decode
-
-
-def log_validation(accelerator, args, models, unet, weight_dtype, progress):
-    """The main process renders the validation prompts (the others go on) with the weights the saved pipeline will
-    hold (the EMA's with --use_ema), and the reference's; logs them and their reward; returns the grid."""
-    if not args.validation_prompts:
-        return None
-    rendering_unet = gather_sharded_unet(accelerator, unet)  # under FSDP/DeepSpeed every process joins the gather
-    if not accelerator.is_main_process:
-        return None
-    rendering_unet.to(models.device)
-    seed, global_step = progress.seed, progress.global_step
-    logger.info(f"Rendering {len(args.validation_prompts)} validation prompts at step {global_step}")
-    was_training = unet.training
-    unet.eval()
-    with ema_weights(models.ema, rendering_unet):
-        trained = generate_validation_images(args, models, rendering_unet, weight_dtype, seed)
-    reference = generate_validation_images(args, models, rendering_unet, weight_dtype, seed, reference=True)
-    unet.train(was_training)
-    if models.validation_scorer is not None:
-        image_sets = {"validation_reward": trained, "validation_reward_reference": reference}
-        rewards = validation_rewards(
-            models.validation_scorer, args, {k: v for k, v in image_sets.items() if v}, models.device
-        )
-        progress.validation_rewards.append({"step": global_step, **rewards})
-        accelerator.log(rewards, step=global_step)
-        logger.info(
-            f"Step {global_step}: validation {args.validation_scorer} "
-            + ", ".join(f"{name} {value:.4f}" for name, value in rewards.items())
-        )
-    for tracker in accelerator.trackers:
-        for name, images in (("validation", trained), ("reference", reference)):
-            if not images:
-                continue
-            if tracker.name == "tensorboard":
-                tracker.writer.add_images(
-                    name, np.stack([np.asarray(image) for image in images]), global_step, dataformats="NHWC"
-                )
-            elif tracker.name == "wandb":
-                import wandb  # only when asked for
-
-                tracker.log(
-                    {
-                        name: [
-                            wandb.Image(image, caption=prompt)
-                            for image, prompt in zip(images, args.validation_prompts)
-                        ]
-                    },
-                    step=global_step,
-                )
-    rows = [trained] + ([reference] if reference else [])
-    grid = make_image_grid([image for row in rows[::-1] for image in row], rows=len(rows), cols=len(trained))
-    return grid
-
-
-@torch.no_grad()
-def validation_rewards(scorer, args, image_sets, device):
-    """{name: images of the validation prompts} -> {name: their mean reward}: PickScore = logit_scale.exp() x cosine,
-    CLIP score = 100 x max(cosine, 0), with the image preprocessing eval/scorers.py applies (square images: resized to
-    the model's input, bicubic, antialiased; the model's mean/std). The scorer visits the device once per call."""
-    scorer.model.to(device)
-    max_length = min(scorer.tokenizer.model_max_length, scorer.model.config.text_config.max_position_embeddings)
-    tokens = scorer.tokenizer(
-        list(args.validation_prompts),
-        padding="max_length",
-        truncation=True,
-        max_length=max_length,
-        return_tensors="pt",
-    )
-    text_features = _features(scorer.model.get_text_features(input_ids=tokens.input_ids.to(device)))
-    text_features = F.normalize(text_features.float(), dim=-1)
-    rewards = {}
-    for name, images in image_sets.items():
-        pixels = torch.stack(
-            [torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1) for image in images]
-        ).to(device)
-        pixels = clip_pixel_values(pixels, scorer.image_size, scorer.image_mean, scorer.image_std)
-        image_features = _features(scorer.model.get_image_features(pixel_values=pixels.to(scorer.model.dtype)))
-        cosine = (F.normalize(image_features.float(), dim=-1) * text_features).sum(-1)
-        scores = (
-            scorer.model.logit_scale.exp().float() * cosine
-            if args.validation_scorer == "pickscore"
-            else (100 * cosine.clamp(min=0))
-        )
-        rewards[name] = scores.mean().item()
-    scorer.model.to("cpu")  # kept off the accelerator between validations
-    return rewards
-
-
-def tracker_config(args, learning_rate, max_train_steps=None):
-    """Run hyperparameters for the trackers: no token, lists flattened for tensorboard; the learning rate as passed
-    and as trained (after --scale_lr); `max_train_steps`, the planned steps, replaces an unset --max_train_steps."""
-    config = {"effective_learning_rate": learning_rate}
-    for key, value in vars(args).items():
-        if key == "hub_token":
-            continue
-        config[key] = " | ".join(value) if isinstance(value, list) else value
-    if max_train_steps is not None:
-        config["max_train_steps"] = max_train_steps
-    return config
-
-
-@contextlib.contextmanager
-def hub_lookups_disabled():
-    from huggingface_hub import constants
-
-    previous, constants.HF_HUB_OFFLINE = constants.HF_HUB_OFFLINE, True
-    try:
-        yield
-    finally:
-        constants.HF_HUB_OFFLINE = previous
-
-
-def base_model_license(args):
-    """The base model card's license (DEFAULT_LICENSE if the card cannot be read)."""
-    try:
-        from huggingface_hub import ModelCard
-
-        path = args.pretrained_model_name_or_path
-        card = ModelCard.load(os.path.join(path, "README.md") if os.path.isdir(path) else path)
-        return card.data.license or DEFAULT_LICENSE
-    except Exception:
-        return DEFAULT_LICENSE
-
-
-def hub_or_folder_name(path):
-    """A Hub id as it is; a local path by its folder name (a card must not carry the user's filesystem)."""
-    if path and os.path.exists(path):
-        return os.path.basename(os.path.normpath(os.path.abspath(path)))
-    return path
+    base_is_local = os.path.exists(args.pretrained_model_name_or_path)
+    return save_model_card(args, repo_id, text, base_model=None if base_is_local else base)
 
 
 def model_card_settings(args, progress, learning_rate, num_processes):
@@ -2446,117 +3015,35 @@ def model_card_results(args, progress):
     return results
 
 
-def write_model_card(args, repo_id, stats, progress, learning_rate, num_processes, grid_filename=None):
-    """The output folder's README.md, every section filled from what the run knows (diffusers' template leaves TODOs).
-    `repo_id` is None without --push_to_hub. Local paths (base, data, output) are named by their folder name only, and
-    a local base is left out of the `base_model` metadata (it must be a Hub id)."""
-    base, base_is_local = (
-        hub_or_folder_name(args.pretrained_model_name_or_path),
-        os.path.exists(args.pretrained_model_name_or_path),
-    )
-    dataset = hub_or_folder_name(args.dataset_name)
-    model_path = repo_id or hub_or_folder_name(args.output_dir)
-    method = {
-        "rpo": "Diffusion-RPO (Relative Preference Optimization, arXiv 2406.06382)",
-        "dpo": "Diffusion-DPO (arXiv 2311.12908)",
-        "sft": "supervised fine-tuning on the preferred images",
-    }
-    rows = model_card_settings(args, progress, learning_rate, num_processes)
-    vae = hub_or_folder_name(args.pretrained_vae_model_name_or_path)
-    vae_note, vae_load = "", ""
-    if vae:
-        rows.append(("pretrained_vae_model_name_or_path", vae))
-        vae_note = f" Trained with the VAE `{vae}` instead of the base model's" + (
-            "; load it with the adapters (below)." if args.use_lora else "; this pipeline includes it."
-        )
-        vae_load = f', vae=AutoencoderKL.from_pretrained("{vae}", torch_dtype=torch.float16)' if args.use_lora else ""
-    table = "\n".join(f"| {key} | {value} |" for key, value in rows)
-    if args.use_lora:
-        load = (
-            f'pipe = DiffusionPipeline.from_pretrained("{base}", torch_dtype=torch.float16{vae_load})\n'
-            f'pipe.load_lora_weights("{model_path}")'
-        )
-    else:
-        load = f'pipe = DiffusionPipeline.from_pretrained("{model_path}", torch_dtype=torch.float16)'
-    imports = (
-        "from diffusers import AutoencoderKL, DiffusionPipeline"
-        if vae_load
-        else "from diffusers import DiffusionPipeline"
-    )
-    results = model_card_results(args, progress)
-    grid = (
-        "Top row: the base model; bottom row: this model (same prompts and seeds).\n\n"
-        f"![validation grid](./{grid_filename})"
-        if grid_filename
-        else "No validation images were rendered."
-    )
-    limitations = (
-        "It imitates the preferred images only; it does not learn from the rejected ones."
-        if args.loss_type == "sft"
-        else f"beta = {args.beta_dpo:g} sets how far it may move from the base: an implicit accuracy near 1 with "
-        "a loss near 0 means the preference term is saturated, and the base's content can be lost."
-    )
-    body = f"""
-# {method[args.loss_type].split(" (")[0]} fine-tune of {base}
-
-{"LoRA adapters" if args.use_lora else "The full UNet"} of `{base}` fine-tuned with {method[args.loss_type]} on
-`{dataset}` (split `{args.dataset_split_name}`: {stats["pairs"]} preference pairs used, {stats["ties_dropped"]} ties of
-{stats["rows"]} rows dropped), with `{SCRIPT_NAME}`.{vae_note}
-
-## Usage
-
-```python
-import torch
-{imports}
-
-{load}
-pipe.to("cuda")
-image = pipe("a photo of an astronaut riding a horse on mars").images[0]
-```
-
-## Training
-
-Data: `{dataset}`, label_0 = 1 makes image 0 the preferred one, ties are dropped; both images of a pair share one
-resize, flip and crop, and one diffusion noise and timestep.
-
-| setting | value |
-|---|---|
-{table}
-
-## Results
-
-{results}
-
-## Validation images
-
-{grid}
-
-## Limitations
-
-This model is tuned towards the preferences recorded in `{dataset}` and inherits their biases (who labelled, which
-prompts they wrote, what they preferred); it is not tuned for safety. {limitations} A lower training loss does not
-mean better images: compare samples and reward scores against the base on prompts unlike the training prompts. The
-base model's license and limitations apply.
-"""
-    return save_model_card(args, repo_id, body, base_model=None if base_is_local else base)
+def hub_or_folder_name(path):
+    """A Hub id as it is; a local path by its folder name (a card must not carry the user's filesystem)."""
+    if path and os.path.exists(path):
+        return os.path.basename(os.path.normpath(os.path.abspath(path)))
+    return path
 
 
-def save_model_card(args, repo_id, body, base_model):
-    """The card with `body` as its text and the run's metadata (license, base model, tags, dataset), saved as the
-    output folder's README.md."""
-    # Without --push_to_hub there is no Hub card to extend: build it locally, without a network round trip (the
-    # looked-up name must only be a valid repo id; folder names need not be).
-    license = base_model_license(args)  # outside the offline block: a Hub base's card is still read
-    with contextlib.nullcontext() if repo_id else hub_lookups_disabled():
+def save_model_card(args, repo_id, text, base_model):
+    """diffusers' model card with `text` as its text and the run's metadata, saved as the output folder's README.md."""
+    from huggingface_hub import ModelCard, constants
+
+    try:  # the base card's license (DEFAULT_LICENSE when it cannot be read)
+        path = args.pretrained_model_name_or_path
+        license = ModelCard.load(os.path.join(path, "README.md") if os.path.isdir(path) else path).data.license
+    except Exception:
+        license = None
+    # Without --push_to_hub there is no Hub card to extend: it is built locally, without a network round trip (the
+    # looked-up name need only be a valid repo id; folder names need not be).
+    offline = contextlib.nullcontext() if repo_id else unittest.mock.patch.object(constants, "HF_HUB_OFFLINE", True)
+    with offline:
         card = load_or_create_model_card(
             repo_id_or_path=repo_id or "local-model",
             token=args.hub_token,
             from_training=True,
-            license=license,
+            license=license or DEFAULT_LICENSE,
             base_model=base_model,
             inference=True,
         )
-    card.text = body  # replaces the template's TODO sections
+    card.text = text  # replaces the template's TODO sections
     tags = MODEL_CARD_TAGS + [args.loss_type] + (["lora"] if args.use_lora else [])
     card = populate_model_card(card, tags=tags)
     if not os.path.exists(args.dataset_name):
@@ -2580,556 +3067,9 @@ def hub_upload_patterns(output_dir, use_lora):
     return patterns + ["model_index.json"] + [f"{name}/*" for name in components]
 
 
-def create_ema(args, accelerator, unet):
-    """--use_ema: diffusers' EMAModel of the trained UNet, saved in every checkpoint as `unet_ema/` (a UNet folder:
-    safetensors weights, decay and update count in its config; no pickle) by accelerate's save/load hooks."""
-    if not args.use_ema:
-        return None
-    if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
-        raise ValueError(
-            "--use_ema needs the full weights on every process; under FSDP/DeepSpeed they are sharded. "
-            "Train with DDP (configs/accelerate/multi_gpu.yaml) or drop --use_ema."
-        )
-    model = accelerator.unwrap_model(unet)
-    ema = EMAModel(
-        model.parameters(),
-        decay=args.ema_decay,
-        model_cls=UNet2DConditionModel,
-        model_config=model.config,
-        foreach=args.foreach_ema,
-    )
-    home = torch.device("cpu") if args.offload_ema else accelerator.device
-
-    def place():
-        ema.to(home)
-        if args.offload_ema and torch.cuda.is_available():
-            ema.pin_memory()
-
-    def save_ema(models, weights, output_dir):
-        if accelerator.is_main_process:
-            ema.save_pretrained(os.path.join(output_dir, "unet_ema"))
-
-    def load_ema(models, input_dir):
-        loaded = EMAModel.from_pretrained(
-            os.path.join(input_dir, "unet_ema"), UNet2DConditionModel, foreach=args.foreach_ema
-        )
-        ema.load_state_dict(loaded.state_dict())
-        place()
-
-    place()
-    accelerator.register_save_state_pre_hook(save_ema)
-    accelerator.register_load_state_pre_hook(load_ema)
-    return ema
-
-
-def update_ema(ema, unet, device, offload):
-    if offload:
-        ema.to(device, non_blocking=True)
-    ema.step(unet.parameters())
-    if offload:
-        ema.to("cpu", non_blocking=True)
-
-
-@contextlib.contextmanager
-def ema_weights(ema, unet):
-    """The UNet holds the EMA weights inside the block, its own again after."""
-    if ema is None:
-        yield
-        return
-    ema.store(unet.parameters())
-    ema.copy_to(unet.parameters())
-    try:
-        yield
-    finally:
-        ema.restore(unet.parameters())
-
-
-def trained_weight_norm(args, unet):
-    """L2 norm of the trained UNet's parameters, for the `weight_norm_drift` metric (||theta_t|| / ||theta_0|| - 1,
-    docs/method.md "Diagnostics"); None for LoRA (the base weights do not move) and under FSDP/DeepSpeed (each
-    process holds a shard)."""
-    if args.use_lora or sharding_engine() is not None:
-        return None
-    with torch.no_grad():  # one device sync, not one per tensor
-        return float(
-            torch.linalg.vector_norm(
-                torch.stack([torch.linalg.vector_norm(p.detach(), dtype=torch.float32) for p in unet.parameters()])
-            )
-        )
-
-
-def gather_sharded_unet(accelerator, unet):
-    """Under FSDP or DeepSpeed the trained weights are sharded: every process joins in gathering the full state dict,
-    and the main process gets a plain UNet holding it (None elsewhere). Otherwise the unwrapped UNet itself."""
-    if accelerator.distributed_type not in (DistributedType.FSDP, DistributedType.DEEPSPEED):
-        return accelerator.unwrap_model(unet)
-    state_dict = accelerator.get_state_dict(unet)
-    if not accelerator.is_main_process:
-        return None
-    full = UNet2DConditionModel.from_config(accelerator.unwrap_model(unet).config)
-    full.load_state_dict(state_dict)
-    return full
-
-
-def save_final_model(accelerator, args, models, unet):
-    """A full pipeline (`DiffusionPipeline.from_pretrained(output_dir)`) or, with LoRA, the adapter weights.
-    `unet` is the gathered, unwrapped UNet (`gather_sharded_unet`)."""
-    if args.use_lora:
-        from peft.utils import get_peft_model_state_dict
-
-        lora_layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
-        PIPELINE_CLASS.save_lora_weights(args.output_dir, unet_lora_layers=lora_layers)
-        return
-    components = {"unet": unet.float()}
-    if args.pretrained_vae_model_name_or_path:  # the VAE the model was trained with, in fp32
-        components["vae"] = load_vae(args)
-    pipeline = PIPELINE_CLASS.from_pretrained(
-        args.pretrained_model_name_or_path,
-        revision=args.revision,
-        variant=args.variant,
-        cache_dir=args.cache_dir,
-        **components,
-    )
-    pipeline.save_pretrained(args.output_dir)
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Main
-# ----------------------------------------------------------------------------------------------------------------------
-
-
-def build_accelerator(args):
-    logging_dir = os.path.join(args.output_dir, args.logging_dir)
-    project_config = ProjectConfiguration(project_dir=args.output_dir, logging_dir=logging_dir)
-    accelerator = Accelerator(
-        gradient_accumulation_steps=args.gradient_accumulation_steps,
-        mixed_precision=args.mixed_precision,
-        log_with=None if args.report_to == "none" else args.report_to,
-        project_config=project_config,
-    )
-    logging.basicConfig(
-        format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", datefmt="%m/%d/%Y %H:%M:%S", level=logging.INFO
-    )
-    logger.info(accelerator.state, main_process_only=False)
-    for library in (datasets, transformers, diffusers):
-        (
-            library.utils.logging.set_verbosity_warning
-            if accelerator.is_local_main_process
-            else library.utils.logging.set_verbosity_error
-        )()
-    if args.allow_tf32 and torch.cuda.is_available():
-        torch.backends.cuda.matmul.allow_tf32 = True
-    return accelerator
-
-
-def resolve_seed(args, accelerator, checkpoint=None):
-    """--seed, or on resume the `checkpoint`'s seed (the data subset, order and every draw depend on it, so it is read
-    before the dataset is prepared), or a drawn one."""
-    if checkpoint is not None:
-        with open(os.path.join(checkpoint, PROGRESS_FILE)) as f:
-            seed = int(json.load(f)["seed"])
-        if args.seed is not None and args.seed != seed:
-            logger.warning(f"--seed {args.seed} ignored: {checkpoint} was trained with seed {seed}.")
-        return seed
-    if args.seed is not None:
-        return args.seed
-    seed = torch.randint(0, 2**31 - 1, ()).to(accelerator.device)
-    seed = int(accelerator.reduce(seed, "max")) if accelerator.num_processes > 1 else int(seed)
-    logger.info(f"No --seed given: drew seed {seed} (saved in checkpoints).")
-    return seed
-
-
-def weight_dtype_for(accelerator):
-    """The dtype frozen models compute in: the mixed-precision dtype, where accelerate runs the policy under it."""
-    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
-    if (
-        dtype != torch.float32
-        and not accelerator.native_amp
-        and accelerator.distributed_type != DistributedType.DEEPSPEED
-    ):
-        raise ValueError(
-            f"--mixed_precision {accelerator.mixed_precision} is not available on "
-            f"{accelerator.device.type} (accelerate runs no autocast there): use --mixed_precision bf16 "
-            "on CPU, fp16 on a GPU."
-        )
-    return dtype
-
-
-def clip_tokenize_fn(args, models):
-    """Caption -> the CLIP similarity model's ids, when the similarity embedding reads the prompt."""
-    if models.clip is None or args.similarity_embedding not in ("text", "text_image"):
-        return None
-    return make_tokenize_fn(models.clip.tokenizer, models.clip.model.config.text_config.max_position_embeddings)
-
-
-def build_dataloader(args, accelerator, models, dataset, seed, progress=None):
-    """The loader and its sampler: indexed batches of a map-style dataset, or (--streaming, `progress` given)
-    `build_streaming_loader`'s."""
-    tokenizers = {name: make_tokenize_fn(tokenizer) for name, tokenizer in text_tokenizers(models).items()}
-    clip_tokenize = None if args.cache_latents else clip_tokenize_fn(args, models)  # cached rows hold embeddings
-    if clip_tokenize is not None:
-        tokenizers["clip_input_ids"] = clip_tokenize
-    pair_options = {
-        "random_crop": args.random_crop,
-        "hflip": not args.no_hflip,
-        "tokenizers": tokenizers,
-        "proportion_empty_prompts": args.proportion_empty_prompts,
-    }
-    workers = args.dataloader_num_workers
-    loader_options = {
-        "num_workers": workers,
-        "pin_memory": torch.cuda.is_available(),
-        "persistent_workers": workers > 0,
-        "prefetch_factor": 4 if workers > 0 else None,
-        "worker_init_fn": ignore_stop_signals if workers > 0 else None,
-    }
-    if args.streaming:
-        make_pair = PairMaker(dataset_columns(args), args.resolution, seed, **pair_options)
-        return build_streaming_loader(args, accelerator, dataset, make_pair, loader_options, progress)
-    global_batch = args.train_batch_size * accelerator.num_processes
-    batches_per_epoch = (len(dataset) // global_batch) // args.gradient_accumulation_steps
-    batches_per_epoch *= args.gradient_accumulation_steps
-    if batches_per_epoch == 0:
-        raise ValueError(
-            f"{len(dataset)} pairs are fewer than one optimizer step needs ({global_batch} pairs x "
-            f"{args.gradient_accumulation_steps} accumulation steps). Lower --train_batch_size or "
-            "--gradient_accumulation_steps, or use more data."
-        )
-    sampler = IndexedBatchSampler(
-        len(dataset),
-        args.train_batch_size,
-        seed,
-        batches_per_epoch,
-        accelerator.num_processes,
-        accelerator.process_index,
-    )
-    pair_dataset = PreferencePairDataset(dataset, dataset_columns(args), args.resolution, seed, **pair_options)
-    loader = torch.utils.data.DataLoader(
-        pair_dataset, batch_sampler=sampler, collate_fn=collate_pairs, **loader_options
-    )
-    return loader, sampler
-
-
-def main(args):
-    with stop_on_signals() as stop_request:
-        accelerator = build_accelerator(args)
-        try:
-            return run_training(args, accelerator, stop_request)
-        except BaseException as error:
-            # Let a failed run exit: free the traceback's locals, so the loader shuts its workers down (they ignore
-            # the SIGTERM multiprocessing would stop them with at exit), and tear down the process group.
-            traceback.clear_frames(error.__traceback__)
-            gc.collect()
-            accelerator.end_training()
-            raise
-
-
-def run_training(args, accelerator, stop_request):
-    """A run, in order: output folder, seed, data, models, optimizer, latent cache, loader, plan and accelerate's
-    wrapping, resume, the training loop, then (unless a signal stopped it) the final validation, model and card."""
-    repo_id = prepare_output(args, accelerator)
-    weight_dtype = weight_dtype_for(accelerator)
-    checkpoint = resolve_checkpoint_path(args) if args.resume_from_checkpoint else None
-    progress = TrainingProgress(resolve_seed(args, accelerator, checkpoint))
-    dataset, stats = load_training_pairs(args, progress.seed)
-    models = load_models(args, accelerator.device, weight_dtype)
-    learning_rate = effective_learning_rate(args, accelerator.num_processes)
-    optimizer = create_optimizer(args, [p for p in models.unet.parameters() if p.requires_grad], learning_rate)
-    if args.cache_latents:
-        dataset = cache_latents(args, accelerator, models, dataset, stats)
-    loader, sampler = build_dataloader(args, accelerator, models, dataset, progress.seed, progress)
-    plan = TrainingPlan.for_loader(args, sampler.batches_per_epoch)
-    unet, optimizer, lr_scheduler = prepare_training(args, accelerator, models, optimizer, plan)
-    if args.resume_from_checkpoint:
-        resume(args, accelerator, checkpoint, progress)
-    if accelerator.is_main_process:
-        accelerator.init_trackers(args.tracker_project_name, config=tracker_config(args, learning_rate, plan.steps))
-    logger.info(
-        f"***** Training ({args.loss_type}) *****  pairs {stats['pairs']}, epochs {plan.epochs}, "
-        f"pairs per step {args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps}"
-        f", optimizer steps {plan.steps}, seed {progress.seed}"
-    )
-    train_loop(
-        args,
-        accelerator,
-        models,
-        unet,
-        optimizer,
-        lr_scheduler,
-        loader,
-        sampler,
-        progress,
-        plan,
-        weight_dtype,
-        stop_request,
-    )
-    if progress.stopped_by is not None:
-        logger.info(
-            f"Stopped by {signal.Signals(progress.stopped_by).name} at step {progress.global_step}; resume "
-            "with --resume_from_checkpoint latest."
-        )
-    else:
-        finish_run(args, accelerator, models, unet, weight_dtype, progress, repo_id, stats, learning_rate)
-    accelerator.end_training()
-    return progress
-
-
-def prepare_output(args, accelerator):
-    """Checks that fail early (the model path, LoRA under a sharding engine), the output folder cleared of interrupted
-    saves, and with --push_to_hub the Hub repo (its id; None otherwise)."""
-    check_pretrained_pipeline(args)  # a wrong model path fails now, not after the dataset is prepared
-    if args.use_lora and sharding_engine() is not None:
-        raise ValueError(
-            f"--use_lora under {sharding_engine().value}: LoRA adapters are a few MB, so sharding them "
-            "saves nothing while the frozen base would need its own handling. Launch with DDP "
-            "(configs/accelerate/multi_gpu.yaml), or train the full UNet under this engine."
-        )
-    if accelerator.is_main_process:
-        os.makedirs(args.output_dir, exist_ok=True)
-        remove_interrupted_saves(args.output_dir)
-    if args.push_to_hub and accelerator.is_main_process:
-        return create_repo(
-            repo_id=args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir)),
-            exist_ok=True,
-            token=args.hub_token,
-        ).repo_id
-    return None
-
-
-def load_training_pairs(args, seed):
-    """The prepared preference pairs (or the prepared stream) and their counts for the log and the card."""
-    raw_dataset = load_raw_dataset(args)
-    if args.streaming:
-        dataset = prepare_streaming_dataset(raw_dataset, dataset_columns(args), seed, args.shuffle_buffer_size)
-        stats = {"rows": "streamed", "ties_dropped": "all", "pairs": "streamed"}  # a stream is not counted
-    else:
-        dataset, stats = prepare_preference_dataset(raw_dataset, dataset_columns(args), args.max_train_samples, seed)
-    logger.info(f"Dataset: {stats['rows']} rows, {stats['ties_dropped']} ties dropped, {stats['pairs']} pairs used.")
-    return dataset, stats
-
-
-def cache_latents(args, accelerator, models, dataset, stats):
-    """--cache_latents: the latent cache in place of the dataset (pairs left out counted against --max_bad_rows and
-    in `stats`); the CLIP similarity model is freed, the cache holding its embeddings."""
-    cached = build_latent_cache(args, accelerator, models, dataset)
-    if len(cached) < len(dataset):
-        logger.warning(
-            f"Latent cache: {len(dataset) - len(cached)} of {len(dataset)} pairs could not be decoded "
-            "(or gave non-finite latents) and are left out."
-        )
-        check_bad_rows(args, len(dataset) - len(cached), len(dataset), "while building the latent cache")
-        stats["pairs"] = len(cached)
-    models.clip = None
-    return cached
-
-
-def prepare_training(args, accelerator, models, optimizer, plan):
-    """The learning-rate schedule, the UNet, optimizer and schedule wrapped by accelerate, and the models the loop
-    reads besides: the base's weight norm, the EMA and the validation scorer."""
-    lr_scheduler = get_scheduler(
-        args.lr_scheduler,
-        optimizer=optimizer,
-        num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
-        num_training_steps=plan.steps * accelerator.num_processes,
-    )
-    if accelerator.state.deepspeed_plugin is not None:  # our loader is not prepared, so DeepSpeed cannot infer it
-        accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = args.train_batch_size
-    models.initial_weight_norm = trained_weight_norm(args, models.unet)  # before a resume: the base's norm
-    unet, optimizer, lr_scheduler = accelerator.prepare(models.unet, optimizer, lr_scheduler)
-    models.ema = create_ema(args, accelerator, unet)
-    models.validation_scorer = None
-    if args.validation_scorer != "none" and args.validation_prompts and accelerator.is_main_process:
-        models.validation_scorer = load_clip(
-            args.validation_scorer_model,
-            args.validation_scorer_processor,
-            args.cache_dir,
-            torch.device("cpu"),
-            torch.float32,
-            "--validation_scorer_model",
-            "Pass a local CLIPModel folder or a Hub id",
-        )
-    return unet, optimizer, lr_scheduler
-
-
-def resume(args, accelerator, checkpoint, progress):
-    """--resume_from_checkpoint: the accelerate state and `progress` of `checkpoint` (None: a new run)."""
-    if checkpoint is None:
-        logger.info(f"No checkpoint in {args.output_dir} to resume from: starting a new run.")
-    else:
-        logger.info(f"Resuming from {checkpoint}")
-        accelerator.load_state(checkpoint)
-        with open(os.path.join(checkpoint, PROGRESS_FILE)) as f:
-            progress.load_state_dict(json.load(f))
-
-
-def finish_run(args, accelerator, models, unet, weight_dtype, progress, repo_id, stats, learning_rate):
-    """The final validation, the trained pipeline (or LoRA weights) with its grid and card, and the upload."""
-    accelerator.wait_for_everyone()
-    grid = log_validation(accelerator, args, models, unet, weight_dtype, progress)
-    trained_unet = gather_sharded_unet(accelerator, unet)
-    if not accelerator.is_main_process:
-        return
-    if models.ema is not None:
-        models.ema.copy_to(trained_unet.parameters())  # the saved pipeline holds the EMA weights
-    save_final_model(accelerator, args, models, trained_unet)
-    grid_filename = None
-    if grid is not None:
-        grid_filename = "validation_grid.png"
-        grid.save(os.path.join(args.output_dir, grid_filename))
-    write_model_card(args, repo_id, stats, progress, learning_rate, accelerator.num_processes, grid_filename)
-    if args.push_to_hub:
-        upload_folder(
-            repo_id=repo_id,
-            folder_path=args.output_dir,
-            commit_message="End of training",
-            allow_patterns=hub_upload_patterns(args.output_dir, args.use_lora),
-            token=args.hub_token,
-        )
-
-
-def train_loop(
-    args,
-    accelerator,
-    models,
-    unet,
-    optimizer,
-    lr_scheduler,
-    loader,
-    sampler,
-    progress,
-    plan,
-    weight_dtype,
-    stop_request,
-):
-    """Optimizer steps from `progress` to `plan.steps`, or until a stop signal (then `progress.stopped_by`)."""
-    progress_bar = tqdm(
-        range(plan.steps), initial=progress.global_step, desc="Steps", disable=not accelerator.is_local_main_process
-    )
-    unet.train()
-    if progress.global_step >= plan.steps:  # resumed from a checkpoint of the final step
-        return
-    accumulated, guard = {}, StepGuard(accelerator, stop_request)
-    for epoch in range(progress.epoch, plan.epochs):
-        sampler.set_epoch(epoch, progress.batch_in_epoch if epoch == progress.epoch else 0)
-        progress.epoch = epoch
-        for batch in loader:
-            micro_step = progress.global_step * args.gradient_accumulation_steps + len(accumulated.get("loss", []))
-            loss, metrics = training_step(
-                args,
-                accelerator,
-                models,
-                unet,
-                optimizer,
-                lr_scheduler,
-                batch,
-                micro_step,
-                progress.seed,
-                weight_dtype,
-                guard,
-            )
-            for name, value in {"loss": loss, **metrics}.items():
-                accumulated.setdefault(name, []).append(value)
-            progress.batch_in_epoch += 1
-            if not accelerator.sync_gradients:
-                continue
-            progress.global_step += 1
-            if models.ema is not None and not guard.verdict.skip_update:
-                update_ema(models.ema, accelerator.unwrap_model(unet), accelerator.device, args.offload_ema)
-            if progress.batch_in_epoch >= sampler.batches_per_epoch:
-                progress.epoch, progress.batch_in_epoch = epoch + 1, 0
-            logs = step_logs(args, accelerator, models, unet, lr_scheduler, accumulated)
-            accumulated = {}
-            record_faults(args, progress, guard.verdict, logs)
-            warn_if_first_loss_is_not_ln2(args, progress, logs)
-            progress.history.append(logs)
-            accelerator.log(logs, step=progress.global_step)
-            progress_bar.update(1)
-            progress_bar.set_postfix({name: f"{logs[name]:.4g}" for name in ("loss", "implicit_acc") if name in logs})
-            if stop_after_step(args, accelerator, progress, plan, guard.verdict, stop_request):
-                return
-            if args.validation_prompts and progress.global_step % args.validation_steps == 0:
-                log_validation(accelerator, args, models, unet, weight_dtype, progress)
-            if progress.global_step >= plan.steps:
-                return
-
-
-def step_logs(args, accelerator, models, unet, lr_scheduler, accumulated):
-    """An optimizer step's metrics (means over its micro-steps and processes), learning rate and weight-norm drift;
-    at the first step, a warning when the loss is not ln 2."""
-    logs = {
-        name: accelerator.reduce(torch.stack(values).mean(), "mean").item() for name, values in accumulated.items()
-    }
-    logs["lr"] = lr_scheduler.get_last_lr()[0]
-    if models.initial_weight_norm is not None:
-        logs["weight_norm_drift"] = trained_weight_norm(args, unet) / models.initial_weight_norm - 1
-    return logs
-
-
-def warn_if_first_loss_is_not_ln2(args, progress, logs):
-    preference_loss = logs["loss"] - (logs.get("stabilizer_term", 0.0) if args.stabilizer == "sft" else 0.0)
-    if progress.global_step == 1 and args.loss_type != "sft" and abs(preference_loss - math.log(2)) > 1e-3:
-        logger.warning(
-            f"The first loss is {preference_loss:.6f}, not ln 2 = 0.693147: the policy starts at the "
-            "reference, so their denoising errors should be equal. The reference computes "
-            "differently from the trained UNet (precision, attention backend or weights differ)."
-        )
-
-
-def stop_after_step(args, accelerator, progress, plan, verdict, stop_request):
-    """The end of an optimizer step: too many non-finite steps in a row raise; a checkpoint every
-    --checkpointing_steps; past --max_bad_rows a checkpoint, then the error; a stop signal before the last step saves
-    a checkpoint and returns True (the run stops)."""
-    if progress.nonfinite_in_a_row >= args.max_nonfinite_steps:
-        last = list_checkpoints(args.output_dir)
-        raise RuntimeError(
-            f"{progress.nonfinite_in_a_row} optimizer steps in a row (up to step {progress.global_step}) had a "
-            "non-finite loss or gradient; each was skipped, so the weights are those of the last good step, "
-            f"and the last checkpoint is {last[-1] if last else 'none'}. Lower --learning_rate, train in bf16 "
-            "rather than fp16, check the data, or raise --max_nonfinite_steps."
-        )
-    saved = False
-    if progress.global_step % args.checkpointing_steps == 0:
-        save_checkpoint(accelerator, args, progress.global_step, progress)
-        saved = True
-    pairs_read = plan.steps * args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
-    if progress.bad_rows > bad_row_limit(args, pairs_read):
-        if not saved:  # the weights are fine: keep what was trained
-            save_checkpoint(accelerator, args, progress.global_step, progress)
-        check_bad_rows(args, progress.bad_rows, pairs_read, "by the loader")
-    if verdict.stop and progress.global_step < plan.steps:  # at the last step: finish
-        progress.stopped_by = stop_request.signal or signal.SIGTERM  # the signal reached another process
-        if not saved:
-            save_checkpoint(accelerator, args, progress.global_step, progress)
-        return True
-    return False
-
-
-def record_faults(args, progress, verdict, logs):
-    """Counts this optimizer step's skipped rows and skipped update into `progress` (checkpointed) and the logs."""
-    progress.bad_rows += verdict.bad_rows
-    if verdict.bad_rows:
-        logger.warning(
-            f"Step {progress.global_step}: {verdict.bad_rows} undecodable pairs skipped ({progress.bad_rows} in all)."
-        )
-    if verdict.nonfinite:
-        progress.skipped_updates += 1
-        progress.nonfinite_in_a_row += 1
-        action = "update skipped" if verdict.skip_update else "update applied by DeepSpeed"
-        logger.warning(
-            f"Step {progress.global_step}: non-finite loss or gradient; {action} "
-            f"({progress.nonfinite_in_a_row} in a row, {progress.skipped_updates} in all)."
-        )
-    else:
-        progress.nonfinite_in_a_row = 0
-    if progress.bad_rows or progress.skipped_updates:
-        logs.update(bad_rows=progress.bad_rows, skipped_updates=progress.skipped_updates)
-
-
 # ----------------------------------------------------------------------------------------------------------------------
 # Appendix: streaming (--streaming). The stream is read where it lies: no length, no index, no latent cache.
 # ----------------------------------------------------------------------------------------------------------------------
-
-STREAM_TURN = "stream_turn"  # a loader worker's placeholder batch that realigns a resumed loader
 
 
 def prepare_streaming_dataset(stream, columns, seed, shuffle_buffer_size):
@@ -3163,6 +3103,8 @@ class StreamingPairDataset(torch.utils.data.IterableDataset):
     buffer at that moment are not replayed: `datasets` does not save the buffer).
     """
 
+    TURN = "stream_turn"  # the key of a placeholder batch that realigns a resumed loader's workers
+
     def __init__(self, stream, make_pair, batch_size, num_processes, process_index, progress):
         self.stream, self.make_pair, self.batch_size = stream, make_pair, batch_size
         self.num_processes, self.process_index, self.progress = num_processes, process_index, progress
@@ -3178,7 +3120,7 @@ class StreamingPairDataset(torch.utils.data.IterableDataset):
         if worker_id < self.progress.batch_in_epoch % workers:
             # The loader takes batches from its workers in turn, starting with worker 0, while after b consumed
             # batches the next one is worker (b mod workers)'s: the workers before it yield a placeholder first.
-            yield {STREAM_TURN: True}
+            yield {self.TURN: True}
         while True:
             # This process's part of the stream; `datasets` itself splits it further over the loader's workers.
             stream = split_dataset_by_node(self.stream, self.process_index, self.num_processes)
@@ -3230,7 +3172,7 @@ class StreamingBatches:
 
     def __iter__(self):
         for batch in self.loader:
-            if STREAM_TURN in batch:
+            if StreamingPairDataset.TURN in batch:
                 continue
             state = batch.pop("stream_state")
             self.progress.stream_states[state["reader"]] = state

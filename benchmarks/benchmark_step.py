@@ -421,7 +421,6 @@ class OurStep:
         )
         lr_scheduler = get_scheduler("constant", optimizer=optimizer)
         self.unet, self.optimizer, self.lr_scheduler = accelerator.prepare(self.models.unet, optimizer, lr_scheduler)
-        self.models.unwrap = accelerator.unwrap_model
         self.unet.train()
         self.micro_step = 0
 
