@@ -2857,8 +2857,9 @@ def encode_cache_rows(rows, indices, *, args, models, clip_tokenize, first_index
 MODEL_CARD_TEXT = """
 # {title} fine-tune of {base}
 
-{trained_part} of `{base}` fine-tuned with {method} on `{dataset}` (split `{split}`: {pairs} preference pairs used,
-{ties_dropped} ties of {rows} rows dropped), with `{script}`.{vae_note}
+{trained_part} of `{base}` fine-tuned with {method} on
+`{dataset}` (split `{split}`: {pairs} preference pairs used, {ties_dropped} ties of
+{rows} rows dropped), with `{script}`.{vae_note}
 
 ## Usage
 
