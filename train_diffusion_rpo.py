@@ -1503,7 +1503,7 @@ def clip_tokenize_fn(args, models):
 
 def build_dataloader(args, accelerator, models, dataset, seed, progress=None):
     """The loader and its sampler: indexed batches of a map-style dataset, or (--streaming, `progress` given)
-    `build_streaming_loader`'s."""
+    `StreamingBatches` as both."""
     tokenizers = {name: make_tokenize_fn(tokenizer) for name, tokenizer in text_tokenizers(models).items()}
     clip_tokenize = None if args.cache_latents else clip_tokenize_fn(args, models)  # cached rows hold embeddings
     if clip_tokenize is not None:
@@ -1524,7 +1524,8 @@ def build_dataloader(args, accelerator, models, dataset, seed, progress=None):
     }
     if args.streaming:
         make_pair = PairMaker(dataset_columns(args), args.resolution, seed, **pair_options)
-        return build_streaming_loader(args, accelerator, dataset, make_pair, loader_options, progress)
+        batches = StreamingBatches(args, accelerator, dataset, make_pair, loader_options, progress)
+        return batches, batches
     global_batch = args.train_batch_size * accelerator.num_processes
     batches_per_epoch = (len(dataset) // global_batch) // args.gradient_accumulation_steps
     batches_per_epoch *= args.gradient_accumulation_steps
@@ -3159,14 +3160,24 @@ class StreamingPairDataset(torch.utils.data.IterableDataset):
 
 
 class StreamingBatches:
-    """The stream readers' loader as the training loop reads it, in place of a loader and its sampler: their batches
-    without the turn placeholders, each batch's reader state recorded into `progress` (checkpointed) as the batch is
-    consumed, and an epoch of unbounded length (the readers cycle their streams themselves)."""
+    """--streaming's loader, in place of a loader and its sampler: the stream readers' batches without the turn
+    placeholders, each batch's reader state recorded into `progress` (checkpointed) as the batch is consumed, and an
+    epoch of unbounded length (the readers cycle their streams themselves)."""
 
     batches_per_epoch = sys.maxsize
 
-    def __init__(self, loader, progress):
-        self.loader, self.progress = loader, progress
+    def __init__(self, args, accelerator, stream, make_pair, loader_options, progress):
+        readers = accelerator.num_processes * max(1, args.dataloader_num_workers)
+        if stream.n_shards < readers:
+            logger.warning(
+                f"The stream has {stream.n_shards} shards for {readers} readers (processes x workers): "
+                f"each reader reads every shard and keeps 1 example in {readers}."
+            )
+        pairs = StreamingPairDataset(
+            stream, make_pair, args.train_batch_size, accelerator.num_processes, accelerator.process_index, progress
+        )
+        self.loader = torch.utils.data.DataLoader(pairs, batch_size=None, **loader_options)
+        self.progress = progress
 
     def set_epoch(self, epoch, start_batch=0):
         """Nothing to reposition: the readers continue from `progress.stream_states`."""
@@ -3178,21 +3189,6 @@ class StreamingBatches:
             state = batch.pop("stream_state")
             self.progress.stream_states[state["reader"]] = state
             yield batch
-
-
-def build_streaming_loader(args, accelerator, stream, make_pair, loader_options, progress):
-    """--streaming's loader and sampler: one `StreamingBatches` over the readers' loader."""
-    readers = accelerator.num_processes * max(1, args.dataloader_num_workers)
-    if stream.n_shards < readers:
-        logger.warning(
-            f"The stream has {stream.n_shards} shards for {readers} readers (processes x workers): "
-            f"each reader reads every shard and keeps 1 example in {readers}."
-        )
-    pairs = StreamingPairDataset(
-        stream, make_pair, args.train_batch_size, accelerator.num_processes, accelerator.process_index, progress
-    )
-    batches = StreamingBatches(torch.utils.data.DataLoader(pairs, batch_size=None, **loader_options), progress)
-    return batches, batches
 
 
 if __name__ == "__main__":

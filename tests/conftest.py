@@ -5,12 +5,15 @@ from types import SimpleNamespace
 import pytest
 
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from helpers import ROOT, cli  # noqa: E402
+
+
+sys.path.insert(0, ROOT)
 
 import tiny  # noqa: E402
 
@@ -38,8 +41,8 @@ def sdxl_pipeline_path(tmp_path_factory):
 
 @pytest.fixture(params=["sd15", "sdxl"])
 def script(request):
-    """Each training script with its tiny pipeline, for behaviour in the code they share (tests/test_sdxl.py checks
-    that it is textually identical)."""
+    """Each training script with its tiny pipeline, for behaviour in the code they share (tests/test_script_parity.py
+    checks that it is textually identical). helpers.SD15 / helpers.SDXL restrict a test to one of them."""
     import train_diffusion_rpo
     import train_diffusion_rpo_sdxl
 
@@ -48,8 +51,43 @@ def script(request):
         "sdxl": (train_diffusion_rpo_sdxl, "sdxl_pipeline_path"),
     }[request.param]
     return SimpleNamespace(
-        module=module, pipeline=request.getfixturevalue(pipeline_fixture), path=os.path.join(ROOT, module.SCRIPT_NAME)
+        name=request.param,
+        module=module,
+        pipeline=request.getfixturevalue(pipeline_fixture),
+        path=os.path.join(ROOT, module.SCRIPT_NAME),
     )
+
+
+@pytest.fixture
+def train(script, pickapic_path, clip_model_path, tmp_path):
+    """Runs `script` in-process (parse_args, then main) on the tiny models and returns (progress, args):
+
+        train(*flags, output_dir="out", dataset=None, pipeline=None, omit=())
+
+    The command line is helpers.cli's flags followed by `flags` (a later flag wins; pass "--validation_prompts" alone
+    to turn validation off), training `pipeline` (default: the script's tiny pipeline) on `dataset` (default:
+    pickapic_path) into `output_dir` (relative to tmp_path, or absolute). `omit` leaves base flags out together with
+    their value (e.g. "--seed": the run draws one). train.flags(...) and train.parse(...) take the same arguments and
+    return the command line and the parsed args; train.script and train.module are the script's."""
+
+    def flags(*extra, output_dir="out", dataset=None, pipeline=None, omit=()):
+        argv = cli(
+            pipeline or script.pipeline, dataset or pickapic_path, clip_model_path, tmp_path / output_dir, *extra
+        )
+        for name in omit:
+            at = argv.index(name)
+            del argv[at : at + 2]
+        return argv
+
+    def parse(*extra, **kwargs):
+        return script.module.parse_args(flags(*extra, **kwargs))
+
+    def run(*extra, **kwargs):
+        args = parse(*extra, **kwargs)
+        return script.module.main(args), args
+
+    run.flags, run.parse, run.script, run.module = flags, parse, script, script.module
+    return run
 
 
 @pytest.fixture(scope="session")

@@ -3,56 +3,16 @@ indexed randomness across processes, and a 2-process training run that checkpoin
 
 import json
 import os
-import socket
 import subprocess
 import sys
 
 import pytest
 import tiny
 import torch
-from test_train import cli
+from helpers import ROOT, cli, free_port, launch
 
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROBE = os.path.join(ROOT, "tests", "distributed_probe.py")
-
-
-def free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def launch(script, arguments, processes, cwd, succeed=True, attempts=2):
-    """`accelerate launch` on CPU; ACCELERATE_USE_CPU makes accelerate use gloo without GPUs. These runs take seconds;
-    one that is still running after 300 s is stopped and started again once on a fresh port (a 2-process launch hung
-    at start once in a clean-clone CI run, unexplained and not reproduced since)."""
-    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    for attempt in range(attempts):
-        command = [
-            sys.executable,
-            "-m",
-            "accelerate.commands.launch",
-            "--num_processes",
-            str(processes),
-            "--mixed_precision",
-            "no",
-            "--num_machines",
-            "1",
-            "--dynamo_backend",
-            "no",
-        ]
-        command += ["--multi_gpu", "--main_process_port", str(free_port())] if processes > 1 else ["--cpu"]
-        try:
-            result = subprocess.run(
-                [*command, script, *arguments], capture_output=True, text=True, timeout=300, cwd=cwd, env=env
-            )
-            break
-        except subprocess.TimeoutExpired:
-            if attempt == attempts - 1:
-                raise
-    assert (result.returncode == 0) == succeed, result.stderr[-4000:]
-    return result
 
 
 @pytest.fixture(scope="module")

@@ -4,8 +4,7 @@ import glob
 import os
 import re
 
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from helpers import ROOT
 
 
 def test_every_relative_markdown_link_resolves_inside_the_repository():

@@ -12,12 +12,9 @@ import pytest
 import tiny
 import torch
 from accelerate.utils import DistributedType
-from test_train import LN2_FP32, cli
+from helpers import LN2_FP32, ROOT, SD15, cli
 
 import train_diffusion_rpo as rpo
-
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
@@ -84,14 +81,12 @@ def test_validation_gathers_sharded_weights_on_every_process(monkeypatch):
     assert gathered == ["sharded unet"]  # a non-main process joined the gather (FSDP's collective), rendered nothing
 
 
+@SD15
 @pytest.mark.parametrize("engine", [DistributedType.FSDP, DistributedType.DEEPSPEED])
-def test_lora_is_refused_under_sharding_engines(
-    engine, sd_pipeline_path, pickapic_path, clip_model_path, tmp_path, monkeypatch
-):
+def test_lora_is_refused_under_sharding_engines(engine, train, tmp_path, monkeypatch):
     monkeypatch.setattr(rpo, "sharding_engine", lambda: engine)
-    args = rpo.parse_args(cli(sd_pipeline_path, pickapic_path, clip_model_path, tmp_path, "--use_lora"))
     with pytest.raises(ValueError, match=f"--use_lora under {engine.value}.*multi_gpu.yaml"):
-        rpo.main(args)
+        train("--use_lora", output_dir=tmp_path)
 
 
 def test_engine_check_runs_a_config_end_to_end(tmp_path, monkeypatch):

@@ -5,17 +5,15 @@ import os
 
 import numpy as np
 import pytest
+from helpers import FAST_GENERATION
 from PIL import Image
 
 from eval import generate, prompts
 from eval.image_folder import ImageFolderWriter, read_metadata
 
 
-FAST = ["--num_inference_steps", "2", "--device", "cpu"]
-
-
 def run(model, prompt_file, out, *extra):
-    return generate.main(["--model", model, "--prompts", prompt_file, "--out", str(out), *FAST, *extra])
+    return generate.main(["--model", model, "--prompts", prompt_file, "--out", str(out), *FAST_GENERATION, *extra])
 
 
 def pixels(folder):

@@ -10,11 +10,9 @@ import datasets
 import numpy as np
 import pytest
 import tiny
+from helpers import SD15, weight_flags
 from PIL import Image
-from test_eval_score import weight_flags
-from test_train import cli
 
-import train_diffusion_rpo as rpo
 from eval import relabel, scorers
 from eval.stats import win_rate
 
@@ -186,8 +184,9 @@ def test_resuming_with_other_settings_is_refused(pickscore_run, pickapic_path, s
     assert run_relabel(scorer_weights, pickapic_path, out, "--scorers", "pickscore", "--batch_size", "3") == summary
 
 
+@SD15
 def test_the_relabelled_dataset_loads_and_trains(
-    pickapic_path, scorer_weights, direct_scores, sd_pipeline_path, clip_model_path, tmp_path, caplog
+    pickapic_path, scorer_weights, direct_scores, train, tmp_path, caplog
 ):
     score_0, score_1 = direct_scores["pickscore"]
     summary = run_relabel(
@@ -200,19 +199,10 @@ def test_the_relabelled_dataset_loads_and_trains(
         str(margin_between(score_0 - score_1)),
     )
     assert len(load_output(tmp_path / "relabelled")) == NUM_ROWS and 0 < summary["ties"] < NUM_ROWS
-    args = rpo.parse_args(
-        cli(
-            sd_pipeline_path,
-            str(tmp_path / "relabelled"),
-            clip_model_path,
-            tmp_path / "train",
-            "--max_train_steps",
-            "1",
-            "--validation_prompts",
-        )
-    )
     with caplog.at_level(logging.INFO):
-        progress = rpo.main(args)
+        progress, _ = train(
+            "--max_train_steps", "1", "--validation_prompts", output_dir="train", dataset=str(tmp_path / "relabelled")
+        )
     assert progress.global_step == 1
     pairs = NUM_ROWS - summary["ties"]
     assert summary["pairs_for_training"] == pairs

@@ -4,6 +4,7 @@ import json
 import os
 
 import pytest
+from helpers import weight_flags
 from PIL import Image
 
 from eval import generate, score
@@ -11,13 +12,6 @@ from eval.image_folder import read_metadata
 
 
 METRICS = "pickscore,hpsv2.1,aesthetic,clip"
-
-
-def weight_flags(scorer_weights):
-    flags = []
-    for key, value in scorer_weights.items():
-        flags += [f"--{key}", json.dumps(value) if isinstance(value, dict) else value]
-    return flags
 
 
 @pytest.fixture(scope="module")

@@ -9,21 +9,19 @@ import numpy as np
 import pytest
 import tiny
 import torch
+from helpers import FAST_GENERATION, SD15
 from PIL import Image
-from test_train import cli
 
-import train_diffusion_rpo as rpo
 from eval import generate, style_alignment, style_dataset
 from eval.image_folder import load_image, read_metadata
 
 
 STYLE = "pencil sketch"
-FAST = ["--num_inference_steps", "2", "--device", "cpu"]
 
 
 def build(model, prompt_file, out, *extra):
     path = style_dataset.main(
-        ["--model", model, "--prompts", prompt_file, "--style", STYLE, "--out", str(out), *FAST, *extra]
+        ["--model", model, "--prompts", prompt_file, "--style", STYLE, "--out", str(out), *FAST_GENERATION, *extra]
     )
     return datasets.load_dataset("parquet", data_files=path, split="train")
 
@@ -55,18 +53,18 @@ def test_chosen_image_is_the_base_model_on_the_styled_prompt(sd_pipeline_path, p
     build(sd_pipeline_path, prompt_file, tmp_path / "style", "--max_prompts", "1")
     styled = tmp_path / "styled.txt"
     styled.write_text(f"a red circle, {STYLE}\n")
-    generate.main(["--model", sd_pipeline_path, "--prompts", str(styled), "--out", str(tmp_path / "direct"), *FAST])
+    generate.main(
+        ["--model", sd_pipeline_path, "--prompts", str(styled), "--out", str(tmp_path / "direct"), *FAST_GENERATION]
+    )
     chosen_dir = tmp_path / "style" / "generations" / "chosen"
     direct = load_image(tmp_path / "direct", read_metadata(tmp_path / "direct")[0])
     assert np.array_equal(np.asarray(direct), np.asarray(load_image(chosen_dir, read_metadata(chosen_dir)[0])))
 
 
-def test_the_training_script_trains_on_the_style_dataset(sd_pipeline_path, prompt_file, clip_model_path, tmp_path):
+@SD15
+def test_the_training_script_trains_on_the_style_dataset(train, sd_pipeline_path, prompt_file, tmp_path):
     build(sd_pipeline_path, prompt_file, tmp_path / "style")
-    args = rpo.parse_args(
-        cli(sd_pipeline_path, str(tmp_path / "style"), clip_model_path, tmp_path / "out", "--train_batch_size", "2")
-    )
-    progress = rpo.main(args)
+    progress, _ = train("--train_batch_size", "2", dataset=str(tmp_path / "style"))
     assert progress.global_step == 2
     assert os.path.exists(tmp_path / "out" / "unet" / "diffusion_pytorch_model.safetensors")
 
@@ -124,7 +122,7 @@ def test_style_probability_hit_rate_and_content(sd_pipeline_path, prompt_file, c
                 str(tmp_path / name),
                 "--guidance_scale",
                 guidance,
-                *FAST,
+                *FAST_GENERATION,
             ]
         )
     result = style_alignment.main(

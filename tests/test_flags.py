@@ -8,13 +8,12 @@ import shlex
 
 import pytest
 import yaml
-from test_train import cli
+from helpers import ROOT
 
 import train_diffusion_rpo as rpo
 import train_diffusion_rpo_sdxl as rpo_sdxl
 
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPTS = {"train_diffusion_rpo.py": rpo, "train_diffusion_rpo_sdxl.py": rpo_sdxl}
 
 
@@ -90,9 +89,16 @@ def test_an_effective_learning_rate_outside_the_sane_range_is_warned(caplog):
 
 
 @pytest.mark.parametrize(
-    "name,lowest,exclusive", rpo.NUMERIC_FLAG_RANGES, ids=[name for name, _, _ in rpo.NUMERIC_FLAG_RANGES]
+    "name,lowest,exclusive,highest,highest_exclusive",
+    rpo.NUMERIC_FLAG_RANGES,
+    ids=[row[0] for row in rpo.NUMERIC_FLAG_RANGES],
 )
-def test_every_numeric_flag_is_range_checked(name, lowest, exclusive, capsys):
+def test_every_numeric_flag_is_range_checked(name, lowest, exclusive, highest, highest_exclusive, capsys):
+    if highest is not None:
+        too_high = highest if highest_exclusive else highest + 0.5
+        with pytest.raises(SystemExit):
+            rpo.parse_args([f"--{name}", str(too_high)])
+        assert f"--{name} {too_high}" in capsys.readouterr().err
     bad = lowest if exclusive else lowest - 1
     with pytest.raises(SystemExit):
         rpo.parse_args([f"--{name}", str(bad)])
@@ -126,38 +132,16 @@ def test_adafactor_refuses_adam_settings_and_turns_clipping_off(capsys):
         assert f"{flag} set an AdamW setting" in capsys.readouterr().err
 
 
-def test_epochs_set_the_steps_unless_max_train_steps(script, pickapic_path, clip_model_path, tmp_path):
-    flags = cli(
-        script.pipeline,
-        pickapic_path,
-        clip_model_path,
-        tmp_path / "out",
-        "--validation_prompts",
-        "--num_train_epochs",
-        "2",
-    )
-    flags.remove("--max_train_steps")
-    flags.remove("2")  # cli's "--max_train_steps 2"
-    progress = script.module.main(script.module.parse_args(flags))
+def test_epochs_set_the_steps_unless_max_train_steps(train):
+    progress, _ = train("--validation_prompts", "--num_train_epochs", "2", omit=["--max_train_steps"])
     assert progress.global_step == 2 * (12 // 3)  # 12 pairs, 3 per step, 2 epochs
 
 
-def test_card_and_trackers_record_the_rate_as_passed_and_as_trained(script, pickapic_path, clip_model_path, tmp_path):
-    args = script.module.parse_args(
-        cli(
-            script.pipeline,
-            pickapic_path,
-            clip_model_path,
-            tmp_path / "out",
-            "--validation_prompts",
-            "--learning_rate",
-            "1e-4",
-            "--scale_lr",
-        )
-    )
-    assert script.module.tracker_config(args, 3e-4)["effective_learning_rate"] == 3e-4
-    assert script.module.tracker_config(args, 3e-4)["learning_rate"] == 1e-4
-    script.module.main(args)
+def test_card_and_trackers_record_the_rate_as_passed_and_as_trained(train, tmp_path):
+    args = train.parse("--validation_prompts", "--learning_rate", "1e-4", "--scale_lr")
+    assert train.module.tracker_config(args, 3e-4)["effective_learning_rate"] == 3e-4
+    assert train.module.tracker_config(args, 3e-4)["learning_rate"] == 1e-4
+    train.module.main(args)
     card = (tmp_path / "out" / "README.md").read_text()
     assert "| learning_rate (as passed) | 0.0001 |" in card and "| scale_lr | True |" in card
     assert "| effective learning rate | 0.0003 |" in card  # 1e-4 x 3 pairs x 1 step x 1 process

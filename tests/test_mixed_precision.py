@@ -8,13 +8,13 @@ import os
 import pytest
 import tiny
 import torch
-from test_distributed import launch
-from test_train import LN2_FP32, cli
+from helpers import LN2_FP32, ROOT, cli, launch
 
 import train_diffusion_rpo as rpo
 
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# One bf16 step without validation, for train(..., pipeline=perturbed[train.script.name]).
+FIRST_BF16_STEP = ("--mixed_precision", "bf16", "--max_train_steps", "1", "--validation_prompts")
 
 
 @pytest.fixture(scope="module")
@@ -26,27 +26,6 @@ def perturbed(sd_pipeline_path, sdxl_pipeline_path, tmp_path_factory):
     }
 
 
-@pytest.fixture
-def first_step(script, perturbed, pickapic_path, clip_model_path, tmp_path):
-    def run(*extra):
-        family = "sdxl" if script.module.SCRIPT_NAME.endswith("_sdxl.py") else "sd15"
-        flags = cli(
-            perturbed[family],
-            pickapic_path,
-            clip_model_path,
-            tmp_path / "out",
-            "--mixed_precision",
-            "bf16",
-            "--max_train_steps",
-            "1",
-            "--validation_prompts",
-            *extra,
-        )
-        return script.module.main(script.module.parse_args(flags)).history[0]
-
-    return run
-
-
 def test_perturbed_weights_are_not_representable_in_bf16(perturbed):
     from diffusers import UNet2DConditionModel
 
@@ -56,8 +35,9 @@ def test_perturbed_weights_are_not_representable_in_bf16(perturbed):
 
 
 @pytest.mark.parametrize("loss_type", ["rpo", "dpo"])
-def test_first_bf16_step_at_the_reference_is_exactly_ln2(first_step, loss_type):
-    first = first_step("--loss_type", loss_type)
+def test_first_bf16_step_at_the_reference_is_exactly_ln2(train, perturbed, loss_type):
+    progress, _ = train(*FIRST_BF16_STEP, "--loss_type", loss_type, pipeline=perturbed[train.script.name])
+    first = progress.history[0]
     assert abs(first["loss"] - LN2_FP32) <= 1e-6 and first["implicit_acc"] == 0.5
     assert first["model_mse_w"] == first["ref_mse_w"] and first["model_mse_l"] == first["ref_mse_l"]
 
@@ -73,12 +53,13 @@ def test_first_bf16_step_at_the_reference_is_exactly_ln2(first_step, loss_type):
     ],
     ids=["lora", "latent-cache", "checkpointing", "8bit-adam", "compile"],
 )
-def test_first_bf16_step_is_ln2_with_every_option(first_step, extra):
-    first = first_step("--loss_type", "rpo", *extra)
+def test_first_bf16_step_is_ln2_with_every_option(train, perturbed, extra):
+    progress, _ = train(*FIRST_BF16_STEP, "--loss_type", "rpo", *extra, pipeline=perturbed[train.script.name])
+    first = progress.history[0]
     assert abs(first["loss"] - LN2_FP32) <= 1e-6 and first["implicit_acc"] == 0.5
 
 
-def test_a_plain_half_precision_copy_is_not_exact_and_the_run_says_so(first_step, script, monkeypatch, caplog):
+def test_a_plain_half_precision_copy_is_not_exact_and_the_run_says_so(train, perturbed, script, monkeypatch, caplog):
     """The fixture and the step-0 detector: the naive reference (every weight rounded to bf16, run outside autocast,
     as in the peers' scripts) misses ln 2 on these weights, and the run warns."""
     module = script.module
@@ -95,13 +76,14 @@ def test_a_plain_half_precision_copy_is_not_exact_and_the_run_says_so(first_step
         )
 
     monkeypatch.setattr(module, "per_sample_denoising_loss", inputs_in_the_unet_dtype)
-    first = first_step("--loss_type", "dpo")
+    progress, _ = train(*FIRST_BF16_STEP, "--loss_type", "dpo", pipeline=perturbed[train.script.name])
+    first = progress.history[0]
     assert abs(first["loss"] - math.log(2)) > 1e-3
     assert "The first loss is" in caplog.text and "not ln 2" in caplog.text
 
 
-def test_no_step_0_warning_when_the_reference_is_exact(first_step, caplog):
-    first_step("--loss_type", "dpo")
+def test_no_step_0_warning_when_the_reference_is_exact(train, perturbed, caplog):
+    train(*FIRST_BF16_STEP, "--loss_type", "dpo", pipeline=perturbed[train.script.name])
     assert "The first loss is" not in caplog.text
 
 

@@ -4,25 +4,11 @@ guidance, an EMA of the trained weights, and the reward of the validation images
 import numpy as np
 import pytest
 import torch
+from helpers import COLUMNS, unet_weights
 from PIL import Image
 from safetensors.torch import load_file
-from test_train import cli, unet_weights
 
 import train_diffusion_rpo as rpo
-
-
-COLUMNS = rpo.dataset_columns(rpo.parse_args([]))
-
-
-@pytest.fixture
-def train(script, pickapic_path, clip_model_path, tmp_path):
-    def run(*extra, output_dir="out"):
-        flags = cli(
-            script.pipeline, pickapic_path, clip_model_path, tmp_path / output_dir, "--validation_prompts", *extra
-        )
-        return script.module.main(script.module.parse_args(flags))
-
-    return run
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -43,12 +29,8 @@ def test_caption_dropout_rate_matches_the_flag_within_binomial_error():
     assert first != [rpo.caption_dropped(3, index, 1, 0.5) for index in range(200)]
 
 
-def test_a_dropped_caption_is_empty_for_both_images_and_every_encoder(
-    script, pickapic_path, clip_model_path, tmp_path
-):
-    args = script.module.parse_args(
-        cli(script.pipeline, pickapic_path, clip_model_path, tmp_path, "--proportion_empty_prompts", "0.5")
-    )
+def test_a_dropped_caption_is_empty_for_both_images_and_every_encoder(train, script, tmp_path):
+    args = train.parse("--proportion_empty_prompts", "0.5", output_dir=tmp_path)
     models = script.module.load_models(args, torch.device("cpu"), torch.float32)
     dataset, _ = rpo.prepare_preference_dataset(rpo.load_raw_dataset(args), COLUMNS)
     tokenizers = {
@@ -75,10 +57,10 @@ def test_a_dropped_caption_is_empty_for_both_images_and_every_encoder(
 
 
 def test_caption_dropout_resumes_exactly(train, tmp_path):
-    flags = ("--proportion_empty_prompts", "0.5", "--train_batch_size", "4")
-    straight = train("--max_train_steps", "4", "--checkpointing_steps", "100", *flags, output_dir="straight")
+    flags = ("--validation_prompts", "--proportion_empty_prompts", "0.5", "--train_batch_size", "4")
+    straight, _ = train("--max_train_steps", "4", "--checkpointing_steps", "100", *flags, output_dir="straight")
     train("--max_train_steps", "2", "--checkpointing_steps", "2", *flags, output_dir="split")
-    resumed = train("--max_train_steps", "4", "--resume_from_checkpoint", "latest", *flags, output_dir="split")
+    resumed, _ = train("--max_train_steps", "4", "--resume_from_checkpoint", "latest", *flags, output_dir="split")
     assert [h["loss"] for h in resumed.history] == [h["loss"] for h in straight.history[2:]]
     a, b = unet_weights(tmp_path / "straight"), unet_weights(tmp_path / "split")
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -105,7 +87,16 @@ def test_saved_weights_are_an_independent_ema_of_the_trained_trajectory(train, s
 
     monkeypatch.setattr(script.module, "update_ema", recording)
     decay = 0.25  # caps diffusers' warm-up (1 + t) / (10 + t) from the 3rd update on
-    train("--use_ema", "--ema_decay", str(decay), "--max_train_steps", "4", "--checkpointing_steps", "4")
+    train(
+        "--validation_prompts",
+        "--use_ema",
+        "--ema_decay",
+        str(decay),
+        "--max_train_steps",
+        "4",
+        "--checkpointing_steps",
+        "4",
+    )
     assert len(trajectory) == 4
     expected = dict(trajectory[0])  # update 1: decay 0, the EMA is the weights
     for update, weights in enumerate(trajectory[1:], start=1):
@@ -122,7 +113,7 @@ def test_saved_weights_are_an_independent_ema_of_the_trained_trajectory(train, s
 
 
 def test_ema_resumes_exactly(train, tmp_path):
-    flags = ("--use_ema", "--ema_decay", "0.5", "--train_batch_size", "4")
+    flags = ("--validation_prompts", "--use_ema", "--ema_decay", "0.5", "--train_batch_size", "4")
     train("--max_train_steps", "4", "--checkpointing_steps", "100", *flags, output_dir="straight")
     train("--max_train_steps", "2", "--checkpointing_steps", "2", *flags, output_dir="split")
     train("--max_train_steps", "4", "--resume_from_checkpoint", "latest", *flags, output_dir="split")
@@ -149,18 +140,12 @@ def test_contradictory_ema_flags_are_refused(flags, message, capsys):
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def test_logged_validation_reward_is_pickscore_of_the_saved_images(
-    script, pickapic_path, clip_model_path, scorer_weights, tmp_path
-):
+def test_logged_validation_reward_is_pickscore_of_the_saved_images(train, clip_model_path, scorer_weights, tmp_path):
     from eval.scorers import PickScore
 
     prompts = ["a red circle", "a blue square on the left"]
     out = tmp_path / "out"
-    flags = cli(
-        script.pipeline,
-        pickapic_path,
-        clip_model_path,
-        out,
+    progress, _ = train(
         "--validation_scorer",
         "pickscore",
         "--validation_scorer_model",
@@ -169,9 +154,10 @@ def test_logged_validation_reward_is_pickscore_of_the_saved_images(
         clip_model_path,
         "--validation_steps",
         "1",
+        "--validation_prompts",
+        *prompts,
+        output_dir=out,
     )
-    flags[flags.index("--validation_prompts") + 1 : flags.index("--validation_prompts") + 2] = prompts
-    progress = script.module.main(script.module.parse_args(flags))
     assert [r["step"] for r in progress.validation_rewards] == [1, 2, 2]  # every step, then the final validation
     grid = Image.open(out / "validation_grid.png")  # top row: the reference; bottom row: the trained model
     cells = [[grid.crop((col * 32, row * 32, col * 32 + 32, row * 32 + 32)) for col in range(2)] for row in range(2)]

@@ -17,8 +17,8 @@ import datasets
 import pytest
 import tiny
 import torch
+from helpers import COLUMNS, ROOT, unet_weights
 from safetensors.torch import load_file
-from test_train import ROOT, cli, unet_weights
 
 import train_diffusion_rpo as rpo
 
@@ -32,19 +32,6 @@ CORRUPT_ROWS, CORRUPT_PAIRS = [3, 7], [2, 5]
 def corrupt_pickapic(tmp_path_factory):
     rows = tiny.corrupt_rows(tiny.pickapic_rows(18), CORRUPT_ROWS, kinds=["truncated", "zero_bytes"])
     return tiny.write_pickapic_dataset(str(tmp_path_factory.mktemp("corrupt")), rows)
-
-
-@pytest.fixture
-def train(script, pickapic_path, clip_model_path, tmp_path):
-    def run_main(*extra, output_dir="out", dataset=pickapic_path, seeded=True):
-        flags = cli(script.pipeline, dataset, clip_model_path, tmp_path / output_dir, "--validation_prompts", *extra)
-        if not seeded:
-            at = flags.index("--seed")
-            flags = flags[:at] + flags[at + 2 :]
-        args = script.module.parse_args(flags)
-        return script.module.main(args)
-
-    return run_main
 
 
 def checkpoint_progress(folder):
@@ -72,7 +59,8 @@ def same_weights(a, b):
 @pytest.mark.parametrize("workers", [0, 2])
 def test_corrupt_rows_are_skipped_counted_and_checkpointed(train, corrupt_pickapic, tmp_path, workers, caplog):
     # 4 steps x 3 pairs read the 12 pairs once: both corrupt pairs are met once each.
-    progress = train(
+    progress, _ = train(
+        "--validation_prompts",
         "--max_train_steps",
         "4",
         "--checkpointing_steps",
@@ -96,7 +84,14 @@ def test_corrupt_rows_are_skipped_counted_and_checkpointed(train, corrupt_pickap
 def test_too_many_corrupt_rows_stop_the_run_and_keep_a_checkpoint(train, corrupt_pickapic, tmp_path, limit):
     with pytest.raises(RuntimeError, match=r"2 pairs could not be decoded by the loader .*allows 1 of 12"):
         train(
-            "--max_train_steps", "4", "--checkpointing_steps", "100", "--max_bad_rows", limit, dataset=corrupt_pickapic
+            "--validation_prompts",
+            "--max_train_steps",
+            "4",
+            "--checkpointing_steps",
+            "100",
+            "--max_bad_rows",
+            limit,
+            dataset=corrupt_pickapic,
         )
     checkpoints = rpo.list_checkpoints(tmp_path / "out")
     assert len(checkpoints) == 1 and checkpoint_progress(checkpoints[0])["bad_rows"] == 2
@@ -105,8 +100,23 @@ def test_too_many_corrupt_rows_stop_the_run_and_keep_a_checkpoint(train, corrupt
 
 def test_latent_cache_leaves_corrupt_rows_out_and_counts_them(train, corrupt_pickapic, tmp_path, caplog):
     with pytest.raises(RuntimeError, match="2 pairs could not be decoded while building the latent cache"):
-        train("--cache_latents", "--max_bad_rows", "1", output_dir="strict", dataset=corrupt_pickapic)
-    train("--cache_latents", "--max_bad_rows", "2", "--max_train_steps", "3", dataset=corrupt_pickapic)
+        train(
+            "--validation_prompts",
+            "--cache_latents",
+            "--max_bad_rows",
+            "1",
+            output_dir="strict",
+            dataset=corrupt_pickapic,
+        )
+    train(
+        "--validation_prompts",
+        "--cache_latents",
+        "--max_bad_rows",
+        "2",
+        "--max_train_steps",
+        "3",
+        dataset=corrupt_pickapic,
+    )
     assert "2 of 12 pairs could not be decoded (or gave non-finite latents) and are left out" in caplog.text
     cache = datasets.concatenate_datasets(
         [datasets.Dataset.from_file(str(path)) for path in (tmp_path / "out" / "latent_cache").glob("*.arrow")]
@@ -116,10 +126,9 @@ def test_latent_cache_leaves_corrupt_rows_out_and_counts_them(train, corrupt_pic
 
 
 def test_streamed_corrupt_rows_are_skipped_in_full_batches(corrupt_pickapic):
-    columns = SimpleNamespace(caption="caption", image_0="jpg_0", image_1="jpg_1", label_0="label_0")
     stream = datasets.load_dataset(corrupt_pickapic, split="train", streaming=True)
-    stream = rpo.prepare_streaming_dataset(stream, columns, seed=0, shuffle_buffer_size=0)
-    pairs = rpo.PairMaker(columns, 32, 0)
+    stream = rpo.prepare_streaming_dataset(stream, COLUMNS, seed=0, shuffle_buffer_size=0)
+    pairs = rpo.PairMaker(COLUMNS, 32, 0)
     batches = rpo.StreamingPairDataset(stream, pairs, 2, 1, 0, rpo.TrainingProgress(0))
     epoch = [batch for _, batch in zip(range(5), batches)]  # 12 pairs, 2 bad: 5 full batches of 2
     assert all(batch["pixel_values"].shape[0] == 4 for batch in epoch)
@@ -150,7 +159,7 @@ def poison_losses(monkeypatch, module, from_call, until_call=None):
 
 def test_a_nonfinite_loss_skips_the_update(train, script, tmp_path, monkeypatch, caplog):
     poison_losses(monkeypatch, script.module, from_call=2, until_call=2)
-    progress = train("--max_train_steps", "4", "--checkpointing_steps", "1")
+    progress, _ = train("--validation_prompts", "--max_train_steps", "4", "--checkpointing_steps", "1")
     assert progress.skipped_updates == 1 and progress.nonfinite_in_a_row == 0
     assert "Step 2: non-finite loss or gradient; update skipped" in caplog.text
     out = tmp_path / "out"
@@ -164,7 +173,8 @@ def test_a_nonfinite_loss_skips_the_update(train, script, tmp_path, monkeypatch,
 def test_a_skipped_update_does_not_advance_the_learning_rate_schedule(train, script, monkeypatch):
     # Warmup over 4 steps: lr after step k is k/4 of the peak; step 2 is skipped, so step 3 trains at step 2's rate.
     poison_losses(monkeypatch, script.module, from_call=2, until_call=2)
-    progress = train(
+    progress, _ = train(
+        "--validation_prompts",
         "--max_train_steps",
         "4",
         "--lr_scheduler",
@@ -182,7 +192,15 @@ def test_nonfinite_steps_in_a_row_stop_the_run_at_the_last_good_weights(train, s
     with pytest.raises(
         RuntimeError, match="3 optimizer steps in a row .*non-finite.*last checkpoint is .*checkpoint-3"
     ):
-        train("--max_train_steps", "6", "--checkpointing_steps", "1", "--max_nonfinite_steps", "3")
+        train(
+            "--validation_prompts",
+            "--max_train_steps",
+            "6",
+            "--checkpointing_steps",
+            "1",
+            "--max_nonfinite_steps",
+            "3",
+        )
     out = tmp_path / "out"
     # Stopped at step 4 before its save; steps 2 and 3 were skipped, so checkpoint-3 holds step 1's weights.
     assert checkpoint_names(out) == ["checkpoint-1", "checkpoint-2", "checkpoint-3"]
@@ -220,7 +238,9 @@ def test_sigint_saves_a_checkpoint_and_a_resume_matches_the_straight_run(
     train, script, tmp_path, monkeypatch, sigint_disposition
 ):
     sigint_disposition(signal.default_int_handler)
-    straight = train("--max_train_steps", "4", "--checkpointing_steps", "100", output_dir="straight")
+    straight, _ = train(
+        "--validation_prompts", "--max_train_steps", "4", "--checkpointing_steps", "100", output_dir="straight"
+    )
     original = script.module.record_faults
 
     def interrupt_at_step_2(args, progress, verdict, logs):
@@ -229,12 +249,15 @@ def test_sigint_saves_a_checkpoint_and_a_resume_matches_the_straight_run(
             os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C during step 2's bookkeeping: seen at step 3's update
 
     monkeypatch.setattr(script.module, "record_faults", interrupt_at_step_2)
-    stopped = train("--max_train_steps", "4", "--checkpointing_steps", "100", output_dir="split")
+    stopped, _ = train(
+        "--validation_prompts", "--max_train_steps", "4", "--checkpointing_steps", "100", output_dir="split"
+    )
     monkeypatch.setattr(script.module, "record_faults", original)
     assert stopped.stopped_by == signal.SIGINT and stopped.global_step == 3
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
     assert checkpoint_names(tmp_path / "split") == ["checkpoint-3"] and not (tmp_path / "split" / "unet").exists()
-    resumed = train(
+    resumed, _ = train(
+        "--validation_prompts",
         "--max_train_steps",
         "4",
         "--checkpointing_steps",
@@ -257,23 +280,19 @@ def test_sigint_ignored_at_start_stays_ignored(train, script, tmp_path, monkeypa
             os.kill(os.getpid(), signal.SIGINT)
 
     monkeypatch.setattr(script.module, "record_faults", interrupt_at_step_1)
-    progress = train("--max_train_steps", "3", "--checkpointing_steps", "100", output_dir="ignored")
+    progress, _ = train(
+        "--validation_prompts", "--max_train_steps", "3", "--checkpointing_steps", "100", output_dir="ignored"
+    )
     assert progress.stopped_by is None and progress.global_step == 3 and (tmp_path / "ignored" / "unet").exists()
     assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
 
 
-def test_sigterm_to_a_launched_run_saves_and_the_resume_is_bitwise_exact(
-    train, script, pickapic_path, clip_model_path, tmp_path
-):
+def test_sigterm_to_a_launched_run_saves_and_the_resume_is_bitwise_exact(train, script, tmp_path):
     """Preemption: SIGTERM to the whole process group (launcher, trainer, loader workers), as SLURM and Ctrl-C do.
     The straight and the resumed runs are in-process, with the launched run's thread count (same arithmetic)."""
     steps = ["--max_train_steps", "12", "--train_batch_size", "4"]  # 4 epochs; killed after the step-2 checkpoint
     split = tmp_path / "split"
-    flags = cli(
-        script.pipeline,
-        pickapic_path,
-        clip_model_path,
-        split,
+    flags = train.flags(
         "--validation_prompts",
         *steps,
         "--dataloader_num_workers",
@@ -282,6 +301,7 @@ def test_sigterm_to_a_launched_run_saves_and_the_resume_is_bitwise_exact(
         "2",
         "--checkpoints_total_limit",
         "2",
+        output_dir=split,
     )
     command = [
         sys.executable,
@@ -321,9 +341,17 @@ def test_sigterm_to_a_launched_run_saves_and_the_resume_is_bitwise_exact(
     stopped_at = checkpoint_progress(checkpoint)["global_step"]
     assert 2 <= stopped_at < 12 and not (split / "unet").exists()
 
-    resumed = train(*steps, "--checkpointing_steps", "100", "--resume_from_checkpoint", "latest", output_dir="split")
+    resumed, _ = train(
+        "--validation_prompts",
+        *steps,
+        "--checkpointing_steps",
+        "100",
+        "--resume_from_checkpoint",
+        "latest",
+        output_dir="split",
+    )
     assert resumed.global_step == 12 and len(resumed.history) == 12 - stopped_at
-    train(*steps, "--checkpointing_steps", "100", output_dir="straight")
+    train("--validation_prompts", *steps, "--checkpointing_steps", "100", output_dir="straight")
     assert same_weights(unet_weights(tmp_path / "straight"), unet_weights(split))
 
 
@@ -334,12 +362,20 @@ def test_sigterm_to_a_launched_run_saves_and_the_resume_is_bitwise_exact(
 
 def test_interrupted_and_broken_checkpoints_are_never_resumed(train, tmp_path, caplog):
     out = tmp_path / "out"
-    train("--max_train_steps", "2", "--checkpointing_steps", "2")
+    train("--validation_prompts", "--max_train_steps", "2", "--checkpointing_steps", "2")
     shutil.copytree(out / "checkpoint-2", out / "checkpoint-4.incomplete")  # a save killed before its rename
     os.remove(out / "checkpoint-4.incomplete" / rpo.PROGRESS_FILE)
     shutil.copytree(out / "checkpoint-4.incomplete", out / "checkpoint-6")  # a copy that broke off
     (out / "checkpoint-6" / "model.safetensors").write_bytes(b"")
-    progress = train("--max_train_steps", "3", "--checkpointing_steps", "100", "--resume_from_checkpoint", "latest")
+    progress, _ = train(
+        "--validation_prompts",
+        "--max_train_steps",
+        "3",
+        "--checkpointing_steps",
+        "100",
+        "--resume_from_checkpoint",
+        "latest",
+    )
     assert "Resuming from" in caplog.text and "checkpoint-2" in caplog.text.split("Resuming from")[1].splitlines()[0]
     assert len(progress.history) == 1  # steps 3 only
     assert "no training_progress.json, so it is incomplete" in caplog.text
@@ -348,10 +384,11 @@ def test_interrupted_and_broken_checkpoints_are_never_resumed(train, tmp_path, c
 
 def test_total_limit_never_deletes_the_checkpoint_just_saved(train, tmp_path):
     out = tmp_path / "out"
-    train("--max_train_steps", "4", "--checkpointing_steps", "2")
+    train("--validation_prompts", "--max_train_steps", "4", "--checkpointing_steps", "2")
     assert checkpoint_names(out) == ["checkpoint-2", "checkpoint-4"]
     # Resuming an earlier checkpoint: the new checkpoint-3 sorts before checkpoint-4, yet it is the one kept.
     train(
+        "--validation_prompts",
         "--max_train_steps",
         "3",
         "--checkpointing_steps",
@@ -371,7 +408,7 @@ def test_total_limit_never_deletes_the_checkpoint_just_saved(train, tmp_path):
 
 
 def test_checkpoints_resume_without_unpickling_objects(train, tmp_path, monkeypatch):
-    train("--max_train_steps", "2", "--checkpointing_steps", "2", "--use_8bit_adam")
+    train("--validation_prompts", "--max_train_steps", "2", "--checkpointing_steps", "2", "--use_8bit_adam")
     files = os.listdir(tmp_path / "out" / "checkpoint-2")
     assert "model.safetensors" in files and not any(name.startswith("custom_checkpoint") for name in files)
     original = torch.load
@@ -381,7 +418,8 @@ def test_checkpoints_resume_without_unpickling_objects(train, tmp_path, monkeypa
         return original(*args, **kwargs)
 
     monkeypatch.setattr(torch, "load", weights_only_load)
-    progress = train(
+    progress, _ = train(
+        "--validation_prompts",
         "--max_train_steps",
         "3",
         "--checkpointing_steps",
@@ -435,12 +473,28 @@ def test_resume_without_a_seed_uses_the_checkpoint_seed_for_the_data(train, tmp_
     # No --seed: a seed is drawn, and the --max_train_samples subset, the order and every draw depend on it; the
     # resumed run must prepare its data with the checkpoint's seed, not a new draw.
     common = ["--max_train_samples", "8", "--train_batch_size", "2", "--checkpointing_steps", "2"]
-    train(*common, "--max_train_steps", "2", output_dir="split", seeded=False)
+    train("--validation_prompts", *common, "--max_train_steps", "2", output_dir="split", omit=["--seed"])
     seed = checkpoint_progress(tmp_path / "split" / "checkpoint-2")["seed"]
-    resumed = train(
-        *common, "--max_train_steps", "4", "--resume_from_checkpoint", "latest", output_dir="split", seeded=False
+    resumed, _ = train(
+        "--validation_prompts",
+        *common,
+        "--max_train_steps",
+        "4",
+        "--resume_from_checkpoint",
+        "latest",
+        output_dir="split",
+        omit=["--seed"],
     )
-    straight = train(*common, "--max_train_steps", "4", "--seed", str(seed), output_dir="straight", seeded=False)
+    straight, _ = train(
+        "--validation_prompts",
+        *common,
+        "--max_train_steps",
+        "4",
+        "--seed",
+        str(seed),
+        output_dir="straight",
+        omit=["--seed"],
+    )
     assert resumed.seed == seed
     assert [h["loss"] for h in resumed.history] == [h["loss"] for h in straight.history[2:]]
     assert same_weights(unet_weights(tmp_path / "straight"), unet_weights(tmp_path / "split"))
@@ -455,11 +509,11 @@ def test_a_stop_at_the_final_step_finishes_the_run(train, script, tmp_path, monk
             os.kill(os.getpid(), signal.SIGTERM)  # seen at step 2, the last one
 
     monkeypatch.setattr(script.module, "record_faults", interrupt_at_step_1)
-    progress = train("--max_train_steps", "2", "--checkpointing_steps", "2")
+    progress, _ = train("--validation_prompts", "--max_train_steps", "2", "--checkpointing_steps", "2")
     assert progress.stopped_by is None and (tmp_path / "out" / "unet").is_dir()
     monkeypatch.setattr(script.module, "record_faults", original)
     # Resuming the final checkpoint trains no extra step.
-    again = train("--max_train_steps", "2", "--resume_from_checkpoint", "latest")
+    again, _ = train("--validation_prompts", "--max_train_steps", "2", "--resume_from_checkpoint", "latest")
     assert again.global_step == 2 and again.history == []
 
 

@@ -1,7 +1,8 @@
-"""train_diffusion_rpo_sdxl.py: the code it shares with train_diffusion_rpo.py, SDXL's conditioning, and end-to-end
-runs on a tiny SDXL pipeline (two CLIP text encoders, the second with projection; a text_time UNet)."""
+"""What is specific to train_diffusion_rpo_sdxl.py: it refuses SD1.5 weights (and train_diffusion_rpo.py SDXL ones),
+SDXL's conditioning (time ids, the fp32 VAE rule, a custom VAE), and `accelerate launch` runs on a tiny SDXL pipeline
+(two CLIP text encoders, the second with projection; a text_time UNet). Behaviour of the code both scripts share is
+tested for both in the file for that behaviour; tests/test_script_parity.py checks the pair."""
 
-import ast
 import os
 import subprocess
 import sys
@@ -9,69 +10,11 @@ import sys
 import pytest
 import tiny
 import torch
+from helpers import ROOT, SDXL, cli, unet_weights
 from PIL import Image
-from test_train import ROOT, cli, unet_weights
 
 import train_diffusion_rpo as sd15
 import train_diffusion_rpo_sdxl as sdxl
-
-
-SCRIPTS = {name: os.path.join(ROOT, name) for name in ("train_diffusion_rpo.py", "train_diffusion_rpo_sdxl.py")}
-END_MARKER = "# END SCRIPT-SPECIFIC\n"
-BEGIN_MARKER = "# BEGIN SCRIPT-SPECIFIC"
-
-
-def script_parts(path):
-    text = open(path).read()
-    begin, end = text.index(BEGIN_MARKER), text.index(END_MARKER)
-    return text[:begin], text[begin:end], text[end:]
-
-
-def top_level_names(source):
-    names = set()
-    for node in ast.parse(source).body:
-        if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
-            names.add(node.name)
-        elif isinstance(node, ast.Assign):
-            names.update(target.id for target in node.targets if isinstance(target, ast.Name))
-    return names
-
-
-def test_everything_after_the_script_specific_block_is_textually_identical():
-    (_, sd_block, sd_shared), (_, xl_block, xl_shared) = map(script_parts, SCRIPTS.values())
-    assert sd_shared == xl_shared  # compute_preference_loss, data, step, cache, checkpoints, card, main: one text
-    # Both blocks define the same names (the seams the shared code calls), and nothing shared is redefined in them.
-    assert top_level_names(sd_block) == top_level_names(xl_block)
-    assert not top_level_names(sd_block) & top_level_names(sd_shared)
-    assert {"load_models", "encode_conditioning", "build_validation_pipeline"} <= top_level_names(sd_block)
-    assert "compute_preference_loss" in top_level_names(sd_shared)
-
-
-@pytest.mark.parametrize("loss_type", ["rpo", "dpo", "sft"])
-def test_both_scripts_give_identical_losses(loss_type):
-    generator = torch.Generator().manual_seed(0)
-    model_losses = torch.rand(8, generator=generator, requires_grad=True)
-    ref_losses = None if loss_type == "sft" else torch.rand(8, generator=generator)
-    embeddings = torch.nn.functional.normalize(torch.randn(8, 16, generator=generator), dim=-1)
-    results = []
-    for module in (sd15, sdxl):
-        loss, metrics = module.compute_preference_loss(
-            model_losses, ref_losses, loss_type=loss_type, beta=5000.0, embeddings=embeddings, temperature=0.5
-        )
-        (gradient,) = torch.autograd.grad(loss, model_losses)
-        results.append((loss, gradient, metrics))
-    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
-    assert results[0][2].keys() == results[1][2].keys()
-    assert all(torch.equal(results[0][2][k], results[1][2][k]) for k in results[0][2])
-
-
-def test_both_scripts_take_the_same_flags_with_their_own_model_defaults():
-    sd_args, xl_args = vars(sd15.parse_args([])), vars(sdxl.parse_args([]))
-    assert sd_args.keys() == xl_args.keys()
-    differing = {key for key in sd_args if sd_args[key] != xl_args[key]}
-    assert differing == {"pretrained_model_name_or_path", "resolution"}
-    assert xl_args["pretrained_model_name_or_path"] == "stabilityai/stable-diffusion-xl-base-1.0"
-    assert xl_args["resolution"] == 1024
 
 
 def test_each_script_refuses_the_other_ones_weights(sd_pipeline_path, sdxl_pipeline_path):
@@ -177,7 +120,7 @@ def test_accelerate_launch_trains_an_sdxl_pipeline_that_loads_and_generates(
         "1",
         "--dynamo_backend",
         "no",
-        SCRIPTS["train_diffusion_rpo_sdxl.py"],
+        os.path.join(ROOT, "train_diffusion_rpo_sdxl.py"),
         *cli(
             sdxl_pipeline_path,
             pickapic_path,
@@ -203,73 +146,17 @@ def test_accelerate_launch_trains_an_sdxl_pipeline_that_loads_and_generates(
     assert (out / "validation_grid.png").exists()
 
 
-def run_xl(sdxl_pipeline_path, pickapic_path, clip_model_path, output_dir, *extra):
-    return sdxl.main(
-        sdxl.parse_args(
-            cli(sdxl_pipeline_path, pickapic_path, clip_model_path, output_dir, "--validation_prompts", *extra)
-        )
-    )
-
-
-def test_sdxl_resume_is_bitwise_exact(sdxl_pipeline_path, pickapic_path, clip_model_path, tmp_path):
-    common = ["--train_batch_size", "4", "--checkpointing_steps", "2"]
-    straight = run_xl(
-        sdxl_pipeline_path, pickapic_path, clip_model_path, tmp_path / "straight", *common, "--max_train_steps", "4"
-    )
-    run_xl(sdxl_pipeline_path, pickapic_path, clip_model_path, tmp_path / "split", *common, "--max_train_steps", "2")
-    resumed = run_xl(
-        sdxl_pipeline_path,
-        pickapic_path,
-        clip_model_path,
-        tmp_path / "split",
-        *common,
-        "--max_train_steps",
-        "4",
-        "--resume_from_checkpoint",
-        "latest",
-    )
-    assert [h["loss"] for h in resumed.history] == [h["loss"] for h in straight.history[2:]]
-    a, b = unet_weights(tmp_path / "straight"), unet_weights(tmp_path / "split")
-    assert all(torch.equal(a[k], b[k]) for k in a)
-
-
-def test_sdxl_lora_adapters_load_on_the_base(sdxl_pipeline_path, pickapic_path, clip_model_path, tmp_path):
-    from diffusers import StableDiffusionXLPipeline
-    from safetensors.torch import load_file
-
-    progress = run_xl(
-        sdxl_pipeline_path, pickapic_path, clip_model_path, tmp_path / "out", "--use_lora", "--loss_type", "dpo"
-    )
-    assert progress.history[0]["loss"] == torch.tensor(0.6931471805599453, dtype=torch.float32).item()
-    lora = load_file(tmp_path / "out" / "pytorch_lora_weights.safetensors")
-    assert lora and all("lora" in key for key in lora)
-    pipeline = StableDiffusionXLPipeline.from_pretrained(sdxl_pipeline_path)
-    before = generate(pipeline)
-    pipeline.load_lora_weights(str(tmp_path / "out"))
-    assert abs(generate(pipeline) - before).max() > 0
-
-
-def test_custom_vae_is_trained_with_saved_and_named_in_the_card(
-    sdxl_pipeline_path, pickapic_path, clip_model_path, tmp_path
-):
+@SDXL
+def test_custom_vae_is_trained_with_saved_and_named_in_the_card(train, tmp_path):
     from huggingface_hub import ModelCard
     from safetensors.torch import load_file
 
     custom_vae = tiny.save_vae(str(tmp_path / "fp16-fix-vae"), seed=9)
     out = tmp_path / "out"
-    run_xl(
-        sdxl_pipeline_path,
-        pickapic_path,
-        clip_model_path,
-        out,
-        "--pretrained_vae_model_name_or_path",
-        custom_vae,
-        "--adam_weight_decay",
-        "0",
-    )
+    train("--validation_prompts", "--pretrained_vae_model_name_or_path", custom_vae, "--adam_weight_decay", "0")
     saved = load_file(out / "vae" / "diffusion_pytorch_model.safetensors")
     custom = load_file(os.path.join(custom_vae, "diffusion_pytorch_model.safetensors"))
-    base = load_file(os.path.join(sdxl_pipeline_path, "vae", "diffusion_pytorch_model.safetensors"))
+    base = load_file(os.path.join(train.script.pipeline, "vae", "diffusion_pytorch_model.safetensors"))
     assert all(torch.equal(saved[k], custom[k]) for k in custom) and not all(
         torch.equal(base[k], custom[k]) for k in base
     )
@@ -279,49 +166,6 @@ def test_custom_vae_is_trained_with_saved_and_named_in_the_card(
     assert f"Trained with the VAE `{os.path.basename(custom_vae)}`" in card.text
     assert "train_diffusion_rpo_sdxl.py" in card.text
     # Training itself runs with the custom VAE's weights.
-    args = sdxl.parse_args(
-        cli(
-            sdxl_pipeline_path,
-            pickapic_path,
-            clip_model_path,
-            tmp_path / "x",
-            "--pretrained_vae_model_name_or_path",
-            custom_vae,
-            "--loss_type",
-            "dpo",
-        )
-    )
+    args = train.parse("--pretrained_vae_model_name_or_path", custom_vae, "--loss_type", "dpo", output_dir="x")
     models = sdxl.load_models(args, torch.device("cpu"), torch.float32)
     assert all(torch.equal(models.vae.state_dict()[k], custom[k]) for k in custom)
-
-
-def test_adafactor_trains_with_factored_state(sdxl_pipeline_path, pickapic_path, clip_model_path, tmp_path):
-    progress = run_xl(
-        sdxl_pipeline_path,
-        pickapic_path,
-        clip_model_path,
-        tmp_path / "out",
-        "--use_adafactor",
-        "--checkpointing_steps",
-        "2",
-    )
-    state = torch.load(tmp_path / "out" / "checkpoint-2" / "optimizer.bin", weights_only=True)
-    assert state["param_groups"][0]["relative_step"] is False
-    assert any("exp_avg_sq_row" in s for s in state["state"].values())  # factored second moments, no exp_avg
-    assert not any("exp_avg" in s for s in state["state"].values())
-    assert progress.global_step == 2
-
-
-def test_sdxl_cached_run_matches_the_live_run(sdxl_pipeline_path, pickapic_path, clip_model_path, tmp_path):
-    # The cache must carry what SDXL's time ids are built from (original size, crop of each flip) as well as latents.
-    live = run_xl(sdxl_pipeline_path, pickapic_path, clip_model_path, tmp_path / "live", "--max_train_steps", "3")
-    cached = run_xl(
-        sdxl_pipeline_path,
-        pickapic_path,
-        clip_model_path,
-        tmp_path / "cached",
-        "--max_train_steps",
-        "3",
-        "--cache_latents",
-    )
-    assert [h["loss"] for h in cached.history] == pytest.approx([h["loss"] for h in live.history], rel=1e-4)

@@ -4,9 +4,13 @@ stream position in checkpoints that a resumed run continues from."""
 import pytest
 import tiny
 import torch
-from test_train import cli
+from helpers import SD15, cli, losses
 
 import train_diffusion_rpo as rpo
+
+
+# A streamed run without validation, 2 pairs per step (with train(..., dataset=sharded_pickapic)).
+STREAMING = ("--validation_prompts", "--streaming", "--train_batch_size", "2")
 
 
 @pytest.fixture(scope="module")
@@ -15,39 +19,26 @@ def sharded_pickapic(tmp_path_factory):
     return tiny.write_pickapic_dataset(str(tmp_path_factory.mktemp("sharded")), tiny.pickapic_rows(24), num_files=4)
 
 
-@pytest.fixture
-def stream_run(sd_pipeline_path, sharded_pickapic, clip_model_path, tmp_path):
-    def run(name, *extra):
-        args = rpo.parse_args(
-            cli(
-                sd_pipeline_path,
-                sharded_pickapic,
-                clip_model_path,
-                tmp_path / name,
-                "--validation_prompts",
-                "--streaming",
-                "--train_batch_size",
-                "2",
-                *extra,
-            )
-        )
-        return rpo.main(args)
-
-    return run
-
-
-def losses(progress):
-    return [h["loss"] for h in progress.history]
-
-
+@SD15
 @pytest.mark.parametrize("workers", [0, 2])
-def test_streaming_resume_continues_at_the_saved_stream_position(stream_run, workers):
+def test_streaming_resume_continues_at_the_saved_stream_position(train, sharded_pickapic, workers):
     # Shuffle buffer off (the shard order is then fixed): a resume must replay nothing and skip nothing. 10 steps of
     # 2 pairs cycle the 16 pairs into a second epoch (each of 2 readers holds 2 files: 4 batches an epoch).
     common = ["--shuffle_buffer_size", "0", "--dataloader_num_workers", str(workers), "--checkpointing_steps", "5"]
-    straight = stream_run("straight", *common, "--max_train_steps", "10")
-    stream_run("split", *common, "--max_train_steps", "5")
-    resumed = stream_run("split", *common, "--max_train_steps", "10", "--resume_from_checkpoint", "latest")
+    straight, _ = train(
+        *STREAMING, *common, "--max_train_steps", "10", output_dir="straight", dataset=sharded_pickapic
+    )
+    train(*STREAMING, *common, "--max_train_steps", "5", output_dir="split", dataset=sharded_pickapic)
+    resumed, _ = train(
+        *STREAMING,
+        *common,
+        "--max_train_steps",
+        "10",
+        "--resume_from_checkpoint",
+        "latest",
+        output_dir="split",
+        dataset=sharded_pickapic,
+    )
     assert len(resumed.history) == 5
     assert losses(resumed) == losses(straight)[5:]
     readers = max(1, workers)

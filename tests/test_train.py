@@ -1,4 +1,5 @@
-"""End-to-end runs of train_diffusion_rpo.main on the tiny pipeline and Pick-a-Pic-schema dataset."""
+"""End-to-end runs of the training scripts' main on the tiny pipelines and Pick-a-Pic-schema dataset (behaviour in
+their shared code runs for both scripts; SD1.5-only and SDXL-only tests are marked)."""
 
 import math
 import os
@@ -9,83 +10,18 @@ from types import SimpleNamespace
 import pytest
 import tiny
 import torch
+from helpers import LN2_FP32, ROOT, SD15, SDXL, cli, unet_weights
 from safetensors.torch import load_file
 
 import train_diffusion_rpo as rpo
 
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-LN2_FP32 = torch.tensor(math.log(2), dtype=torch.float32).item()
-
-
-def cli(sd_pipeline_path, pickapic_path, clip_model_path, output_dir, *extra):
-    return [
-        "--pretrained_model_name_or_path",
-        sd_pipeline_path,
-        "--dataset_name",
-        pickapic_path,
-        "--clip_model_name_or_path",
-        clip_model_path,
-        "--output_dir",
-        str(output_dir),
-        "--resolution",
-        "32",
-        "--train_batch_size",
-        "3",
-        "--max_train_steps",
-        "2",
-        "--learning_rate",
-        "1e-3",
-        "--lr_warmup_steps",
-        "0",
-        "--dataloader_num_workers",
-        "0",
-        "--seed",
-        "0",
-        "--report_to",
-        "none",
-        "--validation_prompts",
-        "a red circle",
-        "--validation_num_inference_steps",
-        "2",
-        *extra,
-    ]
-
-
-@pytest.fixture
-def run(sd_pipeline_path, pickapic_path, clip_model_path, tmp_path):
-    def run_main(*extra, output_dir=None):
-        args = rpo.parse_args(
-            cli(sd_pipeline_path, pickapic_path, clip_model_path, output_dir or tmp_path / "out", *extra)
-        )
-        return rpo.main(args), args
-
-    return run_main
-
-
-@pytest.fixture
-def run_either(script, pickapic_path, clip_model_path, tmp_path):
-    """`run` for each of the two scripts (the `script` fixture), for behaviour in their shared code."""
-
-    def run_main(*extra, output_dir=None):
-        args = script.module.parse_args(
-            cli(script.pipeline, pickapic_path, clip_model_path, output_dir or tmp_path / "out", *extra)
-        )
-        return script.module.main(args), args
-
-    run_main.module = script.module
-    return run_main
-
-
-def unet_weights(folder):
-    return load_file(os.path.join(folder, "unet", "diffusion_pytorch_model.safetensors"))
-
-
+@SD15
 @pytest.mark.parametrize("loss_type", ["rpo", "dpo", "sft"])
-def test_training_saves_a_pipeline_that_loads_and_generates(run, sd_pipeline_path, tmp_path, loss_type):
+def test_training_saves_a_pipeline_that_loads_and_generates(train, sd_pipeline_path, tmp_path, loss_type):
     from diffusers import DiffusionPipeline, StableDiffusionPipeline
 
-    progress, args = run("--loss_type", loss_type)
+    progress, args = train("--loss_type", loss_type)
     assert progress.global_step == 2 and len(progress.history) == 2
     trained, base = unet_weights(args.output_dir), unet_weights(sd_pipeline_path)
     assert trained.keys() == base.keys()
@@ -121,8 +57,8 @@ def test_training_saves_a_pipeline_that_loads_and_generates(run, sd_pipeline_pat
 
 
 @pytest.mark.parametrize("loss_type,sampling", [("rpo", "batch"), ("rpo", "pair"), ("dpo", "pair")])
-def test_first_step_at_the_reference_is_ln2_in_fp32(run_either, loss_type, sampling):
-    progress, _ = run_either(
+def test_first_step_at_the_reference_is_ln2_in_fp32(train, loss_type, sampling):
+    progress, _ = train(
         "--loss_type", loss_type, "--timestep_sampling", sampling, "--max_train_steps", "1", "--validation_prompts"
     )
     first = progress.history[0]
@@ -130,25 +66,28 @@ def test_first_step_at_the_reference_is_ln2_in_fp32(run_either, loss_type, sampl
     assert first["implicit_acc"] == 0.5
 
 
-def test_first_step_in_bf16_is_close_to_ln2(run):
-    progress, _ = run(
+@SD15
+def test_first_step_in_bf16_is_close_to_ln2(train):
+    progress, _ = train(
         "--mixed_precision", "bf16", "--beta_dpo", "500", "--max_train_steps", "1", "--validation_prompts"
     )
     assert abs(progress.history[0]["loss"] - math.log(2)) < 0.05
 
 
-def test_rpo_weights_are_logged_from_the_clip_similarity(run):
-    progress, _ = run("--max_train_steps", "1", "--validation_prompts", "--rpo_weight_scale", "3")
+@SD15
+def test_rpo_weights_are_logged_from_the_clip_similarity(train):
+    progress, _ = train("--max_train_steps", "1", "--validation_prompts", "--rpo_weight_scale", "3")
     logged = progress.history[0]
     # Softmax rows over M=3 losers: the diagonal weight lies strictly between 0 and s, and beta_eff = beta/2 * it.
     assert 0 < logged["weight_diag_mean"] < 3
     assert logged["beta_effective_diag"] == pytest.approx(2500 * logged["weight_diag_mean"], rel=1e-5)
 
 
-def test_weight_norm_drift_is_measured_from_the_base_also_after_a_resume(run, sd_pipeline_path, tmp_path):
+@SD15
+def test_weight_norm_drift_is_measured_from_the_base_also_after_a_resume(train, sd_pipeline_path, tmp_path):
     out = tmp_path / "drift"
-    run("--max_train_steps", "2", "--checkpointing_steps", "1", "--validation_prompts", output_dir=out)
-    progress, _ = run(
+    train("--max_train_steps", "2", "--checkpointing_steps", "1", "--validation_prompts", output_dir=out)
+    progress, _ = train(
         "--max_train_steps", "3", "--resume_from_checkpoint", "latest", "--validation_prompts", output_dir=out
     )
 
@@ -160,11 +99,11 @@ def test_weight_norm_drift_is_measured_from_the_base_also_after_a_resume(run, sd
     assert progress.history[-1]["weight_norm_drift"] == pytest.approx(expected, rel=1e-3, abs=1e-7)
 
 
-def test_checkpoints_prune_and_resume_latest(run_either, tmp_path):
+def test_checkpoints_prune_and_resume_latest(train, tmp_path):
     out = tmp_path / "ckpt"
-    run_either("--max_train_steps", "4", "--checkpointing_steps", "2", "--validation_prompts", output_dir=out)
+    train("--max_train_steps", "4", "--checkpointing_steps", "2", "--validation_prompts", output_dir=out)
     assert sorted(p for p in os.listdir(out) if p.startswith("checkpoint")) == ["checkpoint-2", "checkpoint-4"]
-    progress, _ = run_either(
+    progress, _ = train(
         "--max_train_steps",
         "6",
         "--checkpointing_steps",
@@ -180,20 +119,21 @@ def test_checkpoints_prune_and_resume_latest(run_either, tmp_path):
     assert progress.global_step == 6 and len(progress.history) == 2  # continued from step 4
 
 
+@SD15
 @pytest.mark.parametrize(
     "extra",
     [[], ["--dataloader_num_workers", "2"], ["--cache_latents"]],
     ids=["main-process", "workers", "latent-cache"],
 )
-def test_resume_continues_the_data_position_exactly(run, tmp_path, extra):
+def test_resume_continues_the_data_position_exactly(train, tmp_path, extra):
     # 4 steps straight == 2 steps, stop, resume, 2 steps: the same losses and bitwise the same weights (data order,
     # augmentation, noise, optimizer and scheduler state). Steps 3-4 start the second epoch of the 12 pairs.
     extra = [*extra, "--train_batch_size", "4", "--validation_prompts"]
-    straight, _ = run(
+    straight, _ = train(
         "--max_train_steps", "4", "--checkpointing_steps", "100", *extra, output_dir=tmp_path / "straight"
     )
-    run("--max_train_steps", "2", "--checkpointing_steps", "2", *extra, output_dir=tmp_path / "split")
-    resumed, _ = run(
+    train("--max_train_steps", "2", "--checkpointing_steps", "2", *extra, output_dir=tmp_path / "split")
+    resumed, _ = train(
         "--max_train_steps",
         "4",
         "--checkpointing_steps",
@@ -208,8 +148,19 @@ def test_resume_continues_the_data_position_exactly(run, tmp_path, extra):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_8bit_adam_keeps_uint8_optimizer_state(run_either, tmp_path):
-    run_either("--use_8bit_adam", "--checkpointing_steps", "2", "--validation_prompts")
+@SDXL
+def test_sdxl_resume_is_bitwise_exact(train, tmp_path):
+    common = ["--validation_prompts", "--train_batch_size", "4", "--checkpointing_steps", "2"]
+    straight, _ = train(*common, "--max_train_steps", "4", output_dir="straight")
+    train(*common, "--max_train_steps", "2", output_dir="split")
+    resumed, _ = train(*common, "--max_train_steps", "4", "--resume_from_checkpoint", "latest", output_dir="split")
+    assert [h["loss"] for h in resumed.history] == [h["loss"] for h in straight.history[2:]]
+    a, b = unet_weights(tmp_path / "straight"), unet_weights(tmp_path / "split")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_8bit_adam_keeps_uint8_optimizer_state(train, tmp_path):
+    train("--use_8bit_adam", "--checkpointing_steps", "2", "--validation_prompts")
     state = torch.load(tmp_path / "out" / "checkpoint-2" / "optimizer.bin", weights_only=True)
 
     def tensor_dtypes(value):  # bitsandbytes nests its quantisation state in a dict
@@ -222,14 +173,25 @@ def test_8bit_adam_keeps_uint8_optimizer_state(run_either, tmp_path):
     assert torch.float32 in dtypes  # small tensors keep 32-bit state (bitsandbytes' min_8bit_size)
 
 
-def test_lora_run_saves_adapters_that_load_on_the_base(run, sd_pipeline_path, tmp_path):
-    from diffusers import StableDiffusionPipeline
+@SDXL
+def test_adafactor_trains_with_factored_state(train, tmp_path):
+    progress, _ = train("--validation_prompts", "--use_adafactor", "--checkpointing_steps", "2")
+    state = torch.load(tmp_path / "out" / "checkpoint-2" / "optimizer.bin", weights_only=True)
+    assert state["param_groups"][0]["relative_step"] is False
+    assert any("exp_avg_sq_row" in s for s in state["state"].values())  # factored second moments, no exp_avg
+    assert not any("exp_avg" in s for s in state["state"].values())
+    assert progress.global_step == 2
 
-    progress, args = run("--use_lora", "--lora_rank", "4", "--loss_type", "dpo")
+
+def test_lora_run_saves_adapters_that_load_on_the_base(train, tmp_path):
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    progress, args = train("--use_lora", "--lora_rank", "4", "--loss_type", "dpo")
     assert not os.path.exists(tmp_path / "out" / "unet")
     lora = load_file(tmp_path / "out" / "pytorch_lora_weights.safetensors")
     assert lora and all("lora" in key for key in lora)
-    pipeline = StableDiffusionPipeline.from_pretrained(sd_pipeline_path)
+    pipeline_class = {"sd15": StableDiffusionPipeline, "sdxl": StableDiffusionXLPipeline}[train.script.name]
+    pipeline = pipeline_class.from_pretrained(train.script.pipeline)
     kwargs = {"num_inference_steps": 2, "height": 32, "width": 32, "output_type": "np"}
     before = pipeline("a red circle", generator=torch.Generator().manual_seed(0), **kwargs).images[0]
     pipeline.load_lora_weights(str(tmp_path / "out"))
@@ -238,11 +200,12 @@ def test_lora_run_saves_adapters_that_load_on_the_base(run, sd_pipeline_path, tm
     assert progress.history[0]["loss"] == LN2_FP32  # the reference is the base with adapters off
 
 
-def test_model_card_is_complete_and_carries_no_local_path(run, sd_pipeline_path, tmp_path):
+@SD15
+def test_model_card_is_complete_and_carries_no_local_path(train, sd_pipeline_path, tmp_path):
     from huggingface_hub import ModelCard, ModelCardData
 
     out = tmp_path / "run lr=1e-5, beta=5000"  # a folder name that is no valid Hub repo id
-    progress, _ = run("--loss_type", "rpo", output_dir=out)
+    progress, _ = train("--loss_type", "rpo", output_dir=out)
     text = (out / "README.md").read_text()
     card = ModelCard.load(out / "README.md")
     assert card.data.license == "creativeml-openrail-m"  # read from the base model's card
@@ -280,9 +243,7 @@ def test_model_card_of_a_hub_base_names_it_in_the_metadata(tmp_path):
 
 
 @pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
-def test_push_to_hub_uploads_the_model_only_and_never_the_token(
-    run_either, tmp_path, monkeypatch, caplog, capfd, lora
-):
+def test_push_to_hub_uploads_the_model_only_and_never_the_token(train, tmp_path, monkeypatch, caplog, capfd, lora):
     from huggingface_hub.utils import filter_repo_objects
 
     calls = {}
@@ -304,10 +265,10 @@ def test_push_to_hub_uploads_the_model_only_and_never_the_token(
             )
         )
 
-    monkeypatch.setattr(run_either.module, "create_repo", fake_create_repo)
-    monkeypatch.setattr(run_either.module, "upload_folder", recording_upload_folder)
+    monkeypatch.setattr(train.module, "create_repo", fake_create_repo)
+    monkeypatch.setattr(train.module, "upload_folder", recording_upload_folder)
     secret = "hf_TESTSECRETtoken123"
-    run_either(
+    train(
         "--push_to_hub",
         "--hub_model_id",
         "someone/tiny-rpo",
@@ -337,7 +298,7 @@ def test_push_to_hub_uploads_the_model_only_and_never_the_token(
         components = {
             "sd15": ["scheduler", "text_encoder", "tokenizer", "unet", "vae"],
             "sdxl": ["scheduler", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "unet", "vae"],
-        }["sdxl" if "sdxl" in run_either.module.SCRIPT_NAME else "sd15"]
+        }["sdxl" if "sdxl" in train.module.SCRIPT_NAME else "sd15"]
         expected = sorted(
             ["README.md", "model_index.json", "validation_grid.png"]
             + [f for f in written if f.split(os.sep)[0] in components]
@@ -373,12 +334,13 @@ def test_resume_from_a_missing_checkpoint_is_refused(capsys, tmp_path):
     assert "no such checkpoint folder" in capsys.readouterr().err
 
 
-def test_xformers_without_a_working_install_fails_at_start(run):
+@SD15
+def test_xformers_without_a_working_install_fails_at_start(train):
     with pytest.raises(RuntimeError, match="xformers is not usable here.*SDPA"):
-        run("--enable_xformers_memory_efficient_attention")
+        train("--enable_xformers_memory_efficient_attention")
 
 
-def test_wrong_model_paths_are_explained(run, tmp_path):
+def test_wrong_model_paths_are_explained(tmp_path):
     with pytest.raises(ValueError, match="not a diffusers pipeline"):
         rpo.check_pretrained_pipeline(rpo.parse_args(["--pretrained_model_name_or_path", str(tmp_path)]))
     (tmp_path / "model_index.json").write_text('{"_class_name": "StableDiffusionXLPipeline"}')
@@ -386,9 +348,10 @@ def test_wrong_model_paths_are_explained(run, tmp_path):
         rpo.check_pretrained_pipeline(rpo.parse_args(["--pretrained_model_name_or_path", str(tmp_path)]))
 
 
-def test_v_prediction_targets_the_velocity(pickapic_path, clip_model_path, tmp_path):
+@SD15
+def test_v_prediction_targets_the_velocity(train, tmp_path):
     path = tiny.build_sd_pipeline(str(tmp_path / "sd-v"), prediction_type="v_prediction")
-    args = rpo.parse_args(cli(path, pickapic_path, clip_model_path, tmp_path / "out", "--loss_type", "dpo"))
+    args = train.parse("--loss_type", "dpo", pipeline=path)
     models = rpo.load_models(args, torch.device("cpu"), torch.float32)
     dataset, _ = rpo.prepare_preference_dataset(rpo.load_raw_dataset(args), rpo.dataset_columns(args))
     items = rpo.PreferencePairDataset(
@@ -425,7 +388,8 @@ def test_accelerate_launch_end_to_end(sd_pipeline_path, pickapic_path, clip_mode
     assert (out / "README.md").exists() and any("events.out.tfevents" in f for _, _, fs in os.walk(out) for f in fs)
 
 
-def test_sft_encodes_and_denoises_the_winners_only(run, monkeypatch):
+@SD15
+def test_sft_encodes_and_denoises_the_winners_only(train, monkeypatch):
     encoded, denoised = [], []
     encode, denoise = rpo.encode_latent_distribution, rpo.per_sample_denoising_loss
     monkeypatch.setattr(
@@ -438,14 +402,15 @@ def test_sft_encodes_and_denoises_the_winners_only(run, monkeypatch):
         "per_sample_denoising_loss",
         lambda unet, noisy, *a, **k: denoised.append(noisy.shape[0]) or denoise(unet, noisy, *a, **k),
     )
-    progress, _ = run("--loss_type", "sft", "--max_train_steps", "1", "--validation_prompts")
+    progress, _ = train("--loss_type", "sft", "--max_train_steps", "1", "--validation_prompts")
     assert encoded == [3] and denoised == [3]  # 3 pairs per step: their 3 winners, not 6 images
     assert set(progress.history[0]) == {"loss", "lr", "model_mse_w", "weight_norm_drift"}
 
 
+@SD15
 @pytest.mark.parametrize("stabilizer", ["dpop", "sft"])
-def test_a_stabilized_run_starts_at_ln2_and_logs_its_term(run, tmp_path, caplog, stabilizer):
-    progress, _ = run("--stabilizer", stabilizer, "--stabilizer_weight", "2", "--validation_prompts")
+def test_a_stabilized_run_starts_at_ln2_and_logs_its_term(train, tmp_path, caplog, stabilizer):
+    progress, _ = train("--stabilizer", stabilizer, "--stabilizer_weight", "2", "--validation_prompts")
     first = progress.history[0]
     offset = 2 * first["model_mse_w"] if stabilizer == "sft" else 0.0
     assert first["loss"] == pytest.approx(LN2_FP32 + offset, abs=1e-6) and first["stabilizer_term"] == offset
