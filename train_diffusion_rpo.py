@@ -3,8 +3,10 @@
 # Copyright 2026 The Diffusion-RPO contributors. Licensed under the Apache License, Version 2.0.
 """Diffusion-RPO (Relative Preference Optimization, arXiv 2406.06382) fine-tuning of Stable Diffusion 1.x/2.x.
 
-The objective is specified in docs/method.md of the project; `compute_preference_loss` implements it and is the function
-tests and outside checks import. Also trains Diffusion-DPO (`--loss_type dpo`) and SFT on preferred images (`--loss_type sft`).
+`compute_preference_loss` implements the objective of docs/method.md. Also trains Diffusion-DPO (`--loss_type dpo`) and
+SFT on the preferred images (`--loss_type sft`). The file reads in order: the model-specific block, arguments, the
+objective, the training step in call order, randomness, data, models, validation, `main` (a run from start to end),
+then appendices for faults and checkpoints, EMA, the latent cache, the model card and Hub, and streaming.
 
     accelerate launch train_diffusion_rpo.py \
       --pretrained_model_name_or_path stable-diffusion-v1-5/stable-diffusion-v1-5 \
@@ -146,7 +148,8 @@ DEFAULT_VALIDATION_PROMPTS = [
     "a watercolor painting of a lighthouse at dawn",
     "a bowl of ramen, highly detailed food photography",
 ]
-# Flags of the peer scripts that change the objective; refused with an explanation instead of silently accepted.
+# Flags of other diffusion preference scripts (diffusers' DPO examples) that change the objective: refused with an
+# explanation instead of silently accepted.
 REFUSED_PEER_FLAGS = {
     "prediction_type": "the policy and the frozen reference must share the scheduler's parameterisation; "
     "the prediction type is read from the model's scheduler config",
@@ -1919,7 +1922,8 @@ def generate_validation_images(args, models, unet, weight_dtype, seed, reference
         pipeline = build_validation_pipeline(models, rendering_unet, scheduler)
         pipeline.set_progress_bar_config(disable=True)
         for index, prompt in enumerate(args.validation_prompts):
-            generator = torch.Generator(device=device).manual_seed(seed + index)  # works for seed 0 (a peer bug)
+            # Seeded for every seed, 0 included (`if seed:` would leave seed 0's images unseeded and unrepeatable).
+            generator = torch.Generator(device=device).manual_seed(seed + index)
             images.append(
                 pipeline(
                     prompt,

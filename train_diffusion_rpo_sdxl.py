@@ -6,7 +6,8 @@
 The SDXL counterpart of train_diffusion_rpo.py, with the same flags, losses, data rules, randomness, checkpoints, cache,
 multi-process and failure behaviour: only the block marked SCRIPT-SPECIFIC differs (two text encoders, pooled text
 embeddings and micro-conditioning time ids, the fp32 VAE). `compute_preference_loss` implements docs/method.md. Also
-trains Diffusion-DPO (`--loss_type dpo`) and SFT on preferred images (`--loss_type sft`).
+trains Diffusion-DPO (`--loss_type dpo`) and SFT on the preferred images (`--loss_type sft`). The file reads in the
+order train_diffusion_rpo.py describes.
 
     accelerate launch train_diffusion_rpo_sdxl.py \
       --pretrained_model_name_or_path stabilityai/stable-diffusion-xl-base-1.0 \
@@ -165,7 +166,8 @@ DEFAULT_VALIDATION_PROMPTS = [
     "a watercolor painting of a lighthouse at dawn",
     "a bowl of ramen, highly detailed food photography",
 ]
-# Flags of the peer scripts that change the objective; refused with an explanation instead of silently accepted.
+# Flags of other diffusion preference scripts (diffusers' DPO examples) that change the objective: refused with an
+# explanation instead of silently accepted.
 REFUSED_PEER_FLAGS = {
     "prediction_type": "the policy and the frozen reference must share the scheduler's parameterisation; "
     "the prediction type is read from the model's scheduler config",
@@ -1938,7 +1940,8 @@ def generate_validation_images(args, models, unet, weight_dtype, seed, reference
         pipeline = build_validation_pipeline(models, rendering_unet, scheduler)
         pipeline.set_progress_bar_config(disable=True)
         for index, prompt in enumerate(args.validation_prompts):
-            generator = torch.Generator(device=device).manual_seed(seed + index)  # works for seed 0 (a peer bug)
+            # Seeded for every seed, 0 included (`if seed:` would leave seed 0's images unseeded and unrepeatable).
+            generator = torch.Generator(device=device).manual_seed(seed + index)
             images.append(
                 pipeline(
                     prompt,
