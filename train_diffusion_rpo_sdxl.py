@@ -826,15 +826,15 @@ def compute_preference_loss(
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def training_step(
-    args, accelerator, models, unet, optimizer, lr_scheduler, batch, micro_step, seed, weight_dtype, guard=None
-):
-    """One micro-step: loss, backward, and (at accumulation boundaries) clipping and the optimizer update.
+def training_step(args, accelerator, models, training, batch, micro_step, seed, guard=None):
+    """One micro-step of `training` (its UNet, optimizer and schedule): loss, backward, and (at accumulation
+    boundaries) clipping and the optimizer update.
 
     With a `StepGuard`, an update whose loss or gradient is not finite on any process is skipped on every process
     (`guard.verdict` tells the caller)."""
+    unet, optimizer, lr_scheduler = training.unet, training.optimizer, training.lr_scheduler
     with accelerator.accumulate(unet):
-        loss, metrics = compute_step_loss(args, models, unet, batch, micro_step, seed, weight_dtype)
+        loss, metrics = compute_step_loss(args, models, unet, batch, micro_step, seed)
         accelerator.backward(loss)
         if guard is not None:
             guard.observe(loss, batch)
@@ -853,9 +853,10 @@ def training_step(
     return loss.detach(), metrics
 
 
-def compute_step_loss(args, models, unet, batch, micro_step, seed, weight_dtype=torch.float32):
+def compute_step_loss(args, models, unet, batch, micro_step, seed):
     """One micro-batch's preference loss and metrics: the seam every later feature (cache, compile, gather) uses."""
     inputs = prepare_diffusion_inputs(args, models, batch, micro_step, seed)
+    weight_dtype = models.weight_dtype
     noisy, target, timesteps = inputs.noisy_latents, inputs.target, inputs.timesteps
     if sharding_engine() == DistributedType.DEEPSPEED:
         noisy = noisy.to(weight_dtype)  # a bf16/fp16 module without autocast: fp32 latents would fail at conv_in
@@ -1660,7 +1661,8 @@ def setup_models(args, models, device, weight_dtype):
     """Frozen parts to the device in `weight_dtype`, the reference (a frozen copy, or the LoRA base), memory options.
 
     `models` holds the loaded tokenizer, noise_scheduler, text_encoder, vae, unet and clip (benchmarks/ passes
-    randomly initialised full-size ones).
+    randomly initialised full-size ones); `ref_unet`, `device` and `weight_dtype` (what frozen parts compute in) are
+    added for the step.
     """
     for text_encoder in text_encoders(models):
         text_encoder.requires_grad_(False).eval().to(device, dtype=weight_dtype)
@@ -1702,7 +1704,7 @@ def setup_models(args, models, device, weight_dtype):
         unet.enable_gradient_checkpointing()
     if args.compile:
         compile_unets(args.compile_backend, args.compile_mode, unet, ref_unet)
-    models.ref_unet, models.device = ref_unet, device
+    models.ref_unet, models.device, models.weight_dtype = ref_unet, device, weight_dtype
     return models
 
 
@@ -1869,7 +1871,7 @@ def gather_sharded_unet(accelerator, unet):
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def log_validation(accelerator, args, models, unet, weight_dtype, progress, gathered=False):
+def log_validation(accelerator, args, models, unet, progress, gathered=False):
     """The main process renders the validation prompts (the others go on) with the weights the saved pipeline will
     hold (the EMA's with --use_ema), and the reference's; logs them and their reward; returns the grid. `gathered`:
     `unet` is already `gather_sharded_unet`'s (the end of a run gathers once for validation and saving)."""
@@ -1885,8 +1887,8 @@ def log_validation(accelerator, args, models, unet, weight_dtype, progress, gath
     was_training = unet.training
     unet.eval()
     with ema_weights(models.ema, rendering_unet):
-        trained = generate_validation_images(args, models, rendering_unet, weight_dtype, seed)
-    reference = generate_validation_images(args, models, rendering_unet, weight_dtype, seed, reference=True)
+        trained = generate_validation_images(args, models, rendering_unet, seed)
+    reference = generate_validation_images(args, models, rendering_unet, seed, reference=True)
     unet.train(was_training)
     if models.validation_scorer is not None:
         image_sets = {"validation_reward": trained, "validation_reward_reference": reference}
@@ -1925,9 +1927,9 @@ def log_validation(accelerator, args, models, unet, weight_dtype, progress, gath
 
 
 @torch.no_grad()
-def generate_validation_images(args, models, unet, weight_dtype, seed, reference=False):
+def generate_validation_images(args, models, unet, seed, reference=False):
     """The validation prompts rendered by the trained UNet, or by the reference, with the same seeds."""
-    device = models.device
+    device, weight_dtype = models.device, models.weight_dtype
     if reference and models.ref_unet is None and not args.use_lora:
         return []  # sft trains without a reference copy
     scheduler = DPMSolverMultistepScheduler.from_config(models.noise_scheduler.config)
@@ -2011,20 +2013,19 @@ def validation_rewards(scorer, args, image_sets, device):
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-@dataclasses.dataclass(frozen=True)
-class TrainingPlan:
-    """How long the run is: optimizer steps (--max_train_steps, or --num_train_epochs of them), the epochs they span
-    and the optimizer updates in one epoch of the loader."""
+@dataclasses.dataclass
+class Training:
+    """What the training loop runs: the UNet, optimizer and learning-rate schedule as accelerate wrapped them, the
+    loader and its sampler, and how long: optimizer `steps` (--max_train_steps, or --num_train_epochs of them) and the
+    `epochs` of the loader they span."""
 
+    unet: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    lr_scheduler: torch.optim.lr_scheduler.LRScheduler
+    loader: object
+    sampler: object
     steps: int
     epochs: int
-    updates_per_epoch: int
-
-    @classmethod
-    def for_loader(cls, args, batches_per_epoch):
-        updates_per_epoch = batches_per_epoch // args.gradient_accumulation_steps
-        steps = args.num_train_epochs * updates_per_epoch if args.max_train_steps is None else args.max_train_steps
-        return cls(steps=steps, epochs=math.ceil(steps / updates_per_epoch), updates_per_epoch=updates_per_epoch)
 
 
 class TrainingProgress:
@@ -2098,10 +2099,9 @@ def build_accelerator(args):
 
 
 def run_training(args, accelerator, stop_request):
-    """A run, in order: output folder, seed, data, models, optimizer, latent cache, loader, plan and accelerate's
-    wrapping, resume, the training loop, then (unless a signal stopped it) the final validation, model and card."""
+    """A run, in order: output folder, seed, data, models, optimizer, latent cache, loader, accelerate's wrapping
+    (`Training`), resume, the training loop, then (unless a signal stopped it) the final validation, model and card."""
     repo_id = prepare_output(args, accelerator)
-    weight_dtype = weight_dtype_for(accelerator)
     checkpoint = resolve_checkpoint_path(args) if args.resume_from_checkpoint else None
     progress = TrainingProgress(resolve_seed(args, accelerator, checkpoint))
     raw_dataset = load_raw_dataset(args)
@@ -2114,14 +2114,13 @@ def run_training(args, accelerator, stop_request):
         columns, limit = dataset_columns(args), args.max_train_samples
         dataset, stats = prepare_preference_dataset(raw_dataset, columns, limit, progress.seed)
     logger.info(f"Dataset: {stats['rows']} rows, {stats['ties_dropped']} ties dropped, {stats['pairs']} pairs used.")
-    models = load_models(args, accelerator.device, weight_dtype)
+    models = load_models(args, accelerator.device, weight_dtype_for(accelerator))
     learning_rate = effective_learning_rate(args, accelerator.num_processes)
     optimizer = create_optimizer(args, [p for p in models.unet.parameters() if p.requires_grad], learning_rate)
     if args.cache_latents:
         dataset = cache_latents(args, accelerator, models, dataset, stats)
     loader, sampler = build_dataloader(args, accelerator, models, dataset, progress.seed, progress)
-    plan = TrainingPlan.for_loader(args, sampler.batches_per_epoch)
-    unet, optimizer, lr_scheduler = prepare_training(args, accelerator, models, optimizer, plan)
+    training = prepare_training(args, accelerator, models, optimizer, loader, sampler)
     if args.resume_from_checkpoint and checkpoint is None:
         logger.info(f"No checkpoint in {args.output_dir} to resume from: starting a new run.")
     elif args.resume_from_checkpoint:
@@ -2130,33 +2129,21 @@ def run_training(args, accelerator, stop_request):
         with open(os.path.join(checkpoint, PROGRESS_FILE)) as f:
             progress.load_state_dict(json.load(f))
     if accelerator.is_main_process:
-        accelerator.init_trackers(args.tracker_project_name, config=tracker_config(args, learning_rate, plan.steps))
+        config = tracker_config(args, learning_rate, training.steps)
+        accelerator.init_trackers(args.tracker_project_name, config=config)
     logger.info(
-        f"***** Training ({args.loss_type}) *****  pairs {stats['pairs']}, epochs {plan.epochs}, "
+        f"***** Training ({args.loss_type}) *****  pairs {stats['pairs']}, epochs {training.epochs}, "
         f"pairs per step {args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps}"
-        f", optimizer steps {plan.steps}, seed {progress.seed}"
+        f", optimizer steps {training.steps}, seed {progress.seed}"
     )
-    train_loop(
-        args,
-        accelerator,
-        models,
-        unet,
-        optimizer,
-        lr_scheduler,
-        loader,
-        sampler,
-        progress,
-        plan,
-        weight_dtype,
-        stop_request,
-    )
+    train_loop(args, accelerator, models, training, progress, stop_request)
     if progress.stopped_by is not None:
         logger.info(
             f"Stopped by {signal.Signals(progress.stopped_by).name} at step {progress.global_step}; resume "
             "with --resume_from_checkpoint latest."
         )
     else:
-        finish_run(args, accelerator, models, unet, weight_dtype, progress, repo_id, stats, learning_rate)
+        finish_run(args, accelerator, models, training.unet, progress, repo_id, stats, learning_rate)
     accelerator.end_training()
     return progress
 
@@ -2203,14 +2190,17 @@ def resolve_seed(args, accelerator, checkpoint=None):
     return seed
 
 
-def prepare_training(args, accelerator, models, optimizer, plan):
-    """The learning-rate schedule, the UNet, optimizer and schedule wrapped by accelerate, and the models the loop
-    reads besides: the base's weight norm, the EMA and the validation scorer."""
+def prepare_training(args, accelerator, models, optimizer, loader, sampler):
+    """The run's length, the learning-rate schedule, the UNet, optimizer and schedule wrapped by accelerate (the
+    `Training` the loop runs), and the models the loop reads besides: the base's weight norm, the EMA and the
+    validation scorer."""
+    updates_per_epoch = sampler.batches_per_epoch // args.gradient_accumulation_steps
+    steps = args.num_train_epochs * updates_per_epoch if args.max_train_steps is None else args.max_train_steps
     lr_scheduler = get_scheduler(
         args.lr_scheduler,
         optimizer=optimizer,
         num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
-        num_training_steps=plan.steps * accelerator.num_processes,
+        num_training_steps=steps * accelerator.num_processes,
     )
     if accelerator.state.deepspeed_plugin is not None:  # our loader is not prepared, so DeepSpeed cannot infer it
         accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = args.train_batch_size
@@ -2228,7 +2218,7 @@ def prepare_training(args, accelerator, models, optimizer, plan):
             "--validation_scorer_model",
             "Pass a local CLIPModel folder or a Hub id",
         )
-    return unet, optimizer, lr_scheduler
+    return Training(unet, optimizer, lr_scheduler, loader, sampler, steps, math.ceil(steps / updates_per_epoch))
 
 
 def tracker_config(args, learning_rate, max_train_steps=None):
@@ -2244,46 +2234,25 @@ def tracker_config(args, learning_rate, max_train_steps=None):
     return config
 
 
-def train_loop(
-    args,
-    accelerator,
-    models,
-    unet,
-    optimizer,
-    lr_scheduler,
-    loader,
-    sampler,
-    progress,
-    plan,
-    weight_dtype,
-    stop_request,
-):
-    """Optimizer steps from `progress` to `plan.steps`, or until a stop signal (then `progress.stopped_by`)."""
+def train_loop(args, accelerator, models, training, progress, stop_request):
+    """Optimizer steps from `progress` to `training.steps`, or until a stop signal (then `progress.stopped_by`)."""
+    unet, sampler = training.unet, training.sampler
     progress_bar = tqdm(
-        range(plan.steps), initial=progress.global_step, desc="Steps", disable=not accelerator.is_local_main_process
+        range(training.steps),
+        initial=progress.global_step,
+        desc="Steps",
+        disable=not accelerator.is_local_main_process,
     )
     unet.train()
-    if progress.global_step >= plan.steps:  # resumed from a checkpoint of the final step
+    if progress.global_step >= training.steps:  # resumed from a checkpoint of the final step
         return
     accumulated, guard = {}, StepGuard(accelerator, stop_request)
-    for epoch in range(progress.epoch, plan.epochs):
+    for epoch in range(progress.epoch, training.epochs):
         sampler.set_epoch(epoch, progress.batch_in_epoch if epoch == progress.epoch else 0)
         progress.epoch = epoch
-        for batch in loader:
+        for batch in training.loader:
             micro_step = progress.global_step * args.gradient_accumulation_steps + len(accumulated.get("loss", []))
-            loss, metrics = training_step(
-                args,
-                accelerator,
-                models,
-                unet,
-                optimizer,
-                lr_scheduler,
-                batch,
-                micro_step,
-                progress.seed,
-                weight_dtype,
-                guard,
-            )
+            loss, metrics = training_step(args, accelerator, models, training, batch, micro_step, progress.seed, guard)
             for name, value in {"loss": loss, **metrics}.items():
                 accumulated.setdefault(name, []).append(value)
             progress.batch_in_epoch += 1
@@ -2294,30 +2263,30 @@ def train_loop(
                 update_ema(models.ema, accelerator.unwrap_model(unet), accelerator.device, args.offload_ema)
             if progress.batch_in_epoch >= sampler.batches_per_epoch:
                 progress.epoch, progress.batch_in_epoch = epoch + 1, 0
-            logs = step_logs(args, accelerator, models, unet, lr_scheduler, accumulated, progress.global_step)
+            logs = step_logs(args, accelerator, models, training, accumulated, progress.global_step)
             accumulated = {}
             record_faults(args, progress, guard.verdict, logs)
             progress.history.append(logs)
             accelerator.log(logs, step=progress.global_step)
             progress_bar.update(1)
             progress_bar.set_postfix({name: f"{logs[name]:.4g}" for name in ("loss", "implicit_acc") if name in logs})
-            if stop_after_step(args, accelerator, progress, plan, guard.verdict, stop_request):
+            if stop_after_step(args, accelerator, progress, training.steps, guard.verdict, stop_request):
                 return
             if args.validation_prompts and progress.global_step % args.validation_steps == 0:
-                log_validation(accelerator, args, models, unet, weight_dtype, progress)
-            if progress.global_step >= plan.steps:
+                log_validation(accelerator, args, models, unet, progress)
+            if progress.global_step >= training.steps:
                 return
 
 
-def step_logs(args, accelerator, models, unet, lr_scheduler, accumulated, global_step):
+def step_logs(args, accelerator, models, training, accumulated, global_step):
     """An optimizer step's metrics (means over its micro-steps and processes), learning rate and weight-norm drift;
     at the first step, a warning when the loss is not ln 2."""
     logs = {
         name: accelerator.reduce(torch.stack(values).mean(), "mean").item() for name, values in accumulated.items()
     }
-    logs["lr"] = lr_scheduler.get_last_lr()[0]
+    logs["lr"] = training.lr_scheduler.get_last_lr()[0]
     if models.initial_weight_norm is not None:
-        logs["weight_norm_drift"] = trained_weight_norm(args, unet) / models.initial_weight_norm - 1
+        logs["weight_norm_drift"] = trained_weight_norm(args, training.unet) / models.initial_weight_norm - 1
     preference_loss = logs["loss"] - (logs.get("stabilizer_term", 0.0) if args.stabilizer == "sft" else 0.0)
     if global_step == 1 and args.loss_type != "sft" and abs(preference_loss - math.log(2)) > 1e-3:
         logger.warning(
@@ -2328,11 +2297,11 @@ def step_logs(args, accelerator, models, unet, lr_scheduler, accumulated, global
     return logs
 
 
-def finish_run(args, accelerator, models, unet, weight_dtype, progress, repo_id, stats, learning_rate):
+def finish_run(args, accelerator, models, unet, progress, repo_id, stats, learning_rate):
     """The final validation, the trained pipeline (or LoRA weights) with its grid and card, and the upload."""
     accelerator.wait_for_everyone()
     trained_unet = gather_sharded_unet(accelerator, unet)
-    grid = log_validation(accelerator, args, models, trained_unet, weight_dtype, progress, gathered=True)
+    grid = log_validation(accelerator, args, models, trained_unet, progress, gathered=True)
     if not accelerator.is_main_process:
         return
     if models.ema is not None:
@@ -2499,7 +2468,7 @@ def record_faults(args, progress, verdict, logs):
         logs.update(bad_rows=progress.bad_rows, skipped_updates=progress.skipped_updates)
 
 
-def stop_after_step(args, accelerator, progress, plan, verdict, stop_request):
+def stop_after_step(args, accelerator, progress, total_steps, verdict, stop_request):
     """The end of an optimizer step: too many non-finite steps in a row raise; a checkpoint every
     --checkpointing_steps; past --max_bad_rows a checkpoint, then the error; a stop signal before the last step saves
     a checkpoint and returns True (the run stops)."""
@@ -2515,13 +2484,13 @@ def stop_after_step(args, accelerator, progress, plan, verdict, stop_request):
     if progress.global_step % args.checkpointing_steps == 0:
         save_checkpoint(accelerator, args, progress.global_step, progress)
         saved = True
-    pairs_read = plan.steps * args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
+    pairs_read = total_steps * args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
     error = bad_rows_error(args, progress.bad_rows, pairs_read, "by the loader")
     if error is not None:
         if not saved:  # the weights are fine: keep what was trained
             save_checkpoint(accelerator, args, progress.global_step, progress)
         raise error
-    if verdict.stop and progress.global_step < plan.steps:  # at the last step: finish
+    if verdict.stop and progress.global_step < total_steps:  # at the last step: finish
         progress.stopped_by = stop_request.signal or signal.SIGTERM  # the signal reached another process
         if not saved:
             save_checkpoint(accelerator, args, progress.global_step, progress)

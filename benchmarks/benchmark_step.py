@@ -439,17 +439,9 @@ class OurStep:
         return batch
 
     def __call__(self, batch):
+        training = SimpleNamespace(unet=self.unet, optimizer=self.optimizer, lr_scheduler=self.lr_scheduler)
         loss, _ = self.script.training_step(
-            self.args,
-            self.accelerator,
-            self.models,
-            self.unet,
-            self.optimizer,
-            self.lr_scheduler,
-            batch,
-            self.micro_step,
-            0,
-            self.weight_dtype,
+            self.args, self.accelerator, self.models, training, batch, self.micro_step, 0
         )
         self.micro_step += 1
         return loss

@@ -83,33 +83,49 @@ def free_port():
         return sock.getsockname()[1]
 
 
+def launch_command(script, *arguments, processes=1, machines=1, launch_flags=()):
+    """The `accelerate launch` command line for `script` on CPU: one process with --cpu, several with --multi_gpu (gloo
+    when the environment has ACCELERATE_USE_CPU=1, as `launch` sets)."""
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(processes)]
+    command += ["--num_machines", str(machines), "--mixed_precision", "no", "--dynamo_backend", "no"]
+    command += ["--cpu"] if processes == 1 else ["--multi_gpu"]
+    return [*command, *launch_flags, script, *arguments]
+
+
 def launch(script, arguments, processes, cwd, succeed=True, attempts=2):
     """`accelerate launch` on CPU; ACCELERATE_USE_CPU makes accelerate use gloo without GPUs. These runs take seconds;
     one that is still running after 300 s is stopped and started again once on a fresh port (a 2-process launch hung
     at start once in a clean-clone CI run, unexplained and not reproduced since)."""
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
     for attempt in range(attempts):
-        command = [
-            sys.executable,
-            "-m",
-            "accelerate.commands.launch",
-            "--num_processes",
-            str(processes),
-            "--mixed_precision",
-            "no",
-            "--num_machines",
-            "1",
-            "--dynamo_backend",
-            "no",
-        ]
-        command += ["--multi_gpu", "--main_process_port", str(free_port())] if processes > 1 else ["--cpu"]
+        port = ["--main_process_port", str(free_port())] if processes > 1 else []
+        command = launch_command(script, *arguments, processes=processes, launch_flags=port)
         try:
-            result = subprocess.run(
-                [*command, script, *arguments], capture_output=True, text=True, timeout=300, cwd=cwd, env=env
-            )
+            result = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=cwd, env=env)
             break
         except subprocess.TimeoutExpired:
             if attempt == attempts - 1:
                 raise
     assert (result.returncode == 0) == succeed, result.stderr[-4000:]
     return result
+
+
+def render(pipeline):
+    """The tiny pipeline's image of "a red circle": 32 px, 2 steps, seed 0, as an array."""
+    return pipeline(
+        "a red circle",
+        num_inference_steps=2,
+        height=32,
+        width=32,
+        output_type="np",
+        generator=torch.Generator().manual_seed(0),
+    ).images[0]
+
+
+def generate_model_and_baseline(model, prompt_file, root, *flags):
+    """eval.generate's image folders root/model (guidance 7.5) and root/baseline (guidance 1.0) of `model`."""
+    from eval import generate
+
+    for name, guidance in (("model", "7.5"), ("baseline", "1.0")):
+        out = str(root / name)
+        generate.main(["--model", model, "--prompts", prompt_file, "--out", out, "--guidance_scale", guidance, *flags])

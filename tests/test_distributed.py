@@ -4,12 +4,11 @@ indexed randomness across processes, and a 2-process training run that checkpoin
 import json
 import os
 import subprocess
-import sys
 
 import pytest
 import tiny
 import torch
-from helpers import ROOT, cli, free_port, launch
+from helpers import ROOT, cli, free_port, launch, launch_command, render
 
 
 PROBE = os.path.join(ROOT, "tests", "distributed_probe.py")
@@ -133,14 +132,7 @@ def test_two_process_training_checkpoints_resumes_and_loads(
             assert json.load(f)["bad_rows"] == 2
     pipeline = DiffusionPipeline.from_pretrained(out)
     assert isinstance(pipeline, StableDiffusionPipeline)
-    image = pipeline(
-        "a red circle",
-        num_inference_steps=2,
-        height=32,
-        width=32,
-        output_type="np",
-        generator=torch.Generator().manual_seed(0),
-    ).images[0]
+    image = render(pipeline)
     assert image.shape == (32, 32, 3)
 
 
@@ -178,28 +170,8 @@ def launch_two_nodes(script, arguments, cwd):
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
     nodes = []
     for rank in (0, 1):
-        command = [
-            sys.executable,
-            "-m",
-            "accelerate.commands.launch",
-            "--multi_gpu",
-            "--num_machines",
-            "2",
-            "--num_processes",
-            "2",
-            "--machine_rank",
-            str(rank),
-            "--main_process_ip",
-            "127.0.0.1",
-            "--main_process_port",
-            str(port),
-            "--mixed_precision",
-            "no",
-            "--dynamo_backend",
-            "no",
-            script,
-            *arguments,
-        ]
+        node = ["--machine_rank", str(rank), "--main_process_ip", "127.0.0.1", "--main_process_port", str(port)]
+        command = launch_command(script, *arguments, processes=2, machines=2, launch_flags=node)
         nodes.append(
             subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         )

@@ -62,7 +62,7 @@ def test_deepspeed_half_precision_module_gets_half_precision_inputs(
     )
     batch = rpo.collate_pairs([items[(index, 0)] for index in range(3)])
     with torch.no_grad():
-        loss, metrics = rpo.compute_step_loss(args, models, models.unet, batch, 0, 0, torch.bfloat16)
+        loss, metrics = rpo.compute_step_loss(args, models, models.unet, batch, 0, 0)
     assert abs(loss.item() - LN2_FP32) <= 1e-6 and metrics["implicit_acc"].item() == 0.5
     inputs = rpo.prepare_diffusion_inputs(args, models, batch, 0, 0)
     with pytest.raises(RuntimeError):  # the fp32 latents alone: the crash a DeepSpeed bf16 run would hit at conv_in
@@ -77,7 +77,7 @@ def test_validation_gathers_sharded_weights_on_every_process(monkeypatch):
         get_state_dict=lambda unet: gathered.append(unet) or {},
     )
     args = rpo.parse_args(["--validation_prompts", "a red circle"])
-    assert rpo.log_validation(fake, args, None, "sharded unet", torch.float32, None) is None
+    assert rpo.log_validation(fake, args, None, "sharded unet", None) is None
     assert gathered == ["sharded unet"]  # a non-main process joined the gather (FSDP's collective), rendered nothing
 
 

@@ -4,10 +4,10 @@ import json
 import os
 
 import pytest
-from helpers import weight_flags
+from helpers import FAST_GENERATION, generate_model_and_baseline, weight_flags
 from PIL import Image
 
-from eval import generate, score
+from eval import score
 from eval.image_folder import read_metadata
 
 
@@ -17,25 +17,7 @@ METRICS = "pickscore,hpsv2.1,aesthetic,clip"
 @pytest.fixture(scope="module")
 def folders(sd_pipeline_path, prompt_file, tmp_path_factory):
     root = tmp_path_factory.mktemp("generated")
-    for name, guidance in (("model", "7.5"), ("baseline", "1.0")):
-        generate.main(
-            [
-                "--model",
-                sd_pipeline_path,
-                "--prompts",
-                prompt_file,
-                "--out",
-                str(root / name),
-                "--num_inference_steps",
-                "2",
-                "--device",
-                "cpu",
-                "--images_per_prompt",
-                "2",
-                "--guidance_scale",
-                guidance,
-            ]
-        )
+    generate_model_and_baseline(sd_pipeline_path, prompt_file, root, *FAST_GENERATION, "--images_per_prompt", "2")
     return root
 
 

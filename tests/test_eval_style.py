@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import tiny
 import torch
-from helpers import FAST_GENERATION, SD15
+from helpers import FAST_GENERATION, SD15, generate_model_and_baseline
 from PIL import Image
 
 from eval import generate, style_alignment, style_dataset
@@ -111,20 +111,7 @@ def test_bad_templates_are_refused(capsys):
 def test_style_probability_hit_rate_and_content(sd_pipeline_path, prompt_file, clip_model_path, tmp_path):
     from transformers import CLIPModel, CLIPTokenizer
 
-    for name, guidance in (("model", "7.5"), ("baseline", "1.0")):
-        generate.main(
-            [
-                "--model",
-                sd_pipeline_path,
-                "--prompts",
-                prompt_file,
-                "--out",
-                str(tmp_path / name),
-                "--guidance_scale",
-                guidance,
-                *FAST_GENERATION,
-            ]
-        )
+    generate_model_and_baseline(sd_pipeline_path, prompt_file, tmp_path, *FAST_GENERATION)
     result = style_alignment.main(
         [
             "--images",

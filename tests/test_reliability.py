@@ -17,7 +17,7 @@ import datasets
 import pytest
 import tiny
 import torch
-from helpers import COLUMNS, ROOT, unet_weights
+from helpers import COLUMNS, ROOT, launch_command, unet_weights
 from safetensors.torch import load_file
 
 import train_diffusion_rpo as rpo
@@ -303,24 +303,8 @@ def test_sigterm_to_a_launched_run_saves_and_the_resume_is_bitwise_exact(train, 
         "2",
         output_dir=split,
     )
-    command = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--num_processes",
-        "1",
-        "--cpu",
-        "--num_cpu_threads_per_process",
-        str(torch.get_num_threads()),
-        "--mixed_precision",
-        "no",
-        "--num_machines",
-        "1",
-        "--dynamo_backend",
-        "no",
-        script.path,
-        *flags,
-    ]
+    threads = ["--num_cpu_threads_per_process", str(torch.get_num_threads())]
+    command = launch_command(script.path, *flags, launch_flags=threads)
     run = subprocess.Popen(
         command,
         stdout=subprocess.PIPE,

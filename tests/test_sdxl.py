@@ -5,12 +5,11 @@ tested for both in the file for that behaviour; tests/test_script_parity.py chec
 
 import os
 import subprocess
-import sys
 
 import pytest
 import tiny
 import torch
-from helpers import ROOT, SDXL, cli, unet_weights
+from helpers import ROOT, SDXL, cli, launch_command, render, unet_weights
 from PIL import Image
 
 import train_diffusion_rpo as sd15
@@ -89,17 +88,6 @@ def test_vae_stays_fp32_unless_a_custom_vae_is_given(sdxl_pipeline_path, pickapi
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def generate(pipeline):
-    return pipeline(
-        "a red circle",
-        num_inference_steps=2,
-        height=32,
-        width=32,
-        output_type="np",
-        generator=torch.Generator().manual_seed(0),
-    ).images[0]
-
-
 @pytest.mark.parametrize("loss_type", ["rpo", "dpo", "sft"])
 def test_accelerate_launch_trains_an_sdxl_pipeline_that_loads_and_generates(
     sdxl_pipeline_path, pickapic_path, clip_model_path, tmp_path, loss_type
@@ -107,19 +95,7 @@ def test_accelerate_launch_trains_an_sdxl_pipeline_that_loads_and_generates(
     from diffusers import DiffusionPipeline, StableDiffusionXLPipeline
 
     out = tmp_path / "launched"
-    command = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--num_processes",
-        "1",
-        "--cpu",
-        "--mixed_precision",
-        "no",
-        "--num_machines",
-        "1",
-        "--dynamo_backend",
-        "no",
+    command = launch_command(
         os.path.join(ROOT, "train_diffusion_rpo_sdxl.py"),
         *cli(
             sdxl_pipeline_path,
@@ -131,7 +107,7 @@ def test_accelerate_launch_trains_an_sdxl_pipeline_that_loads_and_generates(
             "--checkpointing_steps",
             "1",
         ),
-    ]
+    )
     result = subprocess.run(
         command, capture_output=True, text=True, timeout=600, cwd=tmp_path, env={**os.environ, "PYTHONPATH": ROOT}
     )
@@ -141,7 +117,7 @@ def test_accelerate_launch_trains_an_sdxl_pipeline_that_loads_and_generates(
     assert trained.keys() == base.keys() and any(not torch.equal(trained[k], base[k]) for k in base)
     pipeline = DiffusionPipeline.from_pretrained(out)
     assert isinstance(pipeline, StableDiffusionXLPipeline)
-    image = generate(pipeline)
+    image = render(pipeline)
     assert image.shape == (32, 32, 3) and image.std() > 0
     assert (out / "validation_grid.png").exists()
 

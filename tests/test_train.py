@@ -4,13 +4,12 @@ their shared code runs for both scripts; SD1.5-only and SDXL-only tests are mark
 import math
 import os
 import subprocess
-import sys
 from types import SimpleNamespace
 
 import pytest
 import tiny
 import torch
-from helpers import LN2_FP32, ROOT, SD15, SDXL, cli, unet_weights
+from helpers import LN2_FP32, ROOT, SD15, SDXL, cli, launch_command, render, unet_weights
 from safetensors.torch import load_file
 
 import train_diffusion_rpo as rpo
@@ -28,14 +27,7 @@ def test_training_saves_a_pipeline_that_loads_and_generates(train, sd_pipeline_p
     assert any(not torch.equal(trained[k], base[k]) for k in base)
     pipeline = DiffusionPipeline.from_pretrained(args.output_dir)
     assert isinstance(pipeline, StableDiffusionPipeline)
-    image = pipeline(
-        "a red circle",
-        num_inference_steps=2,
-        height=32,
-        width=32,
-        generator=torch.Generator().manual_seed(0),
-        output_type="np",
-    ).images[0]
+    image = render(pipeline)
     assert image.shape == (32, 32, 3) and image.std() > 0
     expected_metrics = {
         "sft": {"loss", "lr", "model_mse_w", "weight_norm_drift"},
@@ -318,7 +310,7 @@ def test_validation_renders_on_the_main_process_only(monkeypatch):
     other = SimpleNamespace(
         is_main_process=False, distributed_type=rpo.DistributedType.MULTI_GPU, unwrap_model=lambda unet: unet
     )
-    assert rpo.log_validation(other, args, None, None, torch.float32, None) is None and rendered == []
+    assert rpo.log_validation(other, args, None, None, None) is None and rendered == []
 
 
 @pytest.mark.parametrize("flag", ["--snr_gamma", "--prediction_type"])
@@ -370,18 +362,10 @@ def test_v_prediction_targets_the_velocity(train, tmp_path):
 
 def test_accelerate_launch_end_to_end(sd_pipeline_path, pickapic_path, clip_model_path, tmp_path):
     out = tmp_path / "launched"
-    command = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--num_processes",
-        "1",
-        "--cpu",
-        "--mixed_precision",
-        "no",
+    command = launch_command(
         os.path.join(ROOT, "train_diffusion_rpo.py"),
         *cli(sd_pipeline_path, pickapic_path, clip_model_path, out, "--report_to", "tensorboard"),
-    ]
+    )
     result = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert (out / "unet" / "diffusion_pytorch_model.safetensors").exists()
