@@ -96,7 +96,7 @@ VAE_FP32_UNLESS_CUSTOM = False  # the SD1.x VAE is stable in fp16/bf16
 
 def load_models(args, device, weight_dtype):
     """Tokenizer, scheduler, text encoder, VAE (--pretrained_vae_model_name_or_path overrides the base's), UNet and the
-    RPO CLIP model, set up for training by `setup_models` (`run_training` has checked the pipeline class)."""
+    RPO CLIP model, set up for training by `setup_models` (`prepare_output` has checked the pipeline class)."""
     common = {"revision": args.revision, "cache_dir": args.cache_dir}
     path = args.pretrained_model_name_or_path
     models = SimpleNamespace(
@@ -634,13 +634,13 @@ def check_args(args, parser):
         value = getattr(args, name)
         if value is None:
             continue
-        if value < lowest or (lowest_excluded and value == lowest):
+        if not (value > lowest if lowest_excluded else value >= lowest):  # NaN is refused too
             hint = (
                 " To turn validation off, pass --validation_prompts with no prompts." if "validation" in name else ""
             )
             bound = f"{'above' if lowest_excluded else 'at least'} {lowest:g}"
             parser.error(f"--{name} {value} is out of range: it must be {bound}.{hint}")
-        if highest is not None and (value > highest or (highest_excluded and value == highest)):
+        if highest is not None and not (value < highest if highest_excluded else value <= highest):
             parser.error(f"--{name} {value} must be {'below' if highest_excluded else 'at most'} {highest:g}.")
     if args.stabilizer != "none" and args.loss_type == "sft":
         parser.error(
@@ -684,7 +684,10 @@ def check_args(args, parser):
             "--cache_latents and --max_train_samples (they need the whole dataset)."
         )
     if args.cache_latents and args.random_crop:
-        parser.error("--cache_latents stores the centre crop (both flips); it cannot serve --random_crop. Drop one.")
+        parser.error(
+            "--cache_latents stores the centre crop (both flips); it cannot serve --random_crop. Drop one of the two "
+            "flags."
+        )
     if args.use_8bit_adam and args.use_adafactor:
         parser.error("--use_8bit_adam and --use_adafactor are two optimizers: pick one.")
     if args.use_8bit_adam:
@@ -836,7 +839,8 @@ def training_step(args, accelerator, models, training, batch, micro_step, seed, 
 
 
 def compute_step_loss(args, models, unet, batch, micro_step, seed):
-    """One micro-batch's preference loss and metrics: the seam every later feature (cache, compile, gather) uses."""
+    """One micro-batch's preference loss and metrics, from cached latents or pixels, for a compiled or eager UNet, over
+    this process's pairs or (--rpo_global_matrix) every process's."""
     inputs = prepare_diffusion_inputs(args, models, batch, micro_step, seed)
     weight_dtype = models.weight_dtype
     noisy, target, timesteps = inputs.noisy_latents, inputs.target, inputs.timesteps
@@ -1821,33 +1825,6 @@ def create_optimizer(args, params, learning_rate):
     return torch.optim.AdamW(params, **kwargs)
 
 
-def trained_weight_norm(args, unet):
-    """L2 norm of the trained UNet's parameters, for the `weight_norm_drift` metric (||theta_t|| / ||theta_0|| - 1,
-    docs/method.md "Diagnostics"); None for LoRA (the base weights do not move) and under FSDP/DeepSpeed (each
-    process holds a shard)."""
-    if args.use_lora or sharding_engine() is not None:
-        return None
-    with torch.no_grad():  # one device sync, not one per tensor
-        return float(
-            torch.linalg.vector_norm(
-                torch.stack([torch.linalg.vector_norm(p.detach(), dtype=torch.float32) for p in unet.parameters()])
-            )
-        )
-
-
-def gather_sharded_unet(accelerator, unet):
-    """Under FSDP or DeepSpeed the trained weights are sharded: every process joins in gathering the full state dict,
-    and the main process gets a plain UNet holding it (None elsewhere). Otherwise the unwrapped UNet itself."""
-    if accelerator.distributed_type not in (DistributedType.FSDP, DistributedType.DEEPSPEED):
-        return accelerator.unwrap_model(unet)
-    state_dict = accelerator.get_state_dict(unet)
-    if not accelerator.is_main_process:
-        return None
-    full = UNet2DConditionModel.from_config(accelerator.unwrap_model(unet).config)
-    full.load_state_dict(state_dict)
-    return full
-
-
 # ----------------------------------------------------------------------------------------------------------------------
 # Validation: images of the trained UNet and the reference, their reward
 # ----------------------------------------------------------------------------------------------------------------------
@@ -1859,7 +1836,7 @@ def log_validation(accelerator, args, models, unet, progress, gathered=False):
     `unet` is already `gather_sharded_unet`'s (the end of a run gathers once for validation and saving)."""
     if not args.validation_prompts:
         return None
-    # Under FSDP/DeepSpeed every process joins the gather.
+    # Under FSDP/DeepSpeed every process joins the gather (done by the caller when `gathered`).
     rendering_unet = unet if gathered else gather_sharded_unet(accelerator, unet)
     if not accelerator.is_main_process:
         return None
@@ -1919,8 +1896,8 @@ def generate_validation_images(args, models, unet, seed, reference=False):
     autocast = (
         torch.autocast(device.type, dtype=weight_dtype) if weight_dtype != torch.float32 else contextlib.nullcontext()
     )
-    rendering_unet = reference_unet(models, unet) if reference else contextlib.nullcontext(unet)
-    with rendering_unet as rendering_unet, autocast, vae_decode_without_autocast(models.vae, device.type):
+    unet_context = reference_unet(models, unet) if reference else contextlib.nullcontext(unet)
+    with unet_context as rendering_unet, autocast, vae_decode_without_autocast(models.vae, device.type):
         pipeline = build_validation_pipeline(models, rendering_unet, scheduler)
         pipeline.set_progress_bar_config(disable=True)
         for index, prompt in enumerate(args.validation_prompts):
@@ -2084,6 +2061,7 @@ def run_training(args, accelerator, stop_request):
     """A run, in order: output folder, seed, data, models, optimizer, latent cache, loader, accelerate's wrapping
     (`Training`), resume, the training loop, then (unless a signal stopped it) the final validation, model and card."""
     repo_id = prepare_output(args, accelerator)
+    weight_dtype = weight_dtype_for(accelerator)  # an unavailable --mixed_precision fails before the data is read
     checkpoint = resolve_checkpoint_path(args) if args.resume_from_checkpoint else None
     progress = TrainingProgress(resolve_seed(args, accelerator, checkpoint))
     raw_dataset = load_raw_dataset(args)
@@ -2096,7 +2074,7 @@ def run_training(args, accelerator, stop_request):
         columns, limit = dataset_columns(args), args.max_train_samples
         dataset, stats = prepare_preference_dataset(raw_dataset, columns, limit, progress.seed)
     logger.info(f"Dataset: {stats['rows']} rows, {stats['ties_dropped']} ties dropped, {stats['pairs']} pairs used.")
-    models = load_models(args, accelerator.device, weight_dtype_for(accelerator))
+    models = load_models(args, accelerator.device, weight_dtype)
     learning_rate = effective_learning_rate(args, accelerator.num_processes)
     optimizer = create_optimizer(args, [p for p in models.unet.parameters() if p.requires_grad], learning_rate)
     if args.cache_latents:
@@ -2279,6 +2257,20 @@ def step_logs(args, accelerator, models, training, accumulated, global_step):
     return logs
 
 
+def trained_weight_norm(args, unet):
+    """L2 norm of the trained UNet's parameters, for the `weight_norm_drift` metric (||theta_t|| / ||theta_0|| - 1,
+    docs/method.md "Diagnostics"); None for LoRA (the base weights do not move) and under FSDP/DeepSpeed (each
+    process holds a shard)."""
+    if args.use_lora or sharding_engine() is not None:
+        return None
+    with torch.no_grad():  # one device sync, not one per tensor
+        return float(
+            torch.linalg.vector_norm(
+                torch.stack([torch.linalg.vector_norm(p.detach(), dtype=torch.float32) for p in unet.parameters()])
+            )
+        )
+
+
 def finish_run(args, accelerator, models, unet, progress, repo_id, stats, learning_rate):
     """The final validation, the trained pipeline (or LoRA weights) with its grid and card, and the upload."""
     accelerator.wait_for_everyone()
@@ -2302,6 +2294,19 @@ def finish_run(args, accelerator, models, unet, progress, repo_id, stats, learni
             allow_patterns=hub_upload_patterns(args.output_dir, args.use_lora),
             token=args.hub_token,
         )
+
+
+def gather_sharded_unet(accelerator, unet):
+    """Under FSDP or DeepSpeed the trained weights are sharded: every process joins in gathering the full state dict,
+    and the main process gets a plain UNet holding it (None elsewhere). Otherwise the unwrapped UNet itself."""
+    if accelerator.distributed_type not in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        return accelerator.unwrap_model(unet)
+    state_dict = accelerator.get_state_dict(unet)
+    if not accelerator.is_main_process:
+        return None
+    full = UNet2DConditionModel.from_config(accelerator.unwrap_model(unet).config)
+    full.load_state_dict(state_dict)
+    return full
 
 
 def save_final_model(accelerator, args, models, unet):

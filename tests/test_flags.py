@@ -111,6 +111,14 @@ def test_every_numeric_flag_is_range_checked(name, lowest, exclusive, highest, h
     assert getattr(parsed, name) == good
 
 
+@pytest.mark.parametrize("name", [row[0] for row in rpo.NUMERIC_FLAG_RANGES])
+def test_nan_is_refused_for_every_numeric_flag(name, capsys):
+    with pytest.raises(SystemExit):
+        rpo.parse_args([f"--{name}", "nan"])
+    error = capsys.readouterr().err
+    assert f"--{name} nan is out of range" in error or f"--{name} nan must be" in error or "invalid int" in error
+
+
 def test_validation_steps_0_explains_how_to_turn_validation_off(capsys):
     with pytest.raises(SystemExit):
         rpo.parse_args(["--validation_steps", "0"])

@@ -67,6 +67,12 @@ def test_first_step_in_bf16_is_close_to_ln2(train):
 
 
 @SD15
+def test_unavailable_mixed_precision_fails_before_the_dataset_is_read(train, tmp_path):
+    with pytest.raises(ValueError, match="--mixed_precision fp16 is not available on cpu"):
+        train("--mixed_precision", "fp16", dataset=str(tmp_path / "no-such-dataset"))
+
+
+@SD15
 def test_rpo_weights_are_logged_from_the_clip_similarity(train):
     progress, _ = train("--max_train_steps", "1", "--validation_prompts", "--rpo_weight_scale", "3")
     logged = progress.history[0]
