@@ -741,23 +741,17 @@ def targets(args, results, data):
                     ours["peak_vs_reference"] <= 1.0,
                 )
         for compiled in (False, True):
-            rpo_row = best(
-                results,
-                step="ours",
-                loss_type="rpo",
-                cache=True,
-                optimizer=optimizer,
-                checkpointing=checkpointing,
-                compile=compiled,
-            )
-            dpo_row = best(
-                results,
-                step="ours",
-                loss_type="dpo",
-                cache=True,
-                optimizer=optimizer,
-                checkpointing=checkpointing,
-                compile=compiled,
+            rpo_row, dpo_row = (
+                best(
+                    results,
+                    step="ours",
+                    loss_type=loss,
+                    cache=True,
+                    optimizer=optimizer,
+                    checkpointing=checkpointing,
+                    compile=compiled,
+                )
+                for loss in ("rpo", "dpo")
             )
             if rpo_row and dpo_row:
                 slowdown = rpo_row["step_s"] / dpo_row["step_s"] - 1

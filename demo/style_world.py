@@ -175,14 +175,17 @@ def config_label(config):
     return ", ".join(f"{CONFIG_NAMES[k]}={v:g}" for k, v in config.items() if k in CONFIG_NAMES)
 
 
-def run_grid(runs, seeds, style, workdir, assets, samples_per_scene, steps, report_only=False):
-    """runs: [(method, label, config, extra flags)]; returns one record per (run, seed, step count).
+def run_grid(args, runs, seeds, style):
+    """runs: [(method, label, config, extra flags)], each trained for max(STEP_COUNTS) steps with args.workdir and
+    args.assets and evaluated on args.samples_per_scene samples per caption; returns one record per (run, seed, step
+    count) (with --report_only, only those already recorded).
 
     Each finished run's records are appended to workdir/records-<style>.jsonl and reused by later invocations, so an
     interrupted sweep resumes where it stopped.
     """
+    workdir, assets, steps = args.workdir, args.assets, max(STEP_COUNTS)
     dataset = write_preferences(workdir, style)
-    items = evaluation_items(samples_per_scene)
+    items = evaluation_items(args.samples_per_scene)
     cache_path = os.path.join(workdir, f"records-{style}.jsonl")
     cached = read_records(cache_path)
     records = []
@@ -193,7 +196,7 @@ def run_grid(runs, seeds, style, workdir, assets, samples_per_scene, steps, repo
                 for r in cached
                 if (r["method"], r["config"], r["seed"]) == (method, label, seed) and r["n"] == len(items)
             ]
-            if done or report_only:
+            if done or args.report_only:
                 records.extend(done)
                 continue
             name = "".join(c if c.isalnum() or c in "-._" else "_" for c in f"{style}-{method}-{label}-seed{seed}")
@@ -343,16 +346,7 @@ def sample_grid(run_dirs, style, assets, path, samples=8):
 def sweep(args, style, name, runs, title):
     """Train and evaluate `runs` over --seeds on one style against the base, then write its report."""
     base = base_score(evaluation_items(args.samples_per_scene), style, args.assets)
-    records = run_grid(
-        runs,
-        list(range(args.seeds)),
-        style,
-        args.workdir,
-        args.assets,
-        args.samples_per_scene,
-        max(STEP_COUNTS),
-        args.report_only,
-    )
+    records = run_grid(args, runs, list(range(args.seeds)), style)
     write_report(args, f"{name}-{style}", records, base, title, {"runs": [r[:3] for r in runs]})
     return base, records
 
@@ -480,16 +474,7 @@ def held_out(args):
     records = []
     for method, config in configs.items():  # --seeds for the demo's method, at most 2 for the others
         seeds = args.seeds if method == DEMO_METHOD else min(args.seeds, 2)
-        records += run_grid(
-            [(method, config_label(config), config, [])],
-            list(range(seeds)),
-            style,
-            args.workdir,
-            args.assets,
-            args.samples_per_scene,
-            max(STEP_COUNTS),
-            args.report_only,
-        )
+        records += run_grid(args, [(method, config_label(config), config, [])], list(range(seeds)), style)
     write_report(
         args,
         f"held-out-{style}",
