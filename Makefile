@@ -2,7 +2,7 @@ PYTHON ?= python3
 # A CPU build of torch; on a GPU machine install the CUDA build you want first and this step is skipped.
 TORCH ?= torch==2.13.0
 
-.PHONY: test lint install demo compare
+.PHONY: test lint install demo compare fix-copies
 
 install:
 	$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install -q $(TORCH)
@@ -15,6 +15,10 @@ test: install lint
 lint: install
 	$(PYTHON) -m ruff check .
 	$(PYTHON) -m ruff format --check .
+
+# Copy train_diffusion_rpo.py's shared block (after END SCRIPT-SPECIFIC) into the other training scripts.
+fix-copies:
+	$(PYTHON) tools/fix_copies.py
 
 # The toy style-alignment world: RPO alignment of the committed tiny base, before/after scores, a grid (CPU, minutes).
 demo: install

@@ -329,6 +329,14 @@ def parse_args(input_args=None):
         help="Save the accelerate training state every N optimizer steps under output_dir/checkpoint-N.",
     )
     steps.add_argument(
+        "--stop_file",
+        type=str,
+        default=None,
+        help="A file whose appearance asks the run to save a checkpoint and stop, as SIGTERM does (default "
+        "output_dir/STOP; removed once acted on, and at start). For schedulers whose early warning signal cannot "
+        "reach the trainer past the launcher, e.g. SLURM's --signal=B:USR1@300 with `trap 'touch out/STOP' USR1`.",
+    )
+    steps.add_argument(
         "--checkpoints_total_limit",
         type=int,
         default=None,
@@ -2017,7 +2025,13 @@ class TrainingProgress:
         self.bad_rows = self.skipped_updates = self.nonfinite_in_a_row = 0
         self.history = []  # the logged metrics of this process's run (not checkpointed)
         self.validation_rewards = []  # --validation_scorer: {"step", "validation_reward", ...} (not checkpointed)
-        self.stopped_by = None  # the signal that stopped the run early (not checkpointed)
+        self.stopped_by = None  # what stopped the run early: "SIGTERM", "SIGINT", "the stop file" (not checkpointed)
+        self.saved_step = None  # the step of this run's newest checkpoint (not checkpointed)
+
+    def data_position(self):
+        """Where the data stands (epoch, batch in epoch, stream readers' states): taken at each optimizer step's
+        start, restored by a stop within the step so that the resume replays the step's micro-batches."""
+        return self.epoch, self.batch_in_epoch, dict(self.stream_states)
 
     def state_dict(self):
         return {
@@ -2079,6 +2093,11 @@ def run_training(args, accelerator, stop_request):
     """A run, in order: output folder, seed, data, models, optimizer, latent cache, loader, accelerate's wrapping
     (`Training`), resume, the training loop, then (unless a signal stopped it) the final validation, model and card."""
     repo_id = prepare_output(args, accelerator)
+    if accelerator.is_main_process:
+        stop_request.stop_file = args.stop_file or os.path.join(args.output_dir, "STOP")
+        if os.path.exists(stop_request.stop_file):  # left by an earlier run: stopping now would only loop
+            logger.warning(f"Removing {stop_request.stop_file}, a stop request from before this run started.")
+            os.remove(stop_request.stop_file)
     weight_dtype = weight_dtype_for(accelerator)  # an unavailable --mixed_precision fails before the data is read
     checkpoint = resolve_checkpoint_path(args) if args.resume_from_checkpoint else None
     progress = TrainingProgress(resolve_seed(args, accelerator, checkpoint))
@@ -2116,9 +2135,11 @@ def run_training(args, accelerator, stop_request):
     )
     train_loop(args, accelerator, models, training, progress, stop_request)
     if progress.stopped_by is not None:
+        if stop_request.stop_file is not None and os.path.exists(stop_request.stop_file):
+            os.remove(stop_request.stop_file)  # acted on: a resumed run must not stop at once
         logger.info(
-            f"Stopped by {signal.Signals(progress.stopped_by).name} at step {progress.global_step}; resume "
-            "with --resume_from_checkpoint latest."
+            f"Stopped by {progress.stopped_by} at step {progress.global_step}; resume with "
+            "--resume_from_checkpoint latest."
         )
     else:
         finish_run(args, accelerator, models, training.unet, progress, repo_id, stats, learning_rate)
@@ -2225,9 +2246,12 @@ def train_loop(args, accelerator, models, training, progress, stop_request):
     if progress.global_step >= training.steps:  # resumed from a checkpoint of the final step
         return
     accumulated, guard = {}, StepGuard(accelerator, stop_request)
+    # DeepSpeed's engine counts the accumulation window itself: there a stop waits for the end of the optimizer step.
+    stop_within_steps = args.gradient_accumulation_steps > 1 and sharding_engine() != DistributedType.DEEPSPEED
     for epoch in range(progress.epoch, training.epochs):
         sampler.set_epoch(epoch, progress.batch_in_epoch if epoch == progress.epoch else 0)
         progress.epoch = epoch
+        step_start = progress.data_position()
         for batch in training.loader:
             micro_step = progress.global_step * args.gradient_accumulation_steps + len(accumulated.get("loss", []))
             loss, metrics = training_step(args, accelerator, models, training, batch, micro_step, progress.seed, guard)
@@ -2235,12 +2259,16 @@ def train_loop(args, accelerator, models, training, progress, stop_request):
                 accumulated.setdefault(name, []).append(value)
             progress.batch_in_epoch += 1
             if not accelerator.sync_gradients:
+                if stop_within_steps and guard.agree_stop():
+                    stop_within_step(args, accelerator, progress, step_start, stop_request)
+                    return
                 continue
             progress.global_step += 1
             if models.ema is not None and not guard.verdict.skip_update:
                 update_ema(models.ema, accelerator.unwrap_model(unet), accelerator.device, args.offload_ema)
             if progress.batch_in_epoch >= sampler.batches_per_epoch:
                 progress.epoch, progress.batch_in_epoch = epoch + 1, 0
+            step_start = progress.data_position()
             logs = step_logs(args, accelerator, models, training, accumulated, progress.global_step)
             accumulated = {}
             record_faults(args, progress, guard.verdict, logs)
@@ -2355,11 +2383,20 @@ def save_final_model(accelerator, args, models, unet):
 
 
 class StopRequest:
-    """SIGTERM (preemption) and SIGINT (Ctrl-C) ask the run to save a checkpoint at the end of the current optimizer
-    step and stop; a second SIGINT interrupts at once. `signal` is the stop signal received (None until one is)."""
+    """SIGTERM (preemption), SIGINT (Ctrl-C) or the stop file ask the run to save a checkpoint at the next micro-batch
+    boundary and stop; a second SIGINT interrupts at once. `signal` is the stop signal received (None until one is);
+    `stop_file` is watched where set (on the main process: the others learn of it through `StepGuard`)."""
 
     def __init__(self):
-        self.signal = None
+        self.signal, self.stop_file = None, None
+
+    def reason(self):
+        """What asked for the stop ("SIGTERM", "SIGINT", "the stop file"), or None."""
+        if self.signal is not None:
+            return signal.Signals(self.signal).name
+        if self.stop_file is not None and os.path.exists(self.stop_file):
+            return "the stop file"
+        return None
 
     @classmethod
     @contextlib.contextmanager
@@ -2374,8 +2411,8 @@ class StopRequest:
                 raise KeyboardInterrupt
             stop_request.signal = signum
             row_logger.warning(
-                f"Received {signal.Signals(signum).name}: saving a checkpoint at the end of this optimizer "
-                "step, then stopping (SIGINT again to interrupt at once)."
+                f"Received {signal.Signals(signum).name}: saving a checkpoint at the end of this micro-batch, "
+                "then stopping (SIGINT again to interrupt at once)."
             )
 
         previous = {}
@@ -2423,7 +2460,7 @@ class StepGuard:
         flags = torch.tensor(
             [
                 float(self.window_nonfinite or grad_nonfinite),
-                float(self.stop_request.signal is not None),
+                float(self.stop_request.reason() is not None),
                 float(self.window_bad_rows),
             ],
             device=accelerator.device,
@@ -2438,6 +2475,14 @@ class StepGuard:
             nonfinite=flags[0] > 0, skip_update=flags[0] > 0 and can_skip, stop=flags[1] > 0, bad_rows=int(flags[2])
         )
         return self.verdict
+
+    def agree_stop(self):
+        """Between the micro-batches of an optimizer step: whether a stop was asked for on any process (one
+        collective, so every process stops at the same micro-batch)."""
+        stop = torch.tensor([float(self.stop_request.reason() is not None)], device=self.accelerator.device)
+        if self.accelerator.num_processes > 1:
+            stop = self.accelerator.reduce(stop, "sum")
+        return bool(stop.item() > 0)
 
     def note_scaler_skip(self, optimizer):
         """An fp16 step the GradScaler skipped although its scale is already below 1 has gradients that are not
@@ -2496,11 +2541,23 @@ def stop_after_step(args, accelerator, progress, total_steps, verdict, stop_requ
             save_checkpoint(accelerator, args, progress.global_step, progress)
         raise error
     if verdict.stop and progress.global_step < total_steps:  # at the last step: finish
-        progress.stopped_by = stop_request.signal or signal.SIGTERM  # the signal reached another process
+        progress.stopped_by = stop_request.reason() or "SIGTERM"  # the signal reached another process
         if not saved:
             save_checkpoint(accelerator, args, progress.global_step, progress)
         return True
     return False
+
+
+def stop_within_step(args, accelerator, progress, step_start, stop_request):
+    """A stop between the micro-batches of an optimizer step (a launcher kills a few seconds after its SIGTERM, so
+    waiting for the step's end can lose the save): the step's accumulated gradients are dropped, and the checkpoint
+    is that of the last completed step with the data position of this step's first micro-batch, so that a resume
+    replays the step exactly."""
+    progress.epoch, progress.batch_in_epoch, progress.stream_states = step_start
+    accelerator.step = progress.global_step * args.gradient_accumulation_steps  # checkpointed: where accumulation is
+    progress.stopped_by = stop_request.reason() or "SIGTERM"  # the signal reached another process
+    if progress.saved_step != progress.global_step:  # else this step's checkpoint already holds exactly this state
+        save_checkpoint(accelerator, args, progress.global_step, progress)
 
 
 def bad_rows_error(args, bad_rows, rows, where):
@@ -2578,6 +2635,7 @@ def save_checkpoint(accelerator, args, global_step, progress):
                 logger.info(f"Removing checkpoint {old} (--checkpoints_total_limit {args.checkpoints_total_limit})")
                 shutil.rmtree(old)
     accelerator.wait_for_everyone()
+    progress.saved_step = global_step
     return final
 
 
@@ -3189,5 +3247,5 @@ class StreamingBatches:
 
 if __name__ == "__main__":
     stopped_by = main(parse_args()).stopped_by
-    if stopped_by is not None:
-        sys.exit(128 + stopped_by)  # the shell's "terminated by signal" status, after a clean save
+    if stopped_by in ("SIGTERM", "SIGINT"):
+        sys.exit(128 + signal.Signals[stopped_by])  # the shell's "terminated by signal" status, after a clean save

@@ -19,7 +19,7 @@ SCRIPTS = {"train_diffusion_rpo.py": rpo, "train_diffusion_rpo_sdxl.py": rpo_sdx
 
 def documented_commands():
     """Every `accelerate launch ... train_*.py ...` command in README.md and docs/: (source, launch flags, script
-    flags), with shell comments and the `...` elisions of abbreviated commands removed."""
+    flags), with shell comments, the `...` elisions of abbreviated commands and a trailing `&` removed."""
     commands = []
     for path in [os.path.join(ROOT, "README.md"), *sorted(glob.glob(os.path.join(ROOT, "docs", "*.md")))]:
         with open(path) as f:
@@ -34,7 +34,7 @@ def documented_commands():
                     os.path.relpath(path, ROOT),
                     tokens[2:script],
                     tokens[script],
-                    [t for t in tokens[script + 1 :] if t != "..."],
+                    [t for t in tokens[script + 1 :] if t not in ("...", "&")],
                 )
             )
     return commands

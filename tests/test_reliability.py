@@ -6,10 +6,12 @@ the fault is a signal to the process group) and asserts what the "Failure handli
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from types import SimpleNamespace
 
@@ -17,7 +19,7 @@ import datasets
 import pytest
 import tiny
 import torch
-from helpers import COLUMNS, ROOT, launch_command, unet_weights
+from helpers import COLUMNS, ROOT, free_port, launch, launch_command, unet_weights
 from safetensors.torch import load_file
 
 import train_diffusion_rpo as rpo
@@ -253,7 +255,7 @@ def test_sigint_saves_a_checkpoint_and_a_resume_matches_the_straight_run(
         "--validation_prompts", "--max_train_steps", "4", "--checkpointing_steps", "100", output_dir="split"
     )
     monkeypatch.setattr(script.module, "record_faults", original)
-    assert stopped.stopped_by == signal.SIGINT and stopped.global_step == 3
+    assert stopped.stopped_by == "SIGINT" and stopped.global_step == 3
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
     assert checkpoint_names(tmp_path / "split") == ["checkpoint-3"] and not (tmp_path / "split" / "unet").exists()
     resumed, _ = train(
@@ -287,55 +289,76 @@ def test_sigint_ignored_at_start_stays_ignored(train, script, tmp_path, monkeypa
     assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
 
 
-def test_sigterm_to_a_launched_run_saves_and_the_resume_is_bitwise_exact(train, script, tmp_path):
-    """Preemption: SIGTERM to the whole process group (launcher, trainer, loader workers), as SLURM and Ctrl-C do.
-    The straight and the resumed runs are in-process, with the launched run's thread count (same arithmetic)."""
-    steps = ["--max_train_steps", "12", "--train_batch_size", "4"]  # 4 epochs; killed after the step-2 checkpoint
-    split = tmp_path / "split"
-    flags = train.flags(
-        "--validation_prompts",
-        *steps,
-        "--dataloader_num_workers",
-        "2",
-        "--checkpointing_steps",
-        "2",
-        "--checkpoints_total_limit",
-        "2",
-        output_dir=split,
-    )
-    threads = ["--num_cpu_threads_per_process", str(torch.get_num_threads())]
-    command = launch_command(script.path, *flags, launch_flags=threads)
-    run = subprocess.Popen(
-        command,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        cwd=tmp_path,
-        env={**os.environ, "PYTHONPATH": ROOT},
-        start_new_session=True,
-    )
-    deadline = time.time() + 300
-    while not rpo.list_checkpoints(split) and time.time() < deadline and run.poll() is None:
-        time.sleep(0.05)
-    os.killpg(run.pid, signal.SIGTERM)
-    _, stderr = run.communicate(timeout=300)  # EOF only once the trainer itself has exited
-    assert "Received SIGTERM" in stderr and "Stopped by SIGTERM" in stderr, stderr[-3000:]
-    assert "Traceback" not in stderr.split("Received SIGTERM")[1], stderr[-3000:]
-    checkpoint = rpo.list_checkpoints(split)[-1]
-    stopped_at = checkpoint_progress(checkpoint)["global_step"]
-    assert 2 <= stopped_at < 12 and not (split / "unet").exists()
+@pytest.fixture(scope="module")
+def pickapic_36_pairs(tmp_path_factory):
+    return tiny.write_pickapic_dataset(str(tmp_path_factory.mktemp("pickapic-36")), tiny.pickapic_rows(54))
 
-    resumed, _ = train(
-        "--validation_prompts",
-        *steps,
-        "--checkpointing_steps",
-        "100",
-        "--resume_from_checkpoint",
-        "latest",
-        output_dir="split",
+
+LAUNCHER_GRACE_S = 5  # accelerate launch (1.16+, one process) SIGKILLs 5 s after forwarding SIGTERM
+
+
+@pytest.mark.parametrize("processes", [1, 2], ids=["1-process", "2-process"])
+def test_sigterm_mid_step_to_a_launched_run_saves_and_the_resume_is_bitwise_exact(
+    train, script, tmp_path, pickapic_36_pairs, processes
+):
+    """Preemption under the launchers' grace: SIGTERM to the whole process group (launcher, trainer, loader workers),
+    as SLURM and Ctrl-C do, while an optimizer step of 36 micro-batches (several seconds, longer than the grace) runs.
+    accelerate's one-process launcher SIGKILLs 5 s after SIGTERM; the 2-process launch runs torchrun's agent with the
+    same 5 s grace (TORCH_ELASTIC_SHUTDOWN_TIMEOUT; its default is 30 s). The run must stop at the next micro-batch,
+    save the last completed step with the data position of the interrupted one, and resume from it to exactly the
+    weights of an uninterrupted run (in-process for one process, with the launched run's thread count; launched for
+    two)."""
+    if processes == 2 and script.name != "sd15":
+        pytest.skip("the shared code path: one script suffices for the 2-process launch")
+    accumulation = str(36 // processes)
+    steps = ["--max_train_steps", "2", "--train_batch_size", "1", "--gradient_accumulation_steps", accumulation]
+    common = ["--validation_prompts", "--resolution", "64", "--checkpointing_steps", "100", *steps]
+    flags = train.flags(*common, "--dataloader_num_workers", "2", output_dir="split", dataset=pickapic_36_pairs)
+    env = {**os.environ, "PYTHONPATH": ROOT, "ACCELERATE_USE_CPU": "1"}
+    env["TORCH_ELASTIC_SHUTDOWN_TIMEOUT"] = str(LAUNCHER_GRACE_S)
+    if processes == 1:
+        launch_flags = ["--num_cpu_threads_per_process", str(torch.get_num_threads())]
+    else:
+        launch_flags = ["--main_process_port", str(free_port())]
+    command = launch_command(script.path, *flags, processes=processes, launch_flags=launch_flags)
+    run = subprocess.Popen(
+        command, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, cwd=tmp_path, env=env, start_new_session=True
     )
-    assert resumed.global_step == 12 and len(resumed.history) == 12 - stopped_at
-    train("--validation_prompts", *steps, "--checkpointing_steps", "100", output_dir="straight")
+    stderr, first_step_done = [], threading.Event()
+
+    def read_stderr():  # the progress bar shows "1/2" once step 1's update is applied
+        while chunk := run.stderr.read1(4096):
+            stderr.append(chunk.decode(errors="replace"))
+            if re.search(r"Steps:[^\r\n]*\b1/2\b", "".join(stderr[-3:])):
+                first_step_done.set()
+
+    reader = threading.Thread(target=read_stderr, daemon=True)
+    reader.start()
+    assert first_step_done.wait(300), "".join(stderr)[-3000:]
+    time.sleep(1.0)  # into step 2's micro-batches
+    sent = time.time()
+    os.killpg(run.pid, signal.SIGTERM)
+    run.wait(timeout=120)
+    reader.join(timeout=10)
+    log = "".join(stderr)
+    assert "Received SIGTERM" in log and "Stopped by SIGTERM at step 1" in log, log[-3000:]
+    assert "Traceback" not in log.split("Received SIGTERM")[1], log[-3000:]
+    split = tmp_path / "split"
+    assert [os.path.basename(p) for p in rpo.list_checkpoints(split)] == ["checkpoint-1"]
+    saved = checkpoint_progress(split / "checkpoint-1")
+    # Step 1 read the first epoch's 36 pairs: the resume starts step 2 at the second epoch's first micro-batch.
+    assert (saved["global_step"], saved["epoch"], saved["batch_in_epoch"]) == (1, 1, 0)
+    save_latency = os.path.getmtime(split / "checkpoint-1" / rpo.PROGRESS_FILE) - sent
+    print(f"{processes} process(es): checkpoint saved {save_latency:.2f} s after SIGTERM")
+
+    resume = ["--resume_from_checkpoint", "latest"]
+    if processes == 1:
+        resumed, _ = train(*common, *resume, output_dir="split", dataset=pickapic_36_pairs)
+        assert resumed.global_step == 2 and len(resumed.history) == 1
+        train(*common, output_dir="straight", dataset=pickapic_36_pairs)
+    else:
+        launch(script.path, train.flags(*common, *resume, output_dir="split", dataset=pickapic_36_pairs), 2, tmp_path)
+        launch(script.path, train.flags(*common, output_dir="straight", dataset=pickapic_36_pairs), 2, tmp_path)
     assert same_weights(unet_weights(tmp_path / "straight"), unet_weights(split))
 
 
@@ -482,6 +505,32 @@ def test_resume_without_a_seed_uses_the_checkpoint_seed_for_the_data(train, tmp_
     assert resumed.seed == seed
     assert [h["loss"] for h in resumed.history] == [h["loss"] for h in straight.history[2:]]
     assert same_weights(unet_weights(tmp_path / "straight"), unet_weights(tmp_path / "split"))
+
+
+def test_the_stop_file_stops_the_run_and_is_removed(train, script, tmp_path, monkeypatch):
+    """The stop file (default output_dir/STOP) asks for a stop like SIGTERM, at the next micro-batch: here the first
+    of step 2, so the checkpoint is step 1's with the data position of step 2's start. It is removed once acted on,
+    and a stale one found at start is removed without stopping the run."""
+    original = script.module.record_faults
+    stop_file = tmp_path / "out" / "STOP"
+
+    def request_stop_at_step_1(args, progress, verdict, logs):
+        original(args, progress, verdict, logs)
+        if progress.global_step == 1:
+            stop_file.touch()
+
+    monkeypatch.setattr(script.module, "record_faults", request_stop_at_step_1)
+    flags = ["--validation_prompts", "--max_train_steps", "4", "--gradient_accumulation_steps", "2"]
+    stopped, _ = train(*flags, "--checkpointing_steps", "100")
+    assert stopped.stopped_by == "the stop file" and stopped.global_step == 1 and not stop_file.exists()
+    saved = checkpoint_progress(tmp_path / "out" / "checkpoint-1")  # 12 pairs, 3 per micro-batch: 2 steps an epoch
+    assert (saved["global_step"], saved["epoch"], saved["batch_in_epoch"]) == (1, 0, 2)
+    assert checkpoint_names(tmp_path / "out") == ["checkpoint-1"] and not (tmp_path / "out" / "unet").exists()
+
+    monkeypatch.setattr(script.module, "record_faults", original)
+    stop_file.touch()  # left over, e.g. by a scheduler's warning that came after the run had stopped
+    resumed, _ = train(*flags, "--checkpointing_steps", "100", "--resume_from_checkpoint", "latest")
+    assert resumed.stopped_by is None and resumed.global_step == 4 and not stop_file.exists()
 
 
 def test_a_stop_at_the_final_step_finishes_the_run(train, script, tmp_path, monkeypatch):
