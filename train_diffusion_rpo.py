@@ -2665,7 +2665,9 @@ def cache_latents(args, accelerator, models, dataset, stats):
             f"Latent cache: {len(dataset) - len(cached)} of {len(dataset)} pairs could not be decoded "
             "(or gave non-finite latents) and are left out."
         )
-        error = bad_rows_error(args, len(dataset) - len(cached), len(dataset), "while building the latent cache")
+        error = bad_rows_error(
+            args.max_bad_rows, len(dataset) - len(cached), len(dataset), "while building the latent cache"
+        )
         if error is not None:
             raise error
         stats["pairs"] = len(cached)

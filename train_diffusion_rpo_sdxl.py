@@ -1994,15 +1994,14 @@ def validation_rewards(scorer, args, image_sets, device):
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Main: a run from start to end
+# The run: main, then the training loop
 # ----------------------------------------------------------------------------------------------------------------------
 
 
 @dataclasses.dataclass
 class Training:
-    """What the training loop runs: the UNet, optimizer and learning-rate schedule as accelerate wrapped them, the
-    loader and its sampler, and how long: optimizer `steps` (--max_train_steps, or --num_train_epochs of them) and the
-    `epochs` of the loader they span."""
+    """What the loop runs: the UNet, optimizer and schedule as accelerate wrapped them, the loader and its sampler, and
+    how long: optimizer `steps` (--max_train_steps, or --num_train_epochs of them) and the loader `epochs` they span."""
 
     unet: torch.nn.Module
     optimizer: torch.optim.Optimizer
@@ -2013,42 +2012,41 @@ class Training:
     epochs: int
 
 
+@dataclasses.dataclass
 class TrainingProgress:
-    """Step count, data position, seed and fault counts, saved (as JSON) in every checkpoint so a resume continues
-    exactly."""
+    """Step, data position, seed and fault counts, saved as JSON in every checkpoint so that a resume continues
+    exactly; the fields from `history` on describe this process's run and are not checkpointed."""
 
-    COUNTS = ("bad_rows", "skipped_updates", "nonfinite_in_a_row")
+    seed: int
+    global_step: int = 0
+    epoch: int = 0
+    batch_in_epoch: int = 0
+    stream_states: dict = dataclasses.field(default_factory=dict)  # --streaming: reader -> state after its last batch
+    bad_rows: int = 0
+    skipped_updates: int = 0
+    nonfinite_in_a_row: int = 0
+    history: list = dataclasses.field(default_factory=list)  # the logged metrics of each step
+    validation_rewards: list = dataclasses.field(default_factory=list)  # --validation_scorer: one dict a validation
+    stopped_by: str | None = None  # what stopped the run early: "SIGTERM", "SIGINT" or "the stop file"
+    saved_step: int | None = None  # the step of this run's newest checkpoint
 
-    def __init__(self, seed):
-        self.seed, self.global_step, self.epoch, self.batch_in_epoch = seed, 0, 0, 0
-        self.stream_states = {}  # --streaming: reader -> the stream state after its last consumed batch
-        self.bad_rows = self.skipped_updates = self.nonfinite_in_a_row = 0
-        self.history = []  # the logged metrics of this process's run (not checkpointed)
-        self.validation_rewards = []  # --validation_scorer: {"step", "validation_reward", ...} (not checkpointed)
-        self.stopped_by = None  # what stopped the run early: "SIGTERM", "SIGINT", "the stop file" (not checkpointed)
-        self.saved_step = None  # the step of this run's newest checkpoint (not checkpointed)
-
-    def data_position(self):
-        """Where the data stands (epoch, batch in epoch, stream readers' states): taken at each optimizer step's
-        start, restored by a stop within the step so that the resume replays the step's micro-batches."""
-        return self.epoch, self.batch_in_epoch, dict(self.stream_states)
+    COUNTS = ("seed", "global_step", "epoch", "batch_in_epoch", "bad_rows", "skipped_updates", "nonfinite_in_a_row")
 
     def state_dict(self):
         return {
-            "seed": self.seed,
-            "global_step": self.global_step,
-            "epoch": self.epoch,
-            "batch_in_epoch": self.batch_in_epoch,
-            "stream_states": list(self.stream_states.values()),
             **{name: getattr(self, name) for name in self.COUNTS},
+            "stream_states": list(self.stream_states.values()),
         }
 
     def load_state_dict(self, state):
-        self.seed, self.global_step = int(state["seed"]), int(state["global_step"])
-        self.epoch, self.batch_in_epoch = int(state["epoch"]), int(state["batch_in_epoch"])
-        self.stream_states = {int(s["reader"]): s for s in state.get("stream_states", [])}
         for name in self.COUNTS:
             setattr(self, name, int(state.get(name, 0)))
+        self.stream_states = {int(s["reader"]): s for s in state.get("stream_states", [])}
+
+    def data_position(self):
+        """Where the data stands: taken at each optimizer step's start, restored by a stop within the step so that a
+        resume replays the step's micro-batches."""
+        return self.epoch, self.batch_in_epoch, dict(self.stream_states)
 
 
 def main(args):
@@ -2057,8 +2055,8 @@ def main(args):
         try:
             return run_training(args, accelerator, stop_request)
         except BaseException as error:
-            # Let a failed run exit: free the traceback's locals, so the loader shuts its workers down (they ignore
-            # the SIGTERM multiprocessing would stop them with at exit), and tear down the process group.
+            # Free the traceback's locals so that the loader shuts its workers down (they ignore the SIGTERM that
+            # multiprocessing would stop them with at exit), and tear down the process group.
             traceback.clear_frames(error.__traceback__)
             gc.collect()
             accelerator.end_training()
@@ -2066,24 +2064,19 @@ def main(args):
 
 
 def build_accelerator(args):
-    logging_dir = os.path.join(args.output_dir, args.logging_dir)
-    project_config = ProjectConfiguration(project_dir=args.output_dir, logging_dir=logging_dir)
     accelerator = Accelerator(
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         mixed_precision=args.mixed_precision,
         log_with=None if args.report_to == "none" else args.report_to,
-        project_config=project_config,
+        project_config=ProjectConfiguration(args.output_dir, os.path.join(args.output_dir, args.logging_dir)),
     )
     logging.basicConfig(
         format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", datefmt="%m/%d/%Y %H:%M:%S", level=logging.INFO
     )
     logger.info(accelerator.state, main_process_only=False)
     for library in (datasets, transformers, diffusers):
-        (
-            library.utils.logging.set_verbosity_warning
-            if accelerator.is_local_main_process
-            else library.utils.logging.set_verbosity_error
-        )()
+        verbosity = "warning" if accelerator.is_local_main_process else "error"
+        getattr(library.utils.logging, f"set_verbosity_{verbosity}")()
     if args.allow_tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
     return accelerator
@@ -2091,13 +2084,9 @@ def build_accelerator(args):
 
 def run_training(args, accelerator, stop_request):
     """A run, in order: output folder, seed, data, models, optimizer, latent cache, loader, accelerate's wrapping
-    (`Training`), resume, the training loop, then (unless a signal stopped it) the final validation, model and card."""
-    repo_id = prepare_output(args, accelerator)
-    if accelerator.is_main_process:
-        stop_request.stop_file = args.stop_file or os.path.join(args.output_dir, "STOP")
-        if os.path.exists(stop_request.stop_file):  # left by an earlier run: stopping now would only loop
-            logger.warning(f"Removing {stop_request.stop_file}, a stop request from before this run started.")
-            os.remove(stop_request.stop_file)
+    (`Training`), resume, the training loop, then (unless a stop request ended it) the final validation, model and
+    card."""
+    repo_id = prepare_output(args, accelerator, stop_request)
     weight_dtype = weight_dtype_for(accelerator)  # an unavailable --mixed_precision fails before the data is read
     checkpoint = resolve_checkpoint_path(args) if args.resume_from_checkpoint else None
     progress = TrainingProgress(resolve_seed(args, accelerator, checkpoint))
@@ -2118,62 +2107,66 @@ def run_training(args, accelerator, stop_request):
         dataset = cache_latents(args, accelerator, models, dataset, stats)
     loader, sampler = build_dataloader(args, accelerator, models, dataset, progress.seed, progress)
     training = prepare_training(args, accelerator, models, optimizer, loader, sampler)
-    if args.resume_from_checkpoint and checkpoint is None:
-        logger.info(f"No checkpoint in {args.output_dir} to resume from: starting a new run.")
-    elif args.resume_from_checkpoint:
+    if checkpoint is not None:
         logger.info(f"Resuming from {checkpoint}")
         accelerator.load_state(checkpoint)
         with open(os.path.join(checkpoint, PROGRESS_FILE)) as f:
             progress.load_state_dict(json.load(f))
+    elif args.resume_from_checkpoint:
+        logger.info(f"No checkpoint in {args.output_dir} to resume from: starting a new run.")
     if accelerator.is_main_process:
-        config = tracker_config(args, learning_rate, training.steps)
-        accelerator.init_trackers(args.tracker_project_name, config=config)
+        accelerator.init_trackers(
+            args.tracker_project_name, config=tracker_config(args, learning_rate, training.steps)
+        )
+    pairs_per_step = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
     logger.info(
-        f"***** Training ({args.loss_type}) *****  pairs {stats['pairs']}, epochs {training.epochs}, "
-        f"pairs per step {args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps}"
-        f", optimizer steps {training.steps}, seed {progress.seed}"
+        f"***** Training ({args.loss_type}) *****  pairs {stats['pairs']}, epochs {training.epochs}, pairs per step "
+        f"{pairs_per_step}, optimizer steps {training.steps}, seed {progress.seed}"
     )
     train_loop(args, accelerator, models, training, progress, stop_request)
-    if progress.stopped_by is not None:
+    if progress.stopped_by is None:
+        finish_run(args, accelerator, models, training.unet, progress, repo_id, stats, learning_rate)
+    else:
         if stop_request.stop_file is not None and os.path.exists(stop_request.stop_file):
-            os.remove(stop_request.stop_file)  # acted on: a resumed run must not stop at once
+            os.remove(stop_request.stop_file)  # acted on: the resumed run must not stop at once
         logger.info(
             f"Stopped by {progress.stopped_by} at step {progress.global_step}; resume with "
             "--resume_from_checkpoint latest."
         )
-    else:
-        finish_run(args, accelerator, models, training.unet, progress, repo_id, stats, learning_rate)
     accelerator.end_training()
     return progress
 
 
-def prepare_output(args, accelerator):
-    """Checks that fail early (the model path, LoRA under a sharding engine), the output folder cleared of interrupted
-    saves, and with --push_to_hub the Hub repo (its id; None otherwise)."""
+def prepare_output(args, accelerator, stop_request):
+    """Checks that fail early (the model path, LoRA under a sharding engine); the output folder, cleared of
+    interrupted saves and of a stale stop file, which the main process then watches; the Hub repo's id with
+    --push_to_hub (else None)."""
     check_pretrained_pipeline(args)  # a wrong model path fails now, not after the dataset is prepared
     if args.use_lora and sharding_engine() is not None:
         raise ValueError(
-            f"--use_lora under {sharding_engine().value}: LoRA adapters are a few MB, so sharding them "
-            "saves nothing while the frozen base would need its own handling. Launch with DDP "
-            "(configs/accelerate/multi_gpu.yaml), or train the full UNet under this engine."
+            f"--use_lora under {sharding_engine().value}: sharding adapters of a few MB saves nothing, while the "
+            "frozen base would need its own handling. Launch with DDP (`accelerate launch --multi_gpu`), or train "
+            "the full UNet under this engine."
         )
-    if accelerator.is_main_process:
-        os.makedirs(args.output_dir, exist_ok=True)
-        for name in os.listdir(args.output_dir):  # saves a crash or kill broke off: never resumable
-            if name.startswith("checkpoint-") and name.endswith(".incomplete"):
-                logger.warning(f"Removing {name}: a checkpoint save that was interrupted.")
-                shutil.rmtree(os.path.join(args.output_dir, name))
-    if args.push_to_hub and accelerator.is_main_process:
-        return create_repo(
-            repo_id=args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir)),
-            exist_ok=True,
-            token=args.hub_token,
-        ).repo_id
-    return None
+    if not accelerator.is_main_process:
+        return None
+    os.makedirs(args.output_dir, exist_ok=True)
+    for name in os.listdir(args.output_dir):
+        if name.startswith("checkpoint-") and name.endswith(".incomplete"):  # a save cut short: never resumable
+            logger.warning(f"Removing {name}: a checkpoint save that was interrupted.")
+            shutil.rmtree(os.path.join(args.output_dir, name))
+    stop_request.stop_file = args.stop_file or os.path.join(args.output_dir, "STOP")
+    if os.path.exists(stop_request.stop_file):  # left by an earlier run: stopping now would only loop
+        logger.warning(f"Removing {stop_request.stop_file}, a stop request from before this run started.")
+        os.remove(stop_request.stop_file)
+    if not args.push_to_hub:
+        return None
+    repo_name = args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir))
+    return create_repo(repo_id=repo_name, exist_ok=True, token=args.hub_token).repo_id
 
 
 def resolve_seed(args, accelerator, checkpoint=None):
-    """--seed, or on resume the `checkpoint`'s seed (the data subset, order and every draw depend on it, so it is read
+    """--seed, or on resume the checkpoint's seed (the data subset, order and every draw depend on it, so it is read
     before the dataset is prepared), or a drawn one."""
     if checkpoint is not None:
         with open(os.path.join(checkpoint, PROGRESS_FILE)) as f:
@@ -2190,9 +2183,8 @@ def resolve_seed(args, accelerator, checkpoint=None):
 
 
 def prepare_training(args, accelerator, models, optimizer, loader, sampler):
-    """The run's length, the learning-rate schedule, the UNet, optimizer and schedule wrapped by accelerate (the
-    `Training` the loop runs), and the models the loop reads besides: the base's weight norm, the EMA and the
-    validation scorer."""
+    """The run's length and learning-rate schedule, the UNet, optimizer and schedule wrapped by accelerate, and what
+    the loop reads besides: the base's weight norm, the EMA and the validation scorer."""
     updates_per_epoch = sampler.batches_per_epoch // args.gradient_accumulation_steps
     steps = args.num_train_epochs * updates_per_epoch if args.max_train_steps is None else args.max_train_steps
     lr_scheduler = get_scheduler(
@@ -2203,7 +2195,7 @@ def prepare_training(args, accelerator, models, optimizer, loader, sampler):
     )
     if accelerator.state.deepspeed_plugin is not None:  # our loader is not prepared, so DeepSpeed cannot infer it
         accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = args.train_batch_size
-    models.initial_weight_norm = trained_weight_norm(args, models.unet)  # before a resume: the base's norm
+    models.initial_weight_norm = trained_weight_norm(args.use_lora, models.unet)  # before a resume: the base's
     unet, optimizer, lr_scheduler = accelerator.prepare(models.unet, optimizer, lr_scheduler)
     models.ema = create_ema(args, accelerator, unet)
     models.validation_scorer = None
@@ -2221,21 +2213,18 @@ def prepare_training(args, accelerator, models, optimizer, loader, sampler):
 
 
 def tracker_config(args, learning_rate, max_train_steps=None):
-    """Run hyperparameters for the trackers: no token, lists flattened for tensorboard; the learning rate as passed
-    and as trained (after --scale_lr); `max_train_steps`, the planned steps, replaces an unset --max_train_steps."""
-    config = {"effective_learning_rate": learning_rate}
-    for key, value in vars(args).items():
-        if key == "hub_token":
-            continue
-        config[key] = " | ".join(value) if isinstance(value, list) else value
+    """Hyperparameters for the trackers: no token, lists joined for tensorboard, the learning rate as trained (after
+    --scale_lr), and `max_train_steps`, the planned steps, for an unset --max_train_steps."""
+    config = {key: " | ".join(v) if isinstance(v, list) else v for key, v in vars(args).items() if key != "hub_token"}
+    config["effective_learning_rate"] = learning_rate
     if max_train_steps is not None:
         config["max_train_steps"] = max_train_steps
     return config
 
 
 def train_loop(args, accelerator, models, training, progress, stop_request):
-    """Optimizer steps from `progress` to `training.steps`, or until a stop signal (then `progress.stopped_by`)."""
-    unet, sampler = training.unet, training.sampler
+    """Optimizer steps from `progress` to `training.steps`, or until a stop request (then `progress.stopped_by`)."""
+    unet, sampler, accumulation = training.unet, training.sampler, args.gradient_accumulation_steps
     progress_bar = tqdm(
         range(training.steps),
         initial=progress.global_step,
@@ -2247,13 +2236,13 @@ def train_loop(args, accelerator, models, training, progress, stop_request):
         return
     accumulated, guard = {}, StepGuard(accelerator, stop_request)
     # DeepSpeed's engine counts the accumulation window itself: there a stop waits for the end of the optimizer step.
-    stop_within_steps = args.gradient_accumulation_steps > 1 and sharding_engine() != DistributedType.DEEPSPEED
+    stop_within_steps = accumulation > 1 and sharding_engine() != DistributedType.DEEPSPEED
     for epoch in range(progress.epoch, training.epochs):
         sampler.set_epoch(epoch, progress.batch_in_epoch if epoch == progress.epoch else 0)
         progress.epoch = epoch
         step_start = progress.data_position()
         for batch in training.loader:
-            micro_step = progress.global_step * args.gradient_accumulation_steps + len(accumulated.get("loss", []))
+            micro_step = progress.global_step * accumulation + len(accumulated.get("loss", []))
             loss, metrics = training_step(args, accelerator, models, training, batch, micro_step, progress.seed, guard)
             for name, value in {"loss": loss, **metrics}.items():
                 accumulated.setdefault(name, []).append(value)
@@ -2292,29 +2281,25 @@ def step_logs(args, accelerator, models, training, accumulated, global_step):
     }
     logs["lr"] = training.lr_scheduler.get_last_lr()[0]
     if models.initial_weight_norm is not None:
-        logs["weight_norm_drift"] = trained_weight_norm(args, training.unet) / models.initial_weight_norm - 1
+        logs["weight_norm_drift"] = trained_weight_norm(args.use_lora, training.unet) / models.initial_weight_norm - 1
     preference_loss = logs["loss"] - (logs.get("stabilizer_term", 0.0) if args.stabilizer == "sft" else 0.0)
     if global_step == 1 and args.loss_type != "sft" and abs(preference_loss - math.log(2)) > 1e-3:
         logger.warning(
-            f"The first loss is {preference_loss:.6f}, not ln 2 = 0.693147: the policy starts at the "
-            "reference, so their denoising errors should be equal. The reference computes "
-            "differently from the trained UNet (precision, attention backend or weights differ)."
+            f"The first loss is {preference_loss:.6f}, not ln 2 = 0.693147: the policy starts at the reference, so "
+            "their denoising errors should be equal. The reference computes differently from the trained UNet "
+            "(precision, attention backend or weights differ)."
         )
     return logs
 
 
-def trained_weight_norm(args, unet):
-    """L2 norm of the trained UNet's parameters, for the `weight_norm_drift` metric (||theta_t|| / ||theta_0|| - 1,
-    docs/method.md "Diagnostics"); None for LoRA (the base weights do not move) and under FSDP/DeepSpeed (each
-    process holds a shard)."""
-    if args.use_lora or sharding_engine() is not None:
+def trained_weight_norm(use_lora, unet):
+    """The L2 norm of the trained UNet's parameters, for `weight_norm_drift` (||theta_t|| / ||theta_0|| - 1); None
+    for LoRA (the base weights do not move) and under FSDP/DeepSpeed (each process holds a shard)."""
+    if use_lora or sharding_engine() is not None:
         return None
     with torch.no_grad():  # one device sync, not one per tensor
-        return float(
-            torch.linalg.vector_norm(
-                torch.stack([torch.linalg.vector_norm(p.detach(), dtype=torch.float32) for p in unet.parameters()])
-            )
-        )
+        norms = torch.stack([torch.linalg.vector_norm(p.detach(), dtype=torch.float32) for p in unet.parameters()])
+        return float(torch.linalg.vector_norm(norms))
 
 
 def finish_run(args, accelerator, models, unet, progress, repo_id, stats, learning_rate):
@@ -2326,10 +2311,9 @@ def finish_run(args, accelerator, models, unet, progress, repo_id, stats, learni
         return
     if models.ema is not None:
         models.ema.copy_to(trained_unet.parameters())  # the saved pipeline holds the EMA weights
-    save_final_model(accelerator, args, models, trained_unet)
-    grid_filename = None
+    save_final_model(args, models, trained_unet)
+    grid_filename = None if grid is None else "validation_grid.png"
     if grid is not None:
-        grid_filename = "validation_grid.png"
         grid.save(os.path.join(args.output_dir, grid_filename))
     write_model_card(args, repo_id, stats, progress, learning_rate, accelerator.num_processes, grid_filename)
     if args.push_to_hub:
@@ -2343,9 +2327,9 @@ def finish_run(args, accelerator, models, unet, progress, repo_id, stats, learni
 
 
 def gather_sharded_unet(accelerator, unet):
-    """Under FSDP or DeepSpeed the trained weights are sharded: every process joins in gathering the full state dict,
-    and the main process gets a plain UNet holding it (None elsewhere). Otherwise the unwrapped UNet itself."""
-    if accelerator.distributed_type not in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+    """Under FSDP or DeepSpeed every process joins in gathering the full weights, and the main process gets a plain
+    UNet holding them (None elsewhere); otherwise the unwrapped UNet itself."""
+    if sharding_engine() is None:
         return accelerator.unwrap_model(unet)
     state_dict = accelerator.get_state_dict(unet)
     if not accelerator.is_main_process:
@@ -2355,9 +2339,8 @@ def gather_sharded_unet(accelerator, unet):
     return full
 
 
-def save_final_model(accelerator, args, models, unet):
-    """A full pipeline (`DiffusionPipeline.from_pretrained(output_dir)`) or, with LoRA, the adapter weights.
-    `unet` is the gathered, unwrapped UNet (`gather_sharded_unet`)."""
+def save_final_model(args, models, unet):
+    """A full pipeline (`DiffusionPipeline.from_pretrained(output_dir)`) or, with LoRA, the adapter weights."""
     if args.use_lora:
         from peft.utils import get_peft_model_state_dict
 
@@ -2378,14 +2361,14 @@ def save_final_model(accelerator, args, models, unet):
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Appendix: faults, stop signals and checkpoints (docs/behaviour.md)
+# Appendix: faults, stop requests and checkpoints
 # ----------------------------------------------------------------------------------------------------------------------
 
 
 class StopRequest:
     """SIGTERM (preemption), SIGINT (Ctrl-C) or the stop file ask the run to save a checkpoint at the next micro-batch
     boundary and stop; a second SIGINT interrupts at once. `signal` is the stop signal received (None until one is);
-    `stop_file` is watched where set (on the main process: the others learn of it through `StepGuard`)."""
+    `stop_file` is watched where set (on the main process: `StepGuard` tells the others)."""
 
     def __init__(self):
         self.signal, self.stop_file = None, None
@@ -2401,9 +2384,9 @@ class StopRequest:
     @classmethod
     @contextlib.contextmanager
     def on_signals(cls):
-        """Yields the `StopRequest` that SIGTERM/SIGINT handlers set while the block runs. A signal already ignored
-        at start stays ignored (a run started with `nohup` or `&` inherits SIGINT ignored: the shell asked that
-        Ctrl-C not reach it), and the handlers found at start are restored at the end."""
+        """Yields the `StopRequest` that SIGTERM/SIGINT set while the block runs. A signal ignored at start stays
+        ignored (`nohup` or `&` start a run with SIGINT ignored: the shell asked that Ctrl-C not reach it); the
+        handlers found at start are restored at the end."""
         stop_request = cls()
 
         def request_stop(signum, frame):
@@ -2411,17 +2394,15 @@ class StopRequest:
                 raise KeyboardInterrupt
             stop_request.signal = signum
             row_logger.warning(
-                f"Received {signal.Signals(signum).name}: saving a checkpoint at the end of this micro-batch, "
-                "then stopping (SIGINT again to interrupt at once)."
+                f"Received {signal.Signals(signum).name}: saving a checkpoint at the end of this micro-batch, then "
+                "stopping (SIGINT again to interrupt at once)."
             )
 
         previous = {}
         if threading.current_thread() is threading.main_thread():
-            previous = {
-                signum: signal.signal(signum, request_stop)
-                for signum in (signal.SIGTERM, signal.SIGINT)
-                if signal.getsignal(signum) is not signal.SIG_IGN
-            }
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                if signal.getsignal(signum) is not signal.SIG_IGN:
+                    previous[signum] = signal.signal(signum, request_stop)
         try:
             yield stop_request
         finally:
@@ -2431,16 +2412,23 @@ class StopRequest:
     @staticmethod
     def ignore_in_loader_worker(worker_id):
         """Loader workers leave SIGTERM/SIGINT (sent to the whole process group on preemption or Ctrl-C) to the main
-        process, which stops cleanly and shuts them down; otherwise a killed worker crashes the loader mid-save."""
+        process, which stops cleanly and shuts them down; a killed worker would crash the loader mid-save."""
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
+@dataclasses.dataclass
+class StepVerdict:
+    nonfinite: bool  # a loss or gradient of the update was not finite on some process
+    skip_update: bool  # then every process skips the update (not possible under DeepSpeed)
+    stop: bool  # a stop was requested on some process
+    bad_rows: int  # pairs the loaders skipped, over all processes
+
+
 class StepGuard:
-    """What all processes must agree on at an optimizer step, settled in one collective: was a loss or gradient of
-    the update non-finite anywhere (then every process skips it), did a stop signal arrive, how many rows were
-    skipped by the loaders. Under fp16 a gradient overflow is left to the loss scaler (it skips the step itself).
-    `stop_request` is the run's `StopRequest` (a fresh one, never set, if none is given)."""
+    """What all processes must agree on at an optimizer step, settled in one collective (`agree`): a non-finite loss
+    or gradient anywhere (every process then skips the update; under fp16 an overflow is left to the loss scaler), a
+    stop request, the rows the loaders skipped. `stop_request` is the run's (a fresh one, never set, if none)."""
 
     def __init__(self, accelerator, stop_request=None):
         self.accelerator, self.window_nonfinite, self.window_bad_rows, self.verdict = accelerator, False, 0, None
@@ -2452,48 +2440,34 @@ class StepGuard:
 
     def agree(self, grad_norm):
         accelerator = self.accelerator
-        grad_nonfinite = (
-            grad_norm is not None
-            and accelerator.scaler is None
-            and not bool(torch.isfinite(torch.as_tensor(grad_norm)).all())
-        )
-        flags = torch.tensor(
-            [
-                float(self.window_nonfinite or grad_nonfinite),
-                float(self.stop_request.reason() is not None),
-                float(self.window_bad_rows),
-            ],
-            device=accelerator.device,
-        )
+        grad_nonfinite = grad_norm is not None and accelerator.scaler is None
+        grad_nonfinite = grad_nonfinite and not bool(torch.isfinite(torch.as_tensor(grad_norm)).all())
+        stop = self.stop_request.reason() is not None
+        flags = [float(self.window_nonfinite or grad_nonfinite), float(stop), float(self.window_bad_rows)]
+        flags = torch.tensor(flags, device=accelerator.device)
         if accelerator.num_processes > 1:
             flags = accelerator.reduce(flags, "sum")
-        flags = flags.tolist()
+        nonfinite, stop, bad_rows = flags.tolist()
         self.window_nonfinite, self.window_bad_rows = False, 0
         # DeepSpeed's engine applies the update inside backward: there a non-finite step is counted, not skipped.
         can_skip = getattr(accelerator, "distributed_type", None) != DistributedType.DEEPSPEED
-        self.verdict = SimpleNamespace(
-            nonfinite=flags[0] > 0, skip_update=flags[0] > 0 and can_skip, stop=flags[1] > 0, bad_rows=int(flags[2])
-        )
+        self.verdict = StepVerdict(nonfinite > 0, nonfinite > 0 and can_skip, stop > 0, int(bad_rows))
         return self.verdict
 
     def agree_stop(self):
-        """Between the micro-batches of an optimizer step: whether a stop was asked for on any process (one
-        collective, so every process stops at the same micro-batch)."""
+        """Between the micro-batches of an optimizer step: was a stop requested on any process? (One collective, so
+        that every process stops at the same micro-batch.)"""
         stop = torch.tensor([float(self.stop_request.reason() is not None)], device=self.accelerator.device)
         if self.accelerator.num_processes > 1:
             stop = self.accelerator.reduce(stop, "sum")
         return bool(stop.item() > 0)
 
     def note_scaler_skip(self, optimizer):
-        """An fp16 step the GradScaler skipped although its scale is already below 1 has gradients that are not
-        finite at any scale: counted like a skipped update (so an all-NaN fp16 run stops too)."""
+        """An fp16 step that the GradScaler skipped at a scale already below 1 has gradients that are not finite at
+        any scale: counted as a skipped update (so that an all-NaN fp16 run stops too)."""
         scaler = self.accelerator.scaler
-        if (
-            scaler is not None
-            and getattr(optimizer, "step_was_skipped", False)
-            and not self.verdict.nonfinite
-            and scaler.get_scale() < 1.0
-        ):
+        skipped = scaler is not None and getattr(optimizer, "step_was_skipped", False)
+        if skipped and not self.verdict.nonfinite and scaler.get_scale() < 1.0:
             self.verdict.nonfinite = self.verdict.skip_update = True
 
 
@@ -2504,23 +2478,21 @@ def record_faults(args, progress, verdict, logs):
         logger.warning(
             f"Step {progress.global_step}: {verdict.bad_rows} undecodable pairs skipped ({progress.bad_rows} in all)."
         )
+    progress.nonfinite_in_a_row = progress.nonfinite_in_a_row + 1 if verdict.nonfinite else 0
     if verdict.nonfinite:
         progress.skipped_updates += 1
-        progress.nonfinite_in_a_row += 1
         action = "update skipped" if verdict.skip_update else "update applied by DeepSpeed"
         logger.warning(
             f"Step {progress.global_step}: non-finite loss or gradient; {action} "
             f"({progress.nonfinite_in_a_row} in a row, {progress.skipped_updates} in all)."
         )
-    else:
-        progress.nonfinite_in_a_row = 0
     if progress.bad_rows or progress.skipped_updates:
         logs.update(bad_rows=progress.bad_rows, skipped_updates=progress.skipped_updates)
 
 
 def stop_after_step(args, accelerator, progress, total_steps, verdict, stop_request):
     """The end of an optimizer step: too many non-finite steps in a row raise; a checkpoint every
-    --checkpointing_steps; past --max_bad_rows a checkpoint, then the error; a stop signal before the last step saves
+    --checkpointing_steps; past --max_bad_rows a checkpoint, then the error; a stop request before the last step saves
     a checkpoint and returns True (the run stops)."""
     if progress.nonfinite_in_a_row >= args.max_nonfinite_steps:
         last = list_checkpoints(args.output_dir)
@@ -2530,46 +2502,40 @@ def stop_after_step(args, accelerator, progress, total_steps, verdict, stop_requ
             f"and the last checkpoint is {last[-1] if last else 'none'}. Lower --learning_rate, train in bf16 "
             "rather than fp16, check the data, or raise --max_nonfinite_steps."
         )
-    saved = False
     if progress.global_step % args.checkpointing_steps == 0:
         save_checkpoint(accelerator, args, progress.global_step, progress)
-        saved = True
     pairs_read = total_steps * args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
-    error = bad_rows_error(args, progress.bad_rows, pairs_read, "by the loader")
-    if error is not None:
-        if not saved:  # the weights are fine: keep what was trained
-            save_checkpoint(accelerator, args, progress.global_step, progress)
-        raise error
-    if verdict.stop and progress.global_step < total_steps:  # at the last step: finish
+    error = bad_rows_error(args.max_bad_rows, progress.bad_rows, pairs_read, "by the loader")
+    stop = verdict.stop and progress.global_step < total_steps  # at the last step: finish
+    if stop:
         progress.stopped_by = stop_request.reason() or "SIGTERM"  # the signal reached another process
-        if not saved:
-            save_checkpoint(accelerator, args, progress.global_step, progress)
-        return True
-    return False
+    if (error is not None or stop) and progress.saved_step != progress.global_step:
+        save_checkpoint(accelerator, args, progress.global_step, progress)  # the weights are fine: keep them
+    if error is not None:
+        raise error
+    return stop
 
 
 def stop_within_step(args, accelerator, progress, step_start, stop_request):
     """A stop between the micro-batches of an optimizer step (a launcher kills a few seconds after its SIGTERM, so
-    waiting for the step's end can lose the save): the step's accumulated gradients are dropped, and the checkpoint
-    is that of the last completed step with the data position of this step's first micro-batch, so that a resume
-    replays the step exactly."""
+    waiting for the step's end can lose the save): the step's gradients are dropped, and the checkpoint is that of
+    the last completed step with the data position of this step's first micro-batch, so that a resume replays it."""
     progress.epoch, progress.batch_in_epoch, progress.stream_states = step_start
-    accelerator.step = progress.global_step * args.gradient_accumulation_steps  # checkpointed: where accumulation is
+    accelerator.step = progress.global_step * args.gradient_accumulation_steps  # checkpointed: the window's start
     progress.stopped_by = stop_request.reason() or "SIGTERM"  # the signal reached another process
-    if progress.saved_step != progress.global_step:  # else this step's checkpoint already holds exactly this state
+    if progress.saved_step != progress.global_step:  # else that checkpoint already holds exactly this state
         save_checkpoint(accelerator, args, progress.global_step, progress)
 
 
-def bad_rows_error(args, bad_rows, rows, where):
-    """The error to stop the run with when `bad_rows` of `rows` pairs exceed --max_bad_rows (a fraction of `rows`,
-    or a count), else None."""
-    limit = math.floor(args.max_bad_rows * rows) if args.max_bad_rows < 1 else int(args.max_bad_rows)
+def bad_rows_error(max_bad_rows, bad_rows, rows, where):
+    """The error to stop with when `bad_rows` of `rows` pairs exceed --max_bad_rows (a fraction of `rows`, or a
+    count), else None."""
+    limit = math.floor(max_bad_rows * rows) if max_bad_rows < 1 else int(max_bad_rows)
     if bad_rows <= limit:
         return None
     return RuntimeError(
-        f"{bad_rows} pairs could not be decoded {where} (--max_bad_rows {args.max_bad_rows:g} allows {limit} of "
-        f"{rows}); the log names each one. Repair or filter the dataset, check the image columns, or raise "
-        "--max_bad_rows."
+        f"{bad_rows} pairs could not be decoded {where} (--max_bad_rows {max_bad_rows:g} allows {limit} of {rows}); "
+        "the log names each one. Repair or filter the dataset, check the image columns, or raise --max_bad_rows."
     )
 
 
@@ -2578,18 +2544,14 @@ PROGRESS_FILE = "training_progress.json"  # written last into a checkpoint: its 
 
 
 def list_checkpoints(output_dir):
-    """Complete checkpoints, oldest first: checkpoint-N folders holding the progress file (in-progress saves carry a
-    suffix; a folder without the file, e.g. from a copy that broke off, is never picked)."""
-    if not os.path.isdir(output_dir):
-        return []
+    """Complete checkpoints, oldest first: checkpoint-N folders that hold the progress file (a save in progress has
+    a suffix; a folder without the file, e.g. a copy that broke off, is never picked)."""
     found = []
-    for name in os.listdir(output_dir):
+    for name in os.listdir(output_dir) if os.path.isdir(output_dir) else []:
         match = CHECKPOINT_PATTERN.match(name)
-        if match is None:
-            continue
-        if os.path.exists(os.path.join(output_dir, name, PROGRESS_FILE)):
+        if match and os.path.exists(os.path.join(output_dir, name, PROGRESS_FILE)):
             found.append((int(match.group(1)), name))
-        else:
+        elif match:
             logger.warning(f"Ignoring {os.path.join(output_dir, name)}: no {PROGRESS_FILE}, so it is incomplete.")
     return [os.path.join(output_dir, name) for _, name in sorted(found)]
 
@@ -2608,8 +2570,8 @@ def save_checkpoint(accelerator, args, global_step, progress):
     """Atomic save: written under a temporary name and renamed when complete; then the oldest beyond
     --checkpoints_total_limit removed."""
     if args.streaming and accelerator.num_processes > 1:
-        # Only the main process writes the progress file: it must hold every process's stream readers. (Only it
-        # merges: the others keep their own readers, so a stale copy never overwrites a fresh state.)
+        # The main process writes the progress file, so it must hold every process's stream readers. (Only it merges:
+        # the others keep their own readers, so a stale copy never overwrites a fresh state.)
         gathered = gather_object([progress.stream_states])
         if accelerator.is_main_process:
             for states in gathered:  # in process order: each process's own readers last, so freshest
@@ -2649,10 +2611,10 @@ def create_ema(args, accelerator, unet):
     safetensors weights, decay and update count in its config; no pickle) by accelerate's save/load hooks."""
     if not args.use_ema:
         return None
-    if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+    if sharding_engine() is not None:
         raise ValueError(
-            "--use_ema needs the full weights on every process; under FSDP/DeepSpeed they are sharded. "
-            "Train with DDP (configs/accelerate/multi_gpu.yaml) or drop --use_ema."
+            "--use_ema needs the full weights on every process; under FSDP/DeepSpeed they are sharded. Train with "
+            "DDP (`accelerate launch --multi_gpu`) or drop --use_ema."
         )
     model = accelerator.unwrap_model(unet)
     ema = EMAModel(
@@ -2662,10 +2624,9 @@ def create_ema(args, accelerator, unet):
         model_config=model.config,
         foreach=args.foreach_ema,
     )
-    home = torch.device("cpu") if args.offload_ema else accelerator.device
 
     def place():
-        ema.to(home)
+        ema.to(torch.device("cpu") if args.offload_ema else accelerator.device)
         if args.offload_ema and torch.cuda.is_available():
             ema.pin_memory()
 
@@ -2674,10 +2635,10 @@ def create_ema(args, accelerator, unet):
             ema.save_pretrained(os.path.join(output_dir, "unet_ema"))
 
     def load_ema(models, input_dir):
-        loaded = EMAModel.from_pretrained(
-            os.path.join(input_dir, "unet_ema"), UNet2DConditionModel, foreach=args.foreach_ema
+        path = os.path.join(input_dir, "unet_ema")
+        ema.load_state_dict(
+            EMAModel.from_pretrained(path, UNet2DConditionModel, foreach=args.foreach_ema).state_dict()
         )
-        ema.load_state_dict(loaded.state_dict())
         place()
 
     place()
@@ -2722,7 +2683,9 @@ def cache_latents(args, accelerator, models, dataset, stats):
             f"Latent cache: {len(dataset) - len(cached)} of {len(dataset)} pairs could not be decoded "
             "(or gave non-finite latents) and are left out."
         )
-        error = bad_rows_error(args, len(dataset) - len(cached), len(dataset), "while building the latent cache")
+        error = bad_rows_error(
+            args.max_bad_rows, len(dataset) - len(cached), len(dataset), "while building the latent cache"
+        )
         if error is not None:
             raise error
         stats["pairs"] = len(cached)
