@@ -171,7 +171,7 @@ DEFAULT_VALIDATION_PROMPTS = [
 REFUSED_PEER_FLAGS = {
     "prediction_type": "the policy and the frozen reference must share the scheduler's parameterisation; "
     "the prediction type is read from the model's scheduler config",
-    "snr_gamma": "Min-SNR weighting changes the preference objective's per-timestep weighting (see docs/method.md)",
+    "snr_gamma": "Min-SNR weighting changes the preference objective's per-timestep weighting",
 }
 # Default learning rates (docs/method.md, "Defaults"): those of the diffusers text_to_image READMEs for full and LoRA
 # fine-tuning; 1e-5 is also about half DiffusionDPO's effective rate (1e-8 per pair x 2048 pairs).
@@ -182,7 +182,7 @@ TIE_LABEL = 0.5
 VALID_LABELS = (0.0, 0.5, 1.0)
 # Streams of the indexed randomness (docs/method.md, "Randomness"): every draw is a pure function of (seed, stream, keys).
 STREAM_ORDER, STREAM_AUGMENT, STREAM_PAIR_NOISE, STREAM_BATCH_TIMESTEP, STREAM_CAPTION_DROPOUT = 1, 2, 3, 4, 5
-# Columns of the latent cache (--cache_latents): per pair, (orientations, [winner, loser], ...) arrays.
+# Columns of a latent-cache dataset (it is recognised by them): per pair, (orientations, [winner, loser], ...) arrays.
 CACHE_LATENT_MEAN, CACHE_LATENT_STD, CACHE_EMBEDDINGS = "latent_mean", "latent_std", "similarity_embedding"
 CACHE_ORIGINAL_SIZE, CACHE_CROP_TOP_LEFT = "original_size", "crop_top_left"
 CACHE_ARRAY_COLUMNS = (CACHE_LATENT_MEAN, CACHE_LATENT_STD, CACHE_EMBEDDINGS, CACHE_ORIGINAL_SIZE, CACHE_CROP_TOP_LEFT)
@@ -193,411 +193,152 @@ CACHE_ARRAY_COLUMNS = (CACHE_LATENT_MEAN, CACHE_LATENT_STD, CACHE_EMBEDDINGS, CA
 # ----------------------------------------------------------------------------------------------------------------------
 
 
+VALIDATION_SCORERS = {  # --validation_scorer: (model, tokenizer and image settings) defaults
+    "pickscore": ("yuvalkirstain/PickScore_v1", "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"),
+    "clip": ("openai/clip-vit-large-patch14", None),
+}
+
+
+def bounded(kind, low, high=None, *, above=False, below=False, hint=""):
+    """An argparse `type=` for an int or float (`kind`) from `low` to `high`; `above` / `below` exclude that end.
+    argparse puts the flag's name in front of the message."""
+
+    def parse(text):
+        value = kind(text)  # a ValueError becomes argparse's "invalid int value: 'x'"
+        too_low = not (value > low if above else value >= low)  # NaN fails every comparison
+        too_high = high is not None and not (value < high if below else value <= high)
+        if too_low or too_high:
+            bounds = f"{'above' if above else 'at least'} {low:g}"
+            bounds += "" if high is None else f" and {'below' if below else 'at most'} {high:g}"
+            raise argparse.ArgumentTypeError(f"{text} is out of range: it must be {bounds}.{hint}")
+        return value
+
+    parse.__name__ = kind.__name__
+    return parse
+
+
+def bad_row_limit(text):
+    """--max_bad_rows: a fraction of the pairs the run reads (below 1) or a whole count (1 or more)."""
+    value = float(text)
+    if not (0 <= value < 1 or (value >= 1 and value.is_integer())):  # NaN and inf fail both
+        raise argparse.ArgumentTypeError(f"{text} is out of range: pass a fraction below 1 or a whole count.")
+    return value
+
+
 def parse_args(input_args=None):
     parser = argparse.ArgumentParser(
         description="Diffusion-RPO / Diffusion-DPO / SFT fine-tuning of Stable Diffusion on preference pairs.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    model = parser.add_argument_group("model")
-    model.add_argument(
-        "--pretrained_model_name_or_path",
-        type=str,
-        default=DEFAULT_PRETRAINED_MODEL,
-        help="Diffusers pipeline to fine-tune: a Hub id or a local folder with model_index.json.",
-    )
-    model.add_argument(
-        "--pretrained_vae_model_name_or_path",
-        type=str,
-        default=None,
-        help="A VAE to train with instead of the base's (e.g. madebyollin/sdxl-vae-fp16-fix for SDXL in "
-        "fp16/bf16); saved into the final pipeline and named in the model card.",
-    )
-    model.add_argument(
-        "--revision", type=str, default=None, help="Revision (branch, tag or commit) of the base model."
-    )
-    model.add_argument("--variant", type=str, default=None, help="Weights variant of the base model, e.g. fp16.")
+    count, count_or_0 = bounded(int, 1), bounded(int, 0)
+    positive, nonnegative, fraction = bounded(float, 0, above=True), bounded(float, 0), bounded(float, 0, 1)
+    validation_count = bounded(int, 1, hint=" To turn validation off, pass --validation_prompts with no prompts.")
 
-    data = parser.add_argument_group("data")
-    data.add_argument(
-        "--dataset_name",
-        type=str,
-        default="yuvalkirstain/pickapic_v2",
-        help="Preference dataset: a Hub id, a local folder of data files, or a `save_to_disk` folder.",
-    )
-    data.add_argument("--dataset_config_name", type=str, default=None, help="Dataset configuration name.")
-    data.add_argument("--dataset_split_name", type=str, default="train", help="Split to train on.")
-    data.add_argument("--caption_column", type=str, default="caption", help="Column with the prompt.")
-    data.add_argument(
-        "--image_0_column", type=str, default="jpg_0", help="Column with the first image (bytes or Image)."
-    )
-    data.add_argument("--image_1_column", type=str, default="jpg_1", help="Column with the second image.")
-    data.add_argument(
-        "--label_0_column",
-        type=str,
-        default="label_0",
-        help="Column with the first image's preference label: 1 (image 0 preferred), 0 (image 1 preferred) "
-        "or 0.5 (tie: dropped and counted).",
-    )
-    data.add_argument(
-        "--max_train_samples",
-        type=int,
-        default=None,
-        help="Train on a random subset of this many pairs (drawn with --seed after dropping ties).",
-    )
-    data.add_argument("--cache_dir", type=str, default=None, help="Cache folder for downloaded models and datasets.")
-    data.add_argument("--resolution", type=int, default=DEFAULT_RESOLUTION, help="Training resolution (square crops).")
-    data.add_argument(
-        "--proportion_empty_prompts",
-        type=float,
-        default=0.0,
-        help="Fraction of pairs trained with the empty caption (classifier-free guidance dropout; the "
-        "DPO recipe uses 0.2). Drawn per pair from --seed; winner and loser share it; the RPO text "
-        "embeddings see the empty caption too.",
-    )
-    data.add_argument(
-        "--random_crop",
-        action="store_true",
-        help="Random crop instead of a centre crop (the same crop for winner and loser).",
-    )
-    data.add_argument("--no_hflip", action="store_true", help="Disable random horizontal flips (shared by the pair).")
-    data.add_argument(
-        "--dataloader_num_workers",
-        type=int,
-        default=4,
-        help="Loader worker processes decoding JPEGs off the main process (0: decode in the main process).",
-    )
-    data.add_argument("--vae_encode_batch_size", type=int, default=16, help="Images per VAE encode call.")
-    data.add_argument(
-        "--streaming",
-        action="store_true",
-        help="Stream the dataset instead of downloading it (Pick-a-Pic v2 is ~335 GB): each process and "
-        "loader worker reads its own split of the shuffled stream; needs --max_train_steps.",
-    )
-    data.add_argument(
-        "--shuffle_buffer_size",
-        type=int,
-        default=1000,
-        help="With --streaming: the shuffle buffer (examples) on top of the shuffled shard order.",
-    )
-    data.add_argument(
-        "--cache_latents",
-        action="store_true",
-        help="Encode every pair once (VAE latent distribution of both flip orientations of the centre "
-        "crop, and the RPO CLIP embeddings of the same crops) and train from that cache: no VAE or CLIP "
-        "forward in the training step. Not with --random_crop.",
-    )
-    data.add_argument(
-        "--latent_cache_dir",
-        type=str,
-        default=None,
-        help="Folder of the latent cache (default: output_dir/latent_cache). Reused by any run with the "
-        "same data, model, resolution and similarity settings.",
-    )
-    data.add_argument(
-        "--latent_cache_dtype",
-        type=str,
-        default="float32",
-        choices=["float32", "float16"],
-        help="Storage dtype of the cached latent mean/std (float16 halves the disk size).",
-    )
+    add = parser.add_argument_group("model").add_argument
+    add("--pretrained_model_name_or_path", default=DEFAULT_PRETRAINED_MODEL, help="Hub id or pipeline folder.")
+    add("--pretrained_vae_model_name_or_path", help="A VAE to train and save with instead of the base's.")
+    add("--revision", help="Revision (branch, tag or commit) of the base model.")
+    add("--variant", help="Weights variant of the base model, e.g. fp16.")
 
-    steps = parser.add_argument_group("steps and checkpoints")
-    steps.add_argument(
-        "--train_batch_size",
-        type=int,
-        default=8,
-        help="Preference pairs per process per micro-batch (M: the RPO contrast matrix is M x M).",
-    )
-    steps.add_argument(
-        "--num_train_epochs",
-        type=int,
-        default=1,
-        help="Epochs over the pairs; the run's optimizer steps follow from it unless --max_train_steps.",
-    )
-    steps.add_argument(
-        "--max_train_steps",
-        type=int,
-        default=None,
-        help="Optimizer steps; overrides --num_train_epochs when set (the DPO recipe: 2000; 0 or unset: "
-        "from the epochs).",
-    )
-    steps.add_argument("--gradient_accumulation_steps", type=int, default=1)
-    steps.add_argument(
-        "--checkpointing_steps",
-        type=int,
-        default=500,
-        help="Save the accelerate training state every N optimizer steps under output_dir/checkpoint-N.",
-    )
-    steps.add_argument(
-        "--stop_file",
-        type=str,
-        default=None,
-        help="A file whose appearance asks the run to save a checkpoint and stop, as SIGTERM does (default "
-        "output_dir/STOP; removed once acted on, and at start). For schedulers whose early warning signal cannot "
-        "reach the trainer past the launcher, e.g. SLURM's --signal=B:USR1@300 with `trap 'touch out/STOP' USR1`.",
-    )
-    steps.add_argument(
-        "--checkpoints_total_limit",
-        type=int,
-        default=None,
-        help="Keep at most this many checkpoints (the oldest are deleted after a new one is complete).",
-    )
-    steps.add_argument(
-        "--resume_from_checkpoint",
-        type=str,
-        default=None,
-        help='Resume from a checkpoint folder, or "latest" for the newest complete one in output_dir.',
-    )
-    steps.add_argument(
-        "--max_bad_rows",
-        type=float,
-        default=0.01,
-        help="Pairs whose images cannot be decoded are skipped (replaced by the next good pair), counted "
-        "and logged; the run stops with an error past this many: a fraction (< 1) of the pairs the run "
-        "reads, or a count (>= 1). 0: stop at the first one.",
-    )
-    steps.add_argument(
-        "--max_nonfinite_steps",
-        type=int,
-        default=10,
-        help="An optimizer step whose loss or gradient is not finite is skipped (counted, logged); the "
-        "run stops with an error after this many in a row.",
-    )
+    add = parser.add_argument_group("data").add_argument
+    add("--dataset_name", default="yuvalkirstain/pickapic_v2", help="Hub id, folder of data files or save_to_disk.")
+    add("--dataset_config_name", help="Dataset configuration name.")
+    add("--dataset_split_name", default="train", help="Split to train on.")
+    add("--caption_column", default="caption", help="Column with the prompt.")
+    add("--image_0_column", default="jpg_0", help="Column with the first image (bytes or Image).")
+    add("--image_1_column", default="jpg_1", help="Column with the second image.")
+    add("--label_0_column", default="label_0", help="Image 0's label: 1 (preferred), 0 (image 1 is) or 0.5 (tie).")
+    add("--max_train_samples", type=count, help="Train on a random subset of this many pairs (drawn with --seed).")
+    add("--cache_dir", help="Cache folder for downloaded models and datasets.")
+    add("--resolution", type=bounded(int, 8), default=DEFAULT_RESOLUTION, help="Square crop size, a multiple of 8.")
+    add("--proportion_empty_prompts", type=fraction, default=0.0, help="Fraction of pairs with the empty caption.")
+    add("--random_crop", action="store_true", help="Random instead of centre crop (shared by the pair).")
+    add("--no_hflip", action="store_true", help="Disable random horizontal flips (shared by the pair).")
+    add("--dataloader_num_workers", type=count_or_0, default=4, help="Image-decoding processes (0: the main one).")
+    add("--vae_encode_batch_size", type=count, default=16, help="Images per VAE encode call.")
+    add("--streaming", action="store_true", help="Stream the dataset, not download it; needs --max_train_steps.")
+    add("--shuffle_buffer_size", type=count_or_0, default=1000, help="With --streaming: shuffle buffer (examples).")
 
-    optim = parser.add_argument_group("optimisation")
-    optim.add_argument(
+    add = parser.add_argument_group("steps and checkpoints").add_argument
+    add("--train_batch_size", type=count, default=8, help="Preference pairs per process per micro-batch (M).")
+    add("--num_train_epochs", type=count, default=1, help="Epochs over the pairs, unless --max_train_steps.")
+    add("--max_train_steps", type=count_or_0, help="Optimizer steps (0 or unset: from --num_train_epochs).")
+    add("--gradient_accumulation_steps", type=count, default=1, help="Micro-batches per optimizer step.")
+    add("--checkpointing_steps", type=count, default=500, help="Save output_dir/checkpoint-N every N steps.")
+    add("--stop_file", help="Save a checkpoint and stop when this file appears (unset: output_dir/STOP).")
+    add("--checkpoints_total_limit", type=count, help="Keep at most this many checkpoints (the oldest go).")
+    add("--resume_from_checkpoint", help='A checkpoint folder, or "latest" (the newest complete one in output_dir).')
+    add("--max_bad_rows", type=bad_row_limit, default=0.01, help="Undecodable pairs allowed: a fraction or a count.")
+    add("--max_nonfinite_steps", type=count, default=10, help="Non-finite steps in a row (skipped) that stop the run.")
+
+    add = parser.add_argument_group("optimisation").add_argument
+    add(
         "--learning_rate",
-        type=float,
-        default=None,
-        help=f"Learning rate. Default {DEFAULT_LEARNING_RATE:g} (full fine-tuning) or "
-        f"{DEFAULT_LORA_LEARNING_RATE:g} (--use_lora). With --scale_lr it is a per-pair rate (DiffusionDPO: "
-        "1e-8 x 2048 pairs per step = 2.048e-5) and must be given.",
+        type=positive,
+        help=f"Unset: {DEFAULT_LEARNING_RATE:g}, or {DEFAULT_LORA_LEARNING_RATE:g} with --use_lora. With --scale_lr: "
+        "the rate per pair (then required).",
     )
-    optim.add_argument(
-        "--scale_lr",
-        action="store_true",
-        help="Multiply --learning_rate by train_batch_size x gradient_accumulation_steps x processes.",
-    )
-    optim.add_argument(
-        "--lr_scheduler",
-        type=str,
-        default="constant_with_warmup",
-        help='One of "linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup".',
-    )
-    optim.add_argument("--lr_warmup_steps", type=int, default=500)
-    optim.add_argument("--adam_beta1", type=float, default=0.9)
-    optim.add_argument("--adam_beta2", type=float, default=0.999)
-    optim.add_argument("--adam_weight_decay", type=float, default=1e-2)
-    optim.add_argument("--adam_epsilon", type=float, default=1e-8)
-    optim.add_argument(
-        "--max_grad_norm",
-        type=float,
-        default=None,
-        help="Gradient clipping norm (0: off). Default 1.0 with AdamW; off with --use_adafactor (its "
-        "update clipping replaces it, as in DiffusionDPO).",
-    )
-    optim.add_argument("--use_8bit_adam", action="store_true", help="bitsandbytes AdamW8bit (8-bit optimizer state).")
-    optim.add_argument(
-        "--use_ema",
-        action="store_true",
-        help="Keep an exponential moving average of the trained UNet (diffusers EMAModel); validation, "
-        "the saved pipeline and the card use the EMA weights. Not with --use_lora.",
-    )
-    optim.add_argument(
-        "--ema_decay",
-        type=float,
-        default=0.9999,
-        help="EMA decay; update t uses min(ema_decay, (1 + t) / (10 + t)) (diffusers' warm-up).",
-    )
-    optim.add_argument("--offload_ema", action="store_true", help="Keep the EMA weights in (pinned) CPU memory.")
-    optim.add_argument(
-        "--foreach_ema", action="store_true", help="Update the EMA with foreach kernels (faster, more memory)."
-    )
-    optim.add_argument(
-        "--use_adafactor",
-        action="store_true",
-        help="transformers' Adafactor at --learning_rate (factored second moments, no first moment: "
-        "what DiffusionDPO uses for full SDXL fine-tuning).",
-    )
-    optim.add_argument(
-        "--compile",
-        action="store_true",
-        help="torch.compile the trained and the reference UNet (in place; falls back to eager with a "
-        "warning where the backend is unavailable).",
-    )
-    optim.add_argument("--compile_backend", type=str, default="inductor", help="torch.compile backend.")
-    optim.add_argument(
-        "--compile_mode",
-        type=str,
-        default=None,
-        choices=["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"],
-        help="torch.compile mode.",
-    )
-    optim.add_argument("--allow_tf32", action="store_true", help="Allow TF32 matmuls on Ampere and newer GPUs.")
-    optim.add_argument(
-        "--mixed_precision",
-        type=str,
-        default=None,
-        choices=["no", "fp16", "bf16"],
-        help="Overrides the accelerate config. Frozen models run in this dtype; trained weights stay fp32.",
-    )
-    optim.add_argument(
-        "--gradient_checkpointing", action="store_true", help="Trade compute for UNet activation memory."
-    )
-    optim.add_argument(
-        "--enable_xformers_memory_efficient_attention",
-        action="store_true",
-        help="Use xformers attention (PyTorch SDPA is the default); fails at start if xformers is unusable.",
-    )
-    optim.add_argument(
-        "--use_lora",
-        action="store_true",
-        help="Train LoRA adapters on the UNet attention; the reference is the base with adapters disabled.",
-    )
-    optim.add_argument("--lora_rank", type=int, default=8)
+    add("--scale_lr", action="store_true", help="--learning_rate is per pair: times batch x accumulation x processes.")
+    add("--lr_scheduler", default="constant_with_warmup", help="linear, cosine, constant, constant_with_warmup, ...")
+    add("--lr_warmup_steps", type=count_or_0, default=500, help="Learning-rate warm-up steps.")
+    add("--adam_beta1", type=bounded(float, 0, 1, below=True), default=0.9, help="AdamW beta1.")
+    add("--adam_beta2", type=bounded(float, 0, 1, below=True), default=0.999, help="AdamW beta2.")
+    add("--adam_weight_decay", type=nonnegative, default=1e-2, help="AdamW (and Adafactor) weight decay.")
+    add("--adam_epsilon", type=nonnegative, default=1e-8, help="AdamW epsilon.")
+    add("--max_grad_norm", type=nonnegative, help="Clipping norm (0: off). Unset: 1, or 0 with --use_adafactor.")
+    add("--use_8bit_adam", action="store_true", help="bitsandbytes AdamW8bit (8-bit optimizer state).")
+    add("--use_ema", action="store_true", help="Validate and save an EMA of the trained UNet. Not with --use_lora.")
+    add("--ema_decay", type=fraction, default=0.9999, help="EMA decay (with diffusers' warm-up).")
+    add("--offload_ema", action="store_true", help="Keep the EMA weights in (pinned) CPU memory.")
+    add("--foreach_ema", action="store_true", help="Update the EMA with foreach kernels (faster, more memory).")
+    add("--use_adafactor", action="store_true", help="transformers' Adafactor instead of AdamW (DiffusionDPO's SDXL).")
+    add("--compile", action="store_true", help="torch.compile the trained and the reference UNet.")
+    add("--compile_backend", default="inductor", help="torch.compile backend.")
+    add("--compile_mode", choices=["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"])
+    add("--allow_tf32", action="store_true", help="Allow TF32 matmuls on Ampere and newer GPUs.")
+    add("--mixed_precision", choices=["no", "fp16", "bf16"], help="Overrides the accelerate config.")
+    add("--gradient_checkpointing", action="store_true", help="Trade compute for UNet activation memory.")
+    add("--enable_xformers_memory_efficient_attention", action="store_true", help="xformers instead of PyTorch SDPA.")
+    add("--use_lora", action="store_true", help="Train LoRA adapters on the UNet attention.")
+    add("--lora_rank", type=count, default=8, help="LoRA rank.")
 
-    method = parser.add_argument_group("method (see docs/method.md)")
-    method.add_argument("--loss_type", type=str, default="rpo", choices=["rpo", "dpo", "sft"])
-    method.add_argument(
-        "--beta_dpo",
-        type=float,
-        default=5000.0,
-        help="KL strength beta in the -1/2 beta convention of DiffusionDPO (docs/method.md maps the others).",
-    )
-    method.add_argument(
-        "--rpo_weighting",
-        type=str,
-        default="similarity",
-        choices=["similarity", "uniform"],
-        help="RPO contrast weights: CLIP-similarity softmax rows, or uniform.",
-    )
-    method.add_argument(
-        "--rpo_weight_scale",
-        type=float,
-        default=1.0,
-        help="s in omega = s * softmax(...); the diagonal's effective beta is about beta/2 * s/M.",
-    )
-    method.add_argument(
-        "--similarity_embedding",
-        type=str,
-        default="text_image",
-        choices=["text", "image", "text_image"],
-        help="CLIP embeddings compared by the similarity weights.",
-    )
-    method.add_argument("--distance_temperature", type=float, default=0.5, help="tau of the similarity softmax.")
-    method.add_argument(
-        "--clip_model_name_or_path",
-        type=str,
-        default="openai/clip-vit-large-patch14",
-        help="CLIP model for the RPO similarity weights (Hub id or local folder).",
-    )
-    method.add_argument(
-        "--timestep_sampling",
-        type=str,
-        default="pair",
-        choices=["pair", "batch"],
-        help="One timestep per pair, or one per micro-batch shared by the whole RPO matrix. pair is the "
-        "default for every loss: it gave RPO the better style/content trade-off in the style world.",
-    )
-    method.add_argument(
-        "--rpo_global_matrix",
-        action="store_true",
-        help="Build RPO's contrast matrix over the micro-batches of all processes (M x N pairs, "
-        "gathered differentiably: 2 floats and one embedding per sample) instead of per process. "
-        "Changes the objective with the number of processes; see docs/behaviour.md, 'Multi-GPU and multi-node'.",
-    )
-    method.add_argument(
-        "--noise_offset",
-        type=float,
-        default=0.0,
-        help="Noise offset scale (the same offset for a pair's winner and loser).",
-    )
-    method.add_argument(
-        "--stabilizer",
-        type=str,
-        default="none",
-        choices=["none", "dpop", "sft"],
-        help="Keep the preferred images' likelihood from falling (dpo/rpo; docs/method.md, "
-        "\"Stabilizers\"): dpop subtracts lambda * max(0, winner's error - reference's) inside every "
-        "logit (DPO-Positive); sft adds lambda * the winners' denoising error to the loss.",
-    )
-    method.add_argument("--stabilizer_weight", type=float, default=1.0, help="lambda of --stabilizer.")
+    add = parser.add_argument_group("method").add_argument
+    add("--loss_type", default="rpo", choices=["rpo", "dpo", "sft"], help="The objective.")
+    add("--beta_dpo", type=positive, default=5000.0, help="KL strength beta (DiffusionDPO's -1/2 beta convention).")
+    add("--rpo_weighting", default="similarity", choices=["similarity", "uniform"], help="RPO's contrast weights.")
+    add("--rpo_weight_scale", type=positive, default=1.0, help="s in omega = s * softmax(...).")
+    add("--similarity_embedding", default="text_image", choices=["text", "image", "text_image"], help="CLIP inputs.")
+    add("--distance_temperature", type=positive, default=0.5, help="tau of the similarity softmax.")
+    add("--clip_model_name_or_path", default="openai/clip-vit-large-patch14", help="CLIP of the similarity weights.")
+    add("--timestep_sampling", default="pair", choices=["pair", "batch"], help="One timestep per pair or per batch.")
+    add("--rpo_global_matrix", action="store_true", help="One RPO matrix over the pairs of all processes.")
+    add("--noise_offset", type=nonnegative, default=0.0, help="Noise offset scale (shared by the pair).")
+    add("--stabilizer", default="none", choices=["none", "dpop", "sft"], help="Keep winners' likelihood from falling.")
+    add("--stabilizer_weight", type=positive, default=1.0, help="lambda of --stabilizer.")
 
-    output = parser.add_argument_group("output and logging")
-    output.add_argument("--output_dir", type=str, default="diffusion-rpo-model")
-    output.add_argument(
-        "--seed",
-        type=int,
-        default=None,
-        help="Seed of every random draw (a random one is drawn, logged and checkpointed when unset).",
-    )
-    output.add_argument(
-        "--report_to", type=str, default="tensorboard", help='"tensorboard", "wandb", "comet_ml", "all" or "none".'
-    )
-    output.add_argument("--logging_dir", type=str, default="logs", help="Tracker folder, relative to output_dir.")
-    output.add_argument("--tracker_project_name", type=str, default="diffusion-rpo")
-    output.add_argument(
-        "--validation_prompts",
-        type=str,
-        nargs="*",
-        default=DEFAULT_VALIDATION_PROMPTS,
-        help="Prompts rendered by the trained and the reference model (pass the flag alone to disable).",
-    )
-    output.add_argument(
-        "--validation_steps",
-        type=int,
-        default=500,
-        help="Render validation images every N steps and at the end (pass --validation_prompts alone "
-        "to turn validation off).",
-    )
-    output.add_argument(
-        "--validation_scorer",
-        type=str,
-        default="none",
-        choices=["none", "pickscore", "clip"],
-        help="Score every validation image with a reward model and log the mean (and the base's), so a "
-        "run shows preference reward, not only the loss: PickScore (logit_scale x cosine) or CLIP "
-        "score (100 x max(cosine, 0)), as eval/ computes them.",
-    )
-    output.add_argument(
-        "--validation_scorer_model",
-        type=str,
-        default=None,
-        help="The scorer's CLIPModel (default: yuvalkirstain/PickScore_v1 for pickscore, "
-        "openai/clip-vit-large-patch14 for clip).",
-    )
-    output.add_argument(
-        "--validation_scorer_processor",
-        type=str,
-        default=None,
-        help="Where the scorer's tokenizer and image settings are (default: "
-        "laion/CLIP-ViT-H-14-laion2B-s32B-b79K for pickscore, the model itself for clip).",
-    )
-    output.add_argument("--validation_num_inference_steps", type=int, default=25)
-    output.add_argument("--validation_guidance_scale", type=float, default=7.5)
-    output.add_argument("--push_to_hub", action="store_true", help="Upload the output folder (without checkpoints).")
-    output.add_argument("--hub_model_id", type=str, default=None, help="Hub repo id (default: output_dir's name).")
-    output.add_argument(
-        "--hub_token",
-        type=str,
-        default=None,
-        help="Hub token; discouraged: prefer `hf auth login`. Never logged or written to disk.",
-    )
+    add = parser.add_argument_group("output and logging").add_argument
+    add("--output_dir", default="diffusion-rpo-model", help="Pipeline, model card and checkpoints.")
+    add("--seed", type=count_or_0, help="Seed of every random draw (unset: one is drawn, logged and checkpointed).")
+    add("--report_to", default="tensorboard", help='"tensorboard", "wandb", "comet_ml", "all" or "none".')
+    add("--logging_dir", default="logs", help="Tracker folder, relative to output_dir.")
+    add("--tracker_project_name", default="diffusion-rpo", help="Tracker project.")
+    add("--validation_prompts", nargs="*", default=DEFAULT_VALIDATION_PROMPTS, help="The flag alone: no validation.")
+    add("--validation_steps", type=validation_count, default=500, help="Validate every N steps and at the end.")
+    add("--validation_scorer", default="none", choices=["none", *VALIDATION_SCORERS], help="Log this reward too.")
+    add("--validation_scorer_model", help="The scorer's CLIPModel (unset: the scorer's own).")
+    add("--validation_scorer_processor", help="The scorer's tokenizer and image settings (unset: the scorer's own).")
+    add("--validation_num_inference_steps", type=validation_count, default=25, help="DPMSolver++ steps.")
+    add("--validation_guidance_scale", type=nonnegative, default=7.5, help="Classifier-free guidance scale.")
+    add("--push_to_hub", action="store_true", help="Upload the output folder (without checkpoints).")
+    add("--hub_model_id", help="Hub repo id (unset: output_dir's name).")
+    add("--hub_token", help="Discouraged: prefer `hf auth login`. Never logged or written to disk.")
     for name in REFUSED_PEER_FLAGS:
-        parser.add_argument(f"--{name}", default=None, help=argparse.SUPPRESS)
+        parser.add_argument(f"--{name}", help=argparse.SUPPRESS)
 
     args = parser.parse_args(input_args)
-    for name, reason in REFUSED_PEER_FLAGS.items():
-        if getattr(args, name) is not None:
-            parser.error(f"--{name} is not supported: {reason}. Remove the flag.")
+    check_args(args, parser)
     # Defaults that depend on other flags; `args` is not changed after this.
     if args.learning_rate is None:
-        if args.scale_lr:
-            parser.error(
-                "--scale_lr multiplies --learning_rate by the pairs per optimizer step, so it needs the "
-                "per-pair rate: pass --learning_rate (DiffusionDPO: --learning_rate 1e-8 --scale_lr at 2048 "
-                "pairs per step), or drop --scale_lr to train at the default rate."
-            )
         args.learning_rate = DEFAULT_LORA_LEARNING_RATE if args.use_lora else DEFAULT_LEARNING_RATE
     if args.max_grad_norm is None:
         args.max_grad_norm = 0.0 if args.use_adafactor else 1.0
@@ -609,127 +350,57 @@ def parse_args(input_args=None):
         args.validation_scorer_processor = (
             args.validation_scorer_processor or processor or args.validation_scorer_model
         )
-    check_args(args, parser)
     return args
 
 
-# (flag, lowest allowed, whether it is excluded, highest allowed or None, whether it is excluded); None values (optional
-# flags left unset) are not checked.
-# --max_bad_rows and --max_nonfinite_steps have checks of their own below.
-NUMERIC_FLAG_RANGES = [
-    ("train_batch_size", 1, False, None, False),
-    ("gradient_accumulation_steps", 1, False, None, False),
-    ("num_train_epochs", 1, False, None, False),
-    ("max_train_steps", 0, False, None, False),
-    ("checkpointing_steps", 1, False, None, False),
-    ("checkpoints_total_limit", 1, False, None, False),
-    ("max_train_samples", 1, False, None, False),
-    ("resolution", 8, False, None, False),
-    ("dataloader_num_workers", 0, False, None, False),
-    ("vae_encode_batch_size", 1, False, None, False),
-    ("shuffle_buffer_size", 0, False, None, False),
-    ("learning_rate", 0, True, None, False),
-    ("lr_warmup_steps", 0, False, None, False),
-    ("adam_beta1", 0, False, 1, True),
-    ("adam_beta2", 0, False, 1, True),
-    ("adam_weight_decay", 0, False, None, False),
-    ("adam_epsilon", 0, False, None, False),
-    ("max_grad_norm", 0, False, None, False),
-    ("lora_rank", 1, False, None, False),
-    ("beta_dpo", 0, True, None, False),
-    ("rpo_weight_scale", 0, True, None, False),
-    ("distance_temperature", 0, True, None, False),
-    ("noise_offset", 0, False, None, False),
-    ("seed", 0, False, None, False),
-    ("validation_steps", 1, False, None, False),
-    ("validation_num_inference_steps", 1, False, None, False),
-    ("validation_guidance_scale", 0, False, None, False),
-    ("proportion_empty_prompts", 0, False, 1, False),
-    ("ema_decay", 0, False, 1, False),
-    ("stabilizer_weight", 0, True, None, False),
-]
-VALIDATION_SCORERS = {  # --validation_scorer: (model, tokenizer and image settings) defaults
-    "pickscore": ("yuvalkirstain/PickScore_v1", "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"),
-    "clip": ("openai/clip-vit-large-patch14", None),
-}
-
-
 def check_args(args, parser):
-    """Flag values and combinations that cannot work, reported before anything is loaded."""
-    for name, lowest, lowest_excluded, highest, highest_excluded in NUMERIC_FLAG_RANGES:
-        value = getattr(args, name)
-        if value is None:
-            continue
-        if not (value > lowest if lowest_excluded else value >= lowest):  # NaN is refused too
-            hint = (
-                " To turn validation off, pass --validation_prompts with no prompts." if "validation" in name else ""
-            )
-            bound = f"{'above' if lowest_excluded else 'at least'} {lowest:g}"
-            parser.error(f"--{name} {value} is out of range: it must be {bound}.{hint}")
-        if highest is not None and not (value < highest if highest_excluded else value <= highest):
-            parser.error(f"--{name} {value} must be {'below' if highest_excluded else 'at most'} {highest:g}.")
+    """Flag combinations that cannot work (each value alone is checked by its `type=`), refused before any loading."""
+    for name, reason in REFUSED_PEER_FLAGS.items():
+        if getattr(args, name) is not None:
+            parser.error(f"--{name} is not supported: {reason}. Remove the flag.")
+    if args.scale_lr and args.learning_rate is None:
+        parser.error(
+            "--scale_lr multiplies --learning_rate by the pairs per optimizer step, so it needs the per-pair rate: "
+            "pass --learning_rate (DiffusionDPO: 1e-8 at 2048 pairs per step), or drop --scale_lr to train at the "
+            "default rate."
+        )
     if args.stabilizer != "none" and args.loss_type == "sft":
         parser.error(
-            f"--stabilizer {args.stabilizer} anchors the preferred images of a preference loss; --loss_type "
-            "sft has no preference term. Use --loss_type dpo or rpo, or drop --stabilizer."
+            f"--stabilizer {args.stabilizer} anchors the preferred images of a preference loss; --loss_type sft has "
+            "no preference term. Use --loss_type dpo or rpo, or drop --stabilizer."
         )
     if args.use_ema and args.use_lora:
         parser.error("--use_ema averages the full UNet's weights; with --use_lora only the adapters train. Drop one.")
     if (args.offload_ema or args.foreach_ema) and not args.use_ema:
         parser.error("--offload_ema and --foreach_ema configure --use_ema: pass --use_ema too, or drop them.")
-    if (
-        args.proportion_empty_prompts
-        and args.cache_latents
-        and needs_similarity_model(args)
-        and args.similarity_embedding != "image"
-    ):
+    adam_only = [
+        f"--{n}" for n in ("adam_beta1", "adam_beta2", "adam_epsilon") if getattr(args, n) != parser.get_default(n)
+    ]
+    if args.use_adafactor and adam_only:
         parser.error(
-            "--cache_latents stores the RPO text embeddings of the captions, so it cannot drop captions "
-            "(--proportion_empty_prompts) for them: use --similarity_embedding image, or drop one flag."
-        )
-    if args.use_adafactor:
-        ignored = [
-            f"--{name}"
-            for name in ("adam_beta1", "adam_beta2", "adam_epsilon")
-            if getattr(args, name) != parser.get_default(name)
-        ]
-        if ignored:
-            parser.error(
-                f"{', '.join(ignored)} set an AdamW setting, but --use_adafactor trains with Adafactor, which "
-                "has no such setting (it uses --learning_rate and --adam_weight_decay). Drop one or the other."
-            )
-    if args.resolution % 8 != 0:
-        parser.error(f"--resolution {args.resolution} must be divisible by 8 (the VAE downsamples by 8).")
-    if args.report_to in ("wandb", "all") and args.hub_token is not None:
-        parser.error(
-            "--hub_token with --report_to wandb would expose the token in the run config; use `hf auth login`."
-        )
-    if args.streaming and (args.max_train_steps is None or args.cache_latents or args.max_train_samples):
-        parser.error(
-            "--streaming needs --max_train_steps (a stream has no length) and works without "
-            "--cache_latents and --max_train_samples (they need the whole dataset)."
-        )
-    if args.cache_latents and args.random_crop:
-        parser.error(
-            "--cache_latents stores the centre crop (both flips); it cannot serve --random_crop. Drop one of the two "
-            "flags."
+            f"{', '.join(adam_only)} set an AdamW setting, but --use_adafactor trains with Adafactor, which has no "
+            "such setting (it uses --learning_rate and --adam_weight_decay). Drop one or the other."
         )
     if args.use_8bit_adam and args.use_adafactor:
         parser.error("--use_8bit_adam and --use_adafactor are two optimizers: pick one.")
-    if args.use_8bit_adam:
-        try:
-            import bitsandbytes  # noqa: F401
-        except ImportError:
-            parser.error("--use_8bit_adam needs bitsandbytes: `pip install bitsandbytes`.")
-    if args.max_bad_rows < 0 or (args.max_bad_rows >= 1 and not float(args.max_bad_rows).is_integer()):
-        parser.error(f"--max_bad_rows {args.max_bad_rows}: pass a fraction below 1 (e.g. 0.01) or a whole count.")
-    if args.max_nonfinite_steps < 1:
-        parser.error("--max_nonfinite_steps must be at least 1.")
+    if args.resolution % 8 != 0:
+        parser.error(f"--resolution {args.resolution} must be divisible by 8 (the VAE downsamples by 8).")
+    if args.report_to in ("wandb", "all") and args.hub_token is not None:
+        parser.error("--hub_token with --report_to wandb would expose it in the run config: use `hf auth login`.")
+    if args.streaming and not args.max_train_steps:
+        parser.error("--streaming needs --max_train_steps: a stream has no length.")
+    if args.streaming and args.max_train_samples:
+        parser.error("--max_train_samples draws from the whole dataset: it does not work with --streaming.")
     if needs_similarity_model(args) and not args.clip_model_name_or_path:
         parser.error(
             "--rpo_weighting similarity needs a CLIP model: pass --clip_model_name_or_path (e.g. "
             "openai/clip-vit-large-patch14) or use --rpo_weighting uniform."
         )
+    if args.use_8bit_adam:
+        try:
+            import bitsandbytes  # noqa: F401
+        except ImportError:
+            parser.error("--use_8bit_adam needs bitsandbytes: `pip install bitsandbytes`.")
     if args.resume_from_checkpoint not in (None, "latest") and resolve_checkpoint_path(args) is None:
         parser.error(
             f"--resume_from_checkpoint {args.resume_from_checkpoint}: no such checkpoint folder with a "

@@ -126,7 +126,7 @@ def test_ema_resumes_exactly(train, tmp_path):
     [
         (["--use_ema", "--use_lora"], "only the adapters train"),
         (["--offload_ema"], "pass --use_ema too"),
-        (["--use_ema", "--ema_decay", "1.5"], "must be at most 1"),
+        (["--use_ema", "--ema_decay", "1.5"], "argument --ema_decay: 1.5 is out of range: it must be at least 0 and"),
     ],
 )
 def test_contradictory_ema_flags_are_refused(flags, message, capsys):

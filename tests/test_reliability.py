@@ -461,7 +461,7 @@ def test_no_code_path_runs_remote_or_pickled_code():
     [
         (["--max_bad_rows", "1.5"], "pass a fraction below 1"),
         (["--max_bad_rows", "-1"], "pass a fraction below 1"),
-        (["--max_nonfinite_steps", "0"], "--max_nonfinite_steps must be at least 1"),
+        (["--max_nonfinite_steps", "0"], "argument --max_nonfinite_steps: 0 is out of range: it must be at least 1"),
         (["--clip_model_name_or_path", ""], "needs a CLIP model"),
     ],
 )
