@@ -32,7 +32,6 @@ import signal
 import sys
 import threading
 import traceback
-import unittest.mock
 from types import SimpleNamespace
 
 import datasets
@@ -61,8 +60,8 @@ from diffusers import (
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel, cast_training_params
 from diffusers.utils import convert_state_dict_to_diffusers, make_image_grid
-from diffusers.utils.hub_utils import load_or_create_model_card, populate_model_card
-from huggingface_hub import create_repo, upload_folder
+from diffusers.utils.hub_utils import populate_model_card
+from huggingface_hub import ModelCard, ModelCardData, create_repo, upload_folder
 from PIL import Image, ImageOps
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer, CLIPModel, CLIPTextModel, CLIPTokenizer
@@ -2506,237 +2505,69 @@ def encode_cache_rows(rows, indices, *, args, models, clip_tokenize, first_index
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-MODEL_CARD_TEXT = """
-# {title} fine-tune of {base}
-
-{trained_part} of `{base}` fine-tuned with {method} on
-`{dataset}` (split `{split}`: {pairs} preference pairs used, {ties_dropped} ties of
-{rows} rows dropped), with `{script}`.{vae_note}
+def write_model_card(args, repo_id, stats, progress, learning_rate, num_processes, grid_filename=None):
+    """The output folder's README.md; local paths appear by folder name only, Hub ids also in the metadata."""
+    base, dataset = public_name(args.pretrained_model_name_or_path), public_name(args.dataset_name)
+    vae, model = public_name(args.pretrained_vae_model_name_or_path), public_name(repo_id or args.output_dir)
+    last, reward = progress.history[-10:], (progress.validation_rewards or [{}])[-1]
+    mean = {key: sum(h[key] for h in last) / len(last) for key in ("loss", "implicit_acc") if last and key in last[0]}
+    lora = f'pipe.load_lora_weights("{model}")\n' if args.use_lora else ""
+    text = f"""# {args.loss_type.upper()} fine-tune of {base}
+{"LoRA adapters" if args.use_lora else "The full UNet"} of `{base}` trained with `{SCRIPT_NAME}` (Diffusion-RPO, arXiv 2406.06382; Diffusion-DPO, arXiv 2311.12908)
+on `{dataset}` (split `{args.dataset_split_name}`): {stats["pairs"]} preference pairs used, {stats["ties_dropped"]} ties of {stats["rows"]} rows dropped.{f" Trained with the VAE `{vae}` instead of the base's (in the saved pipeline; for adapters, pass it as `vae=`)." if vae else ""}{f" With --use_ema (decay {args.ema_decay:g}), the saved UNet holds the EMA weights." if args.use_ema else ""}
 
 ## Usage
-
 ```python
 import torch
-{imports}
-
-{load}
-pipe.to("cuda")
-image = pipe("a photo of an astronaut riding a horse on mars").images[0]
+from diffusers import DiffusionPipeline
+pipe = DiffusionPipeline.from_pretrained("{base if args.use_lora else model}", torch_dtype=torch.float16).to("cuda")
+{lora}image = pipe("an astronaut riding a horse on mars").images[0]
 ```
 
 ## Training
-
-Data: `{dataset}`, label_0 = 1 makes image 0 the preferred one, ties are dropped; both images of a pair share one
-resize, flip and crop, and one diffusion noise and timestep.
-
 | setting | value |
 |---|---|
-{table}
+| loss_type, beta_dpo (-1/2 beta convention) | {args.loss_type}, {args.beta_dpo:g}{f"; rpo_weighting {args.rpo_weighting}" if args.loss_type == "rpo" else ""} |
+| learning_rate (as passed) | {args.learning_rate} |
+| scale_lr | {args.scale_lr} |
+| effective learning rate | {learning_rate:.6g} |
+| optimizer steps | {progress.global_step} (seed {progress.seed}; {progress.skipped_updates} skipped as non-finite, {progress.bad_rows} undecodable pairs) |
+| train_batch_size x gradient_accumulation_steps x processes | {args.train_batch_size} x {args.gradient_accumulation_steps} x {num_processes} |
+| mixed_precision, lora_rank | {args.mixed_precision or "no"}, {args.lora_rank if args.use_lora else "- (full UNet)"} |
+| stabilizer | {args.stabilizer}{f" (lambda {args.stabilizer_weight:g})" if args.stabilizer != "none" else ""} |
 
 ## Results
-
-{results}
+{f"Mean of the last {len(last)} logged optimizer steps: loss {mean['loss']:.4f}" if last else "No step was logged (a run resumed at its end)"}{f", implicit accuracy {mean['implicit_acc']:.3f} (pairs ranked as labelled; 0.5 at the start)" if "implicit_acc" in mean else ""}.
+{f"Last validation (step {reward['step']}): {args.validation_scorer} reward {reward['validation_reward']:.4f} (base: {reward.get('validation_reward_reference', float('nan')):.4f})." if reward else ""}
 
 ## Validation images
-
-{grid}
+{f"![validation grid: top row the base, bottom row this model](./{grid_filename})" if grid_filename else "None."}
 
 ## Limitations
-
-This model is tuned towards the preferences recorded in `{dataset}` and inherits their biases (who labelled, which
-prompts they wrote, what they preferred); it is not tuned for safety. {limitations} A lower training loss does not
-mean better images: compare samples and reward scores against the base on prompts unlike the training prompts. The
-base model's license and limitations apply.
+Tuned towards the preferences in `{dataset}` and their biases, not for safety; a lower loss does not mean better images. The base model's license and limitations apply.
 """
-METHOD_NAMES = {
-    "rpo": "Diffusion-RPO (Relative Preference Optimization, arXiv 2406.06382)",
-    "dpo": "Diffusion-DPO (arXiv 2311.12908)",
-    "sft": "supervised fine-tuning on the preferred images",
-}
-
-
-def write_model_card(args, repo_id, stats, progress, learning_rate, num_processes, grid_filename=None):
-    """The output folder's README.md, every section of MODEL_CARD_TEXT filled from what the run knows (diffusers'
-    template leaves TODOs), with the run's metadata (license, base model, tags, dataset). `repo_id` is None without
-    --push_to_hub. Local paths (base, data, output) are named by their folder name only, and a local base is left out
-    of the `base_model` metadata (it must be a Hub id)."""
-    base = hub_or_folder_name(args.pretrained_model_name_or_path)
-    model_path = repo_id or hub_or_folder_name(args.output_dir)
-    rows = model_card_settings(args, progress, learning_rate, num_processes)
-    vae = hub_or_folder_name(args.pretrained_vae_model_name_or_path)
-    vae_note = vae_load = ""
-    if vae:
-        rows.append(("pretrained_vae_model_name_or_path", vae))
-        vae_note = f" Trained with the VAE `{vae}` instead of the base model's" + (
-            "; load it with the adapters (below)." if args.use_lora else "; this pipeline includes it."
-        )
-        vae_load = f', vae=AutoencoderKL.from_pretrained("{vae}", torch_dtype=torch.float16)' if args.use_lora else ""
-    if args.use_lora:
-        load = (
-            f'pipe = DiffusionPipeline.from_pretrained("{base}", torch_dtype=torch.float16{vae_load})\n'
-            f'pipe.load_lora_weights("{model_path}")'
-        )
-    else:
-        load = f'pipe = DiffusionPipeline.from_pretrained("{model_path}", torch_dtype=torch.float16)'
-    text = MODEL_CARD_TEXT.format(
-        title=METHOD_NAMES[args.loss_type].split(" (")[0],
-        base=base,
-        trained_part="LoRA adapters" if args.use_lora else "The full UNet",
-        method=METHOD_NAMES[args.loss_type],
-        dataset=hub_or_folder_name(args.dataset_name),
-        split=args.dataset_split_name,
-        script=SCRIPT_NAME,
-        vae_note=vae_note,
-        imports=f"from diffusers import {'AutoencoderKL, ' if vae_load else ''}DiffusionPipeline",
-        load=load,
-        table="\n".join(f"| {key} | {value} |" for key, value in rows),
-        results=model_card_results(args, progress),
-        grid="Top row: the base model; bottom row: this model (same prompts and seeds).\n\n"
-        f"![validation grid](./{grid_filename})"
-        if grid_filename
-        else "No validation images were rendered.",
-        limitations="It imitates the preferred images only; it does not learn from the rejected ones."
-        if args.loss_type == "sft"
-        else f"beta = {args.beta_dpo:g} sets how far it may move from the base: an implicit accuracy near 1 with "
-        "a loss near 0 means the preference term is saturated, and the base's content can be lost.",
-        **stats,
-    )
-    base_is_local = os.path.exists(args.pretrained_model_name_or_path)
-    return save_model_card(args, repo_id, text, base_model=None if base_is_local else base)
-
-
-def model_card_settings(args, progress, learning_rate, num_processes):
-    """The model card's settings table rows: (setting, value)."""
-    pairs_per_step = args.train_batch_size * args.gradient_accumulation_steps * num_processes
-    rows = [
-        ("loss_type", args.loss_type),
-        ("beta_dpo (-1/2 beta convention)", args.beta_dpo),
-        ("learning_rate (as passed)", args.learning_rate),
-        ("scale_lr", args.scale_lr),
-        ("effective learning rate", f"{learning_rate:.6g}"),
-        ("lr_scheduler", args.lr_scheduler),
-        ("lr_warmup_steps", args.lr_warmup_steps),
-        ("optimizer", "Adafactor" if args.use_adafactor else "AdamW 8-bit" if args.use_8bit_adam else "AdamW"),
-        ("max_grad_norm", args.max_grad_norm or "off"),
-        ("train_batch_size (pairs per process)", args.train_batch_size),
-        ("gradient_accumulation_steps", args.gradient_accumulation_steps),
-        ("processes", num_processes),
-        ("pairs per optimizer step", pairs_per_step),
-        ("optimizer steps", progress.global_step),
-        ("resolution", args.resolution),
-        ("mixed_precision", args.mixed_precision or "no"),
-        ("timestep_sampling", args.timestep_sampling),
-        ("seed", progress.seed),
-    ]
-    if args.loss_type == "rpo":
-        rows += [
-            ("rpo_weighting", args.rpo_weighting),
-            ("rpo_weight_scale", args.rpo_weight_scale),
-            ("similarity_embedding", args.similarity_embedding),
-            ("distance_temperature", args.distance_temperature),
-            ("clip_model_name_or_path", hub_or_folder_name(args.clip_model_name_or_path)),
-        ]
-    if args.use_lora:
-        rows.append(("lora_rank", args.lora_rank))
-    if args.proportion_empty_prompts:
-        rows.append(("proportion_empty_prompts", args.proportion_empty_prompts))
-    if args.stabilizer != "none":
-        rows.append(("stabilizer", f"{args.stabilizer} (lambda {args.stabilizer_weight:g})"))
-    if args.use_ema:
-        rows.append(("use_ema", f"yes (decay {args.ema_decay:g}): the saved UNet holds the EMA weights"))
-    return rows
-
-
-def model_card_results(args, progress):
-    """The model card's results: the last logged steps' loss and accuracy, the last validation reward, fault counts."""
-    last = progress.history[-10:]
-    if not last:
-        return "No optimizer step was logged."
-
-    def mean(name):
-        return sum(h[name] for h in last) / len(last)
-
-    results = (
-        f"Over the last {len(last)} logged optimizer steps: loss {mean('loss'):.4f}"
-        + (
-            f", implicit accuracy {mean('implicit_acc'):.3f} (the fraction of pairs whose preferred image "
-            "the model denoises better than the reference does, relative to the other image; 0.5 at the "
-            "start)"
-            if "implicit_acc" in last[0]
-            else ""
-        )
-        + (f". Last step: loss {last[-1]['loss']:.4f}." if len(last) > 1 else ".")
-    )
-    if progress.validation_rewards:
-        last_reward = progress.validation_rewards[-1]
-        results += (
-            f" Validation reward ({args.validation_scorer}, mean over {len(args.validation_prompts)} "
-            f"prompts) at step {last_reward['step']}: {last_reward['validation_reward']:.4f}"
-            + (
-                f" (base: {last_reward['validation_reward_reference']:.4f})"
-                if "validation_reward_reference" in last_reward
-                else ""
-            )
-            + "."
-        )
-    if progress.skipped_updates or progress.bad_rows:
-        results += (
-            f" {progress.skipped_updates} updates were skipped (non-finite loss or gradient) and "
-            f"{progress.bad_rows} undecodable pairs were skipped."
-        )
-    return results
-
-
-def hub_or_folder_name(path):
-    """A Hub id as it is; a local path by its folder name (a card must not carry the user's filesystem)."""
-    if path and os.path.exists(path):
-        return os.path.basename(os.path.normpath(os.path.abspath(path)))
-    return path
-
-
-def save_model_card(args, repo_id, text, base_model):
-    """diffusers' model card with `text` as its text and the run's metadata, saved as the output folder's README.md."""
-    from huggingface_hub import ModelCard, constants
-
-    try:  # the base card's license (DEFAULT_LICENSE when it cannot be read)
-        path = args.pretrained_model_name_or_path
+    license, path = None, args.pretrained_model_name_or_path
+    with contextlib.suppress(Exception):  # the base's license; DEFAULT_LICENSE when its card cannot be read
         license = ModelCard.load(os.path.join(path, "README.md") if os.path.isdir(path) else path).data.license
-    except Exception:
-        license = None
-    # Without --push_to_hub there is no Hub card to extend: it is built locally, without a network round trip (the
-    # looked-up name need only be a valid repo id; folder names need not be).
-    offline = contextlib.nullcontext() if repo_id else unittest.mock.patch.object(constants, "HF_HUB_OFFLINE", True)
-    with offline:
-        card = load_or_create_model_card(
-            repo_id_or_path=repo_id or "local-model",
-            token=args.hub_token,
-            from_training=True,
-            license=license or DEFAULT_LICENSE,
-            base_model=base_model,
-            inference=True,
-        )
-    card.text = text  # replaces the template's TODO sections
-    tags = MODEL_CARD_TAGS + [args.loss_type] + (["lora"] if args.use_lora else [])
-    card = populate_model_card(card, tags=tags)
-    if not os.path.exists(args.dataset_name):
-        card.data.datasets = [args.dataset_name]
+    data = ModelCardData(license=license or DEFAULT_LICENSE, base_model=None if os.path.exists(path) else path)
+    data.datasets = None if os.path.exists(args.dataset_name) else [args.dataset_name]
+    card = ModelCard(f"---\n{data.to_yaml()}\n---\n{text}")
+    populate_model_card(card, tags=MODEL_CARD_TAGS + [args.loss_type] + (["lora"] if args.use_lora else []))
     card.save(os.path.join(args.output_dir, "README.md"))
-    return card
+
+
+def public_name(path):
+    """A Hub id as it is; a local path by its folder name (a card must not carry the user's filesystem)."""
+    return os.path.basename(os.path.normpath(os.path.abspath(path))) if path and os.path.exists(path) else path
 
 
 def hub_upload_patterns(output_dir, use_lora):
-    """What a model repo holds: the pipeline's components (model_index.json names them) or the LoRA weights, the
-    card and the grid. Never checkpoints, the latent cache, logs or anything else left in the output folder."""
-    patterns = ["README.md", "validation_grid.png"]
+    """A model repo's files: the pipeline's components or the LoRA weights, the card and the grid; nothing else."""
     if use_lora:
-        return patterns + ["pytorch_lora_weights.safetensors"]
-    with open(os.path.join(output_dir, "model_index.json")) as f:
-        components = [
-            name
-            for name, value in json.load(f).items()
-            if not name.startswith("_") and isinstance(value, list) and value[0] is not None
-        ]
-    return patterns + ["model_index.json"] + [f"{name}/*" for name in components]
+        return ["README.md", "validation_grid.png", "pytorch_lora_weights.safetensors"]
+    index = DiffusionPipeline.load_config(output_dir)
+    components = [f"{name}/*" for name, value in index.items() if isinstance(value, list) and value[0] is not None]
+    return ["README.md", "validation_grid.png", "model_index.json", *components]
 
 
 # ----------------------------------------------------------------------------------------------------------------------

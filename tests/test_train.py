@@ -215,7 +215,7 @@ def test_model_card_is_complete_and_carries_no_local_path(train, sd_pipeline_pat
     base_name = os.path.basename(sd_pipeline_path)
     assert f"fine-tune of {base_name}" in text and "arXiv 2406.06382" in text
     assert 'DiffusionPipeline.from_pretrained("run lr=1e-5, beta=5000"' in text
-    assert "12 preference pairs used, 6 ties of\n18 rows dropped" in text
+    assert "12 preference pairs used, 6 ties of 18 rows dropped" in text
     last = progress.history[-2:]
     assert f"loss {sum(h['loss'] for h in last) / 2:.4f}" in text
     assert f"implicit accuracy {sum(h['implicit_acc'] for h in last) / 2:.3f}" in text
