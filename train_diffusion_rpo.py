@@ -17,9 +17,7 @@ import argparse
 import contextlib
 import copy
 import dataclasses
-import functools
 import gc
-import hashlib
 import io
 import itertools
 import json
@@ -45,7 +43,6 @@ from accelerate.logging import get_logger
 from accelerate.utils import (
     DistributedType,
     ProjectConfiguration,
-    broadcast_object_list,
     extract_model_from_parallel,
     gather_object,
 )
@@ -1755,8 +1752,6 @@ def run_training(args, accelerator, stop_request):
     models = load_models(args, accelerator.device, weight_dtype)
     learning_rate = effective_learning_rate(args, accelerator.num_processes)
     optimizer = create_optimizer(args, [p for p in models.unet.parameters() if p.requires_grad], learning_rate)
-    if args.cache_latents:
-        dataset = cache_latents(args, accelerator, models, dataset, stats)
     loader, sampler = build_dataloader(args, accelerator, models, dataset, progress.seed, progress)
     training = prepare_training(args, accelerator, models, optimizer, loader, sampler)
     if checkpoint is not None:
@@ -2319,185 +2314,6 @@ def ema_weights(ema, unet):
         yield
     finally:
         ema.restore(unet.parameters())
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Appendix: latent cache (--cache_latents): the VAE and CLIP work of every step, done once per pair
-# ----------------------------------------------------------------------------------------------------------------------
-
-
-def cache_latents(args, accelerator, models, dataset, stats):
-    """--cache_latents: the latent cache in place of the dataset (pairs left out counted against --max_bad_rows and
-    in `stats`); the CLIP similarity model is freed, the cache holding its embeddings."""
-    cached = build_latent_cache(args, accelerator, models, dataset)
-    if len(cached) < len(dataset):
-        logger.warning(
-            f"Latent cache: {len(dataset) - len(cached)} of {len(dataset)} pairs could not be decoded "
-            "(or gave non-finite latents) and are left out."
-        )
-        error = bad_rows_error(
-            args.max_bad_rows, len(dataset) - len(cached), len(dataset), "while building the latent cache"
-        )
-        if error is not None:
-            raise error
-        stats["pairs"] = len(cached)
-    models.clip = None
-    return cached
-
-
-def build_latent_cache(args, accelerator, models, dataset):
-    """The dataset with images replaced by cached latents: each process encodes its contiguous shard into an Arrow
-    file (written atomically by `datasets`), then every process reads all shards (a shared filesystem is assumed).
-    Pairs that cannot be decoded are left out (logged; the caller counts them against --max_bad_rows)."""
-    cache_dir = args.latent_cache_dir or os.path.join(args.output_dir, "latent_cache")
-    os.makedirs(cache_dir, exist_ok=True)
-    key = latent_cache_fingerprint(args, dataset, models)
-    count = accelerator.num_processes
-    if count > 1:  # every process must name the same files
-        key = broadcast_object_list([key])[0]
-    paths = [os.path.join(cache_dir, f"pairs-{key}-{index:05d}-of-{count:05d}.arrow") for index in range(count)]
-    rank = accelerator.process_index
-    if os.path.exists(paths[rank]):
-        logger.info(f"Latent cache {paths[rank]} found: reusing it.", main_process_only=False)
-    else:
-        first_index = (len(dataset) // count) * rank + min(rank, len(dataset) % count)  # datasets' contiguous shard
-        encode = functools.partial(
-            encode_cache_rows,
-            args=args,
-            models=models,
-            clip_tokenize=clip_tokenize_fn(args, models),
-            first_index=first_index,
-        )
-        dataset.shard(count, rank, contiguous=True).map(
-            encode,
-            batched=True,
-            with_indices=True,
-            batch_size=max(1, args.vae_encode_batch_size // 2),
-            writer_batch_size=64,
-            remove_columns=dataset.column_names,  # rows may be dropped: all are rewritten
-            features=latent_cache_features(args, dataset, models),
-            cache_file_name=paths[rank],
-            new_fingerprint=f"{key}-{rank}-of-{count}",
-            desc="Caching latents",
-        )
-    accelerator.wait_for_everyone()
-    return datasets.concatenate_datasets([datasets.Dataset.from_file(path) for path in paths])
-
-
-def latent_cache_fingerprint(args, dataset, models):
-    """Changes whenever anything the cached values depend on changes (then the cache is rebuilt, never misread)."""
-
-    @torch.no_grad()
-    def weights_checksum(model):  # weights replaced under the same path invalidate the cache too
-        return repr(sum(float(p.double().abs().sum()) for p in model.parameters()))
-
-    settings = {
-        "dataset": [dataset._fingerprint, len(dataset), sorted(vars(dataset_columns(args)).items())],
-        "model": [
-            args.pretrained_model_name_or_path,
-            args.revision,
-            args.variant,
-            args.pretrained_vae_model_name_or_path,
-        ],
-        "vae": [dict(models.vae.config), str(models.vae.dtype), weights_checksum(models.vae)],
-        "crop": [args.resolution, not args.no_hflip, args.latent_cache_dtype],
-        "similarity": None
-        if models.clip is None
-        else [
-            args.clip_model_name_or_path,
-            args.similarity_embedding,
-            str(models.clip.model.dtype),
-            weights_checksum(models.clip.model),
-        ],
-    }
-    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def latent_cache_features(args, dataset, models):
-    columns = dataset_columns(args)
-    config = models.vae.config
-    size = args.resolution // 2 ** (len(config.block_out_channels) - 1)
-    orientations = 1 if args.no_hflip else 2
-    latent = datasets.Array5D((orientations, 2, config.latent_channels, size, size), args.latent_cache_dtype)
-    features = {
-        columns.caption: dataset.features[columns.caption],
-        columns.label_0: dataset.features[columns.label_0],
-        CACHE_LATENT_MEAN: latent,
-        CACHE_LATENT_STD: latent,
-        CACHE_ORIGINAL_SIZE: datasets.Sequence(datasets.Value("int32"), length=2),
-        CACHE_CROP_TOP_LEFT: datasets.Array2D((orientations, 2), "int32"),
-    }
-    if models.clip is not None:
-        dim = models.clip.model.config.projection_dim
-        features[CACHE_EMBEDDINGS] = datasets.Array3D((orientations, 2, dim), "float32")
-    return datasets.Features(features)
-
-
-@torch.no_grad()
-def encode_cache_rows(rows, indices, *, args, models, clip_tokenize, first_index=0):
-    """A batch of dataset rows -> the latent distribution (and CLIP embeddings) of both flips of their centre crop.
-
-    The crops are those `paired_transform` makes in training, so a cached run sees exactly the live run's inputs.
-    """
-    columns = dataset_columns(args)
-    flips = (False,) if args.no_hflip else (False, True)
-    pixels, crops, original_sizes, kept = [], [], [], []
-    for position, index in enumerate(indices):
-        row = {name: rows[name][position] for name in (columns.label_0, columns.image_0, columns.image_1)}
-        try:
-            images = decode_pair(columns, row, first_index + index, args.resolution)
-        except UndecodablePair as error:  # left out of the cache: counted by build_latent_cache
-            row_logger.warning(f"Skipped: {error}")
-            continue
-        kept.append(position)
-        for flip in flips:
-            tensors, sizes, crop = paired_transform(images, args.resolution, (0.5, 0.5), flip)
-            pixels.append(torch.stack(tensors))
-            crops.append(crop[0])  # the winner's, as in the live path
-        original_sizes.append(sizes[0])
-    rows = {
-        columns.caption: [rows[columns.caption][i] for i in kept],
-        columns.label_0: [rows[columns.label_0][i] for i in kept],
-    }
-    num_rows, orientations = len(kept), len(flips)
-    if num_rows == 0:
-        cached = CACHE_ARRAY_COLUMNS if models.clip is not None else CACHE_ARRAY_COLUMNS[:2] + CACHE_ARRAY_COLUMNS[3:]
-        return {**rows, **{name: [] for name in cached}}
-    pixels = torch.stack(pixels)
-    winners_first = torch.cat([pixels[:, 0], pixels[:, 1]]).to(models.device)
-
-    def per_row(values):  # (2 * rows * orientations, ...) winners first -> (rows, orientations, 2, ...)
-        winners, losers = values.chunk(2)
-        return torch.stack([winners, losers], dim=1).reshape(num_rows, orientations, 2, *values.shape[1:]).cpu()
-
-    mean, std = encode_latent_distribution(models.vae, winners_first, args.vae_encode_batch_size)
-    dtype = getattr(torch, args.latent_cache_dtype)
-    rows.update(
-        {
-            CACHE_LATENT_MEAN: per_row(mean).to(dtype).numpy(),
-            CACHE_LATENT_STD: per_row(std).to(dtype).numpy(),
-            CACHE_ORIGINAL_SIZE: original_sizes,
-            CACHE_CROP_TOP_LEFT: torch.tensor(crops).reshape(num_rows, orientations, 2).numpy(),
-        }
-    )
-    if models.clip is not None:
-        clip_input_ids = None
-        if clip_tokenize is not None:
-            captions = [caption or "" for caption in rows[columns.caption] for _ in flips]
-            clip_input_ids = torch.stack([clip_tokenize(caption) for caption in captions]).to(models.device)
-        embeddings = compute_similarity_embeddings(
-            models.clip, args.similarity_embedding, clip_input_ids, winners_first
-        )
-        rows[CACHE_EMBEDDINGS] = per_row(embeddings).numpy()
-    finite = per_row(torch.isfinite(mean).flatten(1).all(1) & torch.isfinite(std).flatten(1).all(1)).flatten(1).all(1)
-    if not finite.all():  # a VAE overflow (SDXL's original VAE in fp16): never cache NaN latents
-        row_logger.warning(
-            f"Skipped: {int((~finite).sum())} pairs whose VAE latents are not finite (an fp16 VAE "
-            "overflow: keep the VAE in fp32 or use an fp16-safe VAE)."
-        )
-        keep = finite.nonzero().flatten().tolist()
-        rows = {name: [values[i] for i in keep] for name, values in rows.items()}
-    return rows
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -6,8 +6,8 @@
     (`latent_dist.sample()`), eager PyTorch, torch's default AdamW (foreach) or bitsandbytes AdamW8bit, a separate
     frozen reference UNet, loss -logsigmoid(-beta/2 (model_diff - ref_diff)).mean().
 (b) `train_diffusion_rpo.training_step`, imported from the training script with its models set up by the script's
-    own `setup_models` / `create_optimizer`, for loss types dpo and rpo, with the latent cache, torch.compile and the
-    optimizer options.
+    own `setup_models` / `create_optimizer`, for loss types dpo and rpo, with the latent cache (the batch encoded by
+    cache_latents.py's `encode_images`), torch.compile and the optimizer options.
 
 Models are randomly initialised from the published configs in benchmarks/configs/ (full size on a GPU) or from the tiny
 configs in benchmarks/configs/tiny/ (CPU: the same code runs, and nothing about speed is checked). Each variant builds
@@ -41,6 +41,7 @@ import torch.nn.functional as F
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+import cache_latents  # noqa: E402
 import train_diffusion_rpo as rpo  # noqa: E402
 import train_diffusion_rpo_sdxl as rpo_sdxl  # noqa: E402
 
@@ -389,7 +390,6 @@ def script_args(script, variant, pairs, resolution, mixed_precision, compile_bac
     ]
     flags += ["--gradient_checkpointing"] if variant["checkpointing"] else []
     flags += ["--use_8bit_adam"] if variant["optimizer"] == "adamw8bit" else []
-    flags += ["--cache_latents"] if variant["cache"] else []
     flags += ["--compile", "--compile_backend", compile_backend] if variant["compile"] else []
     return script.parse_args(flags)
 
@@ -425,16 +425,15 @@ class OurStep:
         self.micro_step = 0
 
     def cache(self, batch):
-        """What the latent cache stores for this batch (the same functions build it), as a cached loader batch."""
+        """What the latent cache (cache_latents.py) stores for this batch, as a cached loader batch."""
         models, device = self.models, self.accelerator.device
+        build = cache_latents.CacheBuild(self.script, self.args, models.vae, models.clip, device, "float32")
         pixels = batch.pop("pixel_values").to(device)
-        mean, std = self.script.encode_latent_distribution(models.vae, pixels, self.args.vae_encode_batch_size)
+        clip_ids = batch.pop("clip_input_ids").to(device) if "clip_input_ids" in batch else None
+        mean, std, embeddings = cache_latents.encode_images(build, pixels, clip_ids)
         batch["latent_mean"], batch["latent_std"] = mean.cpu(), std.cpu()
-        if models.clip is not None:
-            clip_ids = batch.pop("clip_input_ids").to(device)
-            batch["embeddings"] = self.script.compute_similarity_embeddings(
-                models.clip, self.args.similarity_embedding, clip_ids, pixels
-            ).cpu()
+        if embeddings is not None:
+            batch["embeddings"] = embeddings.cpu()
             self.models.clip = None
         return batch
 

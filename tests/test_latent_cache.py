@@ -1,30 +1,46 @@
-"""The latent cache (--cache_latents) changes nothing but speed: it holds what the live pipeline computes (both flips
-of the crops, latents, similarity embeddings, original sizes), a cached run matches the live run and reuses its cache,
-and pairs it cannot hold (non-finite latents) are left out."""
+"""The latent cache (cache_latents.py) changes nothing but speed: it holds what the live pipeline computes (both flips
+of the crops, latents, similarity embeddings, original sizes), a run on it matches the live run without running the
+VAE or CLIP, a rebuild reuses or refuses a cache but never mixes two, and pairs it cannot hold (undecodable images,
+non-finite latents) are left out and counted against --max_bad_rows."""
 
 import glob
+import json
+import os
+import re
+import shlex
 
+import datasets
 import numpy as np
 import pytest
 import torch
-from accelerate import Accelerator
-from helpers import SD15, SDXL, cli, losses
+from helpers import ROOT, SD15, SDXL, cli, launch, losses
 
+import cache_latents
 import train_diffusion_rpo as rpo
 
 
-class SingleProcess:
-    num_processes, process_index = 1, 0
+SCRIPT = os.path.join(ROOT, "train_diffusion_rpo.py")
 
-    def wait_for_everyone(self):
-        pass
+
+def build_cache(*flags):
+    """cache_latents.py run in-process for the SD1.5 script; `flags` are the training flags (their --output_dir is the
+    cache folder)."""
+    return cache_latents.main(["--training_script", SCRIPT, *flags])
+
+
+def build_cache_for(train, *flags, output_dir="cache", **kwargs):
+    """cache_latents.py run in-process with the training flags the `train` fixture passes, into `output_dir`."""
+    return cache_latents.main(
+        ["--training_script", train.script.path, *train.flags(*flags, output_dir=output_dir, **kwargs)]
+    )
 
 
 def test_cache_holds_both_flips_of_the_live_crops(sd_pipeline_path, pickapic_path, clip_model_path, tmp_path):
-    args = rpo.parse_args(cli(sd_pipeline_path, pickapic_path, clip_model_path, tmp_path, "--cache_latents"))
+    flags = cli(sd_pipeline_path, pickapic_path, clip_model_path, tmp_path / "cache")
+    cached = build_cache(*flags)
+    args = rpo.parse_args(flags)
     models = rpo.load_models(args, torch.device("cpu"), torch.float32)
     dataset, _ = rpo.prepare_preference_dataset(rpo.load_raw_dataset(args), rpo.dataset_columns(args))
-    cached = rpo.build_latent_cache(args, SingleProcess(), models, dataset)
     assert len(cached) == len(dataset) and "jpg_0" not in cached.column_names
     tokenizers = {"clip_input_ids": rpo.clip_tokenize_fn(args, models)}
     live = rpo.PreferencePairDataset(dataset, rpo.dataset_columns(args), 32, seed=5, tokenizers=tokenizers)
@@ -45,60 +61,70 @@ def test_cache_holds_both_flips_of_the_live_crops(sd_pipeline_path, pickapic_pat
         assert cached_item["original_size"] == live_item["original_size"]
         assert cached_item["caption"] == live_item["caption"]
     assert flips == {False, True}  # both cached orientations were read
+    with open(tmp_path / "cache" / cache_latents.INFO_FILE) as f:
+        info = json.load(f)
+    assert info["complete"] and info["pairs"] == 12 and info["ties_dropped"] == 6 and info["pairs_left_out"] == 0
+    assert (
+        info["training_flags"]["resolution"] == 32 and info["training_flags"]["similarity_embedding"] == "text_image"
+    )
 
 
 @SD15
 def test_cached_run_matches_the_live_run_and_reuses_its_cache(train, tmp_path, monkeypatch):
     live, _ = train("--validation_prompts", output_dir="live")
-    cached, args = train(
-        "--validation_prompts", "--cache_latents", "--latent_cache_dir", str(tmp_path / "cache"), output_dir="cached"
-    )
+    build_cache_for(train, "--validation_prompts")
+    cache = str(tmp_path / "cache")
+    cached, _ = train("--validation_prompts", output_dir="cached", dataset=cache)
     # Equal up to float summation order (the cache encodes other batch compositions), amplified by beta = 5000.
     assert losses(cached) == pytest.approx(losses(live), rel=1e-4)
-    [cache_file] = glob.glob(str(tmp_path / "cache" / "*.arrow"))
+    cache_files = sorted(glob.glob(os.path.join(cache, "*")))
 
     def must_not_run(*args, **kwargs):
-        raise AssertionError("a cached run ran the VAE or the CLIP model")
+        raise AssertionError("the VAE or the CLIP model ran on a built cache")
 
-    # A second run reads the cache: no VAE encode, no CLIP embedding, the same losses.
+    # Building the same cache again finds it, and a run on the cache encodes nothing: the same losses.
     monkeypatch.setattr(rpo, "encode_latent_distribution", must_not_run)
     monkeypatch.setattr(rpo, "compute_similarity_embeddings", must_not_run)
-    again, _ = train(
-        "--validation_prompts", "--cache_latents", "--latent_cache_dir", str(tmp_path / "cache"), output_dir="again"
-    )
+    assert len(build_cache_for(train, "--validation_prompts")) == 12
+    again, _ = train("--validation_prompts", output_dir="again", dataset=cache)
     assert losses(again) == losses(cached)
     monkeypatch.undo()
-    # Anything the cached values depend on (here the resolution) keys a new cache file; the old one is kept.
-    train(
-        "--validation_prompts",
-        "--cache_latents",
-        "--latent_cache_dir",
-        str(tmp_path / "cache"),
-        "--resolution",
-        "16",
-        output_dir="other",
-    )
-    assert cache_file in glob.glob(str(tmp_path / "cache" / "*.arrow"))
-    assert len(glob.glob(str(tmp_path / "cache" / "*.arrow"))) == 2
+    # Anything the cached values depend on (here the resolution) needs another folder; the cache is kept.
+    with pytest.raises(ValueError, match="holds a latent cache built from other settings"):
+        build_cache_for(train, "--validation_prompts", "--resolution", "16")
+    assert sorted(glob.glob(os.path.join(cache, "*"))) == cache_files
+    other = build_cache_for(train, "--validation_prompts", "--resolution", "16", output_dir="cache-16")
+    latent_sizes = [np.asarray(built[0]["latent_mean"]).shape[-1] for built in (other, datasets.load_from_disk(cache))]
+    assert latent_sizes[0] * 2 == latent_sizes[1]  # 16 px and the kept 32 px cache
+    with pytest.raises(ValueError, match="is not empty and holds no latent cache"):
+        build_cache_for(train, "--validation_prompts", output_dir="live")
 
 
 @SDXL
-def test_sdxl_cached_run_matches_the_live_run(train):
+def test_sdxl_cached_run_matches_the_live_run(train, tmp_path):
     # The cache must carry what SDXL's time ids are built from (original size, crop of each flip) as well as latents.
     live, _ = train("--validation_prompts", "--max_train_steps", "3", output_dir="live")
-    cached, _ = train("--validation_prompts", "--max_train_steps", "3", "--cache_latents", output_dir="cached")
+    build_cache_for(train, "--validation_prompts")
+    cached, _ = train(
+        "--validation_prompts", "--max_train_steps", "3", output_dir="cached", dataset=str(tmp_path / "cache")
+    )
     assert [h["loss"] for h in cached.history] == pytest.approx([h["loss"] for h in live.history], rel=1e-4)
 
 
-def test_random_crop_with_the_cache_is_refused(capsys):
+def test_flags_the_cache_cannot_serve_are_refused(capsys):
     with pytest.raises(SystemExit):
-        rpo.parse_args(["--cache_latents", "--random_crop"])
-    assert "--cache_latents stores the centre crop" in capsys.readouterr().err
+        cache_latents.parse_args(["--training_script", SCRIPT, "--output_dir", "cache", "--random_crop"])
+    assert "the cache stores the centre crop" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cache_latents.parse_args(
+            ["--training_script", SCRIPT, "--output_dir", "c", "--proportion_empty_prompts", "0.2"]
+        )
+    assert "--similarity_embedding image" in capsys.readouterr().err
+    flags = ["--proportion_empty_prompts", "0.2", "--similarity_embedding", "image"]
+    cache_latents.parse_args(["--training_script", SCRIPT, "--output_dir", "cache", *flags])
 
 
 def test_cached_and_live_original_sizes_agree_for_large_jpegs(sd_pipeline_path, clip_model_path, tmp_path):
-    import datasets
-    import numpy as np
     import tiny
 
     rng = np.random.default_rng(3)
@@ -112,22 +138,19 @@ def test_cached_and_live_original_sizes_agree_for_large_jpegs(sd_pipeline_path, 
         for i in range(2)
     ]
     path = tiny.write_pickapic_dataset(str(tmp_path / "large"), rows)
-    args = rpo.parse_args(cli(sd_pipeline_path, path, clip_model_path, tmp_path, "--cache_latents"))
-    models = rpo.load_models(args, torch.device("cpu"), torch.float32)
+    cached = build_cache(*cli(sd_pipeline_path, path, clip_model_path, tmp_path / "cache"))
+    args = rpo.parse_args(cli(sd_pipeline_path, path, clip_model_path, tmp_path))
     dataset, _ = rpo.prepare_preference_dataset(datasets.load_dataset(path, split="train"), rpo.dataset_columns(args))
-    cached = rpo.build_latent_cache(args, SingleProcess(), models, dataset)
     live = rpo.PreferencePairDataset(dataset, rpo.dataset_columns(args), 32, seed=5)
     from_cache = rpo.PreferencePairDataset(cached, rpo.dataset_columns(args), 32, seed=5)
     for key in ((0, 0), (1, 0)):
         assert live[key]["original_size"] == from_cache[key]["original_size"] == (128, 192)
 
 
-def test_pairs_with_nonfinite_latents_are_left_out_of_the_cache(
+def test_pairs_with_nonfinite_latents_are_left_out_and_counted(
     sd_pipeline_path, pickapic_path, clip_model_path, tmp_path, monkeypatch
 ):
-    args = rpo.parse_args(cli(sd_pipeline_path, pickapic_path, clip_model_path, tmp_path, "--cache_latents"))
-    models = rpo.load_models(args, torch.device("cpu"), torch.float32)
-    dataset, _ = rpo.prepare_preference_dataset(rpo.load_raw_dataset(args), rpo.dataset_columns(args))
+    flags = cli(sd_pipeline_path, pickapic_path, clip_model_path, tmp_path / "cache")
     original = rpo.encode_latent_distribution
 
     def overflowing(vae, pixels, batch_size):  # the first image of every call overflows, as an fp16 VAE can
@@ -136,7 +159,52 @@ def test_pairs_with_nonfinite_latents_are_left_out_of_the_cache(
         return mean, std
 
     monkeypatch.setattr(rpo, "encode_latent_distribution", overflowing)
-    cache = rpo.build_latent_cache(args, Accelerator(cpu=True), models, dataset)
-    calls = -(-len(dataset) // max(1, args.vae_encode_batch_size // 2))  # one poisoned pair per encoded batch
-    assert len(cache) == len(dataset) - calls
+    batch_size = max(1, rpo.parse_args(flags).vae_encode_batch_size // 2)
+    calls = -(-12 // batch_size)  # one poisoned pair per encoded batch of the 12 pairs
+    with pytest.raises(RuntimeError, match=f"{calls} pairs could not be decoded while building the latent cache"):
+        build_cache(*flags, "--max_bad_rows", str(calls - 1))
+    assert not os.path.exists(tmp_path / "cache" / "state.json")  # no cache to train from
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("the encoded shard was not reused")
+
+    monkeypatch.setattr(rpo, "encode_latent_distribution", must_not_run)  # a rebuild resumes from the encoded shard
+    cache = build_cache(*flags, "--max_bad_rows", str(calls))
+    assert len(cache) == 12 - calls
     assert all(np.isfinite(np.asarray(row["latent_mean"])).all() for row in cache)
+
+
+def test_two_processes_build_the_cache_one_process_builds(sd_pipeline_path, pickapic_path, clip_model_path, tmp_path):
+    def flags(output_dir):
+        return cli(
+            sd_pipeline_path, pickapic_path, clip_model_path, tmp_path / output_dir, "--vae_encode_batch_size", "4"
+        )
+
+    one = build_cache(*flags("one"))
+    launch(os.path.join(ROOT, "cache_latents.py"), ["--training_script", SCRIPT, *flags("two")], 2, cwd=tmp_path)
+    two = datasets.load_from_disk(str(tmp_path / "two"))
+    assert two.features == one.features and len(two) == len(one) == 12
+    for name in one.column_names:  # each process encoded its contiguous half, in order
+        assert [np.asarray(v).tolist() for v in two[name]] == [np.asarray(v).tolist() for v in one[name]], name
+
+
+def documented_cache_commands():
+    """Every `cache_latents.py` command in README.md and docs/, as its argument list."""
+    commands = []
+    for path in [os.path.join(ROOT, "README.md"), *sorted(glob.glob(os.path.join(ROOT, "*", "*.md")))]:
+        with open(path) as f:
+            text = f.read().replace("\\\n", " ")
+        for line in text.splitlines():
+            if re.search(r"(launch|python) cache_latents\.py", line):
+                tokens = shlex.split(line[line.index("cache_latents.py") :].strip("`"), comments=True)
+                commands.append((os.path.relpath(path, ROOT), [t for t in tokens[1:] if t not in ("...", "&")]))
+    return commands
+
+
+def test_documented_cache_commands_parse(monkeypatch):
+    monkeypatch.chdir(ROOT)
+    commands = documented_cache_commands()
+    assert commands
+    for source, command in commands:
+        options, script, args = cache_latents.parse_args(command)
+        assert options.output_dir and args.dataset_name, source
