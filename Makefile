@@ -1,20 +1,36 @@
 PYTHON ?= python3
-# A CPU build of torch; on a GPU machine install the CUDA build you want first and this step is skipped.
+# A CPU build of torch; on a GPU machine install the CUDA build you want into the environment make uses (below) first
+# and this step is skipped.
 TORCH ?= torch==2.13.0
+VENV ?= .venv
+
+# The environment make installs into and runs: $(PYTHON)'s own when it runs inside a virtual environment (an activated
+# .venv, as .ci/run does) or a conda environment; otherwise (a system Python, which PEP 668 may forbid pip to change)
+# $(VENV), created with $(PYTHON) when missing.
+IN_ENVIRONMENT := $(shell $(PYTHON) -c "import os, sys; print(sys.prefix != sys.base_prefix or os.path.isdir(os.path.join(sys.prefix, 'conda-meta')))" 2>/dev/null)
+ifeq ($(IN_ENVIRONMENT),True)
+ENV_PYTHON := $(PYTHON)
+else
+ENV_PYTHON := $(VENV)/bin/python
+VENV_CREATED := $(ENV_PYTHON)
+endif
 
 .PHONY: test lint install demo compare fix-copies
 
-install:
-	$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install -q $(TORCH)
-	$(PYTHON) -m pip install -q -r requirements.txt -r requirements-dev.txt
+$(VENV)/bin/python:
+	$(PYTHON) -m venv $(VENV) || { rm -rf $(VENV); exit 1; }
+
+install: $(VENV_CREATED)
+	$(ENV_PYTHON) -c "import torch" 2>/dev/null || $(ENV_PYTHON) -m pip install -q $(TORCH)
+	$(ENV_PYTHON) -m pip install -q -r requirements.txt -r requirements-dev.txt
 
 test: install lint
-	$(PYTHON) -m pytest -q -p no:cacheprovider tests
+	$(ENV_PYTHON) -m pytest -q -p no:cacheprovider tests
 
 # ruff lint and format check with the settings in pyproject.toml (`ruff format .` applies the formatting).
 lint: install
-	$(PYTHON) -m ruff check .
-	$(PYTHON) -m ruff format --check .
+	$(ENV_PYTHON) -m ruff check .
+	$(ENV_PYTHON) -m ruff format --check .
 
 # Copy train_diffusion_rpo.py's shared block (after END SCRIPT-SPECIFIC) into the other training scripts.
 fix-copies:
@@ -22,7 +38,7 @@ fix-copies:
 
 # The toy style-alignment world: RPO alignment of the committed tiny base, before/after scores, a grid (CPU, minutes).
 demo: install
-	$(PYTHON) -m demo.style_world --demo
+	$(ENV_PYTHON) -m demo.style_world --demo
 
 # The evidence behind demo/README.md: the equal-budget sweep on the five tuning styles and the relative-preference
 # world run as independent jobs, two at a time with one thread each (every number in demo/results/ comes from this
@@ -31,7 +47,7 @@ COMPARE_JOBS = "demo.style_world --compare --seeds 2 --styles stripes" "demo.sty
 	"demo.style_world --compare --seeds 2 --styles checks" "demo.style_world --compare --seeds 2 --styles diagonal" \
 	"demo.style_world --compare --seeds 2 --styles bands" "demo.relative --seeds 2"
 compare: install
-	printf '%s\n' $(COMPARE_JOBS) | OMP_NUM_THREADS=1 xargs -P 2 -I{} sh -c '$(PYTHON) -m {} --results outputs/partial_results'
-	$(PYTHON) -m demo.relative --seeds 2 --report_only
-	$(PYTHON) -m demo.style_world --compare --seeds 2 --report_only
-	OMP_NUM_THREADS=1 $(PYTHON) -m demo.style_world --held_out --seeds 3
+	printf '%s\n' $(COMPARE_JOBS) | OMP_NUM_THREADS=1 xargs -P 2 -I{} sh -c '$(ENV_PYTHON) -m {} --results outputs/partial_results'
+	$(ENV_PYTHON) -m demo.relative --seeds 2 --report_only
+	$(ENV_PYTHON) -m demo.style_world --compare --seeds 2 --report_only
+	OMP_NUM_THREADS=1 $(ENV_PYTHON) -m demo.style_world --held_out --seeds 3
