@@ -1654,8 +1654,8 @@ def load_clip(path, processor_path, cache_dir, device, dtype, flag, fix):
 
 
 def setup_models(args, models, device, weight_dtype):
-    """Frozen parts to `device` in `weight_dtype`, the reference (a frozen copy; with LoRA the base under the
-    adapters), memory options, --compile. `models`: a `Models`, or an object with its loaded fields (benchmarks)."""
+    """Frozen parts to `device` in `weight_dtype`, the reference (a frozen copy, or the LoRA base), memory options and
+    --compile, on a `Models` or any object with its loaded fields."""
     for text_encoder in text_encoders(models):
         text_encoder.requires_grad_(False).eval().to(device, dtype=weight_dtype)
     # SDXL's original VAE overflows in fp16 (NaN latents): it stays fp32 unless a custom VAE (the fp16-fix) is given.
@@ -1689,8 +1689,7 @@ def setup_models(args, models, device, weight_dtype):
 
 
 def sharding_engine():
-    """FSDP or DeepSpeed where accelerate runs one (each shards the trained UNet and computes all of it in the
-    mixed-precision dtype), else None: no Accelerator yet, one process, DDP."""
+    """FSDP or DeepSpeed where accelerate runs one (both compute every parameter in the mixed-precision dtype)."""
     engine = AcceleratorState().distributed_type if is_initialized() else None
     return engine if engine in (DistributedType.FSDP, DistributedType.DEEPSPEED) else None
 
@@ -1797,10 +1796,8 @@ def log_validation(accelerator, args, models, unet, progress, gathered=False):
     reference = generate_validation_images(args, models, rendering_unet, progress.seed, reference=True)
     unet.train(was_training)
     rendered = {name: images for name, images in (("validation", trained), ("reference", reference)) if images}
-    if models.validation_scorer is not None:
-        rewards = validation_rewards(
-            models.validation_scorer, args.validation_scorer, prompts, rendered, models.device
-        )
+    if (scorer := models.validation_scorer) is not None:
+        rewards = validation_rewards(scorer, args.validation_scorer, prompts, rendered, models.device)
         progress.validation_rewards.append({"step": step, **rewards})
         accelerator.log(rewards, step=step)
         scores = ", ".join(f"{name} {value:.4f}" for name, value in rewards.items())
@@ -1819,8 +1816,7 @@ def log_validation(accelerator, args, models, unet, progress, gathered=False):
 @torch.no_grad()
 def generate_validation_images(args, models, unet, seed, reference=False):
     """The validation prompts rendered by the trained UNet, or the reference, with the same seeds: latents under
-    autocast (an fp32 trained UNet beside half-precision frozen parts), decoded outside it in the VAE's dtype, as
-    autocast would run an fp32 VAE (SDXL's) in fp16, where it overflows."""
+    autocast (an fp32 trained UNet beside half-precision frozen parts), decoded outside it (SDXL's VAE overflows)."""
     if reference and models.ref_unet is None and not args.use_lora:
         return []  # sft trains without a reference copy
     device, dtype, vae = models.device, models.weight_dtype, models.vae
