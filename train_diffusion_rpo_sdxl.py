@@ -20,6 +20,7 @@ import contextlib
 import copy
 import dataclasses
 import gc
+import importlib.util
 import io
 import itertools
 import json
@@ -42,6 +43,7 @@ import torch.nn.functional as F
 import transformers
 from accelerate import Accelerator
 from accelerate.logging import get_logger
+from accelerate.state import AcceleratorState, is_initialized
 from accelerate.utils import (
     DistributedType,
     ProjectConfiguration,
@@ -93,12 +95,10 @@ VAE_FP32_UNLESS_CUSTOM = True  # SDXL 1.0's VAE overflows in fp16/bf16 (NaN late
 
 
 def load_models(args, device, weight_dtype):
-    """Both tokenizers and text encoders (the second with projection), scheduler, VAE (--pretrained_vae_model_name_or_path
-    overrides the base's), UNet and the RPO CLIP model, set up for training by `setup_models` (`prepare_output` has
-    checked the pipeline class)."""
-    common = {"revision": args.revision, "cache_dir": args.cache_dir}
-    path = args.pretrained_model_name_or_path
-    models = SimpleNamespace(
+    """Both tokenizers and text encoders (the second with projection), scheduler, VAE (or the custom one), UNet and
+    the RPO CLIP, set up."""
+    path, common = args.pretrained_model_name_or_path, {"revision": args.revision, "cache_dir": args.cache_dir}
+    models = Models(
         tokenizer=CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", **common),
         tokenizer_2=CLIPTokenizer.from_pretrained(path, subfolder="tokenizer_2", **common),
         noise_scheduler=DDPMScheduler.from_pretrained(path, subfolder="scheduler", **common),
@@ -1256,178 +1256,141 @@ def build_dataloader(args, accelerator, models, dataset, seed, progress=None):
 # ----------------------------------------------------------------------------------------------------------------------
 
 
+@dataclasses.dataclass
+class Clip:
+    """A frozen CLIPModel with its tokenizer and its processor's image size, mean and std."""
+
+    model: CLIPModel
+    tokenizer: transformers.PreTrainedTokenizerBase
+    image_size: int
+    image_mean: list
+    image_std: list
+
+
+@dataclasses.dataclass
+class Models:
+    """Loaded by `load_models`; `setup_models` adds the reference, device and dtype, `prepare_training` the rest."""
+
+    tokenizer: CLIPTokenizer
+    noise_scheduler: DDPMScheduler
+    text_encoder: CLIPTextModel
+    vae: AutoencoderKL
+    unet: UNet2DConditionModel
+    clip: Clip | None = None  # the RPO similarity model; freed once the latent cache holds its embeddings
+    tokenizer_2: CLIPTokenizer | None = None  # SDXL's second tokenizer and text encoder
+    text_encoder_2: torch.nn.Module | None = None
+    ref_unet: UNet2DConditionModel | None = None  # None with LoRA (the base is the adapters switched off) and sft
+    device: torch.device | None = None
+    weight_dtype: torch.dtype | None = None  # what the frozen parts compute in
+    ema: EMAModel | None = None
+    validation_scorer: Clip | None = None
+    initial_weight_norm: float | None = None
+
+
 def check_pretrained_pipeline(args):
-    """The base must be a diffusers pipeline of the kind this script trains; say so clearly before loading weights."""
-    path = args.pretrained_model_name_or_path
+    """The base must be a diffusers pipeline of the kind this script trains: said before any weights load."""
+    path, flag = args.pretrained_model_name_or_path, "--pretrained_model_name_or_path"
     try:
         config = DiffusionPipeline.load_config(path, revision=args.revision, cache_dir=args.cache_dir)
     except Exception as error:
-        raise ValueError(
-            f"--pretrained_model_name_or_path {path!r} is not a diffusers pipeline this run can load "
-            f"(no model_index.json: {type(error).__name__}). Pass a diffusers model folder or Hub id, "
-            f"e.g. {DEFAULT_PRETRAINED_MODEL}."
-        ) from error
-    class_name = config.get("_class_name", "")
-    if class_name not in EXPECTED_PIPELINE_CLASSES:
-        hint = f" {WRONG_PIPELINE_HINTS[class_name]}" if class_name in WRONG_PIPELINE_HINTS else ""
-        raise ValueError(
-            f"--pretrained_model_name_or_path {path!r} is a {class_name}, but this script trains "
-            f"{' / '.join(EXPECTED_PIPELINE_CLASSES)}.{hint}"
-        )
+        fix = f"pass a folder or Hub id with a model_index.json, e.g. {DEFAULT_PRETRAINED_MODEL}"
+        raise ValueError(f"{flag} {path!r} is not a diffusers pipeline ({type(error).__name__}): {fix}.") from error
+    name = config.get("_class_name", "")
+    if name not in EXPECTED_PIPELINE_CLASSES:
+        trains, hint = " / ".join(EXPECTED_PIPELINE_CLASSES), WRONG_PIPELINE_HINTS.get(name, "")
+        raise ValueError(f"{flag} {path!r} is a {name}, but this script trains {trains}. {hint}".rstrip())
     return config
 
 
 def load_vae(args):
     """The base pipeline's VAE, or --pretrained_vae_model_name_or_path (a VAE folder or Hub id, e.g. the fp16-fix)."""
-    if args.pretrained_vae_model_name_or_path is None:
-        return AutoencoderKL.from_pretrained(
-            args.pretrained_model_name_or_path,
-            subfolder="vae",
-            variant=args.variant,
-            revision=args.revision,
-            cache_dir=args.cache_dir,
-        )
+    custom = args.pretrained_vae_model_name_or_path
+    if custom is None:
+        common = {"variant": args.variant, "revision": args.revision, "cache_dir": args.cache_dir}
+        return AutoencoderKL.from_pretrained(args.pretrained_model_name_or_path, subfolder="vae", **common)
     try:
-        return AutoencoderKL.from_pretrained(args.pretrained_vae_model_name_or_path, cache_dir=args.cache_dir)
+        return AutoencoderKL.from_pretrained(custom, cache_dir=args.cache_dir)
     except Exception as error:
-        raise ValueError(
-            f"--pretrained_vae_model_name_or_path {args.pretrained_vae_model_name_or_path!r} is not an "
-            f"AutoencoderKL folder or Hub id ({type(error).__name__}: {error})."
-        ) from error
+        problem = f"is not an AutoencoderKL folder or Hub id ({type(error).__name__}: {error})"
+        raise ValueError(f"--pretrained_vae_model_name_or_path {custom!r} {problem}.") from error
 
 
 def load_similarity_model(args, device, dtype):
-    """The CLIP model for RPO weights, its tokenizer, and its image size/mean/std (from its processor config)."""
-    return load_clip(
-        args.clip_model_name_or_path,
-        args.clip_model_name_or_path,
-        args.cache_dir,
-        device,
-        dtype,
-        "--clip_model_name_or_path",
-        "RPO similarity weights need it; pass a CLIP model or use --rpo_weighting uniform",
-    )
+    """The CLIP model of the RPO weights."""
+    path, fix = args.clip_model_name_or_path, "RPO weights need it: pass a CLIP model or use --rpo_weighting uniform"
+    return load_clip(path, path, args.cache_dir, device, dtype, "--clip_model_name_or_path", fix)
 
 
 def load_clip(path, processor_path, cache_dir, device, dtype, flag, fix):
-    """A frozen CLIPModel with the tokenizer and image size/mean/std found at `processor_path`."""
+    """A frozen `Clip` on `device`, with the tokenizer and image settings at `processor_path`."""
     try:
         model = CLIPModel.from_pretrained(path, cache_dir=cache_dir, torch_dtype=dtype)
         tokenizer = AutoTokenizer.from_pretrained(processor_path, cache_dir=cache_dir)
     except Exception as error:
-        raise ValueError(
-            f"{flag} {path!r} could not be loaded as a CLIPModel with its tokenizer ({error}). {fix}."
-        ) from error
-    mean, std = [0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711]  # OpenAI CLIP defaults
+        raise ValueError(f"{flag} {path!r} is not a CLIPModel with its tokenizer ({error}). {fix}.") from error
+    mean, std = [0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711]  # OpenAI CLIP's
     try:
-        processor_config = transformers.CLIPImageProcessor.get_image_processor_dict(
-            processor_path, cache_dir=cache_dir
-        )[0]
-        mean, std = processor_config.get("image_mean", mean), processor_config.get("image_std", std)
+        config = transformers.CLIPImageProcessor.get_image_processor_dict(processor_path, cache_dir=cache_dir)[0]
+        mean, std = config.get("image_mean", mean), config.get("image_std", std)
     except Exception:
         logger.warning(f"No image processor config in {processor_path}; using the OpenAI CLIP mean/std.")
     model.requires_grad_(False).eval().to(device)
-    return SimpleNamespace(
-        model=model,
-        tokenizer=tokenizer,
-        image_size=model.config.vision_config.image_size,
-        image_mean=list(mean),
-        image_std=list(std),
-    )
+    return Clip(model, tokenizer, model.config.vision_config.image_size, list(mean), list(std))
 
 
 def setup_models(args, models, device, weight_dtype):
-    """Frozen parts to the device in `weight_dtype`, the reference (a frozen copy, or the LoRA base), memory options.
-
-    `models` holds the loaded tokenizer, noise_scheduler, text_encoder, vae, unet and clip (benchmarks/ passes
-    randomly initialised full-size ones); `ref_unet`, `device` and `weight_dtype` (what frozen parts compute in) are
-    added for the step.
-    """
+    """Frozen parts to `device` in `weight_dtype`, the reference (a frozen copy, or the LoRA base), memory options and
+    --compile, on a `Models` or any object with its loaded fields."""
     for text_encoder in text_encoders(models):
         text_encoder.requires_grad_(False).eval().to(device, dtype=weight_dtype)
     # SDXL's original VAE overflows in fp16 (NaN latents): it stays fp32 unless a custom VAE (the fp16-fix) is given.
     fp32_vae = VAE_FP32_UNLESS_CUSTOM and args.pretrained_vae_model_name_or_path is None
     models.vae.requires_grad_(False).eval().to(device, dtype=torch.float32 if fp32_vae else weight_dtype)
-    unet, ref_unet = models.unet, None
+    unet, models.ref_unet, models.device, models.weight_dtype = models.unet, None, device, weight_dtype
     if args.use_lora:
         from peft import LoraConfig
 
-        unet.requires_grad_(False)
-        store_as_autocast_computes(unet, weight_dtype).to(device)
-        unet.add_adapter(
-            LoraConfig(
-                r=args.lora_rank,
-                lora_alpha=args.lora_rank,
-                init_lora_weights="gaussian",
-                target_modules=["to_k", "to_q", "to_v", "to_out.0"],
-            )
-        )
+        store_as_autocast_computes(unet.requires_grad_(False), weight_dtype).to(device)
+        rank, targets = args.lora_rank, ["to_k", "to_q", "to_v", "to_out.0"]
+        unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=targets))
         cast_training_params(unet, dtype=torch.float32)
     elif args.loss_type != "sft":
-        ref_unet = (
-            store_as_autocast_computes(copy.deepcopy(unet), weight_dtype).requires_grad_(False).eval().to(device)
-        )
-    unet.to(device)
+        models.ref_unet = store_as_autocast_computes(copy.deepcopy(unet), weight_dtype).requires_grad_(False).eval()
+    unets = [module.to(device) for module in (unet, models.ref_unet) if module is not None]
     if args.enable_xformers_memory_efficient_attention:
         try:
-            for module in (unet, ref_unet):
-                if module is not None:
-                    module.enable_xformers_memory_efficient_attention()
+            for module in unets:
+                module.enable_xformers_memory_efficient_attention()
         except Exception as error:
             raise RuntimeError(
-                f"--enable_xformers_memory_efficient_attention: xformers is not usable here ({error}). "
-                "Remove the flag (PyTorch SDPA attention is the default and as fast on torch 2), or install "
-                "an xformers wheel built for this torch and CUDA."
+                f"--enable_xformers_memory_efficient_attention: xformers is not usable here ({error}). Remove the "
+                "flag (PyTorch SDPA attention, the default, is as fast) or install xformers built for this torch."
             ) from error
     if args.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     if args.compile:
-        compile_unets(args.compile_backend, args.compile_mode, unet, ref_unet)
-    models.ref_unet, models.device, models.weight_dtype = ref_unet, device, weight_dtype
+        compile_unets(args.compile_backend, args.compile_mode, *unets)
     return models
 
 
-# Layers whose inputs autocast casts to the lower-precision dtype (torch.amp's "lower precision" ops: linear, conv).
-AUTOCAST_LOWER_PRECISION_LAYERS = (
-    torch.nn.Linear,
-    torch.nn.Conv1d,
-    torch.nn.Conv2d,
-    torch.nn.Conv3d,
-    torch.nn.ConvTranspose1d,
-    torch.nn.ConvTranspose2d,
-    torch.nn.ConvTranspose3d,
-)
-
-
 def sharding_engine():
-    """FSDP or DeepSpeed when accelerate runs one (they shard the trained UNet and compute with every parameter in the
-    mixed-precision dtype: FSDP's param_dtype, which accelerate sets from --mixed_precision, and DeepSpeed's bf16/fp16
-    module), else None (single process, DDP)."""
-    from accelerate.state import AcceleratorState
-
-    if not AcceleratorState._shared_state:
-        return None
-    engine = AcceleratorState().distributed_type
+    """FSDP or DeepSpeed where accelerate runs one (both compute every parameter in the mixed-precision dtype)."""
+    engine = AcceleratorState().distributed_type if is_initialized() else None
     return engine if engine in (DistributedType.FSDP, DistributedType.DEEPSPEED) else None
 
 
 def store_as_autocast_computes(module, dtype):
-    """Frozen weights stored the way the trained UNet computes (docs/method.md, "Reference in mixed precision"): under
-    autocast with fp32 master weights, linear and convolution parameters in `dtype` and the rest (norms, embeddings) in
-    fp32; under FSDP or DeepSpeed, which cast every parameter, all of them in `dtype`.
-
-    Run under the same autocast as the fp32 policy, such a copy computes bitwise what the policy computes at
-    theta = theta_ref, so the first loss is exactly ln 2. A plain `.to(bf16)` copy run outside autocast rounds the norm
-    parameters and runs norms and softmax in bf16 instead: with trained weights its denoising errors differ from the
-    policy's by enough that beta/2 * (difference) is a logit of order 1 at step 0. Norm parameters are well under 1%
-    of a UNet's, so the copy costs about what a half-precision copy costs."""
+    """Frozen weights stored as the trained UNet computes (docs/method.md, "Reference in mixed precision"): linear and
+    convolution parameters in `dtype`, norms and embeddings fp32 (all in `dtype` under FSDP or DeepSpeed, which cast
+    every parameter). Under the policy's autocast this copy computes bitwise what the policy does at theta = theta_ref,
+    so the first loss is exactly ln 2; a plain `.to(bf16)` copy runs norms in bf16, a logit of order 1 at step 0."""
     module.float()
-    if dtype == torch.float32:
-        return module
-    if sharding_engine() is not None:
+    if dtype == torch.float32 or sharding_engine() is not None:
         return module.to(dtype)
+    nn = torch.nn  # the layers whose inputs autocast casts to the lower-precision dtype:
+    layers = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
     for layer in module.modules():
-        if isinstance(layer, AUTOCAST_LOWER_PRECISION_LAYERS):
+        if isinstance(layer, layers):
             layer.to(dtype)
     return module
 
@@ -1435,57 +1398,47 @@ def store_as_autocast_computes(module, dtype):
 def weight_dtype_for(accelerator):
     """The dtype frozen models compute in: the mixed-precision dtype, where accelerate runs the policy under it."""
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
-    if (
-        dtype != torch.float32
-        and not accelerator.native_amp
-        and accelerator.distributed_type != DistributedType.DEEPSPEED
-    ):
+    if dtype != torch.float32 and not accelerator.native_amp and sharding_engine() != DistributedType.DEEPSPEED:
         raise ValueError(
-            f"--mixed_precision {accelerator.mixed_precision} is not available on "
-            f"{accelerator.device.type} (accelerate runs no autocast there): use --mixed_precision bf16 "
-            "on CPU, fp16 on a GPU."
+            f"--mixed_precision {accelerator.mixed_precision} is not available on {accelerator.device.type} "
+            "(accelerate runs no autocast there): use --mixed_precision bf16 on CPU, fp16 on a GPU."
         )
     return dtype
 
 
 def compile_unets(backend, mode, *unets):
-    """torch.compile in place (`Module.compile`: state-dict keys, saving and unwrapping stay unchanged). Where the
-    backend is unavailable, or a graph fails to compile, the UNet runs eagerly with a warning instead of failing."""
-    import torch._dynamo
-
+    """torch.compile in place (`Module.compile`: state-dict keys, saving and unwrapping unchanged); False, with a
+    warning, where the backend is unavailable. A graph that fails to compile runs eagerly (torch logs it)."""
     device, reason = next(unets[0].parameters()).device, None
     if not torch._dynamo.is_dynamo_supported():
         reason = f"torch.compile is not supported on this Python/platform (torch {torch.__version__})"
-    elif backend not in torch._dynamo.list_backends(exclude_tags=()):
-        reason = f"unknown backend {backend!r} (available: {', '.join(torch._dynamo.list_backends())})"
-    elif backend == "inductor" and device.type == "cuda":
-        from torch.utils._triton import has_triton
-
-        reason = None if has_triton() else "the inductor backend needs triton on CUDA (`pip install triton`)"
+    elif backend not in torch.compiler.list_backends(exclude_tags=()):
+        reason = f"unknown backend {backend!r} (available: {', '.join(torch.compiler.list_backends())})"
+    elif backend == "inductor" and device.type == "cuda" and importlib.util.find_spec("triton") is None:
+        reason = "the inductor backend needs triton on CUDA (`pip install triton`)"
     elif backend == "inductor" and shutil.which(os.environ.get("CXX", "g++")) is None:
         reason = "the inductor backend needs a C++ compiler on CPU"
     if reason is not None:
         logger.warning(f"--compile: {reason}; training without compilation.")
         return False
-    torch._dynamo.config.suppress_errors = True  # a graph that fails to compile falls back to eager, logged
     for unet in unets:
-        if unet is not None:
-            unet.compile(backend=backend, mode=mode)
+        unet.compile(backend=backend, mode=mode)
+        # suppress_errors around these calls only: torch has no public per-module fallback to eager.
+        unet._compiled_call_impl = torch._dynamo.config.patch(suppress_errors=True)(unet._compiled_call_impl)
     return True
 
 
 def effective_learning_rate(args, num_processes):
-    """--learning_rate, times the pairs per optimizer step with --scale_lr; warned about when outside the sane range."""
-    rate = args.learning_rate
+    """--learning_rate, times the pairs per optimizer step with --scale_lr; warned about outside the sane range."""
+    rate, (low, high) = args.learning_rate, SANE_LEARNING_RATES
     if args.scale_lr:
         rate *= args.train_batch_size * args.gradient_accumulation_steps * num_processes
-    low, high = SANE_LEARNING_RATES
     if not low <= rate <= high:
         logger.warning(
             f"Training at an effective learning rate of {rate:.3g} (--learning_rate {args.learning_rate:g}"
-            f"{' x pairs per step (--scale_lr)' if args.scale_lr else ''}), outside {low:g}-{high:g}: the "
-            f"weights will {'barely move' if rate < low else 'likely diverge'}. Defaults: "
-            f"{DEFAULT_LEARNING_RATE:g} (full), {DEFAULT_LORA_LEARNING_RATE:g} (LoRA)."
+            f"{' x pairs per step (--scale_lr)' if args.scale_lr else ''}), outside {low:g}-{high:g}: the weights "
+            f"will {'barely move' if rate < low else 'likely diverge'}. Defaults: {DEFAULT_LEARNING_RATE:g} (full), "
+            f"{DEFAULT_LORA_LEARNING_RATE:g} (LoRA)."
         )
     return rate
 
@@ -1494,28 +1447,16 @@ def create_optimizer(args, params, learning_rate):
     """AdamW: fused on CUDA (one kernel for all parameters; the peers' default is foreach), bitsandbytes 8-bit, or
     Adafactor with DiffusionDPO's SDXL settings (a fixed learning rate, no parameter scaling, update clipping 1)."""
     if args.use_adafactor:
-        return transformers.Adafactor(
-            params,
-            lr=learning_rate,
-            weight_decay=args.adam_weight_decay,
-            clip_threshold=1.0,
-            scale_parameter=False,
-            relative_step=False,
-        )
-    kwargs = {
-        "lr": learning_rate,
-        "betas": (args.adam_beta1, args.adam_beta2),
-        "weight_decay": args.adam_weight_decay,
-        "eps": args.adam_epsilon,
-    }
+        fixed = {"clip_threshold": 1.0, "scale_parameter": False, "relative_step": False}
+        return transformers.Adafactor(params, lr=learning_rate, weight_decay=args.adam_weight_decay, **fixed)
+    betas, params = (args.adam_beta1, args.adam_beta2), list(params)
+    kwargs = {"lr": learning_rate, "betas": betas, "weight_decay": args.adam_weight_decay, "eps": args.adam_epsilon}
     if args.use_8bit_adam:
         import bitsandbytes as bnb
 
         return bnb.optim.AdamW8bit(params, **kwargs)
-    params = list(params)
-    if params and all(p.device.type == "cuda" for p in params):
-        kwargs["fused"] = True
-    return torch.optim.AdamW(params, **kwargs)
+    fused = bool(params) and all(p.device.type == "cuda" for p in params)
+    return torch.optim.AdamW(params, **kwargs, **({"fused": True} if fused else {}))
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -1524,138 +1465,85 @@ def create_optimizer(args, params, learning_rate):
 
 
 def log_validation(accelerator, args, models, unet, progress, gathered=False):
-    """The main process renders the validation prompts (the others go on) with the weights the saved pipeline will
-    hold (the EMA's with --use_ema), and the reference's; logs them and their reward; returns the grid. `gathered`:
-    `unet` is already `gather_sharded_unet`'s (the end of a run gathers once for validation and saving)."""
+    """The main process renders the validation prompts with the weights the saved pipeline will hold (the EMA's with
+    --use_ema) and the reference's, logs them and their reward, returns the grid (`gathered`: `unet` is gathered)."""
     if not args.validation_prompts:
         return None
     # Under FSDP/DeepSpeed every process joins the gather (done by the caller when `gathered`).
     rendering_unet = unet if gathered else gather_sharded_unet(accelerator, unet)
     if not accelerator.is_main_process:
         return None
-    rendering_unet.to(models.device)
-    seed, global_step = progress.seed, progress.global_step
-    logger.info(f"Rendering {len(args.validation_prompts)} validation prompts at step {global_step}")
-    was_training = unet.training
+    step, prompts, was_training = progress.global_step, args.validation_prompts, unet.training
+    logger.info(f"Rendering {len(prompts)} validation prompts at step {step}")
     unet.eval()
-    with ema_weights(models.ema, rendering_unet):
-        trained = generate_validation_images(args, models, rendering_unet, seed)
-    reference = generate_validation_images(args, models, rendering_unet, seed, reference=True)
+    with ema_weights(models.ema, rendering_unet.to(models.device)):
+        trained = generate_validation_images(args, models, rendering_unet, progress.seed)
+    reference = generate_validation_images(args, models, rendering_unet, progress.seed, reference=True)
     unet.train(was_training)
-    if models.validation_scorer is not None:
-        image_sets = {"validation_reward": trained, "validation_reward_reference": reference}
-        rewards = validation_rewards(
-            models.validation_scorer, args, {k: v for k, v in image_sets.items() if v}, models.device
-        )
-        progress.validation_rewards.append({"step": global_step, **rewards})
-        accelerator.log(rewards, step=global_step)
-        logger.info(
-            f"Step {global_step}: validation {args.validation_scorer} "
-            + ", ".join(f"{name} {value:.4f}" for name, value in rewards.items())
-        )
-    for tracker in accelerator.trackers:
-        for name, images in (("validation", trained), ("reference", reference)):
-            if not images:
-                continue
-            if tracker.name == "tensorboard":
-                tracker.writer.add_images(
-                    name, np.stack([np.asarray(image) for image in images]), global_step, dataformats="NHWC"
-                )
-            elif tracker.name == "wandb":
-                import wandb  # only when asked for
+    rendered = {name: images for name, images in (("validation", trained), ("reference", reference)) if images}
+    if (scorer := models.validation_scorer) is not None:
+        rewards = validation_rewards(scorer, args.validation_scorer, prompts, rendered, models.device)
+        progress.validation_rewards.append({"step": step, **rewards})
+        accelerator.log(rewards, step=step)
+        scores = ", ".join(f"{name} {value:.4f}" for name, value in rewards.items())
+        logger.info(f"Step {step}: validation {args.validation_scorer} {scores}")
+    for tracker, (name, images) in itertools.product(accelerator.trackers, rendered.items()):
+        if tracker.name == "tensorboard":
+            tracker.writer.add_images(name, np.stack([np.asarray(i) for i in images]), step, dataformats="NHWC")
+        elif tracker.name == "wandb":
+            import wandb  # only when asked for
 
-                tracker.log(
-                    {
-                        name: [
-                            wandb.Image(image, caption=prompt)
-                            for image, prompt in zip(images, args.validation_prompts)
-                        ]
-                    },
-                    step=global_step,
-                )
-    rows = [trained] + ([reference] if reference else [])
-    grid = make_image_grid([image for row in rows[::-1] for image in row], rows=len(rows), cols=len(trained))
-    return grid
+            tracker.log({name: [wandb.Image(i, caption=p) for i, p in zip(images, prompts)]}, step=step)
+    rows = list(rendered.values())[::-1]  # the reference on top
+    return make_image_grid([image for row in rows for image in row], rows=len(rows), cols=len(trained))
 
 
 @torch.no_grad()
 def generate_validation_images(args, models, unet, seed, reference=False):
-    """The validation prompts rendered by the trained UNet, or by the reference, with the same seeds."""
-    device, weight_dtype = models.device, models.weight_dtype
+    """The validation prompts rendered by the trained UNet, or the reference, with the same seeds: latents under
+    autocast (an fp32 trained UNet beside half-precision frozen parts), decoded outside it (SDXL's VAE overflows)."""
     if reference and models.ref_unet is None and not args.use_lora:
         return []  # sft trains without a reference copy
-    scheduler = DPMSolverMultistepScheduler.from_config(models.noise_scheduler.config)
-    images = []
-    autocast = (
-        torch.autocast(device.type, dtype=weight_dtype) if weight_dtype != torch.float32 else contextlib.nullcontext()
-    )
-    unet_context = reference_unet(models, unet) if reference else contextlib.nullcontext(unet)
-    with unet_context as rendering_unet, autocast, vae_decode_without_autocast(models.vae, device.type):
+    device, dtype, vae = models.device, models.weight_dtype, models.vae
+    autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
+    scheduler, images = DPMSolverMultistepScheduler.from_config(models.noise_scheduler.config), []
+    with reference_unet(models, unet) if reference else contextlib.nullcontext(unet) as rendering_unet:
         pipeline = build_validation_pipeline(models, rendering_unet, scheduler)
         pipeline.set_progress_bar_config(disable=True)
         for index, prompt in enumerate(args.validation_prompts):
             # Seeded for every seed, 0 included (`if seed:` would leave seed 0's images unseeded and unrepeatable).
             generator = torch.Generator(device=device).manual_seed(seed + index)
-            images.append(
-                pipeline(
+            with autocast:
+                latents = pipeline(
                     prompt,
                     num_inference_steps=args.validation_num_inference_steps,
                     guidance_scale=args.validation_guidance_scale,
                     height=args.resolution,
                     width=args.resolution,
                     generator=generator,
-                ).images[0]
-            )
+                    output_type="latent",
+                ).images
+            decoded = vae.decode((latents / vae.config.scaling_factor).to(vae.dtype)).sample
+            images.append(pipeline.image_processor.postprocess(decoded, output_type="pil")[0])
     return images
 
 
-@contextlib.contextmanager
-def vae_decode_without_autocast(vae, device_type):
-    """Validation runs under autocast (an fp32 trained UNet beside half-precision frozen parts), which would also run
-    the VAE decoder's convolutions in fp16, where SDXL's original VAE overflows (black images): decode in its dtype."""
-    decode = vae.decode
-
-    def decode_in_vae_dtype(latents, *args, **kwargs):
-        with torch.autocast(device_type, enabled=False):
-            return decode(latents.to(vae.dtype), *args, **kwargs)
-
-    vae.decode = decode_in_vae_dtype
-    try:
-        yield
-    finally:
-        del vae.decode
-
-
 @torch.no_grad()
-def validation_rewards(scorer, args, image_sets, device):
-    """{name: images of the validation prompts} -> {name: their mean reward}: PickScore = logit_scale.exp() x cosine,
-    CLIP score = 100 x max(cosine, 0), with the image preprocessing eval/scorers.py applies (square images: resized to
-    the model's input, bicubic, antialiased; the model's mean/std). The scorer visits the device once per call."""
+def validation_rewards(scorer, kind, prompts, rendered, device):
+    """{"validation"/"reference": images of `prompts`} -> {"validation_reward"/"validation_reward_reference": the mean
+    PickScore (logit_scale.exp() x cosine) or CLIP score (100 x max(cosine, 0))}; the scorer visits `device` once."""
     scorer.model.to(device)
     max_length = min(scorer.tokenizer.model_max_length, scorer.model.config.text_config.max_position_embeddings)
-    tokens = scorer.tokenizer(
-        list(args.validation_prompts),
-        padding="max_length",
-        truncation=True,
-        max_length=max_length,
-        return_tensors="pt",
-    )
-    text_features = _features(scorer.model.get_text_features(input_ids=tokens.input_ids.to(device)))
-    text_features = F.normalize(text_features.float(), dim=-1)
+    ids = torch.stack([make_tokenize_fn(scorer.tokenizer, max_length)(prompt) for prompt in prompts]).to(device)
+    text = F.normalize(_features(scorer.model.get_text_features(input_ids=ids)).float(), dim=-1)
+    scale = scorer.model.logit_scale.exp().float() if kind == "pickscore" else 100.0
     rewards = {}
-    for name, images in image_sets.items():
-        pixels = torch.stack(
-            [torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1) for image in images]
-        ).to(device)
-        pixels = clip_pixel_values(pixels, scorer.image_size, scorer.image_mean, scorer.image_std)
-        image_features = _features(scorer.model.get_image_features(pixel_values=pixels.to(scorer.model.dtype)))
-        cosine = (F.normalize(image_features.float(), dim=-1) * text_features).sum(-1)
-        scores = (
-            scorer.model.logit_scale.exp().float() * cosine
-            if args.validation_scorer == "pickscore"
-            else (100 * cosine.clamp(min=0))
-        )
-        rewards[name] = scores.mean().item()
+    for name, images in rendered.items():
+        pixels = torch.stack([torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1.0) for image in images])
+        image = compute_similarity_embeddings(scorer, "image", pixel_values=pixels.permute(0, 3, 1, 2).to(device))
+        cosine = (image * text).sum(-1)
+        key = "validation_reward" if name == "validation" else "validation_reward_reference"
+        rewards[key] = (scale * (cosine if kind == "pickscore" else cosine.clamp(min=0))).mean().item()
     scorer.model.to("cpu")  # kept off the accelerator between validations
     return rewards
 
@@ -2115,7 +2003,7 @@ class StepGuard:
         nonfinite, stop, bad_rows = flags.tolist()
         self.window_nonfinite, self.window_bad_rows = False, 0
         # DeepSpeed's engine applies the update inside backward: there a non-finite step is counted, not skipped.
-        can_skip = getattr(accelerator, "distributed_type", None) != DistributedType.DEEPSPEED
+        can_skip = sharding_engine() != DistributedType.DEEPSPEED
         self.verdict = StepVerdict(nonfinite > 0, nonfinite > 0 and can_skip, stop > 0, int(bad_rows))
         return self.verdict
 

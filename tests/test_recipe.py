@@ -37,7 +37,7 @@ def test_a_dropped_caption_is_empty_for_both_images_and_every_encoder(train, scr
         "input_ids": rpo.make_tokenize_fn(models.tokenizer),
         "clip_input_ids": rpo.clip_tokenize_fn(args, models),
     }
-    if hasattr(models, "tokenizer_2"):
+    if models.tokenizer_2 is not None:  # SDXL
         tokenizers["input_ids_2"] = rpo.make_tokenize_fn(models.tokenizer_2)
     items = rpo.PreferencePairDataset(
         dataset, COLUMNS, 32, seed=0, tokenizers=tokenizers, proportion_empty_prompts=0.5

@@ -6,6 +6,7 @@ tested for both in the file for that behaviour; tests/test_script_parity.py chec
 import os
 import subprocess
 
+import numpy as np
 import pytest
 import tiny
 import torch
@@ -81,6 +82,31 @@ def test_vae_stays_fp32_unless_a_custom_vae_is_given(sdxl_pipeline_path, pickapi
         )
         models = sdxl.load_models(args, torch.device("cpu"), torch.bfloat16)
         assert models.vae.dtype == dtype and models.text_encoder_2.dtype == torch.bfloat16
+
+
+def test_validation_decodes_outside_autocast_in_the_vae_dtype(
+    sdxl_pipeline_path, pickapic_path, clip_model_path, tmp_path, monkeypatch
+):
+    """Validation runs the pipeline under bf16 autocast (the fp32 trained UNet beside bf16 text encoders) up to the
+    latents only: the fp32 VAE decodes them outside autocast, in fp32 (autocast would run it in bf16, fp16 on a GPU)."""
+    args = sdxl.parse_args(cli(sdxl_pipeline_path, pickapic_path, clip_model_path, tmp_path, "--loss_type", "sft"))
+    models = sdxl.load_models(args, torch.device("cpu"), torch.bfloat16)
+    latents = torch.randn(1, 4, 4, 4)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert models.vae.decode(latents).sample.dtype == torch.bfloat16  # what autocast alone does to an fp32 VAE
+    unet_autocast, decoded, decode = [], [], models.vae.decode
+    models.unet.register_forward_pre_hook(lambda *_: unet_autocast.append(torch.is_autocast_enabled("cpu")))
+
+    def recording_decode(latents, *args, **kwargs):
+        output = decode(latents, *args, **kwargs)
+        decoded.append((torch.is_autocast_enabled("cpu"), latents.dtype, output.sample.dtype))
+        return output
+
+    monkeypatch.setattr(models.vae, "decode", recording_decode)
+    (image,) = sdxl.generate_validation_images(args, models, models.unet, seed=0)
+    assert unet_autocast and all(unet_autocast)
+    assert decoded == [(False, torch.float32, torch.float32)]
+    assert image.size == (32, 32) and np.asarray(image).std() > 0
 
 
 # ---------------------------------------------------------------------------------------------------------------------
