@@ -815,7 +815,7 @@ def training_step(args, accelerator, models, training, batch, micro_step, seed, 
         accelerator.backward(loss)
         guard.observe(loss, batch)
         if accelerator.sync_gradients:
-            # --max_grad_norm 0 clips at inf: the guard's norm, the gradients untouched.
+            # --max_grad_norm 0: max_norm inf measures the norm for the guard and leaves the gradients untouched.
             grad_norm = accelerator.clip_grad_norm_(unet.parameters(), args.max_grad_norm or math.inf)
             if guard.agree(grad_norm).skip_update:
                 optimizer.zero_grad(set_to_none=True)  # no gradients: the step leaves weights and moments untouched
