@@ -396,14 +396,6 @@ def needs_similarity_model(args):
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def similarity_weights(embeddings, temperature, weight_scale):
-    """omega_ij = s * softmax_j(-(1 - cos(e_w^i, e_l^j)) / tau) for L2-normalised embeddings (2M, D), winners first."""
-    embeddings = F.normalize(embeddings.detach().double(), dim=-1)
-    winners, losers = embeddings.chunk(2)
-    distance = 1.0 - winners @ losers.T
-    return weight_scale * torch.softmax(-distance / temperature, dim=1)
-
-
 def compute_preference_loss(
     model_losses,
     ref_losses,
@@ -417,15 +409,9 @@ def compute_preference_loss(
     stabilizer="none",
     stabilizer_weight=1.0,
 ):
-    """Preference loss from per-sample denoising losses (docs/method.md, "Losses").
-
-    model_losses: (2M,) per-sample mean squared errors, winners first, for every loss_type. ref_losses: the
-    reference's, of the same shape, for dpo/rpo; sft ignores it (None) and reads only the winners' half of
-    model_losses (the losers' entries may be NaN: the training step does not compute them).
-    stabilizer (dpo/rpo): "dpop" subtracts stabilizer_weight * max(0, delta_w^i) from the logits of row i (DPO-Positive);
-    "sft" adds stabilizer_weight * mean(model_w) to the loss (docs/method.md, "Stabilizers"). Both are 0 at theta = ref.
-    Returns (loss, metrics) with metrics a dict of detached float tensors.
-    """
+    """(loss, metrics: detached float tensors) from per-sample denoising errors, (2M,) winners first. sft reads the
+    winners' half of model_losses only (the losers' may be NaN). Stabilizers of dpo/rpo (0 at theta = ref): "dpop"
+    subtracts stabilizer_weight * max(0, delta_w^i) from row i's logits, "sft" adds stabilizer_weight * mean(model_w)."""
     if model_losses.ndim != 1 or model_losses.shape[0] % 2:
         raise ValueError(f"model_losses must have shape (2M,), winners first; got {tuple(model_losses.shape)}.")
     output_dtype = torch.promote_types(model_losses.dtype, torch.float32)
@@ -465,7 +451,9 @@ def compute_preference_loss(
         if weighting == "similarity":
             if embeddings is None or embeddings.shape[0] != model_losses.shape[0]:
                 raise ValueError("rpo with similarity weighting needs embeddings of shape (2M, D), winners first.")
-            weights = similarity_weights(embeddings, temperature, weight_scale)
+            # omega_ij = s * softmax_j(-(1 - cos(e_w^i, e_l^j)) / tau), in fp64 (docs/method.md, "Weights")
+            winners, losers = F.normalize(embeddings.detach().double(), dim=-1).chunk(2)
+            weights = weight_scale * torch.softmax(-(1.0 - winners @ losers.T) / temperature, dim=1)
         elif weighting == "uniform":
             weights = torch.full_like(logits, float(weight_scale))
         else:
@@ -481,43 +469,36 @@ def compute_preference_loss(
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# The training step, in call order: an optimizer step, a micro-batch's loss, its diffusion inputs, the per-sample
-# denoising losses of the trained UNet and the reference, the similarity embeddings, the gather across processes.
+# The training step, in call order: the update, the loss, the diffusion inputs, the denoising and similarity terms
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def training_step(args, accelerator, models, training, batch, micro_step, seed, guard=None):
-    """One micro-step of `training` (its UNet, optimizer and schedule): loss, backward, and (at accumulation
-    boundaries) clipping and the optimizer update.
-
-    With a `StepGuard`, an update whose loss or gradient is not finite on any process is skipped on every process
-    (`guard.verdict` tells the caller)."""
-    unet, optimizer, lr_scheduler = training.unet, training.optimizer, training.lr_scheduler
+def training_step(args, accelerator, models, training, batch, micro_step, seed, guard):
+    """One micro-step: loss, backward and, at accumulation boundaries, clipping and the update. `guard` (a `StepGuard`)
+    skips everywhere an update whose loss or gradient is not finite anywhere, and tells the caller (`guard.verdict`)."""
+    unet, optimizer = training.unet, training.optimizer
     with accelerator.accumulate(unet):
         loss, metrics = compute_step_loss(args, models, unet, batch, micro_step, seed)
         accelerator.backward(loss)
-        if guard is not None:
-            guard.observe(loss, batch)
+        guard.observe(loss, batch)
         if accelerator.sync_gradients:
-            grad_norm = None
-            if args.max_grad_norm > 0 or guard is not None:  # max_norm inf: the norm only, grads untouched
-                grad_norm = accelerator.clip_grad_norm_(unet.parameters(), args.max_grad_norm or math.inf)
-            if guard is not None and guard.agree(grad_norm).skip_update:
+            # --max_grad_norm 0: max_norm inf measures the norm for the guard and leaves the gradients untouched.
+            grad_norm = accelerator.clip_grad_norm_(unet.parameters(), args.max_grad_norm or math.inf)
+            if guard.agree(grad_norm).skip_update:
                 optimizer.zero_grad(set_to_none=True)  # no gradients: the step leaves weights and moments untouched
         optimizer.step()
-        if guard is not None and accelerator.sync_gradients:
+        if accelerator.sync_gradients:
             guard.note_scaler_skip(optimizer)
-        if guard is None or not accelerator.sync_gradients or not guard.verdict.skip_update:
-            lr_scheduler.step()  # a skipped update does not advance the schedule (accelerate's also skips fp16 skips)
+        if not accelerator.sync_gradients or not guard.verdict.skip_update:
+            training.lr_scheduler.step()  # a skipped update leaves the schedule (accelerate's skips fp16 skips too)
         optimizer.zero_grad(set_to_none=True)
     return loss.detach(), metrics
 
 
 def compute_step_loss(args, models, unet, batch, micro_step, seed):
-    """One micro-batch's preference loss and metrics, from cached latents or pixels, for a compiled or eager UNet, over
-    this process's pairs or (--rpo_global_matrix) every process's."""
+    """A micro-batch's loss and metrics over this process's pairs, or every process's (--rpo_global_matrix)."""
     inputs = prepare_diffusion_inputs(args, models, batch, micro_step, seed)
-    weight_dtype = models.weight_dtype
+    device, weight_dtype = models.device, models.weight_dtype
     noisy, target, timesteps = inputs.noisy_latents, inputs.target, inputs.timesteps
     if sharding_engine() == DistributedType.DEEPSPEED:
         noisy = noisy.to(weight_dtype)  # a bf16/fp16 module without autocast: fp32 latents would fail at conv_in
@@ -527,20 +508,16 @@ def compute_step_loss(args, models, unet, batch, micro_step, seed):
     if args.loss_type == "sft":  # winners only were denoised; the losers' slots of the (2M,) losses stay NaN
         model_losses = torch.cat([model_losses, torch.full_like(model_losses, math.nan)])
         return compute_preference_loss(model_losses, None, loss_type="sft", beta=args.beta_dpo)
-    with torch.no_grad(), reference_unet(models, unet) as ref_unet, autocast_like_policy(models.device, weight_dtype):
+    with torch.no_grad(), reference_unet(models, unet) as ref_unet, autocast_like_policy(device, weight_dtype):
         ref_losses = per_sample_denoising_loss(ref_unet, noisy, timesteps, hidden, target, **unet_kwargs)
     embeddings = None
     if needs_similarity_model(args):
         embeddings = batch.get("embeddings")  # cached, or computed here from the batch's prompts and crops
         if embeddings is None:
-            clip_input_ids = batch.get("clip_input_ids")
-            embeddings = compute_similarity_embeddings(
-                models.clip,
-                args.similarity_embedding,
-                None if clip_input_ids is None else clip_input_ids.to(models.device),
-                batch["pixel_values"].to(models.device),
-            )
-        embeddings = embeddings.to(models.device)
+            ids, pixels = batch.get("clip_input_ids"), batch["pixel_values"].to(device)
+            ids = None if ids is None else ids.to(device)
+            embeddings = compute_similarity_embeddings(models.clip, args.similarity_embedding, ids, pixels)
+        embeddings = embeddings.to(device)
     if args.rpo_global_matrix and args.loss_type == "rpo":
         model_losses, ref_losses = gather_pairs(model_losses), gather_pairs(ref_losses)
         embeddings = None if embeddings is None else gather_pairs(embeddings)
@@ -559,39 +536,26 @@ def compute_step_loss(args, models, unet, batch, micro_step, seed):
 
 
 def prepare_diffusion_inputs(args, models, batch, micro_step, seed):
-    """Noisy latents, targets, timesteps and conditioning for the 2M samples of a micro-batch (winners first), or
-    for `sft` the M winners only (the losers are neither encoded nor denoised).
-
-    The batch holds either pixels ("pixel_values") or a cached latent distribution ("latent_mean", "latent_std");
-    every random draw is indexed by the pair (docs/method.md, "Randomness").
-    """
-    device = models.device
-    num_pairs = batch["pair_index"].shape[0]
-    samples_per_pair = 1 if args.loss_type == "sft" else 2
-    rows = samples_per_pair * num_pairs
+    """Noisy latents, targets, timesteps and conditioning of the 2M samples, winners first (sft: the M winners only),
+    from pixels or cached "latent_mean"/"latent_std"; every draw indexed by the pair (docs/method.md, "Randomness")."""
+    device, scheduler, vae_config = models.device, models.noise_scheduler, models.vae.config
+    per_pair = 1 if args.loss_type == "sft" else 2
+    rows = per_pair * batch["pair_index"].shape[0]
     if "latent_mean" in batch:
         mean, std = batch["latent_mean"][:rows].to(device).float(), batch["latent_std"][:rows].to(device).float()
     else:
-        mean, std = encode_latent_distribution(
-            models.vae, batch["pixel_values"][:rows].to(device), args.vae_encode_batch_size
-        )
-    latent_shape = tuple(mean.shape[1:])
-    draws = [
-        draw_pair_noise(seed, int(i), int(e), latent_shape, args.noise_offset)
-        for i, e in zip(batch["pair_index"].tolist(), batch["epoch"].tolist())
-    ]
-    latent_noise = [d["latent_noise_w"] for d in draws] + [d["latent_noise_l"] for d in draws]
-    latent_noise = torch.stack(latent_noise[:rows]).to(device)
-    noise = repeat_for_samples(torch.stack([d["noise"] for d in draws]).to(device), samples_per_pair)
-    uniform_t = torch.stack([d["uniform_t"] for d in draws])
-    scheduler = models.noise_scheduler
-    timesteps = (
-        draw_timesteps(args.timestep_sampling, uniform_t, seed, micro_step, scheduler.config.num_train_timesteps)
-        .to(device)
-        .repeat(samples_per_pair)
-    )
-    shift = getattr(models.vae.config, "shift_factor", None) or 0.0
-    latents = (mean + std * latent_noise - shift) * models.vae.config.scaling_factor
+        pixels = batch["pixel_values"][:rows].to(device)
+        mean, std = encode_latent_distribution(models.vae, pixels, args.vae_encode_batch_size)
+    keys = zip(batch["pair_index"].tolist(), batch["epoch"].tolist())
+    draws = [draw_pair_noise(seed, index, epoch, tuple(mean.shape[1:]), args.noise_offset) for index, epoch in keys]
+    draws = {name: torch.stack([draw[name] for draw in draws]) for name in draws[0]}  # each (M, ...)
+    latent_noise = torch.cat([draws["latent_noise_w"], draws["latent_noise_l"]])[:rows].to(device)
+    noise = repeat_for_samples(draws["noise"].to(device), per_pair)
+    num_train_timesteps = scheduler.config.num_train_timesteps
+    timesteps = draw_timesteps(args.timestep_sampling, draws["uniform_t"], seed, micro_step, num_train_timesteps)
+    timesteps = timesteps.to(device).repeat(per_pair)
+    shift = getattr(vae_config, "shift_factor", None) or 0.0
+    latents = (mean + std * latent_noise - shift) * vae_config.scaling_factor
     # Contiguous: a channels-last input (e.g. latents from a VAE run channels-last) sends the trained UNet (grad mode)
     # and the reference (no_grad) down kernels that round differently, and theta = reference no longer gives ln 2.
     noisy_latents = scheduler.add_noise(latents, noise, timesteps).contiguous()
@@ -602,29 +566,19 @@ def prepare_diffusion_inputs(args, models, batch, micro_step, seed):
     else:
         raise ValueError(f"Unsupported prediction_type {scheduler.config.prediction_type!r} in the scheduler config.")
     hidden_states, unet_kwargs = encode_conditioning(args, models, batch)
-    return SimpleNamespace(
-        noisy_latents=noisy_latents,
-        target=target,
-        timesteps=timesteps,
-        encoder_hidden_states=repeat_for_samples(hidden_states, samples_per_pair),
-        num_pairs=num_pairs,
-        unet_kwargs=repeat_for_samples(unet_kwargs, samples_per_pair),
-    )
+    conditioning = repeat_for_samples({"encoder_hidden_states": hidden_states, "unet_kwargs": unet_kwargs}, per_pair)
+    return SimpleNamespace(noisy_latents=noisy_latents, target=target, timesteps=timesteps, **conditioning)
 
 
 @torch.no_grad()
 def encode_latent_distribution(vae, pixel_values, batch_size):
     """The VAE posterior's mean and std per image (cacheable; sampling from them stays exact)."""
-    means, stds = [], []
-    for chunk in pixel_values.split(batch_size):
-        distribution = vae.encode(chunk.to(vae.dtype)).latent_dist
-        means.append(distribution.mean.float())
-        stds.append(distribution.std.float())
-    return torch.cat(means), torch.cat(stds)
+    posteriors = [vae.encode(chunk.to(vae.dtype)).latent_dist for chunk in pixel_values.split(batch_size)]
+    return torch.cat([p.mean.float() for p in posteriors]), torch.cat([p.std.float() for p in posteriors])
 
 
 def repeat_for_samples(value, times):
-    """Per-pair conditioning (M, ...) -> the same for winners (then losers): (times x M, ...), through nested dicts."""
+    """Per-pair values (M, ...) -> the same for winners (then losers): (times x M, ...), through nested dicts."""
     if isinstance(value, dict):
         return {key: repeat_for_samples(item, times) for key, item in value.items()}
     return value.repeat(times, *[1] * (value.ndim - 1))
@@ -644,8 +598,7 @@ def per_sample_denoising_loss(unet, noisy_latents, timesteps, encoder_hidden_sta
 
 @contextlib.contextmanager
 def reference_unet(models, unet):
-    """The frozen reference UNet: its copy, or with LoRA the trained UNet with its adapters switched off inside the
-    block (no second copy)."""
+    """The frozen reference: its copy, or with LoRA the trained UNet with its adapters off inside the block."""
     if models.ref_unet is not None:
         yield models.ref_unet
         return
@@ -658,8 +611,8 @@ def reference_unet(models, unet):
 
 
 def autocast_like_policy(device, weight_dtype):
-    """The autocast accelerate wraps the trained UNet's forward in, for the frozen reference's forward (none under
-    DeepSpeed, whose module computes in its own dtype)."""
+    """For the reference's forward, the autocast accelerate wraps the trained UNet's in (none under DeepSpeed, whose
+    module computes in its own dtype)."""
     if weight_dtype == torch.float32 or sharding_engine() == DistributedType.DEEPSPEED:
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=weight_dtype)
@@ -667,7 +620,7 @@ def autocast_like_policy(device, weight_dtype):
 
 @torch.no_grad()
 def compute_similarity_embeddings(clip, mode, clip_input_ids=None, pixel_values=None):
-    """(2M, D) L2-normalised CLIP embeddings, winners first (docs/method.md, "Weights"); no gradient."""
+    """(2M, D) L2-normalised CLIP embeddings of the prompt, the image or both (normalised sum), winners first."""
     text = image = None
     if mode in ("text", "text_image"):
         text = F.normalize(_features(clip.model.get_text_features(input_ids=clip_input_ids)).float(), dim=-1)
@@ -676,11 +629,9 @@ def compute_similarity_embeddings(clip, mode, clip_input_ids=None, pixel_values=
         pixels = clip_pixel_values(pixel_values, clip.image_size, clip.image_mean, clip.image_std)
         image = _features(clip.model.get_image_features(pixel_values=pixels.to(clip.model.dtype)))
         image = F.normalize(image.float(), dim=-1)
-    if text is None:
-        return image
-    if image is None:
-        return text
-    return F.normalize(text + image, dim=-1)
+    if text is not None and image is not None:
+        return F.normalize(text + image, dim=-1)
+    return image if text is None else text
 
 
 def clip_pixel_values(pixel_values, image_size, mean, std):
@@ -698,9 +649,8 @@ def _features(output):
 
 
 def gather_pairs(values):
-    """(2M, ...) winners first on each process -> (2MN, ...) winners first over the N processes, in process order:
-    exactly the layout a single process with the global micro-batch has (IndexedBatchSampler gives process r the
-    r-th slice of every global micro-batch)."""
+    """(2M, ...) winners first on each of N processes -> (2MN, ...) winners first in process order: the layout of one
+    process with the global micro-batch (IndexedBatchSampler gives process r the r-th slice of it)."""
     if not torch.distributed.is_initialized() or torch.distributed.get_world_size() == 1:
         return values
     processes, rows, rest = torch.distributed.get_world_size(), values.shape[0], values.shape[1:]
@@ -710,13 +660,9 @@ def gather_pairs(values):
 
 
 class _GatherAcrossProcesses(torch.autograd.Function):
-    """all_gather along dim 0 whose backward sums every process's gradient for a slice onto the process that owns it.
-
-    Every process computes the same global loss from the gathered values, so the owner receives N x dL/d(its slice);
-    DDP's gradient averaging then divides by N: the result is exactly the single-process gradient of the global loss.
-    (torch.distributed.nn.functional.all_gather does the same but is deprecated in torch 2.13; this works on every
-    backend, gloo included.)
-    """
+    """all_gather along dim 0 whose backward sums every process's gradient of a slice onto its owner: each process
+    computes the same global loss, so the owner gets N x dL/d(slice) and DDP's average makes it exactly the
+    single-process gradient. (torch.distributed.nn.functional.all_gather is deprecated in torch 2.13.)"""
 
     @staticmethod
     def forward(ctx, values):
@@ -744,19 +690,14 @@ def indexed_generator(seed, stream, *keys):
 
 
 class IndexedBatchSampler:
-    """Yields this process's micro-batches of (pair_index, epoch) keys.
+    """This process's micro-batches of (pair_index, epoch) keys. Global micro-batch b is perm[b*G:(b+1)*G] of the
+    epoch's permutation (drawn from (seed, epoch)), G = batch_size x num_processes, and process r takes its r-th
+    slice: N processes see exactly the pairs one process with batch G sees. An epoch is `batches_per_epoch` full
+    micro-batches (the remainder is dropped); `set_epoch(epoch, start_batch)` resumes mid-epoch."""
 
-    The epoch's order is a permutation drawn from (seed, epoch). Global micro-batch b is perm[b*G:(b+1)*G] with
-    G = batch_size * num_processes, and process r takes the r-th slice of it, so a run on N processes sees exactly the
-    pairs a 1-process run with batch G sees. Each epoch yields `batches_per_epoch` micro-batches (the remainder is
-    dropped so every process gets full, equal batches); `set_epoch(epoch, start_batch)` resumes mid-epoch.
-    """
-
-    def __init__(self, num_pairs, batch_size, seed, batches_per_epoch, num_processes=1, process_index=0, shuffle=True):
-        if batches_per_epoch * batch_size * num_processes > num_pairs:
-            raise ValueError("batches_per_epoch x batch_size x num_processes exceeds the number of pairs.")
+    def __init__(self, num_pairs, batch_size, seed, batches_per_epoch, num_processes=1, process_index=0):
         self.num_pairs, self.batch_size, self.seed = num_pairs, batch_size, seed
-        self.batches_per_epoch, self.shuffle = batches_per_epoch, shuffle
+        self.batches_per_epoch = batches_per_epoch
         self.num_processes, self.process_index = num_processes, process_index
         self.epoch, self.start_batch = 0, 0
 
@@ -767,9 +708,7 @@ class IndexedBatchSampler:
         return self.batches_per_epoch - self.start_batch
 
     def __iter__(self):
-        order = torch.arange(self.num_pairs)
-        if self.shuffle:
-            order = torch.randperm(self.num_pairs, generator=indexed_generator(self.seed, STREAM_ORDER, self.epoch))
+        order = torch.randperm(self.num_pairs, generator=indexed_generator(self.seed, STREAM_ORDER, self.epoch))
         global_batch = self.batch_size * self.num_processes
         for b in range(self.start_batch, self.batches_per_epoch):
             start = b * global_batch + self.process_index * self.batch_size
@@ -785,38 +724,27 @@ def sample_pair_augmentation(seed, pair_index, epoch, random_crop, hflip):
 
 def caption_dropped(seed, pair_index, epoch, proportion):
     """Whether the pair trains with the empty caption (--proportion_empty_prompts), drawn from its own stream."""
-    return (
-        proportion > 0
-        and torch.rand((), generator=indexed_generator(seed, STREAM_CAPTION_DROPOUT, pair_index, epoch)).item()
-        < proportion
-    )
+    generator = indexed_generator(seed, STREAM_CAPTION_DROPOUT, pair_index, epoch)
+    return proportion > 0 and torch.rand((), generator=generator).item() < proportion
 
 
 def draw_pair_noise(seed, pair_index, epoch, latent_shape, noise_offset=0.0):
-    """A pair's diffusion noise eps (shared by winner and loser) and its two latent-sampling draws."""
+    """A pair's diffusion noise eps (shared by winner and loser), its two latent-sampling draws and its uniform t."""
     generator = indexed_generator(seed, STREAM_PAIR_NOISE, pair_index, epoch)
-    latent_noise = torch.randn((2, *latent_shape), generator=generator)
+    latent_noise_w, latent_noise_l = torch.randn((2, *latent_shape), generator=generator)
     noise = torch.randn(latent_shape, generator=generator)
     if noise_offset:
         noise = noise + noise_offset * torch.randn((latent_shape[0], 1, 1), generator=generator)
     uniform_t = torch.rand((), generator=generator)
-    return {
-        "latent_noise_w": latent_noise[0],
-        "latent_noise_l": latent_noise[1],
-        "noise": noise,
-        "uniform_t": uniform_t,
-    }
+    return {"latent_noise_w": latent_noise_w, "latent_noise_l": latent_noise_l, "noise": noise, "uniform_t": uniform_t}
 
 
 def draw_timesteps(mode, uniform_t_per_pair, seed, micro_step, num_train_timesteps):
-    """`pair`: one t per pair from the pair's own draw; `batch`: one t per micro-step, equal on every process."""
-    if mode == "pair":
-        uniform = uniform_t_per_pair
-    elif mode == "batch":
+    """--timestep_sampling `pair`: a t per pair from the pair's draw; `batch`: one t per micro-step, on every process."""
+    uniform = uniform_t_per_pair
+    if mode == "batch":
         shared = torch.rand((), generator=indexed_generator(seed, STREAM_BATCH_TIMESTEP, micro_step))
         uniform = shared.expand_as(uniform_t_per_pair)
-    else:
-        raise ValueError(f"Unknown timestep_sampling {mode!r}: expected 'pair' or 'batch'.")
     return (uniform * num_train_timesteps).long().clamp_(max=num_train_timesteps - 1)
 
 

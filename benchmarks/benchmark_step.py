@@ -422,6 +422,7 @@ class OurStep:
         lr_scheduler = get_scheduler("constant", optimizer=optimizer)
         self.unet, self.optimizer, self.lr_scheduler = accelerator.prepare(self.models.unet, optimizer, lr_scheduler)
         self.unet.train()
+        self.guard = script.StepGuard(accelerator)  # what the trainer's step runs: the finite check, one collective
         self.micro_step = 0
 
     def cache(self, batch):
@@ -440,7 +441,7 @@ class OurStep:
     def __call__(self, batch):
         training = SimpleNamespace(unet=self.unet, optimizer=self.optimizer, lr_scheduler=self.lr_scheduler)
         loss, _ = self.script.training_step(
-            self.args, self.accelerator, self.models, training, batch, self.micro_step, 0
+            self.args, self.accelerator, self.models, training, batch, self.micro_step, 0, self.guard
         )
         self.micro_step += 1
         return loss

@@ -204,13 +204,13 @@ def test_rpo_dpo_positive_matches_a_direct_double_loop():
     model = model.clone()
     model[:3] += torch.tensor([2e-4, -1e-4, 3e-4], dtype=torch.float64)  # two winners got worse than the reference
     beta, lam, m = 5000.0, 2.0, 3
-    weights = rpo.similarity_weights(embeddings, 0.5, 1.0)
+    weights = direct_similarity_weights(embeddings, 0.5, 1.0)
     expected = 0.0
     for i in range(m):
         delta_w = (model[i] - ref[i]).item()
         for j in range(m):
             z = -(delta_w - (model[m + j] - ref[m + j]).item()) - lam * max(0.0, delta_w)
-            expected -= logsigmoid(weights[i, j].item() * 0.5 * beta * z)
+            expected -= logsigmoid(weights[i][j] * 0.5 * beta * z)
     loss, _ = rpo.compute_preference_loss(
         model, ref, loss_type="rpo", beta=beta, embeddings=embeddings, stabilizer="dpop", stabilizer_weight=lam
     )
