@@ -1371,8 +1371,7 @@ class PairMaker:
 
 
 class PreferencePairDataset(torch.utils.data.Dataset):
-    """The pairs of a prepared dataset or latent cache by IndexedBatchSampler's (pair_index, epoch) keys; the keyword
-    options are `PairMaker`'s."""
+    """A prepared dataset's or latent cache's pairs by IndexedBatchSampler's keys; options are `PairMaker`'s."""
 
     def __init__(self, hf_dataset, columns, resolution, seed, **pair_options):
         if is_latent_cache(hf_dataset):
@@ -3100,7 +3099,10 @@ class StreamingBatches:
     def __iter__(self):
         saved = self.progress.stream_states  # resumed: every process's loader state
         if saved and (len(saved), saved.get(self.process, {}).get("workers")) != (self.processes, self.workers):
-            raise ValueError("Resume a streamed run with the numbers of processes and loader workers that saved it.")
+            raise ValueError(
+                f"The checkpoint's stream state does not fit this run's process count ({self.processes}) and "
+                f"--dataloader_num_workers ({self.workers}): resume with the numbers (and the script) that saved it."
+            )
         if saved:
             self.loader.load_state_dict(saved[self.process]["loader"])
         for batch in self.loader:

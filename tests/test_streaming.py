@@ -6,7 +6,7 @@ from types import SimpleNamespace
 import pytest
 import tiny
 import torch
-from helpers import SD15, cli, losses
+from helpers import COLUMNS, SD15, cli, losses
 
 import train_diffusion_rpo as rpo
 
@@ -110,7 +110,9 @@ def test_a_resume_with_other_reader_numbers_is_refused(sd_pipeline_path, sharded
     columns = rpo.dataset_columns(args)
     stream = rpo.prepare_streaming_dataset(rpo.load_raw_dataset(args.dataset_name, streaming=True), columns, 0, 0)
     batches = rpo.StreamingBatches(args, SimpleNamespace(num_processes=1, process_index=0), stream, None, {}, progress)
-    with pytest.raises(ValueError, match="numbers of processes and loader workers"):
+    with pytest.raises(
+        ValueError, match=r"process count \(1\) and --dataloader_num_workers \(0\): resume with the numbers"
+    ):
         next(iter(batches))
 
 
@@ -118,3 +120,13 @@ def test_streaming_needs_max_train_steps(capsys):
     with pytest.raises(SystemExit):
         rpo.parse_args(["--streaming", "--max_train_steps", "0"])
     assert "--streaming needs --max_train_steps" in capsys.readouterr().err
+
+
+def test_a_loader_worker_without_a_shard_fails_instead_of_hanging(tmp_path):
+    # One parquet file, two loader workers: `datasets` gives worker 1 no shard, so its reader would cycle empty epochs.
+    path = tiny.write_pickapic_dataset(str(tmp_path / "one-file"), tiny.pickapic_rows(8), num_files=1)
+    stream = rpo.prepare_streaming_dataset(rpo.load_raw_dataset(path, streaming=True), COLUMNS, 0, 0)
+    pairs = rpo.StreamingPairDataset(stream, rpo.PairMaker(COLUMNS, 32, 0))
+    loader = torch.utils.data.DataLoader(pairs, batch_size=2, num_workers=2, collate_fn=rpo.collate_pairs)
+    with pytest.raises(ValueError, match="got no rows: lower --dataloader_num_workers"):
+        list(zip(loader, range(10)))
