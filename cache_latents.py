@@ -128,7 +128,10 @@ def main(argv=None):
     seed = 0 if args.seed is None else args.seed  # draws the --max_train_samples subset, as a run with this seed does
     columns = script.dataset_columns(args)
     dataset, stats = script.prepare_preference_dataset(
-        script.load_raw_dataset(args), columns, args.max_train_samples, seed
+        script.load_raw_dataset(args.dataset_name, args.dataset_config_name, args.dataset_split_name, args.cache_dir),
+        columns,
+        args.max_train_samples,
+        seed,
     )
     build = load_encoders(script, args, accelerator.device, weight_dtype, options.latent_cache_dtype)
     key = latent_cache_fingerprint(build, dataset)

@@ -771,155 +771,108 @@ def draw_timesteps(mode, uniform_t_per_pair, seed, micro_step, num_train_timeste
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def load_raw_dataset(args):
-    """A `datasets.Dataset`, or with --streaming an `IterableDataset`."""
-    path = args.dataset_name
-    on_disk = None
-    if os.path.isdir(path) and os.path.exists(os.path.join(path, "dataset_dict.json")):
-        on_disk = datasets.load_from_disk(path)[args.dataset_split_name]
-    elif os.path.isdir(path) and os.path.exists(os.path.join(path, "state.json")):
-        on_disk = datasets.load_from_disk(path)
-    if on_disk is not None:
-        return on_disk.to_iterable_dataset(num_shards=min(64, len(on_disk))) if args.streaming else on_disk
-    try:
-        return datasets.load_dataset(
-            path,
-            args.dataset_config_name,
-            split=args.dataset_split_name,
-            cache_dir=args.cache_dir,
-            streaming=args.streaming,
-        )
-    except Exception as error:
-        raise ValueError(
-            f"Cannot load dataset {path!r} (config {args.dataset_config_name!r}, split "
-            f"{args.dataset_split_name!r}): {error}. Pass a Hub id you can reach, a local folder of "
-            "parquet/json/csv files, or a `save_to_disk` folder."
-        ) from error
+def load_raw_dataset(name, config=None, split="train", cache_dir=None, streaming=False):
+    """A Hub dataset, a folder of data files or a `save_to_disk` folder (streaming: as an `IterableDataset`)."""
+    if any(os.path.exists(os.path.join(name, file)) for file in ("dataset_dict.json", "state.json")):
+        dataset = datasets.load_from_disk(name)
+        dataset = dataset[split] if isinstance(dataset, datasets.DatasetDict) else dataset
+        return dataset.to_iterable_dataset(num_shards=min(64, len(dataset))) if streaming else dataset
+    return datasets.load_dataset(name, config, split=split, cache_dir=cache_dir, streaming=streaming)
 
 
 def dataset_columns(args):
-    return SimpleNamespace(
-        caption=args.caption_column,
-        image_0=args.image_0_column,
-        image_1=args.image_1_column,
-        label_0=args.label_0_column,
-    )
+    """The dataset's column of each role: --caption_column, --image_0_column, --image_1_column, --label_0_column."""
+    roles = ("caption", "image_0", "image_1", "label_0")
+    return SimpleNamespace(**{role: getattr(args, f"{role}_column") for role in roles})
 
 
-def check_dataset_schema(dataset, columns):
-    """Clear errors for missing columns or wrong column types, naming the flag that fixes each."""
-    flags = {
-        "caption": "--caption_column",
-        "image_0": "--image_0_column",
-        "image_1": "--image_1_column",
-        "label_0": "--label_0_column",
-    }
-    for role, flag in flags.items():
-        name = getattr(columns, role)
-        if name not in dataset.column_names:
+def is_latent_cache(dataset):
+    """Whether `dataset` is a latent cache (it has the latent mean and std columns): pairs read, not decoded."""
+    return {CACHE_LATENT_MEAN, CACHE_LATENT_STD} <= set(dataset.column_names or ())
+
+
+def check_dataset_schema(dataset, columns, images=True):
+    """Clear errors for missing or mistyped columns, naming the flag that fixes each (images: check_images_decode)."""
+    for role in ("caption", "label_0", "image_0", "image_1")[: 4 if images else 2]:
+        if getattr(columns, role) not in dataset.column_names:
             raise ValueError(
-                f"Dataset has no column {name!r} (the {role} column). Its columns are "
-                f"{dataset.column_names}; pass {flag} <name>."
+                f"Dataset has no column {getattr(columns, role)!r} (the {role} column). Its columns are "
+                f"{dataset.column_names}; pass --{role}_column <name>."
             )
-    features = dataset.features
-    if features is None:  # a stream whose format does not declare its features: checked row by row instead
-        return
-    for role in ("image_0", "image_1"):
-        feature = features[getattr(columns, role)]
-        is_image = isinstance(feature, datasets.Image)
-        is_value = isinstance(feature, datasets.Value) and feature.dtype in (
-            "binary",
-            "large_binary",
-            "string",
-            "large_string",
-        )
-        if not (is_image or is_value):
-            raise ValueError(
-                f"Column {getattr(columns, role)!r} must hold images (bytes, paths or the datasets Image "
-                f"feature), not {feature}."
-            )
-    label_feature = features[columns.label_0]
-    if not (isinstance(label_feature, datasets.Value) and label_feature.dtype.startswith(("float", "int", "bool"))):
-        raise ValueError(f"Column {columns.label_0!r} must be numeric (1, 0 or 0.5), not {label_feature}.")
-    caption_feature = features[columns.caption]
-    if not (isinstance(caption_feature, datasets.Value) and "string" in caption_feature.dtype):
-        raise ValueError(f"Column {columns.caption!r} must hold strings, not {caption_feature}.")
+    types = {columns.caption: ("string", "large_string"), columns.label_0: ("float", "int", "bool")}
+    for name, dtypes in types.items():
+        feature = (dataset.features or {}).get(name)  # None: a stream without declared features, checked row by row
+        if feature is not None and not (isinstance(feature, datasets.Value) and feature.dtype.startswith(dtypes)):
+            rule = "hold strings" if name == columns.caption else "be numeric (1, 0 or 0.5)"
+            raise ValueError(f"Column {name!r} must {rule}, not {feature}.")
 
 
 def pair_columns(dataset, columns):
-    """The four columns training reads, images left as bytes (decoded in the loader workers)."""
-    dataset = dataset.select_columns([columns.caption, columns.image_0, columns.image_1, columns.label_0])
-    for role in ("image_0", "image_1"):
-        name = getattr(columns, role)
-        if dataset.features is not None and isinstance(dataset.features[name], datasets.Image):
+    """The columns training reads: images left as bytes (decoded in the loader workers), or a cache's arrays."""
+    cached = [name for name in CACHE_ARRAY_COLUMNS if name in dataset.column_names]
+    data = cached if is_latent_cache(dataset) else [columns.image_0, columns.image_1]
+    dataset = dataset.select_columns([columns.caption, columns.label_0, *data])
+    for name in data:
+        if isinstance((dataset.features or {}).get(name), datasets.Image):
             dataset = dataset.cast_column(name, datasets.Image(decode=False))
     return dataset
 
 
-def prepare_preference_dataset(dataset, columns, max_train_samples=None, seed=0):
-    """Checks labels, drops ties (label 0.5), and returns (dataset with decode-on-access images, stats)."""
-    check_dataset_schema(dataset, columns)
-    labels = {float(label) for label in dataset.unique(columns.label_0)}
-    bad = sorted(labels - set(VALID_LABELS))
-    if bad:
+def is_preference(label, column):
+    """False for a tie (0.5), True for 1 (image 0 preferred) and 0 (image 1 preferred), else an error."""
+    if float(label) not in VALID_LABELS:
         raise ValueError(
-            f"Column {columns.label_0!r} has labels {bad}; expected 1 (image 0 preferred), 0 (image 1 "
-            "preferred) or 0.5 (tie). Fix the labels or pass the right --label_0_column."
+            f"Column {column!r} has the label {label}; expected 1 (image 0 preferred), 0 (image 1 preferred) or "
+            "0.5 (tie). Fix the labels or pass the right --label_0_column."
         )
-    dataset = pair_columns(dataset, columns)
+    return float(label) != TIE_LABEL
+
+
+def prepare_preference_dataset(dataset, columns, max_train_samples=None, seed=0):
+    """The checked pairs (images decoded on access) or latent cache, without ties, and their counts."""
+    check_dataset_schema(dataset, columns, images=not is_latent_cache(dataset))
     total = len(dataset)
-    dataset = dataset.filter(lambda label: float(label) != TIE_LABEL, input_columns=[columns.label_0])
-    stats = {"rows": total, "ties_dropped": total - len(dataset), "pairs": len(dataset)}
+    label = {"input_columns": [columns.label_0], "fn_kwargs": {"column": columns.label_0}}
+    dataset = pair_columns(dataset, columns).filter(is_preference, **label)
+    stats = {"rows": total, "ties_dropped": total - len(dataset)}
     if len(dataset) == 0:
         raise ValueError(f"No preference pairs left: all {total} rows are ties (label 0.5) or the split is empty.")
     if max_train_samples is not None and max_train_samples < len(dataset):
         dataset = dataset.shuffle(seed=seed).select(range(max_train_samples))
-        stats["pairs"] = len(dataset)
-    check_images_decode(dataset, columns)
-    return dataset, stats
+    if not is_latent_cache(dataset):
+        check_images_decode(dataset, columns)
+    return dataset, {**stats, "pairs": len(dataset)}
 
 
 def check_images_decode(dataset, columns, probe=8):
-    """The first rows' images must decode: if none of `probe` does, the image columns are wrong (an error now, before
-    the first step, instead of a run that skips every row)."""
-    rows = list(itertools.islice(iter(dataset), probe))
+    """Fails before training (not a run skipping every row) when none of the first pairs decodes: wrong columns."""
     errors = []
-    for index, row in enumerate(rows):
+    for index, row in enumerate(itertools.islice(dataset, probe)):
         try:
             decode_pair(columns, row, index, None)
             return
         except UndecodablePair as error:
-            errors.append(str(error))
+            errors.append(error)
     if errors:
         raise ValueError(
-            f"None of the first {len(rows)} pairs' images can be decoded from columns {columns.image_0!r} "
-            f"and {columns.image_1!r} ({errors[0]}). Pass the right --image_0_column/--image_1_column "
-            "(JPEG/PNG bytes, paths or the datasets Image feature)."
+            f"None of the first {len(errors)} pairs' images can be decoded from columns {columns.image_0!r} and "
+            f"{columns.image_1!r} ({errors[0]}). Pass the right --image_0_column/--image_1_column."
         )
 
 
 def decode_image(value, min_size=None):
-    """An RGB PIL image from JPEG/PNG bytes, a datasets Image dict ({"bytes", "path"}), a PIL image or a file path.
-
-    Transparent images are composited on white; 16-bit and grayscale images are converted to 8-bit RGB. With
-    `min_size`, a JPEG at least twice that size on both sides is decoded at 1/2, 1/4 or 1/8 scale (the libjpeg DCT
-    downscale: several times faster, and never below `min_size`, so the training resize still only shrinks). The
-    file's own (width, height), after EXIF rotation, is kept in `image.info["original_size"]`: SDXL's
-    micro-conditioning must see the same size whether a picture was decoded reduced or not.
-    """
+    """An RGB PIL image from JPEG/PNG bytes, a datasets Image dict, a PIL image or a path; transparency on white.
+    With `min_size`, a large JPEG decodes at 1/2, 1/4 or 1/8 scale (libjpeg's fast DCT downscale, never below it);
+    `info["original_size"]` keeps the file's rotated (width, height) for SDXL's micro-conditioning either way."""
     if isinstance(value, dict):
         value = value.get("bytes") or value.get("path")
-    if isinstance(value, (bytes, bytearray)):
-        image = Image.open(io.BytesIO(value))
-    elif isinstance(value, str):
-        image = Image.open(value)
+    if isinstance(value, (bytes, bytearray, str)):
+        image = Image.open(io.BytesIO(value) if isinstance(value, (bytes, bytearray)) else value)
     elif isinstance(value, Image.Image):
         image = value
     else:
         raise ValueError(f"unsupported image value of type {type(value).__name__}")
-    original_size = image.size
-    if image.getexif().get(0x0112, 1) in (5, 6, 7, 8):  # EXIF orientations that swap width and height
-        original_size = original_size[::-1]
+    original_size = image.size[::-1] if image.getexif().get(0x0112, 1) in (5, 6, 7, 8) else image.size  # rotated
     if min_size and image.format == "JPEG":
         image.draft(image.mode, (min_size, min_size))
     image.load()
@@ -928,135 +881,31 @@ def decode_image(value, min_size=None):
         image = Image.fromarray((np.asarray(image, dtype=np.float64) / 257.0).clip(0, 255).astype(np.uint8))
     if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
         rgba = image.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        image = Image.alpha_composite(background, rgba)
+        image = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
     image = image.convert("RGB")
     image.info["original_size"] = original_size
     return image
 
 
 def paired_transform(images, resolution, crop_fraction, flip):
-    """Resize (shorter side to `resolution`), flip, then crop every image of a pair the same way.
-
-    Returns the [-1, 1] tensors (3, R, R), and per image its original (height, width) (the file's size, not the
-    reduced decode's) and crop (top, left) as SDXL's micro-conditioning needs them (the flip happens before the crop,
-    as in the fixed diffusers SDXL script).
-    """
-    tensors, original_sizes, crops_top_left = [], [], []
+    """Resize (shorter side to `resolution`), flip, then crop every image of a pair the same way: the [-1, 1] tensors
+    (3, R, R), and per image the original (height, width) and crop (top, left) of SDXL's micro-conditioning."""
     # One geometry per pair (one crop, one set of SDXL time ids): a loser of another size takes the winner's, as in
-    # diffusers' DPO scripts.
-    images = [
-        image if image.size == images[0].size else image.resize(images[0].size, Image.Resampling.BICUBIC)
-        for image in images
-    ]
-    original_width, original_height = images[0].info.get("original_size", images[0].size)
+    # diffusers' DPO scripts; the flip comes before the crop, as in the fixed diffusers SDXL script.
+    size = images[0].size
+    original_width, original_height = images[0].info.get("original_size", size)
+    scale = resolution / min(size)
+    new_size = (max(resolution, round(size[0] * scale)), max(resolution, round(size[1] * scale)))
+    top = round(crop_fraction[0] * (new_size[1] - resolution))
+    left = round(crop_fraction[1] * (new_size[0] - resolution))
+    tensors = []
     for image in images:
-        width, height = image.size
-        scale = resolution / min(width, height)
-        new_size = (max(resolution, round(width * scale)), max(resolution, round(height * scale)))
+        image = image.resize(size, Image.Resampling.BICUBIC) if image.size != size else image
         image = image.resize(new_size, Image.Resampling.BICUBIC)
-        if flip:
-            image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        top = round(crop_fraction[0] * (new_size[1] - resolution))
-        left = round(crop_fraction[1] * (new_size[0] - resolution))
-        image = image.crop((left, top, left + resolution, top + resolution))
-        array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
-        tensors.append(torch.from_numpy(array).permute(2, 0, 1).contiguous())
-        original_sizes.append((original_height, original_width))
-        crops_top_left.append((top, left))
-    return tensors, original_sizes, crops_top_left
-
-
-class PairMaker:
-    """A dataset row -> a pair (in loader workers), winner first, with its indexed shared augmentation: decodes and
-    transforms the two images, or, on a latent cache (`build_latent_cache`), picks the cached orientation the pair's
-    flip draw selects. `tokenizers` maps an output name to a callable caption -> LongTensor (the text encoder's ids;
-    the CLIP similarity model's ids). Used by `PreferencePairDataset` and, for --streaming, `StreamingPairDataset`."""
-
-    def __init__(
-        self,
-        columns,
-        resolution,
-        seed,
-        random_crop=False,
-        hflip=True,
-        tokenizers=None,
-        proportion_empty_prompts=0.0,
-        cached=False,
-    ):
-        self.columns, self.resolution, self.seed, self.random_crop, self.hflip = (
-            columns,
-            resolution,
-            seed,
-            random_crop,
-            hflip,
-        )
-        self.tokenizers, self.proportion_empty_prompts, self.cached = (
-            tokenizers or {},
-            proportion_empty_prompts,
-            cached,
-        )
-
-    def __call__(self, row, pair_index, epoch, row_index=None):
-        """The pair, its randomness keyed by (pair_index, epoch); `row_index` (default: pair_index) names the row in
-        messages."""
-        row_index = pair_index if row_index is None else row_index
-        augmentation = sample_pair_augmentation(self.seed, pair_index, epoch, self.random_crop, self.hflip)
-        if self.cached:
-            item = cached_pair(row, augmentation["flip"])
-        else:
-            images = decode_pair(self.columns, row, row_index, self.resolution)
-            tensors, original_sizes, crops_top_left = paired_transform(images, self.resolution, **augmentation)
-            item = {
-                "pixel_values": torch.stack(tensors),
-                "original_size": original_sizes[0],
-                "crop_top_left": crops_top_left[0],
-            }
-        caption = row[self.columns.caption] or ""
-        if caption_dropped(self.seed, pair_index, epoch, self.proportion_empty_prompts):
-            caption = ""  # one caption per pair: winner, loser and the RPO text embeddings all see it empty
-        item.update(pair_index=pair_index, row_index=row_index, epoch=epoch, caption=caption)
-        for name, tokenize in self.tokenizers.items():
-            item[name] = tokenize(caption)
-        return item
-
-
-class PreferencePairDataset(torch.utils.data.Dataset):
-    """The pairs of a prepared dataset (or of its latent cache), indexed by (pair_index, epoch) keys from
-    IndexedBatchSampler; the keyword options are `PairMaker`'s."""
-
-    def __init__(self, hf_dataset, columns, resolution, seed, **options):
-        cached = CACHE_LATENT_MEAN in hf_dataset.column_names
-        if cached:
-            arrays = [name for name in hf_dataset.column_names if name in CACHE_ARRAY_COLUMNS]
-            hf_dataset = hf_dataset.with_format("torch", columns=arrays, output_all_columns=True)
-        self.dataset, self.columns = hf_dataset, columns
-        self.make_pair = PairMaker(columns, resolution, seed, cached=cached, **options)
-
-    def __len__(self):
-        return len(self.dataset)
-
-    def __getitem__(self, key):
-        """The pair, or, when its images cannot be decoded, the next pair that can be (counted in "bad_rows"): the
-        skip happens here, so every batch stays full and every process keeps the same number of batches. A replacement
-        keeps the slot's key, so its augmentation and noise differ from those the same row gets in its own slot."""
-        pair_index, epoch = key
-        bad_rows = 0
-        for offset in range(min(len(self), MAX_CONSECUTIVE_BAD_ROWS)):
-            index = (pair_index + offset) % len(self)
-            try:
-                item = self.make_pair(self.dataset[index], pair_index, epoch, row_index=index)
-            except UndecodablePair as error:
-                bad_rows += 1
-                row_logger.warning(f"Skipped: {error}")
-                continue
-            item["bad_rows"] = bad_rows
-            return item
-        raise UndecodablePair(
-            f"{bad_rows} pairs in a row from pair {pair_index} cannot be decoded: the image columns "
-            f"({self.columns.image_0!r}, {self.columns.image_1!r}) do not hold readable images. "
-            "Pass the right --image_0_column/--image_1_column or repair the dataset."
-        )
+        image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if flip else image
+        array = np.asarray(image.crop((left, top, left + resolution, top + resolution)), dtype=np.float32)
+        tensors.append(torch.from_numpy(array / 127.5 - 1.0).permute(2, 0, 1).contiguous())
+    return tensors, [(original_height, original_width)] * len(images), [(top, left)] * len(images)
 
 
 class UndecodablePair(ValueError):
@@ -1065,11 +914,9 @@ class UndecodablePair(ValueError):
 
 def decode_pair(columns, row, pair_index, min_size):
     """A row's two images decoded, winner first (label_0 = 1: image 0 wins)."""
-    first, second = (
-        (columns.image_0, columns.image_1) if row[columns.label_0] == 1 else (columns.image_1, columns.image_0)
-    )
+    names = (columns.image_0, columns.image_1) if row[columns.label_0] == 1 else (columns.image_1, columns.image_0)
     try:
-        return [decode_image(row[first], min_size), decode_image(row[second], min_size)]
+        return [decode_image(row[name], min_size) for name in names]
     except Exception as error:
         raise UndecodablePair(
             f"Pair {pair_index}: cannot decode its images ({type(error).__name__}: {error})."
@@ -1077,50 +924,93 @@ def decode_pair(columns, row, pair_index, min_size):
 
 
 def cached_pair(row, flip):
-    """The cached latent distribution (and embeddings) of a pair in the orientation its flip draw selects."""
+    """A latent cache row's latent distribution (and RPO embeddings) in the orientation the pair's flip selects."""
     orientation = int(flip) if row[CACHE_LATENT_MEAN].shape[0] == 2 else 0
-    item = {
-        "latent_mean": row[CACHE_LATENT_MEAN][orientation],
-        "latent_std": row[CACHE_LATENT_STD][orientation],
-        "original_size": tuple(row[CACHE_ORIGINAL_SIZE].tolist()),
-        "crop_top_left": tuple(row[CACHE_CROP_TOP_LEFT][orientation].tolist()),
-    }
+    item = {"latent_mean": row[CACHE_LATENT_MEAN][orientation], "latent_std": row[CACHE_LATENT_STD][orientation]}
+    item["original_size"] = tuple(row[CACHE_ORIGINAL_SIZE].tolist())
+    item["crop_top_left"] = tuple(row[CACHE_CROP_TOP_LEFT][orientation].tolist())
     if CACHE_EMBEDDINGS in row:
         item["embeddings"] = row[CACHE_EMBEDDINGS][orientation]
     return item
 
 
-PAIRED_TENSORS = ("pixel_values", "latent_mean", "latent_std", "embeddings")
+@dataclasses.dataclass
+class PairMaker:
+    """A row -> a pair, winner first, with its indexed shared augmentation and caption dropout (in loader workers):
+    its images decoded and transformed, or its `cached_pair`. `tokenizers`: batch key -> callable caption -> ids."""
+
+    columns: SimpleNamespace
+    resolution: int
+    seed: int
+    random_crop: bool = False
+    hflip: bool = True
+    tokenizers: dict = dataclasses.field(default_factory=dict)
+    proportion_empty_prompts: float = 0.0
+
+    def __call__(self, row, pair_index, epoch, row_index=None):
+        """The pair, its randomness keyed by (pair_index, epoch); `row_index` (default: pair_index) names the row."""
+        row_index = pair_index if row_index is None else row_index
+        augmentation = sample_pair_augmentation(self.seed, pair_index, epoch, self.random_crop, self.hflip)
+        if CACHE_LATENT_MEAN in row:
+            item = cached_pair(row, augmentation["flip"])
+        else:
+            images = decode_pair(self.columns, row, row_index, self.resolution)
+            tensors, original_sizes, crops_top_left = paired_transform(images, self.resolution, **augmentation)
+            item = {"pixel_values": torch.stack(tensors), "original_size": original_sizes[0]}
+            item["crop_top_left"] = crops_top_left[0]
+        caption = row[self.columns.caption] or ""
+        if caption_dropped(self.seed, pair_index, epoch, self.proportion_empty_prompts):
+            caption = ""  # one caption per pair: winner, loser and the RPO text embeddings all see it empty
+        item.update(pair_index=pair_index, row_index=row_index, epoch=epoch, caption=caption)
+        return {**item, **{name: tokenize(caption) for name, tokenize in self.tokenizers.items()}}
+
+
+class PreferencePairDataset(torch.utils.data.Dataset):
+    """A prepared dataset's or latent cache's pairs by IndexedBatchSampler's keys; options are `PairMaker`'s."""
+
+    def __init__(self, hf_dataset, columns, resolution, seed, **pair_options):
+        if is_latent_cache(hf_dataset):
+            arrays = [name for name in hf_dataset.column_names if name in CACHE_ARRAY_COLUMNS]
+            hf_dataset = hf_dataset.with_format("torch", columns=arrays, output_all_columns=True)
+        self.dataset, self.make_pair = hf_dataset, PairMaker(columns, resolution, seed, **pair_options)
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, key):
+        """The pair or, if its images cannot be decoded, the next one that can be (the skipped counted in "bad_rows"):
+        every batch stays full on every process. A replacement keeps the slot's key, so its augmentation and noise."""
+        pair_index, epoch = key
+        tries = min(len(self), MAX_CONSECUTIVE_BAD_ROWS)
+        for bad_rows in range(tries):
+            index = (pair_index + bad_rows) % len(self)
+            try:
+                return {**self.make_pair(self.dataset[index], pair_index, epoch, index), "bad_rows": bad_rows}
+            except UndecodablePair as error:
+                row_logger.warning(f"Skipped: {error}")
+        raise UndecodablePair(
+            f"{tries} pairs in a row from pair {pair_index} cannot be decoded: pass the right "
+            "--image_0_column/--image_1_column or repair the dataset."
+        )
 
 
 def collate_pairs(items):
-    """Stacks pairs into the diffusers DPO layout: (2M, ...) pixels or cached latents, winners first, then losers."""
-    batch = {
-        "pair_index": torch.tensor([item["pair_index"] for item in items], dtype=torch.long),
-        "epoch": torch.tensor([item["epoch"] for item in items], dtype=torch.long),
-        "captions": [item["caption"] for item in items],
-        "original_size": torch.tensor([item["original_size"] for item in items], dtype=torch.long),
-        "crop_top_left": torch.tensor([item["crop_top_left"] for item in items], dtype=torch.long),
-        "bad_rows": torch.tensor(sum(item.get("bad_rows", 0) for item in items), dtype=torch.long),
-    }
-    for name in PAIRED_TENSORS:
-        if name in items[0]:
-            batch[name] = torch.stack([item[name][0] for item in items] + [item[name][1] for item in items])
+    """Stacks pairs in the diffusers DPO layout: (2M, ...) pixels or cached latents, winners first, then losers."""
+    keys = ("pair_index", "epoch", "original_size", "crop_top_left")
+    batch = {key: torch.tensor([item[key] for item in items], dtype=torch.long) for key in keys}
+    batch["captions"] = [item["caption"] for item in items]
+    batch["bad_rows"] = torch.tensor(sum(item.get("bad_rows", 0) for item in items), dtype=torch.long)
     for name in items[0]:
-        if "input_ids" in name:
+        if name in ("pixel_values", "latent_mean", "latent_std", "embeddings"):  # (2, ...) per pair
+            batch[name] = torch.stack([item[name][0] for item in items] + [item[name][1] for item in items])
+        elif "input_ids" in name:
             batch[name] = torch.stack([item[name] for item in items])
     return batch
 
 
 def make_tokenize_fn(tokenizer, max_length=None):
-    max_length = max_length or tokenizer.model_max_length
-
-    def tokenize(caption):
-        return tokenizer(
-            caption, max_length=max_length, padding="max_length", truncation=True, return_tensors="pt"
-        ).input_ids[0]
-
-    return tokenize
+    options = {"max_length": max_length or tokenizer.model_max_length, "padding": "max_length", "truncation": True}
+    return lambda caption: tokenizer(caption, return_tensors="pt", **options).input_ids[0]
 
 
 def clip_tokenize_fn(args, models):
@@ -1130,52 +1020,47 @@ def clip_tokenize_fn(args, models):
     return make_tokenize_fn(models.clip.tokenizer, models.clip.model.config.text_config.max_position_embeddings)
 
 
+def check_latent_cache(args, dataset):
+    """Refuses the flags a latent cache (centre crop, both flips, the RPO embeddings of the captions) cannot serve."""
+    text_embeddings = needs_similarity_model(args) and args.similarity_embedding != "image"
+    if args.random_crop or (text_embeddings and args.proportion_empty_prompts):
+        raise ValueError(
+            "The dataset is a latent cache of the centre crop (both flips) and the captions' RPO embeddings: it cannot "
+            "serve --random_crop, nor --proportion_empty_prompts with --similarity_embedding text or text_image."
+        )
+    if needs_similarity_model(args) and CACHE_EMBEDDINGS not in dataset.column_names:
+        raise ValueError("The latent cache holds no RPO similarity embeddings: rebuild it with the CLIP model.")
+
+
 def build_dataloader(args, accelerator, models, dataset, seed, progress=None):
-    """The loader and its sampler: indexed batches of a map-style dataset, or (--streaming, `progress` given)
-    `StreamingBatches` as both."""
+    """The loader and its sampler: indexed batches of a map-style dataset or latent cache, or (--streaming, `progress`
+    given) `StreamingBatches` as both."""
     tokenizers = {name: make_tokenize_fn(tokenizer) for name, tokenizer in text_tokenizers(models).items()}
-    clip_tokenize = None if args.cache_latents else clip_tokenize_fn(args, models)  # cached rows hold embeddings
-    if clip_tokenize is not None:
-        tokenizers["clip_input_ids"] = clip_tokenize
-    pair_options = {
-        "random_crop": args.random_crop,
-        "hflip": not args.no_hflip,
-        "tokenizers": tokenizers,
-        "proportion_empty_prompts": args.proportion_empty_prompts,
-    }
-    workers = args.dataloader_num_workers
-    loader_options = {
-        "num_workers": workers,
-        "pin_memory": torch.cuda.is_available(),
-        "persistent_workers": workers > 0,
-        "prefetch_factor": 4 if workers > 0 else None,
-        "worker_init_fn": StopRequest.ignore_in_loader_worker if workers > 0 else None,
-    }
+    if is_latent_cache(dataset):  # it holds the similarity embeddings: no CLIP ids
+        check_latent_cache(args, dataset)
+    elif clip_tokenize_fn(args, models) is not None:
+        tokenizers["clip_input_ids"] = clip_tokenize_fn(args, models)
+    pair_options = {"random_crop": args.random_crop, "hflip": not args.no_hflip, "tokenizers": tokenizers}
+    pair_options["proportion_empty_prompts"] = args.proportion_empty_prompts
+    loader_options = {"num_workers": args.dataloader_num_workers, "pin_memory": torch.cuda.is_available()}
+    if args.dataloader_num_workers:
+        loader_options.update(persistent_workers=True, prefetch_factor=4)
+        loader_options["worker_init_fn"] = StopRequest.ignore_in_loader_worker
     if args.streaming:
         make_pair = PairMaker(dataset_columns(args), args.resolution, seed, **pair_options)
         batches = StreamingBatches(args, accelerator, dataset, make_pair, loader_options, progress)
         return batches, batches
-    global_batch = args.train_batch_size * accelerator.num_processes
-    batches_per_epoch = (len(dataset) // global_batch) // args.gradient_accumulation_steps
-    batches_per_epoch *= args.gradient_accumulation_steps
+    global_batch, steps = args.train_batch_size * accelerator.num_processes, args.gradient_accumulation_steps
+    batches_per_epoch = len(dataset) // global_batch // steps * steps  # whole optimizer steps
     if batches_per_epoch == 0:
         raise ValueError(
-            f"{len(dataset)} pairs are fewer than one optimizer step needs ({global_batch} pairs x "
-            f"{args.gradient_accumulation_steps} accumulation steps). Lower --train_batch_size or "
-            "--gradient_accumulation_steps, or use more data."
+            f"{len(dataset)} pairs are fewer than one optimizer step needs ({global_batch} pairs x {steps} "
+            "accumulation steps). Lower --train_batch_size or --gradient_accumulation_steps, or use more data."
         )
-    sampler = IndexedBatchSampler(
-        len(dataset),
-        args.train_batch_size,
-        seed,
-        batches_per_epoch,
-        accelerator.num_processes,
-        accelerator.process_index,
-    )
-    pair_dataset = PreferencePairDataset(dataset, dataset_columns(args), args.resolution, seed, **pair_options)
-    loader = torch.utils.data.DataLoader(
-        pair_dataset, batch_sampler=sampler, collate_fn=collate_pairs, **loader_options
-    )
+    processes, rank = accelerator.num_processes, accelerator.process_index
+    sampler = IndexedBatchSampler(len(dataset), args.train_batch_size, seed, batches_per_epoch, processes, rank)
+    pairs = PreferencePairDataset(dataset, dataset_columns(args), args.resolution, seed, **pair_options)
+    loader = torch.utils.data.DataLoader(pairs, batch_sampler=sampler, collate_fn=collate_pairs, **loader_options)
     return loader, sampler
 
 
@@ -1573,7 +1458,9 @@ def run_training(args, accelerator, stop_request):
     weight_dtype = weight_dtype_for(accelerator)  # an unavailable --mixed_precision fails before the data is read
     checkpoint = resolve_checkpoint_path(args) if args.resume_from_checkpoint else None
     progress = TrainingProgress(resolve_seed(args, accelerator, checkpoint))
-    raw_dataset = load_raw_dataset(args)
+    raw_dataset = load_raw_dataset(
+        args.dataset_name, args.dataset_config_name, args.dataset_split_name, args.cache_dir, args.streaming
+    )
     if args.streaming:
         dataset = prepare_streaming_dataset(
             raw_dataset, dataset_columns(args), progress.seed, args.shuffle_buffer_size
@@ -2226,41 +2113,33 @@ def hub_upload_patterns(output_dir, use_lora):
 
 
 def prepare_streaming_dataset(stream, columns, seed, shuffle_buffer_size):
-    """--streaming: the same checks, label rules and columns as `prepare_preference_dataset`, applied on the fly;
-    shard order and a buffer shuffled with the seed (`set_epoch` reshuffles)."""
+    """`prepare_preference_dataset`'s checks and label rules, applied on the fly; the shard order and a buffer
+    shuffled with the seed (`set_epoch` reshuffles)."""
+    if is_latent_cache(stream):
+        raise ValueError("A latent cache is read from disk, not streamed: drop --streaming.")
     check_dataset_schema(stream, columns)
-    stream = pair_columns(stream, columns)
-
-    def is_preference(label):
-        if float(label) not in VALID_LABELS:
-            raise ValueError(
-                f"Column {columns.label_0!r} has the label {label}; expected 1, 0 or 0.5 (tie). Fix the "
-                "labels or pass the right --label_0_column."
-            )
-        return float(label) != TIE_LABEL
-
-    stream = stream.filter(is_preference, input_columns=[columns.label_0])
+    label = {"input_columns": [columns.label_0], "fn_kwargs": {"column": columns.label_0}}
+    stream = pair_columns(stream, columns).filter(is_preference, **label)
     check_images_decode(stream, columns)  # before the shuffle buffer: reads only the first rows
     return stream.shuffle(seed=seed, buffer_size=shuffle_buffer_size) if shuffle_buffer_size > 1 else stream
 
 
 class StreamingPairDataset(torch.utils.data.IterableDataset):
-    """--streaming: each (process, loader worker) reads its own part of the stream (`split_dataset_by_node` over
-    processes, then `datasets`' split over workers) and yields whole micro-batches of `make_pair`'s pairs, each carrying that reader's stream
-    state after it.
+    """Each (process, loader worker) reader's part of the stream (`split_dataset_by_node`, then `datasets`' split over
+    workers), cycled over epochs, as `make_pair`'s pairs keyed by position x readers + reader within the epoch (so the
+    order depends on the numbers of processes and workers), each counting the bad rows skipped before it.
+    `state_dict()` is what torchdata's StatefulDataLoader saves per worker: the reader's place after its last pair."""
 
-    A pair's randomness is keyed like the map-style path's, with pair_index = position x readers + reader within the
-    epoch (unique across processes and workers; the split, and so the data order, depends on their numbers). Streams
-    are cycled over epochs, so every process always has a next batch. `progress.stream_states` (checkpointed) holds the
-    state of the last batch each reader delivered; a resumed run continues there (examples that sat in the shuffle
-    buffer at that moment are not replayed: `datasets` does not save the buffer).
-    """
+    def __init__(self, stream, make_pair, num_processes=1, process_index=0):
+        self.stream, self.make_pair = stream, make_pair
+        self.num_processes, self.process_index = num_processes, process_index
+        self.state = {"epoch": 0, "position": 0, "stream": None}
 
-    TURN = "stream_turn"  # the key of a placeholder batch that realigns a resumed loader's workers
+    def state_dict(self):
+        return self.state
 
-    def __init__(self, stream, make_pair, batch_size, num_processes, process_index, progress):
-        self.stream, self.make_pair, self.batch_size = stream, make_pair, batch_size
-        self.num_processes, self.process_index, self.progress = num_processes, process_index, progress
+    def load_state_dict(self, state):
+        self.state = state
 
     def __iter__(self):
         from datasets.distributed import split_dataset_by_node
@@ -2268,77 +2147,64 @@ class StreamingPairDataset(torch.utils.data.IterableDataset):
         worker = torch.utils.data.get_worker_info()
         workers, worker_id = (worker.num_workers, worker.id) if worker is not None else (1, 0)
         reader, readers = self.process_index * workers + worker_id, self.num_processes * workers
-        state = self.progress.stream_states.get(reader, {"epoch": 0, "position": 0, "stream": None})
-        epoch, position, resume = state["epoch"], state["position"], state["stream"]
-        if worker_id < self.progress.batch_in_epoch % workers:
-            # The loader takes batches from its workers in turn, starting with worker 0, while after b consumed
-            # batches the next one is worker (b mod workers)'s: the workers before it yield a placeholder first.
-            yield {self.TURN: True}
+        epoch, position, resume = self.state["epoch"], self.state["position"], self.state["stream"]
+        bad_rows = 0
         while True:
-            # This process's part of the stream; `datasets` itself splits it further over the loader's workers.
             stream = split_dataset_by_node(self.stream, self.process_index, self.num_processes)
             stream.set_epoch(epoch)
             if resume is not None:
                 stream.load_state_dict(resume)
                 resume = None
-            items, bad_rows, bad_in_a_row = [], 0, 0
             for row in stream:
+                key, position = position * readers + reader, position + 1
                 try:
-                    items.append(self.make_pair(row, position * readers + reader, epoch))
-                    bad_in_a_row = 0
+                    pair = self.make_pair(row, key, epoch)
                 except UndecodablePair as error:
-                    bad_rows, bad_in_a_row = bad_rows + 1, bad_in_a_row + 1
                     row_logger.warning(f"Skipped: {error}")
-                    if bad_in_a_row >= MAX_CONSECUTIVE_BAD_ROWS:
+                    bad_rows += 1
+                    if bad_rows >= MAX_CONSECUTIVE_BAD_ROWS:
                         raise UndecodablePair(
-                            f"{bad_in_a_row} streamed pairs in a row cannot be decoded: pass the "
-                            "right --image_0_column/--image_1_column or repair the dataset."
+                            f"{bad_rows} streamed pairs in a row cannot be decoded: pass the right "
+                            "--image_0_column/--image_1_column or repair the dataset."
                         ) from error
-                position += 1
-                if len(items) == self.batch_size:
-                    batch = collate_pairs(items)
-                    batch["bad_rows"] += bad_rows
-                    bad_rows = 0
-                    batch["stream_state"] = {
-                        "reader": reader,
-                        "epoch": epoch,
-                        "position": position,
-                        "stream": copy.deepcopy(stream.state_dict()),
-                    }
-                    items = []
-                    yield batch
+                    continue
+                self.state = {"epoch": epoch, "position": position, "stream": stream.state_dict()}
+                yield {**pair, "bad_rows": bad_rows}
+                bad_rows = 0
+            if position == 0:  # `datasets` gives a loader worker whole shards: there were fewer shards than workers
+                raise ValueError(f"Stream reader {reader} got no rows: lower --dataloader_num_workers.")
             epoch, position = epoch + 1, 0
 
 
 class StreamingBatches:
-    """--streaming's loader, in place of a loader and its sampler: the stream readers' batches without the turn
-    placeholders, each batch's reader state recorded into `progress` (checkpointed) as the batch is consumed, and an
-    epoch of unbounded length (the readers cycle their streams themselves)."""
+    """--streaming's loader and sampler: torchdata's StatefulDataLoader over this process's readers, its state after
+    each consumed batch kept in `progress.stream_states` (checkpointed) and restored when iteration starts."""
 
-    batches_per_epoch = sys.maxsize
+    batches_per_epoch = sys.maxsize  # the readers cycle their streams
 
     def __init__(self, args, accelerator, stream, make_pair, loader_options, progress):
-        readers = accelerator.num_processes * max(1, args.dataloader_num_workers)
-        if stream.n_shards < readers:
-            logger.warning(
-                f"The stream has {stream.n_shards} shards for {readers} readers (processes x workers): "
-                f"each reader reads every shard and keeps 1 example in {readers}."
-            )
-        pairs = StreamingPairDataset(
-            stream, make_pair, args.train_batch_size, accelerator.num_processes, accelerator.process_index, progress
-        )
-        self.loader = torch.utils.data.DataLoader(pairs, batch_size=None, **loader_options)
-        self.progress = progress
+        from torchdata.stateful_dataloader import StatefulDataLoader
+
+        self.processes, self.process = accelerator.num_processes, accelerator.process_index
+        self.workers, self.progress = args.dataloader_num_workers, progress
+        pairs = StreamingPairDataset(stream, make_pair, self.processes, self.process)
+        self.loader = StatefulDataLoader(pairs, args.train_batch_size, collate_fn=collate_pairs, **loader_options)
 
     def set_epoch(self, epoch, start_batch=0):
-        """Nothing to reposition: the readers continue from `progress.stream_states`."""
+        """Nothing to reposition: `__iter__` continues from `progress.stream_states`."""
 
     def __iter__(self):
+        saved = self.progress.stream_states  # resumed: every process's loader state
+        if saved and (len(saved), saved.get(self.process, {}).get("workers")) != (self.processes, self.workers):
+            raise ValueError(
+                f"The checkpoint's stream state does not fit this run's process count ({self.processes}) and "
+                f"--dataloader_num_workers ({self.workers}): resume with the numbers (and the script) that saved it."
+            )
+        if saved:
+            self.loader.load_state_dict(saved[self.process]["loader"])
         for batch in self.loader:
-            if StreamingPairDataset.TURN in batch:
-                continue
-            state = batch.pop("stream_state")
-            self.progress.stream_states[state["reader"]] = state
+            state = {"reader": self.process, "workers": self.workers, "loader": self.loader.state_dict()}
+            self.progress.stream_states[self.process] = state
             yield batch
 
 

@@ -222,15 +222,8 @@ def load_input(args, columns):
     saved_to_disk = any(
         os.path.exists(os.path.join(args.dataset_name, name)) for name in ("dataset_dict.json", "state.json")
     )
-    dataset = load_raw_dataset(
-        SimpleNamespace(
-            dataset_name=args.dataset_name,
-            dataset_config_name=args.dataset_config_name,
-            dataset_split_name=args.split,
-            cache_dir=args.cache_dir,
-            streaming=args.streaming and not saved_to_disk,
-        )
-    )
+    streaming = args.streaming and not saved_to_disk
+    dataset = load_raw_dataset(args.dataset_name, args.dataset_config_name, args.split, args.cache_dir, streaming)
     if dataset.features is None:  # a stream of a format that does not declare its features: read them off the rows
         dataset = dataset._resolve_features()
     check_dataset_schema(dataset, columns)

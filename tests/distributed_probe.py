@@ -17,7 +17,7 @@ import train_diffusion_rpo as rpo
 def main(argv):
     out, args = argv[0], rpo.parse_args(argv[1:])
     accelerator = rpo.build_accelerator(args)
-    dataset, _ = rpo.prepare_preference_dataset(rpo.load_raw_dataset(args), rpo.dataset_columns(args))
+    dataset, _ = rpo.prepare_preference_dataset(rpo.load_raw_dataset(args.dataset_name), rpo.dataset_columns(args))
     models = rpo.load_models(args, accelerator.device, torch.float32)
     unet = accelerator.prepare(models.unet)
     loader, _ = rpo.build_dataloader(args, accelerator, models, dataset, args.seed)

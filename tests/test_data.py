@@ -1,6 +1,7 @@
 """Pairing, ties, shared augmentation, indexed randomness, image decoding and input checks (method.md, "Randomness")."""
 
 import io
+from types import SimpleNamespace
 
 import datasets
 import numpy as np
@@ -230,10 +231,10 @@ def test_image_feature_and_file_paths_are_read(tmp_path):
     [
         (lambda d: d.remove_columns("jpg_1"), r"no column 'jpg_1'.*--image_1_column"),
         (lambda d: d.rename_column("caption", "prompt"), r"no column 'caption'.*--caption_column"),
-        (lambda d: d.map(lambda r: {"label_0": 2.0}), r"labels \[2.0\]"),
+        (lambda d: d.map(lambda r: {"label_0": 2.0}), r"has the label 2.0; expected 1"),
         (lambda d: d.map(lambda r: {"label_0": 0.5}), r"No preference pairs left"),
         (lambda d: d.cast_column("label_0", datasets.Value("string")), r"must be numeric"),
-        (lambda d: d.map(lambda r: {"jpg_0": 3}, features=None), r"must hold images"),
+        (lambda d: d.map(lambda r: {"jpg_0": 3}, features=None), r"images can be decoded.*unsupported image value"),
     ],
 )
 def test_bad_datasets_are_rejected_clearly(pickapic_path, change, message):
@@ -264,3 +265,81 @@ def test_wrong_image_columns_fail_before_training():
         row["jpg_0"] = row["jpg_1"] = row["caption"].encode()  # e.g. the caption column passed as an image column
     with pytest.raises(ValueError, match="None of the first 8 pairs' images can be decoded.*--image_0_column"):
         rpo.prepare_preference_dataset(datasets.Dataset.from_list(rows), COLUMNS)
+
+
+def latent_cache(labels=(1.0, 0.0, 0.5, 1.0, 0.0), embeddings=False):
+    """A latent cache as the cache tool writes it: Pick-a-Pic's caption and label beside the cache columns."""
+    rows, latent_shape = len(labels), (2, 2, 4, 2, 2)  # (orientations, [winner, loser], channels, height, width)
+    latent = datasets.Array5D(latent_shape, "float32")
+    features = {
+        "caption": datasets.Value("string"),
+        "label_0": datasets.Value("float64"),
+        rpo.CACHE_LATENT_MEAN: latent,
+        rpo.CACHE_LATENT_STD: latent,
+        rpo.CACHE_ORIGINAL_SIZE: datasets.Sequence(datasets.Value("int32"), length=2),
+        rpo.CACHE_CROP_TOP_LEFT: datasets.Array2D((2, 2), "int32"),
+    }
+    mean = np.arange(rows * np.prod(latent_shape), dtype=np.float32).reshape(rows, *latent_shape)
+    data = {
+        "caption": [f"caption {i}" for i in range(rows)],
+        "label_0": list(labels),
+        rpo.CACHE_LATENT_MEAN: list(mean),
+        rpo.CACHE_LATENT_STD: list(mean + 0.5),
+        rpo.CACHE_ORIGINAL_SIZE: [[64, 48]] * rows,
+        rpo.CACHE_CROP_TOP_LEFT: [[[0, 1], [2, 3]]] * rows,
+    }
+    if embeddings:
+        features[rpo.CACHE_EMBEDDINGS] = datasets.Array3D((2, 2, 3), "float32")
+        data[rpo.CACHE_EMBEDDINGS] = list(np.ones((rows, 2, 2, 3), dtype=np.float32))
+    return datasets.Dataset.from_dict(data, features=datasets.Features(features)), mean
+
+
+def test_a_latent_cache_is_read_by_its_columns_instead_of_decoded():
+    cache, mean = latent_cache()
+    assert rpo.is_latent_cache(cache) and not rpo.is_latent_cache(cache.remove_columns(rpo.CACHE_LATENT_STD))
+    prepared, stats = rpo.prepare_preference_dataset(cache, COLUMNS)  # no image columns: nothing to decode
+    assert stats == {"rows": 5, "ties_dropped": 1, "pairs": 4}
+    items = pair_dataset(prepared, random_crop=False)
+    flips = set()
+    for index, row in enumerate([0, 1, 3, 4]):
+        item = items[(index, 2)]
+        flip = rpo.sample_pair_augmentation(0, index, 2, False, True)["flip"]
+        flips.add(flip)
+        assert torch.equal(item["latent_mean"], torch.from_numpy(mean[row, int(flip)]))
+        assert torch.equal(item["latent_std"], torch.from_numpy(mean[row, int(flip)] + 0.5))
+        assert item["crop_top_left"] == ((2, 3) if flip else (0, 1)) and item["original_size"] == (64, 48)
+    assert flips == {False, True}
+    batch = rpo.collate_pairs([items[(index, 0)] for index in range(4)])
+    assert batch["latent_mean"].shape == (8, 4, 2, 2) and "pixel_values" not in batch
+
+
+class FixedTokenizer:
+    """Stands in for a text tokenizer: the same 4 ids for every caption."""
+
+    model_max_length = 4
+
+    def __call__(self, caption, **options):
+        return SimpleNamespace(input_ids=torch.zeros(1, 4, dtype=torch.long))
+
+
+def test_a_latent_cache_refuses_what_it_cannot_serve():
+    """--random_crop, caption dropout under cached text embeddings, and RPO similarity without cached embeddings."""
+    models = SimpleNamespace(tokenizer=FixedTokenizer(), clip=None)
+    accelerator = SimpleNamespace(num_processes=1, process_index=0)
+
+    def build(*flags, embeddings=False):
+        cache, _ = rpo.prepare_preference_dataset(latent_cache(embeddings=embeddings)[0], COLUMNS)
+        args = rpo.parse_args(["--dataloader_num_workers", "0", "--train_batch_size", "2", *flags])
+        return rpo.build_dataloader(args, accelerator, models, cache, seed=0)
+
+    similarity = ["--loss_type", "rpo", "--rpo_weighting", "similarity", "--proportion_empty_prompts", "0.2"]
+    with pytest.raises(ValueError, match="latent cache of the centre crop.*--random_crop"):
+        build("--random_crop")
+    with pytest.raises(ValueError, match="--proportion_empty_prompts with --similarity_embedding text"):
+        build(*similarity, "--similarity_embedding", "text", embeddings=True)
+    with pytest.raises(ValueError, match="holds no RPO similarity embeddings"):
+        build(*similarity, "--similarity_embedding", "image")
+    loader, _ = build(*similarity, "--similarity_embedding", "image", embeddings=True)
+    batch = next(iter(loader))
+    assert batch["embeddings"].shape == (4, 3) and batch["latent_mean"].shape == (4, 4, 2, 2)
+    assert "clip_input_ids" not in batch and batch["input_ids"].shape == (2, 4)

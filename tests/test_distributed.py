@@ -120,10 +120,11 @@ def test_two_process_training_checkpoints_resumes_and_loads(
     if streaming:  # the main process's progress file holds both processes' stream readers
         with open(out / "checkpoint-2" / "training_progress.json") as f:
             progress = json.load(f)
-        assert sorted(state["reader"] for state in progress["stream_states"]) == [0, 1]
-        assert [(s["epoch"], s["position"]) for s in progress["stream_states"]] == [(0, 4)] * 2, (
-            progress
-        )  # 2 steps x 2
+        states = progress["stream_states"]
+        assert sorted(state["reader"] for state in states) == [0, 1]
+        # Each process's StatefulDataLoader state: its one loader worker's stream reader, 2 steps x 2 pairs on
+        readers = [state["loader"]["_snapshot"]["_worker_snapshots"]["worker_0"]["dataset_state"] for state in states]
+        assert [(reader["epoch"], reader["position"]) for reader in readers] == [(0, 4)] * 2, progress
     result = launch(script, [*flags, "--max_train_steps", "3", "--resume_from_checkpoint", "latest"], 2, tmp_path)
     assert "Resuming from" in result.stderr and "checkpoint-2" in result.stderr
     assert "checkpoint-3" in os.listdir(out)

@@ -56,7 +56,7 @@ def test_deepspeed_half_precision_module_gets_half_precision_inputs(
     models = rpo.load_models(args, torch.device("cpu"), torch.bfloat16)
     assert {p.dtype for p in models.ref_unet.parameters()} == {torch.bfloat16}
     models.unet.to(torch.bfloat16)  # what DeepSpeed's bf16 engine makes of the trained UNet (no autocast)
-    dataset, _ = rpo.prepare_preference_dataset(rpo.load_raw_dataset(args), rpo.dataset_columns(args))
+    dataset, _ = rpo.prepare_preference_dataset(rpo.load_raw_dataset(args.dataset_name), rpo.dataset_columns(args))
     items = rpo.PreferencePairDataset(
         dataset, rpo.dataset_columns(args), 32, 0, tokenizers={"input_ids": rpo.make_tokenize_fn(models.tokenizer)}
     )

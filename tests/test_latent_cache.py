@@ -40,7 +40,7 @@ def test_cache_holds_both_flips_of_the_live_crops(sd_pipeline_path, pickapic_pat
     cached = build_cache(*flags)
     args = rpo.parse_args(flags)
     models = rpo.load_models(args, torch.device("cpu"), torch.float32)
-    dataset, _ = rpo.prepare_preference_dataset(rpo.load_raw_dataset(args), rpo.dataset_columns(args))
+    dataset, _ = rpo.prepare_preference_dataset(rpo.load_raw_dataset(args.dataset_name), rpo.dataset_columns(args))
     assert len(cached) == len(dataset) and "jpg_0" not in cached.column_names
     tokenizers = {"clip_input_ids": rpo.clip_tokenize_fn(args, models)}
     live = rpo.PreferencePairDataset(dataset, rpo.dataset_columns(args), 32, seed=5, tokenizers=tokenizers)

@@ -130,12 +130,12 @@ def test_latent_cache_leaves_corrupt_rows_out_and_counts_them(train, corrupt_pic
 def test_streamed_corrupt_rows_are_skipped_in_full_batches(corrupt_pickapic):
     stream = datasets.load_dataset(corrupt_pickapic, split="train", streaming=True)
     stream = rpo.prepare_streaming_dataset(stream, COLUMNS, seed=0, shuffle_buffer_size=0)
-    pairs = rpo.PairMaker(COLUMNS, 32, 0)
-    batches = rpo.StreamingPairDataset(stream, pairs, 2, 1, 0, rpo.TrainingProgress(0))
+    pairs = rpo.StreamingPairDataset(stream, rpo.PairMaker(COLUMNS, 32, 0))
+    batches = torch.utils.data.DataLoader(pairs, batch_size=2, collate_fn=rpo.collate_pairs)
     epoch = [batch for _, batch in zip(range(5), batches)]  # 12 pairs, 2 bad: 5 full batches of 2
     assert all(batch["pixel_values"].shape[0] == 4 for batch in epoch)
     assert sum(int(batch["bad_rows"]) for batch in epoch) == 2
-    assert epoch[-1]["stream_state"]["position"] == 12
+    assert pairs.state_dict()["position"] == 12
 
 
 # ---------------------------------------------------------------------------------------------------------------------

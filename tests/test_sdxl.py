@@ -32,7 +32,7 @@ def test_each_script_refuses_the_other_ones_weights(sd_pipeline_path, sdxl_pipel
 def test_time_ids_follow_the_pair_crop_and_flip(sdxl_pipeline_path, pickapic_path, clip_model_path, tmp_path):
     args = sdxl.parse_args(cli(sdxl_pipeline_path, pickapic_path, clip_model_path, tmp_path, "--random_crop"))
     models = sdxl.load_models(args, torch.device("cpu"), torch.float32)
-    dataset, _ = sdxl.prepare_preference_dataset(sdxl.load_raw_dataset(args), sdxl.dataset_columns(args))
+    dataset, _ = sdxl.prepare_preference_dataset(sdxl.load_raw_dataset(args.dataset_name), sdxl.dataset_columns(args))
     items = sdxl.PreferencePairDataset(
         dataset,
         sdxl.dataset_columns(args),

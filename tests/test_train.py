@@ -351,7 +351,7 @@ def test_v_prediction_targets_the_velocity(train, tmp_path):
     path = tiny.build_sd_pipeline(str(tmp_path / "sd-v"), prediction_type="v_prediction")
     args = train.parse("--loss_type", "dpo", pipeline=path)
     models = rpo.load_models(args, torch.device("cpu"), torch.float32)
-    dataset, _ = rpo.prepare_preference_dataset(rpo.load_raw_dataset(args), rpo.dataset_columns(args))
+    dataset, _ = rpo.prepare_preference_dataset(rpo.load_raw_dataset(args.dataset_name), rpo.dataset_columns(args))
     items = rpo.PreferencePairDataset(
         dataset, rpo.dataset_columns(args), 32, 0, tokenizers={"input_ids": rpo.make_tokenize_fn(models.tokenizer)}
     )
