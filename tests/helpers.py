@@ -129,3 +129,13 @@ def generate_model_and_baseline(model, prompt_file, root, *flags):
     for name, guidance in (("model", "7.5"), ("baseline", "1.0")):
         out = str(root / name)
         generate.main(["--model", model, "--prompts", prompt_file, "--out", out, "--guidance_scale", guidance, *flags])
+
+
+def build_latent_cache(train, *flags, output_dir="cache", **kwargs):
+    """cache_latents.py run in-process with the training flags the `train` fixture passes (`flags`, `kwargs` as
+    train.flags takes them), writing the cache dataset into `output_dir`; returns the cache folder."""
+    import cache_latents
+
+    argv = train.flags(*flags, output_dir=output_dir, **kwargs)
+    cache_latents.main(["--training_script", train.script.path, *argv])
+    return argv[argv.index("--output_dir") + 1]

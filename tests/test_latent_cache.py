@@ -13,7 +13,7 @@ import datasets
 import numpy as np
 import pytest
 import torch
-from helpers import ROOT, SD15, SDXL, cli, launch, losses
+from helpers import ROOT, SD15, SDXL, build_latent_cache, cli, launch, losses
 
 import cache_latents
 import train_diffusion_rpo as rpo
@@ -26,13 +26,6 @@ def build_cache(*flags):
     """cache_latents.py run in-process for the SD1.5 script; `flags` are the training flags (their --output_dir is the
     cache folder)."""
     return cache_latents.main(["--training_script", SCRIPT, *flags])
-
-
-def build_cache_for(train, *flags, output_dir="cache", **kwargs):
-    """cache_latents.py run in-process with the training flags the `train` fixture passes, into `output_dir`."""
-    return cache_latents.main(
-        ["--training_script", train.script.path, *train.flags(*flags, output_dir=output_dir, **kwargs)]
-    )
 
 
 def test_cache_holds_both_flips_of_the_live_crops(sd_pipeline_path, pickapic_path, clip_model_path, tmp_path):
@@ -72,7 +65,7 @@ def test_cache_holds_both_flips_of_the_live_crops(sd_pipeline_path, pickapic_pat
 @SD15
 def test_cached_run_matches_the_live_run_and_reuses_its_cache(train, tmp_path, monkeypatch):
     live, _ = train("--validation_prompts", output_dir="live")
-    build_cache_for(train, "--validation_prompts")
+    build_latent_cache(train, "--validation_prompts")
     cache = str(tmp_path / "cache")
     cached, _ = train("--validation_prompts", output_dir="cached", dataset=cache)
     # Equal up to float summation order (the cache encodes other batch compositions), amplified by beta = 5000.
@@ -85,26 +78,26 @@ def test_cached_run_matches_the_live_run_and_reuses_its_cache(train, tmp_path, m
     # Building the same cache again finds it, and a run on the cache encodes nothing: the same losses.
     monkeypatch.setattr(rpo, "encode_latent_distribution", must_not_run)
     monkeypatch.setattr(rpo, "compute_similarity_embeddings", must_not_run)
-    assert len(build_cache_for(train, "--validation_prompts")) == 12
+    assert len(build_latent_cache(train, "--validation_prompts")) == 12
     again, _ = train("--validation_prompts", output_dir="again", dataset=cache)
     assert losses(again) == losses(cached)
     monkeypatch.undo()
     # Anything the cached values depend on (here the resolution) needs another folder; the cache is kept.
     with pytest.raises(ValueError, match="holds a latent cache built from other settings"):
-        build_cache_for(train, "--validation_prompts", "--resolution", "16")
+        build_latent_cache(train, "--validation_prompts", "--resolution", "16")
     assert sorted(glob.glob(os.path.join(cache, "*"))) == cache_files
-    other = build_cache_for(train, "--validation_prompts", "--resolution", "16", output_dir="cache-16")
+    other = build_latent_cache(train, "--validation_prompts", "--resolution", "16", output_dir="cache-16")
     latent_sizes = [np.asarray(built[0]["latent_mean"]).shape[-1] for built in (other, datasets.load_from_disk(cache))]
     assert latent_sizes[0] * 2 == latent_sizes[1]  # 16 px and the kept 32 px cache
     with pytest.raises(ValueError, match="is not empty and holds no latent cache"):
-        build_cache_for(train, "--validation_prompts", output_dir="live")
+        build_latent_cache(train, "--validation_prompts", output_dir="live")
 
 
 @SDXL
 def test_sdxl_cached_run_matches_the_live_run(train, tmp_path):
     # The cache must carry what SDXL's time ids are built from (original size, crop of each flip) as well as latents.
     live, _ = train("--validation_prompts", "--max_train_steps", "3", output_dir="live")
-    build_cache_for(train, "--validation_prompts")
+    build_latent_cache(train, "--validation_prompts")
     cached, _ = train(
         "--validation_prompts", "--max_train_steps", "3", output_dir="cached", dataset=str(tmp_path / "cache")
     )

@@ -8,7 +8,7 @@ import os
 import pytest
 import tiny
 import torch
-from helpers import LN2_FP32, ROOT, cli, launch
+from helpers import LN2_FP32, ROOT, build_latent_cache, cli, launch
 
 import train_diffusion_rpo as rpo
 
@@ -46,7 +46,7 @@ def test_first_bf16_step_at_the_reference_is_exactly_ln2(train, perturbed, loss_
     "extra",
     [
         ["--use_lora"],
-        ["--cache_latents"],
+        "latent-cache",
         ["--gradient_checkpointing"],
         ["--use_8bit_adam"],
         ["--compile", "--compile_backend", "aot_eager"],
@@ -54,7 +54,11 @@ def test_first_bf16_step_at_the_reference_is_exactly_ln2(train, perturbed, loss_
     ids=["lora", "latent-cache", "checkpointing", "8bit-adam", "compile"],
 )
 def test_first_bf16_step_is_ln2_with_every_option(train, perturbed, extra):
-    progress, _ = train(*FIRST_BF16_STEP, "--loss_type", "rpo", *extra, pipeline=perturbed[train.script.name])
+    pipeline = perturbed[train.script.name]
+    dataset = None
+    if extra == "latent-cache":  # latents and embeddings cached by cache_latents.py under the run's bf16
+        dataset, extra = build_latent_cache(train, *FIRST_BF16_STEP, pipeline=pipeline), []
+    progress, _ = train(*FIRST_BF16_STEP, "--loss_type", "rpo", *extra, pipeline=pipeline, dataset=dataset)
     first = progress.history[0]
     assert abs(first["loss"] - LN2_FP32) <= 1e-6 and first["implicit_acc"] == 0.5
 

@@ -66,13 +66,6 @@ def test_caption_dropout_resumes_exactly(train, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_caption_dropout_with_cached_text_embeddings_is_refused(capsys):
-    with pytest.raises(SystemExit):
-        rpo.parse_args(["--proportion_empty_prompts", "0.2", "--cache_latents"])
-    assert "--similarity_embedding image" in capsys.readouterr().err
-    rpo.parse_args(["--proportion_empty_prompts", "0.2", "--cache_latents", "--similarity_embedding", "image"])
-
-
 # ---------------------------------------------------------------------------------------------------------------------
 # --use_ema
 # ---------------------------------------------------------------------------------------------------------------------

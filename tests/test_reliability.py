@@ -19,7 +19,7 @@ import datasets
 import pytest
 import tiny
 import torch
-from helpers import COLUMNS, ROOT, free_port, launch, launch_command, unet_weights
+from helpers import COLUMNS, ROOT, build_latent_cache, free_port, launch, launch_command, unet_weights
 from safetensors.torch import load_file
 
 import train_diffusion_rpo as rpo
@@ -102,28 +102,11 @@ def test_too_many_corrupt_rows_stop_the_run_and_keep_a_checkpoint(train, corrupt
 
 def test_latent_cache_leaves_corrupt_rows_out_and_counts_them(train, corrupt_pickapic, tmp_path, caplog):
     with pytest.raises(RuntimeError, match="2 pairs could not be decoded while building the latent cache"):
-        train(
-            "--validation_prompts",
-            "--cache_latents",
-            "--max_bad_rows",
-            "1",
-            output_dir="strict",
-            dataset=corrupt_pickapic,
-        )
-    train(
-        "--validation_prompts",
-        "--cache_latents",
-        "--max_bad_rows",
-        "2",
-        "--max_train_steps",
-        "3",
-        dataset=corrupt_pickapic,
-    )
+        build_latent_cache(train, "--max_bad_rows", "1", output_dir="strict", dataset=corrupt_pickapic)
+    cache = build_latent_cache(train, "--max_bad_rows", "2", dataset=corrupt_pickapic)
     assert "2 of 12 pairs could not be decoded (or gave non-finite latents) and are left out" in caplog.text
-    cache = datasets.concatenate_datasets(
-        [datasets.Dataset.from_file(str(path)) for path in (tmp_path / "out" / "latent_cache").glob("*.arrow")]
-    )
-    assert len(cache) == 10
+    assert len(datasets.load_from_disk(cache)) == 10
+    train("--validation_prompts", "--max_train_steps", "3", dataset=cache)
     assert "10 preference pairs used" in (tmp_path / "out" / "README.md").read_text()
 
 

@@ -1,6 +1,7 @@
 """End-to-end runs of the training scripts' main on the tiny pipelines and Pick-a-Pic-schema dataset (behaviour in
 their shared code runs for both scripts; SD1.5-only and SDXL-only tests are marked)."""
 
+import functools
 import math
 import os
 import subprocess
@@ -9,7 +10,7 @@ from types import SimpleNamespace
 import pytest
 import tiny
 import torch
-from helpers import LN2_FP32, ROOT, SD15, SDXL, cli, launch_command, render, unet_weights
+from helpers import LN2_FP32, ROOT, SD15, SDXL, build_latent_cache, cli, launch_command, render, unet_weights
 from safetensors.torch import load_file
 
 import train_diffusion_rpo as rpo
@@ -120,13 +121,15 @@ def test_checkpoints_prune_and_resume_latest(train, tmp_path):
 @SD15
 @pytest.mark.parametrize(
     "extra",
-    [[], ["--dataloader_num_workers", "2"], ["--cache_latents"]],
+    [[], ["--dataloader_num_workers", "2"], "latent-cache"],
     ids=["main-process", "workers", "latent-cache"],
 )
 def test_resume_continues_the_data_position_exactly(train, tmp_path, extra):
     # 4 steps straight == 2 steps, stop, resume, 2 steps: the same losses and bitwise the same weights (data order,
     # augmentation, noise, optimizer and scheduler state). Steps 3-4 start the second epoch of the 12 pairs.
-    extra = [*extra, "--train_batch_size", "4", "--validation_prompts"]
+    dataset = build_latent_cache(train) if extra == "latent-cache" else None  # the cache dataset trains as it is
+    extra = [*([] if dataset else extra), "--train_batch_size", "4", "--validation_prompts"]
+    train = functools.partial(train, dataset=dataset)
     straight, _ = train(
         "--max_train_steps", "4", "--checkpointing_steps", "100", *extra, output_dir=tmp_path / "straight"
     )
@@ -276,7 +279,6 @@ def test_push_to_hub_uploads_the_model_only_and_never_the_token(train, tmp_path,
         "tensorboard",
         "--checkpointing_steps",
         "1",
-        "--cache_latents",
         *(["--use_lora"] if lora else []),
     )
     assert calls["create_repo"] == {"repo_id": "someone/tiny-rpo", "exist_ok": True, "token": secret}
@@ -289,7 +291,6 @@ def test_push_to_hub_uploads_the_model_only_and_never_the_token(train, tmp_path,
         for f in files
     )
     assert any("events.out.tfevents" in f for f in written) and any(f.startswith("checkpoint-1") for f in written)
-    assert any(f.startswith("latent_cache") for f in written)
     if lora:
         expected = ["README.md", "pytorch_lora_weights.safetensors", "validation_grid.png"]
     else:
