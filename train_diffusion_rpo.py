@@ -475,7 +475,7 @@ def compute_preference_loss(
 
 def training_step(args, accelerator, models, training, batch, micro_step, seed, guard):
     """One micro-step: loss, backward and, at accumulation boundaries, clipping and the update. `guard` (a `StepGuard`)
-    skips everywhere an update whose loss or gradient is not finite anywhere, and tells the caller (`guard.verdict`)."""
+    skips everywhere an update whose loss or gradient is not finite anywhere, and tells the caller (`guard.skip_update`)."""
     unet, optimizer = training.unet, training.optimizer
     with accelerator.accumulate(unet):
         loss, metrics = compute_step_loss(args, models, unet, batch, micro_step, seed)
@@ -489,7 +489,7 @@ def training_step(args, accelerator, models, training, batch, micro_step, seed, 
         optimizer.step()
         if accelerator.sync_gradients:
             guard.note_scaler_skip(optimizer)
-        if not accelerator.sync_gradients or not guard.verdict.skip_update:
+        if not accelerator.sync_gradients or not guard.skip_update:
             training.lr_scheduler.step()  # a skipped update leaves the schedule (accelerate's skips fp16 skips too)
         optimizer.zero_grad(set_to_none=True)
     return loss.detach(), metrics
