@@ -475,7 +475,7 @@ def compute_preference_loss(
 
 def training_step(args, accelerator, models, training, batch, micro_step, seed, guard):
     """One micro-step: loss, backward and, at accumulation boundaries, clipping and the update. `guard` (a `StepGuard`)
-    skips everywhere an update whose loss or gradient is not finite anywhere, and tells the caller (`guard.verdict`)."""
+    skips everywhere an update whose loss or gradient is not finite anywhere, and tells the caller (`guard.skip_update`)."""
     unet, optimizer = training.unet, training.optimizer
     with accelerator.accumulate(unet):
         loss, metrics = compute_step_loss(args, models, unet, batch, micro_step, seed)
@@ -489,7 +489,7 @@ def training_step(args, accelerator, models, training, batch, micro_step, seed, 
         optimizer.step()
         if accelerator.sync_gradients:
             guard.note_scaler_skip(optimizer)
-        if not accelerator.sync_gradients or not guard.verdict.skip_update:
+        if not accelerator.sync_gradients or not guard.skip_update:
             training.lr_scheduler.step()  # a skipped update leaves the schedule (accelerate's skips fp16 skips too)
         optimizer.zero_grad(set_to_none=True)
     return loss.detach(), metrics
@@ -1350,8 +1350,8 @@ def validation_rewards(scorer, kind, prompts, rendered, device):
 
 @dataclasses.dataclass
 class Training:
-    """What the loop runs: the UNet, optimizer and schedule as accelerate wrapped them, the loader and its sampler, and
-    how long: optimizer `steps` (--max_train_steps, or --num_train_epochs of them) and the loader `epochs` they span."""
+    """What the loop runs (the UNet, optimizer and schedule as accelerate wrapped them; the loader and its sampler)
+    and for how long: optimizer `steps`, spanning `epochs` of the loader."""
 
     unet: torch.nn.Module
     optimizer: torch.optim.Optimizer
@@ -1365,17 +1365,17 @@ class Training:
 @dataclasses.dataclass
 class TrainingProgress:
     """Step, data position, seed and fault counts, saved as JSON in every checkpoint so that a resume continues
-    exactly; the fields from `history` on describe this process's run and are not checkpointed."""
+    exactly; the fields from `history` on describe this process's run and are not saved."""
 
     seed: int
     global_step: int = 0
     epoch: int = 0
     batch_in_epoch: int = 0
-    stream_states: dict = dataclasses.field(default_factory=dict)  # --streaming: reader -> state after its last batch
+    stream_states: dict = dataclasses.field(default_factory=dict)  # --streaming: process -> its loader's state
     bad_rows: int = 0
     skipped_updates: int = 0
     nonfinite_in_a_row: int = 0
-    history: list = dataclasses.field(default_factory=list)  # the logged metrics of each step
+    history: list = dataclasses.field(default_factory=list)  # each step's logged metrics
     validation_rewards: list = dataclasses.field(default_factory=list)  # --validation_scorer: one dict a validation
     stopped_by: str | None = None  # what stopped the run early: "SIGTERM", "SIGINT" or "the stop file"
     saved_step: int | None = None  # the step of this run's newest checkpoint
@@ -1383,9 +1383,8 @@ class TrainingProgress:
     COUNTS = ("seed", "global_step", "epoch", "batch_in_epoch", "bad_rows", "skipped_updates", "nonfinite_in_a_row")
 
     def state_dict(self):
-        return {
-            **{name: getattr(self, name) for name in self.COUNTS},
-            "stream_states": list(self.stream_states.values()),
+        return {name: getattr(self, name) for name in self.COUNTS} | {
+            "stream_states": list(self.stream_states.values())
         }
 
     def load_state_dict(self, state):
@@ -1394,13 +1393,12 @@ class TrainingProgress:
         self.stream_states = {int(s["reader"]): s for s in state.get("stream_states", [])}
 
     def data_position(self):
-        """Where the data stands: taken at each optimizer step's start, restored by a stop within the step so that a
-        resume replays the step's micro-batches."""
+        """Taken at each optimizer step's start; a stop within the step restores it, so the resume replays the step."""
         return self.epoch, self.batch_in_epoch, dict(self.stream_states)
 
 
 def main(args):
-    with StopRequest.on_signals() as stop_request:
+    with StopRequest() as stop_request:
         accelerator = build_accelerator(args)
         try:
             return run_training(args, accelerator, stop_request)
@@ -1420,9 +1418,8 @@ def build_accelerator(args):
         log_with=None if args.report_to == "none" else args.report_to,
         project_config=ProjectConfiguration(args.output_dir, os.path.join(args.output_dir, args.logging_dir)),
     )
-    logging.basicConfig(
-        format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", datefmt="%m/%d/%Y %H:%M:%S", level=logging.INFO
-    )
+    log_format = "%(asctime)s - %(levelname)s - %(name)s - %(message)s"
+    logging.basicConfig(format=log_format, datefmt="%m/%d/%Y %H:%M:%S", level=logging.INFO)
     logger.info(accelerator.state, main_process_only=False)
     for library in (datasets, transformers, diffusers):
         verbosity = "warning" if accelerator.is_local_main_process else "error"
@@ -1433,9 +1430,8 @@ def build_accelerator(args):
 
 
 def run_training(args, accelerator, stop_request):
-    """A run, in order: output folder, seed, data, models, optimizer, latent cache, loader, accelerate's wrapping
-    (`Training`), resume, the training loop, then (unless a stop request ended it) the final validation, model and
-    card."""
+    """A run, in order: output folder, seed, data, models, optimizer, loader, accelerate's wrapping, resume, the loop,
+    then (unless a stop request ended it) the final validation, model and card."""
     repo_id = prepare_output(args, accelerator, stop_request)
     weight_dtype = weight_dtype_for(accelerator)  # an unavailable --mixed_precision fails before the data is read
     checkpoint = resolve_checkpoint_path(args) if args.resume_from_checkpoint else None
@@ -1465,9 +1461,7 @@ def run_training(args, accelerator, stop_request):
     elif args.resume_from_checkpoint:
         logger.info(f"No checkpoint in {args.output_dir} to resume from: starting a new run.")
     if accelerator.is_main_process:
-        accelerator.init_trackers(
-            args.tracker_project_name, config=tracker_config(args, learning_rate, training.steps)
-        )
+        accelerator.init_trackers(args.tracker_project_name, tracker_config(args, learning_rate, training.steps))
     pairs_per_step = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
     logger.info(
         f"***** Training ({args.loss_type}) *****  pairs {stats['pairs']}, epochs {training.epochs}, pairs per step "
@@ -1479,18 +1473,15 @@ def run_training(args, accelerator, stop_request):
     else:
         if stop_request.stop_file is not None and os.path.exists(stop_request.stop_file):
             os.remove(stop_request.stop_file)  # acted on: the resumed run must not stop at once
-        logger.info(
-            f"Stopped by {progress.stopped_by} at step {progress.global_step}; resume with "
-            "--resume_from_checkpoint latest."
-        )
+        stopped = f"Stopped by {progress.stopped_by} at step {progress.global_step}"
+        logger.info(f"{stopped}; resume with --resume_from_checkpoint latest.")
     accelerator.end_training()
     return progress
 
 
 def prepare_output(args, accelerator, stop_request):
-    """Checks that fail early (the model path, LoRA under a sharding engine); the output folder, cleared of
-    interrupted saves and of a stale stop file, which the main process then watches; the Hub repo's id with
-    --push_to_hub (else None)."""
+    """Checks that fail early; the output folder, cleared of interrupted saves and of a stale stop file (then watched
+    by the main process); the Hub repo's id with --push_to_hub (else None)."""
     check_pretrained_pipeline(args)  # a wrong model path fails now, not after the dataset is prepared
     if args.use_lora and sharding_engine() is not None:
         raise ValueError(
@@ -1509,15 +1500,13 @@ def prepare_output(args, accelerator, stop_request):
     if os.path.exists(stop_request.stop_file):  # left by an earlier run: stopping now would only loop
         logger.warning(f"Removing {stop_request.stop_file}, a stop request from before this run started.")
         os.remove(stop_request.stop_file)
-    if not args.push_to_hub:
-        return None
     repo_name = args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir))
-    return create_repo(repo_id=repo_name, exist_ok=True, token=args.hub_token).repo_id
+    return create_repo(repo_name, exist_ok=True, token=args.hub_token).repo_id if args.push_to_hub else None
 
 
 def resolve_seed(args, accelerator, checkpoint=None):
-    """--seed, or on resume the checkpoint's seed (the data subset, order and every draw depend on it, so it is read
-    before the dataset is prepared), or a drawn one."""
+    """--seed, or on resume the checkpoint's seed (read before the dataset is prepared: the subset, the order and
+    every draw depend on it), or a drawn one."""
     if checkpoint is not None:
         with open(os.path.join(checkpoint, PROGRESS_FILE)) as f:
             seed = int(json.load(f)["seed"])
@@ -1533,16 +1522,12 @@ def resolve_seed(args, accelerator, checkpoint=None):
 
 
 def prepare_training(args, accelerator, models, optimizer, loader, sampler):
-    """The run's length and learning-rate schedule, the UNet, optimizer and schedule wrapped by accelerate, and what
-    the loop reads besides: the base's weight norm, the EMA and the validation scorer."""
+    """The run's length and learning-rate schedule, accelerate's wrapping, and what the loop reads besides: the
+    base's weight norm, the EMA and the validation scorer."""
     updates_per_epoch = sampler.batches_per_epoch // args.gradient_accumulation_steps
     steps = args.num_train_epochs * updates_per_epoch if args.max_train_steps is None else args.max_train_steps
-    lr_scheduler = get_scheduler(
-        args.lr_scheduler,
-        optimizer=optimizer,
-        num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
-        num_training_steps=steps * accelerator.num_processes,
-    )
+    warmup, total = args.lr_warmup_steps * accelerator.num_processes, steps * accelerator.num_processes
+    lr_scheduler = get_scheduler(args.lr_scheduler, optimizer, num_warmup_steps=warmup, num_training_steps=total)
     if accelerator.state.deepspeed_plugin is not None:  # our loader is not prepared, so DeepSpeed cannot infer it
         accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = args.train_batch_size
     models.initial_weight_norm = trained_weight_norm(args.use_lora, models.unet)  # before a resume: the base's
@@ -1550,21 +1535,17 @@ def prepare_training(args, accelerator, models, optimizer, loader, sampler):
     models.ema = create_ema(args, accelerator, unet)
     models.validation_scorer = None
     if args.validation_scorer != "none" and args.validation_prompts and accelerator.is_main_process:
+        scorer = (args.validation_scorer_model, args.validation_scorer_processor, args.cache_dir)
+        fix = "Pass a local CLIPModel folder or a Hub id"
         models.validation_scorer = load_clip(
-            args.validation_scorer_model,
-            args.validation_scorer_processor,
-            args.cache_dir,
-            torch.device("cpu"),
-            torch.float32,
-            "--validation_scorer_model",
-            "Pass a local CLIPModel folder or a Hub id",
+            *scorer, torch.device("cpu"), torch.float32, "--validation_scorer_model", fix
         )
     return Training(unet, optimizer, lr_scheduler, loader, sampler, steps, math.ceil(steps / updates_per_epoch))
 
 
 def tracker_config(args, learning_rate, max_train_steps=None):
     """Hyperparameters for the trackers: no token, lists joined for tensorboard, the learning rate as trained (after
-    --scale_lr), and `max_train_steps`, the planned steps, for an unset --max_train_steps."""
+    --scale_lr), and the planned steps for an unset --max_train_steps."""
     config = {key: " | ".join(v) if isinstance(v, list) else v for key, v in vars(args).items() if key != "hub_token"}
     config["effective_learning_rate"] = learning_rate
     if max_train_steps is not None:
@@ -1575,12 +1556,8 @@ def tracker_config(args, learning_rate, max_train_steps=None):
 def train_loop(args, accelerator, models, training, progress, stop_request):
     """Optimizer steps from `progress` to `training.steps`, or until a stop request (then `progress.stopped_by`)."""
     unet, sampler, accumulation = training.unet, training.sampler, args.gradient_accumulation_steps
-    progress_bar = tqdm(
-        range(training.steps),
-        initial=progress.global_step,
-        desc="Steps",
-        disable=not accelerator.is_local_main_process,
-    )
+    show = accelerator.is_local_main_process
+    progress_bar = tqdm(total=training.steps, initial=progress.global_step, desc="Steps", disable=not show)
     unet.train()
     if progress.global_step >= training.steps:  # resumed from a checkpoint of the final step
         return
@@ -1603,19 +1580,19 @@ def train_loop(args, accelerator, models, training, progress, stop_request):
                     return
                 continue
             progress.global_step += 1
-            if models.ema is not None and not guard.verdict.skip_update:
+            if models.ema is not None and not guard.skip_update:
                 update_ema(models.ema, accelerator.unwrap_model(unet), accelerator.device, args.offload_ema)
             if progress.batch_in_epoch >= sampler.batches_per_epoch:
                 progress.epoch, progress.batch_in_epoch = epoch + 1, 0
             step_start = progress.data_position()
             logs = step_logs(args, accelerator, models, training, accumulated, progress.global_step)
             accumulated = {}
-            record_faults(args, progress, guard.verdict, logs)
+            record_faults(args, progress, guard, logs)
             progress.history.append(logs)
             accelerator.log(logs, step=progress.global_step)
             progress_bar.update(1)
             progress_bar.set_postfix({name: f"{logs[name]:.4g}" for name in ("loss", "implicit_acc") if name in logs})
-            if stop_after_step(args, accelerator, progress, training.steps, guard.verdict, stop_request):
+            if stop_after_step(args, accelerator, progress, training.steps, guard.stop, stop_request):
                 return
             if args.validation_prompts and progress.global_step % args.validation_steps == 0:
                 log_validation(accelerator, args, models, unet, progress)
@@ -1643,8 +1620,8 @@ def step_logs(args, accelerator, models, training, accumulated, global_step):
 
 
 def trained_weight_norm(use_lora, unet):
-    """The L2 norm of the trained UNet's parameters, for `weight_norm_drift` (||theta_t|| / ||theta_0|| - 1); None
-    for LoRA (the base weights do not move) and under FSDP/DeepSpeed (each process holds a shard)."""
+    """The L2 norm of the trained weights, for `weight_norm_drift` (||theta_t|| / ||theta_0|| - 1); None for LoRA
+    (the base does not move) and under FSDP/DeepSpeed (each process holds a shard)."""
     if use_lora or sharding_engine() is not None:
         return None
     with torch.no_grad():  # one device sync, not one per tensor
@@ -1653,7 +1630,7 @@ def trained_weight_norm(use_lora, unet):
 
 
 def finish_run(args, accelerator, models, unet, progress, repo_id, stats, learning_rate):
-    """The final validation, the trained pipeline (or LoRA weights) with its grid and card, and the upload."""
+    """The final validation; the trained pipeline (or LoRA weights) with its grid and card; the upload."""
     accelerator.wait_for_everyone()
     trained_unet = gather_sharded_unet(accelerator, unet)
     grid = log_validation(accelerator, args, models, trained_unet, progress, gathered=True)
@@ -1661,19 +1638,30 @@ def finish_run(args, accelerator, models, unet, progress, repo_id, stats, learni
         return
     if models.ema is not None:
         models.ema.copy_to(trained_unet.parameters())  # the saved pipeline holds the EMA weights
-    save_final_model(args, models, trained_unet)
-    grid_filename = None if grid is None else "validation_grid.png"
+    save_final_model(args, trained_unet)
     if grid is not None:
-        grid.save(os.path.join(args.output_dir, grid_filename))
+        grid.save(os.path.join(args.output_dir, "validation_grid.png"))
+    grid_filename = None if grid is None else "validation_grid.png"
     write_model_card(args, repo_id, stats, progress, learning_rate, accelerator.num_processes, grid_filename)
     if args.push_to_hub:
-        upload_folder(
-            repo_id=repo_id,
-            folder_path=args.output_dir,
-            commit_message="End of training",
-            allow_patterns=hub_upload_patterns(args.output_dir, args.use_lora),
-            token=args.hub_token,
-        )
+        patterns = hub_upload_patterns(args.output_dir, args.use_lora)
+        upload_folder(repo_id=repo_id, folder_path=args.output_dir, allow_patterns=patterns, token=args.hub_token)
+
+
+def save_final_model(args, unet):
+    """A full pipeline (`DiffusionPipeline.from_pretrained(output_dir)`) or, with LoRA, the adapter weights."""
+    if args.use_lora:
+        from peft.utils import get_peft_model_state_dict
+
+        lora_layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+        PIPELINE_CLASS.save_lora_weights(args.output_dir, unet_lora_layers=lora_layers)
+        return
+    components = {"unet": unet.float()}
+    if args.pretrained_vae_model_name_or_path:  # the VAE the model was trained with, in fp32
+        components["vae"] = load_vae(args)
+    source = {"revision": args.revision, "variant": args.variant, "cache_dir": args.cache_dir}
+    pipeline = PIPELINE_CLASS.from_pretrained(args.pretrained_model_name_or_path, **source, **components)
+    pipeline.save_pretrained(args.output_dir)
 
 
 def gather_sharded_unet(accelerator, unet):
@@ -1689,174 +1677,130 @@ def gather_sharded_unet(accelerator, unet):
     return full
 
 
-def save_final_model(args, models, unet):
-    """A full pipeline (`DiffusionPipeline.from_pretrained(output_dir)`) or, with LoRA, the adapter weights."""
-    if args.use_lora:
-        from peft.utils import get_peft_model_state_dict
-
-        lora_layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
-        PIPELINE_CLASS.save_lora_weights(args.output_dir, unet_lora_layers=lora_layers)
-        return
-    components = {"unet": unet.float()}
-    if args.pretrained_vae_model_name_or_path:  # the VAE the model was trained with, in fp32
-        components["vae"] = load_vae(args)
-    pipeline = PIPELINE_CLASS.from_pretrained(
-        args.pretrained_model_name_or_path,
-        revision=args.revision,
-        variant=args.variant,
-        cache_dir=args.cache_dir,
-        **components,
-    )
-    pipeline.save_pretrained(args.output_dir)
-
-
 # ----------------------------------------------------------------------------------------------------------------------
 # Appendix: faults, stop requests and checkpoints
 # ----------------------------------------------------------------------------------------------------------------------
 
 
 class StopRequest:
-    """SIGTERM (preemption), SIGINT (Ctrl-C) or the stop file ask the run to save a checkpoint at the next micro-batch
-    boundary and stop; a second SIGINT interrupts at once. `signal` is the stop signal received (None until one is);
-    `stop_file` is watched where set (on the main process: `StepGuard` tells the others)."""
+    """While the `with` block runs, SIGTERM (preemption) and SIGINT (Ctrl-C) ask the run to save a checkpoint at the
+    next micro-batch boundary and stop, as does the stop file where `stop_file` is set (on the main process;
+    `StepGuard` tells the others); a second SIGINT interrupts at once. A signal ignored at start stays ignored (`nohup`
+    or `&` start a run with SIGINT ignored), and the handlers found at start are restored at the end."""
 
     def __init__(self):
-        self.signal, self.stop_file = None, None
+        self.signal, self.stop_file, self.previous = None, None, {}
 
     def reason(self):
         """What asked for the stop ("SIGTERM", "SIGINT", "the stop file"), or None."""
         if self.signal is not None:
             return signal.Signals(self.signal).name
-        if self.stop_file is not None and os.path.exists(self.stop_file):
-            return "the stop file"
-        return None
+        return "the stop file" if self.stop_file is not None and os.path.exists(self.stop_file) else None
 
-    @classmethod
-    @contextlib.contextmanager
-    def on_signals(cls):
-        """Yields the `StopRequest` that SIGTERM/SIGINT set while the block runs. A signal ignored at start stays
-        ignored (`nohup` or `&` start a run with SIGINT ignored: the shell asked that Ctrl-C not reach it); the
-        handlers found at start are restored at the end."""
-        stop_request = cls()
+    def request(self, signum, frame):
+        if signum == signal.SIGINT and self.signal == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signal = signum
+        row_logger.warning(
+            f"Received {signal.Signals(signum).name}: saving a checkpoint at the end of this micro-batch, then "
+            "stopping (SIGINT again to interrupt at once)."
+        )
 
-        def request_stop(signum, frame):
-            if signum == signal.SIGINT and stop_request.signal == signal.SIGINT:
-                raise KeyboardInterrupt
-            stop_request.signal = signum
-            row_logger.warning(
-                f"Received {signal.Signals(signum).name}: saving a checkpoint at the end of this micro-batch, then "
-                "stopping (SIGINT again to interrupt at once)."
-            )
-
-        previous = {}
+    def __enter__(self):
         if threading.current_thread() is threading.main_thread():
             for signum in (signal.SIGTERM, signal.SIGINT):
                 if signal.getsignal(signum) is not signal.SIG_IGN:
-                    previous[signum] = signal.signal(signum, request_stop)
-        try:
-            yield stop_request
-        finally:
-            for signum, handler in previous.items():
-                signal.signal(signum, handler)
+                    self.previous[signum] = signal.signal(signum, self.request)
+        return self
+
+    def __exit__(self, *exc_info):
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
 
     @staticmethod
     def ignore_in_loader_worker(worker_id):
-        """Loader workers leave SIGTERM/SIGINT (sent to the whole process group on preemption or Ctrl-C) to the main
-        process, which stops cleanly and shuts them down; a killed worker would crash the loader mid-save."""
+        """Loader workers leave SIGTERM/SIGINT (sent to the whole process group) to the main process, which stops
+        cleanly and shuts them down; a killed worker would crash the loader mid-save."""
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
-@dataclasses.dataclass
-class StepVerdict:
-    nonfinite: bool  # a loss or gradient of the update was not finite on some process
-    skip_update: bool  # then every process skips the update (not possible under DeepSpeed)
-    stop: bool  # a stop was requested on some process
-    bad_rows: int  # pairs the loaders skipped, over all processes
-
-
 class StepGuard:
-    """What all processes must agree on at an optimizer step, settled in one collective (`agree`): a non-finite loss
-    or gradient anywhere (every process then skips the update; under fp16 an overflow is left to the loss scaler), a
-    stop request, the rows the loaders skipped. `stop_request` is the run's (a fresh one, never set, if none)."""
+    """What all processes must agree on at an optimizer step, in one collective (`agree`): a non-finite loss or
+    gradient anywhere (`nonfinite`: every process then skips the update, `skip_update`, except under DeepSpeed; an
+    fp16 overflow is left to the loss scaler), a stop request (`stop`), the pairs the loaders skipped (`bad_rows`)."""
 
     def __init__(self, accelerator, stop_request=None):
-        self.accelerator, self.window_nonfinite, self.window_bad_rows, self.verdict = accelerator, False, 0, None
-        self.stop_request = stop_request or StopRequest()
+        self.accelerator, self.stop_request = accelerator, stop_request or StopRequest()
+        self.window_nonfinite, self.window_bad_rows = False, 0
+        self.nonfinite = self.skip_update = self.stop = False
+        self.bad_rows = 0
 
     def observe(self, loss, batch):
         self.window_nonfinite |= not bool(torch.isfinite(loss.detach()).all())
         self.window_bad_rows += int(batch.get("bad_rows", 0))
 
     def agree(self, grad_norm):
-        accelerator = self.accelerator
-        grad_nonfinite = grad_norm is not None and accelerator.scaler is None
+        grad_nonfinite = grad_norm is not None and self.accelerator.scaler is None
         grad_nonfinite = grad_nonfinite and not bool(torch.isfinite(torch.as_tensor(grad_norm)).all())
-        stop = self.stop_request.reason() is not None
-        flags = [float(self.window_nonfinite or grad_nonfinite), float(stop), float(self.window_bad_rows)]
-        flags = torch.tensor(flags, device=accelerator.device)
-        if accelerator.num_processes > 1:
-            flags = accelerator.reduce(flags, "sum")
-        nonfinite, stop, bad_rows = flags.tolist()
+        stopping = self.stop_request.reason() is not None
+        nonfinite, stop, bad_rows = self.sum([self.window_nonfinite or grad_nonfinite, stopping, self.window_bad_rows])
         self.window_nonfinite, self.window_bad_rows = False, 0
         # DeepSpeed's engine applies the update inside backward: there a non-finite step is counted, not skipped.
-        can_skip = sharding_engine() != DistributedType.DEEPSPEED
-        self.verdict = StepVerdict(nonfinite > 0, nonfinite > 0 and can_skip, stop > 0, int(bad_rows))
-        return self.verdict
+        self.nonfinite, self.stop, self.bad_rows = nonfinite > 0, stop > 0, int(bad_rows)
+        self.skip_update = self.nonfinite and sharding_engine() != DistributedType.DEEPSPEED
+        return self
 
     def agree_stop(self):
-        """Between the micro-batches of an optimizer step: was a stop requested on any process? (One collective, so
-        that every process stops at the same micro-batch.)"""
-        stop = torch.tensor([float(self.stop_request.reason() is not None)], device=self.accelerator.device)
-        if self.accelerator.num_processes > 1:
-            stop = self.accelerator.reduce(stop, "sum")
-        return bool(stop.item() > 0)
+        """Between the micro-batches of an optimizer step: was a stop requested on any process?"""
+        return self.sum([self.stop_request.reason() is not None])[0] > 0
+
+    def sum(self, flags):
+        flags = torch.tensor([float(flag) for flag in flags], device=self.accelerator.device)
+        return (self.accelerator.reduce(flags, "sum") if self.accelerator.num_processes > 1 else flags).tolist()
 
     def note_scaler_skip(self, optimizer):
         """An fp16 step that the GradScaler skipped at a scale already below 1 has gradients that are not finite at
         any scale: counted as a skipped update (so that an all-NaN fp16 run stops too)."""
         scaler = self.accelerator.scaler
         skipped = scaler is not None and getattr(optimizer, "step_was_skipped", False)
-        if skipped and not self.verdict.nonfinite and scaler.get_scale() < 1.0:
-            self.verdict.nonfinite = self.verdict.skip_update = True
+        if skipped and not self.nonfinite and scaler.get_scale() < 1.0:
+            self.nonfinite = self.skip_update = True
 
 
 def record_faults(args, progress, verdict, logs):
-    """Counts this optimizer step's skipped rows and skipped update into `progress` (checkpointed) and the logs."""
-    progress.bad_rows += verdict.bad_rows
+    """Counts an optimizer step's skipped pairs and skipped update (`verdict`: the `StepGuard`) into `progress`
+    (checkpointed) and the logs."""
+    step, progress.bad_rows = progress.global_step, progress.bad_rows + verdict.bad_rows
     if verdict.bad_rows:
-        logger.warning(
-            f"Step {progress.global_step}: {verdict.bad_rows} undecodable pairs skipped ({progress.bad_rows} in all)."
-        )
+        logger.warning(f"Step {step}: {verdict.bad_rows} undecodable pairs skipped ({progress.bad_rows} in all).")
     progress.nonfinite_in_a_row = progress.nonfinite_in_a_row + 1 if verdict.nonfinite else 0
     if verdict.nonfinite:
         progress.skipped_updates += 1
         action = "update skipped" if verdict.skip_update else "update applied by DeepSpeed"
-        logger.warning(
-            f"Step {progress.global_step}: non-finite loss or gradient; {action} "
-            f"({progress.nonfinite_in_a_row} in a row, {progress.skipped_updates} in all)."
-        )
+        in_all = f"{progress.nonfinite_in_a_row} in a row, {progress.skipped_updates} in all"
+        logger.warning(f"Step {step}: non-finite loss or gradient; {action} ({in_all}).")
     if progress.bad_rows or progress.skipped_updates:
         logs.update(bad_rows=progress.bad_rows, skipped_updates=progress.skipped_updates)
 
 
-def stop_after_step(args, accelerator, progress, total_steps, verdict, stop_request):
+def stop_after_step(args, accelerator, progress, total_steps, stop_requested, stop_request):
     """The end of an optimizer step: too many non-finite steps in a row raise; a checkpoint every
     --checkpointing_steps; past --max_bad_rows a checkpoint, then the error; a stop request before the last step saves
     a checkpoint and returns True (the run stops)."""
     if progress.nonfinite_in_a_row >= args.max_nonfinite_steps:
-        last = list_checkpoints(args.output_dir)
+        last = (list_checkpoints(args.output_dir) or ["none"])[-1]
         raise RuntimeError(
             f"{progress.nonfinite_in_a_row} optimizer steps in a row (up to step {progress.global_step}) had a "
-            "non-finite loss or gradient; each was skipped, so the weights are those of the last good step, "
-            f"and the last checkpoint is {last[-1] if last else 'none'}. Lower --learning_rate, train in bf16 "
-            "rather than fp16, check the data, or raise --max_nonfinite_steps."
+            "non-finite loss or gradient; each was skipped, so the weights are those of the last good step, and the "
+            f"last checkpoint is {last}. Lower --learning_rate, train in bf16 rather than fp16, check the data, or "
+            "raise --max_nonfinite_steps."
         )
     if progress.global_step % args.checkpointing_steps == 0:
         save_checkpoint(accelerator, args, progress.global_step, progress)
     pairs_read = total_steps * args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
     error = bad_rows_error(args.max_bad_rows, progress.bad_rows, pairs_read, "by the loader")
-    stop = verdict.stop and progress.global_step < total_steps  # at the last step: finish
+    stop = stop_requested and progress.global_step < total_steps  # at the last step: finish
     if stop:
         progress.stopped_by = stop_request.reason() or "SIGTERM"  # the signal reached another process
     if (error is not None or stop) and progress.saved_step != progress.global_step:
@@ -1908,23 +1852,22 @@ def list_checkpoints(output_dir):
 
 def resolve_checkpoint_path(args):
     if args.resume_from_checkpoint == "latest":
-        checkpoints = list_checkpoints(args.output_dir)
-        return checkpoints[-1] if checkpoints else None
+        return (list_checkpoints(args.output_dir) or [None])[-1]
     for candidate in (args.resume_from_checkpoint, os.path.join(args.output_dir, args.resume_from_checkpoint)):
-        if os.path.isdir(candidate) and os.path.exists(os.path.join(candidate, PROGRESS_FILE)):
+        if os.path.exists(os.path.join(candidate, PROGRESS_FILE)):
             return candidate
     return None
 
 
 def save_checkpoint(accelerator, args, global_step, progress):
-    """Atomic save: written under a temporary name and renamed when complete; then the oldest beyond
-    --checkpoints_total_limit removed."""
+    """Atomic: written under a temporary name and renamed when complete; then the oldest beyond
+    --checkpoints_total_limit are removed (never the one just saved: a resumed run's step can sort before the leftovers
+    of a longer run)."""
     if args.streaming and accelerator.num_processes > 1:
-        # The main process writes the progress file, so it must hold every process's stream readers. (Only it merges:
-        # the others keep their own readers, so a stale copy never overwrites a fresh state.)
-        gathered = gather_object([progress.stream_states])
-        if accelerator.is_main_process:
-            for states in gathered:  # in process order: each process's own readers last, so freshest
+        # The main process writes the progress file, so it must hold every process's loader state; the others keep
+        # their own, so a stale copy never overwrites a fresh one.
+        for states in gather_object([progress.stream_states]):  # in process order: each process's own state last
+            if accelerator.is_main_process:
                 progress.stream_states.update(states)
     final = os.path.join(args.output_dir, f"checkpoint-{global_step}")
     partial = final + ".incomplete"
@@ -1940,12 +1883,11 @@ def save_checkpoint(accelerator, args, global_step, progress):
             shutil.rmtree(final)
         os.replace(partial, final)
         logger.info(f"Saved checkpoint {final}")
-        if args.checkpoints_total_limit is not None:
-            # Never the one just saved: a resumed run's step can sort before the leftovers of a longer run.
-            older = [path for path in list_checkpoints(args.output_dir) if not os.path.samefile(path, final)]
-            for old in older[: max(0, len(older) + 1 - args.checkpoints_total_limit)]:
-                logger.info(f"Removing checkpoint {old} (--checkpoints_total_limit {args.checkpoints_total_limit})")
-                shutil.rmtree(old)
+        limit = args.checkpoints_total_limit
+        older = [path for path in list_checkpoints(args.output_dir) if not os.path.samefile(path, final)]
+        for old in older[: max(0, len(older) + 1 - limit)] if limit is not None else []:
+            logger.info(f"Removing checkpoint {old} (--checkpoints_total_limit {limit})")
+            shutil.rmtree(old)
     accelerator.wait_for_everyone()
     progress.saved_step = global_step
     return final
@@ -1969,7 +1911,7 @@ def create_ema(args, accelerator, unet):
     model = accelerator.unwrap_model(unet)
     ema = EMAModel(
         model.parameters(),
-        decay=args.ema_decay,
+        args.ema_decay,
         model_cls=UNet2DConditionModel,
         model_config=model.config,
         foreach=args.foreach_ema,

@@ -546,7 +546,7 @@ def test_fp16_steps_the_scaler_skips_below_scale_1_count_as_nonfinite():
         guard.observe(torch.tensor(0.5), {})
         guard.agree(torch.tensor(float("inf")))
         guard.note_scaler_skip(SimpleNamespace(step_was_skipped=skipped))
-        return guard.verdict.nonfinite
+        return guard.nonfinite
 
     assert not counted(1024.0, True)  # an ordinary fp16 overflow: the scaler backs off, not counted
     assert counted(0.5, True) and not counted(0.5, False)
