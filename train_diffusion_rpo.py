@@ -144,11 +144,9 @@ DEFAULT_VALIDATION_PROMPTS = [
     "a watercolor painting of a lighthouse at dawn",
     "a bowl of ramen, highly detailed food photography",
 ]
-# Flags of other diffusion preference scripts (diffusers' DPO examples) that change the objective: refused with an
-# explanation instead of silently accepted.
+# Flags of other diffusion preference scripts (diffusers' DPO examples) that change the objective: refused, with why.
 REFUSED_PEER_FLAGS = {
-    "prediction_type": "the policy and the frozen reference must share the scheduler's parameterisation; "
-    "the prediction type is read from the model's scheduler config",
+    "prediction_type": "the prediction type is read from the model's scheduler config, shared by policy and reference",
     "snr_gamma": "Min-SNR weighting changes the preference objective's per-timestep weighting",
 }
 # Default learning rates (docs/method.md, "Defaults"): those of the diffusers text_to_image READMEs for full and LoRA
@@ -156,14 +154,17 @@ REFUSED_PEER_FLAGS = {
 DEFAULT_LEARNING_RATE, DEFAULT_LORA_LEARNING_RATE = 1e-5, 1e-4
 SANE_LEARNING_RATES = (1e-7, 1e-3)  # outside this range a run barely moves or diverges: warned about at start
 MAX_CONSECUTIVE_BAD_ROWS = 64  # more undecodable pairs in a row than this means wrong image columns, not bad rows
-TIE_LABEL = 0.5
-VALID_LABELS = (0.0, 0.5, 1.0)
-# Streams of the indexed randomness (docs/method.md, "Randomness"): every draw is a pure function of (seed, stream, keys).
+TIE_LABEL, VALID_LABELS = 0.5, (0.0, 0.5, 1.0)
+# Streams of the indexed randomness (docs/method.md, "Randomness"): a draw is a pure function of (seed, stream, keys).
 STREAM_ORDER, STREAM_AUGMENT, STREAM_PAIR_NOISE, STREAM_BATCH_TIMESTEP, STREAM_CAPTION_DROPOUT = 1, 2, 3, 4, 5
 # Columns of a latent-cache dataset (it is recognised by them): per pair, (orientations, [winner, loser], ...) arrays.
 CACHE_LATENT_MEAN, CACHE_LATENT_STD, CACHE_EMBEDDINGS = "latent_mean", "latent_std", "similarity_embedding"
 CACHE_ORIGINAL_SIZE, CACHE_CROP_TOP_LEFT = "original_size", "crop_top_left"
 CACHE_ARRAY_COLUMNS = (CACHE_LATENT_MEAN, CACHE_LATENT_STD, CACHE_EMBEDDINGS, CACHE_ORIGINAL_SIZE, CACHE_CROP_TOP_LEFT)
+VALIDATION_SCORERS = {  # --validation_scorer: (model, tokenizer and image settings) defaults; None: the model's own
+    "pickscore": ("yuvalkirstain/PickScore_v1", "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"),
+    "clip": ("openai/clip-vit-large-patch14", None),
+}
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -171,15 +172,8 @@ CACHE_ARRAY_COLUMNS = (CACHE_LATENT_MEAN, CACHE_LATENT_STD, CACHE_EMBEDDINGS, CA
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-VALIDATION_SCORERS = {  # --validation_scorer: (model, tokenizer and image settings) defaults
-    "pickscore": ("yuvalkirstain/PickScore_v1", "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"),
-    "clip": ("openai/clip-vit-large-patch14", None),
-}
-
-
 def bounded(kind, low, high=None, *, above=False, below=False, hint=""):
-    """An argparse `type=` for an int or float (`kind`) from `low` to `high`; `above` / `below` exclude that end.
-    argparse puts the flag's name in front of the message."""
+    """An argparse `type=` for an int or float from `low` to `high`; `above` / `below` exclude that end."""
 
     def parse(text):
         value = kind(text)  # a ValueError becomes argparse's "invalid int value: 'x'"
@@ -191,7 +185,7 @@ def bounded(kind, low, high=None, *, above=False, below=False, hint=""):
             raise argparse.ArgumentTypeError(f"{text} is out of range: it must be {bounds}.{hint}")
         return value
 
-    parse.__name__ = kind.__name__
+    parse.__name__ = kind.__name__  # argparse's "invalid int value" names it
     return parse
 
 
@@ -217,7 +211,6 @@ def parse_args(input_args=None):
     add("--pretrained_vae_model_name_or_path", help="A VAE to train and save with instead of the base's.")
     add("--revision", help="Revision (branch, tag or commit) of the base model.")
     add("--variant", help="Weights variant of the base model, e.g. fp16.")
-
     add = parser.add_argument_group("data").add_argument
     add("--dataset_name", default="yuvalkirstain/pickapic_v2", help="Hub id, folder of data files or save_to_disk.")
     add("--dataset_config_name", help="Dataset configuration name.")
@@ -236,7 +229,6 @@ def parse_args(input_args=None):
     add("--vae_encode_batch_size", type=count, default=16, help="Images per VAE encode call.")
     add("--streaming", action="store_true", help="Stream the dataset, not download it; needs --max_train_steps.")
     add("--shuffle_buffer_size", type=count_or_0, default=1000, help="With --streaming: shuffle buffer (examples).")
-
     add = parser.add_argument_group("steps and checkpoints").add_argument
     add("--train_batch_size", type=count, default=8, help="Preference pairs per process per micro-batch (M).")
     add("--num_train_epochs", type=count, default=1, help="Epochs over the pairs, unless --max_train_steps.")
@@ -248,14 +240,9 @@ def parse_args(input_args=None):
     add("--resume_from_checkpoint", help='A checkpoint folder, or "latest" (the newest complete one in output_dir).')
     add("--max_bad_rows", type=bad_row_limit, default=0.01, help="Undecodable pairs allowed: a fraction or a count.")
     add("--max_nonfinite_steps", type=count, default=10, help="Non-finite steps in a row (skipped) that stop the run.")
-
     add = parser.add_argument_group("optimisation").add_argument
-    add(
-        "--learning_rate",
-        type=positive,
-        help=f"Unset: {DEFAULT_LEARNING_RATE:g}, or {DEFAULT_LORA_LEARNING_RATE:g} with --use_lora. With --scale_lr: "
-        "the rate per pair (then required).",
-    )
+    default_rates = f"{DEFAULT_LEARNING_RATE:g}, or {DEFAULT_LORA_LEARNING_RATE:g} with --use_lora"
+    add("--learning_rate", type=positive, help=f"Unset: {default_rates}. With --scale_lr: per pair (then required).")
     add("--scale_lr", action="store_true", help="--learning_rate is per pair: times batch x accumulation x processes.")
     add("--lr_scheduler", default="constant_with_warmup", help="linear, cosine, constant, constant_with_warmup, ...")
     add("--lr_warmup_steps", type=count_or_0, default=500, help="Learning-rate warm-up steps.")
@@ -279,7 +266,6 @@ def parse_args(input_args=None):
     add("--enable_xformers_memory_efficient_attention", action="store_true", help="xformers instead of PyTorch SDPA.")
     add("--use_lora", action="store_true", help="Train LoRA adapters on the UNet attention.")
     add("--lora_rank", type=count, default=8, help="LoRA rank.")
-
     add = parser.add_argument_group("method").add_argument
     add("--loss_type", default="rpo", choices=["rpo", "dpo", "sft"], help="The objective.")
     add("--beta_dpo", type=positive, default=5000.0, help="KL strength beta (DiffusionDPO's -1/2 beta convention).")
@@ -293,7 +279,6 @@ def parse_args(input_args=None):
     add("--noise_offset", type=nonnegative, default=0.0, help="Noise offset scale (shared by the pair).")
     add("--stabilizer", default="none", choices=["none", "dpop", "sft"], help="Keep winners' likelihood from falling.")
     add("--stabilizer_weight", type=positive, default=1.0, help="lambda of --stabilizer.")
-
     add = parser.add_argument_group("output and logging").add_argument
     add("--output_dir", default="diffusion-rpo-model", help="Pipeline, model card and checkpoints.")
     add("--seed", type=count_or_0, help="Seed of every random draw (unset: one is drawn, logged and checkpointed).")
@@ -320,14 +305,12 @@ def parse_args(input_args=None):
         args.learning_rate = DEFAULT_LORA_LEARNING_RATE if args.use_lora else DEFAULT_LEARNING_RATE
     if args.max_grad_norm is None:
         args.max_grad_norm = 0.0 if args.use_adafactor else 1.0
-    if args.max_train_steps == 0:
-        args.max_train_steps = None  # 0: from --num_train_epochs, as when unset
+    args.max_train_steps = args.max_train_steps or None  # 0: from --num_train_epochs, as when unset
     if args.validation_scorer != "none":
         model, processor = VALIDATION_SCORERS[args.validation_scorer]
         args.validation_scorer_model = args.validation_scorer_model or model
-        args.validation_scorer_processor = (
-            args.validation_scorer_processor or processor or args.validation_scorer_model
-        )
+        processor = processor or args.validation_scorer_model
+        args.validation_scorer_processor = args.validation_scorer_processor or processor
     return args
 
 
@@ -336,29 +319,17 @@ def check_args(args, parser):
     for name, reason in REFUSED_PEER_FLAGS.items():
         if getattr(args, name) is not None:
             parser.error(f"--{name} is not supported: {reason}. Remove the flag.")
-    if args.scale_lr and args.learning_rate is None:
-        parser.error(
-            "--scale_lr multiplies --learning_rate by the pairs per optimizer step, so it needs the per-pair rate: "
-            "pass --learning_rate (DiffusionDPO: 1e-8 at 2048 pairs per step), or drop --scale_lr to train at the "
-            "default rate."
-        )
+    if args.scale_lr and args.learning_rate is None:  # the default rate times DiffusionDPO's 2048 pairs would diverge
+        parser.error("--scale_lr multiplies --learning_rate by the pairs per step: pass a per-pair rate, e.g. 1e-8.")
     if args.stabilizer != "none" and args.loss_type == "sft":
-        parser.error(
-            f"--stabilizer {args.stabilizer} anchors the preferred images of a preference loss; --loss_type sft has "
-            "no preference term. Use --loss_type dpo or rpo, or drop --stabilizer."
-        )
+        parser.error(f"--stabilizer {args.stabilizer} needs a preference loss: --loss_type dpo or rpo, not sft.")
     if args.use_ema and args.use_lora:
         parser.error("--use_ema averages the full UNet's weights; with --use_lora only the adapters train. Drop one.")
     if (args.offload_ema or args.foreach_ema) and not args.use_ema:
         parser.error("--offload_ema and --foreach_ema configure --use_ema: pass --use_ema too, or drop them.")
-    adam_only = [
-        f"--{n}" for n in ("adam_beta1", "adam_beta2", "adam_epsilon") if getattr(args, n) != parser.get_default(n)
-    ]
-    if args.use_adafactor and adam_only:
-        parser.error(
-            f"{', '.join(adam_only)} set an AdamW setting, but --use_adafactor trains with Adafactor, which has no "
-            "such setting (it uses --learning_rate and --adam_weight_decay). Drop one or the other."
-        )
+    for name in ("adam_beta1", "adam_beta2", "adam_epsilon"):
+        if args.use_adafactor and getattr(args, name) != parser.get_default(name):
+            parser.error(f"--{name} set an AdamW setting, but --use_adafactor trains with Adafactor. Drop one.")
     if args.use_8bit_adam and args.use_adafactor:
         parser.error("--use_8bit_adam and --use_adafactor are two optimizers: pick one.")
     if args.resolution % 8 != 0:
@@ -370,15 +341,9 @@ def check_args(args, parser):
     if args.streaming and args.max_train_samples:
         parser.error("--max_train_samples draws from the whole dataset: it does not work with --streaming.")
     if needs_similarity_model(args) and not args.clip_model_name_or_path:
-        parser.error(
-            "--rpo_weighting similarity needs a CLIP model: pass --clip_model_name_or_path (e.g. "
-            "openai/clip-vit-large-patch14) or use --rpo_weighting uniform."
-        )
-    if args.use_8bit_adam:
-        try:
-            import bitsandbytes  # noqa: F401
-        except ImportError:
-            parser.error("--use_8bit_adam needs bitsandbytes: `pip install bitsandbytes`.")
+        parser.error("--rpo_weighting similarity needs a CLIP model: pass --clip_model_name_or_path or use uniform.")
+    if args.use_8bit_adam and importlib.util.find_spec("bitsandbytes") is None:
+        parser.error("--use_8bit_adam needs bitsandbytes: `pip install bitsandbytes`.")
     if args.resume_from_checkpoint not in (None, "latest") and resolve_checkpoint_path(args) is None:
         parser.error(
             f"--resume_from_checkpoint {args.resume_from_checkpoint}: no such checkpoint folder with a "
@@ -1972,10 +1937,15 @@ def write_model_card(args, repo_id, stats, progress, learning_rate, num_processe
     vae, model = public_name(args.pretrained_vae_model_name_or_path), public_name(repo_id or args.output_dir)
     last, reward = progress.history[-10:], (progress.validation_rewards or [{}])[-1]
     mean = {key: sum(h[key] for h in last) / len(last) for key in ("loss", "implicit_acc") if last and key in last[0]}
+    scores = f"{reward['validation_reward']:.4f} (base: {reward['validation_reward_reference']:.4f})" if reward else ""
+    weighting = f"; rpo_weighting {args.rpo_weighting}" if args.loss_type == "rpo" else ""
     lora = f'pipe.load_lora_weights("{model}")\n' if args.use_lora else ""
     text = f"""# {args.loss_type.upper()} fine-tune of {base}
-{"LoRA adapters" if args.use_lora else "The full UNet"} of `{base}` trained with `{SCRIPT_NAME}` (Diffusion-RPO, arXiv 2406.06382; Diffusion-DPO, arXiv 2311.12908)
-on `{dataset}` (split `{args.dataset_split_name}`): {stats["pairs"]} preference pairs used, {stats["ties_dropped"]} ties of {stats["rows"]} rows dropped.{f" Trained with the VAE `{vae}` instead of the base's (in the saved pipeline; for adapters, pass it as `vae=`)." if vae else ""}{f" With --use_ema (decay {args.ema_decay:g}), the saved UNet holds the EMA weights." if args.use_ema else ""}
+{"LoRA adapters" if args.use_lora else "The full UNet"} of `{base}` trained with `{SCRIPT_NAME}` (Diffusion-RPO,
+arXiv 2406.06382; Diffusion-DPO, arXiv 2311.12908) on `{dataset}` (split `{args.dataset_split_name}`):
+{stats["pairs"]} preference pairs used, {stats["ties_dropped"]} ties of {stats["rows"]} rows dropped.
+{f"Trained with the VAE `{vae}` instead of the base's (for adapters, pass it as `vae=`)." if vae else ""}
+{f"With --use_ema (decay {args.ema_decay:g}), the saved UNet holds the EMA weights." if args.use_ema else ""}
 
 ## Usage
 ```python
@@ -1988,31 +1958,34 @@ pipe = DiffusionPipeline.from_pretrained("{base if args.use_lora else model}", t
 ## Training
 | setting | value |
 |---|---|
-| loss_type, beta_dpo (-1/2 beta convention) | {args.loss_type}, {args.beta_dpo:g}{f"; rpo_weighting {args.rpo_weighting}" if args.loss_type == "rpo" else ""} |
+| loss_type, beta_dpo (-1/2 beta convention) | {args.loss_type}, {args.beta_dpo:g}{weighting} |
 | learning_rate (as passed) | {args.learning_rate} |
 | scale_lr | {args.scale_lr} |
 | effective learning rate | {learning_rate:.6g} |
-| optimizer steps | {progress.global_step} (seed {progress.seed}; {progress.skipped_updates} skipped as non-finite, {progress.bad_rows} undecodable pairs) |
-| train_batch_size x gradient_accumulation_steps x processes | {args.train_batch_size} x {args.gradient_accumulation_steps} x {num_processes} |
+| optimizer steps (seed) | {progress.global_step} (seed {progress.seed}) |
+| updates skipped as non-finite, undecodable pairs | {progress.skipped_updates}, {progress.bad_rows} |
+| batch x accumulation x processes | {args.train_batch_size} x {args.gradient_accumulation_steps} x {num_processes} |
 | mixed_precision, lora_rank | {args.mixed_precision or "no"}, {args.lora_rank if args.use_lora else "- (full UNet)"} |
 | stabilizer | {args.stabilizer}{f" (lambda {args.stabilizer_weight:g})" if args.stabilizer != "none" else ""} |
 
 ## Results
-{f"Mean of the last {len(last)} logged optimizer steps: loss {mean['loss']:.4f}" if last else "No step was logged (a run resumed at its end)"}{f", implicit accuracy {mean['implicit_acc']:.3f} (pairs ranked as labelled; 0.5 at the start)" if "implicit_acc" in mean else ""}.
-{f"Last validation (step {reward['step']}): {args.validation_scorer} reward {reward['validation_reward']:.4f} (base: {reward.get('validation_reward_reference', float('nan')):.4f})." if reward else ""}
+{f"Mean of the last {len(last)} logged optimizer steps: loss {mean['loss']:.4f}." if last else "No step was logged."}
+{f"Mean implicit accuracy {mean['implicit_acc']:.3f} (pairs ranked as labelled)." if "implicit_acc" in mean else ""}
+{f"Last validation (step {reward['step']}): {args.validation_scorer} reward {scores}." if reward else ""}
 
 ## Validation images
 {f"![validation grid: top row the base, bottom row this model](./{grid_filename})" if grid_filename else "None."}
 
 ## Limitations
-Tuned towards the preferences in `{dataset}` and their biases, not for safety; a lower loss does not mean better images. The base model's license and limitations apply.
+Tuned towards the preferences in `{dataset}` and their biases, not for safety; a lower loss does not mean better
+images. The base model's license and limitations apply.
 """
     license, path = None, args.pretrained_model_name_or_path
     with contextlib.suppress(Exception):  # the base's license; DEFAULT_LICENSE when its card cannot be read
         license = ModelCard.load(os.path.join(path, "README.md") if os.path.isdir(path) else path).data.license
     data = ModelCardData(license=license or DEFAULT_LICENSE, base_model=None if os.path.exists(path) else path)
     data.datasets = None if os.path.exists(args.dataset_name) else [args.dataset_name]
-    card = ModelCard(f"---\n{data.to_yaml()}\n---\n{text}")
+    card = ModelCard(f"---\n{data.to_yaml()}\n---\n" + re.sub(r"\n{3,}", "\n\n", text))  # optional lines left empty
     populate_model_card(card, tags=MODEL_CARD_TAGS + [args.loss_type] + (["lora"] if args.use_lora else []))
     card.save(os.path.join(args.output_dir, "README.md"))
 
