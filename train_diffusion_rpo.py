@@ -1,12 +1,11 @@
 #!/usr/bin/env python
 # coding=utf-8
 # Copyright 2026 The Diffusion-RPO contributors. Licensed under the Apache License, Version 2.0.
-"""Diffusion-RPO (Relative Preference Optimization, arXiv 2406.06382) fine-tuning of Stable Diffusion 1.x/2.x.
-
-`compute_preference_loss` implements the objective of docs/method.md. Also trains Diffusion-DPO (`--loss_type dpo`) and
-SFT on the preferred images (`--loss_type sft`). The file reads in order: the model-specific block, arguments, the
-objective, the training step in call order, randomness, data, models, validation, `main` (a run from start to end),
-then appendices for faults and checkpoints, EMA, the latent cache, the model card and Hub, and streaming.
+"""Diffusion-RPO (Relative Preference Optimization, arXiv 2406.06382) fine-tuning of Stable Diffusion 1.x/2.x; also
+Diffusion-DPO (`--loss_type dpo`) and SFT on the preferred images (`--loss_type sft`). The file reads: imports, the
+model-specific block, arguments, the run (`main`, the training loop), the training step and the objective
+(`compute_preference_loss`, docs/method.md) in call order, data, models and validation, then appendices (faults and
+checkpoints, EMA, the model card and Hub, streaming).
 
     accelerate launch train_diffusion_rpo.py \
       --pretrained_model_name_or_path stable-diffusion-v1-5/stable-diffusion-v1-5 \
@@ -18,7 +17,6 @@ import contextlib
 import copy
 import dataclasses
 import gc
-import importlib.util
 import io
 import itertools
 import json
@@ -42,12 +40,7 @@ import transformers
 from accelerate import Accelerator
 from accelerate.logging import get_logger
 from accelerate.state import AcceleratorState, is_initialized
-from accelerate.utils import (
-    DistributedType,
-    ProjectConfiguration,
-    extract_model_from_parallel,
-    gather_object,
-)
+from accelerate.utils import DistributedType, ProjectConfiguration, extract_model_from_parallel, gather_object
 from diffusers import (
     AutoencoderKL,
     DDPMScheduler,
@@ -61,6 +54,7 @@ from diffusers.training_utils import EMAModel, cast_training_params
 from diffusers.utils import convert_state_dict_to_diffusers, make_image_grid
 from diffusers.utils.hub_utils import populate_model_card
 from huggingface_hub import ModelCard, ModelCardData, create_repo, upload_folder
+from peft import LoraConfig
 from PIL import Image, ImageOps
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer, CLIPModel, CLIPTextModel, CLIPTokenizer
@@ -76,7 +70,6 @@ row_logger = logging.getLogger(__name__)  # loader workers have no accelerate st
 
 SCRIPT_NAME = "train_diffusion_rpo.py"
 PIPELINE_CLASS = StableDiffusionPipeline
-EXPECTED_PIPELINE_CLASSES = ("StableDiffusionPipeline",)
 WRONG_PIPELINE_HINTS = {"StableDiffusionXLPipeline": "Use train_diffusion_rpo_sdxl.py for SDXL weights."}
 DEFAULT_PRETRAINED_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 DEFAULT_RESOLUTION = 512
@@ -92,8 +85,9 @@ MODEL_CARD_TAGS = [
 VAE_FP32_UNLESS_CUSTOM = False  # the SD1.x VAE is stable in fp16/bf16
 
 
-def load_models(args, device, weight_dtype):
-    """The base's tokenizer, scheduler, text encoder, VAE (or the custom one), UNet and the RPO CLIP, set up."""
+def load_models(args, device, weight_dtype, seed):
+    """The base's tokenizer, scheduler, text encoder, VAE (or the custom one), UNet and the RPO CLIP, set up by
+    `setup_models` (LoRA adapters drawn from `seed`)."""
     path, common = args.pretrained_model_name_or_path, {"revision": args.revision, "cache_dir": args.cache_dir}
     models = Models(
         tokenizer=CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", **common),
@@ -103,7 +97,7 @@ def load_models(args, device, weight_dtype):
         unet=UNet2DConditionModel.from_pretrained(path, subfolder="unet", variant=args.variant, **common),
         clip=load_similarity_model(args, device, weight_dtype) if needs_similarity_model(args) else None,
     )
-    return setup_models(args, models, device, weight_dtype)
+    return setup_models(args, models, device, weight_dtype, seed)
 
 
 def text_encoders(models):
@@ -123,16 +117,9 @@ def encode_conditioning(args, models, batch):
 
 
 def build_validation_pipeline(models, unet, scheduler):
-    return PIPELINE_CLASS(
-        vae=models.vae,
-        text_encoder=models.text_encoder,
-        tokenizer=models.tokenizer,
-        unet=unet,
-        scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
+    components = {"vae": models.vae, "text_encoder": models.text_encoder, "tokenizer": models.tokenizer}
+    no_safety_checker = {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
+    return PIPELINE_CLASS(**components, unet=unet, scheduler=scheduler, **no_safety_checker)
 
 
 # ======================================================================================================================
@@ -1012,7 +999,7 @@ def build_dataloader(args, accelerator, models, dataset, seed, progress=None):
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Models: loading, the frozen reference and its precision, the optimizer
+# Models: loading, the frozen reference and its precision, the optimizer; validation images and their reward
 # ----------------------------------------------------------------------------------------------------------------------
 
 
@@ -1055,24 +1042,18 @@ def check_pretrained_pipeline(args):
     except Exception as error:
         fix = f"pass a folder or Hub id with a model_index.json, e.g. {DEFAULT_PRETRAINED_MODEL}"
         raise ValueError(f"{flag} {path!r} is not a diffusers pipeline ({type(error).__name__}): {fix}.") from error
-    name = config.get("_class_name", "")
-    if name not in EXPECTED_PIPELINE_CLASSES:
-        trains, hint = " / ".join(EXPECTED_PIPELINE_CLASSES), WRONG_PIPELINE_HINTS.get(name, "")
+    name, trains = config.get("_class_name", ""), PIPELINE_CLASS.__name__
+    if name != trains:
+        hint = WRONG_PIPELINE_HINTS.get(name, "")
         raise ValueError(f"{flag} {path!r} is a {name}, but this script trains {trains}. {hint}".rstrip())
-    return config
 
 
 def load_vae(args):
     """The base pipeline's VAE, or --pretrained_vae_model_name_or_path (a VAE folder or Hub id, e.g. the fp16-fix)."""
-    custom = args.pretrained_vae_model_name_or_path
-    if custom is None:
-        common = {"variant": args.variant, "revision": args.revision, "cache_dir": args.cache_dir}
-        return AutoencoderKL.from_pretrained(args.pretrained_model_name_or_path, subfolder="vae", **common)
-    try:
-        return AutoencoderKL.from_pretrained(custom, cache_dir=args.cache_dir)
-    except Exception as error:
-        problem = f"is not an AutoencoderKL folder or Hub id ({type(error).__name__}: {error})"
-        raise ValueError(f"--pretrained_vae_model_name_or_path {custom!r} {problem}.") from error
+    if args.pretrained_vae_model_name_or_path is not None:
+        return AutoencoderKL.from_pretrained(args.pretrained_vae_model_name_or_path, cache_dir=args.cache_dir)
+    common = {"variant": args.variant, "revision": args.revision, "cache_dir": args.cache_dir}
+    return AutoencoderKL.from_pretrained(args.pretrained_model_name_or_path, subfolder="vae", **common)
 
 
 def load_similarity_model(args, device, dtype):
@@ -1082,54 +1063,48 @@ def load_similarity_model(args, device, dtype):
 
 
 def load_clip(path, processor_path, cache_dir, device, dtype, flag, fix):
-    """A frozen `Clip` on `device`, with the tokenizer and image settings at `processor_path`."""
+    """A frozen `Clip` on `device`, with the tokenizer and image mean/std at `processor_path`."""
     try:
         model = CLIPModel.from_pretrained(path, cache_dir=cache_dir, torch_dtype=dtype)
         tokenizer = AutoTokenizer.from_pretrained(processor_path, cache_dir=cache_dir)
+        image = transformers.ImageProcessingMixin.get_image_processor_dict(processor_path, cache_dir=cache_dir)[0]
+        mean, std = list(image["image_mean"]), list(image["image_std"])
     except Exception as error:
-        raise ValueError(f"{flag} {path!r} is not a CLIPModel with its tokenizer ({error}). {fix}.") from error
-    mean, std = [0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711]  # OpenAI CLIP's
-    try:
-        config = transformers.CLIPImageProcessor.get_image_processor_dict(processor_path, cache_dir=cache_dir)[0]
-        mean, std = config.get("image_mean", mean), config.get("image_std", std)
-    except Exception:
-        logger.warning(f"No image processor config in {processor_path}; using the OpenAI CLIP mean/std.")
+        raise ValueError(f"{flag} {path!r}: no CLIPModel, tokenizer or image config ({error}). {fix}.") from error
     model.requires_grad_(False).eval().to(device)
-    return Clip(model, tokenizer, model.config.vision_config.image_size, list(mean), list(std))
+    return Clip(model, tokenizer, model.config.vision_config.image_size, mean, std)
 
 
-def setup_models(args, models, device, weight_dtype):
-    """Frozen parts to `device` in `weight_dtype`, the reference (a frozen copy, or the LoRA base), memory options and
-    --compile, on a `Models` or any object with its loaded fields."""
+def setup_models(args, models, device, weight_dtype, seed):
+    """Frozen parts to `device` in `weight_dtype`, the reference (a frozen copy, or the LoRA base; the adapters start
+    from `seed`), memory options and --compile, on a `Models` or any object with its loaded fields."""
     for text_encoder in text_encoders(models):
         text_encoder.requires_grad_(False).eval().to(device, dtype=weight_dtype)
-    # SDXL's original VAE overflows in fp16 (NaN latents): it stays fp32 unless a custom VAE (the fp16-fix) is given.
     fp32_vae = VAE_FP32_UNLESS_CUSTOM and args.pretrained_vae_model_name_or_path is None
     models.vae.requires_grad_(False).eval().to(device, dtype=torch.float32 if fp32_vae else weight_dtype)
     unet, models.ref_unet, models.device, models.weight_dtype = models.unet, None, device, weight_dtype
     if args.use_lora:
-        from peft import LoraConfig
-
         store_as_autocast_computes(unet.requires_grad_(False), weight_dtype).to(device)
         rank, targets = args.lora_rank, ["to_k", "to_q", "to_v", "to_out.0"]
-        unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=targets))
+        config = LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=targets)
+        # peft draws the adapters on the CPU from torch's global generator: seeded here, restored after.
+        with torch.random.fork_rng(devices=[]):
+            torch.default_generator.manual_seed(seed)
+            unet.add_adapter(config)
         cast_training_params(unet, dtype=torch.float32)
     elif args.loss_type != "sft":
         models.ref_unet = store_as_autocast_computes(copy.deepcopy(unet), weight_dtype).requires_grad_(False).eval()
     unets = [module.to(device) for module in (unet, models.ref_unet) if module is not None]
-    if args.enable_xformers_memory_efficient_attention:
-        try:
-            for module in unets:
-                module.enable_xformers_memory_efficient_attention()
-        except Exception as error:
-            raise RuntimeError(
-                f"--enable_xformers_memory_efficient_attention: xformers is not usable here ({error}). Remove the "
-                "flag (PyTorch SDPA attention, the default, is as fast) or install xformers built for this torch."
-            ) from error
+    for module in unets if args.enable_xformers_memory_efficient_attention else []:
+        module.enable_xformers_memory_efficient_attention()  # diffusers raises, saying why, where xformers cannot run
     if args.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
-    if args.compile:
-        compile_unets(args.compile_backend, args.compile_mode, *unets)
+    # --compile in place (state-dict keys, saving and unwrapping unchanged). torch refuses an unknown backend here; a
+    # graph that fails to compile (no triton, no C++ compiler) runs eagerly with torch's warning: suppress_errors
+    # around these calls only, as torch has no public per-module fallback to eager.
+    for module in unets if args.compile else []:
+        module.compile(backend=args.compile_backend, mode=args.compile_mode)
+        module._compiled_call_impl = torch._dynamo.config.patch(suppress_errors=True)(module._compiled_call_impl)
     return models
 
 
@@ -1141,9 +1116,8 @@ def sharding_engine():
 
 def store_as_autocast_computes(module, dtype):
     """Frozen weights stored as the trained UNet computes (docs/method.md, "Reference in mixed precision"): linear and
-    convolution parameters in `dtype`, norms and embeddings fp32 (all in `dtype` under FSDP or DeepSpeed, which cast
-    every parameter). Under the policy's autocast this copy computes bitwise what the policy does at theta = theta_ref,
-    so the first loss is exactly ln 2; a plain `.to(bf16)` copy runs norms in bf16, a logit of order 1 at step 0."""
+    convolution weights in `dtype`, the rest fp32 (all `dtype` under FSDP/DeepSpeed, which cast every parameter), so
+    under autocast the first loss is exactly ln 2 (a plain `.to(bf16)` copy runs norms in bf16: a logit of order 1)."""
     module.float()
     if dtype == torch.float32 or sharding_engine() is not None:
         return module.to(dtype)
@@ -1164,28 +1138,6 @@ def weight_dtype_for(accelerator):
             "(accelerate runs no autocast there): use --mixed_precision bf16 on CPU, fp16 on a GPU."
         )
     return dtype
-
-
-def compile_unets(backend, mode, *unets):
-    """torch.compile in place (`Module.compile`: state-dict keys, saving and unwrapping unchanged); False, with a
-    warning, where the backend is unavailable. A graph that fails to compile runs eagerly (torch logs it)."""
-    device, reason = next(unets[0].parameters()).device, None
-    if not torch._dynamo.is_dynamo_supported():
-        reason = f"torch.compile is not supported on this Python/platform (torch {torch.__version__})"
-    elif backend not in torch.compiler.list_backends(exclude_tags=()):
-        reason = f"unknown backend {backend!r} (available: {', '.join(torch.compiler.list_backends())})"
-    elif backend == "inductor" and device.type == "cuda" and importlib.util.find_spec("triton") is None:
-        reason = "the inductor backend needs triton on CUDA (`pip install triton`)"
-    elif backend == "inductor" and shutil.which(os.environ.get("CXX", "g++")) is None:
-        reason = "the inductor backend needs a C++ compiler on CPU"
-    if reason is not None:
-        logger.warning(f"--compile: {reason}; training without compilation.")
-        return False
-    for unet in unets:
-        unet.compile(backend=backend, mode=mode)
-        # suppress_errors around these calls only: torch has no public per-module fallback to eager.
-        unet._compiled_call_impl = torch._dynamo.config.patch(suppress_errors=True)(unet._compiled_call_impl)
-    return True
 
 
 def effective_learning_rate(args, num_processes):
@@ -1219,11 +1171,6 @@ def create_optimizer(args, params, learning_rate):
     return torch.optim.AdamW(params, **kwargs, **({"fused": True} if fused else {}))
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# Validation: images of the trained UNet and the reference, their reward
-# ----------------------------------------------------------------------------------------------------------------------
-
-
 def log_validation(accelerator, args, models, unet, progress, gathered=False):
     """The main process renders the validation prompts with the weights the saved pipeline will hold (the EMA's with
     --use_ema) and the reference's, logs them and their reward, returns the grid (`gathered`: `unet` is gathered)."""
@@ -1245,8 +1192,7 @@ def log_validation(accelerator, args, models, unet, progress, gathered=False):
         rewards = validation_rewards(scorer, args.validation_scorer, prompts, rendered, models.device)
         progress.validation_rewards.append({"step": step, **rewards})
         accelerator.log(rewards, step=step)
-        scores = ", ".join(f"{name} {value:.4f}" for name, value in rewards.items())
-        logger.info(f"Step {step}: validation {args.validation_scorer} {scores}")
+        logger.info(f"Step {step}: {args.validation_scorer} " + ", ".join(f"{k} {v:.4f}" for k, v in rewards.items()))
     for tracker, (name, images) in itertools.product(accelerator.trackers, rendered.items()):
         if tracker.name == "tensorboard":
             tracker.writer.add_images(name, np.stack([np.asarray(i) for i in images]), step, dataformats="NHWC")
@@ -1264,7 +1210,9 @@ def generate_validation_images(args, models, unet, seed, reference=False):
     autocast (an fp32 trained UNet beside half-precision frozen parts), decoded outside it (SDXL's VAE overflows)."""
     if reference and models.ref_unet is None and not args.use_lora:
         return []  # sft trains without a reference copy
-    device, dtype, vae = models.device, models.weight_dtype, models.vae
+    device, dtype, vae, size = models.device, models.weight_dtype, models.vae, args.resolution
+    steps, guidance = args.validation_num_inference_steps, args.validation_guidance_scale
+    options = {"num_inference_steps": steps, "guidance_scale": guidance, "height": size, "width": size}
     autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
     scheduler, images = DPMSolverMultistepScheduler.from_config(models.noise_scheduler.config), []
     with reference_unet(models, unet) if reference else contextlib.nullcontext(unet) as rendering_unet:
@@ -1274,15 +1222,7 @@ def generate_validation_images(args, models, unet, seed, reference=False):
             # Seeded for every seed, 0 included (`if seed:` would leave seed 0's images unseeded and unrepeatable).
             generator = torch.Generator(device=device).manual_seed(seed + index)
             with autocast:
-                latents = pipeline(
-                    prompt,
-                    num_inference_steps=args.validation_num_inference_steps,
-                    guidance_scale=args.validation_guidance_scale,
-                    height=args.resolution,
-                    width=args.resolution,
-                    generator=generator,
-                    output_type="latent",
-                ).images
+                latents = pipeline(prompt, generator=generator, output_type="latent", **options).images
             decoded = vae.decode((latents / vae.config.scaling_factor).to(vae.dtype)).sample
             images.append(pipeline.image_processor.postprocess(decoded, output_type="pil")[0])
     return images
@@ -1290,8 +1230,8 @@ def generate_validation_images(args, models, unet, seed, reference=False):
 
 @torch.no_grad()
 def validation_rewards(scorer, kind, prompts, rendered, device):
-    """{"validation"/"reference": images of `prompts`} -> {"validation_reward"/"validation_reward_reference": the mean
-    PickScore (logit_scale.exp() x cosine) or CLIP score (100 x max(cosine, 0))}; the scorer visits `device` once."""
+    """The mean PickScore (logit_scale.exp() x cosine) or CLIP score (100 x max(cosine, 0)) of each rendered set, as
+    "validation_reward" and "validation_reward_reference"; the scorer visits `device` once."""
     scorer.model.to(device)
     max_length = min(scorer.tokenizer.model_max_length, scorer.model.config.text_config.max_position_embeddings)
     ids = torch.stack([make_tokenize_fn(scorer.tokenizer, max_length)(prompt) for prompt in prompts]).to(device)
@@ -1413,7 +1353,7 @@ def run_training(args, accelerator, stop_request):
         columns, limit = dataset_columns(args), args.max_train_samples
         dataset, stats = prepare_preference_dataset(raw_dataset, columns, limit, progress.seed)
     logger.info(f"Dataset: {stats['rows']} rows, {stats['ties_dropped']} ties dropped, {stats['pairs']} pairs used.")
-    models = load_models(args, accelerator.device, weight_dtype)
+    models = load_models(args, accelerator.device, weight_dtype, progress.seed)
     learning_rate = effective_learning_rate(args, accelerator.num_processes)
     optimizer = create_optimizer(args, [p for p in models.unet.parameters() if p.requires_grad], learning_rate)
     loader, sampler = build_dataloader(args, accelerator, models, dataset, progress.seed, progress)

@@ -415,7 +415,7 @@ class OurStep:
             clip=models.clip,
             text_encoder_2=(models.text_encoders + [None])[1],
         )
-        self.models = script.setup_models(args, script_models, accelerator.device, self.weight_dtype)
+        self.models = script.setup_models(args, script_models, accelerator.device, self.weight_dtype, args.seed)
         optimizer = script.create_optimizer(
             args, [p for p in self.models.unet.parameters() if p.requires_grad], args.learning_rate
         )

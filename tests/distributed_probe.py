@@ -18,7 +18,7 @@ def main(argv):
     out, args = argv[0], rpo.parse_args(argv[1:])
     accelerator = rpo.build_accelerator(args)
     dataset, _ = rpo.prepare_preference_dataset(rpo.load_raw_dataset(args.dataset_name), rpo.dataset_columns(args))
-    models = rpo.load_models(args, accelerator.device, torch.float32)
+    models = rpo.load_models(args, accelerator.device, torch.float32, args.seed)
     unet = accelerator.prepare(models.unet)
     loader, _ = rpo.build_dataloader(args, accelerator, models, dataset, args.seed)
     seen = {"model_losses": [], "ref_losses": []}

@@ -1,7 +1,7 @@
-"""--compile changes nothing but speed: a compiled step equals the eager step, and an unavailable backend falls back to
-eager with a warning."""
+"""--compile changes nothing but speed: a compiled step equals the eager step, an unknown backend is refused at set-up,
+and a graph that fails to compile (no triton, no C++ compiler) runs eagerly."""
 
-import logging
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -28,16 +28,17 @@ def test_compiled_step_equals_the_eager_step(train, tmp_path):
     assert all(torch.allclose(first[k], second[k], atol=1e-6) for k in first)
 
 
-def test_compile_falls_back_to_eager_when_the_backend_is_unavailable(caplog):
-    from accelerate import PartialState
+def compiled_linear(backend):
+    """A Linear set up by `setup_models` as every model (sft: no reference copy) with --compile and `backend`."""
+    args = rpo.parse_args(["--compile", "--compile_backend", backend, "--loss_type", "sft"])
+    models = SimpleNamespace(text_encoder=torch.nn.Linear(2, 2), vae=torch.nn.Linear(2, 2), unet=torch.nn.Linear(2, 2))
+    return rpo.setup_models(args, models, torch.device("cpu"), torch.float32, seed=0).unet
 
-    PartialState()  # the script's logger is accelerate's
-    module = torch.nn.Linear(2, 2)
-    with caplog.at_level(logging.WARNING):
-        assert rpo.compile_unets("no_such_backend", None, module) is False
-    assert "unknown backend 'no_such_backend'" in caplog.text and "training without compilation" in caplog.text
-    assert module._compiled_call_impl is None
-    assert rpo.compile_unets("eager", None, module) is True and module._compiled_call_impl is not None
+
+def test_an_unknown_backend_is_refused_at_set_up():
+    with pytest.raises(RuntimeError, match="no_such_backend"):  # torch's InvalidBackend, before any step
+        compiled_linear("no_such_backend")
+    assert compiled_linear("eager")._compiled_call_impl is not None
 
 
 def test_a_graph_that_fails_to_compile_runs_eagerly_without_a_global_setting():
@@ -49,10 +50,10 @@ def test_a_graph_that_fails_to_compile_runs_eagerly_without_a_global_setting():
         raise RuntimeError("this backend cannot compile")
 
     torch._dynamo.register_backend(failing_backend, name="rpo_test_failing_backend")
-    module, inputs = torch.nn.Linear(2, 2), torch.randn(3, 2)
-    expected = module(inputs)
+    inputs = torch.randn(3, 2)
     try:
-        assert rpo.compile_unets("rpo_test_failing_backend", None, module) is True
+        module = compiled_linear("rpo_test_failing_backend")
+        expected = torch.nn.functional.linear(inputs, module.weight, module.bias)
         assert torch._dynamo.config.suppress_errors is False
         assert torch.equal(module(inputs), expected)  # the graph failed to compile: the call ran eagerly
         assert torch._dynamo.config.suppress_errors is False

@@ -137,7 +137,7 @@ def test_pair_noise_does_not_depend_on_batch_composition(sd_pipeline_path, picka
             "uniform",
         ]
     )
-    models = rpo.load_models(args, torch.device("cpu"), torch.float32)
+    models = rpo.load_models(args, torch.device("cpu"), torch.float32, args.seed)
     dataset, _ = rpo.prepare_preference_dataset(load(pickapic_path), COLUMNS)
     items = pair_dataset(dataset, tokenizers={"input_ids": rpo.make_tokenize_fn(models.tokenizer)})
     batch_ab = rpo.collate_pairs([items[(0, 0)], items[(1, 0)]])

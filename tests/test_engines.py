@@ -53,7 +53,7 @@ def test_deepspeed_half_precision_module_gets_half_precision_inputs(
 ):
     monkeypatch.setattr(rpo, "sharding_engine", lambda: DistributedType.DEEPSPEED)
     args = rpo.parse_args(cli(perturbed_sd, pickapic_path, clip_model_path, tmp_path, "--loss_type", "dpo"))
-    models = rpo.load_models(args, torch.device("cpu"), torch.bfloat16)
+    models = rpo.load_models(args, torch.device("cpu"), torch.bfloat16, args.seed)
     assert {p.dtype for p in models.ref_unet.parameters()} == {torch.bfloat16}
     models.unet.to(torch.bfloat16)  # what DeepSpeed's bf16 engine makes of the trained UNet (no autocast)
     dataset, _ = rpo.prepare_preference_dataset(rpo.load_raw_dataset(args.dataset_name), rpo.dataset_columns(args))

@@ -32,7 +32,7 @@ def test_cache_holds_both_flips_of_the_live_crops(sd_pipeline_path, pickapic_pat
     flags = cli(sd_pipeline_path, pickapic_path, clip_model_path, tmp_path / "cache")
     cached = build_cache(*flags)
     args = rpo.parse_args(flags)
-    models = rpo.load_models(args, torch.device("cpu"), torch.float32)
+    models = rpo.load_models(args, torch.device("cpu"), torch.float32, args.seed)
     dataset, _ = rpo.prepare_preference_dataset(rpo.load_raw_dataset(args.dataset_name), rpo.dataset_columns(args))
     assert len(cached) == len(dataset) and "jpg_0" not in cached.column_names
     tokenizers = {"clip_input_ids": rpo.clip_tokenize_fn(args, models)}

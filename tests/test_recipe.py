@@ -31,7 +31,7 @@ def test_caption_dropout_rate_matches_the_flag_within_binomial_error():
 
 def test_a_dropped_caption_is_empty_for_both_images_and_every_encoder(train, script, tmp_path):
     args = train.parse("--proportion_empty_prompts", "0.5", output_dir=tmp_path)
-    models = script.module.load_models(args, torch.device("cpu"), torch.float32)
+    models = script.module.load_models(args, torch.device("cpu"), torch.float32, args.seed)
     dataset, _ = rpo.prepare_preference_dataset(rpo.load_raw_dataset(args.dataset_name), COLUMNS)
     tokenizers = {
         "input_ids": rpo.make_tokenize_fn(models.tokenizer),

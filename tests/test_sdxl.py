@@ -31,7 +31,7 @@ def test_each_script_refuses_the_other_ones_weights(sd_pipeline_path, sdxl_pipel
 
 def test_time_ids_follow_the_pair_crop_and_flip(sdxl_pipeline_path, pickapic_path, clip_model_path, tmp_path):
     args = sdxl.parse_args(cli(sdxl_pipeline_path, pickapic_path, clip_model_path, tmp_path, "--random_crop"))
-    models = sdxl.load_models(args, torch.device("cpu"), torch.float32)
+    models = sdxl.load_models(args, torch.device("cpu"), torch.float32, args.seed)
     dataset, _ = sdxl.prepare_preference_dataset(sdxl.load_raw_dataset(args.dataset_name), sdxl.dataset_columns(args))
     items = sdxl.PreferencePairDataset(
         dataset,
@@ -80,7 +80,7 @@ def test_vae_stays_fp32_unless_a_custom_vae_is_given(sdxl_pipeline_path, pickapi
         args = sdxl.parse_args(
             cli(sdxl_pipeline_path, pickapic_path, clip_model_path, tmp_path, "--loss_type", "dpo", *extra)
         )
-        models = sdxl.load_models(args, torch.device("cpu"), torch.bfloat16)
+        models = sdxl.load_models(args, torch.device("cpu"), torch.bfloat16, args.seed)
         assert models.vae.dtype == dtype and models.text_encoder_2.dtype == torch.bfloat16
 
 
@@ -90,7 +90,7 @@ def test_validation_decodes_outside_autocast_in_the_vae_dtype(
     """Validation runs the pipeline under bf16 autocast (the fp32 trained UNet beside bf16 text encoders) up to the
     latents only: the fp32 VAE decodes them outside autocast, in fp32 (autocast would run it in bf16, fp16 on a GPU)."""
     args = sdxl.parse_args(cli(sdxl_pipeline_path, pickapic_path, clip_model_path, tmp_path, "--loss_type", "sft"))
-    models = sdxl.load_models(args, torch.device("cpu"), torch.bfloat16)
+    models = sdxl.load_models(args, torch.device("cpu"), torch.bfloat16, args.seed)
     latents = torch.randn(1, 4, 4, 4)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         assert models.vae.decode(latents).sample.dtype == torch.bfloat16  # what autocast alone does to an fp32 VAE
@@ -169,5 +169,5 @@ def test_custom_vae_is_trained_with_saved_and_named_in_the_card(train, tmp_path)
     assert "train_diffusion_rpo_sdxl.py" in card.text
     # Training itself runs with the custom VAE's weights.
     args = train.parse("--pretrained_vae_model_name_or_path", custom_vae, "--loss_type", "dpo", output_dir="x")
-    models = sdxl.load_models(args, torch.device("cpu"), torch.float32)
+    models = sdxl.load_models(args, torch.device("cpu"), torch.float32, args.seed)
     assert all(torch.equal(models.vae.state_dict()[k], custom[k]) for k in custom)
