@@ -18,6 +18,7 @@ import contextlib
 import copy
 import dataclasses
 import gc
+import importlib.util
 import io
 import itertools
 import json
@@ -41,7 +42,15 @@ import transformers
 from accelerate import Accelerator
 from accelerate.logging import get_logger
 from accelerate.state import AcceleratorState, is_initialized
-from accelerate.utils import DistributedType, ProjectConfiguration, extract_model_from_parallel, gather_object
+from accelerate.utils import (
+    DistributedType,
+    ProjectConfiguration,
+    concatenate,
+    extract_model_from_parallel,
+    gather_object,
+    recursively_apply,
+    send_to_device,
+)
 from diffusers import (
     AutoencoderKL,
     DDPMScheduler,
@@ -378,9 +387,7 @@ def compute_preference_loss(
     stabilizer="none",
     stabilizer_weight=1.0,
 ):
-    """(loss, metrics: detached float tensors) from per-sample denoising errors, (2M,) winners first. sft reads the
-    winners' half of model_losses only (the losers' may be NaN). Stabilizers of dpo/rpo (0 at theta = ref): "dpop"
-    subtracts stabilizer_weight * max(0, delta_w^i) from row i's logits, "sft" adds stabilizer_weight * mean(model_w)."""
+    """(loss, detached float metrics) from per-sample denoising errors (2M,), winners first (sft: winners' half)."""
     if model_losses.ndim != 1 or model_losses.shape[0] % 2:
         raise ValueError(f"model_losses must have shape (2M,), winners first; got {tuple(model_losses.shape)}.")
     output_dtype = torch.promote_types(model_losses.dtype, torch.float32)
@@ -437,14 +444,9 @@ def compute_preference_loss(
     return (loss + extra_loss).to(output_dtype), {name: value.to(output_dtype) for name, value in metrics.items()}
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# The training step, in call order: the update, the loss, the diffusion inputs, the denoising and similarity terms
-# ----------------------------------------------------------------------------------------------------------------------
-
-
 def training_step(args, accelerator, models, training, batch, micro_step, seed, guard):
-    """One micro-step: loss, backward and, at accumulation boundaries, clipping and the update. `guard` (a `StepGuard`)
-    skips everywhere an update whose loss or gradient is not finite anywhere, and tells the caller (`guard.skip_update`)."""
+    """One micro-step: loss, backward and, at accumulation boundaries, clipping and the update. `guard` (a
+    `StepGuard`) skips everywhere an update whose loss or gradient is not finite anywhere (`guard.skip_update`)."""
     unet, optimizer = training.unet, training.optimizer
     with accelerator.accumulate(unet):
         loss, metrics = compute_step_loss(args, models, unet, batch, micro_step, seed)
@@ -467,29 +469,27 @@ def training_step(args, accelerator, models, training, batch, micro_step, seed, 
 def compute_step_loss(args, models, unet, batch, micro_step, seed):
     """A micro-batch's loss and metrics over this process's pairs, or every process's (--rpo_global_matrix)."""
     inputs = prepare_diffusion_inputs(args, models, batch, micro_step, seed)
-    device, weight_dtype = models.device, models.weight_dtype
-    noisy, target, timesteps = inputs.noisy_latents, inputs.target, inputs.timesteps
-    if sharding_engine() == DistributedType.DEEPSPEED:
-        noisy = noisy.to(weight_dtype)  # a bf16/fp16 module without autocast: fp32 latents would fail at conv_in
-    hidden = inputs.encoder_hidden_states.to(weight_dtype)
-    unet_kwargs = cast_floats(inputs.unet_kwargs, weight_dtype)
-    model_losses = per_sample_denoising_loss(unet, noisy, timesteps, hidden, target, **unet_kwargs)
+    device, dtype = models.device, models.weight_dtype
+    # A DeepSpeed module computes in its own dtype, without autocast: fp32 latents would fail at its conv_in.
+    deepspeed = sharding_engine() == DistributedType.DEEPSPEED
+    noisy = inputs.noisy_latents.to(dtype) if deepspeed else inputs.noisy_latents
+    hidden = inputs.encoder_hidden_states.to(dtype)
+    unet_kwargs = recursively_apply(torch.Tensor.to, inputs.unet_kwargs, dtype, test_type=torch.is_floating_point)
+    model_losses = per_sample_denoising_loss(unet, noisy, inputs.timesteps, hidden, inputs.target, **unet_kwargs)
     if args.loss_type == "sft":  # winners only were denoised; the losers' slots of the (2M,) losses stay NaN
         model_losses = torch.cat([model_losses, torch.full_like(model_losses, math.nan)])
         return compute_preference_loss(model_losses, None, loss_type="sft", beta=args.beta_dpo)
-    with torch.no_grad(), reference_unet(models, unet) as ref_unet, autocast_like_policy(device, weight_dtype):
-        ref_losses = per_sample_denoising_loss(ref_unet, noisy, timesteps, hidden, target, **unet_kwargs)
-    embeddings = None
-    if needs_similarity_model(args):
-        embeddings = batch.get("embeddings")  # cached, or computed here from the batch's prompts and crops
-        if embeddings is None:
-            ids, pixels = batch.get("clip_input_ids"), batch["pixel_values"].to(device)
-            ids = None if ids is None else ids.to(device)
-            embeddings = compute_similarity_embeddings(models.clip, args.similarity_embedding, ids, pixels)
-        embeddings = embeddings.to(device)
-    if args.rpo_global_matrix and args.loss_type == "rpo":
-        model_losses, ref_losses = gather_pairs(model_losses), gather_pairs(ref_losses)
-        embeddings = None if embeddings is None else gather_pairs(embeddings)
+    # The reference runs under the autocast accelerate wraps the trained UNet's forward in (none under DeepSpeed).
+    mixed = dtype != torch.float32 and not deepspeed
+    autocast = torch.autocast(device.type, dtype=dtype) if mixed else contextlib.nullcontext()
+    with torch.no_grad(), reference_unet(models, unet) as ref_unet, autocast:
+        ref_losses = per_sample_denoising_loss(ref_unet, noisy, inputs.timesteps, hidden, inputs.target, **unet_kwargs)
+    embeddings = send_to_device(batch.get("embeddings"), device)  # cached, or computed here from prompts and crops
+    if embeddings is None and needs_similarity_model(args):
+        ids, pixels = send_to_device((batch.get("clip_input_ids"), batch["pixel_values"]), device)
+        embeddings = compute_similarity_embeddings(models.clip, args.similarity_embedding, ids, pixels)
+    if args.rpo_global_matrix and args.loss_type == "rpo":  # (recursively_apply passes embeddings=None through)
+        model_losses, ref_losses, embeddings = recursively_apply(gather_pairs, (model_losses, ref_losses, embeddings))
     return compute_preference_loss(
         model_losses,
         ref_losses,
@@ -505,9 +505,11 @@ def compute_step_loss(args, models, unet, batch, micro_step, seed):
 
 
 def prepare_diffusion_inputs(args, models, batch, micro_step, seed):
-    """Noisy latents, targets, timesteps and conditioning of the 2M samples, winners first (sft: the M winners only),
-    from pixels or cached "latent_mean"/"latent_std"; every draw indexed by the pair (docs/method.md, "Randomness")."""
+    """Noisy latents, targets, timesteps and conditioning of the 2M samples (sft: M winners), winners first."""
     device, scheduler, vae_config = models.device, models.noise_scheduler, models.vae.config
+    prediction_type, num_train_timesteps = scheduler.config.prediction_type, scheduler.config.num_train_timesteps
+    if prediction_type not in ("epsilon", "v_prediction"):
+        raise ValueError(f"Unsupported prediction_type {prediction_type!r} in the scheduler config.")
     per_pair = 1 if args.loss_type == "sft" else 2
     rows = per_pair * batch["pair_index"].shape[0]
     if "latent_mean" in batch:
@@ -517,25 +519,23 @@ def prepare_diffusion_inputs(args, models, batch, micro_step, seed):
         mean, std = encode_latent_distribution(models.vae, pixels, args.vae_encode_batch_size)
     keys = zip(batch["pair_index"].tolist(), batch["epoch"].tolist())
     draws = [draw_pair_noise(seed, index, epoch, tuple(mean.shape[1:]), args.noise_offset) for index, epoch in keys]
-    draws = {name: torch.stack([draw[name] for draw in draws]) for name in draws[0]}  # each (M, ...)
-    latent_noise = torch.cat([draws["latent_noise_w"], draws["latent_noise_l"]])[:rows].to(device)
-    noise = repeat_for_samples(draws["noise"].to(device), per_pair)
-    num_train_timesteps = scheduler.config.num_train_timesteps
-    timesteps = draw_timesteps(args.timestep_sampling, draws["uniform_t"], seed, micro_step, num_train_timesteps)
-    timesteps = timesteps.to(device).repeat(per_pair)
+    latent_noise, noise, uniform_t = (torch.stack(values) for values in zip(*draws))  # each (M, ...)
+    latent_noise = latent_noise.transpose(0, 1).flatten(0, 1)[:rows].to(device)  # winners' draws, then losers'
+    if args.timestep_sampling == "batch":  # one t per micro-step, the same on every process
+        generator = indexed_generator(seed, STREAM_BATCH_TIMESTEP, micro_step)
+        uniform_t = torch.rand((), generator=generator).expand_as(uniform_t)
+    timesteps = (uniform_t * num_train_timesteps).long().clamp_(max=num_train_timesteps - 1)
+    hidden, unet_kwargs = encode_conditioning(args, models, batch)
+    # Per pair (M, ...) -> per sample, winners then losers: a pair's noise, t and caption serve both its images.
+    per_sample = concatenate([(noise, timesteps, hidden, unet_kwargs)] * per_pair)
+    noise, timesteps, hidden, unet_kwargs = send_to_device(per_sample, device)
     shift = getattr(vae_config, "shift_factor", None) or 0.0
     latents = (mean + std * latent_noise - shift) * vae_config.scaling_factor
     # Contiguous: a channels-last input (e.g. latents from a VAE run channels-last) sends the trained UNet (grad mode)
     # and the reference (no_grad) down kernels that round differently, and theta = reference no longer gives ln 2.
     noisy_latents = scheduler.add_noise(latents, noise, timesteps).contiguous()
-    if scheduler.config.prediction_type == "epsilon":
-        target = noise
-    elif scheduler.config.prediction_type == "v_prediction":
-        target = scheduler.get_velocity(latents, noise, timesteps)
-    else:
-        raise ValueError(f"Unsupported prediction_type {scheduler.config.prediction_type!r} in the scheduler config.")
-    hidden_states, unet_kwargs = encode_conditioning(args, models, batch)
-    conditioning = repeat_for_samples({"encoder_hidden_states": hidden_states, "unet_kwargs": unet_kwargs}, per_pair)
+    target = noise if prediction_type == "epsilon" else scheduler.get_velocity(latents, noise, timesteps)
+    conditioning = {"encoder_hidden_states": hidden, "unet_kwargs": unet_kwargs}
     return SimpleNamespace(noisy_latents=noisy_latents, target=target, timesteps=timesteps, **conditioning)
 
 
@@ -544,19 +544,6 @@ def encode_latent_distribution(vae, pixel_values, batch_size):
     """The VAE posterior's mean and std per image (cacheable; sampling from them stays exact)."""
     posteriors = [vae.encode(chunk.to(vae.dtype)).latent_dist for chunk in pixel_values.split(batch_size)]
     return torch.cat([p.mean.float() for p in posteriors]), torch.cat([p.std.float() for p in posteriors])
-
-
-def repeat_for_samples(value, times):
-    """Per-pair values (M, ...) -> the same for winners (then losers): (times x M, ...), through nested dicts."""
-    if isinstance(value, dict):
-        return {key: repeat_for_samples(item, times) for key, item in value.items()}
-    return value.repeat(times, *[1] * (value.ndim - 1))
-
-
-def cast_floats(value, dtype):
-    if isinstance(value, dict):
-        return {key: cast_floats(item, dtype) for key, item in value.items()}
-    return value.to(dtype) if value.is_floating_point() else value
 
 
 def per_sample_denoising_loss(unet, noisy_latents, timesteps, encoder_hidden_states, target, **unet_kwargs):
@@ -579,28 +566,18 @@ def reference_unet(models, unet):
         unet.enable_adapters()
 
 
-def autocast_like_policy(device, weight_dtype):
-    """For the reference's forward, the autocast accelerate wraps the trained UNet's in (none under DeepSpeed, whose
-    module computes in its own dtype)."""
-    if weight_dtype == torch.float32 or sharding_engine() == DistributedType.DEEPSPEED:
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=weight_dtype)
-
-
 @torch.no_grad()
 def compute_similarity_embeddings(clip, mode, clip_input_ids=None, pixel_values=None):
     """(2M, D) L2-normalised CLIP embeddings of the prompt, the image or both (normalised sum), winners first."""
-    text = image = None
+    embeddings = []
     if mode in ("text", "text_image"):
         text = F.normalize(_features(clip.model.get_text_features(input_ids=clip_input_ids)).float(), dim=-1)
-        text = torch.cat([text, text])
+        embeddings.append(torch.cat([text, text]))  # a pair's two images share its prompt
     if mode in ("image", "text_image"):
         pixels = clip_pixel_values(pixel_values, clip.image_size, clip.image_mean, clip.image_std)
         image = _features(clip.model.get_image_features(pixel_values=pixels.to(clip.model.dtype)))
-        image = F.normalize(image.float(), dim=-1)
-    if text is not None and image is not None:
-        return F.normalize(text + image, dim=-1)
-    return image if text is None else text
+        embeddings.append(F.normalize(image.float(), dim=-1))
+    return F.normalize(embeddings[0] + embeddings[1], dim=-1) if len(embeddings) == 2 else embeddings[0]
 
 
 def clip_pixel_values(pixel_values, image_size, mean, std):
@@ -608,9 +585,7 @@ def clip_pixel_values(pixel_values, image_size, mean, std):
     images = (pixel_values.float() + 1.0) / 2.0
     images = F.interpolate(images, size=(image_size, image_size), mode="bicubic", align_corners=False, antialias=True)
     images = images.clamp(0.0, 1.0)
-    mean = torch.tensor(mean, device=images.device).view(1, -1, 1, 1)
-    std = torch.tensor(std, device=images.device).view(1, -1, 1, 1)
-    return (images - mean) / std
+    return (images - images.new_tensor(mean).view(1, -1, 1, 1)) / images.new_tensor(std).view(1, -1, 1, 1)
 
 
 def _features(output):
@@ -618,20 +593,17 @@ def _features(output):
 
 
 def gather_pairs(values):
-    """(2M, ...) winners first on each of N processes -> (2MN, ...) winners first in process order: the layout of one
-    process with the global micro-batch (IndexedBatchSampler gives process r the r-th slice of it)."""
+    """(2M, ...) winners first per process -> (2MN, ...) winners first, as one process with the global batch has it."""
     if not torch.distributed.is_initialized() or torch.distributed.get_world_size() == 1:
         return values
-    processes, rows, rest = torch.distributed.get_world_size(), values.shape[0], values.shape[1:]
     # One collective (so every process runs the same backward all_reduce), then process-major -> winners first.
-    gathered = _GatherAcrossProcesses.apply(values).reshape(processes, 2, rows // 2, *rest)
-    return gathered.transpose(0, 1).reshape(processes * rows, *rest)
+    gathered = _GatherAcrossProcesses.apply(values).unflatten(0, (-1, 2, values.shape[0] // 2))  # (N, 2, M, ...)
+    return gathered.transpose(0, 1).flatten(0, 2)
 
 
 class _GatherAcrossProcesses(torch.autograd.Function):
-    """all_gather along dim 0 whose backward sums every process's gradient of a slice onto its owner: each process
-    computes the same global loss, so the owner gets N x dL/d(slice) and DDP's average makes it exactly the
-    single-process gradient. (torch.distributed.nn.functional.all_gather is deprecated in torch 2.13.)"""
+    """all_gather on dim 0 whose backward sums every process's gradient of a slice onto its owner: all compute the same
+    loss, so DDP's average of N x dL/d(slice) is the single-process gradient (torch's own all_gather is deprecated)."""
 
     @staticmethod
     def forward(ctx, values):
@@ -647,11 +619,6 @@ class _GatherAcrossProcesses(torch.autograd.Function):
         return grad[ctx.rank * ctx.rows : (ctx.rank + 1) * ctx.rows]
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# Indexed randomness and data order (docs/method.md, "Randomness")
-# ----------------------------------------------------------------------------------------------------------------------
-
-
 def indexed_generator(seed, stream, *keys):
     """A CPU torch.Generator that is a pure function of (seed, stream, keys): independent of workers and processes."""
     state = np.random.SeedSequence([int(seed) % 2**32, stream, *[int(k) for k in keys]]).generate_state(2, np.uint32)
@@ -659,16 +626,13 @@ def indexed_generator(seed, stream, *keys):
 
 
 class IndexedBatchSampler:
-    """This process's micro-batches of (pair_index, epoch) keys. Global micro-batch b is perm[b*G:(b+1)*G] of the
-    epoch's permutation (drawn from (seed, epoch)), G = batch_size x num_processes, and process r takes its r-th
-    slice: N processes see exactly the pairs one process with batch G sees. An epoch is `batches_per_epoch` full
-    micro-batches (the remainder is dropped); `set_epoch(epoch, start_batch)` resumes mid-epoch."""
+    """This process's micro-batches of (pair_index, epoch) keys: the r-th slice of global micro-batch b, perm[b*G:
+    (b+1)*G] of the epoch's permutation (G = batch_size x num_processes), as one process with batch G would see it."""
 
     def __init__(self, num_pairs, batch_size, seed, batches_per_epoch, num_processes=1, process_index=0):
         self.num_pairs, self.batch_size, self.seed = num_pairs, batch_size, seed
-        self.batches_per_epoch = batches_per_epoch
         self.num_processes, self.process_index = num_processes, process_index
-        self.epoch, self.start_batch = 0, 0
+        self.batches_per_epoch, self.epoch, self.start_batch = batches_per_epoch, 0, 0
 
     def set_epoch(self, epoch, start_batch=0):
         self.epoch, self.start_batch = epoch, start_batch
@@ -678,17 +642,15 @@ class IndexedBatchSampler:
 
     def __iter__(self):
         order = torch.randperm(self.num_pairs, generator=indexed_generator(self.seed, STREAM_ORDER, self.epoch))
-        global_batch = self.batch_size * self.num_processes
         for b in range(self.start_batch, self.batches_per_epoch):
-            start = b * global_batch + self.process_index * self.batch_size
+            start = (b * self.num_processes + self.process_index) * self.batch_size
             yield [(int(i), self.epoch) for i in order[start : start + self.batch_size]]
 
 
 def sample_pair_augmentation(seed, pair_index, epoch, random_crop, hflip):
     """The crop position (fractions of the free margin) and flip shared by a pair's two images."""
     u = torch.rand(3, generator=indexed_generator(seed, STREAM_AUGMENT, pair_index, epoch)).tolist()
-    crop_fraction = (u[0], u[1]) if random_crop else (0.5, 0.5)
-    return {"crop_fraction": crop_fraction, "flip": bool(hflip and u[2] < 0.5)}
+    return {"crop_fraction": (u[0], u[1]) if random_crop else (0.5, 0.5), "flip": bool(hflip and u[2] < 0.5)}
 
 
 def caption_dropped(seed, pair_index, epoch, proportion):
@@ -698,23 +660,13 @@ def caption_dropped(seed, pair_index, epoch, proportion):
 
 
 def draw_pair_noise(seed, pair_index, epoch, latent_shape, noise_offset=0.0):
-    """A pair's diffusion noise eps (shared by winner and loser), its two latent-sampling draws and its uniform t."""
+    """A pair's latent-sampling draws (2, ...) of winner and loser, diffusion noise eps (both share it), uniform t."""
     generator = indexed_generator(seed, STREAM_PAIR_NOISE, pair_index, epoch)
-    latent_noise_w, latent_noise_l = torch.randn((2, *latent_shape), generator=generator)
+    latent_noise = torch.randn((2, *latent_shape), generator=generator)
     noise = torch.randn(latent_shape, generator=generator)
     if noise_offset:
         noise = noise + noise_offset * torch.randn((latent_shape[0], 1, 1), generator=generator)
-    uniform_t = torch.rand((), generator=generator)
-    return {"latent_noise_w": latent_noise_w, "latent_noise_l": latent_noise_l, "noise": noise, "uniform_t": uniform_t}
-
-
-def draw_timesteps(mode, uniform_t_per_pair, seed, micro_step, num_train_timesteps):
-    """--timestep_sampling `pair`: a t per pair from the pair's draw; `batch`: one t per micro-step, on every process."""
-    uniform = uniform_t_per_pair
-    if mode == "batch":
-        shared = torch.rand((), generator=indexed_generator(seed, STREAM_BATCH_TIMESTEP, micro_step))
-        uniform = shared.expand_as(uniform_t_per_pair)
-    return (uniform * num_train_timesteps).long().clamp_(max=num_train_timesteps - 1)
+    return latent_noise, noise, torch.rand((), generator=generator)
 
 
 # ----------------------------------------------------------------------------------------------------------------------

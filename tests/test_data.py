@@ -77,12 +77,12 @@ def test_augmentation_and_noise_are_pure_functions_of_the_pair():
     assert a != rpo.sample_pair_augmentation(7, 12, 3, True, True) or a != rpo.sample_pair_augmentation(
         7, 13, 2, True, True
     )
-    n1 = rpo.draw_pair_noise(7, 12, 2, (4, 8, 8), noise_offset=0.1)
+    n1 = rpo.draw_pair_noise(7, 12, 2, (4, 8, 8), noise_offset=0.1)  # (latent draws of w and l, noise, uniform t)
     n2 = rpo.draw_pair_noise(7, 12, 2, (4, 8, 8), noise_offset=0.1)
     n3 = rpo.draw_pair_noise(7, 13, 2, (4, 8, 8), noise_offset=0.1)
-    assert all(torch.equal(n1[k], n2[k]) for k in n1)
-    assert not torch.equal(n1["noise"], n3["noise"])
-    assert not torch.equal(n1["latent_noise_w"], n1["latent_noise_l"])
+    assert all(torch.equal(a, b) for a, b in zip(n1, n2))
+    assert not torch.equal(n1[1], n3[1])
+    assert not torch.equal(n1[0][0], n1[0][1])
 
 
 def test_loader_output_does_not_depend_on_worker_count(pickapic_path):
@@ -122,7 +122,8 @@ def test_sampler_shards_a_global_batch_and_resumes_mid_epoch():
     assert all(key[1] == 3 for batch in single for key in batch)
 
 
-def test_pair_noise_does_not_depend_on_batch_composition(sd_pipeline_path, pickapic_path):
+def diffusion_inputs_setup(sd_pipeline_path, pickapic_path, *flags):
+    """dpo args, the tiny SD1.5 models and the dataset's pairs, for prepare_diffusion_inputs."""
     args = rpo.parse_args(
         [
             "--pretrained_model_name_or_path",
@@ -135,11 +136,16 @@ def test_pair_noise_does_not_depend_on_batch_composition(sd_pipeline_path, picka
             "dpo",
             "--rpo_weighting",
             "uniform",
+            *flags,
         ]
     )
     models = rpo.load_models(args, torch.device("cpu"), torch.float32, args.seed)
     dataset, _ = rpo.prepare_preference_dataset(load(pickapic_path), COLUMNS)
-    items = pair_dataset(dataset, tokenizers={"input_ids": rpo.make_tokenize_fn(models.tokenizer)})
+    return args, models, pair_dataset(dataset, tokenizers={"input_ids": rpo.make_tokenize_fn(models.tokenizer)})
+
+
+def test_pair_noise_does_not_depend_on_batch_composition(sd_pipeline_path, pickapic_path):
+    args, models, items = diffusion_inputs_setup(sd_pipeline_path, pickapic_path)
     batch_ab = rpo.collate_pairs([items[(0, 0)], items[(1, 0)]])
     batch_ba = rpo.collate_pairs([items[(1, 0)], items[(0, 0)]])
     inputs_ab = rpo.prepare_diffusion_inputs(args, models, batch_ab, micro_step=0, seed=0)
@@ -151,14 +157,23 @@ def test_pair_noise_does_not_depend_on_batch_composition(sd_pipeline_path, picka
     assert torch.equal(inputs_ab.timesteps[0], inputs_ab.timesteps[2])
 
 
-def test_batch_timestep_sampling_shares_one_t_per_micro_step():
-    uniform = torch.rand(6)
-    t = rpo.draw_timesteps("batch", uniform, seed=3, micro_step=11, num_train_timesteps=1000)
+def test_batch_timestep_sampling_shares_one_t_per_micro_step(sd_pipeline_path, pickapic_path):
+    args, models, items = diffusion_inputs_setup(sd_pipeline_path, pickapic_path, "--timestep_sampling", "batch")
+    pairs = rpo.collate_pairs([items[(index, 0)] for index in range(3)])
+    other_pairs = rpo.collate_pairs([items[(index, 1)] for index in range(3, 6)])
+
+    def inputs(batch, micro_step):
+        return rpo.prepare_diffusion_inputs(args, models, batch, micro_step=micro_step, seed=3)
+
+    t = inputs(pairs, 11).timesteps
     assert t.unique().numel() == 1
-    assert torch.equal(t, rpo.draw_timesteps("batch", torch.rand(6), seed=3, micro_step=11, num_train_timesteps=1000))
-    assert not torch.equal(t, rpo.draw_timesteps("batch", uniform, seed=3, micro_step=12, num_train_timesteps=1000))
-    per_pair = rpo.draw_timesteps("pair", uniform, seed=3, micro_step=11, num_train_timesteps=1000)
-    assert torch.equal(per_pair, (uniform * 1000).long())
+    assert torch.equal(t, inputs(other_pairs, 11).timesteps)  # whatever the pairs: one t per micro-step
+    assert not torch.equal(t, inputs(pairs, 12).timesteps)
+    args.timestep_sampling = "pair"
+    per_pair = inputs(pairs, 11)
+    latent_shape = tuple(per_pair.noisy_latents.shape[1:])
+    uniform = torch.stack([rpo.draw_pair_noise(3, index, 0, latent_shape)[2] for index in range(3)])
+    assert torch.equal(per_pair.timesteps, (uniform * 1000).long().repeat(2))  # the pair's own t, winner and loser
 
 
 @pytest.mark.parametrize("mode", ["RGBA", "P", "L", "I;16", "LA"])
@@ -252,7 +267,7 @@ def test_undecodable_pairs_are_replaced_by_the_next_good_pair_and_counted(caplog
     assert [pair["row_index"] for pair in pairs] == [0, 3, 3, 3, 5, 5]
     assert batch["pair_index"].tolist() == [0, 1, 2, 3, 4, 5]
     assert batch["pixel_values"].shape[0] == 12 and int(batch["bad_rows"]) == 4  # 1 and 2, then 2, then 4
-    noises = [rpo.draw_pair_noise(0, int(key), 0, (4, 4, 4))["noise"] for key in batch["pair_index"][1:4]]
+    noises = [rpo.draw_pair_noise(0, int(key), 0, (4, 4, 4))[1] for key in batch["pair_index"][1:4]]
     assert not torch.equal(noises[0], noises[1]) and not torch.equal(noises[0], noises[2])
     plain = pair_dataset(datasets.Dataset.from_list(rows), hflip=False, random_crop=False)
     assert torch.equal(plain[(1, 0)]["pixel_values"], plain[(3, 0)]["pixel_values"])  # row 3's images in slot 1

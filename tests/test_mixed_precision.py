@@ -2,12 +2,14 @@
 bf16 autocast, with weights that (like trained ones) are not exactly representable in bf16, for both scripts, every
 loss that has a reference, and the options that change how the UNets run. fp16 needs a GPU (benchmarks/run_gpu.sh)."""
 
+import contextlib
 import math
 import os
 
 import pytest
 import tiny
 import torch
+from accelerate.utils import recursively_apply
 from helpers import LN2_FP32, ROOT, build_latent_cache, cli, launch
 
 import train_diffusion_rpo as rpo
@@ -68,16 +70,15 @@ def test_a_plain_half_precision_copy_is_not_exact_and_the_run_says_so(train, per
     as in the peers' scripts) misses ln 2 on these weights, and the run warns."""
     module = script.module
     monkeypatch.setattr(module, "store_as_autocast_computes", lambda unet, dtype: unet.to(dtype))
-    monkeypatch.setattr(
-        module, "autocast_like_policy", lambda device, dtype: torch.autocast(device.type, enabled=False)
-    )
     original = module.per_sample_denoising_loss
 
     def inputs_in_the_unet_dtype(unet, noisy, timesteps, hidden, target, **kwargs):
         dtype = next(unet.parameters()).dtype
-        return original(
-            unet, noisy.to(dtype), timesteps, hidden.to(dtype), target, **module.cast_floats(kwargs, dtype)
-        )
+        kwargs = recursively_apply(torch.Tensor.to, kwargs, dtype, test_type=torch.is_floating_point)
+        # The trained UNet (fp32) keeps accelerate's autocast; the half-precision copy runs outside autocast.
+        half_copy = dtype != torch.float32
+        with torch.autocast(noisy.device.type, enabled=False) if half_copy else contextlib.nullcontext():
+            return original(unet, noisy.to(dtype), timesteps, hidden.to(dtype), target, **kwargs)
 
     monkeypatch.setattr(module, "per_sample_denoising_loss", inputs_in_the_unet_dtype)
     progress, _ = train(*FIRST_BF16_STEP, "--loss_type", "dpo", pipeline=perturbed[train.script.name])
