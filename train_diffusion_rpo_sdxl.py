@@ -64,7 +64,7 @@ from diffusers.training_utils import EMAModel, cast_training_params
 from diffusers.utils import convert_state_dict_to_diffusers, make_image_grid
 from diffusers.utils.hub_utils import populate_model_card
 from huggingface_hub import ModelCard, ModelCardData, create_repo, upload_folder
-from peft import LoraConfig
+from peft import LoraConfig, get_peft_model_state_dict
 from PIL import Image, ImageOps
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer, CLIPModel, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
@@ -1224,8 +1224,7 @@ def validation_rewards(scorer, kind, prompts, rendered, device):
 
 @dataclasses.dataclass
 class Training:
-    """What the loop runs (the UNet, optimizer and schedule as accelerate wrapped them; the loader and its sampler)
-    and for how long: optimizer `steps`, spanning `epochs` of the loader."""
+    """What the loop runs, as accelerate wrapped it, and for how long (optimizer `steps` over loader `epochs`)."""
 
     unet: torch.nn.Module
     optimizer: torch.optim.Optimizer
@@ -1238,8 +1237,7 @@ class Training:
 
 @dataclasses.dataclass
 class TrainingProgress:
-    """Step, data position, seed and fault counts, saved as JSON in every checkpoint so that a resume continues
-    exactly; the fields from `history` on describe this process's run and are not saved."""
+    """Saved as JSON in every checkpoint (`COUNTS`, `stream_states`) so that a resume continues exactly."""
 
     seed: int
     global_step: int = 0
@@ -1267,7 +1265,7 @@ class TrainingProgress:
         self.stream_states = {int(s["reader"]): s for s in state.get("stream_states", [])}
 
     def data_position(self):
-        """Taken at each optimizer step's start; a stop within the step restores it, so the resume replays the step."""
+        """Taken at each optimizer step's start; a stop within the step restores it, so a resume replays the step."""
         return self.epoch, self.batch_in_epoch, dict(self.stream_states)
 
 
@@ -1304,8 +1302,7 @@ def build_accelerator(args):
 
 
 def run_training(args, accelerator, stop_request):
-    """A run, in order: output folder, seed, data, models, optimizer, loader, accelerate's wrapping, resume, the loop,
-    then (unless a stop request ended it) the final validation, model and card."""
+    """Output folder, seed, data, models, optimizer, loader, resume, the loop, then the final model and card."""
     repo_id = prepare_output(args, accelerator, stop_request)
     weight_dtype = weight_dtype_for(accelerator)  # an unavailable --mixed_precision fails before the data is read
     checkpoint = resolve_checkpoint_path(args) if args.resume_from_checkpoint else None
@@ -1354,8 +1351,7 @@ def run_training(args, accelerator, stop_request):
 
 
 def prepare_output(args, accelerator, stop_request):
-    """Checks that fail early; the output folder, cleared of interrupted saves and of a stale stop file (then watched
-    by the main process); the Hub repo's id with --push_to_hub (else None)."""
+    """Early checks; the output folder without interrupted saves or a stale stop file; the Hub repo's id, or None."""
     check_pretrained_pipeline(args)  # a wrong model path fails now, not after the dataset is prepared
     if args.use_lora and sharding_engine() is not None:
         raise ValueError(
@@ -1379,8 +1375,7 @@ def prepare_output(args, accelerator, stop_request):
 
 
 def resolve_seed(args, accelerator, checkpoint=None):
-    """--seed, or on resume the checkpoint's seed (read before the dataset is prepared: the subset, the order and
-    every draw depend on it), or a drawn one."""
+    """--seed, or the resumed checkpoint's (the data subset, order and every draw depend on it), or a drawn one."""
     if checkpoint is not None:
         with open(os.path.join(checkpoint, PROGRESS_FILE)) as f:
             seed = int(json.load(f)["seed"])
@@ -1396,8 +1391,7 @@ def resolve_seed(args, accelerator, checkpoint=None):
 
 
 def prepare_training(args, accelerator, models, optimizer, loader, sampler):
-    """The run's length and learning-rate schedule, accelerate's wrapping, and what the loop reads besides: the
-    base's weight norm, the EMA and the validation scorer."""
+    """The run's length and schedule, accelerate's wrapping, the base's weight norm, the EMA, the validation scorer."""
     updates_per_epoch = sampler.batches_per_epoch // args.gradient_accumulation_steps
     steps = args.num_train_epochs * updates_per_epoch if args.max_train_steps is None else args.max_train_steps
     warmup, total = args.lr_warmup_steps * accelerator.num_processes, steps * accelerator.num_processes
@@ -1418,8 +1412,7 @@ def prepare_training(args, accelerator, models, optimizer, loader, sampler):
 
 
 def tracker_config(args, learning_rate, max_train_steps=None):
-    """Hyperparameters for the trackers: no token, lists joined for tensorboard, the learning rate as trained (after
-    --scale_lr), and the planned steps for an unset --max_train_steps."""
+    """Every flag but the token (lists joined for tensorboard), the learning rate as trained, the planned steps."""
     config = {key: " | ".join(v) if isinstance(v, list) else v for key, v in vars(args).items() if key != "hub_token"}
     config["effective_learning_rate"] = learning_rate
     if max_train_steps is not None:
@@ -1475,8 +1468,7 @@ def train_loop(args, accelerator, models, training, progress, stop_request):
 
 
 def step_logs(args, accelerator, models, training, accumulated, global_step):
-    """An optimizer step's metrics (means over its micro-steps and processes), learning rate and weight-norm drift;
-    at the first step, a warning when the loss is not ln 2."""
+    """A step's metrics (means over micro-steps and processes); at the first, a warning when the loss is not ln 2."""
     logs = {
         name: accelerator.reduce(torch.stack(values).mean(), "mean").item() for name, values in accumulated.items()
     }
@@ -1494,8 +1486,7 @@ def step_logs(args, accelerator, models, training, accumulated, global_step):
 
 
 def trained_weight_norm(use_lora, unet):
-    """The L2 norm of the trained weights, for `weight_norm_drift` (||theta_t|| / ||theta_0|| - 1); None for LoRA
-    (the base does not move) and under FSDP/DeepSpeed (each process holds a shard)."""
+    """||theta||, for `weight_norm_drift`; None for LoRA (the base stays) and FSDP/DeepSpeed (a shard per process)."""
     if use_lora or sharding_engine() is not None:
         return None
     with torch.no_grad():  # one device sync, not one per tensor
@@ -1504,7 +1495,7 @@ def trained_weight_norm(use_lora, unet):
 
 
 def finish_run(args, accelerator, models, unet, progress, repo_id, stats, learning_rate):
-    """The final validation; the trained pipeline (or LoRA weights) with its grid and card; the upload."""
+    """The final validation; the pipeline (`DiffusionPipeline.from_pretrained`) or LoRA weights; grid, card, upload."""
     accelerator.wait_for_everyone()
     trained_unet = gather_sharded_unet(accelerator, unet)
     grid = log_validation(accelerator, args, models, trained_unet, progress, gathered=True)
@@ -1512,7 +1503,16 @@ def finish_run(args, accelerator, models, unet, progress, repo_id, stats, learni
         return
     if models.ema is not None:
         models.ema.copy_to(trained_unet.parameters())  # the saved pipeline holds the EMA weights
-    save_final_model(args, trained_unet)
+    if args.use_lora:
+        lora_layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(trained_unet))
+        PIPELINE_CLASS.save_lora_weights(args.output_dir, unet_lora_layers=lora_layers)
+    else:  # the full pipeline, with the VAE the model was trained with (fp32) where it is not the base's
+        vae = {"vae": load_vae(args)} if args.pretrained_vae_model_name_or_path else {}
+        source = {"revision": args.revision, "variant": args.variant, "cache_dir": args.cache_dir}
+        pipeline = PIPELINE_CLASS.from_pretrained(
+            args.pretrained_model_name_or_path, **source, unet=trained_unet.float(), **vae
+        )
+        pipeline.save_pretrained(args.output_dir)
     if grid is not None:
         grid.save(os.path.join(args.output_dir, "validation_grid.png"))
     grid_filename = None if grid is None else "validation_grid.png"
@@ -1522,25 +1522,8 @@ def finish_run(args, accelerator, models, unet, progress, repo_id, stats, learni
         upload_folder(repo_id=repo_id, folder_path=args.output_dir, allow_patterns=patterns, token=args.hub_token)
 
 
-def save_final_model(args, unet):
-    """A full pipeline (`DiffusionPipeline.from_pretrained(output_dir)`) or, with LoRA, the adapter weights."""
-    if args.use_lora:
-        from peft.utils import get_peft_model_state_dict
-
-        lora_layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
-        PIPELINE_CLASS.save_lora_weights(args.output_dir, unet_lora_layers=lora_layers)
-        return
-    components = {"unet": unet.float()}
-    if args.pretrained_vae_model_name_or_path:  # the VAE the model was trained with, in fp32
-        components["vae"] = load_vae(args)
-    source = {"revision": args.revision, "variant": args.variant, "cache_dir": args.cache_dir}
-    pipeline = PIPELINE_CLASS.from_pretrained(args.pretrained_model_name_or_path, **source, **components)
-    pipeline.save_pretrained(args.output_dir)
-
-
 def gather_sharded_unet(accelerator, unet):
-    """Under FSDP or DeepSpeed every process joins in gathering the full weights, and the main process gets a plain
-    UNet holding them (None elsewhere); otherwise the unwrapped UNet itself."""
+    """The trained UNet, unwrapped; under FSDP/DeepSpeed every process joins the gather, the main one gets it."""
     if sharding_engine() is None:
         return accelerator.unwrap_model(unet)
     state_dict = accelerator.get_state_dict(unet)
@@ -1557,10 +1540,9 @@ def gather_sharded_unet(accelerator, unet):
 
 
 class StopRequest:
-    """While the `with` block runs, SIGTERM (preemption) and SIGINT (Ctrl-C) ask the run to save a checkpoint at the
-    next micro-batch boundary and stop, as does the stop file where `stop_file` is set (on the main process;
-    `StepGuard` tells the others); a second SIGINT interrupts at once. A signal ignored at start stays ignored (`nohup`
-    or `&` start a run with SIGINT ignored), and the handlers found at start are restored at the end."""
+    """Inside `with`, SIGTERM (preemption), SIGINT (Ctrl-C) and the stop file (`stop_file`, watched by the main process)
+    ask for a checkpoint at the next micro-batch and a stop; a second SIGINT interrupts at once. A signal ignored at
+    start (SIGINT under `nohup` or `&`) stays ignored; the handlers found at start are restored at the end."""
 
     def __init__(self):
         self.signal, self.stop_file, self.previous = None, None, {}
@@ -1593,8 +1575,7 @@ class StopRequest:
 
     @staticmethod
     def ignore_in_loader_worker(worker_id):
-        """Loader workers leave SIGTERM/SIGINT (sent to the whole process group) to the main process, which stops
-        cleanly and shuts them down; a killed worker would crash the loader mid-save."""
+        """Loader workers leave SIGTERM/SIGINT to the main process: a killed worker would crash the loader mid-save."""
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         signal.signal(signal.SIGINT, signal.SIG_IGN)
 
@@ -1634,8 +1615,7 @@ class StepGuard:
         return (self.accelerator.reduce(flags, "sum") if self.accelerator.num_processes > 1 else flags).tolist()
 
     def note_scaler_skip(self, optimizer):
-        """An fp16 step that the GradScaler skipped at a scale already below 1 has gradients that are not finite at
-        any scale: counted as a skipped update (so that an all-NaN fp16 run stops too)."""
+        """An fp16 step the GradScaler skipped below scale 1 is not finite at any scale: counted (all-NaN runs stop)."""
         scaler = self.accelerator.scaler
         skipped = scaler is not None and getattr(optimizer, "step_was_skipped", False)
         if skipped and not self.nonfinite and scaler.get_scale() < 1.0:
@@ -1643,8 +1623,7 @@ class StepGuard:
 
 
 def record_faults(args, progress, verdict, logs):
-    """Counts an optimizer step's skipped pairs and skipped update (`verdict`: the `StepGuard`) into `progress`
-    (checkpointed) and the logs."""
+    """Counts a step's skipped pairs and update (`verdict`: the `StepGuard`) into `progress` and the logs."""
     step, progress.bad_rows = progress.global_step, progress.bad_rows + verdict.bad_rows
     if verdict.bad_rows:
         logger.warning(f"Step {step}: {verdict.bad_rows} undecodable pairs skipped ({progress.bad_rows} in all).")
@@ -1659,9 +1638,8 @@ def record_faults(args, progress, verdict, logs):
 
 
 def stop_after_step(args, accelerator, progress, total_steps, stop_requested, stop_request):
-    """The end of an optimizer step: too many non-finite steps in a row raise; a checkpoint every
-    --checkpointing_steps; past --max_bad_rows a checkpoint, then the error; a stop request before the last step saves
-    a checkpoint and returns True (the run stops)."""
+    """A step's end: too many non-finite steps raise; checkpoints (periodic, before a --max_bad_rows error, and on a
+    stop request before the last step, which returns True)."""
     if progress.nonfinite_in_a_row >= args.max_nonfinite_steps:
         last = (list_checkpoints(args.output_dir) or ["none"])[-1]
         raise RuntimeError(
@@ -1696,8 +1674,7 @@ def stop_within_step(args, accelerator, progress, step_start, stop_request):
 
 
 def bad_rows_error(max_bad_rows, bad_rows, rows, where):
-    """The error to stop with when `bad_rows` of `rows` pairs exceed --max_bad_rows (a fraction of `rows`, or a
-    count), else None."""
+    """The error when `bad_rows` of `rows` exceed --max_bad_rows (a fraction of `rows`, or a count), else None."""
     limit = math.floor(max_bad_rows * rows) if max_bad_rows < 1 else int(max_bad_rows)
     if bad_rows <= limit:
         return None
@@ -1712,8 +1689,7 @@ PROGRESS_FILE = "training_progress.json"  # written last into a checkpoint: its 
 
 
 def list_checkpoints(output_dir):
-    """Complete checkpoints, oldest first: checkpoint-N folders that hold the progress file (a save in progress has
-    a suffix; a folder without the file, e.g. a copy that broke off, is never picked)."""
+    """Complete checkpoints, oldest first: checkpoint-N folders holding the progress file (a broken copy lacks it)."""
     found = []
     for name in os.listdir(output_dir) if os.path.isdir(output_dir) else []:
         match = CHECKPOINT_PATTERN.match(name)
@@ -1734,9 +1710,8 @@ def resolve_checkpoint_path(args):
 
 
 def save_checkpoint(accelerator, args, global_step, progress):
-    """Atomic: written under a temporary name and renamed when complete; then the oldest beyond
-    --checkpoints_total_limit are removed (never the one just saved: a resumed run's step can sort before the leftovers
-    of a longer run)."""
+    """Atomic (renamed when complete); then prunes to --checkpoints_total_limit, never the one just saved (a resumed
+    run's step can sort before the leftovers of a longer run)."""
     if args.streaming and accelerator.num_processes > 1:
         # The main process writes the progress file, so it must hold every process's loader state; the others keep
         # their own, so a stale copy never overwrites a fresh one.
@@ -1773,8 +1748,7 @@ def save_checkpoint(accelerator, args, global_step, progress):
 
 
 def create_ema(args, accelerator, unet):
-    """--use_ema: diffusers' EMAModel of the trained UNet, saved in every checkpoint as `unet_ema/` (a UNet folder:
-    safetensors weights, decay and update count in its config; no pickle) by accelerate's save/load hooks."""
+    """diffusers' EMAModel, saved in checkpoints as `unet_ema/` (safetensors and config, no pickle) by hooks."""
     if not args.use_ema:
         return None
     if sharding_engine() is not None:
