@@ -678,96 +678,80 @@ def is_latent_cache(dataset):
 
 
 def check_dataset_schema(dataset, columns, images=True):
-    """Clear errors for missing or mistyped columns, naming the flag that fixes each (images: check_images_decode)."""
+    """Clear errors for missing or mistyped columns, naming the flag that fixes each."""
     for role in ("caption", "label_0", "image_0", "image_1")[: 4 if images else 2]:
         if getattr(columns, role) not in dataset.column_names:
-            raise ValueError(
-                f"Dataset has no column {getattr(columns, role)!r} (the {role} column). Its columns are "
-                f"{dataset.column_names}; pass --{role}_column <name>."
-            )
-    types = {columns.caption: ("string", "large_string"), columns.label_0: ("float", "int", "bool")}
-    for name, dtypes in types.items():
+            name, flag = getattr(columns, role), f"--{role}_column"
+            raise ValueError(f"Dataset has no column {name!r}: pass {flag} <name>, one of {dataset.column_names}.")
+    for name, kinds in zip((columns.caption, columns.label_0), (("string", "large_string"), ("float", "int", "bool"))):
         feature = (dataset.features or {}).get(name)  # None: a stream without declared features, checked row by row
-        if feature is not None and not (isinstance(feature, datasets.Value) and feature.dtype.startswith(dtypes)):
+        if feature is not None and not (isinstance(feature, datasets.Value) and feature.dtype.startswith(kinds)):
             rule = "hold strings" if name == columns.caption else "be numeric (1, 0 or 0.5)"
             raise ValueError(f"Column {name!r} must {rule}, not {feature}.")
-
-
-def pair_columns(dataset, columns):
-    """The columns training reads: images left as bytes (decoded in the loader workers), or a cache's arrays."""
-    cached = [name for name in CACHE_ARRAY_COLUMNS if name in dataset.column_names]
-    data = cached if is_latent_cache(dataset) else [columns.image_0, columns.image_1]
-    dataset = dataset.select_columns([columns.caption, columns.label_0, *data])
-    for name in data:
-        if isinstance((dataset.features or {}).get(name), datasets.Image):
-            dataset = dataset.cast_column(name, datasets.Image(decode=False))
-    return dataset
 
 
 def is_preference(label, column):
     """False for a tie (0.5), True for 1 (image 0 preferred) and 0 (image 1 preferred), else an error."""
     if float(label) not in VALID_LABELS:
         raise ValueError(
-            f"Column {column!r} has the label {label}; expected 1 (image 0 preferred), 0 (image 1 preferred) or "
-            "0.5 (tie). Fix the labels or pass the right --label_0_column."
+            f"Column {column!r} has the label {label}; expected 1, 0 or 0.5 (tie): fix it or pass --label_0_column."
         )
     return float(label) != TIE_LABEL
 
 
-def prepare_preference_dataset(dataset, columns, max_train_samples=None, seed=0):
-    """The checked pairs (images decoded on access) or latent cache, without ties, and their counts."""
-    check_dataset_schema(dataset, columns, images=not is_latent_cache(dataset))
-    total = len(dataset)
-    label = {"input_columns": [columns.label_0], "fn_kwargs": {"column": columns.label_0}}
-    dataset = pair_columns(dataset, columns).filter(is_preference, **label)
-    stats = {"rows": total, "ties_dropped": total - len(dataset)}
-    if len(dataset) == 0:
-        raise ValueError(f"No preference pairs left: all {total} rows are ties (label 0.5) or the split is empty.")
-    if max_train_samples is not None and max_train_samples < len(dataset):
-        dataset = dataset.shuffle(seed=seed).select(range(max_train_samples))
-    if not is_latent_cache(dataset):
-        check_images_decode(dataset, columns)
-    return dataset, {**stats, "pairs": len(dataset)}
-
-
-def check_images_decode(dataset, columns, probe=8):
-    """Fails before training (not a run skipping every row) when none of the first pairs decodes: wrong columns."""
+def preference_pairs(dataset, columns):
+    """The checked non-tie rows in the columns training reads; fails if none of the first 8 pairs' images decodes."""
+    cache = is_latent_cache(dataset)
+    check_dataset_schema(dataset, columns, images=not cache)
+    data = [name for name in (*CACHE_ARRAY_COLUMNS, columns.image_0, columns.image_1) if name in dataset.column_names]
+    dataset = dataset.select_columns([columns.caption, columns.label_0, *data])
+    for name in data:  # images stay bytes: decoded (at reduced scale) in the loader workers
+        if isinstance((dataset.features or {}).get(name), datasets.Image):
+            dataset = dataset.cast_column(name, datasets.Image(decode=False))
+    dataset = dataset.filter(is_preference, input_columns=[columns.label_0], fn_kwargs={"column": columns.label_0})
     errors = []
-    for index, row in enumerate(itertools.islice(dataset, probe)):
+    for index, row in enumerate(itertools.islice(dataset, 0 if cache else 8)):  # a cache has no images
         try:
             decode_pair(columns, row, index, None)
-            return
+            return dataset
         except UndecodablePair as error:
             errors.append(error)
     if errors:
         raise ValueError(
-            f"None of the first {len(errors)} pairs' images can be decoded from columns {columns.image_0!r} and "
-            f"{columns.image_1!r} ({errors[0]}). Pass the right --image_0_column/--image_1_column."
+            f"None of the first {len(errors)} pairs' images can be decoded ({errors[0]}): pass the right "
+            "--image_0_column and --image_1_column."
         )
+    return dataset
 
 
-def decode_image(value, min_size=None):
-    """An RGB PIL image from JPEG/PNG bytes, a datasets Image dict, a PIL image or a path; transparency on white.
-    With `min_size`, a large JPEG decodes at 1/2, 1/4 or 1/8 scale (libjpeg's fast DCT downscale, never below it);
-    `info["original_size"]` keeps the file's rotated (width, height) for SDXL's micro-conditioning either way."""
-    if isinstance(value, dict):
-        value = value.get("bytes") or value.get("path")
-    if isinstance(value, (bytes, bytearray, str)):
-        image = Image.open(io.BytesIO(value) if isinstance(value, (bytes, bytearray)) else value)
-    elif isinstance(value, Image.Image):
-        image = value
-    else:
-        raise ValueError(f"unsupported image value of type {type(value).__name__}")
+def prepare_preference_dataset(dataset, columns, max_train_samples=None, seed=0):
+    """The checked pairs (images decoded on access) or latent cache, without ties, and their counts."""
+    total, dataset = len(dataset), preference_pairs(dataset, columns)
+    if len(dataset) == 0:
+        raise ValueError(f"No preference pairs left: all {total} rows are ties (label 0.5) or the split is empty.")
+    stats = {"rows": total, "ties_dropped": total - len(dataset)}
+    if max_train_samples is not None and max_train_samples < len(dataset):
+        dataset = dataset.shuffle(seed=seed).select(range(max_train_samples))
+    return dataset, {**stats, "pairs": len(dataset)}
+
+
+def decode_image(image, min_size=None):
+    """RGB (transparency on white) of bytes, a datasets Image dict, a PIL image or a path; with `min_size`, a large
+    JPEG decodes at 1/2, 1/4 or 1/8 scale, never below it. `info["original_size"]`: the file's (width, height)."""
+    if isinstance(image, dict):
+        image = image.get("bytes") or image.get("path")
+    if isinstance(image, (bytes, str)):
+        image = Image.open(io.BytesIO(image) if isinstance(image, bytes) else image)
+    if not isinstance(image, Image.Image):
+        raise ValueError(f"unsupported image value of type {type(image).__name__}")
     original_size = image.size[::-1] if image.getexif().get(0x0112, 1) in (5, 6, 7, 8) else image.size  # rotated
-    if min_size and image.format == "JPEG":
+    if min_size and image.format == "JPEG":  # libjpeg's fast DCT downscale, set before the pixels load
         image.draft(image.mode, (min_size, min_size))
-    image.load()
     image = ImageOps.exif_transpose(image)
     if image.mode in ("I;16", "I;16B", "I;16L", "I"):
         image = Image.fromarray((np.asarray(image, dtype=np.float64) / 257.0).clip(0, 255).astype(np.uint8))
     if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
-        rgba = image.convert("RGBA")
-        image = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
+        image = Image.alpha_composite(Image.new("RGBA", image.size, "white"), image.convert("RGBA"))
     image = image.convert("RGB")
     image.info["original_size"] = original_size
     return image
@@ -776,14 +760,11 @@ def decode_image(value, min_size=None):
 def paired_transform(images, resolution, crop_fraction, flip):
     """Resize (shorter side to `resolution`), flip, then crop every image of a pair the same way: the [-1, 1] tensors
     (3, R, R), and per image the original (height, width) and crop (top, left) of SDXL's micro-conditioning."""
-    # One geometry per pair (one crop, one set of SDXL time ids): a loser of another size takes the winner's, as in
-    # diffusers' DPO scripts; the flip comes before the crop, as in the fixed diffusers SDXL script.
+    # One geometry per pair, as in diffusers' DPO scripts (a loser of another size takes the winner's); flip, then crop
     size = images[0].size
     original_width, original_height = images[0].info.get("original_size", size)
-    scale = resolution / min(size)
-    new_size = (max(resolution, round(size[0] * scale)), max(resolution, round(size[1] * scale)))
-    top = round(crop_fraction[0] * (new_size[1] - resolution))
-    left = round(crop_fraction[1] * (new_size[0] - resolution))
+    new_size = tuple(max(resolution, round(length * (resolution / min(size)))) for length in size)
+    top, left = (round(fraction * (length - resolution)) for fraction, length in zip(crop_fraction, new_size[::-1]))
     tensors = []
     for image in images:
         image = image.resize(size, Image.Resampling.BICUBIC) if image.size != size else image
@@ -804,80 +785,68 @@ def decode_pair(columns, row, pair_index, min_size):
     try:
         return [decode_image(row[name], min_size) for name in names]
     except Exception as error:
-        raise UndecodablePair(
-            f"Pair {pair_index}: cannot decode its images ({type(error).__name__}: {error})."
-        ) from error
-
-
-def cached_pair(row, flip):
-    """A latent cache row's latent distribution (and RPO embeddings) in the orientation the pair's flip selects."""
-    orientation = int(flip) if row[CACHE_LATENT_MEAN].shape[0] == 2 else 0
-    item = {"latent_mean": row[CACHE_LATENT_MEAN][orientation], "latent_std": row[CACHE_LATENT_STD][orientation]}
-    item["original_size"] = tuple(row[CACHE_ORIGINAL_SIZE].tolist())
-    item["crop_top_left"] = tuple(row[CACHE_CROP_TOP_LEFT][orientation].tolist())
-    if CACHE_EMBEDDINGS in row:
-        item["embeddings"] = row[CACHE_EMBEDDINGS][orientation]
-    return item
+        raise UndecodablePair(f"Pair {pair_index}: cannot decode ({type(error).__name__}: {error}).") from error
 
 
 @dataclasses.dataclass
 class PairMaker:
-    """A row -> a pair, winner first, with its indexed shared augmentation and caption dropout (in loader workers):
-    its images decoded and transformed, or its `cached_pair`. `tokenizers`: batch key -> callable caption -> ids."""
+    """A row -> its pair, winner first, with its indexed augmentation and caption dropout (in the loader workers)."""
 
     columns: SimpleNamespace
     resolution: int
     seed: int
     random_crop: bool = False
     hflip: bool = True
-    tokenizers: dict = dataclasses.field(default_factory=dict)
+    tokenizers: dict = dataclasses.field(default_factory=dict)  # batch key -> callable caption -> ids
     proportion_empty_prompts: float = 0.0
 
-    def __call__(self, row, pair_index, epoch, row_index=None):
-        """The pair, its randomness keyed by (pair_index, epoch); `row_index` (default: pair_index) names the row."""
-        row_index = pair_index if row_index is None else row_index
+    def __call__(self, row, pair_index, epoch, row_index):
+        """The pair of the row `row_index`, its randomness keyed by (pair_index, epoch)."""
         augmentation = sample_pair_augmentation(self.seed, pair_index, epoch, self.random_crop, self.hflip)
-        if CACHE_LATENT_MEAN in row:
-            item = cached_pair(row, augmentation["flip"])
+        if CACHE_LATENT_MEAN in row:  # the orientation the flip selects (the only one in a --no_hflip cache)
+            side = int(augmentation["flip"]) if row[CACHE_LATENT_MEAN].shape[0] == 2 else 0
+            item = {"latent_mean": row[CACHE_LATENT_MEAN][side], "latent_std": row[CACHE_LATENT_STD][side]}
+            item["original_size"] = tuple(row[CACHE_ORIGINAL_SIZE].tolist())
+            item["crop_top_left"] = tuple(row[CACHE_CROP_TOP_LEFT][side].tolist())
+            if CACHE_EMBEDDINGS in row:
+                item["embeddings"] = row[CACHE_EMBEDDINGS][side]
         else:
             images = decode_pair(self.columns, row, row_index, self.resolution)
-            tensors, original_sizes, crops_top_left = paired_transform(images, self.resolution, **augmentation)
-            item = {"pixel_values": torch.stack(tensors), "original_size": original_sizes[0]}
-            item["crop_top_left"] = crops_top_left[0]
-        caption = row[self.columns.caption] or ""
-        if caption_dropped(self.seed, pair_index, epoch, self.proportion_empty_prompts):
-            caption = ""  # one caption per pair: winner, loser and the RPO text embeddings all see it empty
+            tensors, sizes, crops = paired_transform(images, self.resolution, **augmentation)
+            item = {"pixel_values": torch.stack(tensors), "original_size": sizes[0], "crop_top_left": crops[0]}
+        dropped = caption_dropped(self.seed, pair_index, epoch, self.proportion_empty_prompts)
+        caption = "" if dropped else row[self.columns.caption] or ""  # winner, loser and RPO's text embedding share it
         item.update(pair_index=pair_index, row_index=row_index, epoch=epoch, caption=caption)
         return {**item, **{name: tokenize(caption) for name, tokenize in self.tokenizers.items()}}
+
+    def decodable_pairs(self, candidates):
+        """The decodable pairs of `candidates` (row, pair_index, epoch, row_index), each with "bad_rows" skipped."""
+        bad_rows = 0
+        for candidate in candidates:
+            if bad_rows == MAX_CONSECUTIVE_BAD_ROWS:
+                raise ValueError(f"{bad_rows} undecodable pairs in a row: check --image_0_column/--image_1_column.")
+            try:
+                pair = self(*candidate)
+            except UndecodablePair as error:
+                row_logger.warning(f"Skipped: {error}")
+                bad_rows += 1
+                continue
+            yield {**pair, "bad_rows": bad_rows}
+            bad_rows = 0
 
 
 class PreferencePairDataset(torch.utils.data.Dataset):
     """A prepared dataset's or latent cache's pairs by IndexedBatchSampler's keys; options are `PairMaker`'s."""
 
     def __init__(self, hf_dataset, columns, resolution, seed, **pair_options):
-        if is_latent_cache(hf_dataset):
-            arrays = [name for name in hf_dataset.column_names if name in CACHE_ARRAY_COLUMNS]
-            hf_dataset = hf_dataset.with_format("torch", columns=arrays, output_all_columns=True)
-        self.dataset, self.make_pair = hf_dataset, PairMaker(columns, resolution, seed, **pair_options)
-
-    def __len__(self):
-        return len(self.dataset)
+        self.dataset = hf_dataset.with_format("torch") if is_latent_cache(hf_dataset) else hf_dataset
+        self.make_pair = PairMaker(columns, resolution, seed, **pair_options)
 
     def __getitem__(self, key):
-        """The pair or, if its images cannot be decoded, the next one that can be (the skipped counted in "bad_rows"):
-        every batch stays full on every process. A replacement keeps the slot's key, so its augmentation and noise."""
+        """The pair, or the next decodable one (batches stay full) under the slot's key: its augmentation and noise."""
         pair_index, epoch = key
-        tries = min(len(self), MAX_CONSECUTIVE_BAD_ROWS)
-        for bad_rows in range(tries):
-            index = (pair_index + bad_rows) % len(self)
-            try:
-                return {**self.make_pair(self.dataset[index], pair_index, epoch, index), "bad_rows": bad_rows}
-            except UndecodablePair as error:
-                row_logger.warning(f"Skipped: {error}")
-        raise UndecodablePair(
-            f"{tries} pairs in a row from pair {pair_index} cannot be decoded: pass the right "
-            "--image_0_column/--image_1_column or repair the dataset."
-        )
+        rows = ((pair_index + offset) % len(self.dataset) for offset in itertools.count())
+        return next(self.make_pair.decodable_pairs((self.dataset[row], pair_index, epoch, row) for row in rows))
 
 
 def collate_pairs(items):
@@ -900,31 +869,27 @@ def make_tokenize_fn(tokenizer, max_length=None):
 
 
 def clip_tokenize_fn(args, models):
-    """Caption -> the CLIP similarity model's ids, when the similarity embedding reads the prompt."""
-    if models.clip is None or args.similarity_embedding not in ("text", "text_image"):
-        return None
-    return make_tokenize_fn(models.clip.tokenizer, models.clip.model.config.text_config.max_position_embeddings)
+    """Caption -> the CLIP similarity model's ids, when the similarity embedding reads the prompt (else None)."""
+    if models.clip is not None and args.similarity_embedding in ("text", "text_image"):
+        return make_tokenize_fn(models.clip.tokenizer, models.clip.model.config.text_config.max_position_embeddings)
 
 
 def check_latent_cache(args, dataset):
-    """Refuses the flags a latent cache (centre crop, both flips, the RPO embeddings of the captions) cannot serve."""
+    """Refuses the flags a latent cache (centre crop, both flips, the captions' RPO embeddings) cannot serve."""
     text_embeddings = needs_similarity_model(args) and args.similarity_embedding != "image"
-    if args.random_crop or (text_embeddings and args.proportion_empty_prompts):
+    if is_latent_cache(dataset) and (args.random_crop or (text_embeddings and args.proportion_empty_prompts)):
         raise ValueError(
             "The dataset is a latent cache of the centre crop (both flips) and the captions' RPO embeddings: it cannot "
             "serve --random_crop, nor --proportion_empty_prompts with --similarity_embedding text or text_image."
         )
-    if needs_similarity_model(args) and CACHE_EMBEDDINGS not in dataset.column_names:
+    if is_latent_cache(dataset) and needs_similarity_model(args) and CACHE_EMBEDDINGS not in dataset.column_names:
         raise ValueError("The latent cache holds no RPO similarity embeddings: rebuild it with the CLIP model.")
 
 
 def build_dataloader(args, accelerator, models, dataset, seed, progress=None):
-    """The loader and its sampler: indexed batches of a map-style dataset or latent cache, or (--streaming, `progress`
-    given) `StreamingBatches` as both."""
+    """The loader and its sampler: indexed batches of a dataset or latent cache, or `StreamingBatches` as both."""
     tokenizers = {name: make_tokenize_fn(tokenizer) for name, tokenizer in text_tokenizers(models).items()}
-    if is_latent_cache(dataset):  # it holds the similarity embeddings: no CLIP ids
-        check_latent_cache(args, dataset)
-    elif clip_tokenize_fn(args, models) is not None:
+    if not is_latent_cache(dataset) and clip_tokenize_fn(args, models) is not None:  # a cache holds the embeddings
         tokenizers["clip_input_ids"] = clip_tokenize_fn(args, models)
     pair_options = {"random_crop": args.random_crop, "hflip": not args.no_hflip, "tokenizers": tokenizers}
     pair_options["proportion_empty_prompts"] = args.proportion_empty_prompts
@@ -1876,22 +1841,15 @@ def hub_upload_patterns(output_dir, use_lora):
 
 
 def prepare_streaming_dataset(stream, columns, seed, shuffle_buffer_size):
-    """`prepare_preference_dataset`'s checks and label rules, applied on the fly; the shard order and a buffer
-    shuffled with the seed (`set_epoch` reshuffles)."""
+    """`prepare_preference_dataset`'s checks on the fly, then a buffer shuffled with the seed (and anew each epoch)."""
     if is_latent_cache(stream):
         raise ValueError("A latent cache is read from disk, not streamed: drop --streaming.")
-    check_dataset_schema(stream, columns)
-    label = {"input_columns": [columns.label_0], "fn_kwargs": {"column": columns.label_0}}
-    stream = pair_columns(stream, columns).filter(is_preference, **label)
-    check_images_decode(stream, columns)  # before the shuffle buffer: reads only the first rows
+    stream = preference_pairs(stream, columns)  # its decode probe reads the first rows, before the shuffle buffer
     return stream.shuffle(seed=seed, buffer_size=shuffle_buffer_size) if shuffle_buffer_size > 1 else stream
 
 
 class StreamingPairDataset(torch.utils.data.IterableDataset):
-    """Each (process, loader worker) reader's part of the stream (`split_dataset_by_node`, then `datasets`' split over
-    workers), cycled over epochs, as `make_pair`'s pairs keyed by position x readers + reader within the epoch (so the
-    order depends on the numbers of processes and workers), each counting the bad rows skipped before it.
-    `state_dict()` is what torchdata's StatefulDataLoader saves per worker: the reader's place after its last pair."""
+    """A (process, loader worker) reader's pairs, cycled over epochs; StatefulDataLoader saves its `state_dict()`."""
 
     def __init__(self, stream, make_pair, num_processes=1, process_index=0):
         self.stream, self.make_pair = stream, make_pair
@@ -1905,43 +1863,31 @@ class StreamingPairDataset(torch.utils.data.IterableDataset):
         self.state = state
 
     def __iter__(self):
+        return self.make_pair.decodable_pairs(self.keyed_rows())
+
+    def keyed_rows(self):
+        """The reader's rows (split by process, then over workers by `datasets`) as (row, key, epoch, key)."""
         from datasets.distributed import split_dataset_by_node
 
-        worker = torch.utils.data.get_worker_info()
-        workers, worker_id = (worker.num_workers, worker.id) if worker is not None else (1, 0)
-        reader, readers = self.process_index * workers + worker_id, self.num_processes * workers
-        epoch, position, resume = self.state["epoch"], self.state["position"], self.state["stream"]
-        bad_rows = 0
+        worker = torch.utils.data.get_worker_info() or SimpleNamespace(num_workers=1, id=0)
+        reader, readers = self.process_index * worker.num_workers + worker.id, self.num_processes * worker.num_workers
+        epoch, position = self.state["epoch"], self.state["position"]
+        stream = split_dataset_by_node(self.stream, self.process_index, self.num_processes)
+        if self.state["stream"] is not None:
+            stream.load_state_dict(self.state["stream"])  # `datasets` applies it in the epoch that saved it only
         while True:
-            stream = split_dataset_by_node(self.stream, self.process_index, self.num_processes)
             stream.set_epoch(epoch)
-            if resume is not None:
-                stream.load_state_dict(resume)
-                resume = None
             for row in stream:
-                key, position = position * readers + reader, position + 1
-                try:
-                    pair = self.make_pair(row, key, epoch)
-                except UndecodablePair as error:
-                    row_logger.warning(f"Skipped: {error}")
-                    bad_rows += 1
-                    if bad_rows >= MAX_CONSECUTIVE_BAD_ROWS:
-                        raise UndecodablePair(
-                            f"{bad_rows} streamed pairs in a row cannot be decoded: pass the right "
-                            "--image_0_column/--image_1_column or repair the dataset."
-                        ) from error
-                    continue
+                key, position = position * readers + reader, position + 1  # the order depends on the reader count
                 self.state = {"epoch": epoch, "position": position, "stream": stream.state_dict()}
-                yield {**pair, "bad_rows": bad_rows}
-                bad_rows = 0
+                yield row, key, epoch, key
             if position == 0:  # `datasets` gives a loader worker whole shards: there were fewer shards than workers
                 raise ValueError(f"Stream reader {reader} got no rows: lower --dataloader_num_workers.")
             epoch, position = epoch + 1, 0
 
 
 class StreamingBatches:
-    """--streaming's loader and sampler: torchdata's StatefulDataLoader over this process's readers, its state after
-    each consumed batch kept in `progress.stream_states` (checkpointed) and restored when iteration starts."""
+    """--streaming's loader and sampler: a StatefulDataLoader, its state after each batch kept in `progress`."""
 
     batches_per_epoch = sys.maxsize  # the readers cycle their streams
 
@@ -1958,12 +1904,12 @@ class StreamingBatches:
 
     def __iter__(self):
         saved = self.progress.stream_states  # resumed: every process's loader state
-        if saved and (len(saved), saved.get(self.process, {}).get("workers")) != (self.processes, self.workers):
-            raise ValueError(
-                f"The checkpoint's stream state does not fit this run's process count ({self.processes}) and "
-                f"--dataloader_num_workers ({self.workers}): resume with the numbers (and the script) that saved it."
-            )
         if saved:
+            if (len(saved), saved.get(self.process, {}).get("workers")) != (self.processes, self.workers):
+                raise ValueError(
+                    f"The checkpoint's stream state does not fit this run's process count ({self.processes}) and "
+                    f"--dataloader_num_workers ({self.workers}): resume with the numbers and the script that saved it."
+                )
             self.loader.load_state_dict(saved[self.process]["loader"])
         for batch in self.loader:
             state = {"reader": self.process, "workers": self.workers, "loader": self.loader.state_dict()}

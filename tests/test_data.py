@@ -345,6 +345,7 @@ def test_a_latent_cache_refuses_what_it_cannot_serve():
     def build(*flags, embeddings=False):
         cache, _ = rpo.prepare_preference_dataset(latent_cache(embeddings=embeddings)[0], COLUMNS)
         args = rpo.parse_args(["--dataloader_num_workers", "0", "--train_batch_size", "2", *flags])
+        rpo.check_latent_cache(args, cache)  # as the run does once the dataset is prepared, before the models load
         return rpo.build_dataloader(args, accelerator, models, cache, seed=0)
 
     similarity = ["--loss_type", "rpo", "--rpo_weighting", "similarity", "--proportion_empty_prompts", "0.2"]
@@ -358,3 +359,5 @@ def test_a_latent_cache_refuses_what_it_cannot_serve():
     batch = next(iter(loader))
     assert batch["embeddings"].shape == (4, 3) and batch["latent_mean"].shape == (4, 4, 2, 2)
     assert "clip_input_ids" not in batch and batch["input_ids"].shape == (2, 4)
+    live = datasets.Dataset.from_list(tiny.pickapic_rows(2, labels=[1, 0]))
+    rpo.check_latent_cache(rpo.parse_args(["--random_crop"]), live)  # not a latent cache: nothing to refuse
