@@ -1266,6 +1266,7 @@ def run_training(args, accelerator, stop_request):
     else:
         columns, limit = dataset_columns(args), args.max_train_samples
         dataset, stats = prepare_preference_dataset(raw_dataset, columns, limit, progress.seed)
+    check_latent_cache(args, dataset)  # before the models load
     logger.info(f"Dataset: {stats['rows']} rows, {stats['ties_dropped']} ties dropped, {stats['pairs']} pairs used.")
     models = load_models(args, accelerator.device, weight_dtype, progress.seed)
     learning_rate = effective_learning_rate(args, accelerator.num_processes)
