@@ -353,78 +353,326 @@ def needs_similarity_model(args):
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# The objective (docs/method.md, "Losses" and "Weights")
+# The run: main, then the training loop
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def compute_preference_loss(
-    model_losses,
-    ref_losses,
-    *,
-    loss_type,
-    beta,
-    embeddings=None,
-    temperature=0.5,
-    weighting="similarity",
-    weight_scale=1.0,
-    stabilizer="none",
-    stabilizer_weight=1.0,
-):
-    """(loss, detached float metrics) from per-sample denoising errors (2M,), winners first (sft: winners' half)."""
-    if model_losses.ndim != 1 or model_losses.shape[0] % 2:
-        raise ValueError(f"model_losses must have shape (2M,), winners first; got {tuple(model_losses.shape)}.")
-    output_dtype = torch.promote_types(model_losses.dtype, torch.float32)
-    # The M x M terms are computed in fp64 (a few scalars): at theta = reference the loss is then exactly fp32 ln 2.
-    model_losses = model_losses.double()
-    if loss_type == "sft":
-        winners = model_losses.chunk(2)[0]
-        return winners.mean().to(output_dtype), {"model_mse_w": winners.detach().mean().to(output_dtype)}
-    if loss_type not in ("dpo", "rpo"):
-        raise ValueError(f"Unknown loss_type {loss_type!r}: expected 'rpo', 'dpo' or 'sft'.")
-    if ref_losses is None or ref_losses.shape != model_losses.shape:
-        raise ValueError("dpo/rpo need model_losses and ref_losses of the same shape (2M,), winners first.")
-    if stabilizer not in ("none", "dpop", "sft"):
-        raise ValueError(f"Unknown stabilizer {stabilizer!r}: expected 'none', 'dpop' or 'sft'.")
-    model_w, model_l = model_losses.chunk(2)
-    ref_w, ref_l = ref_losses.double().detach().chunk(2)
-    delta_w, delta_l = model_w - ref_w, model_l - ref_l
-    diagonal_logits = -(delta_w - delta_l)
-    metrics = {
-        "model_mse_w": model_w.detach().mean(),
-        "model_mse_l": model_l.detach().mean(),
-        "ref_mse_w": ref_w.mean(),
-        "ref_mse_l": ref_l.mean(),
-        # Which side moves the loss: a falling winner error, or a rising loser error ("likelihood displacement").
-        "delta_mse_w": delta_w.detach().mean(),
-        "delta_mse_l": delta_l.detach().mean(),
-        "implicit_acc": ((diagonal_logits > 0).float() + 0.5 * (diagonal_logits == 0).float()).detach().mean(),
-    }
-    # DPO-Positive (Pal et al. 2024, arXiv 2402.13228), with -log p(x) ~ the denoising error: row i's logits lose
-    # lambda * max(0, delta_w^i), so lowering the loss by raising the winner's error too is penalised.
-    winner_penalty = stabilizer_weight * delta_w.clamp(min=0) if stabilizer == "dpop" else torch.zeros_like(delta_w)
-    extra_loss = stabilizer_weight * model_w.mean() if stabilizer == "sft" else model_w.new_zeros(())
-    if stabilizer != "none":
-        metrics["stabilizer_term"] = (winner_penalty.mean() if stabilizer == "dpop" else extra_loss).detach()
-    if loss_type == "rpo":
-        logits = -(delta_w[:, None] - delta_l[None, :]) - winner_penalty[:, None]
-        if weighting == "similarity":
-            if embeddings is None or embeddings.shape[0] != model_losses.shape[0]:
-                raise ValueError("rpo with similarity weighting needs embeddings of shape (2M, D), winners first.")
-            # omega_ij = s * softmax_j(-(1 - cos(e_w^i, e_l^j)) / tau), in fp64 (docs/method.md, "Weights")
-            winners, losers = F.normalize(embeddings.detach().double(), dim=-1).chunk(2)
-            weights = weight_scale * torch.softmax(-(1.0 - winners @ losers.T) / temperature, dim=1)
-        elif weighting == "uniform":
-            weights = torch.full_like(logits, float(weight_scale))
-        else:
-            raise ValueError(f"Unknown weighting {weighting!r}: expected 'similarity' or 'uniform'.")
-        # Weight inside the sigmoid, rows averaged (not weight-summed), as in the RPO authors' LLM code; the mean of
-        # the log-sigmoids, not the log-sigmoid of a mean (which would let one pair's margin pay for another's).
-        loss = -F.logsigmoid(weights * (0.5 * beta) * logits).mean()
-        metrics["weight_diag_mean"] = torch.diagonal(weights).mean().detach()
-        metrics["beta_effective_diag"] = 0.5 * beta * metrics["weight_diag_mean"]
+@dataclasses.dataclass
+class Training:
+    """What the loop runs, as accelerate wrapped it, and for how long (optimizer `steps` over loader `epochs`)."""
+
+    unet: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    lr_scheduler: torch.optim.lr_scheduler.LRScheduler
+    loader: object
+    sampler: object
+    steps: int
+    epochs: int
+
+
+@dataclasses.dataclass
+class TrainingProgress:
+    """Saved as JSON in every checkpoint (`COUNTS`, `stream_states`) so that a resume continues exactly."""
+
+    seed: int
+    global_step: int = 0
+    epoch: int = 0
+    batch_in_epoch: int = 0
+    stream_states: dict = dataclasses.field(default_factory=dict)  # --streaming: process -> its loader's state
+    bad_rows: int = 0
+    skipped_updates: int = 0
+    nonfinite_in_a_row: int = 0
+    history: list = dataclasses.field(default_factory=list)  # each step's logged metrics
+    validation_rewards: list = dataclasses.field(default_factory=list)  # --validation_scorer: one dict a validation
+    stopped_by: str | None = None  # what stopped the run early: "SIGTERM", "SIGINT" or "the stop file"
+    saved_step: int | None = None  # the step of this run's newest checkpoint
+
+    COUNTS = ("seed", "global_step", "epoch", "batch_in_epoch", "bad_rows", "skipped_updates", "nonfinite_in_a_row")
+
+    def state_dict(self):
+        return {name: getattr(self, name) for name in self.COUNTS} | {
+            "stream_states": list(self.stream_states.values())
+        }
+
+    def load_state_dict(self, state):
+        for name in self.COUNTS:
+            setattr(self, name, int(state.get(name, 0)))
+        self.stream_states = {int(s["reader"]): s for s in state.get("stream_states", [])}
+
+    def data_position(self):
+        """Taken at each optimizer step's start; a stop within the step restores it, so a resume replays the step."""
+        return self.epoch, self.batch_in_epoch, dict(self.stream_states)
+
+
+def main(args):
+    with StopRequest() as stop_request:
+        accelerator = build_accelerator(args)
+        try:
+            return run_training(args, accelerator, stop_request)
+        except BaseException as error:
+            # Free the traceback's locals so that the loader shuts its workers down (they ignore the SIGTERM that
+            # multiprocessing would stop them with at exit), and tear down the process group.
+            traceback.clear_frames(error.__traceback__)
+            gc.collect()
+            accelerator.end_training()
+            raise
+
+
+def build_accelerator(args):
+    accelerator = Accelerator(
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        mixed_precision=args.mixed_precision,
+        log_with=None if args.report_to == "none" else args.report_to,
+        project_config=ProjectConfiguration(args.output_dir, os.path.join(args.output_dir, args.logging_dir)),
+    )
+    log_format = "%(asctime)s - %(levelname)s - %(name)s - %(message)s"
+    logging.basicConfig(format=log_format, datefmt="%m/%d/%Y %H:%M:%S", level=logging.INFO)
+    logger.info(accelerator.state, main_process_only=False)
+    for library in (datasets, transformers, diffusers):
+        verbosity = "warning" if accelerator.is_local_main_process else "error"
+        getattr(library.utils.logging, f"set_verbosity_{verbosity}")()
+    if args.allow_tf32 and torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = True
+    return accelerator
+
+
+def run_training(args, accelerator, stop_request):
+    """Output folder, seed, data, models, optimizer, loader, resume, the loop, then the final model and card."""
+    repo_id = prepare_output(args, accelerator, stop_request)
+    weight_dtype = weight_dtype_for(accelerator)  # an unavailable --mixed_precision fails before the data is read
+    checkpoint = resolve_checkpoint_path(args) if args.resume_from_checkpoint else None
+    progress = TrainingProgress(resolve_seed(args, accelerator, checkpoint))
+    raw_dataset = load_raw_dataset(
+        args.dataset_name, args.dataset_config_name, args.dataset_split_name, args.cache_dir, args.streaming
+    )
+    if args.streaming:
+        dataset = prepare_streaming_dataset(
+            raw_dataset, dataset_columns(args), progress.seed, args.shuffle_buffer_size
+        )
+        stats = {"rows": "streamed", "ties_dropped": "all", "pairs": "streamed"}  # a stream is not counted
     else:
-        loss = -F.logsigmoid(0.5 * beta * (diagonal_logits - winner_penalty)).mean()
-    return (loss + extra_loss).to(output_dtype), {name: value.to(output_dtype) for name, value in metrics.items()}
+        columns, limit = dataset_columns(args), args.max_train_samples
+        dataset, stats = prepare_preference_dataset(raw_dataset, columns, limit, progress.seed)
+    check_latent_cache(args, dataset)  # before the models load
+    logger.info(f"Dataset: {stats['rows']} rows, {stats['ties_dropped']} ties dropped, {stats['pairs']} pairs used.")
+    models = load_models(args, accelerator.device, weight_dtype, progress.seed)
+    learning_rate = effective_learning_rate(args, accelerator.num_processes)
+    optimizer = create_optimizer(args, [p for p in models.unet.parameters() if p.requires_grad], learning_rate)
+    loader, sampler = build_dataloader(args, accelerator, models, dataset, progress.seed, progress)
+    training = prepare_training(args, accelerator, models, optimizer, loader, sampler)
+    if checkpoint is not None:
+        logger.info(f"Resuming from {checkpoint}")
+        accelerator.load_state(checkpoint)
+        with open(os.path.join(checkpoint, PROGRESS_FILE)) as f:
+            progress.load_state_dict(json.load(f))
+    elif args.resume_from_checkpoint:
+        logger.info(f"No checkpoint in {args.output_dir} to resume from: starting a new run.")
+    if accelerator.is_main_process:
+        accelerator.init_trackers(args.tracker_project_name, tracker_config(args, learning_rate, training.steps))
+    pairs_per_step = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
+    logger.info(
+        f"***** Training ({args.loss_type}) *****  pairs {stats['pairs']}, epochs {training.epochs}, pairs per step "
+        f"{pairs_per_step}, optimizer steps {training.steps}, seed {progress.seed}"
+    )
+    train_loop(args, accelerator, models, training, progress, stop_request)
+    if progress.stopped_by is None:
+        finish_run(args, accelerator, models, training.unet, progress, repo_id, stats, learning_rate)
+    else:
+        if stop_request.stop_file is not None and os.path.exists(stop_request.stop_file):
+            os.remove(stop_request.stop_file)  # acted on: the resumed run must not stop at once
+        stopped = f"Stopped by {progress.stopped_by} at step {progress.global_step}"
+        logger.info(f"{stopped}; resume with --resume_from_checkpoint latest.")
+    accelerator.end_training()
+    return progress
+
+
+def prepare_output(args, accelerator, stop_request):
+    """Early checks; the output folder without interrupted saves or a stale stop file; the Hub repo's id, or None."""
+    check_pretrained_pipeline(args)  # a wrong model path fails now, not after the dataset is prepared
+    if args.use_lora and sharding_engine() is not None:
+        raise ValueError(
+            f"--use_lora under {sharding_engine().value}: sharding adapters of a few MB saves nothing, while the "
+            "frozen base would need its own handling. Launch with DDP (`accelerate launch --multi_gpu`), or train "
+            "the full UNet under this engine."
+        )
+    if not accelerator.is_main_process:
+        return None
+    os.makedirs(args.output_dir, exist_ok=True)
+    for name in os.listdir(args.output_dir):
+        if name.startswith("checkpoint-") and name.endswith(".incomplete"):  # a save cut short: never resumable
+            logger.warning(f"Removing {name}: a checkpoint save that was interrupted.")
+            shutil.rmtree(os.path.join(args.output_dir, name))
+    stop_request.stop_file = args.stop_file or os.path.join(args.output_dir, "STOP")
+    if os.path.exists(stop_request.stop_file):  # left by an earlier run: stopping now would only loop
+        logger.warning(f"Removing {stop_request.stop_file}, a stop request from before this run started.")
+        os.remove(stop_request.stop_file)
+    repo_name = args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir))
+    return create_repo(repo_name, exist_ok=True, token=args.hub_token).repo_id if args.push_to_hub else None
+
+
+def resolve_seed(args, accelerator, checkpoint=None):
+    """--seed, or the resumed checkpoint's (the data subset, order and every draw depend on it), or a drawn one."""
+    if checkpoint is not None:
+        with open(os.path.join(checkpoint, PROGRESS_FILE)) as f:
+            seed = int(json.load(f)["seed"])
+        if args.seed is not None and args.seed != seed:
+            logger.warning(f"--seed {args.seed} ignored: {checkpoint} was trained with seed {seed}.")
+        return seed
+    if args.seed is not None:
+        return args.seed
+    seed = torch.randint(0, 2**31 - 1, ()).to(accelerator.device)
+    seed = int(accelerator.reduce(seed, "max")) if accelerator.num_processes > 1 else int(seed)
+    logger.info(f"No --seed given: drew seed {seed} (saved in checkpoints).")
+    return seed
+
+
+def prepare_training(args, accelerator, models, optimizer, loader, sampler):
+    """The run's length and schedule, accelerate's wrapping, the base's weight norm, the EMA, the validation scorer."""
+    updates_per_epoch = sampler.batches_per_epoch // args.gradient_accumulation_steps
+    steps = args.num_train_epochs * updates_per_epoch if args.max_train_steps is None else args.max_train_steps
+    warmup, total = args.lr_warmup_steps * accelerator.num_processes, steps * accelerator.num_processes
+    lr_scheduler = get_scheduler(args.lr_scheduler, optimizer, num_warmup_steps=warmup, num_training_steps=total)
+    if accelerator.state.deepspeed_plugin is not None:  # our loader is not prepared, so DeepSpeed cannot infer it
+        accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = args.train_batch_size
+    models.initial_weight_norm = trained_weight_norm(args.use_lora, models.unet)  # before a resume: the base's
+    unet, optimizer, lr_scheduler = accelerator.prepare(models.unet, optimizer, lr_scheduler)
+    models.ema = create_ema(args, accelerator, unet)
+    models.validation_scorer = None
+    if args.validation_scorer != "none" and args.validation_prompts and accelerator.is_main_process:
+        scorer = (args.validation_scorer_model, args.validation_scorer_processor, args.cache_dir)
+        fix = "Pass a local CLIPModel folder or a Hub id"
+        models.validation_scorer = load_clip(
+            *scorer, torch.device("cpu"), torch.float32, "--validation_scorer_model", fix
+        )
+    return Training(unet, optimizer, lr_scheduler, loader, sampler, steps, math.ceil(steps / updates_per_epoch))
+
+
+def tracker_config(args, learning_rate, max_train_steps=None):
+    """Every flag but the token (lists joined for tensorboard), the learning rate as trained, the planned steps."""
+    config = {key: " | ".join(v) if isinstance(v, list) else v for key, v in vars(args).items() if key != "hub_token"}
+    config["effective_learning_rate"] = learning_rate
+    if max_train_steps is not None:
+        config["max_train_steps"] = max_train_steps
+    return config
+
+
+def train_loop(args, accelerator, models, training, progress, stop_request):
+    """Optimizer steps from `progress` to `training.steps`, or until a stop request (then `progress.stopped_by`)."""
+    unet, sampler, accumulation = training.unet, training.sampler, args.gradient_accumulation_steps
+    show = accelerator.is_local_main_process
+    progress_bar = tqdm(total=training.steps, initial=progress.global_step, desc="Steps", disable=not show)
+    unet.train()
+    if progress.global_step >= training.steps:  # resumed from a checkpoint of the final step
+        return
+    accumulated, guard = {}, StepGuard(accelerator, stop_request)
+    # DeepSpeed's engine counts the accumulation window itself: there a stop waits for the end of the optimizer step.
+    stop_within_steps = accumulation > 1 and sharding_engine() != DistributedType.DEEPSPEED
+    for epoch in range(progress.epoch, training.epochs):
+        sampler.set_epoch(epoch, progress.batch_in_epoch if epoch == progress.epoch else 0)
+        progress.epoch = epoch
+        step_start = progress.data_position()
+        for batch in training.loader:
+            micro_step = progress.global_step * accumulation + len(accumulated.get("loss", []))
+            loss, metrics = training_step(args, accelerator, models, training, batch, micro_step, progress.seed, guard)
+            for name, value in {"loss": loss, **metrics}.items():
+                accumulated.setdefault(name, []).append(value)
+            progress.batch_in_epoch += 1
+            if not accelerator.sync_gradients:
+                if stop_within_steps and guard.agree_stop():
+                    stop_within_step(args, accelerator, progress, step_start, stop_request)
+                    return
+                continue
+            progress.global_step += 1
+            if models.ema is not None and not guard.skip_update:
+                update_ema(models.ema, accelerator.unwrap_model(unet), accelerator.device, args.offload_ema)
+            if progress.batch_in_epoch >= sampler.batches_per_epoch:
+                progress.epoch, progress.batch_in_epoch = epoch + 1, 0
+            step_start = progress.data_position()
+            logs = step_logs(args, accelerator, models, training, accumulated, progress.global_step)
+            accumulated = {}
+            record_faults(args, progress, guard, logs)
+            progress.history.append(logs)
+            accelerator.log(logs, step=progress.global_step)
+            progress_bar.update(1)
+            progress_bar.set_postfix({name: f"{logs[name]:.4g}" for name in ("loss", "implicit_acc") if name in logs})
+            if stop_after_step(args, accelerator, progress, training.steps, guard.stop, stop_request):
+                return
+            if args.validation_prompts and progress.global_step % args.validation_steps == 0:
+                log_validation(accelerator, args, models, unet, progress)
+            if progress.global_step >= training.steps:
+                return
+
+
+def step_logs(args, accelerator, models, training, accumulated, global_step):
+    """A step's metrics (means over micro-steps and processes); at the first, a warning when the loss is not ln 2."""
+    logs = {
+        name: accelerator.reduce(torch.stack(values).mean(), "mean").item() for name, values in accumulated.items()
+    }
+    logs["lr"] = training.lr_scheduler.get_last_lr()[0]
+    if models.initial_weight_norm is not None:
+        logs["weight_norm_drift"] = trained_weight_norm(args.use_lora, training.unet) / models.initial_weight_norm - 1
+    preference_loss = logs["loss"] - (logs.get("stabilizer_term", 0.0) if args.stabilizer == "sft" else 0.0)
+    if global_step == 1 and args.loss_type != "sft" and abs(preference_loss - math.log(2)) > 1e-3:
+        logger.warning(
+            f"The first loss is {preference_loss:.6f}, not ln 2 = 0.693147: the policy starts at the reference, so "
+            "their denoising errors should be equal. The reference computes differently from the trained UNet "
+            "(precision, attention backend or weights differ)."
+        )
+    return logs
+
+
+def trained_weight_norm(use_lora, unet):
+    """||theta||, for `weight_norm_drift`; None for LoRA (the base stays) and FSDP/DeepSpeed (a shard per process)."""
+    if use_lora or sharding_engine() is not None:
+        return None
+    with torch.no_grad():  # one device sync, not one per tensor
+        norms = torch.stack([torch.linalg.vector_norm(p.detach(), dtype=torch.float32) for p in unet.parameters()])
+        return float(torch.linalg.vector_norm(norms))
+
+
+def finish_run(args, accelerator, models, unet, progress, repo_id, stats, learning_rate):
+    """The final validation; the pipeline (`DiffusionPipeline.from_pretrained`) or LoRA weights; grid, card, upload."""
+    accelerator.wait_for_everyone()
+    trained_unet = gather_sharded_unet(accelerator, unet)
+    grid = log_validation(accelerator, args, models, trained_unet, progress, gathered=True)
+    if not accelerator.is_main_process:
+        return
+    if models.ema is not None:
+        models.ema.copy_to(trained_unet.parameters())  # the saved pipeline holds the EMA weights
+    if args.use_lora:
+        lora_layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(trained_unet))
+        PIPELINE_CLASS.save_lora_weights(args.output_dir, unet_lora_layers=lora_layers)
+    else:  # the full pipeline, with the VAE the model was trained with (fp32) where it is not the base's
+        vae = {"vae": load_vae(args)} if args.pretrained_vae_model_name_or_path else {}
+        source = {"revision": args.revision, "variant": args.variant, "cache_dir": args.cache_dir}
+        pipeline = PIPELINE_CLASS.from_pretrained(
+            args.pretrained_model_name_or_path, **source, unet=trained_unet.float(), **vae
+        )
+        pipeline.save_pretrained(args.output_dir)
+    if grid is not None:
+        grid.save(os.path.join(args.output_dir, "validation_grid.png"))
+    grid_filename = None if grid is None else "validation_grid.png"
+    write_model_card(args, repo_id, stats, progress, learning_rate, accelerator.num_processes, grid_filename)
+    if args.push_to_hub:
+        patterns = hub_upload_patterns(args.output_dir, args.use_lora)
+        upload_folder(repo_id=repo_id, folder_path=args.output_dir, allow_patterns=patterns, token=args.hub_token)
+
+
+def gather_sharded_unet(accelerator, unet):
+    """The trained UNet, unwrapped; under FSDP/DeepSpeed every process joins the gather, the main one gets it."""
+    if sharding_engine() is None:
+        return accelerator.unwrap_model(unet)
+    state_dict = accelerator.get_state_dict(unet)
+    if not accelerator.is_main_process:
+        return None
+    full = UNet2DConditionModel.from_config(accelerator.unwrap_model(unet).config)
+    full.load_state_dict(state_dict)
+    return full
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The training step in call order, down to the objective (docs/method.md, "Losses" and "Weights")
+# ----------------------------------------------------------------------------------------------------------------------
 
 
 def training_step(args, accelerator, models, training, batch, micro_step, seed, guard):
@@ -600,6 +848,81 @@ class _GatherAcrossProcesses(torch.autograd.Function):
         grad = grad.contiguous()
         torch.distributed.all_reduce(grad)
         return grad[ctx.rank * ctx.rows : (ctx.rank + 1) * ctx.rows]
+
+
+def compute_preference_loss(
+    model_losses,
+    ref_losses,
+    *,
+    loss_type,
+    beta,
+    embeddings=None,
+    temperature=0.5,
+    weighting="similarity",
+    weight_scale=1.0,
+    stabilizer="none",
+    stabilizer_weight=1.0,
+):
+    """(loss, detached float metrics) from per-sample denoising errors (2M,), winners first (sft: winners' half)."""
+    if model_losses.ndim != 1 or model_losses.shape[0] % 2:
+        raise ValueError(f"model_losses must have shape (2M,), winners first; got {tuple(model_losses.shape)}.")
+    output_dtype = torch.promote_types(model_losses.dtype, torch.float32)
+    # The M x M terms are computed in fp64 (a few scalars): at theta = reference the loss is then exactly fp32 ln 2.
+    model_losses = model_losses.double()
+    if loss_type == "sft":
+        winners = model_losses.chunk(2)[0]
+        return winners.mean().to(output_dtype), {"model_mse_w": winners.detach().mean().to(output_dtype)}
+    if loss_type not in ("dpo", "rpo"):
+        raise ValueError(f"Unknown loss_type {loss_type!r}: expected 'rpo', 'dpo' or 'sft'.")
+    if ref_losses is None or ref_losses.shape != model_losses.shape:
+        raise ValueError("dpo/rpo need model_losses and ref_losses of the same shape (2M,), winners first.")
+    if stabilizer not in ("none", "dpop", "sft"):
+        raise ValueError(f"Unknown stabilizer {stabilizer!r}: expected 'none', 'dpop' or 'sft'.")
+    model_w, model_l = model_losses.chunk(2)
+    ref_w, ref_l = ref_losses.double().detach().chunk(2)
+    delta_w, delta_l = model_w - ref_w, model_l - ref_l
+    diagonal_logits = -(delta_w - delta_l)
+    metrics = {
+        "model_mse_w": model_w.detach().mean(),
+        "model_mse_l": model_l.detach().mean(),
+        "ref_mse_w": ref_w.mean(),
+        "ref_mse_l": ref_l.mean(),
+        # Which side moves the loss: a falling winner error, or a rising loser error ("likelihood displacement").
+        "delta_mse_w": delta_w.detach().mean(),
+        "delta_mse_l": delta_l.detach().mean(),
+        "implicit_acc": ((diagonal_logits > 0).float() + 0.5 * (diagonal_logits == 0).float()).detach().mean(),
+    }
+    # DPO-Positive (Pal et al. 2024, arXiv 2402.13228), with -log p(x) ~ the denoising error: row i's logits lose
+    # lambda * max(0, delta_w^i), so lowering the loss by raising the winner's error too is penalised.
+    winner_penalty = stabilizer_weight * delta_w.clamp(min=0) if stabilizer == "dpop" else torch.zeros_like(delta_w)
+    extra_loss = stabilizer_weight * model_w.mean() if stabilizer == "sft" else model_w.new_zeros(())
+    if stabilizer != "none":
+        metrics["stabilizer_term"] = (winner_penalty.mean() if stabilizer == "dpop" else extra_loss).detach()
+    if loss_type == "rpo":
+        logits = -(delta_w[:, None] - delta_l[None, :]) - winner_penalty[:, None]
+        if weighting == "similarity":
+            if embeddings is None or embeddings.shape[0] != model_losses.shape[0]:
+                raise ValueError("rpo with similarity weighting needs embeddings of shape (2M, D), winners first.")
+            # omega_ij = s * softmax_j(-(1 - cos(e_w^i, e_l^j)) / tau), in fp64 (docs/method.md, "Weights")
+            winners, losers = F.normalize(embeddings.detach().double(), dim=-1).chunk(2)
+            weights = weight_scale * torch.softmax(-(1.0 - winners @ losers.T) / temperature, dim=1)
+        elif weighting == "uniform":
+            weights = torch.full_like(logits, float(weight_scale))
+        else:
+            raise ValueError(f"Unknown weighting {weighting!r}: expected 'similarity' or 'uniform'.")
+        # Weight inside the sigmoid, rows averaged (not weight-summed), as in the RPO authors' LLM code; the mean of
+        # the log-sigmoids, not the log-sigmoid of a mean (which would let one pair's margin pay for another's).
+        loss = -F.logsigmoid(weights * (0.5 * beta) * logits).mean()
+        metrics["weight_diag_mean"] = torch.diagonal(weights).mean().detach()
+        metrics["beta_effective_diag"] = 0.5 * beta * metrics["weight_diag_mean"]
+    else:
+        loss = -F.logsigmoid(0.5 * beta * (diagonal_logits - winner_penalty)).mean()
+    return (loss + extra_loss).to(output_dtype), {name: value.to(output_dtype) for name, value in metrics.items()}
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Indexed randomness and data order (docs/method.md, "Randomness")
+# ----------------------------------------------------------------------------------------------------------------------
 
 
 def indexed_generator(seed, stream, *keys):
@@ -1163,324 +1486,6 @@ def validation_rewards(scorer, kind, prompts, rendered, device):
         rewards[key] = (scale * (cosine if kind == "pickscore" else cosine.clamp(min=0))).mean().item()
     scorer.model.to("cpu")  # kept off the accelerator between validations
     return rewards
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# The run: main, then the training loop
-# ----------------------------------------------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass
-class Training:
-    """What the loop runs, as accelerate wrapped it, and for how long (optimizer `steps` over loader `epochs`)."""
-
-    unet: torch.nn.Module
-    optimizer: torch.optim.Optimizer
-    lr_scheduler: torch.optim.lr_scheduler.LRScheduler
-    loader: object
-    sampler: object
-    steps: int
-    epochs: int
-
-
-@dataclasses.dataclass
-class TrainingProgress:
-    """Saved as JSON in every checkpoint (`COUNTS`, `stream_states`) so that a resume continues exactly."""
-
-    seed: int
-    global_step: int = 0
-    epoch: int = 0
-    batch_in_epoch: int = 0
-    stream_states: dict = dataclasses.field(default_factory=dict)  # --streaming: process -> its loader's state
-    bad_rows: int = 0
-    skipped_updates: int = 0
-    nonfinite_in_a_row: int = 0
-    history: list = dataclasses.field(default_factory=list)  # each step's logged metrics
-    validation_rewards: list = dataclasses.field(default_factory=list)  # --validation_scorer: one dict a validation
-    stopped_by: str | None = None  # what stopped the run early: "SIGTERM", "SIGINT" or "the stop file"
-    saved_step: int | None = None  # the step of this run's newest checkpoint
-
-    COUNTS = ("seed", "global_step", "epoch", "batch_in_epoch", "bad_rows", "skipped_updates", "nonfinite_in_a_row")
-
-    def state_dict(self):
-        return {name: getattr(self, name) for name in self.COUNTS} | {
-            "stream_states": list(self.stream_states.values())
-        }
-
-    def load_state_dict(self, state):
-        for name in self.COUNTS:
-            setattr(self, name, int(state.get(name, 0)))
-        self.stream_states = {int(s["reader"]): s for s in state.get("stream_states", [])}
-
-    def data_position(self):
-        """Taken at each optimizer step's start; a stop within the step restores it, so a resume replays the step."""
-        return self.epoch, self.batch_in_epoch, dict(self.stream_states)
-
-
-def main(args):
-    with StopRequest() as stop_request:
-        accelerator = build_accelerator(args)
-        try:
-            return run_training(args, accelerator, stop_request)
-        except BaseException as error:
-            # Free the traceback's locals so that the loader shuts its workers down (they ignore the SIGTERM that
-            # multiprocessing would stop them with at exit), and tear down the process group.
-            traceback.clear_frames(error.__traceback__)
-            gc.collect()
-            accelerator.end_training()
-            raise
-
-
-def build_accelerator(args):
-    accelerator = Accelerator(
-        gradient_accumulation_steps=args.gradient_accumulation_steps,
-        mixed_precision=args.mixed_precision,
-        log_with=None if args.report_to == "none" else args.report_to,
-        project_config=ProjectConfiguration(args.output_dir, os.path.join(args.output_dir, args.logging_dir)),
-    )
-    log_format = "%(asctime)s - %(levelname)s - %(name)s - %(message)s"
-    logging.basicConfig(format=log_format, datefmt="%m/%d/%Y %H:%M:%S", level=logging.INFO)
-    logger.info(accelerator.state, main_process_only=False)
-    for library in (datasets, transformers, diffusers):
-        verbosity = "warning" if accelerator.is_local_main_process else "error"
-        getattr(library.utils.logging, f"set_verbosity_{verbosity}")()
-    if args.allow_tf32 and torch.cuda.is_available():
-        torch.backends.cuda.matmul.allow_tf32 = True
-    return accelerator
-
-
-def run_training(args, accelerator, stop_request):
-    """Output folder, seed, data, models, optimizer, loader, resume, the loop, then the final model and card."""
-    repo_id = prepare_output(args, accelerator, stop_request)
-    weight_dtype = weight_dtype_for(accelerator)  # an unavailable --mixed_precision fails before the data is read
-    checkpoint = resolve_checkpoint_path(args) if args.resume_from_checkpoint else None
-    progress = TrainingProgress(resolve_seed(args, accelerator, checkpoint))
-    raw_dataset = load_raw_dataset(
-        args.dataset_name, args.dataset_config_name, args.dataset_split_name, args.cache_dir, args.streaming
-    )
-    if args.streaming:
-        dataset = prepare_streaming_dataset(
-            raw_dataset, dataset_columns(args), progress.seed, args.shuffle_buffer_size
-        )
-        stats = {"rows": "streamed", "ties_dropped": "all", "pairs": "streamed"}  # a stream is not counted
-    else:
-        columns, limit = dataset_columns(args), args.max_train_samples
-        dataset, stats = prepare_preference_dataset(raw_dataset, columns, limit, progress.seed)
-    check_latent_cache(args, dataset)  # before the models load
-    logger.info(f"Dataset: {stats['rows']} rows, {stats['ties_dropped']} ties dropped, {stats['pairs']} pairs used.")
-    models = load_models(args, accelerator.device, weight_dtype, progress.seed)
-    learning_rate = effective_learning_rate(args, accelerator.num_processes)
-    optimizer = create_optimizer(args, [p for p in models.unet.parameters() if p.requires_grad], learning_rate)
-    loader, sampler = build_dataloader(args, accelerator, models, dataset, progress.seed, progress)
-    training = prepare_training(args, accelerator, models, optimizer, loader, sampler)
-    if checkpoint is not None:
-        logger.info(f"Resuming from {checkpoint}")
-        accelerator.load_state(checkpoint)
-        with open(os.path.join(checkpoint, PROGRESS_FILE)) as f:
-            progress.load_state_dict(json.load(f))
-    elif args.resume_from_checkpoint:
-        logger.info(f"No checkpoint in {args.output_dir} to resume from: starting a new run.")
-    if accelerator.is_main_process:
-        accelerator.init_trackers(args.tracker_project_name, tracker_config(args, learning_rate, training.steps))
-    pairs_per_step = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
-    logger.info(
-        f"***** Training ({args.loss_type}) *****  pairs {stats['pairs']}, epochs {training.epochs}, pairs per step "
-        f"{pairs_per_step}, optimizer steps {training.steps}, seed {progress.seed}"
-    )
-    train_loop(args, accelerator, models, training, progress, stop_request)
-    if progress.stopped_by is None:
-        finish_run(args, accelerator, models, training.unet, progress, repo_id, stats, learning_rate)
-    else:
-        if stop_request.stop_file is not None and os.path.exists(stop_request.stop_file):
-            os.remove(stop_request.stop_file)  # acted on: the resumed run must not stop at once
-        stopped = f"Stopped by {progress.stopped_by} at step {progress.global_step}"
-        logger.info(f"{stopped}; resume with --resume_from_checkpoint latest.")
-    accelerator.end_training()
-    return progress
-
-
-def prepare_output(args, accelerator, stop_request):
-    """Early checks; the output folder without interrupted saves or a stale stop file; the Hub repo's id, or None."""
-    check_pretrained_pipeline(args)  # a wrong model path fails now, not after the dataset is prepared
-    if args.use_lora and sharding_engine() is not None:
-        raise ValueError(
-            f"--use_lora under {sharding_engine().value}: sharding adapters of a few MB saves nothing, while the "
-            "frozen base would need its own handling. Launch with DDP (`accelerate launch --multi_gpu`), or train "
-            "the full UNet under this engine."
-        )
-    if not accelerator.is_main_process:
-        return None
-    os.makedirs(args.output_dir, exist_ok=True)
-    for name in os.listdir(args.output_dir):
-        if name.startswith("checkpoint-") and name.endswith(".incomplete"):  # a save cut short: never resumable
-            logger.warning(f"Removing {name}: a checkpoint save that was interrupted.")
-            shutil.rmtree(os.path.join(args.output_dir, name))
-    stop_request.stop_file = args.stop_file or os.path.join(args.output_dir, "STOP")
-    if os.path.exists(stop_request.stop_file):  # left by an earlier run: stopping now would only loop
-        logger.warning(f"Removing {stop_request.stop_file}, a stop request from before this run started.")
-        os.remove(stop_request.stop_file)
-    repo_name = args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir))
-    return create_repo(repo_name, exist_ok=True, token=args.hub_token).repo_id if args.push_to_hub else None
-
-
-def resolve_seed(args, accelerator, checkpoint=None):
-    """--seed, or the resumed checkpoint's (the data subset, order and every draw depend on it), or a drawn one."""
-    if checkpoint is not None:
-        with open(os.path.join(checkpoint, PROGRESS_FILE)) as f:
-            seed = int(json.load(f)["seed"])
-        if args.seed is not None and args.seed != seed:
-            logger.warning(f"--seed {args.seed} ignored: {checkpoint} was trained with seed {seed}.")
-        return seed
-    if args.seed is not None:
-        return args.seed
-    seed = torch.randint(0, 2**31 - 1, ()).to(accelerator.device)
-    seed = int(accelerator.reduce(seed, "max")) if accelerator.num_processes > 1 else int(seed)
-    logger.info(f"No --seed given: drew seed {seed} (saved in checkpoints).")
-    return seed
-
-
-def prepare_training(args, accelerator, models, optimizer, loader, sampler):
-    """The run's length and schedule, accelerate's wrapping, the base's weight norm, the EMA, the validation scorer."""
-    updates_per_epoch = sampler.batches_per_epoch // args.gradient_accumulation_steps
-    steps = args.num_train_epochs * updates_per_epoch if args.max_train_steps is None else args.max_train_steps
-    warmup, total = args.lr_warmup_steps * accelerator.num_processes, steps * accelerator.num_processes
-    lr_scheduler = get_scheduler(args.lr_scheduler, optimizer, num_warmup_steps=warmup, num_training_steps=total)
-    if accelerator.state.deepspeed_plugin is not None:  # our loader is not prepared, so DeepSpeed cannot infer it
-        accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = args.train_batch_size
-    models.initial_weight_norm = trained_weight_norm(args.use_lora, models.unet)  # before a resume: the base's
-    unet, optimizer, lr_scheduler = accelerator.prepare(models.unet, optimizer, lr_scheduler)
-    models.ema = create_ema(args, accelerator, unet)
-    models.validation_scorer = None
-    if args.validation_scorer != "none" and args.validation_prompts and accelerator.is_main_process:
-        scorer = (args.validation_scorer_model, args.validation_scorer_processor, args.cache_dir)
-        fix = "Pass a local CLIPModel folder or a Hub id"
-        models.validation_scorer = load_clip(
-            *scorer, torch.device("cpu"), torch.float32, "--validation_scorer_model", fix
-        )
-    return Training(unet, optimizer, lr_scheduler, loader, sampler, steps, math.ceil(steps / updates_per_epoch))
-
-
-def tracker_config(args, learning_rate, max_train_steps=None):
-    """Every flag but the token (lists joined for tensorboard), the learning rate as trained, the planned steps."""
-    config = {key: " | ".join(v) if isinstance(v, list) else v for key, v in vars(args).items() if key != "hub_token"}
-    config["effective_learning_rate"] = learning_rate
-    if max_train_steps is not None:
-        config["max_train_steps"] = max_train_steps
-    return config
-
-
-def train_loop(args, accelerator, models, training, progress, stop_request):
-    """Optimizer steps from `progress` to `training.steps`, or until a stop request (then `progress.stopped_by`)."""
-    unet, sampler, accumulation = training.unet, training.sampler, args.gradient_accumulation_steps
-    show = accelerator.is_local_main_process
-    progress_bar = tqdm(total=training.steps, initial=progress.global_step, desc="Steps", disable=not show)
-    unet.train()
-    if progress.global_step >= training.steps:  # resumed from a checkpoint of the final step
-        return
-    accumulated, guard = {}, StepGuard(accelerator, stop_request)
-    # DeepSpeed's engine counts the accumulation window itself: there a stop waits for the end of the optimizer step.
-    stop_within_steps = accumulation > 1 and sharding_engine() != DistributedType.DEEPSPEED
-    for epoch in range(progress.epoch, training.epochs):
-        sampler.set_epoch(epoch, progress.batch_in_epoch if epoch == progress.epoch else 0)
-        progress.epoch = epoch
-        step_start = progress.data_position()
-        for batch in training.loader:
-            micro_step = progress.global_step * accumulation + len(accumulated.get("loss", []))
-            loss, metrics = training_step(args, accelerator, models, training, batch, micro_step, progress.seed, guard)
-            for name, value in {"loss": loss, **metrics}.items():
-                accumulated.setdefault(name, []).append(value)
-            progress.batch_in_epoch += 1
-            if not accelerator.sync_gradients:
-                if stop_within_steps and guard.agree_stop():
-                    stop_within_step(args, accelerator, progress, step_start, stop_request)
-                    return
-                continue
-            progress.global_step += 1
-            if models.ema is not None and not guard.skip_update:
-                update_ema(models.ema, accelerator.unwrap_model(unet), accelerator.device, args.offload_ema)
-            if progress.batch_in_epoch >= sampler.batches_per_epoch:
-                progress.epoch, progress.batch_in_epoch = epoch + 1, 0
-            step_start = progress.data_position()
-            logs = step_logs(args, accelerator, models, training, accumulated, progress.global_step)
-            accumulated = {}
-            record_faults(args, progress, guard, logs)
-            progress.history.append(logs)
-            accelerator.log(logs, step=progress.global_step)
-            progress_bar.update(1)
-            progress_bar.set_postfix({name: f"{logs[name]:.4g}" for name in ("loss", "implicit_acc") if name in logs})
-            if stop_after_step(args, accelerator, progress, training.steps, guard.stop, stop_request):
-                return
-            if args.validation_prompts and progress.global_step % args.validation_steps == 0:
-                log_validation(accelerator, args, models, unet, progress)
-            if progress.global_step >= training.steps:
-                return
-
-
-def step_logs(args, accelerator, models, training, accumulated, global_step):
-    """A step's metrics (means over micro-steps and processes); at the first, a warning when the loss is not ln 2."""
-    logs = {
-        name: accelerator.reduce(torch.stack(values).mean(), "mean").item() for name, values in accumulated.items()
-    }
-    logs["lr"] = training.lr_scheduler.get_last_lr()[0]
-    if models.initial_weight_norm is not None:
-        logs["weight_norm_drift"] = trained_weight_norm(args.use_lora, training.unet) / models.initial_weight_norm - 1
-    preference_loss = logs["loss"] - (logs.get("stabilizer_term", 0.0) if args.stabilizer == "sft" else 0.0)
-    if global_step == 1 and args.loss_type != "sft" and abs(preference_loss - math.log(2)) > 1e-3:
-        logger.warning(
-            f"The first loss is {preference_loss:.6f}, not ln 2 = 0.693147: the policy starts at the reference, so "
-            "their denoising errors should be equal. The reference computes differently from the trained UNet "
-            "(precision, attention backend or weights differ)."
-        )
-    return logs
-
-
-def trained_weight_norm(use_lora, unet):
-    """||theta||, for `weight_norm_drift`; None for LoRA (the base stays) and FSDP/DeepSpeed (a shard per process)."""
-    if use_lora or sharding_engine() is not None:
-        return None
-    with torch.no_grad():  # one device sync, not one per tensor
-        norms = torch.stack([torch.linalg.vector_norm(p.detach(), dtype=torch.float32) for p in unet.parameters()])
-        return float(torch.linalg.vector_norm(norms))
-
-
-def finish_run(args, accelerator, models, unet, progress, repo_id, stats, learning_rate):
-    """The final validation; the pipeline (`DiffusionPipeline.from_pretrained`) or LoRA weights; grid, card, upload."""
-    accelerator.wait_for_everyone()
-    trained_unet = gather_sharded_unet(accelerator, unet)
-    grid = log_validation(accelerator, args, models, trained_unet, progress, gathered=True)
-    if not accelerator.is_main_process:
-        return
-    if models.ema is not None:
-        models.ema.copy_to(trained_unet.parameters())  # the saved pipeline holds the EMA weights
-    if args.use_lora:
-        lora_layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(trained_unet))
-        PIPELINE_CLASS.save_lora_weights(args.output_dir, unet_lora_layers=lora_layers)
-    else:  # the full pipeline, with the VAE the model was trained with (fp32) where it is not the base's
-        vae = {"vae": load_vae(args)} if args.pretrained_vae_model_name_or_path else {}
-        source = {"revision": args.revision, "variant": args.variant, "cache_dir": args.cache_dir}
-        pipeline = PIPELINE_CLASS.from_pretrained(
-            args.pretrained_model_name_or_path, **source, unet=trained_unet.float(), **vae
-        )
-        pipeline.save_pretrained(args.output_dir)
-    if grid is not None:
-        grid.save(os.path.join(args.output_dir, "validation_grid.png"))
-    grid_filename = None if grid is None else "validation_grid.png"
-    write_model_card(args, repo_id, stats, progress, learning_rate, accelerator.num_processes, grid_filename)
-    if args.push_to_hub:
-        patterns = hub_upload_patterns(args.output_dir, args.use_lora)
-        upload_folder(repo_id=repo_id, folder_path=args.output_dir, allow_patterns=patterns, token=args.hub_token)
-
-
-def gather_sharded_unet(accelerator, unet):
-    """The trained UNet, unwrapped; under FSDP/DeepSpeed every process joins the gather, the main one gets it."""
-    if sharding_engine() is None:
-        return accelerator.unwrap_model(unet)
-    state_dict = accelerator.get_state_dict(unet)
-    if not accelerator.is_main_process:
-        return None
-    full = UNet2DConditionModel.from_config(accelerator.unwrap_model(unet).config)
-    full.load_state_dict(state_dict)
-    return full
 
 
 # ----------------------------------------------------------------------------------------------------------------------
