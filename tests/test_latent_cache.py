@@ -78,7 +78,7 @@ def test_cached_run_matches_the_live_run_and_reuses_its_cache(train, tmp_path, m
     # Building the same cache again finds it, and a run on the cache encodes nothing: the same losses.
     monkeypatch.setattr(rpo, "encode_latent_distribution", must_not_run)
     monkeypatch.setattr(rpo, "compute_similarity_embeddings", must_not_run)
-    assert len(build_latent_cache(train, "--validation_prompts")) == 12
+    assert len(datasets.load_from_disk(build_latent_cache(train, "--validation_prompts"))) == 12
     again, _ = train("--validation_prompts", output_dir="again", dataset=cache)
     assert losses(again) == losses(cached)
     monkeypatch.undo()
@@ -86,7 +86,9 @@ def test_cached_run_matches_the_live_run_and_reuses_its_cache(train, tmp_path, m
     with pytest.raises(ValueError, match="holds a latent cache built from other settings"):
         build_latent_cache(train, "--validation_prompts", "--resolution", "16")
     assert sorted(glob.glob(os.path.join(cache, "*"))) == cache_files
-    other = build_latent_cache(train, "--validation_prompts", "--resolution", "16", output_dir="cache-16")
+    other = datasets.load_from_disk(
+        build_latent_cache(train, "--validation_prompts", "--resolution", "16", output_dir="cache-16")
+    )
     latent_sizes = [np.asarray(built[0]["latent_mean"]).shape[-1] for built in (other, datasets.load_from_disk(cache))]
     assert latent_sizes[0] * 2 == latent_sizes[1]  # 16 px and the kept 32 px cache
     with pytest.raises(ValueError, match="is not empty and holds no latent cache"):
