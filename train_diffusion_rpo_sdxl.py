@@ -1020,9 +1020,8 @@ def is_latent_cache(dataset):
 def check_dataset_schema(dataset, columns, images=True):
     """Clear errors for missing or mistyped columns, naming the flag that fixes each."""
     for role in ("caption", "label_0", "image_0", "image_1")[: 4 if images else 2]:
-        if getattr(columns, role) not in dataset.column_names:
-            name, flag = getattr(columns, role), f"--{role}_column"
-            raise ValueError(f"Dataset has no column {name!r}: pass {flag} <name>, one of {dataset.column_names}.")
+        if (name := getattr(columns, role)) not in dataset.column_names:
+            raise ValueError(f"Found no column {name!r}: pass --{role}_column <name>, one of {dataset.column_names}.")
     for name, kinds in zip((columns.caption, columns.label_0), (("string", "large_string"), ("float", "int", "bool"))):
         feature = (dataset.features or {}).get(name)  # None: a stream without declared features, checked row by row
         if feature is not None and not (isinstance(feature, datasets.Value) and feature.dtype.startswith(kinds)):
@@ -1033,9 +1032,7 @@ def check_dataset_schema(dataset, columns, images=True):
 def is_preference(label, column):
     """False for a tie (0.5), True for 1 (image 0 preferred) and 0 (image 1 preferred), else an error."""
     if float(label) not in VALID_LABELS:
-        raise ValueError(
-            f"Column {column!r} has the label {label}; expected 1, 0 or 0.5 (tie): fix it or pass --label_0_column."
-        )
+        raise ValueError(f"Column {column!r} has the label {label}; expected 1, 0 or 0.5 (tie): see --label_0_column.")
     return float(label) != TIE_LABEL
 
 
@@ -1076,16 +1073,14 @@ def prepare_preference_dataset(dataset, columns, max_train_samples=None, seed=0)
 
 
 def decode_image(image, min_size=None):
-    """RGB (transparency on white) of bytes, a datasets Image dict, a PIL image or a path; with `min_size`, a large
-    JPEG decodes at 1/2, 1/4 or 1/8 scale, never below it. `info["original_size"]`: the file's (width, height)."""
-    if isinstance(image, dict):
-        image = image.get("bytes") or image.get("path")
+    """RGB (transparency on white) of bytes, a datasets Image dict, a PIL image or a path; the file's size in info."""
+    image = (image.get("bytes") or image.get("path")) if isinstance(image, dict) else image
     if isinstance(image, (bytes, str)):
         image = Image.open(io.BytesIO(image) if isinstance(image, bytes) else image)
     if not isinstance(image, Image.Image):
         raise ValueError(f"unsupported image value of type {type(image).__name__}")
-    original_size = image.size[::-1] if image.getexif().get(0x0112, 1) in (5, 6, 7, 8) else image.size  # rotated
-    if min_size and image.format == "JPEG":  # libjpeg's fast DCT downscale, set before the pixels load
+    original_size = image.size[::-1] if image.getexif().get(0x0112, 1) in (5, 6, 7, 8) else image.size  # EXIF turn
+    if min_size and image.format == "JPEG":  # 1/2, 1/4 or 1/8 scale, never below min_size; before the pixels load
         image.draft(image.mode, (min_size, min_size))
     image = ImageOps.exif_transpose(image)
     if image.mode in ("I;16", "I;16B", "I;16L", "I"):
@@ -1098,9 +1093,8 @@ def decode_image(image, min_size=None):
 
 
 def paired_transform(images, resolution, crop_fraction, flip):
-    """Resize (shorter side to `resolution`), flip, then crop every image of a pair the same way: the [-1, 1] tensors
-    (3, R, R), and per image the original (height, width) and crop (top, left) of SDXL's micro-conditioning."""
-    # One geometry per pair, as in diffusers' DPO scripts (a loser of another size takes the winner's); flip, then crop
+    """A pair resized (shorter side to `resolution`), flipped, then cropped as one (a loser of another size takes the
+    winner's, as diffusers' DPO scripts do): [-1, 1] tensors, and per image SDXL's original size and top-left crop."""
     size = images[0].size
     original_width, original_height = images[0].info.get("original_size", size)
     new_size = tuple(max(resolution, round(length * (resolution / min(size)))) for length in size)
@@ -1130,7 +1124,7 @@ def decode_pair(columns, row, pair_index, min_size):
 
 @dataclasses.dataclass
 class PairMaker:
-    """A row -> its pair, winner first, with its indexed augmentation and caption dropout (in the loader workers)."""
+    """A row -> its pair, winner first, with the augmentation and caption dropout keyed by (pair_index, epoch)."""
 
     columns: SimpleNamespace
     resolution: int
@@ -1141,15 +1135,13 @@ class PairMaker:
     proportion_empty_prompts: float = 0.0
 
     def __call__(self, row, pair_index, epoch, row_index):
-        """The pair of the row `row_index`, its randomness keyed by (pair_index, epoch)."""
         augmentation = sample_pair_augmentation(self.seed, pair_index, epoch, self.random_crop, self.hflip)
         if CACHE_LATENT_MEAN in row:  # the orientation the flip selects (the only one in a --no_hflip cache)
             side = int(augmentation["flip"]) if row[CACHE_LATENT_MEAN].shape[0] == 2 else 0
-            item = {"latent_mean": row[CACHE_LATENT_MEAN][side], "latent_std": row[CACHE_LATENT_STD][side]}
+            arrays = {"latent_mean": CACHE_LATENT_MEAN, "latent_std": CACHE_LATENT_STD, "embeddings": CACHE_EMBEDDINGS}
+            item = {key: row[column][side] for key, column in arrays.items() if column in row}
             item["original_size"] = tuple(row[CACHE_ORIGINAL_SIZE].tolist())
             item["crop_top_left"] = tuple(row[CACHE_CROP_TOP_LEFT][side].tolist())
-            if CACHE_EMBEDDINGS in row:
-                item["embeddings"] = row[CACHE_EMBEDDINGS][side]
         else:
             images = decode_pair(self.columns, row, row_index, self.resolution)
             tensors, sizes, crops = paired_transform(images, self.resolution, **augmentation)
@@ -1166,13 +1158,11 @@ class PairMaker:
             if bad_rows == MAX_CONSECUTIVE_BAD_ROWS:
                 raise ValueError(f"{bad_rows} undecodable pairs in a row: check --image_0_column/--image_1_column.")
             try:
-                pair = self(*candidate)
+                yield {**self(*candidate), "bad_rows": bad_rows}
+                bad_rows = 0
             except UndecodablePair as error:
                 row_logger.warning(f"Skipped: {error}")
                 bad_rows += 1
-                continue
-            yield {**pair, "bad_rows": bad_rows}
-            bad_rows = 0
 
 
 class PreferencePairDataset(torch.utils.data.Dataset):
@@ -1184,9 +1174,8 @@ class PreferencePairDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, key):
         """The pair, or the next decodable one (batches stay full) under the slot's key: its augmentation and noise."""
-        pair_index, epoch = key
-        rows = ((pair_index + offset) % len(self.dataset) for offset in itertools.count())
-        return next(self.make_pair.decodable_pairs((self.dataset[row], pair_index, epoch, row) for row in rows))
+        rows = (row % len(self.dataset) for row in itertools.count(key[0]))  # key: (pair_index, epoch)
+        return next(self.make_pair.decodable_pairs((self.dataset[row], *key, row) for row in rows))
 
 
 def collate_pairs(items):
@@ -1926,8 +1915,7 @@ class StreamingBatches:
         """Nothing to reposition: `__iter__` continues from `progress.stream_states`."""
 
     def __iter__(self):
-        saved = self.progress.stream_states  # resumed: every process's loader state
-        if saved:
+        if saved := self.progress.stream_states:  # resumed: every process's loader state
             if (len(saved), saved.get(self.process, {}).get("workers")) != (self.processes, self.workers):
                 raise ValueError(
                     f"The checkpoint's stream state does not fit this run's process count ({self.processes}) and "
