@@ -390,9 +390,8 @@ class TrainingProgress:
     COUNTS = ("seed", "global_step", "epoch", "batch_in_epoch", "bad_rows", "skipped_updates", "nonfinite_in_a_row")
 
     def state_dict(self):
-        return {name: getattr(self, name) for name in self.COUNTS} | {
-            "stream_states": list(self.stream_states.values())
-        }
+        counts = {name: getattr(self, name) for name in self.COUNTS}
+        return {**counts, "stream_states": list(self.stream_states.values())}
 
     def load_state_dict(self, state):
         for name in self.COUNTS:
@@ -491,9 +490,8 @@ def prepare_output(args, accelerator, stop_request):
     check_pretrained_pipeline(args)  # a wrong model path fails now, not after the dataset is prepared
     if args.use_lora and sharding_engine() is not None:
         raise ValueError(
-            f"--use_lora under {sharding_engine().value}: sharding adapters of a few MB saves nothing, while the "
-            "frozen base would need its own handling. Launch with DDP (`accelerate launch --multi_gpu`), or train "
-            "the full UNet under this engine."
+            f"--use_lora under {sharding_engine().value}: sharding adapters of a few MB saves nothing. Launch with DDP "
+            "(`accelerate launch --multi_gpu`), or train the full UNet under this engine."
         )
     if not accelerator.is_main_process:
         return None
@@ -579,7 +577,13 @@ def train_loop(args, accelerator, models, training, progress, stop_request):
             progress.batch_in_epoch += 1
             if not accelerator.sync_gradients:
                 if stop_within_steps and guard.agree_stop():
-                    stop_within_step(args, accelerator, progress, step_start, stop_request)
+                    # A launcher kills a few seconds after its SIGTERM: rather than finish the step, save the last
+                    # completed one with this step's start as the data position, so that a resume replays the step.
+                    progress.epoch, progress.batch_in_epoch, progress.stream_states = step_start
+                    accelerator.step = progress.global_step * accumulation  # checkpointed: where accumulation is
+                    progress.stopped_by = stop_request.reason() or "SIGTERM"  # the signal reached another process
+                    if progress.saved_step != progress.global_step:  # else that checkpoint holds exactly this state
+                        save_checkpoint(accelerator, args, progress.global_step, progress)
                     return
                 continue
             progress.global_step += 1
@@ -614,9 +618,8 @@ def step_logs(args, accelerator, models, training, accumulated, global_step):
     preference_loss = logs["loss"] - (logs.get("stabilizer_term", 0.0) if args.stabilizer == "sft" else 0.0)
     if global_step == 1 and args.loss_type != "sft" and abs(preference_loss - math.log(2)) > 1e-3:
         logger.warning(
-            f"The first loss is {preference_loss:.6f}, not ln 2 = 0.693147: the policy starts at the reference, so "
-            "their denoising errors should be equal. The reference computes differently from the trained UNet "
-            "(precision, attention backend or weights differ)."
+            f"The first loss is {preference_loss:.6f}, not ln 2 = 0.693147: the reference computes differently from "
+            "the trained UNet, which starts equal to it (precision, attention backend or weights differ)."
         )
     return logs
 
@@ -1605,17 +1608,6 @@ def stop_after_step(args, accelerator, progress, total_steps, stop_requested, st
     return stop
 
 
-def stop_within_step(args, accelerator, progress, step_start, stop_request):
-    """A stop between the micro-batches of an optimizer step (a launcher kills a few seconds after its SIGTERM, so
-    waiting for the step's end can lose the save): the step's gradients are dropped, and the checkpoint is that of
-    the last completed step with the data position of this step's first micro-batch, so that a resume replays it."""
-    progress.epoch, progress.batch_in_epoch, progress.stream_states = step_start
-    accelerator.step = progress.global_step * args.gradient_accumulation_steps  # checkpointed: the window's start
-    progress.stopped_by = stop_request.reason() or "SIGTERM"  # the signal reached another process
-    if progress.saved_step != progress.global_step:  # else that checkpoint already holds exactly this state
-        save_checkpoint(accelerator, args, progress.global_step, progress)
-
-
 def bad_rows_error(max_bad_rows, bad_rows, rows, where):
     """The error when `bad_rows` of `rows` exceed --max_bad_rows (a fraction of `rows`, or a count), else None."""
     limit = math.floor(max_bad_rows * rows) if max_bad_rows < 1 else int(max_bad_rows)
@@ -1700,13 +1692,8 @@ def create_ema(args, accelerator, unet):
             "DDP (`accelerate launch --multi_gpu`) or drop --use_ema."
         )
     model = accelerator.unwrap_model(unet)
-    ema = EMAModel(
-        model.parameters(),
-        args.ema_decay,
-        model_cls=UNet2DConditionModel,
-        model_config=model.config,
-        foreach=args.foreach_ema,
-    )
+    options = {"model_cls": UNet2DConditionModel, "model_config": model.config, "foreach": args.foreach_ema}
+    ema = EMAModel(model.parameters(), args.ema_decay, **options)
 
     def place():
         ema.to(torch.device("cpu") if args.offload_ema else accelerator.device)
@@ -1718,10 +1705,8 @@ def create_ema(args, accelerator, unet):
             ema.save_pretrained(os.path.join(output_dir, "unet_ema"))
 
     def load_ema(models, input_dir):
-        path = os.path.join(input_dir, "unet_ema")
-        ema.load_state_dict(
-            EMAModel.from_pretrained(path, UNet2DConditionModel, foreach=args.foreach_ema).state_dict()
-        )
+        saved = EMAModel.from_pretrained(os.path.join(input_dir, "unet_ema"), UNet2DConditionModel)
+        ema.load_state_dict(saved.state_dict())
         place()
 
     place()
