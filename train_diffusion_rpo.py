@@ -505,7 +505,7 @@ def prepare_output(args, accelerator, stop_request):
         logger.warning(f"Removing {stop_request.stop_file}, a stop request from before this run started.")
         os.remove(stop_request.stop_file)
     repo_name = args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir))
-    return create_repo(repo_name, exist_ok=True, token=args.hub_token).repo_id if args.push_to_hub else None
+    return create_repo(repo_id=repo_name, exist_ok=True, token=args.hub_token).repo_id if args.push_to_hub else None
 
 
 def resolve_seed(args, accelerator, checkpoint=None):
