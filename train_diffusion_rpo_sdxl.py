@@ -157,14 +157,11 @@ DEFAULT_VALIDATION_PROMPTS = [
     "a watercolor painting of a lighthouse at dawn",
     "a bowl of ramen, highly detailed food photography",
 ]
-# Flags of other diffusion preference scripts (diffusers' DPO examples) that change the objective: refused, with why.
-REFUSED_PEER_FLAGS = {
+REFUSED_PEER_FLAGS = {  # peer scripts' flags (diffusers' DPO examples) that change the objective: refused, with why
     "prediction_type": "the prediction type is read from the model's scheduler config, shared by policy and reference",
     "snr_gamma": "Min-SNR weighting changes the preference objective's per-timestep weighting",
 }
-# Default learning rates (docs/method.md, "Defaults"): those of the diffusers text_to_image READMEs for full and LoRA
-# fine-tuning; 1e-5 is also about half DiffusionDPO's effective rate (1e-8 per pair x 2048 pairs).
-DEFAULT_LEARNING_RATE, DEFAULT_LORA_LEARNING_RATE = 1e-5, 1e-4
+DEFAULT_LEARNING_RATE, DEFAULT_LORA_LEARNING_RATE = 1e-5, 1e-4  # diffusers text_to_image's; docs/method.md, Defaults
 SANE_LEARNING_RATES = (1e-7, 1e-3)  # outside this range a run barely moves or diverges: warned about at start
 MAX_CONSECUTIVE_BAD_ROWS = 64  # more undecodable pairs in a row than this means wrong image columns, not bad rows
 TIE_LABEL, VALID_LABELS = 0.5, (0.0, 0.5, 1.0)
@@ -185,16 +182,14 @@ VALIDATION_SCORERS = {  # --validation_scorer: (model, tokenizer and image setti
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def bounded(kind, low, high=None, *, above=False, below=False, hint=""):
+def bounded(kind, low, high=math.inf, *, above=False, below=False, hint=""):
     """An argparse `type=` for an int or float from `low` to `high`; `above` / `below` exclude that end."""
 
     def parse(text):
-        value = kind(text)  # a ValueError becomes argparse's "invalid int value: 'x'"
-        too_low = not (value > low if above else value >= low)  # NaN fails every comparison
-        too_high = high is not None and not (value < high if below else value <= high)
-        if too_low or too_high:
+        value = kind(text)  # a ValueError becomes argparse's "invalid int value: 'x'"; NaN fails every comparison
+        if not ((value > low if above else value >= low) and (value < high if below else value <= high)):
             bounds = f"{'above' if above else 'at least'} {low:g}"
-            bounds += "" if high is None else f" and {'below' if below else 'at most'} {high:g}"
+            bounds += "" if high == math.inf else f" and {'below' if below else 'at most'} {high:g}"
             raise argparse.ArgumentTypeError(f"{text} is out of range: it must be {bounds}.{hint}")
         return value
 
@@ -202,23 +197,13 @@ def bounded(kind, low, high=None, *, above=False, below=False, hint=""):
     return parse
 
 
-def bad_row_limit(text):
-    """--max_bad_rows: a fraction of the pairs the run reads (below 1) or a whole count (1 or more)."""
-    value = float(text)
-    if not (0 <= value < 1 or (value >= 1 and value.is_integer())):  # NaN and inf fail both
-        raise argparse.ArgumentTypeError(f"{text} is out of range: pass a fraction below 1 or a whole count.")
-    return value
-
-
 def parse_args(input_args=None):
     parser = argparse.ArgumentParser(
-        description="Diffusion-RPO / Diffusion-DPO / SFT fine-tuning of Stable Diffusion on preference pairs.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="Preference fine-tuning: RPO, DPO or SFT.", formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
     count, count_or_0 = bounded(int, 1), bounded(int, 0)
     positive, nonnegative, fraction = bounded(float, 0, above=True), bounded(float, 0), bounded(float, 0, 1)
     validation_count = bounded(int, 1, hint=" To turn validation off, pass --validation_prompts with no prompts.")
-
     add = parser.add_argument_group("model").add_argument
     add("--pretrained_model_name_or_path", default=DEFAULT_PRETRAINED_MODEL, help="Hub id or pipeline folder.")
     add("--pretrained_vae_model_name_or_path", help="A VAE to train and save with instead of the base's.")
@@ -251,7 +236,7 @@ def parse_args(input_args=None):
     add("--stop_file", help="Save a checkpoint and stop when this file appears (unset: output_dir/STOP).")
     add("--checkpoints_total_limit", type=count, help="Keep at most this many checkpoints (the oldest go).")
     add("--resume_from_checkpoint", help='A checkpoint folder, or "latest" (the newest complete one in output_dir).')
-    add("--max_bad_rows", type=bad_row_limit, default=0.01, help="Undecodable pairs allowed: a fraction or a count.")
+    add("--max_bad_rows", type=float, default=0.01, help="Undecodable pairs allowed: a fraction or a count.")
     add("--max_nonfinite_steps", type=count, default=10, help="Non-finite steps in a row (skipped) that stop the run.")
     add = parser.add_argument_group("optimisation").add_argument
     default_rates = f"{DEFAULT_LEARNING_RATE:g}, or {DEFAULT_LORA_LEARNING_RATE:g} with --use_lora"
@@ -310,25 +295,8 @@ def parse_args(input_args=None):
     add("--hub_token", help="Discouraged: prefer `hf auth login`. Never logged or written to disk.")
     for name in REFUSED_PEER_FLAGS:
         parser.add_argument(f"--{name}", help=argparse.SUPPRESS)
-
     args = parser.parse_args(input_args)
-    check_args(args, parser)
-    # Defaults that depend on other flags; `args` is not changed after this.
-    if args.learning_rate is None:
-        args.learning_rate = DEFAULT_LORA_LEARNING_RATE if args.use_lora else DEFAULT_LEARNING_RATE
-    if args.max_grad_norm is None:
-        args.max_grad_norm = 0.0 if args.use_adafactor else 1.0
-    args.max_train_steps = args.max_train_steps or None  # 0: from --num_train_epochs, as when unset
-    if args.validation_scorer != "none":
-        model, processor = VALIDATION_SCORERS[args.validation_scorer]
-        args.validation_scorer_model = args.validation_scorer_model or model
-        processor = processor or args.validation_scorer_model
-        args.validation_scorer_processor = args.validation_scorer_processor or processor
-    return args
-
-
-def check_args(args, parser):
-    """Flag combinations that cannot work (each value alone is checked by its `type=`), refused before any loading."""
+    # Refused before anything loads: combinations that cannot work, and --max_bad_rows (other values: their `type=`).
     for name, reason in REFUSED_PEER_FLAGS.items():
         if getattr(args, name) is not None:
             parser.error(f"--{name} is not supported: {reason}. Remove the flag.")
@@ -340,19 +308,17 @@ def check_args(args, parser):
         parser.error("--use_ema averages the full UNet's weights; with --use_lora only the adapters train. Drop one.")
     if (args.offload_ema or args.foreach_ema) and not args.use_ema:
         parser.error("--offload_ema and --foreach_ema configure --use_ema: pass --use_ema too, or drop them.")
-    for name in ("adam_beta1", "adam_beta2", "adam_epsilon"):
+    for name in ("adam_beta1", "adam_beta2", "adam_epsilon", "use_8bit_adam"):
         if args.use_adafactor and getattr(args, name) != parser.get_default(name):
-            parser.error(f"--{name} set an AdamW setting, but --use_adafactor trains with Adafactor. Drop one.")
-    if args.use_8bit_adam and args.use_adafactor:
-        parser.error("--use_8bit_adam and --use_adafactor are two optimizers: pick one.")
+            parser.error(f"--{name} sets up AdamW, but --use_adafactor trains with Adafactor. Drop one.")
+    if not (0 <= args.max_bad_rows < 1 or (args.max_bad_rows >= 1 and args.max_bad_rows.is_integer())):  # NaN, inf
+        parser.error(f"--max_bad_rows {args.max_bad_rows:g}: pass a fraction below 1 or a whole count.")
     if args.resolution % 8 != 0:
         parser.error(f"--resolution {args.resolution} must be divisible by 8 (the VAE downsamples by 8).")
     if args.report_to in ("wandb", "all") and args.hub_token is not None:
         parser.error("--hub_token with --report_to wandb would expose it in the run config: use `hf auth login`.")
-    if args.streaming and not args.max_train_steps:
-        parser.error("--streaming needs --max_train_steps: a stream has no length.")
-    if args.streaming and args.max_train_samples:
-        parser.error("--max_train_samples draws from the whole dataset: it does not work with --streaming.")
+    if args.streaming and (not args.max_train_steps or args.max_train_samples):
+        parser.error("--streaming needs --max_train_steps (a stream has no length) and no --max_train_samples.")
     if needs_similarity_model(args) and not args.clip_model_name_or_path:
         parser.error("--rpo_weighting similarity needs a CLIP model: pass --clip_model_name_or_path or use uniform.")
     if args.use_8bit_adam and importlib.util.find_spec("bitsandbytes") is None:
@@ -360,9 +326,17 @@ def check_args(args, parser):
     if args.resume_from_checkpoint not in (None, "latest") and resolve_checkpoint_path(args) is None:
         parser.error(
             f"--resume_from_checkpoint {args.resume_from_checkpoint}: no such checkpoint folder with a "
-            f"training_progress.json (also looked in {args.output_dir}; a folder without it is incomplete). "
-            "Pass a complete checkpoint-N folder or 'latest'."
+            f"training_progress.json (also looked in {args.output_dir}). Pass a complete checkpoint-N or 'latest'."
         )
+    # Defaults that depend on other flags; `args` is not changed after this.
+    args.learning_rate = args.learning_rate or (DEFAULT_LORA_LEARNING_RATE if args.use_lora else DEFAULT_LEARNING_RATE)
+    if args.max_grad_norm is None:
+        args.max_grad_norm = 0.0 if args.use_adafactor else 1.0
+    args.max_train_steps = args.max_train_steps or None  # 0: from --num_train_epochs, as when unset
+    model, processor = VALIDATION_SCORERS.get(args.validation_scorer, (None, None))
+    args.validation_scorer_model = args.validation_scorer_model or model
+    args.validation_scorer_processor = args.validation_scorer_processor or processor or args.validation_scorer_model
+    return args
 
 
 def needs_similarity_model(args):
@@ -1761,8 +1735,11 @@ def ema_weights(ema, unet):
 
 def write_model_card(args, repo_id, stats, progress, learning_rate, num_processes, grid_filename=None):
     """The output folder's README.md; local paths appear by folder name only, Hub ids also in the metadata."""
-    base, dataset = public_name(args.pretrained_model_name_or_path), public_name(args.dataset_name)
-    vae, model = public_name(args.pretrained_vae_model_name_or_path), public_name(repo_id or args.output_dir)
+    paths = (args.pretrained_model_name_or_path, args.dataset_name, args.pretrained_vae_model_name_or_path)
+    base, dataset, vae, model = [  # a local path by its folder name: a card must not carry the user's filesystem
+        os.path.basename(os.path.abspath(path)) if path and os.path.exists(path) else path
+        for path in (*paths, repo_id or args.output_dir)
+    ]
     last, reward = progress.history[-10:], (progress.validation_rewards or [{}])[-1]
     mean = {key: sum(h[key] for h in last) / len(last) for key in ("loss", "implicit_acc") if last and key in last[0]}
     scores = f"{reward['validation_reward']:.4f} (base: {reward['validation_reward_reference']:.4f})" if reward else ""
@@ -1774,7 +1751,6 @@ arXiv 2406.06382; Diffusion-DPO, arXiv 2311.12908) on `{dataset}` (split `{args.
 {stats["pairs"]} preference pairs used, {stats["ties_dropped"]} ties of {stats["rows"]} rows dropped.
 {f"Trained with the VAE `{vae}` instead of the base's (for adapters, pass it as `vae=`)." if vae else ""}
 {f"With --use_ema (decay {args.ema_decay:g}), the saved UNet holds the EMA weights." if args.use_ema else ""}
-
 ## Usage
 ```python
 import torch
@@ -1782,54 +1758,44 @@ from diffusers import DiffusionPipeline
 pipe = DiffusionPipeline.from_pretrained("{base if args.use_lora else model}", torch_dtype=torch.float16).to("cuda")
 {lora}image = pipe("an astronaut riding a horse on mars").images[0]
 ```
-
 ## Training
 | setting | value |
 |---|---|
 | loss_type, beta_dpo (-1/2 beta convention) | {args.loss_type}, {args.beta_dpo:g}{weighting} |
-| learning_rate (as passed) | {args.learning_rate} |
-| scale_lr | {args.scale_lr} |
+| learning_rate, scale_lr (as passed) | {args.learning_rate}, {args.scale_lr} |
 | effective learning rate | {learning_rate:.6g} |
 | optimizer steps (seed) | {progress.global_step} (seed {progress.seed}) |
 | updates skipped as non-finite, undecodable pairs | {progress.skipped_updates}, {progress.bad_rows} |
 | batch x accumulation x processes | {args.train_batch_size} x {args.gradient_accumulation_steps} x {num_processes} |
 | mixed_precision, lora_rank | {args.mixed_precision or "no"}, {args.lora_rank if args.use_lora else "- (full UNet)"} |
 | stabilizer | {args.stabilizer}{f" (lambda {args.stabilizer_weight:g})" if args.stabilizer != "none" else ""} |
-
 ## Results
 {f"Mean of the last {len(last)} logged optimizer steps: loss {mean['loss']:.4f}." if last else "No step was logged."}
 {f"Mean implicit accuracy {mean['implicit_acc']:.3f} (pairs ranked as labelled)." if "implicit_acc" in mean else ""}
 {f"Last validation (step {reward['step']}): {args.validation_scorer} reward {scores}." if reward else ""}
-
 ## Validation images
 {f"![validation grid: top row the base, bottom row this model](./{grid_filename})" if grid_filename else "None."}
-
 ## Limitations
 Tuned towards the preferences in `{dataset}` and their biases, not for safety; a lower loss does not mean better
 images. The base model's license and limitations apply.
 """
+    text = re.sub(r"\n{3,}|\n+(?=## )", "\n\n", text)  # one blank line before each section, none from empty lines
     license, path = None, args.pretrained_model_name_or_path
     with contextlib.suppress(Exception):  # the base's license; DEFAULT_LICENSE when its card cannot be read
         license = ModelCard.load(os.path.join(path, "README.md") if os.path.isdir(path) else path).data.license
     data = ModelCardData(license=license or DEFAULT_LICENSE, base_model=None if os.path.exists(path) else path)
     data.datasets = None if os.path.exists(args.dataset_name) else [args.dataset_name]
-    card = ModelCard(f"---\n{data.to_yaml()}\n---\n" + re.sub(r"\n{3,}", "\n\n", text))  # optional lines left empty
+    card = ModelCard(f"---\n{data.to_yaml()}\n---\n{text}")
     populate_model_card(card, tags=MODEL_CARD_TAGS + [args.loss_type] + (["lora"] if args.use_lora else []))
     card.save(os.path.join(args.output_dir, "README.md"))
 
 
-def public_name(path):
-    """A Hub id as it is; a local path by its folder name (a card must not carry the user's filesystem)."""
-    return os.path.basename(os.path.normpath(os.path.abspath(path))) if path and os.path.exists(path) else path
-
-
 def hub_upload_patterns(output_dir, use_lora):
     """A model repo's files: the pipeline's components or the LoRA weights, the card and the grid; nothing else."""
-    if use_lora:
-        return ["README.md", "validation_grid.png", "pytorch_lora_weights.safetensors"]
-    index = DiffusionPipeline.load_config(output_dir)
+    index = {} if use_lora else DiffusionPipeline.load_config(output_dir)
     components = [f"{name}/*" for name, value in index.items() if isinstance(value, list) and value[0] is not None]
-    return ["README.md", "validation_grid.png", "model_index.json", *components]
+    weights = "pytorch_lora_weights.safetensors" if use_lora else "model_index.json"
+    return ["README.md", "validation_grid.png", weights, *components]
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -104,12 +104,12 @@ def test_an_effective_learning_rate_outside_the_sane_range_is_warned(caplog):
         (["--learning_rate", "0"], "argument --learning_rate: 0 is out of range: it must be above 0."),
         (["--learning_rate", "nan"], "argument --learning_rate: nan is out of range: it must be above 0."),
         (["--ema_decay", "nan"], "argument --ema_decay: nan is out of range"),
-        (["--max_bad_rows", "nan"], "argument --max_bad_rows: nan is out of range: pass a fraction below 1"),
+        (["--max_bad_rows", "nan"], "--max_bad_rows nan: pass a fraction below 1 or a whole count"),
         (["--resolution", "12"], "--resolution 12 must be divisible by 8"),
-        (["--use_8bit_adam", "--use_adafactor"], "--use_8bit_adam and --use_adafactor are two optimizers"),
+        (["--use_8bit_adam", "--use_adafactor"], "--use_8bit_adam sets up AdamW, but --use_adafactor trains with"),
         (
             ["--streaming", "--max_train_steps", "9", "--max_train_samples", "4"],
-            "--max_train_samples draws from the whole",
+            "--streaming needs --max_train_steps (a stream has no length) and no --max_train_samples",
         ),
     ],
 )
@@ -162,7 +162,7 @@ def test_adafactor_refuses_adam_settings_and_turns_clipping_off(capsys):
     for flag, value in (("--adam_beta1", "0.8"), ("--adam_beta2", "0.99"), ("--adam_epsilon", "1e-6")):
         with pytest.raises(SystemExit):
             rpo.parse_args(["--use_adafactor", flag, value])
-        assert f"{flag} set an AdamW setting" in capsys.readouterr().err
+        assert f"{flag} sets up AdamW" in capsys.readouterr().err
 
 
 def test_epochs_set_the_steps_unless_max_train_steps(train):
@@ -176,5 +176,5 @@ def test_card_and_trackers_record_the_rate_as_passed_and_as_trained(train, tmp_p
     assert train.module.tracker_config(args, 3e-4)["learning_rate"] == 1e-4
     train.module.main(args)
     card = (tmp_path / "out" / "README.md").read_text()
-    assert "| learning_rate (as passed) | 0.0001 |" in card and "| scale_lr | True |" in card
+    assert "| learning_rate, scale_lr (as passed) | 0.0001, True |" in card
     assert "| effective learning rate | 0.0003 |" in card  # 1e-4 x 3 pairs x 1 step x 1 process
