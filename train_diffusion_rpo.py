@@ -3,9 +3,9 @@
 # Copyright 2026 The Diffusion-RPO contributors. Licensed under the Apache License, Version 2.0.
 """Diffusion-RPO (Relative Preference Optimization, arXiv 2406.06382) fine-tuning of Stable Diffusion 1.x/2.x; also
 Diffusion-DPO (`--loss_type dpo`) and SFT on the preferred images (`--loss_type sft`). The file reads: imports, the
-model-specific block, arguments, the run (`main`, the training loop), the training step and the objective
-(`compute_preference_loss`, docs/method.md) in call order, data, models and validation, then appendices (faults and
-checkpoints, EMA, the model card and Hub, streaming).
+model-specific block, arguments, the run (`main`, the training loop), the training step in call order down to the
+objective (`compute_preference_loss`, docs/method.md), indexed randomness, data, models and validation, then
+appendices (faults and checkpoints, EMA, the model card and Hub, streaming).
 
     accelerate launch train_diffusion_rpo.py \
       --pretrained_model_name_or_path stable-diffusion-v1-5/stable-diffusion-v1-5 \
@@ -50,14 +50,7 @@ from accelerate.utils import (
     recursively_apply,
     send_to_device,
 )
-from diffusers import (
-    AutoencoderKL,
-    DDPMScheduler,
-    DiffusionPipeline,
-    DPMSolverMultistepScheduler,
-    StableDiffusionPipeline,
-    UNet2DConditionModel,
-)
+from diffusers import AutoencoderKL, DDPMScheduler, DiffusionPipeline, StableDiffusionPipeline, UNet2DConditionModel
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel, cast_training_params
 from diffusers.utils import convert_state_dict_to_diffusers, make_image_grid
@@ -95,8 +88,7 @@ VAE_FP32_UNLESS_CUSTOM = False  # the SD1.x VAE is stable in fp16/bf16
 
 
 def load_models(args, device, weight_dtype, seed):
-    """The base's tokenizer, scheduler, text encoder, VAE (or the custom one), UNet and the RPO CLIP, set up by
-    `setup_models` (LoRA adapters drawn from `seed`)."""
+    """The tokenizer, scheduler, text encoder, VAE, UNet and RPO CLIP, set up by `setup_models`."""
     path, common = args.pretrained_model_name_or_path, {"revision": args.revision, "cache_dir": args.cache_dir}
     models = Models(
         tokenizer=CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", **common),
@@ -1211,8 +1203,6 @@ def build_dataloader(args, accelerator, models, dataset, seed, progress=None):
 
 @dataclasses.dataclass
 class Clip:
-    """A frozen CLIPModel with its tokenizer and its processor's image size, mean and std."""
-
     model: CLIPModel
     tokenizer: transformers.PreTrainedTokenizerBase
     image_size: int
@@ -1248,10 +1238,9 @@ def check_pretrained_pipeline(args):
     except Exception as error:
         fix = f"pass a folder or Hub id with a model_index.json, e.g. {DEFAULT_PRETRAINED_MODEL}"
         raise ValueError(f"{flag} {path!r} is not a diffusers pipeline ({type(error).__name__}): {fix}.") from error
-    name, trains = config.get("_class_name", ""), PIPELINE_CLASS.__name__
-    if name != trains:
+    if (name := config.get("_class_name", "")) != PIPELINE_CLASS.__name__:
         hint = WRONG_PIPELINE_HINTS.get(name, "")
-        raise ValueError(f"{flag} {path!r} is a {name}, but this script trains {trains}. {hint}".rstrip())
+        raise ValueError(f"{flag} {path!r} is a {name}; this script trains {PIPELINE_CLASS.__name__}. {hint}".rstrip())
 
 
 def load_vae(args):
@@ -1269,16 +1258,15 @@ def load_similarity_model(args, device, dtype):
 
 
 def load_clip(path, processor_path, cache_dir, device, dtype, flag, fix):
-    """A frozen `Clip` on `device`, with the tokenizer and image mean/std at `processor_path`."""
+    """A frozen CLIPModel on `device`, with the tokenizer and the image size, mean and std of `processor_path`."""
     try:
         model = CLIPModel.from_pretrained(path, cache_dir=cache_dir, torch_dtype=dtype)
         tokenizer = AutoTokenizer.from_pretrained(processor_path, cache_dir=cache_dir)
         image = transformers.ImageProcessingMixin.get_image_processor_dict(processor_path, cache_dir=cache_dir)[0]
-        mean, std = list(image["image_mean"]), list(image["image_std"])
+        size, mean, std = model.config.vision_config.image_size, list(image["image_mean"]), list(image["image_std"])
     except Exception as error:
         raise ValueError(f"{flag} {path!r}: no CLIPModel, tokenizer or image config ({error}). {fix}.") from error
-    model.requires_grad_(False).eval().to(device)
-    return Clip(model, tokenizer, model.config.vision_config.image_size, mean, std)
+    return Clip(model.requires_grad_(False).eval().to(device), tokenizer, size, mean, std)
 
 
 def setup_models(args, models, device, weight_dtype, seed):
@@ -1305,9 +1293,8 @@ def setup_models(args, models, device, weight_dtype, seed):
         module.enable_xformers_memory_efficient_attention()  # diffusers raises, saying why, where xformers cannot run
     if args.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
-    # --compile in place (state-dict keys, saving and unwrapping unchanged). torch refuses an unknown backend here; a
-    # graph that fails to compile (no triton, no C++ compiler) runs eagerly with torch's warning: suppress_errors
-    # around these calls only, as torch has no public per-module fallback to eager.
+    # --compile in place (state-dict keys unchanged); torch refuses an unknown backend here. A graph that fails to
+    # compile (no triton or C++ compiler) runs eagerly: suppress_errors on these calls only (no per-module public API).
     for module in unets if args.compile else []:
         module.compile(backend=args.compile_backend, mode=args.compile_mode)
         module._compiled_call_impl = torch._dynamo.config.patch(suppress_errors=True)(module._compiled_call_impl)
@@ -1324,12 +1311,11 @@ def store_as_autocast_computes(module, dtype):
     """Frozen weights stored as the trained UNet computes (docs/method.md, "Reference in mixed precision"): linear and
     convolution weights in `dtype`, the rest fp32 (all `dtype` under FSDP/DeepSpeed, which cast every parameter), so
     under autocast the first loss is exactly ln 2 (a plain `.to(bf16)` copy runs norms in bf16: a logit of order 1)."""
-    module.float()
     if dtype == torch.float32 or sharding_engine() is not None:
         return module.to(dtype)
     nn = torch.nn  # the layers whose inputs autocast casts to the lower-precision dtype:
     layers = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
-    for layer in module.modules():
+    for layer in module.float().modules():  # the rest stays fp32
         if isinstance(layer, layers):
             layer.to(dtype)
     return module
@@ -1337,33 +1323,28 @@ def store_as_autocast_computes(module, dtype):
 
 def weight_dtype_for(accelerator):
     """The dtype frozen models compute in: the mixed-precision dtype, where accelerate runs the policy under it."""
-    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+    precision, device = accelerator.mixed_precision, accelerator.device.type
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision, torch.float32)
     if dtype != torch.float32 and not accelerator.native_amp and sharding_engine() != DistributedType.DEEPSPEED:
-        raise ValueError(
-            f"--mixed_precision {accelerator.mixed_precision} is not available on {accelerator.device.type} "
-            "(accelerate runs no autocast there): use --mixed_precision bf16 on CPU, fp16 on a GPU."
-        )
+        raise ValueError(f"--mixed_precision {precision} is not available on {device}: use bf16 on CPU, fp16 on GPU.")
     return dtype
 
 
 def effective_learning_rate(args, num_processes):
     """--learning_rate, times the pairs per optimizer step with --scale_lr; warned about outside the sane range."""
-    rate, (low, high) = args.learning_rate, SANE_LEARNING_RATES
-    if args.scale_lr:
-        rate *= args.train_batch_size * args.gradient_accumulation_steps * num_processes
+    pairs_per_step = args.train_batch_size * args.gradient_accumulation_steps * num_processes
+    rate, (low, high) = args.learning_rate * (pairs_per_step if args.scale_lr else 1), SANE_LEARNING_RATES
     if not low <= rate <= high:
         logger.warning(
-            f"Training at an effective learning rate of {rate:.3g} (--learning_rate {args.learning_rate:g}"
-            f"{' x pairs per step (--scale_lr)' if args.scale_lr else ''}), outside {low:g}-{high:g}: the weights "
-            f"will {'barely move' if rate < low else 'likely diverge'}. Defaults: {DEFAULT_LEARNING_RATE:g} (full), "
-            f"{DEFAULT_LORA_LEARNING_RATE:g} (LoRA)."
+            f"Effective learning rate {rate:.3g}{' (--learning_rate x pairs per step)' if args.scale_lr else ''} is "
+            f"outside {low:g}-{high:g}: the weights will {'barely move' if rate < low else 'likely diverge'}. "
+            f"Defaults: {DEFAULT_LEARNING_RATE:g} (full), {DEFAULT_LORA_LEARNING_RATE:g} (LoRA)."
         )
     return rate
 
 
 def create_optimizer(args, params, learning_rate):
-    """AdamW: fused on CUDA (one kernel for all parameters; the peers' default is foreach), bitsandbytes 8-bit, or
-    Adafactor with DiffusionDPO's SDXL settings (a fixed learning rate, no parameter scaling, update clipping 1)."""
+    """AdamW, fused on CUDA (one kernel; the peers use foreach), bitsandbytes' AdamW8bit, DiffusionDPO's Adafactor."""
     if args.use_adafactor:
         fixed = {"clip_threshold": 1.0, "scale_parameter": False, "relative_step": False}
         return transformers.Adafactor(params, lr=learning_rate, weight_decay=args.adam_weight_decay, **fixed)
@@ -1378,11 +1359,10 @@ def create_optimizer(args, params, learning_rate):
 
 
 def log_validation(accelerator, args, models, unet, progress, gathered=False):
-    """The main process renders the validation prompts with the weights the saved pipeline will hold (the EMA's with
-    --use_ema) and the reference's, logs them and their reward, returns the grid (`gathered`: `unet` is gathered)."""
+    """On the main process, the validation prompts rendered with the saved pipeline's weights (EMA's with --use_ema)
+    and the reference's: logged with their reward, returned as a grid. All gather a sharded UNet unless `gathered`."""
     if not args.validation_prompts:
         return None
-    # Under FSDP/DeepSpeed every process joins the gather (done by the caller when `gathered`).
     rendering_unet = unet if gathered else gather_sharded_unet(accelerator, unet)
     if not accelerator.is_main_process:
         return None
@@ -1406,8 +1386,7 @@ def log_validation(accelerator, args, models, unet, progress, gathered=False):
             import wandb  # only when asked for
 
             tracker.log({name: [wandb.Image(i, caption=p) for i, p in zip(images, prompts)]}, step=step)
-    rows = list(rendered.values())[::-1]  # the reference on top
-    return make_image_grid([image for row in rows for image in row], rows=len(rows), cols=len(trained))
+    return make_image_grid(reference + trained, rows=len(rendered), cols=len(trained))  # the reference on top
 
 
 @torch.no_grad()
@@ -1420,7 +1399,7 @@ def generate_validation_images(args, models, unet, seed, reference=False):
     steps, guidance = args.validation_num_inference_steps, args.validation_guidance_scale
     options = {"num_inference_steps": steps, "guidance_scale": guidance, "height": size, "width": size}
     autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
-    scheduler, images = DPMSolverMultistepScheduler.from_config(models.noise_scheduler.config), []
+    scheduler, images = diffusers.DPMSolverMultistepScheduler.from_config(models.noise_scheduler.config), []
     with reference_unet(models, unet) if reference else contextlib.nullcontext(unet) as rendering_unet:
         pipeline = build_validation_pipeline(models, rendering_unet, scheduler)
         pipeline.set_progress_bar_config(disable=True)
@@ -1436,8 +1415,7 @@ def generate_validation_images(args, models, unet, seed, reference=False):
 
 @torch.no_grad()
 def validation_rewards(scorer, kind, prompts, rendered, device):
-    """The mean PickScore (logit_scale.exp() x cosine) or CLIP score (100 x max(cosine, 0)) of each rendered set, as
-    "validation_reward" and "validation_reward_reference"; the scorer visits `device` once."""
+    """The mean PickScore (logit_scale.exp() x cosine) or CLIP score (100 x max(cosine, 0)) of each rendered set."""
     scorer.model.to(device)
     max_length = min(scorer.tokenizer.model_max_length, scorer.model.config.text_config.max_position_embeddings)
     ids = torch.stack([make_tokenize_fn(scorer.tokenizer, max_length)(prompt) for prompt in prompts]).to(device)
@@ -1445,12 +1423,11 @@ def validation_rewards(scorer, kind, prompts, rendered, device):
     scale = scorer.model.logit_scale.exp().float() if kind == "pickscore" else 100.0
     rewards = {}
     for name, images in rendered.items():
-        pixels = torch.stack([torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1.0) for image in images])
-        image = compute_similarity_embeddings(scorer, "image", pixel_values=pixels.permute(0, 3, 1, 2).to(device))
-        cosine = (image * text).sum(-1)
+        pixels = torch.from_numpy(np.stack(images).astype(np.float32) / 127.5 - 1.0).permute(0, 3, 1, 2)
+        cosine = (compute_similarity_embeddings(scorer, "image", pixel_values=pixels.to(device)) * text).sum(-1)
         key = "validation_reward" if name == "validation" else "validation_reward_reference"
         rewards[key] = (scale * (cosine if kind == "pickscore" else cosine.clamp(min=0))).mean().item()
-    scorer.model.to("cpu")  # kept off the accelerator between validations
+    scorer.model.to("cpu")  # on the accelerator only while it scores
     return rewards
 
 
