@@ -70,6 +70,7 @@ def test_deepspeed_half_precision_module_gets_half_precision_inputs(
 
 
 def test_validation_gathers_sharded_weights_on_every_process(monkeypatch):
+    monkeypatch.setattr(rpo, "sharding_engine", lambda: DistributedType.FSDP)  # the script asks accelerate's state
     gathered = []
     fake = SimpleNamespace(
         distributed_type=DistributedType.FSDP,
