@@ -645,8 +645,7 @@ def gather_sharded_unet(accelerator, unet):
 
 
 def training_step(args, accelerator, models, training, batch, micro_step, seed, guard):
-    """One micro-step: loss, backward and, at accumulation boundaries, clipping and the update. `guard` (a
-    `StepGuard`) skips everywhere an update whose loss or gradient is not finite anywhere (`guard.skip_update`)."""
+    """One micro-step: loss, backward and, at accumulation boundaries, clipping and the update (`guard` may skip it)."""
     unet, optimizer = training.unet, training.optimizer
     with accelerator.accumulate(unet):
         loss, metrics = compute_step_loss(args, models, unet, batch, micro_step, seed)
@@ -688,8 +687,9 @@ def compute_step_loss(args, models, unet, batch, micro_step, seed):
     if embeddings is None and needs_similarity_model(args):
         ids, pixels = send_to_device((batch.get("clip_input_ids"), batch["pixel_values"]), device)
         embeddings = compute_similarity_embeddings(models.clip, args.similarity_embedding, ids, pixels)
-    if args.rpo_global_matrix and args.loss_type == "rpo":  # (recursively_apply passes embeddings=None through)
-        model_losses, ref_losses, embeddings = recursively_apply(gather_pairs, (model_losses, ref_losses, embeddings))
+    if args.rpo_global_matrix and args.loss_type == "rpo" and torch.distributed.is_initialized():
+        gathered = recursively_apply(GatherPairs.apply, (model_losses, ref_losses, embeddings))  # embeddings: or None
+        model_losses, ref_losses, embeddings = gathered
     return compute_preference_loss(
         model_losses,
         ref_losses,
@@ -715,8 +715,7 @@ def prepare_diffusion_inputs(args, models, batch, micro_step, seed):
     if "latent_mean" in batch:
         mean, std = batch["latent_mean"][:rows].to(device).float(), batch["latent_std"][:rows].to(device).float()
     else:
-        pixels = batch["pixel_values"][:rows].to(device)
-        mean, std = encode_latent_distribution(models.vae, pixels, args.vae_encode_batch_size)
+        mean, std = encode_latent_distribution(models.vae, batch["pixel_values"][:rows], args.vae_encode_batch_size)
     keys = zip(batch["pair_index"].tolist(), batch["epoch"].tolist())
     draws = [draw_pair_noise(seed, index, epoch, tuple(mean.shape[1:]), args.noise_offset) for index, epoch in keys]
     latent_noise, noise, uniform_t = (torch.stack(values) for values in zip(*draws))  # each (M, ...)
@@ -725,10 +724,9 @@ def prepare_diffusion_inputs(args, models, batch, micro_step, seed):
         generator = indexed_generator(seed, STREAM_BATCH_TIMESTEP, micro_step)
         uniform_t = torch.rand((), generator=generator).expand_as(uniform_t)
     timesteps = (uniform_t * num_train_timesteps).long().clamp_(max=num_train_timesteps - 1)
-    hidden, unet_kwargs = encode_conditioning(args, models, batch)
+    per_pair_inputs = (noise, timesteps, *encode_conditioning(args, models, batch))
     # Per pair (M, ...) -> per sample, winners then losers: a pair's noise, t and caption serve both its images.
-    per_sample = concatenate([(noise, timesteps, hidden, unet_kwargs)] * per_pair)
-    noise, timesteps, hidden, unet_kwargs = send_to_device(per_sample, device)
+    noise, timesteps, hidden, unet_kwargs = send_to_device(concatenate([per_pair_inputs] * per_pair), device)
     shift = getattr(vae_config, "shift_factor", None) or 0.0
     latents = (mean + std * latent_noise - shift) * vae_config.scaling_factor
     # Contiguous: a channels-last input (e.g. latents from a VAE run channels-last) sends the trained UNet (grad mode)
@@ -742,7 +740,7 @@ def prepare_diffusion_inputs(args, models, batch, micro_step, seed):
 @torch.no_grad()
 def encode_latent_distribution(vae, pixel_values, batch_size):
     """The VAE posterior's mean and std per image (cacheable; sampling from them stays exact)."""
-    posteriors = [vae.encode(chunk.to(vae.dtype)).latent_dist for chunk in pixel_values.split(batch_size)]
+    posteriors = [vae.encode(chunk.to(vae.device, vae.dtype)).latent_dist for chunk in pixel_values.split(batch_size)]
     return torch.cat([p.mean.float() for p in posteriors]), torch.cat([p.std.float() for p in posteriors])
 
 
@@ -774,49 +772,36 @@ def compute_similarity_embeddings(clip, mode, clip_input_ids=None, pixel_values=
         text = F.normalize(_features(clip.model.get_text_features(input_ids=clip_input_ids)).float(), dim=-1)
         embeddings.append(torch.cat([text, text]))  # a pair's two images share its prompt
     if mode in ("image", "text_image"):
-        pixels = clip_pixel_values(pixel_values, clip.image_size, clip.image_mean, clip.image_std)
-        image = _features(clip.model.get_image_features(pixel_values=pixels.to(clip.model.dtype)))
-        embeddings.append(F.normalize(image.float(), dim=-1))
+        pixels = clip_pixel_values(pixel_values, clip.image_size, clip.image_mean, clip.image_std).to(clip.model.dtype)
+        embeddings.append(F.normalize(_features(clip.model.get_image_features(pixel_values=pixels)).float(), dim=-1))
     return F.normalize(embeddings[0] + embeddings[1], dim=-1) if len(embeddings) == 2 else embeddings[0]
 
 
 def clip_pixel_values(pixel_values, image_size, mean, std):
     """Training crops in [-1, 1] to CLIP's input: resized on tensors and normalised with CLIP's mean/std."""
-    images = (pixel_values.float() + 1.0) / 2.0
-    images = F.interpolate(images, size=(image_size, image_size), mode="bicubic", align_corners=False, antialias=True)
-    images = images.clamp(0.0, 1.0)
-    return (images - images.new_tensor(mean).view(1, -1, 1, 1)) / images.new_tensor(std).view(1, -1, 1, 1)
+    images = F.interpolate((pixel_values.float() + 1) / 2, (image_size, image_size), mode="bicubic", antialias=True)
+    return (images.clamp(0.0, 1.0) - images.new_tensor(mean).view(-1, 1, 1)) / images.new_tensor(std).view(-1, 1, 1)
 
 
 def _features(output):
     return output if torch.is_tensor(output) else output.pooler_output
 
 
-def gather_pairs(values):
-    """(2M, ...) winners first per process -> (2MN, ...) winners first, as one process with the global batch has it."""
-    if not torch.distributed.is_initialized() or torch.distributed.get_world_size() == 1:
-        return values
-    # One collective (so every process runs the same backward all_reduce), then process-major -> winners first.
-    gathered = _GatherAcrossProcesses.apply(values).unflatten(0, (-1, 2, values.shape[0] // 2))  # (N, 2, M, ...)
-    return gathered.transpose(0, 1).flatten(0, 2)
-
-
-class _GatherAcrossProcesses(torch.autograd.Function):
-    """all_gather on dim 0 whose backward sums every process's gradient of a slice onto its owner: all compute the same
-    loss, so DDP's average of N x dL/d(slice) is the single-process gradient (torch's own all_gather is deprecated)."""
+class GatherPairs(torch.autograd.Function):
+    """(2M, ...) per process -> (2MN, ...), winners first as in one process; backward sums a slice's gradients onto
+    its owner: all compute one loss, so DDP's mean is the one-process gradient (torch's all_gather is deprecated)."""
 
     @staticmethod
     def forward(ctx, values):
-        ctx.rank, ctx.rows = torch.distributed.get_rank(), values.shape[0]
         gathered = [torch.empty_like(values) for _ in range(torch.distributed.get_world_size())]
         torch.distributed.all_gather(gathered, values.contiguous())
-        return torch.cat(gathered)
+        return torch.stack(gathered).unflatten(1, (2, -1)).transpose(0, 1).flatten(0, 2)  # (N, 2, M) -> (2, N, M)
 
     @staticmethod
     def backward(ctx, grad):
-        grad = grad.contiguous()
+        grad = grad.unflatten(0, (2, torch.distributed.get_world_size(), -1)).transpose(0, 1).contiguous()  # (N, 2, M)
         torch.distributed.all_reduce(grad)
-        return grad[ctx.rank * ctx.rows : (ctx.rank + 1) * ctx.rows]
+        return grad[torch.distributed.get_rank()].flatten(0, 1)
 
 
 def compute_preference_loss(
@@ -833,36 +818,28 @@ def compute_preference_loss(
     stabilizer_weight=1.0,
 ):
     """(loss, detached float metrics) from per-sample denoising errors (2M,), winners first (sft: winners' half)."""
-    if model_losses.ndim != 1 or model_losses.shape[0] % 2:
-        raise ValueError(f"model_losses must have shape (2M,), winners first; got {tuple(model_losses.shape)}.")
+    options = {"loss_type": (loss_type, ("rpo", "dpo", "sft")), "stabilizer": (stabilizer, ("none", "dpop", "sft"))}
+    options["weighting"] = (weighting, ("similarity", "uniform"))
+    for name, (value, known) in options.items():
+        if value not in known:
+            raise ValueError(f"Unknown {name} {value!r}: expected one of {known}.")
+    paired = loss_type == "sft" or (ref_losses is not None and ref_losses.shape == model_losses.shape)
+    if model_losses.ndim != 1 or model_losses.shape[0] % 2 or not paired:
+        raise ValueError("Losses must have shape (2M,), winners first (dpo/rpo: ref_losses of the same shape too).")
     output_dtype = torch.promote_types(model_losses.dtype, torch.float32)
-    # The M x M terms are computed in fp64 (a few scalars): at theta = reference the loss is then exactly fp32 ln 2.
-    model_losses = model_losses.double()
     if loss_type == "sft":
-        winners = model_losses.chunk(2)[0]
+        winners = model_losses.double().chunk(2)[0]
         return winners.mean().to(output_dtype), {"model_mse_w": winners.detach().mean().to(output_dtype)}
-    if loss_type not in ("dpo", "rpo"):
-        raise ValueError(f"Unknown loss_type {loss_type!r}: expected 'rpo', 'dpo' or 'sft'.")
-    if ref_losses is None or ref_losses.shape != model_losses.shape:
-        raise ValueError("dpo/rpo need model_losses and ref_losses of the same shape (2M,), winners first.")
-    if stabilizer not in ("none", "dpop", "sft"):
-        raise ValueError(f"Unknown stabilizer {stabilizer!r}: expected 'none', 'dpop' or 'sft'.")
-    model_w, model_l = model_losses.chunk(2)
+    # The M x M terms are computed in fp64 (a few scalars): at theta = reference the loss is then exactly fp32 ln 2.
+    model_w, model_l = model_losses.double().chunk(2)
     ref_w, ref_l = ref_losses.double().detach().chunk(2)
     delta_w, delta_l = model_w - ref_w, model_l - ref_l
     diagonal_logits = -(delta_w - delta_l)
-    metrics = {
-        "model_mse_w": model_w.detach().mean(),
-        "model_mse_l": model_l.detach().mean(),
-        "ref_mse_w": ref_w.mean(),
-        "ref_mse_l": ref_l.mean(),
-        # Which side moves the loss: a falling winner error, or a rising loser error ("likelihood displacement").
-        "delta_mse_w": delta_w.detach().mean(),
-        "delta_mse_l": delta_l.detach().mean(),
-        "implicit_acc": ((diagonal_logits > 0).float() + 0.5 * (diagonal_logits == 0).float()).detach().mean(),
-    }
-    # DPO-Positive (Pal et al. 2024, arXiv 2402.13228), with -log p(x) ~ the denoising error: row i's logits lose
-    # lambda * max(0, delta_w^i), so lowering the loss by raising the winner's error too is penalised.
+    sides = {"model_mse": (model_w, model_l), "ref_mse": (ref_w, ref_l), "delta_mse": (delta_w, delta_l)}
+    # delta_mse_w/l: which side moves the loss, a falling winner error or a rising loser ("likelihood displacement").
+    metrics = {f"{name}_{side}": v.detach().mean() for name, pair in sides.items() for side, v in zip("wl", pair)}
+    metrics["implicit_acc"] = ((diagonal_logits > 0).float() + 0.5 * (diagonal_logits == 0).float()).detach().mean()
+    # DPO-Positive (arXiv 2402.13228): row i's logits lose lambda * max(0, delta_w^i), penalising a rising winner error.
     winner_penalty = stabilizer_weight * delta_w.clamp(min=0) if stabilizer == "dpop" else torch.zeros_like(delta_w)
     extra_loss = stabilizer_weight * model_w.mean() if stabilizer == "sft" else model_w.new_zeros(())
     if stabilizer != "none":
@@ -875,10 +852,8 @@ def compute_preference_loss(
             # omega_ij = s * softmax_j(-(1 - cos(e_w^i, e_l^j)) / tau), in fp64 (docs/method.md, "Weights")
             winners, losers = F.normalize(embeddings.detach().double(), dim=-1).chunk(2)
             weights = weight_scale * torch.softmax(-(1.0 - winners @ losers.T) / temperature, dim=1)
-        elif weighting == "uniform":
-            weights = torch.full_like(logits, float(weight_scale))
         else:
-            raise ValueError(f"Unknown weighting {weighting!r}: expected 'similarity' or 'uniform'.")
+            weights = torch.full_like(logits, float(weight_scale))
         # Weight inside the sigmoid, rows averaged (not weight-summed), as in the RPO authors' LLM code; the mean of
         # the log-sigmoids, not the log-sigmoid of a mean (which would let one pair's margin pay for another's).
         loss = -F.logsigmoid(weights * (0.5 * beta) * logits).mean()
@@ -901,8 +876,7 @@ def indexed_generator(seed, stream, *keys):
 
 
 class IndexedBatchSampler:
-    """This process's micro-batches of (pair_index, epoch) keys: the r-th slice of global micro-batch b, perm[b*G:
-    (b+1)*G] of the epoch's permutation (G = batch_size x num_processes), as one process with batch G would see it."""
+    """Micro-batches of (pair_index, epoch) keys: process r's slice of perm[b*G:(b+1)*G], G = batch x processes."""
 
     def __init__(self, num_pairs, batch_size, seed, batches_per_epoch, num_processes=1, process_index=0):
         self.num_pairs, self.batch_size, self.seed = num_pairs, batch_size, seed
