@@ -247,6 +247,6 @@ def test_at_the_reference_dpop_gives_ln2_and_sft_adds_its_term(stabilizer):
 def test_stabilizer_flags_are_checked(capsys):
     with pytest.raises(SystemExit):
         rpo.parse_args(["--loss_type", "sft", "--stabilizer", "dpop"])
-    assert "sft has no preference term" in capsys.readouterr().err
+    assert "--stabilizer dpop needs a preference loss" in capsys.readouterr().err
     with pytest.raises(ValueError, match="Unknown stabilizer"):
         rpo.compute_preference_loss(*random_losses(2)[:2], loss_type="dpo", beta=1.0, stabilizer="dpo_positive")
