@@ -48,8 +48,14 @@ def run_outside_the_repository(command, folder, timeout):
 
 
 def in_repository(path, cwd):
+    """Whether `path` is a folder of the repository; the interpreter's own environment (`make` puts a .venv in the
+    clone) holds installed packages only, so it does not count."""
     path = os.path.realpath(os.path.join(cwd, path))
-    return path == os.path.realpath(ROOT) or path.startswith(os.path.realpath(ROOT) + os.sep)
+    return is_within(path, os.path.realpath(ROOT)) and not is_within(path, os.path.realpath(sys.prefix))
+
+
+def is_within(path, folder):
+    return path == folder or path.startswith(folder + os.sep)
 
 
 @pytest.mark.parametrize("script", sorted(SCRIPTS))
