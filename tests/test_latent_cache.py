@@ -169,13 +169,23 @@ def test_pairs_with_nonfinite_latents_are_left_out_and_counted(
     assert all(np.isfinite(np.asarray(row["latent_mean"])).all() for row in cache)
 
 
-def test_two_processes_build_the_cache_one_process_builds(sd_pipeline_path, pickapic_path, clip_model_path, tmp_path):
+def test_two_processes_build_the_cache_one_process_builds(
+    sd_pipeline_path, pickapic_path, clip_model_path, tmp_path, monkeypatch
+):
     def flags(output_dir):
         return cli(
             sd_pipeline_path, pickapic_path, clip_model_path, tmp_path / output_dir, "--vae_encode_batch_size", "4"
         )
 
-    one = build_cache(*flags("one"))
+    # One CPU thread in both builds, as torchrun gives each launched process: convolutions sum in another order on
+    # another thread count, so the latents would differ in their last bits.
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        one = build_cache(*flags("one"))
+    finally:
+        torch.set_num_threads(threads)
     launch(os.path.join(ROOT, "cache_latents.py"), ["--training_script", SCRIPT, *flags("two")], 2, cwd=tmp_path)
     two = datasets.load_from_disk(str(tmp_path / "two"))
     assert two.features == one.features and len(two) == len(one) == 12
