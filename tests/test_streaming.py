@@ -56,20 +56,13 @@ def reader_states(process_state):
     return [worker["dataset_state"] for worker in loader["_snapshot"]["_worker_snapshots"].values()]
 
 
+def streaming_args(sd_pipeline_path, dataset, clip_model_path, *extra):
+    return rpo.parse_args(cli(sd_pipeline_path, dataset, clip_model_path, "unused", "--streaming", *extra))
+
+
 def test_streaming_drops_ties_and_reads_each_pair_once_per_epoch(sd_pipeline_path, sharded_pickapic, clip_model_path):
-    args = rpo.parse_args(
-        cli(
-            sd_pipeline_path,
-            sharded_pickapic,
-            clip_model_path,
-            "unused",
-            "--streaming",
-            "--shuffle_buffer_size",
-            "4",
-            "--train_batch_size",
-            "2",
-        )
-    )
+    extra = ["--shuffle_buffer_size", "4", "--train_batch_size", "2"]
+    args = streaming_args(sd_pipeline_path, sharded_pickapic, clip_model_path, *extra)
     raw = rpo.load_raw_dataset(args.dataset_name, streaming=True)
     stream = rpo.prepare_streaming_dataset(raw, rpo.dataset_columns(args), 0, 4)
     pairs = rpo.PairMaker(rpo.dataset_columns(args), 32, 0)
@@ -94,17 +87,7 @@ def test_streaming_drops_ties_and_reads_each_pair_once_per_epoch(sd_pipeline_pat
 
 
 def test_a_resume_with_other_reader_numbers_is_refused(sd_pipeline_path, sharded_pickapic, clip_model_path):
-    args = rpo.parse_args(
-        cli(
-            sd_pipeline_path,
-            sharded_pickapic,
-            clip_model_path,
-            "unused",
-            "--streaming",
-            "--dataloader_num_workers",
-            "0",
-        )
-    )
+    args = streaming_args(sd_pipeline_path, sharded_pickapic, clip_model_path, "--dataloader_num_workers", "0")
     progress = rpo.TrainingProgress(0)
     progress.stream_states = {0: {"reader": 0, "workers": 2, "loader": {}}}
     columns = rpo.dataset_columns(args)
