@@ -71,9 +71,16 @@ row_logger = logging.getLogger(__name__)  # loader workers have no accelerate st
 
 SCRIPT_NAME = "train_diffusion_rpo_sdxl.py"
 PIPELINE_CLASS = StableDiffusionXLPipeline
-WRONG_PIPELINE_HINTS = {"StableDiffusionPipeline": "Use train_diffusion_rpo.py for SD1.x/2.x weights."}
+DENOISER, DENOISER_NAME = "unet", "UNet"  # the pipeline's component and its name in messages
+WRONG_PIPELINE_HINTS = {
+    "StableDiffusionPipeline": "Use train_diffusion_rpo.py for SD1.x/2.x weights.",
+    "StableDiffusion3Pipeline": "Use train_diffusion_rpo_sd3.py for SD3/SD3.5 weights.",
+    "FluxPipeline": "Use train_diffusion_rpo_flux.py for FLUX.1 weights.",
+}
 DEFAULT_PRETRAINED_MODEL = "stabilityai/stable-diffusion-xl-base-1.0"
-DEFAULT_RESOLUTION = 1024
+DEFAULT_RESOLUTION, RESOLUTION_MULTIPLE = 1024, 8  # the VAE downsamples by 8
+DEFAULT_BETA_DPO, DEFAULT_USE_LORA, DEFAULT_VALIDATION_GUIDANCE = 5000.0, False, 7.5
+LORA_TARGET_MODULES = ["to_k", "to_q", "to_v", "to_out.0"]  # diffusers' text_to_image LoRA example's
 DEFAULT_LICENSE = "openrail++"  # SDXL 1.0's, used when the base model's card cannot be read
 MODEL_CARD_TAGS = [
     "stable-diffusion-xl",
@@ -98,20 +105,15 @@ def load_models(args, device, weight_dtype, seed):
             path, subfolder="text_encoder_2", variant=args.variant, **common
         ),
         vae=load_vae(args),
-        unet=UNet2DConditionModel.from_pretrained(path, subfolder="unet", variant=args.variant, **common),
+        denoiser=UNet2DConditionModel.from_pretrained(path, subfolder="unet", variant=args.variant, **common),
         clip=load_similarity_model(args, device, weight_dtype) if needs_similarity_model(args) else None,
     )
     return setup_models(args, models, device, weight_dtype, seed)
 
 
-def text_encoders(models):
-    """The frozen text encoders (`setup_models` moves them to the device)."""
-    return [models.text_encoder, models.text_encoder_2]
-
-
-def text_tokenizers(models):
-    """Loader output name -> the tokenizer whose ids `encode_conditioning` reads under that name."""
-    return {"input_ids": models.tokenizer, "input_ids_2": models.tokenizer_2}
+def text_tokenize_fns(args, models):
+    """Loader output name -> caption -> the ids `encode_conditioning` reads under that name."""
+    return {"input_ids": make_tokenize_fn(models.tokenizer), "input_ids_2": make_tokenize_fn(models.tokenizer_2)}
 
 
 @torch.no_grad()
@@ -129,10 +131,40 @@ def encode_conditioning(args, models, batch):
     return torch.cat(hidden_states, dim=-1), {"added_cond_kwargs": added_cond_kwargs}
 
 
-def build_validation_pipeline(models, unet, scheduler):
+def add_model_arguments(add):
+    """Flags of this model family only (none for SDXL)."""
+
+
+def draw_timestep(args, scheduler, generator):
+    """A pair's diffusion timestep, uniform over the scheduler's training timesteps."""
+    num_train_timesteps = scheduler.config.num_train_timesteps
+    return (torch.rand((), generator=generator) * num_train_timesteps).long().clamp_(max=num_train_timesteps - 1)
+
+
+def noise_latents(args, scheduler, latents, noise, timesteps):
+    """DDPM noising: x_t, the target (epsilon or v, as the model was trained), timesteps, loss weights (uniform)."""
+    prediction_type = scheduler.config.prediction_type
+    if prediction_type not in ("epsilon", "v_prediction"):
+        raise ValueError(f"Unsupported prediction_type {prediction_type!r} in the scheduler config.")
+    target = noise if prediction_type == "epsilon" else scheduler.get_velocity(latents, noise, timesteps)
+    return scheduler.add_noise(latents, noise, timesteps), target, timesteps, None
+
+
+def predict(unet, noisy_latents, timesteps, encoder_hidden_states, **unet_kwargs):
+    return unet(noisy_latents, timesteps, encoder_hidden_states, **unet_kwargs).sample
+
+
+def build_validation_pipeline(args, models, denoiser):
+    """The pipeline that renders validation images: DPMSolver++ on the training scheduler's config."""
+    scheduler = diffusers.DPMSolverMultistepScheduler.from_config(models.noise_scheduler.config)
     encoders = {"text_encoder": models.text_encoder, "text_encoder_2": models.text_encoder_2}
     tokenizers = {"tokenizer": models.tokenizer, "tokenizer_2": models.tokenizer_2}
-    return PIPELINE_CLASS(vae=models.vae, unet=unet, scheduler=scheduler, **encoders, **tokenizers)
+    return PIPELINE_CLASS(vae=models.vae, unet=denoiser, scheduler=scheduler, **encoders, **tokenizers), {}
+
+
+def decodable_latents(latents, size):
+    """The pipeline's latent output as the VAE decodes it (as is here)."""
+    return latents
 
 
 # ======================================================================================================================
@@ -196,6 +228,7 @@ def parse_args(input_args=None):
     add("--pretrained_vae_model_name_or_path", help="A VAE to train and save with instead of the base's.")
     add("--revision", help="Revision (branch, tag or commit) of the base model.")
     add("--variant", help="Weights variant of the base model, e.g. fp16.")
+    add_model_arguments(add)
     add = parser.add_argument_group("data").add_argument
     add("--dataset_name", default="yuvalkirstain/pickapic_v2", help="Hub id, folder of data files or save_to_disk.")
     add("--dataset_config_name", help="Dataset configuration name.")
@@ -237,23 +270,37 @@ def parse_args(input_args=None):
     add("--adam_epsilon", type=nonnegative, default=1e-8, help="AdamW epsilon.")
     add("--max_grad_norm", type=nonnegative, help="Clipping norm (0: off). Unset: 1, or 0 with --use_adafactor.")
     add("--use_8bit_adam", action="store_true", help="bitsandbytes AdamW8bit (8-bit optimizer state).")
-    add("--use_ema", action="store_true", help="Validate and save an EMA of the trained UNet. Not with --use_lora.")
+    add(
+        "--use_ema",
+        action="store_true",
+        help=f"Validate and save an EMA of the trained {DENOISER_NAME}. Not with --use_lora.",
+    )
     add("--ema_decay", type=fraction, default=0.9999, help="EMA decay (with diffusers' warm-up).")
     add("--offload_ema", action="store_true", help="Keep the EMA weights in (pinned) CPU memory.")
     add("--foreach_ema", action="store_true", help="Update the EMA with foreach kernels (faster, more memory).")
     add("--use_adafactor", action="store_true", help="transformers' Adafactor instead of AdamW (DiffusionDPO's SDXL).")
-    add("--compile", action="store_true", help="torch.compile the trained and the reference UNet.")
+    add("--compile", action="store_true", help=f"torch.compile the trained and the reference {DENOISER_NAME}.")
     add("--compile_backend", default="inductor", help="torch.compile backend.")
     add("--compile_mode", choices=["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"])
     add("--allow_tf32", action="store_true", help="Allow TF32 matmuls on Ampere and newer GPUs.")
     add("--mixed_precision", choices=["no", "fp16", "bf16"], help="Overrides the accelerate config.")
-    add("--gradient_checkpointing", action="store_true", help="Trade compute for UNet activation memory.")
+    add("--gradient_checkpointing", action="store_true", help=f"Trade compute for {DENOISER_NAME} activation memory.")
     add("--enable_xformers_memory_efficient_attention", action="store_true", help="xformers instead of PyTorch SDPA.")
-    add("--use_lora", action="store_true", help="Train LoRA adapters on the UNet attention.")
+    add(
+        "--use_lora",
+        action=argparse.BooleanOptionalAction,
+        default=DEFAULT_USE_LORA,
+        help=f"Train LoRA adapters, not the full {DENOISER_NAME}.",
+    )
     add("--lora_rank", type=count, default=8, help="LoRA rank.")
     add = parser.add_argument_group("method").add_argument
     add("--loss_type", default="rpo", choices=["rpo", "dpo", "sft"], help="The objective.")
-    add("--beta_dpo", type=positive, default=5000.0, help="KL strength beta (DiffusionDPO's -1/2 beta convention).")
+    add(
+        "--beta_dpo",
+        type=positive,
+        default=DEFAULT_BETA_DPO,
+        help="KL strength beta (DiffusionDPO's -1/2 beta convention).",
+    )
     add("--rpo_weighting", default="similarity", choices=["similarity", "uniform"], help="RPO's contrast weights.")
     add("--rpo_weight_scale", type=positive, default=1.0, help="s in omega = s * softmax(...).")
     add("--similarity_embedding", default="text_image", choices=["text", "image", "text_image"], help="CLIP inputs.")
@@ -276,7 +323,7 @@ def parse_args(input_args=None):
     add("--validation_scorer_model", help="The scorer's CLIPModel (unset: the scorer's own).")
     add("--validation_scorer_processor", help="The scorer's tokenizer and image settings (unset: the scorer's own).")
     add("--validation_num_inference_steps", type=validation_count, default=25, help="DPMSolver++ steps.")
-    add("--validation_guidance_scale", type=nonnegative, default=7.5, help="Classifier-free guidance scale.")
+    add("--validation_guidance_scale", type=nonnegative, default=DEFAULT_VALIDATION_GUIDANCE, help="Guidance scale.")
     add("--push_to_hub", action="store_true", help="Upload the output folder (without checkpoints).")
     add("--hub_model_id", help="Hub repo id (unset: output_dir's name).")
     add("--hub_token", help="Discouraged: prefer `hf auth login`. Never logged or written to disk.")
@@ -292,7 +339,9 @@ def parse_args(input_args=None):
     if args.stabilizer != "none" and args.loss_type == "sft":
         parser.error(f"--stabilizer {args.stabilizer} needs a preference loss: --loss_type dpo or rpo, not sft.")
     if args.use_ema and args.use_lora:
-        parser.error("--use_ema averages the full UNet's weights; with --use_lora only the adapters train. Drop one.")
+        parser.error(
+            f"--use_ema averages the full {DENOISER_NAME}'s weights; with --use_lora only the adapters train. Drop one."
+        )
     if (args.offload_ema or args.foreach_ema) and not args.use_ema:
         parser.error("--offload_ema and --foreach_ema configure --use_ema: pass --use_ema too, or drop them.")
     for name in ("adam_beta1", "adam_beta2", "adam_epsilon", "use_8bit_adam"):
@@ -300,8 +349,8 @@ def parse_args(input_args=None):
             parser.error(f"--{name} sets up AdamW, but --use_adafactor trains with Adafactor. Drop one.")
     if not (0 <= args.max_bad_rows < 1 or (args.max_bad_rows >= 1 and args.max_bad_rows.is_integer())):  # NaN, inf
         parser.error(f"--max_bad_rows {args.max_bad_rows:g}: pass a fraction below 1 or a whole count.")
-    if args.resolution % 8 != 0:
-        parser.error(f"--resolution {args.resolution} must be divisible by 8 (the VAE downsamples by 8).")
+    if args.resolution % RESOLUTION_MULTIPLE != 0:
+        parser.error(f"--resolution {args.resolution} must be a multiple of {RESOLUTION_MULTIPLE} for this model.")
     if args.report_to in ("wandb", "all") and args.hub_token is not None:
         parser.error("--hub_token with --report_to wandb would expose it in the run config: use `hf auth login`.")
     if args.streaming and (not args.max_train_steps or args.max_train_samples):
@@ -339,7 +388,7 @@ def needs_similarity_model(args):
 class Training:
     """What the loop runs, as accelerate wrapped it, and for how long (optimizer `steps` over loader `epochs`)."""
 
-    unet: torch.nn.Module
+    denoiser: torch.nn.Module
     optimizer: torch.optim.Optimizer
     lr_scheduler: torch.optim.lr_scheduler.LRScheduler
     loader: object
@@ -434,7 +483,7 @@ def run_training(args, accelerator, stop_request):
     logger.info(f"Dataset: {stats['rows']} rows, {stats['ties_dropped']} ties dropped, {stats['pairs']} pairs used.")
     models = load_models(args, accelerator.device, weight_dtype, progress.seed)
     learning_rate = effective_learning_rate(args, accelerator.num_processes)
-    optimizer = create_optimizer(args, [p for p in models.unet.parameters() if p.requires_grad], learning_rate)
+    optimizer = create_optimizer(args, [p for p in models.denoiser.parameters() if p.requires_grad], learning_rate)
     loader, sampler = build_dataloader(args, accelerator, models, dataset, progress.seed, progress)
     training = prepare_training(args, accelerator, models, optimizer, loader, sampler)
     if checkpoint is not None:
@@ -453,7 +502,7 @@ def run_training(args, accelerator, stop_request):
     )
     train_loop(args, accelerator, models, training, progress, stop_request)
     if progress.stopped_by is None:
-        finish_run(args, accelerator, models, training.unet, progress, repo_id, stats, learning_rate)
+        finish_run(args, accelerator, models, training.denoiser, progress, repo_id, stats, learning_rate)
     else:
         if stop_request.stop_file is not None and os.path.exists(stop_request.stop_file):
             os.remove(stop_request.stop_file)  # acted on: the resumed run must not stop at once
@@ -469,7 +518,7 @@ def prepare_output(args, accelerator, stop_request):
     if args.use_lora and sharding_engine() is not None:
         raise ValueError(
             f"--use_lora under {sharding_engine().value}: sharding adapters of a few MB saves nothing. Launch with DDP "
-            "(`accelerate launch --multi_gpu`), or train the full UNet under this engine."
+            f"(`accelerate launch --multi_gpu`), or train the full {DENOISER_NAME} under this engine."
         )
     if not accelerator.is_main_process:
         return None
@@ -510,9 +559,9 @@ def prepare_training(args, accelerator, models, optimizer, loader, sampler):
     lr_scheduler = get_scheduler(args.lr_scheduler, optimizer, num_warmup_steps=warmup, num_training_steps=total)
     if accelerator.state.deepspeed_plugin is not None:  # our loader is not prepared, so DeepSpeed cannot infer it
         accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = args.train_batch_size
-    models.initial_weight_norm = trained_weight_norm(args.use_lora, models.unet)  # before a resume: the base's
-    unet, optimizer, lr_scheduler = accelerator.prepare(models.unet, optimizer, lr_scheduler)
-    models.ema = create_ema(args, accelerator, unet)
+    models.initial_weight_norm = trained_weight_norm(args.use_lora, models.denoiser)  # before a resume: the base's
+    denoiser, optimizer, lr_scheduler = accelerator.prepare(models.denoiser, optimizer, lr_scheduler)
+    models.ema = create_ema(args, accelerator, denoiser)
     models.validation_scorer = None
     if args.validation_scorer != "none" and args.validation_prompts and accelerator.is_main_process:
         scorer = (args.validation_scorer_model, args.validation_scorer_processor, args.cache_dir)
@@ -520,7 +569,7 @@ def prepare_training(args, accelerator, models, optimizer, loader, sampler):
         models.validation_scorer = load_clip(
             *scorer, torch.device("cpu"), torch.float32, "--validation_scorer_model", fix
         )
-    return Training(unet, optimizer, lr_scheduler, loader, sampler, steps, math.ceil(steps / updates_per_epoch))
+    return Training(denoiser, optimizer, lr_scheduler, loader, sampler, steps, math.ceil(steps / updates_per_epoch))
 
 
 def tracker_config(args, learning_rate, max_train_steps=None):
@@ -534,10 +583,10 @@ def tracker_config(args, learning_rate, max_train_steps=None):
 
 def train_loop(args, accelerator, models, training, progress, stop_request):
     """Optimizer steps from `progress` to `training.steps`, or until a stop request (then `progress.stopped_by`)."""
-    unet, sampler, accumulation = training.unet, training.sampler, args.gradient_accumulation_steps
+    denoiser, sampler, accumulation = training.denoiser, training.sampler, args.gradient_accumulation_steps
     show = accelerator.is_local_main_process
     progress_bar = tqdm(total=training.steps, initial=progress.global_step, desc="Steps", disable=not show)
-    unet.train()
+    denoiser.train()
     if progress.global_step >= training.steps:  # resumed from a checkpoint of the final step
         return
     accumulated, guard = {}, StepGuard(accelerator, stop_request)
@@ -566,7 +615,7 @@ def train_loop(args, accelerator, models, training, progress, stop_request):
                 continue
             progress.global_step += 1
             if models.ema is not None and not guard.skip_update:
-                update_ema(models.ema, accelerator.unwrap_model(unet), accelerator.device, args.offload_ema)
+                update_ema(models.ema, accelerator.unwrap_model(denoiser), accelerator.device, args.offload_ema)
             if progress.batch_in_epoch >= sampler.batches_per_epoch:
                 progress.epoch, progress.batch_in_epoch = epoch + 1, 0
             step_start = progress.data_position()
@@ -580,7 +629,7 @@ def train_loop(args, accelerator, models, training, progress, stop_request):
             if stop_after_step(args, accelerator, progress, training.steps, guard.stop, stop_request):
                 return
             if args.validation_prompts and progress.global_step % args.validation_steps == 0:
-                log_validation(accelerator, args, models, unet, progress)
+                log_validation(accelerator, args, models, denoiser, progress)
             if progress.global_step >= training.steps:
                 return
 
@@ -592,42 +641,44 @@ def step_logs(args, accelerator, models, training, accumulated, global_step):
     }
     logs["lr"] = training.lr_scheduler.get_last_lr()[0]
     if models.initial_weight_norm is not None:
-        logs["weight_norm_drift"] = trained_weight_norm(args.use_lora, training.unet) / models.initial_weight_norm - 1
+        logs["weight_norm_drift"] = (
+            trained_weight_norm(args.use_lora, training.denoiser) / models.initial_weight_norm - 1
+        )
     preference_loss = logs["loss"] - (logs.get("stabilizer_term", 0.0) if args.stabilizer == "sft" else 0.0)
     if global_step == 1 and args.loss_type != "sft" and abs(preference_loss - math.log(2)) > 1e-3:
         logger.warning(
             f"The first loss is {preference_loss:.6f}, not ln 2 = 0.693147: the reference computes differently from "
-            "the trained UNet, which starts equal to it (precision, attention backend or weights differ)."
+            f"the trained {DENOISER_NAME}, which starts equal to it (precision, attention backend or weights differ)."
         )
     return logs
 
 
-def trained_weight_norm(use_lora, unet):
+def trained_weight_norm(use_lora, denoiser):
     """||theta||, for `weight_norm_drift`; None for LoRA (the base stays) and FSDP/DeepSpeed (a shard per process)."""
     if use_lora or sharding_engine() is not None:
         return None
     with torch.no_grad():  # one device sync, not one per tensor
-        norms = torch.stack([torch.linalg.vector_norm(p.detach(), dtype=torch.float32) for p in unet.parameters()])
+        norms = torch.stack([torch.linalg.vector_norm(p.detach(), dtype=torch.float32) for p in denoiser.parameters()])
         return float(torch.linalg.vector_norm(norms))
 
 
-def finish_run(args, accelerator, models, unet, progress, repo_id, stats, learning_rate):
+def finish_run(args, accelerator, models, denoiser, progress, repo_id, stats, learning_rate):
     """The final validation; the pipeline (`DiffusionPipeline.from_pretrained`) or LoRA weights; grid, card, upload."""
     accelerator.wait_for_everyone()
-    trained_unet = gather_sharded_unet(accelerator, unet)
-    grid = log_validation(accelerator, args, models, trained_unet, progress, gathered=True)
+    trained_denoiser = gather_sharded_denoiser(accelerator, denoiser)
+    grid = log_validation(accelerator, args, models, trained_denoiser, progress, gathered=True)
     if not accelerator.is_main_process:
         return
     if models.ema is not None:
-        models.ema.copy_to(trained_unet.parameters())  # the saved pipeline holds the EMA weights
+        models.ema.copy_to(trained_denoiser.parameters())  # the saved pipeline holds the EMA weights
     if args.use_lora:
-        lora_layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(trained_unet))
-        PIPELINE_CLASS.save_lora_weights(args.output_dir, unet_lora_layers=lora_layers)
+        lora_layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(trained_denoiser))
+        PIPELINE_CLASS.save_lora_weights(args.output_dir, **{f"{DENOISER}_lora_layers": lora_layers})
     else:  # the full pipeline, with the VAE the model was trained with (fp32) where it is not the base's
         vae = {"vae": load_vae(args)} if args.pretrained_vae_model_name_or_path else {}
         source = {"revision": args.revision, "variant": args.variant, "cache_dir": args.cache_dir}
         pipeline = PIPELINE_CLASS.from_pretrained(
-            args.pretrained_model_name_or_path, **source, unet=trained_unet.float(), **vae
+            args.pretrained_model_name_or_path, **source, **{DENOISER: trained_denoiser.float()}, **vae
         )
         pipeline.save_pretrained(args.output_dir)
     if grid is not None:
@@ -639,14 +690,15 @@ def finish_run(args, accelerator, models, unet, progress, repo_id, stats, learni
         upload_folder(repo_id=repo_id, folder_path=args.output_dir, allow_patterns=patterns, token=args.hub_token)
 
 
-def gather_sharded_unet(accelerator, unet):
-    """The trained UNet, unwrapped; under FSDP/DeepSpeed every process joins the gather, the main one gets it."""
+def gather_sharded_denoiser(accelerator, denoiser):
+    """The trained denoiser, unwrapped; under FSDP/DeepSpeed every process joins the gather, the main one gets it."""
     if sharding_engine() is None:
-        return accelerator.unwrap_model(unet)
-    state_dict = accelerator.get_state_dict(unet)
+        return accelerator.unwrap_model(denoiser)
+    state_dict = accelerator.get_state_dict(denoiser)
     if not accelerator.is_main_process:
         return None
-    full = UNet2DConditionModel.from_config(accelerator.unwrap_model(unet).config)
+    model = accelerator.unwrap_model(denoiser)
+    full = type(model).from_config(model.config)
     full.load_state_dict(state_dict)
     return full
 
@@ -658,14 +710,14 @@ def gather_sharded_unet(accelerator, unet):
 
 def training_step(args, accelerator, models, training, batch, micro_step, seed, guard):
     """One micro-step: loss, backward and, at accumulation boundaries, clipping and the update (`guard` may skip it)."""
-    unet, optimizer = training.unet, training.optimizer
-    with accelerator.accumulate(unet):
-        loss, metrics = compute_step_loss(args, models, unet, batch, micro_step, seed)
+    denoiser, optimizer = training.denoiser, training.optimizer
+    with accelerator.accumulate(denoiser):
+        loss, metrics = compute_step_loss(args, models, denoiser, batch, micro_step, seed)
         accelerator.backward(loss)
         guard.observe(loss, batch)
         if accelerator.sync_gradients:
             # --max_grad_norm 0: max_norm inf measures the norm for the guard and leaves the gradients untouched.
-            grad_norm = accelerator.clip_grad_norm_(unet.parameters(), args.max_grad_norm or math.inf)
+            grad_norm = accelerator.clip_grad_norm_(denoiser.parameters(), args.max_grad_norm or math.inf)
             if guard.agree(grad_norm).skip_update:
                 optimizer.zero_grad(set_to_none=True)  # no gradients: the step leaves weights and moments untouched
         optimizer.step()
@@ -677,7 +729,7 @@ def training_step(args, accelerator, models, training, batch, micro_step, seed, 
     return loss.detach(), metrics
 
 
-def compute_step_loss(args, models, unet, batch, micro_step, seed):
+def compute_step_loss(args, models, denoiser, batch, micro_step, seed):
     """A micro-batch's loss and metrics over this process's pairs, or every process's (--rpo_global_matrix)."""
     inputs = prepare_diffusion_inputs(args, models, batch, micro_step, seed)
     device, dtype = models.device, models.weight_dtype
@@ -685,16 +737,18 @@ def compute_step_loss(args, models, unet, batch, micro_step, seed):
     deepspeed = sharding_engine() == DistributedType.DEEPSPEED
     noisy = inputs.noisy_latents.to(dtype) if deepspeed else inputs.noisy_latents
     hidden = inputs.encoder_hidden_states.to(dtype)
-    unet_kwargs = recursively_apply(torch.Tensor.to, inputs.unet_kwargs, dtype, test_type=torch.is_floating_point)
-    model_losses = per_sample_denoising_loss(unet, noisy, inputs.timesteps, hidden, inputs.target, **unet_kwargs)
+    denoiser_kwargs = recursively_apply(
+        torch.Tensor.to, inputs.denoiser_kwargs, dtype, test_type=torch.is_floating_point
+    )
+    model_losses = per_sample_denoising_loss(denoiser, inputs, noisy, hidden, denoiser_kwargs)
     if args.loss_type == "sft":  # winners only were denoised; the losers' slots of the (2M,) losses stay NaN
         model_losses = torch.cat([model_losses, torch.full_like(model_losses, math.nan)])
         return compute_preference_loss(model_losses, None, loss_type="sft", beta=args.beta_dpo)
-    # The reference runs under the autocast accelerate wraps the trained UNet's forward in (none under DeepSpeed).
+    # The reference runs under the autocast accelerate wraps the trained denoiser's forward in (none under DeepSpeed).
     mixed = dtype != torch.float32 and not deepspeed
     autocast = torch.autocast(device.type, dtype=dtype) if mixed else contextlib.nullcontext()
-    with torch.no_grad(), reference_unet(models, unet) as ref_unet, autocast:
-        ref_losses = per_sample_denoising_loss(ref_unet, noisy, inputs.timesteps, hidden, inputs.target, **unet_kwargs)
+    with torch.no_grad(), reference_denoiser(models, denoiser) as ref_denoiser, autocast:
+        ref_losses = per_sample_denoising_loss(ref_denoiser, inputs, noisy, hidden, denoiser_kwargs)
     embeddings = send_to_device(batch.get("embeddings"), device)  # cached, or computed here from prompts and crops
     if embeddings is None and needs_similarity_model(args):
         ids, pixels = send_to_device((batch.get("clip_input_ids"), batch["pixel_values"]), device)
@@ -717,11 +771,9 @@ def compute_step_loss(args, models, unet, batch, micro_step, seed):
 
 
 def prepare_diffusion_inputs(args, models, batch, micro_step, seed):
-    """Noisy latents, targets, timesteps and conditioning of the 2M samples (sft: M winners), winners first."""
-    device, scheduler, vae_config = models.device, models.noise_scheduler, models.vae.config
-    prediction_type, num_train_timesteps = scheduler.config.prediction_type, scheduler.config.num_train_timesteps
-    if prediction_type not in ("epsilon", "v_prediction"):
-        raise ValueError(f"Unsupported prediction_type {prediction_type!r} in the scheduler config.")
+    """Noisy latents, targets, timesteps, loss weights and conditioning of the 2M samples (sft: M winners), winners
+    first."""
+    device, vae_config = models.device, models.vae.config
     per_pair = 1 if args.loss_type == "sft" else 2
     rows = per_pair * batch["pair_index"].shape[0]
     if "latent_mean" in batch:
@@ -730,23 +782,27 @@ def prepare_diffusion_inputs(args, models, batch, micro_step, seed):
         mean, std = encode_latent_distribution(models.vae, batch["pixel_values"][:rows], args.vae_encode_batch_size)
     keys = zip(batch["pair_index"].tolist(), batch["epoch"].tolist())
     draws = [draw_pair_noise(seed, index, epoch, tuple(mean.shape[1:]), args.noise_offset) for index, epoch in keys]
-    latent_noise, noise, uniform_t = (torch.stack(values) for values in zip(*draws))  # each (M, ...)
-    latent_noise = latent_noise.transpose(0, 1).flatten(0, 1)[:rows].to(device)  # winners' draws, then losers'
+    latent_noise, noise, generators = zip(*draws)
+    latent_noise = torch.stack(latent_noise).transpose(0, 1).flatten(0, 1)[:rows].to(device)  # winners', losers'
     if args.timestep_sampling == "batch":  # one t per micro-step, the same on every process
-        generator = indexed_generator(seed, STREAM_BATCH_TIMESTEP, micro_step)
-        uniform_t = torch.rand((), generator=generator).expand_as(uniform_t)
-    timesteps = (uniform_t * num_train_timesteps).long().clamp_(max=num_train_timesteps - 1)
-    per_pair_inputs = (noise, timesteps, *encode_conditioning(args, models, batch))
+        generators = [indexed_generator(seed, STREAM_BATCH_TIMESTEP, micro_step)] * len(generators)
+        timesteps = draw_timestep(args, models.noise_scheduler, generators[0]).expand(len(generators))
+    else:
+        timesteps = torch.stack([draw_timestep(args, models.noise_scheduler, g) for g in generators])
+    per_pair_inputs = (torch.stack(noise), timesteps, *encode_conditioning(args, models, batch))
     # Per pair (M, ...) -> per sample, winners then losers: a pair's noise, t and caption serve both its images.
-    noise, timesteps, hidden, unet_kwargs = send_to_device(concatenate([per_pair_inputs] * per_pair), device)
+    noise, timesteps, hidden, denoiser_kwargs = send_to_device(concatenate([per_pair_inputs] * per_pair), device)
     shift = getattr(vae_config, "shift_factor", None) or 0.0
     latents = (mean + std * latent_noise - shift) * vae_config.scaling_factor
-    # Contiguous: a channels-last input (e.g. latents from a VAE run channels-last) sends the trained UNet (grad mode)
-    # and the reference (no_grad) down kernels that round differently, and theta = reference no longer gives ln 2.
-    noisy_latents = scheduler.add_noise(latents, noise, timesteps).contiguous()
-    target = noise if prediction_type == "epsilon" else scheduler.get_velocity(latents, noise, timesteps)
-    conditioning = {"encoder_hidden_states": hidden, "unet_kwargs": unet_kwargs}
-    return SimpleNamespace(noisy_latents=noisy_latents, target=target, timesteps=timesteps, **conditioning)
+    noisy_latents, target, timesteps, loss_weights = noise_latents(
+        args, models.noise_scheduler, latents, noise, timesteps
+    )
+    # Contiguous: a channels-last input (e.g. latents from a VAE run channels-last) sends the trained denoiser (grad
+    # mode) and the reference (no_grad) down kernels that round differently: theta = reference no longer gives ln 2.
+    conditioning = {"encoder_hidden_states": hidden, "denoiser_kwargs": denoiser_kwargs, "loss_weights": loss_weights}
+    return SimpleNamespace(
+        noisy_latents=noisy_latents.contiguous(), target=target, timesteps=timesteps, **conditioning
+    )
 
 
 @torch.no_grad()
@@ -756,24 +812,26 @@ def encode_latent_distribution(vae, pixel_values, batch_size):
     return torch.cat([p.mean.float() for p in posteriors]), torch.cat([p.std.float() for p in posteriors])
 
 
-def per_sample_denoising_loss(unet, noisy_latents, timesteps, encoder_hidden_states, target, **unet_kwargs):
-    """mean over (C, H, W) of ||target - f(x_t, c, t)||^2, in fp32."""
-    prediction = unet(noisy_latents, timesteps, encoder_hidden_states, **unet_kwargs).sample
-    return F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=list(range(1, prediction.ndim)))
+def per_sample_denoising_loss(denoiser, inputs, noisy_latents, encoder_hidden_states, denoiser_kwargs):
+    """mean over the latent's (C, H, W) of ||target - f(x_t, c, t)||^2, in fp32, times the sample's loss weight."""
+    prediction = predict(denoiser, noisy_latents, inputs.timesteps, encoder_hidden_states, **denoiser_kwargs)
+    errors = F.mse_loss(prediction.float(), inputs.target.float(), reduction="none")
+    errors = errors.mean(dim=list(range(1, prediction.ndim)))
+    return errors if inputs.loss_weights is None else errors * inputs.loss_weights.float()
 
 
 @contextlib.contextmanager
-def reference_unet(models, unet):
-    """The frozen reference: its copy, or with LoRA the trained UNet with its adapters off inside the block."""
-    if models.ref_unet is not None:
-        yield models.ref_unet
+def reference_denoiser(models, denoiser):
+    """The frozen reference: its copy, or with LoRA the trained denoiser with its adapters off inside the block."""
+    if models.ref_denoiser is not None:
+        yield models.ref_denoiser
         return
-    unet = extract_model_from_parallel(unet)  # the adapters are switched on the model itself
-    unet.disable_adapters()
+    denoiser = extract_model_from_parallel(denoiser)  # the adapters are switched on the model itself
+    denoiser.disable_adapters()
     try:
-        yield unet
+        yield denoiser
     finally:
-        unet.enable_adapters()
+        denoiser.enable_adapters()
 
 
 @torch.no_grad()
@@ -921,13 +979,14 @@ def caption_dropped(seed, pair_index, epoch, proportion):
 
 
 def draw_pair_noise(seed, pair_index, epoch, latent_shape, noise_offset=0.0):
-    """A pair's latent-sampling draws (2, ...) of winner and loser, diffusion noise eps (both share it), uniform t."""
+    """A pair's latent-sampling draws (2, ...) of winner and loser, its diffusion noise eps (both share it), and its
+    generator, which `draw_timestep` draws the pair's timestep from next."""
     generator = indexed_generator(seed, STREAM_PAIR_NOISE, pair_index, epoch)
     latent_noise = torch.randn((2, *latent_shape), generator=generator)
     noise = torch.randn(latent_shape, generator=generator)
     if noise_offset:
         noise = noise + noise_offset * torch.randn((latent_shape[0], 1, 1), generator=generator)
-    return latent_noise, noise, torch.rand((), generator=generator)
+    return latent_noise, noise, generator
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -1155,7 +1214,7 @@ def check_latent_cache(args, dataset):
 
 def build_dataloader(args, accelerator, models, dataset, seed, progress=None):
     """The loader and its sampler: indexed batches of a dataset or latent cache, or `StreamingBatches` as both."""
-    tokenizers = {name: make_tokenize_fn(tokenizer) for name, tokenizer in text_tokenizers(models).items()}
+    tokenizers = text_tokenize_fns(args, models)
     if not is_latent_cache(dataset) and clip_tokenize_fn(args, models) is not None:  # a cache holds the embeddings
         tokenizers["clip_input_ids"] = clip_tokenize_fn(args, models)
     pair_options = {"random_crop": args.random_crop, "hflip": not args.no_hflip, "tokenizers": tokenizers}
@@ -1200,15 +1259,17 @@ class Clip:
 class Models:
     """Loaded by `load_models`; `setup_models` adds the reference, device and dtype, `prepare_training` the rest."""
 
-    tokenizer: CLIPTokenizer
-    noise_scheduler: DDPMScheduler
-    text_encoder: CLIPTextModel
+    tokenizer: transformers.PreTrainedTokenizerBase
+    noise_scheduler: diffusers.SchedulerMixin
+    text_encoder: torch.nn.Module
     vae: AutoencoderKL
-    unet: UNet2DConditionModel
+    denoiser: torch.nn.Module  # the UNet or transformer that is trained
     clip: Clip | None = None  # the RPO similarity model; freed once the latent cache holds its embeddings
-    tokenizer_2: CLIPTokenizer | None = None  # SDXL's second tokenizer and text encoder
+    tokenizer_2: transformers.PreTrainedTokenizerBase | None = None  # the second and third tokenizers and encoders
     text_encoder_2: torch.nn.Module | None = None
-    ref_unet: UNet2DConditionModel | None = None  # None with LoRA (the base is the adapters switched off) and sft
+    tokenizer_3: transformers.PreTrainedTokenizerBase | None = None
+    text_encoder_3: torch.nn.Module | None = None
+    ref_denoiser: torch.nn.Module | None = None  # None with LoRA (the base is the adapters switched off) and sft
     device: torch.device | None = None
     weight_dtype: torch.dtype | None = None  # what the frozen parts compute in
     ema: EMAModel | None = None
@@ -1258,30 +1319,33 @@ def load_clip(path, processor_path, cache_dir, device, dtype, flag, fix):
 def setup_models(args, models, device, weight_dtype, seed):
     """Frozen parts to `device` in `weight_dtype`, the reference (a frozen copy, or the LoRA base; the adapters start
     from `seed`), memory options and --compile, on a `Models` or any object with its loaded fields."""
-    for text_encoder in text_encoders(models):
-        text_encoder.requires_grad_(False).eval().to(device, dtype=weight_dtype)
+    for text_encoder in (models.text_encoder, models.text_encoder_2, models.text_encoder_3):
+        if text_encoder is not None:
+            text_encoder.requires_grad_(False).eval().to(device, dtype=weight_dtype)
     fp32_vae = VAE_FP32_UNLESS_CUSTOM and args.pretrained_vae_model_name_or_path is None
     models.vae.requires_grad_(False).eval().to(device, dtype=torch.float32 if fp32_vae else weight_dtype)
-    unet, models.ref_unet, models.device, models.weight_dtype = models.unet, None, device, weight_dtype
+    denoiser, models.ref_denoiser, models.device, models.weight_dtype = models.denoiser, None, device, weight_dtype
     if args.use_lora:
-        store_as_autocast_computes(unet.requires_grad_(False), weight_dtype).to(device)
-        rank, targets = args.lora_rank, ["to_k", "to_q", "to_v", "to_out.0"]
+        store_as_autocast_computes(denoiser.requires_grad_(False), weight_dtype).to(device)
+        rank, targets = args.lora_rank, LORA_TARGET_MODULES
         config = LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=targets)
         # peft draws the adapters on the CPU from torch's global generator: seeded here, restored after.
         with torch.random.fork_rng(devices=[]):
             torch.default_generator.manual_seed(seed)
-            unet.add_adapter(config)
-        cast_training_params(unet, dtype=torch.float32)
+            denoiser.add_adapter(config)
+        cast_training_params(denoiser, dtype=torch.float32)
     elif args.loss_type != "sft":
-        models.ref_unet = store_as_autocast_computes(copy.deepcopy(unet), weight_dtype).requires_grad_(False).eval()
-    unets = [module.to(device) for module in (unet, models.ref_unet) if module is not None]
-    for module in unets if args.enable_xformers_memory_efficient_attention else []:
+        models.ref_denoiser = (
+            store_as_autocast_computes(copy.deepcopy(denoiser), weight_dtype).requires_grad_(False).eval()
+        )
+    denoisers = [module.to(device) for module in (denoiser, models.ref_denoiser) if module is not None]
+    for module in denoisers if args.enable_xformers_memory_efficient_attention else []:
         module.enable_xformers_memory_efficient_attention()  # diffusers raises, saying why, where xformers cannot run
     if args.gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
+        denoiser.enable_gradient_checkpointing()
     # --compile in place (state-dict keys unchanged); torch refuses an unknown backend here. A graph that fails to
     # compile (no triton or C++ compiler) runs eagerly: suppress_errors on these calls only (no per-module public API).
-    for module in unets if args.compile else []:
+    for module in denoisers if args.compile else []:
         module.compile(backend=args.compile_backend, mode=args.compile_mode)
         module._compiled_call_impl = torch._dynamo.config.patch(suppress_errors=True)(module._compiled_call_impl)
     return models
@@ -1294,7 +1358,7 @@ def sharding_engine():
 
 
 def store_as_autocast_computes(module, dtype):
-    """Frozen weights stored as the trained UNet computes (docs/method.md, "Reference in mixed precision"): linear and
+    """Frozen weights stored as the trained denoiser computes (docs/method.md, "Reference in mixed precision"): linear and
     convolution weights in `dtype`, the rest fp32 (all `dtype` under FSDP/DeepSpeed, which cast every parameter), so
     under autocast the first loss is exactly ln 2 (a plain `.to(bf16)` copy runs norms in bf16: a logit of order 1)."""
     if dtype == torch.float32 or sharding_engine() is not None:
@@ -1344,21 +1408,21 @@ def create_optimizer(args, params, learning_rate):
     return torch.optim.AdamW(params, **kwargs, **({"fused": True} if fused else {}))
 
 
-def log_validation(accelerator, args, models, unet, progress, gathered=False):
+def log_validation(accelerator, args, models, denoiser, progress, gathered=False):
     """On the main process, the validation prompts rendered with the saved pipeline's weights (EMA's with --use_ema)
-    and the reference's: logged with their reward, returned as a grid. All gather a sharded UNet unless `gathered`."""
+    and the reference's: logged with their reward, returned as a grid. All gather a sharded denoiser unless `gathered`."""
     if not args.validation_prompts:
         return None
-    rendering_unet = unet if gathered else gather_sharded_unet(accelerator, unet)
+    rendering_denoiser = denoiser if gathered else gather_sharded_denoiser(accelerator, denoiser)
     if not accelerator.is_main_process:
         return None
-    step, prompts, was_training = progress.global_step, args.validation_prompts, unet.training
+    step, prompts, was_training = progress.global_step, args.validation_prompts, denoiser.training
     logger.info(f"Rendering {len(prompts)} validation prompts at step {step}")
-    unet.eval()
-    with ema_weights(models.ema, rendering_unet.to(models.device)):
-        trained = generate_validation_images(args, models, rendering_unet, progress.seed)
-    reference = generate_validation_images(args, models, rendering_unet, progress.seed, reference=True)
-    unet.train(was_training)
+    denoiser.eval()
+    with ema_weights(models.ema, rendering_denoiser.to(models.device)):
+        trained = generate_validation_images(args, models, rendering_denoiser, progress.seed)
+    reference = generate_validation_images(args, models, rendering_denoiser, progress.seed, reference=True)
+    denoiser.train(was_training)
     rendered = {name: images for name, images in (("validation", trained), ("reference", reference)) if images}
     if (scorer := models.validation_scorer) is not None:
         rewards = validation_rewards(scorer, args.validation_scorer, prompts, rendered, models.device)
@@ -1376,25 +1440,26 @@ def log_validation(accelerator, args, models, unet, progress, gathered=False):
 
 
 @torch.no_grad()
-def generate_validation_images(args, models, unet, seed, reference=False):
-    """The validation prompts rendered by the trained UNet, or the reference, with the same seeds: latents under
-    autocast (an fp32 trained UNet beside half-precision frozen parts), decoded outside it (SDXL's VAE overflows)."""
-    if reference and models.ref_unet is None and not args.use_lora:
+def generate_validation_images(args, models, denoiser, seed, reference=False):
+    """The validation prompts rendered by the trained denoiser, or the reference, with the same seeds: latents under
+    autocast (an fp32 trained denoiser beside half-precision frozen parts), decoded outside it (SDXL's VAE overflows)."""
+    if reference and models.ref_denoiser is None and not args.use_lora:
         return []  # sft trains without a reference copy
     device, dtype, vae, size = models.device, models.weight_dtype, models.vae, args.resolution
     steps, guidance = args.validation_num_inference_steps, args.validation_guidance_scale
     options = {"num_inference_steps": steps, "guidance_scale": guidance, "height": size, "width": size}
     autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
-    scheduler, images = diffusers.DPMSolverMultistepScheduler.from_config(models.noise_scheduler.config), []
-    with reference_unet(models, unet) if reference else contextlib.nullcontext(unet) as rendering_unet:
-        pipeline = build_validation_pipeline(models, rendering_unet, scheduler)
+    images, shift = [], getattr(vae.config, "shift_factor", None) or 0.0
+    with reference_denoiser(models, denoiser) if reference else contextlib.nullcontext(denoiser) as rendering_denoiser:
+        pipeline, model_options = build_validation_pipeline(args, models, rendering_denoiser)
         pipeline.set_progress_bar_config(disable=True)
         for index, prompt in enumerate(args.validation_prompts):
             # Seeded for every seed, 0 included (`if seed:` would leave seed 0's images unseeded and unrepeatable).
             generator = torch.Generator(device=device).manual_seed(seed + index)
             with autocast:
-                latents = pipeline(prompt, generator=generator, output_type="latent", **options).images
-            decoded = vae.decode((latents / vae.config.scaling_factor).to(vae.dtype)).sample
+                latents = pipeline(prompt, generator=generator, output_type="latent", **options, **model_options)
+            latents = decodable_latents(latents.images, size) / vae.config.scaling_factor + shift
+            decoded = vae.decode(latents.to(vae.dtype)).sample
             images.append(pipeline.image_processor.postprocess(decoded, output_type="pil")[0])
     return images
 
@@ -1619,8 +1684,8 @@ def save_checkpoint(accelerator, args, global_step, progress):
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def create_ema(args, accelerator, unet):
-    """diffusers' EMAModel, saved in checkpoints as `unet_ema/` (safetensors and config, no pickle) by hooks."""
+def create_ema(args, accelerator, denoiser):
+    """diffusers' EMAModel, saved in checkpoints as `unet_ema/` or `transformer_ema/` (safetensors and config, no pickle) by hooks."""
     if not args.use_ema:
         return None
     if sharding_engine() is not None:
@@ -1628,8 +1693,8 @@ def create_ema(args, accelerator, unet):
             "--use_ema needs the full weights on every process; under FSDP/DeepSpeed they are sharded. Train with "
             "DDP (`accelerate launch --multi_gpu`) or drop --use_ema."
         )
-    model = accelerator.unwrap_model(unet)
-    options = {"model_cls": UNet2DConditionModel, "model_config": model.config, "foreach": args.foreach_ema}
+    model = accelerator.unwrap_model(denoiser)
+    options = {"model_cls": type(model), "model_config": model.config, "foreach": args.foreach_ema}
     ema = EMAModel(model.parameters(), args.ema_decay, **options)
 
     def place():
@@ -1639,10 +1704,10 @@ def create_ema(args, accelerator, unet):
 
     def save_ema(models, weights, output_dir):
         if accelerator.is_main_process:
-            ema.save_pretrained(os.path.join(output_dir, "unet_ema"))
+            ema.save_pretrained(os.path.join(output_dir, f"{DENOISER}_ema"))
 
     def load_ema(models, input_dir):
-        saved = EMAModel.from_pretrained(os.path.join(input_dir, "unet_ema"), UNet2DConditionModel)
+        saved = EMAModel.from_pretrained(os.path.join(input_dir, f"{DENOISER}_ema"), type(model))
         ema.load_state_dict(saved.state_dict())
         place()
 
@@ -1652,26 +1717,26 @@ def create_ema(args, accelerator, unet):
     return ema
 
 
-def update_ema(ema, unet, device, offload):
+def update_ema(ema, denoiser, device, offload):
     if offload:
         ema.to(device, non_blocking=True)
-    ema.step(unet.parameters())
+    ema.step(denoiser.parameters())
     if offload:
         ema.to("cpu", non_blocking=True)
 
 
 @contextlib.contextmanager
-def ema_weights(ema, unet):
-    """The UNet holds the EMA weights inside the block, its own again after."""
+def ema_weights(ema, denoiser):
+    """The denoiser holds the EMA weights inside the block, its own again after."""
     if ema is None:
         yield
         return
-    ema.store(unet.parameters())
-    ema.copy_to(unet.parameters())
+    ema.store(denoiser.parameters())
+    ema.copy_to(denoiser.parameters())
     try:
         yield
     finally:
-        ema.restore(unet.parameters())
+        ema.restore(denoiser.parameters())
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -1692,11 +1757,11 @@ def write_model_card(args, repo_id, stats, progress, learning_rate, num_processe
     weighting = f"; rpo_weighting {args.rpo_weighting}" if args.loss_type == "rpo" else ""
     lora = f'pipe.load_lora_weights("{model}")\n' if args.use_lora else ""
     text = f"""# {args.loss_type.upper()} fine-tune of {base}
-{"LoRA adapters" if args.use_lora else "The full UNet"} of `{base}` trained with `{SCRIPT_NAME}` (Diffusion-RPO,
+{"LoRA adapters" if args.use_lora else f"The full {DENOISER_NAME}"} of `{base}` trained with `{SCRIPT_NAME}` (Diffusion-RPO,
 arXiv 2406.06382; Diffusion-DPO, arXiv 2311.12908) on `{dataset}` (split `{args.dataset_split_name}`):
 {stats["pairs"]} preference pairs used, {stats["ties_dropped"]} ties of {stats["rows"]} rows dropped.
 {f"Trained with the VAE `{vae}` instead of the base's (for adapters, pass it as `vae=`)." if vae else ""}
-{f"With --use_ema (decay {args.ema_decay:g}), the saved UNet holds the EMA weights." if args.use_ema else ""}
+{f"With --use_ema (decay {args.ema_decay:g}), the saved {DENOISER_NAME} holds the EMA weights." if args.use_ema else ""}
 ## Usage
 ```python
 import torch
@@ -1713,7 +1778,7 @@ pipe = DiffusionPipeline.from_pretrained("{base if args.use_lora else model}", t
 | optimizer steps (seed) | {progress.global_step} (seed {progress.seed}) |
 | updates skipped as non-finite, undecodable pairs | {progress.skipped_updates}, {progress.bad_rows} |
 | batch x accumulation x processes | {args.train_batch_size} x {args.gradient_accumulation_steps} x {num_processes} |
-| mixed_precision, lora_rank | {args.mixed_precision or "no"}, {args.lora_rank if args.use_lora else "- (full UNet)"} |
+| mixed_precision, lora_rank | {args.mixed_precision or "no"}, {args.lora_rank if args.use_lora else f"- (full {DENOISER_NAME})"} |
 | stabilizer | {args.stabilizer}{f" (lambda {args.stabilizer_weight:g})" if args.stabilizer != "none" else ""} |
 ## Results
 {f"Mean of the last {len(last)} logged optimizer steps: loss {mean['loss']:.4f}." if last else "No step was logged."}

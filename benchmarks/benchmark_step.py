@@ -406,21 +406,23 @@ class OurStep:
         self.accelerator, self.weight_dtype = accelerator, script.weight_dtype_for(accelerator)
         if models.clip is not None:
             models.clip.model.requires_grad_(False).eval().to(accelerator.device, dtype=self.weight_dtype)
-        script_models = SimpleNamespace(
+        script_models = script.Models(
             tokenizer=None,
             noise_scheduler=models.noise_scheduler,
             text_encoder=models.text_encoders[0],
             vae=models.vae,
-            unet=models.unet,
+            denoiser=models.unet,
             clip=models.clip,
             text_encoder_2=(models.text_encoders + [None])[1],
         )
         self.models = script.setup_models(args, script_models, accelerator.device, self.weight_dtype, args.seed)
         optimizer = script.create_optimizer(
-            args, [p for p in self.models.unet.parameters() if p.requires_grad], args.learning_rate
+            args, [p for p in self.models.denoiser.parameters() if p.requires_grad], args.learning_rate
         )
         lr_scheduler = get_scheduler("constant", optimizer=optimizer)
-        self.unet, self.optimizer, self.lr_scheduler = accelerator.prepare(self.models.unet, optimizer, lr_scheduler)
+        self.unet, self.optimizer, self.lr_scheduler = accelerator.prepare(
+            self.models.denoiser, optimizer, lr_scheduler
+        )
         self.unet.train()
         self.guard = script.StepGuard(accelerator)  # what the trainer's step runs: the finite check, one collective
         self.micro_step = 0
@@ -439,7 +441,7 @@ class OurStep:
         return batch
 
     def __call__(self, batch):
-        training = SimpleNamespace(unet=self.unet, optimizer=self.optimizer, lr_scheduler=self.lr_scheduler)
+        training = SimpleNamespace(denoiser=self.unet, optimizer=self.optimizer, lr_scheduler=self.lr_scheduler)
         loss, _ = self.script.training_step(
             self.args, self.accelerator, self.models, training, batch, self.micro_step, 0, self.guard
         )

@@ -19,7 +19,7 @@ def main(argv):
     accelerator = rpo.build_accelerator(args)
     dataset, _ = rpo.prepare_preference_dataset(rpo.load_raw_dataset(args.dataset_name), rpo.dataset_columns(args))
     models = rpo.load_models(args, accelerator.device, torch.float32, args.seed)
-    unet = accelerator.prepare(models.unet)
+    unet = accelerator.prepare(models.denoiser)
     loader, _ = rpo.build_dataloader(args, accelerator, models, dataset, args.seed)
     seen = {"model_losses": [], "ref_losses": []}
     compute_preference_loss = rpo.compute_preference_loss

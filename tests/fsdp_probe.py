@@ -10,6 +10,7 @@ saves the per-sample losses of the sharded UNet, of the script's FSDP reference 
 
 import copy
 import sys
+from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
@@ -24,7 +25,9 @@ import train_diffusion_rpo as rpo
 
 def per_sample_losses(unet, inputs):
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-        return rpo.per_sample_denoising_loss(unet, *inputs)
+        noisy, timesteps, hidden, target = inputs
+        targets = SimpleNamespace(timesteps=timesteps, target=target, loss_weights=None)
+        return rpo.per_sample_denoising_loss(unet, targets, noisy, hidden, {})
 
 
 def main(pipeline, out):

@@ -1,7 +1,7 @@
 """--compile changes nothing but speed: a compiled step equals the eager step, an unknown backend is refused at set-up,
 and a graph that fails to compile (no triton, no C++ compiler) runs eagerly."""
 
-from types import SimpleNamespace
+import copy
 
 import pytest
 import torch
@@ -31,8 +31,9 @@ def test_compiled_step_equals_the_eager_step(train, tmp_path):
 def compiled_linear(backend):
     """A Linear set up by `setup_models` as every model (sft: no reference copy) with --compile and `backend`."""
     args = rpo.parse_args(["--compile", "--compile_backend", backend, "--loss_type", "sft"])
-    models = SimpleNamespace(text_encoder=torch.nn.Linear(2, 2), vae=torch.nn.Linear(2, 2), unet=torch.nn.Linear(2, 2))
-    return rpo.setup_models(args, models, torch.device("cpu"), torch.float32, seed=0).unet
+    layer = torch.nn.Linear(2, 2)
+    models = rpo.Models(None, None, text_encoder=layer, vae=copy.deepcopy(layer), denoiser=copy.deepcopy(layer))
+    return rpo.setup_models(args, models, torch.device("cpu"), torch.float32, seed=0).denoiser
 
 
 def test_an_unknown_backend_is_refused_at_set_up():

@@ -77,10 +77,11 @@ def test_augmentation_and_noise_are_pure_functions_of_the_pair():
     assert a != rpo.sample_pair_augmentation(7, 12, 3, True, True) or a != rpo.sample_pair_augmentation(
         7, 13, 2, True, True
     )
-    n1 = rpo.draw_pair_noise(7, 12, 2, (4, 8, 8), noise_offset=0.1)  # (latent draws of w and l, noise, uniform t)
+    n1 = rpo.draw_pair_noise(7, 12, 2, (4, 8, 8), noise_offset=0.1)  # (latent draws of w and l, noise, generator)
     n2 = rpo.draw_pair_noise(7, 12, 2, (4, 8, 8), noise_offset=0.1)
     n3 = rpo.draw_pair_noise(7, 13, 2, (4, 8, 8), noise_offset=0.1)
-    assert all(torch.equal(a, b) for a, b in zip(n1, n2))
+    assert all(torch.equal(a, b) for a, b in zip(n1[:2], n2[:2]))
+    assert torch.equal(torch.rand(3, generator=n1[2]), torch.rand(3, generator=n2[2]))  # the timestep draws too
     assert not torch.equal(n1[1], n3[1])
     assert not torch.equal(n1[0][0], n1[0][1])
 
@@ -172,7 +173,7 @@ def test_batch_timestep_sampling_shares_one_t_per_micro_step(sd_pipeline_path, p
     args.timestep_sampling = "pair"
     per_pair = inputs(pairs, 11)
     latent_shape = tuple(per_pair.noisy_latents.shape[1:])
-    uniform = torch.stack([rpo.draw_pair_noise(3, index, 0, latent_shape)[2] for index in range(3)])
+    uniform = torch.stack([torch.rand((), generator=rpo.draw_pair_noise(3, i, 0, latent_shape)[2]) for i in range(3)])
     assert torch.equal(per_pair.timesteps, (uniform * 1000).long().repeat(2))  # the pair's own t, winner and loser
 
 

@@ -54,19 +54,19 @@ def test_deepspeed_half_precision_module_gets_half_precision_inputs(
     monkeypatch.setattr(rpo, "sharding_engine", lambda: DistributedType.DEEPSPEED)
     args = rpo.parse_args(cli(perturbed_sd, pickapic_path, clip_model_path, tmp_path, "--loss_type", "dpo"))
     models = rpo.load_models(args, torch.device("cpu"), torch.bfloat16, args.seed)
-    assert {p.dtype for p in models.ref_unet.parameters()} == {torch.bfloat16}
-    models.unet.to(torch.bfloat16)  # what DeepSpeed's bf16 engine makes of the trained UNet (no autocast)
+    assert {p.dtype for p in models.ref_denoiser.parameters()} == {torch.bfloat16}
+    models.denoiser.to(torch.bfloat16)  # what DeepSpeed's bf16 engine makes of the trained UNet (no autocast)
     dataset, _ = rpo.prepare_preference_dataset(rpo.load_raw_dataset(args.dataset_name), rpo.dataset_columns(args))
     items = rpo.PreferencePairDataset(
         dataset, rpo.dataset_columns(args), 32, 0, tokenizers={"input_ids": rpo.make_tokenize_fn(models.tokenizer)}
     )
     batch = rpo.collate_pairs([items[(index, 0)] for index in range(3)])
     with torch.no_grad():
-        loss, metrics = rpo.compute_step_loss(args, models, models.unet, batch, 0, 0)
+        loss, metrics = rpo.compute_step_loss(args, models, models.denoiser, batch, 0, 0)
     assert abs(loss.item() - LN2_FP32) <= 1e-6 and metrics["implicit_acc"].item() == 0.5
     inputs = rpo.prepare_diffusion_inputs(args, models, batch, 0, 0)
     with pytest.raises(RuntimeError):  # the fp32 latents alone: the crash a DeepSpeed bf16 run would hit at conv_in
-        models.unet(inputs.noisy_latents, inputs.timesteps, inputs.encoder_hidden_states.bfloat16())
+        models.denoiser(inputs.noisy_latents, inputs.timesteps, inputs.encoder_hidden_states.bfloat16())
 
 
 def test_validation_gathers_sharded_weights_on_every_process(monkeypatch):

@@ -72,13 +72,13 @@ def test_a_plain_half_precision_copy_is_not_exact_and_the_run_says_so(train, per
     monkeypatch.setattr(module, "store_as_autocast_computes", lambda unet, dtype: unet.to(dtype))
     original = module.per_sample_denoising_loss
 
-    def inputs_in_the_unet_dtype(unet, noisy, timesteps, hidden, target, **kwargs):
+    def inputs_in_the_unet_dtype(unet, inputs, noisy, hidden, kwargs):
         dtype = next(unet.parameters()).dtype
         kwargs = recursively_apply(torch.Tensor.to, kwargs, dtype, test_type=torch.is_floating_point)
         # The trained UNet (fp32) keeps accelerate's autocast; the half-precision copy runs outside autocast.
         half_copy = dtype != torch.float32
         with torch.autocast(noisy.device.type, enabled=False) if half_copy else contextlib.nullcontext():
-            return original(unet, noisy.to(dtype), timesteps, hidden.to(dtype), target, **kwargs)
+            return original(unet, inputs, noisy.to(dtype), hidden.to(dtype), kwargs)
 
     monkeypatch.setattr(module, "per_sample_denoising_loss", inputs_in_the_unet_dtype)
     progress, _ = train(*FIRST_BF16_STEP, "--loss_type", "dpo", pipeline=perturbed[train.script.name])

@@ -47,7 +47,7 @@ def test_time_ids_follow_the_pair_crop_and_flip(sdxl_pipeline_path, pickapic_pat
     keys = [(index, 0) for index in range(6)]
     batch = sdxl.collate_pairs([items[key] for key in keys])
     inputs = sdxl.prepare_diffusion_inputs(args, models, batch, micro_step=0, seed=0)
-    time_ids = inputs.unet_kwargs["added_cond_kwargs"]["time_ids"]
+    time_ids = inputs.denoiser_kwargs["added_cond_kwargs"]["time_ids"]
     assert time_ids.shape == (12, 6) and torch.equal(time_ids[:6], time_ids[6:])  # winner and loser: the same ids
     seen_flip, seen_offset = set(), set()
     for row, (index, epoch) in enumerate(keys):
@@ -70,7 +70,7 @@ def test_time_ids_follow_the_pair_crop_and_flip(sdxl_pipeline_path, pickapic_pat
         seen_flip.add(augmentation["flip"])
         seen_offset.add(top + left > 0)
     assert seen_flip == {False, True} and True in seen_offset  # the pairs exercise flips and non-zero crops
-    text = inputs.unet_kwargs["added_cond_kwargs"]["text_embeds"]
+    text = inputs.denoiser_kwargs["added_cond_kwargs"]["text_embeds"]
     assert text.shape == (12, 32) and inputs.encoder_hidden_states.shape[-1] == 64  # pooled 32; 32 + 32 concatenated
 
 
@@ -95,7 +95,7 @@ def test_validation_decodes_outside_autocast_in_the_vae_dtype(
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         assert models.vae.decode(latents).sample.dtype == torch.bfloat16  # what autocast alone does to an fp32 VAE
     unet_autocast, decoded, decode = [], [], models.vae.decode
-    models.unet.register_forward_pre_hook(lambda *_: unet_autocast.append(torch.is_autocast_enabled("cpu")))
+    models.denoiser.register_forward_pre_hook(lambda *_: unet_autocast.append(torch.is_autocast_enabled("cpu")))
 
     def recording_decode(latents, *args, **kwargs):
         output = decode(latents, *args, **kwargs)
@@ -103,7 +103,7 @@ def test_validation_decodes_outside_autocast_in_the_vae_dtype(
         return output
 
     monkeypatch.setattr(models.vae, "decode", recording_decode)
-    (image,) = sdxl.generate_validation_images(args, models, models.unet, seed=0)
+    (image,) = sdxl.generate_validation_images(args, models, models.denoiser, seed=0)
     assert unet_autocast and all(unet_autocast)
     assert decoded == [(False, torch.float32, torch.float32)]
     assert image.size == (32, 32) and np.asarray(image).std() > 0

@@ -412,7 +412,7 @@ def test_sft_encodes_and_denoises_the_winners_only(train, monkeypatch):
     monkeypatch.setattr(
         rpo,
         "per_sample_denoising_loss",
-        lambda unet, noisy, *a, **k: denoised.append(noisy.shape[0]) or denoise(unet, noisy, *a, **k),
+        lambda unet, inputs, noisy, *rest: denoised.append(noisy.shape[0]) or denoise(unet, inputs, noisy, *rest),
     )
     progress, _ = train("--loss_type", "sft", "--max_train_steps", "1", "--validation_prompts")
     assert encoded == [3] and denoised == [3]  # 3 pairs per step: their 3 winners, not 6 images

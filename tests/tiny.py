@@ -73,20 +73,22 @@ def build_unet(cross_attention_dim=32, sample_size=16, **overrides):
     return UNet2DConditionModel(**config)
 
 
-def build_vae():
+def build_vae(**overrides):
     from diffusers import AutoencoderKL
 
     torch.manual_seed(1)
-    return AutoencoderKL(
-        block_out_channels=(32, 64),
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2,
-        latent_channels=4,
-        norm_num_groups=32,
-        sample_size=32,
-    )
+    config = {
+        "block_out_channels": (32, 64),
+        "in_channels": 3,
+        "out_channels": 3,
+        "down_block_types": ("DownEncoderBlock2D",) * 2,
+        "up_block_types": ("UpDecoderBlock2D",) * 2,
+        "latent_channels": 4,
+        "norm_num_groups": 32,
+        "sample_size": 32,
+    }
+    config.update(overrides)
+    return AutoencoderKL(**config)
 
 
 def build_sd_pipeline(path, prediction_type="epsilon"):
@@ -403,4 +405,127 @@ def perturbed_pipeline(source, path, scale=0.01, seed=7):
             parameter.mul_(1 + scale * torch.randn(parameter.shape, generator=generator))
             parameter.add_(scale * (spread or 1.0) * torch.randn(parameter.shape, generator=generator))
     unet.save_pretrained(os.path.join(path, "unet"))
+    return path
+
+
+T5_VOCAB = ["<pad>", "</s>", "<unk>", "\u2581"] + VOCAB_CHARS  # T5's ids: <pad> 0, </s> 1, <unk> 2
+T5_MAX_TOKENS = 32
+
+
+def build_t5_tokenizer(max_length=T5_MAX_TOKENS):
+    """A character-level T5 tokenizer: Unigram over the printable ASCII characters, no sentinel (extra_id) tokens."""
+    from transformers import T5TokenizerFast
+
+    vocab = [(piece, 0.0 if index < 3 else -1.0) for index, piece in enumerate(T5_VOCAB)]
+    return T5TokenizerFast(vocab=vocab, extra_ids=0, model_max_length=max_length)
+
+
+def build_t5_encoder(d_model):
+    """A tiny T5 v1.1-style (gated-gelu) T5EncoderModel."""
+    from transformers import T5Config, T5EncoderModel
+
+    config = T5Config(
+        vocab_size=len(T5_VOCAB),
+        d_model=d_model,
+        d_ff=37,
+        d_kv=8,
+        num_layers=2,
+        num_heads=4,
+        feed_forward_proj="gated-gelu",
+        tie_word_embeddings=False,
+    )
+    return T5EncoderModel(config)
+
+
+def build_flow_vae(shift_factor, scaling_factor):
+    """A 16-latent-channel VAE without quant convs, as SD3's and FLUX's (here 2x downsampling: 32 px -> 16 x 16)."""
+    return build_vae(
+        latent_channels=16,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+        shift_factor=shift_factor,
+        scaling_factor=scaling_factor,
+    )
+
+
+def build_sd3_pipeline(path):
+    """A tiny StableDiffusion3Pipeline folder: CLIP-L/G stand-ins (32 and 48 wide, with projection) and T5 (96 wide,
+    so the 80-wide CLIP features get padded), MMDiT with 2 x 2 patches on 16 x 16 x 16 latents (32 px images)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    tokenizer = write_tokenizer(os.path.join(path, "_tokenizer_src"))
+    torch.manual_seed(8)
+    text_encoder = CLIPTextModelWithProjection(CLIPTextConfig(**text_config_kwargs(projection_dim=32)))
+    text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**text_config_kwargs(48, projection_dim=48)))
+    text_encoder_3 = build_t5_encoder(d_model=96)
+    transformer = SD3Transformer2DModel(
+        sample_size=16,
+        patch_size=2,
+        in_channels=16,
+        out_channels=16,
+        num_layers=2,
+        attention_head_dim=8,
+        num_attention_heads=4,
+        joint_attention_dim=96,
+        caption_projection_dim=32,
+        pooled_projection_dim=32 + 48,
+        pos_embed_max_size=32,
+    )
+    pipeline = StableDiffusion3Pipeline(
+        transformer=transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0),
+        vae=build_flow_vae(shift_factor=0.0609, scaling_factor=1.5305),
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=tokenizer,
+        text_encoder_3=text_encoder_3,
+        tokenizer_3=build_t5_tokenizer(),
+    )
+    pipeline.save_pretrained(path)
+    return path
+
+
+def build_flux_pipeline(path, guidance_embeds=True):
+    """A tiny FluxPipeline folder (FLUX.1-dev-like, or -schnell-like without guidance_embeds): CLIP pooled output
+    (32 wide) and T5 (48 wide) text encoders, 16 x 16 x 16 latents packed into 8 x 8 tokens of 64 (32 px images)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    tokenizer = write_tokenizer(os.path.join(path, "_tokenizer_src"))
+    torch.manual_seed(9)
+    text_encoder = CLIPTextModel(CLIPTextConfig(**text_config_kwargs()))
+    text_encoder_2 = build_t5_encoder(d_model=48)
+    transformer = FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=64,
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=8,
+        num_attention_heads=2,
+        joint_attention_dim=48,
+        pooled_projection_dim=32,
+        guidance_embeds=guidance_embeds,
+        axes_dims_rope=(2, 2, 4),
+    )
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        num_train_timesteps=1000,
+        shift=3.0,
+        use_dynamic_shifting=True,
+        base_shift=0.5,
+        max_shift=1.15,
+        base_image_seq_len=256,
+        max_image_seq_len=4096,
+    )
+    pipeline = FluxPipeline(
+        transformer=transformer,
+        scheduler=scheduler,
+        vae=build_flow_vae(shift_factor=0.1159, scaling_factor=0.3611),
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=build_t5_tokenizer(),
+    )
+    pipeline.save_pretrained(path)
     return path
