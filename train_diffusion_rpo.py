@@ -150,7 +150,7 @@ def build_validation_pipeline(args, models, denoiser):
     return PIPELINE_CLASS(**components, unet=denoiser, scheduler=scheduler, **no_safety_checker), {}
 
 
-def decodable_latents(latents, size):
+def decodable_latents(pipeline, latents, size):
     """The pipeline's latent output as the VAE decodes it (as is here)."""
     return latents
 
@@ -167,6 +167,7 @@ DEFAULT_VALIDATION_PROMPTS = [
 REFUSED_PEER_FLAGS = {  # peer scripts' flags (diffusers' DPO examples) that change the objective: refused, with why
     "prediction_type": "the prediction type is read from the model's scheduler config, shared by policy and reference",
     "snr_gamma": "Min-SNR weighting changes the preference objective's per-timestep weighting",
+    "precondition_outputs": "the objective is the velocity error; x0-preconditioning reweights it by sigma^2",
 }
 DEFAULT_LEARNING_RATE, DEFAULT_LORA_LEARNING_RATE = 1e-5, 1e-4  # diffusers text_to_image's; docs/method.md, Defaults
 SANE_LEARNING_RATES = (1e-7, 1e-3)  # outside this range a run barely moves or diverges: warned about at start
@@ -1446,7 +1447,7 @@ def generate_validation_images(args, models, denoiser, seed, reference=False):
             generator = torch.Generator(device=device).manual_seed(seed + index)
             with autocast:
                 latents = pipeline(prompt, generator=generator, output_type="latent", **options, **model_options)
-            latents = decodable_latents(latents.images, size) / vae.config.scaling_factor + shift
+            latents = decodable_latents(pipeline, latents.images, size) / vae.config.scaling_factor + shift
             decoded = vae.decode(latents.to(vae.dtype)).sample
             images.append(pipeline.image_processor.postprocess(decoded, output_type="pil")[0])
     return images
