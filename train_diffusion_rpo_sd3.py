@@ -152,8 +152,8 @@ def encode_conditioning(args, models, batch):
     clip_states, width = torch.cat(hidden_states, dim=-1), models.denoiser.config.joint_attention_dim
     if models.text_encoder_3 is not None:
         t5_states = models.text_encoder_3(batch["input_ids_3"].to(models.device))[0].to(clip_states.dtype)
-    else:  # the pipeline's stand-in for a missing T5: zeros, as long as a CLIP sequence
-        t5_states = clip_states.new_zeros(clip_states.shape[0], models.tokenizer.model_max_length, width)
+    else:  # the pipeline's stand-in for a missing T5: --max_sequence_length zero tokens
+        t5_states = clip_states.new_zeros(clip_states.shape[0], args.max_sequence_length, width)
     clip_states = F.pad(clip_states, (0, width - clip_states.shape[-1]))
     return torch.cat([clip_states, t5_states], dim=-2), {"pooled_projections": torch.cat(pooled, dim=-1)}
 

@@ -1,3 +1,4 @@
+import importlib
 import os
 import sys
 from types import SimpleNamespace
@@ -39,22 +40,36 @@ def sdxl_pipeline_path(tmp_path_factory):
     return tiny.build_sdxl_pipeline(str(tmp_path_factory.mktemp("tiny-sdxl")))
 
 
+@pytest.fixture(scope="session")
+def sd3_pipeline_path(tmp_path_factory):
+    return tiny.build_sd3_pipeline(str(tmp_path_factory.mktemp("tiny-sd3")))
+
+
+@pytest.fixture(scope="session")
+def flux_pipeline_path(tmp_path_factory):
+    return tiny.build_flux_pipeline(str(tmp_path_factory.mktemp("tiny-flux")))
+
+
+SCRIPTS = {  # name: (module, pipeline fixture, flags every run of it gets)
+    "sd15": ("train_diffusion_rpo", "sd_pipeline_path", ()),
+    "sdxl": ("train_diffusion_rpo_sdxl", "sdxl_pipeline_path", ()),
+    "sd3": ("train_diffusion_rpo_sd3", "sd3_pipeline_path", ("--max_sequence_length", str(tiny.T5_MAX_TOKENS))),
+    "flux": ("train_diffusion_rpo_flux", "flux_pipeline_path", ("--max_sequence_length", str(tiny.T5_MAX_TOKENS))),
+}
+
+
 @pytest.fixture(params=["sd15", "sdxl"])
 def script(request):
     """Each training script with its tiny pipeline, for behaviour in the code they share (tests/test_script_parity.py
-    checks that it is textually identical). helpers.SD15 / helpers.SDXL restrict a test to one of them."""
-    import train_diffusion_rpo
-    import train_diffusion_rpo_sdxl
-
-    module, pipeline_fixture = {
-        "sd15": (train_diffusion_rpo, "sd_pipeline_path"),
-        "sdxl": (train_diffusion_rpo_sdxl, "sdxl_pipeline_path"),
-    }[request.param]
+    checks that it is textually identical). helpers.SD15 / SDXL / SD3 / FLUX / ALL_SCRIPTS choose others."""
+    module_name, pipeline_fixture, base_flags = SCRIPTS[request.param]
+    module = importlib.import_module(module_name)
     return SimpleNamespace(
         name=request.param,
         module=module,
         pipeline=request.getfixturevalue(pipeline_fixture),
         path=os.path.join(ROOT, module.SCRIPT_NAME),
+        base_flags=base_flags,
     )
 
 
@@ -72,7 +87,12 @@ def train(script, pickapic_path, clip_model_path, tmp_path):
 
     def flags(*extra, output_dir="out", dataset=None, pipeline=None, omit=()):
         argv = cli(
-            pipeline or script.pipeline, dataset or pickapic_path, clip_model_path, tmp_path / output_dir, *extra
+            pipeline or script.pipeline,
+            dataset or pickapic_path,
+            clip_model_path,
+            tmp_path / output_dir,
+            *script.base_flags,
+            *extra,
         )
         for name in omit:
             at = argv.index(name)

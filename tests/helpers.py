@@ -24,6 +24,10 @@ FAST_GENERATION = ["--num_inference_steps", "2", "--device", "cpu"]
 # Run a test that uses the `script` fixture (or `train`) for one script only; without a mark it runs for both.
 SD15 = pytest.mark.parametrize("script", ["sd15"], indirect=True)
 SDXL = pytest.mark.parametrize("script", ["sdxl"], indirect=True)
+SD3 = pytest.mark.parametrize("script", ["sd3"], indirect=True)
+FLUX = pytest.mark.parametrize("script", ["flux"], indirect=True)
+FLOW = pytest.mark.parametrize("script", ["sd3", "flux"], indirect=True)  # the flow-matching scripts
+ALL_SCRIPTS = pytest.mark.parametrize("script", ["sd15", "sdxl", "sd3", "flux"], indirect=True)
 
 
 def cli(pretrained_model, dataset, clip_model, output_dir, *extra):
@@ -62,7 +66,9 @@ def cli(pretrained_model, dataset, clip_model, output_dir, *extra):
 
 
 def unet_weights(folder):
-    return load_file(os.path.join(folder, "unet", "diffusion_pytorch_model.safetensors"))
+    """The saved denoiser's weights: the UNet's, or the transformer's in an SD3 / FLUX pipeline folder."""
+    subfolder = "unet" if os.path.isdir(os.path.join(folder, "unet")) else "transformer"
+    return load_file(os.path.join(folder, subfolder, "diffusion_pytorch_model.safetensors"))
 
 
 def losses(progress):

@@ -390,21 +390,25 @@ def save_vae(path, seed):
 
 
 def perturbed_pipeline(source, path, scale=0.01, seed=7):
-    """A copy of a pipeline folder whose UNet weights are multiplied by (1 + scale * N(0, 1)): like trained weights,
-    norm scales and biases are then not exactly representable in bf16/fp16 (a fresh init's ones and zeros are)."""
+    """A copy of a pipeline folder whose denoiser (UNet or transformer) weights are multiplied by (1 + scale * N(0, 1)):
+    like trained weights, norm scales and biases are then not exactly representable in bf16/fp16 (a fresh init's ones
+    and zeros are)."""
     import shutil
 
-    from diffusers import UNet2DConditionModel
+    import diffusers
 
     shutil.copytree(source, path)
-    unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet")
+    with open(os.path.join(source, "model_index.json")) as f:
+        index = json.load(f)
+    subfolder = "unet" if "unet" in index else "transformer"
+    unet = getattr(diffusers, index[subfolder][1]).from_pretrained(source, subfolder=subfolder)
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for parameter in unet.parameters():
             spread = parameter.std().nan_to_num(0).item() if parameter.numel() > 1 else 0.0
             parameter.mul_(1 + scale * torch.randn(parameter.shape, generator=generator))
             parameter.add_(scale * (spread or 1.0) * torch.randn(parameter.shape, generator=generator))
-    unet.save_pretrained(os.path.join(path, "unet"))
+    unet.save_pretrained(os.path.join(path, subfolder))
     return path
 
 
