@@ -43,19 +43,62 @@ sys.path.insert(0, ROOT)
 
 import cache_latents  # noqa: E402
 import train_diffusion_rpo as rpo  # noqa: E402
+import train_diffusion_rpo_flux as rpo_flux  # noqa: E402
+import train_diffusion_rpo_sd3 as rpo_sd3  # noqa: E402
 import train_diffusion_rpo_sdxl as rpo_sdxl  # noqa: E402
 
 
 CONFIG_DIR = os.path.join(ROOT, "benchmarks", "configs")
+TINY_T5_TOKENS = 16  # --max_sequence_length of the tiny flow-matching runs (full size: the script's default)
+# Per family: the training script, the config folder, the text encoders (config file, transformers class), whether
+# the peers keep the VAE in fp32, the benchmarked configurations (optimizer, gradient checkpointing, LoRA), and the
+# default batch. The CLIP text towers of SD3.5 and FLUX.1 are SDXL's (CLIP ViT-L/14, OpenCLIP bigG/14).
 FAMILIES = {
-    "sd15": {"pairs": 8, "resolution": 512, "tiny_resolution": 32, "text_encoders": ["text_encoder"]},
+    "sd15": {
+        "script": rpo,
+        "folder": "sd15",
+        "text_encoders": [("sd15/text_encoder", "CLIPTextModel")],
+        "vae_fp32": False,
+        "configurations": [("adamw", False, False), ("adamw8bit", True, False)],
+        "pairs": 8,
+        "resolution": 512,
+    },
     "sdxl": {
+        "script": rpo_sdxl,
+        "folder": "sdxl",
+        "text_encoders": [
+            ("sdxl/text_encoder", "CLIPTextModel"),
+            ("sdxl/text_encoder_2", "CLIPTextModelWithProjection"),
+        ],
+        "vae_fp32": True,
+        "configurations": [("adamw8bit", True, False)],
         "pairs": 2,
         "resolution": 1024,
-        "tiny_resolution": 32,
-        "text_encoders": ["text_encoder", "text_encoder_2"],
+    },
+    "sd3": {  # SD3.5 Medium
+        "script": rpo_sd3,
+        "folder": "sd35m",
+        "text_encoders": [
+            ("sdxl/text_encoder", "CLIPTextModelWithProjection"),
+            ("sdxl/text_encoder_2", "CLIPTextModelWithProjection"),
+            ("t5/t5_v1_1_xxl", "T5EncoderModel"),
+        ],
+        "vae_fp32": True,  # diffusers' SD3 examples encode in fp32
+        "configurations": [("adamw", True, False), ("adamw", True, True)],
+        "pairs": 2,
+        "resolution": 1024,
+    },
+    "flux": {  # FLUX.1 [dev]
+        "script": rpo_flux,
+        "folder": "flux1dev",
+        "text_encoders": [("sdxl/text_encoder", "CLIPTextModel"), ("t5/t5_v1_1_xxl", "T5EncoderModel")],
+        "vae_fp32": False,  # diffusers' FLUX examples encode in the mixed-precision dtype
+        "configurations": [("adamw", True, True)],
+        "pairs": 2,
+        "resolution": 512,
     },
 }
+TINY_RESOLUTION = 32
 # The reference step measured on one H100 80GB (benchmarks/anchors/anchor_h100_2026-11-26.log), seconds per step.
 ANCHOR_STEP_S = {
     ("sd15", "adamw", False): 0.3955,
@@ -75,7 +118,7 @@ def parse_args(argv=None):
     parser.add_argument(
         "--size", choices=["auto", "full", "tiny"], default="auto", help="auto: full on CUDA, tiny on CPU."
     )
-    parser.add_argument("--pairs", type=int, default=None, help="Pairs per step (default: 8 for sd15, 2 for sdxl).")
+    parser.add_argument("--pairs", type=int, default=None, help="Pairs per step (default: 8 for sd15, else 2).")
     parser.add_argument("--resolution", type=int, default=None)
     parser.add_argument(
         "--mixed_precision", choices=["no", "fp16", "bf16"], default=None, help="Default: bf16 on CUDA, no on CPU."
@@ -132,7 +175,7 @@ def parse_args(argv=None):
     family = FAMILIES[args.family]
     args.size = ("full" if cuda else "tiny") if args.size == "auto" else args.size
     args.pairs = args.pairs or family["pairs"]
-    args.resolution = args.resolution or family["resolution" if args.size == "full" else "tiny_resolution"]
+    args.resolution = args.resolution or (family["resolution"] if args.size == "full" else TINY_RESOLUTION)
     args.mixed_precision = args.mixed_precision or ("bf16" if cuda else "no")
     args.steps = args.steps or (20 if cuda else 3)
     args.warmup = 3 if args.warmup is None else args.warmup
@@ -145,49 +188,27 @@ def parse_args(argv=None):
 
 
 def suite(family, compile_option):
-    """The variants of a family: (name, step, loss_type, optimizer, gradient_checkpointing, cache, compile)."""
+    """The variants of a family: name, step, loss_type, optimizer, checkpointing, lora, cache and compile."""
     compiles = {"off": [False], "on": [True], "both": [False, True]}[compile_option]
     variants = []
-    for optimizer, checkpointing in (("adamw", False), ("adamw8bit", True)):
-        if (family, optimizer, checkpointing) not in ANCHOR_STEP_S:
-            continue
-        suffix = f"{optimizer}{'_ckpt' if checkpointing else ''}"
-        variants.append(
-            {
-                "name": f"reference_dpo_{suffix}",
-                "step": "reference",
-                "loss_type": "dpo",
-                "optimizer": optimizer,
-                "checkpointing": checkpointing,
-                "cache": False,
-                "compile": False,
-            }
-        )
+    for optimizer, checkpointing, lora in FAMILIES[family]["configurations"]:
+        suffix = f"{'lora_' if lora else ''}{optimizer}{'_ckpt' if checkpointing else ''}"
+        common = {"optimizer": optimizer, "checkpointing": checkpointing, "lora": lora}
+        reference = {"name": f"reference_dpo_{suffix}", "step": "reference", "loss_type": "dpo", **common}
+        variants.append({**reference, "cache": False, "compile": False})
         for compiled in compiles:
             tag = "_compiled" if compiled else ""
-            for loss_type in ("dpo", "rpo"):
+            for loss_type, cache in (("dpo", True), ("rpo", True), ("rpo", False)):
                 variants.append(
                     {
-                        "name": f"ours_{loss_type}_{suffix}_cached{tag}",
+                        "name": f"ours_{loss_type}_{suffix}_{'cached' if cache else 'uncached'}{tag}",
                         "step": "ours",
                         "loss_type": loss_type,
-                        "optimizer": optimizer,
-                        "checkpointing": checkpointing,
-                        "cache": True,
+                        **common,
+                        "cache": cache,
                         "compile": compiled,
                     }
                 )
-            variants.append(
-                {
-                    "name": f"ours_rpo_{suffix}_uncached{tag}",
-                    "step": "ours",
-                    "loss_type": "rpo",
-                    "optimizer": optimizer,
-                    "checkpointing": checkpointing,
-                    "cache": False,
-                    "compile": compiled,
-                }
-            )
     return variants
 
 
@@ -196,28 +217,32 @@ def suite(family, compile_option):
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def read_config(size, family, name):
+def read_config(size, name):
+    """A shipped config by its path under benchmarks/configs/ (tiny/ for the tiny size), without .json."""
     folder = CONFIG_DIR if size == "full" else os.path.join(CONFIG_DIR, "tiny")
-    with open(os.path.join(folder, family, f"{name}.json")) as f:
+    with open(os.path.join(folder, f"{name}.json")) as f:
         return json.load(f)
 
 
 def build_models(size, family, device, need_clip):
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+    import diffusers
+    import transformers
+    from transformers import CLIPConfig, CLIPModel
 
+    spec = FAMILIES[family]
+    folder = spec["folder"]
     torch.manual_seed(0)
     with torch.device(device):
-        unet = UNet2DConditionModel.from_config(read_config(size, family, "unet"))
-        vae = AutoencoderKL.from_config(read_config(size, family, "vae"))
+        denoiser_config = read_config(size, f"{folder}/{spec['script'].DENOISER}")
+        denoiser = getattr(diffusers, denoiser_config["_class_name"]).from_config(denoiser_config)
+        vae = diffusers.AutoencoderKL.from_config(read_config(size, f"{folder}/vae"))
         text_encoders = []
-        for name in FAMILIES[family]["text_encoders"]:
-            config = read_config(size, family, name)
-            model_class = CLIPTextModelWithProjection if name == "text_encoder_2" else CLIPTextModel
-            text_encoders.append(model_class(CLIPTextConfig.from_dict(config)))
+        for name, class_name in spec["text_encoders"]:
+            model_class = getattr(transformers, class_name)
+            text_encoders.append(model_class(model_class.config_class.from_dict(read_config(size, name))))
         clip = None
         if need_clip:
-            model = CLIPModel(CLIPConfig.from_dict(read_config(size, "clip", "clip_vit_large_patch14")))
+            model = CLIPModel(CLIPConfig.from_dict(read_config(size, "clip/clip_vit_large_patch14")))
             clip = SimpleNamespace(
                 model=model,
                 tokenizer=None,
@@ -225,8 +250,13 @@ def build_models(size, family, device, need_clip):
                 image_mean=CLIP_MEAN,
                 image_std=CLIP_STD,
             )
-    scheduler = DDPMScheduler.from_config(read_config(size, family, "scheduler"))
-    return SimpleNamespace(unet=unet, vae=vae, text_encoders=text_encoders, noise_scheduler=scheduler, clip=clip)
+    scheduler_config = read_config(size, f"{folder}/scheduler")
+    # The UNet families' peers and scripts train with DDPM on the published (Euler/PNDM) scheduler's betas.
+    scheduler_class = "DDPMScheduler" if spec["script"].DENOISER == "unet" else scheduler_config["_class_name"]
+    scheduler = getattr(diffusers, scheduler_class).from_config(scheduler_config)
+    return SimpleNamespace(
+        family=family, denoiser=denoiser, vae=vae, text_encoders=text_encoders, noise_scheduler=scheduler, clip=clip
+    )
 
 
 @torch.no_grad()
@@ -240,21 +270,28 @@ def perturb(module, scale, seed=7):
         parameter.add_(scale * (spread or 1.0) * torch.randn_like(parameter))
 
 
-def synthetic_batch(models, pairs, resolution, seed=0):
+def text_lengths(models, t5_tokens):
+    """Tokens per prompt of each text encoder: CLIP's context, T5's --max_sequence_length."""
+    return [getattr(encoder.config, "max_position_embeddings", t5_tokens) for encoder in models.text_encoders]
+
+
+def ids_key(index):
+    """The loader's name for text encoder `index`'s ids (the scripts' `text_tokenize_fns`)."""
+    return "input_ids" if index == 0 else f"input_ids_{index + 1}"
+
+
+def synthetic_batch(models, pairs, resolution, t5_tokens, seed=0):
     """A loader batch as the training script's collate_pairs makes it (on the CPU, pinned on CUDA)."""
     generator = torch.Generator().manual_seed(seed)
-    vocab = models.text_encoders[0].config.vocab_size
-    length = models.text_encoders[0].config.max_position_embeddings
     batch = {
         "pixel_values": torch.rand((2 * pairs, 3, resolution, resolution), generator=generator) * 2 - 1,
-        "input_ids": torch.randint(0, vocab, (pairs, length), generator=generator),
         "pair_index": torch.arange(pairs),
         "epoch": torch.zeros(pairs, dtype=torch.long),
         "original_size": torch.full((pairs, 2), resolution),
         "crop_top_left": torch.zeros((pairs, 2), dtype=torch.long),
     }
-    if len(models.text_encoders) == 2:
-        batch["input_ids_2"] = batch["input_ids"].clone()  # SDXL's two tokenizers share the vocabulary
+    for index, (encoder, length) in enumerate(zip(models.text_encoders, text_lengths(models, t5_tokens))):
+        batch[ids_key(index)] = torch.randint(0, encoder.config.vocab_size, (pairs, length), generator=generator)
     if models.clip is not None:
         config = models.clip.model.config.text_config
         batch["clip_input_ids"] = torch.randint(

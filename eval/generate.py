@@ -1,4 +1,5 @@
-"""Generate evaluation images for a checkpoint: deterministic seeds per prompt, batched, resumable.
+"""Generate evaluation images for a checkpoint (SD1.5, SDXL, SD3/SD3.5 or FLUX.1): deterministic seeds per prompt,
+batched, resumable.
 
     python -m eval.generate --model sd15-rpo --prompts pickapic_test --out samples/sd15-rpo
 
@@ -8,6 +9,7 @@ size, the GPU or which other prompts are in the run, and two models compared on 
 
 import argparse
 import hashlib
+import inspect
 import json
 
 import torch
@@ -18,22 +20,25 @@ from eval.prompts import PROMPT_SETS, load_prompts
 
 
 SCHEDULERS = {
-    "default": None,  # the scheduler saved with the pipeline (PNDM for SD1.5, Euler for SDXL base)
+    "default": None,  # the pipeline's own (PNDM for SD1.5, Euler for SDXL base, FlowMatchEuler for SD3 and FLUX)
     "ddim": "DDIMScheduler",
     "pndm": "PNDMScheduler",
     "euler": "EulerDiscreteScheduler",
     "euler_a": "EulerAncestralDiscreteScheduler",
     "dpmsolver++": "DPMSolverMultistepScheduler",
 }
-# Diffusion-DPO's evaluation: 50 steps, classifier-free guidance 7.5 (SD1.5) and 5.0 (SDXL).
+# Diffusion-DPO's evaluation: 50 steps, classifier-free guidance 7.5 (SD1.5) and 5.0 (SDXL). SD3: the pipeline's
+# classifier-free guidance 7.0. FLUX.1 [dev]: 3.5, the guidance its transformer embeds (FluxPipeline's guidance_scale);
+# a FLUX transformer without guidance embedding ([schnell]) takes none, recorded as 0.0.
 DEFAULT_STEPS = 50
-DEFAULT_GUIDANCE = {"sd": 7.5, "sdxl": 5.0}
+DEFAULT_GUIDANCE = {"sd": 7.5, "sdxl": 5.0, "sd3": 7.0, "flux": 3.5}
+FLOW_FAMILIES = ("sd3", "flux")  # flow-matching pipelines: their own scheduler, T5 prompts, no safety checker
 SEED_STRIDE = 1_000_000
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", required=True, help="Pipeline folder or Hub id (SD1.5 or SDXL).")
+    parser.add_argument("--model", required=True, help="Pipeline folder or Hub id (SD1.5, SDXL, SD3/SD3.5 or FLUX.1).")
     parser.add_argument("--lora", default=None, help="LoRA weights (folder or Hub id) loaded onto --model.")
     parser.add_argument("--vae", default=None, help="Replacement VAE, e.g. madebyollin/sdxl-vae-fp16-fix for SDXL.")
     parser.add_argument(
@@ -47,8 +52,25 @@ def parse_args(argv=None):
     parser.add_argument("--images_per_prompt", type=int, default=1)
     parser.add_argument("--batch_size", type=int, default=4)
     parser.add_argument("--num_inference_steps", type=int, default=DEFAULT_STEPS)
-    parser.add_argument("--guidance_scale", type=float, default=None, help="Default 7.5 (SD1.5) or 5.0 (SDXL).")
-    parser.add_argument("--scheduler", choices=sorted(SCHEDULERS), default="default")
+    parser.add_argument(
+        "--guidance_scale",
+        type=float,
+        default=None,
+        help="Default 7.5 (SD1.5), 5.0 (SDXL), 7.0 (SD3), 3.5 (FLUX.1 [dev], embedded guidance); "
+        "FLUX.1 [schnell] takes none.",
+    )
+    parser.add_argument(
+        "--scheduler",
+        choices=sorted(SCHEDULERS),
+        default="default",
+        help="SD1.5/SDXL only: SD3 and FLUX keep their flow-matching scheduler.",
+    )
+    parser.add_argument(
+        "--max_sequence_length",
+        type=int,
+        default=None,
+        help="SD3/FLUX only: T5 tokens per prompt (default: the pipeline's, 256 for SD3, 512 for FLUX).",
+    )
     parser.add_argument("--resolution", type=int, default=None, help="Default: the pipeline's native size.")
     parser.add_argument(
         "--mixed_precision",
@@ -61,11 +83,12 @@ def parse_args(argv=None):
         "--disable_safety_checker",
         action="store_true",
         help="Keep images the SD1.5 safety checker would black out (it flags benign images too, "
-        "which lowers every metric); flagged images are marked nsfw in metadata otherwise.",
+        "which lowers every metric); flagged images are marked nsfw in metadata otherwise. "
+        "SDXL, SD3 and FLUX pipelines have no safety checker: there it changes nothing.",
     )
     args = parser.parse_args(argv)
-    for flag in ("images_per_prompt", "batch_size", "num_inference_steps"):
-        if getattr(args, flag) < 1:
+    for flag in ("images_per_prompt", "batch_size", "num_inference_steps", "max_sequence_length"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
             parser.error(f"--{flag} must be at least 1.")
     return args
 
@@ -88,22 +111,39 @@ def load_pipeline(
     disable_safety_checker=False,
     pipeline_class=None,
 ):
-    """A diffusers pipeline (the class named by the model's model_index.json unless `pipeline_class` is given)."""
+    """A diffusers pipeline (the class named by the model's model_index.json unless `pipeline_class` is given).
+    `disable_safety_checker` changes nothing for pipelines without one (SDXL, SD3, FLUX); a `scheduler` other than
+    "default" is refused for the flow-matching ones (SD3, FLUX), before their weights are read."""
     import diffusers
 
+    def unreadable(error):
+        return ValueError(
+            f"Cannot load a diffusers pipeline from {model!r}: {error}. Pass a folder written by "
+            "`save_pretrained` (a training run's output dir) or a Hub id you can reach."
+        )
+
+    if pipeline_class is not None:
+        class_name = pipeline_class.__name__
+    else:
+        try:
+            class_name = diffusers.DiffusionPipeline.load_config(model)["_class_name"]
+        except (OSError, ValueError) as error:
+            raise unreadable(error) from error
+    if family_of(class_name) in FLOW_FAMILIES and SCHEDULERS[scheduler] is not None:
+        raise ValueError(
+            f"--scheduler {scheduler}: {class_name} samples a flow-matching ODE with its own "
+            "FlowMatchEulerDiscreteScheduler; the DDPM-family schedulers do not apply to it. "
+            "Drop --scheduler (or pass --scheduler default)."
+        )
     kwargs = {"torch_dtype": dtype}
     if vae is not None:
         kwargs["vae"] = diffusers.AutoencoderKL.from_pretrained(vae, torch_dtype=dtype)
-    if disable_safety_checker:
+    if disable_safety_checker and has_safety_checker(getattr(diffusers, class_name, None)):
         kwargs.update(safety_checker=None, requires_safety_checker=False)
-    loader = pipeline_class or diffusers.DiffusionPipeline
     try:
-        pipeline = loader.from_pretrained(model, **kwargs)
+        pipeline = (pipeline_class or diffusers.DiffusionPipeline).from_pretrained(model, **kwargs)
     except (OSError, ValueError) as error:
-        raise ValueError(
-            f"Cannot load a diffusers pipeline from {model!r}: {error}. Pass a folder written by "
-            "`save_pretrained` (a training run's output dir) or a Hub id you can reach."
-        ) from error
+        raise unreadable(error) from error
     if lora is not None:
         pipeline.load_lora_weights(lora)
     if SCHEDULERS[scheduler] is not None:
@@ -113,8 +153,28 @@ def load_pipeline(
     return pipeline.to(device)
 
 
+def has_safety_checker(pipeline_class):
+    """Whether the pipeline class takes a safety_checker component (SD1.5's do; SDXL's, SD3's and FLUX's do not).
+    Unknown classes (community pipelines) are assumed to, as diffusers ignores the keyword where it is not expected."""
+    return pipeline_class is None or "safety_checker" in inspect.signature(pipeline_class.__init__).parameters
+
+
+def family_of(class_name):
+    """The family of a diffusers pipeline class name: sd3, flux, sdxl or sd."""
+    if class_name.startswith("StableDiffusion3"):
+        return "sd3"
+    if class_name.startswith("Flux"):
+        return "flux"
+    return "sdxl" if "XL" in class_name else "sd"
+
+
 def model_family(pipeline):
-    return "sdxl" if "XL" in type(pipeline).__name__ else "sd"
+    return family_of(type(pipeline).__name__)
+
+
+def embeds_guidance(pipeline):
+    """False for a FLUX transformer without guidance embedding (FLUX.1 [schnell]), which takes no guidance scale."""
+    return bool(getattr(pipeline.transformer.config, "guidance_embeds", True))
 
 
 def image_seed(base_seed, prompt_index, image_index):
@@ -166,11 +226,30 @@ def prompts_fingerprint(records):
 
 
 def call_settings(pipeline, args):
+    """The pipeline call's keywords, recorded in settings.json: steps, guidance, size and, for SD3/FLUX, the T5 length
+    (the pipeline's default when --max_sequence_length is not given)."""
     family = model_family(pipeline)
     guidance = args.guidance_scale if args.guidance_scale is not None else DEFAULT_GUIDANCE[family]
+    if family == "flux" and not embeds_guidance(pipeline):
+        if args.guidance_scale not in (None, 0.0):
+            raise ValueError(
+                f"--guidance_scale {args.guidance_scale:g}: this FLUX transformer has no guidance embedding "
+                "(as FLUX.1 [schnell]), so the pipeline ignores guidance. Drop --guidance_scale."
+            )
+        guidance = 0.0
     kwargs = {"num_inference_steps": args.num_inference_steps, "guidance_scale": guidance}
     if args.resolution is not None:
         kwargs.update(height=args.resolution, width=args.resolution)
+    max_sequence_length = getattr(args, "max_sequence_length", None)
+    if family in FLOW_FAMILIES:
+        if max_sequence_length is None:
+            max_sequence_length = inspect.signature(pipeline.__call__).parameters["max_sequence_length"].default
+        kwargs["max_sequence_length"] = max_sequence_length
+    elif max_sequence_length is not None:
+        raise ValueError(
+            f"--max_sequence_length applies to the T5 prompts of SD3 and FLUX; {type(pipeline).__name__} "
+            "has none. Drop --max_sequence_length."
+        )
     return kwargs
 
 

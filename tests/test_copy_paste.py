@@ -11,13 +11,17 @@ import subprocess
 import sys
 
 import pytest
+import tiny
 from helpers import ROOT, cli
 
 
-# Each script with the fixture of its tiny pipeline and the pipeline class it saves.
+# Each script with the fixture of its tiny pipeline, the pipeline class it saves and the flags its full run needs.
+FULL_FLOW_RUN = ("--no-use_lora", "--max_sequence_length", str(tiny.T5_MAX_TOKENS))
 SCRIPTS = {
-    "train_diffusion_rpo.py": ("sd_pipeline_path", "StableDiffusionPipeline"),
-    "train_diffusion_rpo_sdxl.py": ("sdxl_pipeline_path", "StableDiffusionXLPipeline"),
+    "train_diffusion_rpo.py": ("sd_pipeline_path", "StableDiffusionPipeline", ()),
+    "train_diffusion_rpo_sdxl.py": ("sdxl_pipeline_path", "StableDiffusionXLPipeline", ()),
+    "train_diffusion_rpo_sd3.py": ("sd3_pipeline_path", "StableDiffusion3Pipeline", FULL_FLOW_RUN),
+    "train_diffusion_rpo_flux.py": ("flux_pipeline_path", "FluxPipeline", FULL_FLOW_RUN),
 }
 REPOSITORY_PATHS = ("configs/", "docs/", "tests/", "benchmarks/")
 
@@ -77,10 +81,10 @@ def test_a_script_copied_alone_trains_and_saves_a_pipeline_that_loads(
 ):
     import diffusers
 
-    pipeline_fixture, pipeline_class = SCRIPTS[script]
+    pipeline_fixture, pipeline_class, extra = SCRIPTS[script]
     folder = copy_alone(script, tmp_path)
     out = folder / "out"
-    flags = cli(request.getfixturevalue(pipeline_fixture), pickapic_path, clip_model_path, out)
+    flags = cli(request.getfixturevalue(pipeline_fixture), pickapic_path, clip_model_path, out, *extra)
     result = run_outside_the_repository([sys.executable, script, *flags], folder, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     pipeline = diffusers.DiffusionPipeline.from_pretrained(out)

@@ -1,10 +1,12 @@
-"""eval.generate and eval.prompts: deterministic seeds, resume, SDXL and LoRA, prompt sets and their errors."""
+"""eval.generate and eval.prompts: deterministic seeds, resume, SDXL, SD3 and FLUX, LoRA, prompt sets and their
+errors."""
 
 import json
 import os
 
 import numpy as np
 import pytest
+import tiny
 from helpers import FAST_GENERATION
 from PIL import Image
 
@@ -16,8 +18,46 @@ def run(model, prompt_file, out, *extra):
     return generate.main(["--model", model, "--prompts", prompt_file, "--out", str(out), *FAST_GENERATION, *extra])
 
 
+# SD3 / FLUX runs: 32 px (FLUX's native size is 128 latents, whatever the VAE), the tiny T5's length.
+FLOW_GENERATION = ["--resolution", "32", "--max_sequence_length", str(tiny.T5_MAX_TOKENS)]
+FLOW_FAMILIES = pytest.mark.parametrize(
+    ("pipeline_fixture", "pipeline_class", "guidance"),
+    [("sd3_pipeline_path", "StableDiffusion3Pipeline", 7.0), ("flux_pipeline_path", "FluxPipeline", 3.5)],
+)
+
+
 def pixels(folder):
     return {e["file"]: np.asarray(Image.open(os.path.join(folder, e["file"]))) for e in read_metadata(folder)}
+
+
+def settings_of(folder):
+    with open(os.path.join(folder, "settings.json")) as f:
+        return json.load(f)
+
+
+def differ(first, second):
+    """Whether every image of folder `first` differs from the same image in `second` (mean pixel difference > 1)."""
+    first, second = pixels(first), pixels(second)
+    return first.keys() <= second.keys() and all(
+        np.abs(first[k].astype(int) - second[k].astype(int)).mean() > 1 for k in first
+    )
+
+
+def write_lora(model, pipeline_class, layers_key, path):
+    """Random LoRA adapters (r 4 on the attention projections) on the denoiser `model`, saved as the training scripts
+    save theirs: pipeline_class.save_lora_weights(path, <layers_key>=...)."""
+    import torch
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    torch.manual_seed(0)
+    model.add_adapter(
+        LoraConfig(r=4, lora_alpha=4, init_lora_weights=False, target_modules=["to_q", "to_k", "to_v", "to_out.0"])
+    )
+    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(model))
+    pipeline_class.save_lora_weights(str(path), **{layers_key: layers})
+    return str(path)
 
 
 def test_same_seed_same_image_whatever_the_batch(sd_pipeline_path, prompt_file, tmp_path):
@@ -66,8 +106,7 @@ def test_resume_with_other_settings_is_refused(sd_pipeline_path, prompt_file, tm
 
 def test_sdxl_pipeline_generates_with_its_own_default_guidance(sdxl_pipeline_path, prompt_file, tmp_path):
     run(sdxl_pipeline_path, prompt_file, tmp_path / "xl", "--max_prompts", "2", "--scheduler", "dpmsolver++")
-    with open(tmp_path / "xl" / "settings.json") as f:
-        settings = json.load(f)
+    settings = settings_of(tmp_path / "xl")
     assert (settings["pipeline"], settings["guidance_scale"], settings["scheduler"]) == (
         "StableDiffusionXLPipeline",
         5.0,
@@ -76,25 +115,99 @@ def test_sdxl_pipeline_generates_with_its_own_default_guidance(sdxl_pipeline_pat
     assert {image.shape for image in pixels(tmp_path / "xl").values()} == {(32, 32, 3)}
 
 
+@FLOW_FAMILIES
+def test_sd3_and_flux_generate_with_their_own_defaults_whatever_the_batch(
+    pipeline_fixture, pipeline_class, guidance, request, prompt_file, tmp_path, monkeypatch
+):
+    import diffusers
+
+    model = request.getfixturevalue(pipeline_fixture)
+    load, loads = diffusers.DiffusionPipeline.from_pretrained.__func__, []
+
+    def recording_load(cls, *args, **kwargs):
+        loads.append(kwargs)
+        return load(cls, *args, **kwargs)
+
+    monkeypatch.setattr(diffusers.DiffusionPipeline, "from_pretrained", classmethod(recording_load))
+    run(model, prompt_file, tmp_path / "b1", *FLOW_GENERATION, "--batch_size", "1", "--disable_safety_checker")
+    run(model, prompt_file, tmp_path / "b3", *FLOW_GENERATION, "--batch_size", "3")
+    settings = settings_of(tmp_path / "b1")
+    assert {key: settings[key] for key in ("pipeline", "scheduler", "guidance_scale", "max_sequence_length")} == {
+        "pipeline": pipeline_class,
+        "scheduler": "FlowMatchEulerDiscreteScheduler",
+        "guidance_scale": guidance,
+        "max_sequence_length": tiny.T5_MAX_TOKENS,
+    }
+    # no safety checker to disable: the flag is a no-op, not a keyword the pipeline would warn about
+    assert settings["safety_checker"] is False and all("safety_checker" not in kwargs for kwargs in loads)
+    one, three = pixels(tmp_path / "b1"), pixels(tmp_path / "b3")
+    assert len(one) == 4 and one.keys() == three.keys()
+    assert {image.shape for image in one.values()} == {(32, 32, 3)}
+    for name in one:
+        assert np.abs(one[name].astype(int) - three[name].astype(int)).max() <= 1
+    assert "nsfw" not in read_metadata(tmp_path / "b1")[0]
+    run(model, prompt_file, tmp_path / "unguided", *FLOW_GENERATION, "--max_prompts", "2", "--guidance_scale", "1")
+    assert differ(tmp_path / "unguided", tmp_path / "b1")  # the recorded guidance is the one applied
+
+
+def test_flow_pipelines_record_their_t5_length_and_others_refuse_it(
+    sd_pipeline_path, sd3_pipeline_path, flux_pipeline_path
+):
+    args = generate.parse_args(["--model", "m", "--prompts", "p", "--out", "o"])
+    lengths = [
+        generate.call_settings(generate.load_pipeline(path), args)["max_sequence_length"]
+        for path in (sd3_pipeline_path, flux_pipeline_path)
+    ]
+    assert lengths == [256, 512]  # the pipelines' own defaults
+    args.max_sequence_length = 77
+    with pytest.raises(ValueError, match="Drop --max_sequence_length"):
+        generate.call_settings(generate.load_pipeline(sd_pipeline_path), args)
+
+
+def test_flux_schnell_takes_no_guidance(prompt_file, tmp_path):
+    schnell = tiny.build_flux_pipeline(str(tmp_path / "schnell"), guidance_embeds=False)
+    run(schnell, prompt_file, tmp_path / "out", *FLOW_GENERATION, "--max_prompts", "1")
+    assert settings_of(tmp_path / "out")["guidance_scale"] == 0.0
+    with pytest.raises(ValueError, match="no guidance embedding .*Drop --guidance_scale"):
+        run(schnell, prompt_file, tmp_path / "guided", *FLOW_GENERATION, "--guidance_scale", "3.5")
+
+
+@FLOW_FAMILIES
+def test_flow_pipelines_refuse_other_schedulers_before_loading(
+    pipeline_fixture, pipeline_class, guidance, request, prompt_file, tmp_path, monkeypatch
+):
+    import diffusers
+
+    model = request.getfixturevalue(pipeline_fixture)
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("weights loaded")
+
+    monkeypatch.setattr(diffusers.DiffusionPipeline, "from_pretrained", no_load)
+    with pytest.raises(ValueError, match=f"--scheduler dpmsolver\\+\\+: {pipeline_class} .*Drop --scheduler"):
+        run(model, prompt_file, tmp_path / "out", "--scheduler", "dpmsolver++")
+    assert not os.path.exists(tmp_path / "out")
+
+
 def test_lora_adapters_change_the_images(sd_pipeline_path, prompt_file, tmp_path):
-    import torch
     from diffusers import StableDiffusionPipeline, UNet2DConditionModel
-    from diffusers.utils import convert_state_dict_to_diffusers
-    from peft import LoraConfig
-    from peft.utils import get_peft_model_state_dict
 
     unet = UNet2DConditionModel.from_pretrained(sd_pipeline_path, subfolder="unet")
-    torch.manual_seed(0)
-    unet.add_adapter(
-        LoraConfig(r=4, lora_alpha=4, init_lora_weights=False, target_modules=["to_q", "to_k", "to_v", "to_out.0"])
-    )
-    StableDiffusionPipeline.save_lora_weights(
-        str(tmp_path / "lora"), unet_lora_layers=convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
-    )
+    lora = write_lora(unet, StableDiffusionPipeline, "unet_lora_layers", tmp_path / "lora")
     run(sd_pipeline_path, prompt_file, tmp_path / "base", "--max_prompts", "2")
-    run(sd_pipeline_path, prompt_file, tmp_path / "adapted", "--max_prompts", "2", "--lora", str(tmp_path / "lora"))
-    base, adapted = pixels(tmp_path / "base"), pixels(tmp_path / "adapted")
-    assert all(np.abs(base[k].astype(int) - adapted[k].astype(int)).mean() > 1 for k in base)
+    run(sd_pipeline_path, prompt_file, tmp_path / "adapted", "--max_prompts", "2", "--lora", lora)
+    assert differ(tmp_path / "base", tmp_path / "adapted")
+
+
+def test_lora_adapters_on_flux_change_the_images(flux_pipeline_path, prompt_file, tmp_path):
+    from diffusers import FluxPipeline, FluxTransformer2DModel
+
+    transformer = FluxTransformer2DModel.from_pretrained(flux_pipeline_path, subfolder="transformer")
+    lora = write_lora(transformer, FluxPipeline, "transformer_lora_layers", tmp_path / "lora")
+    run(flux_pipeline_path, prompt_file, tmp_path / "base", *FLOW_GENERATION, "--max_prompts", "2")
+    run(flux_pipeline_path, prompt_file, tmp_path / "adapted", *FLOW_GENERATION, "--max_prompts", "2", "--lora", lora)
+    assert differ(tmp_path / "base", tmp_path / "adapted")
+    assert settings_of(tmp_path / "adapted")["lora"] == lora
 
 
 def test_missing_model_path_is_explained(prompt_file, tmp_path):

@@ -13,10 +13,12 @@ import yaml
 from helpers import ROOT
 
 import train_diffusion_rpo as rpo
+import train_diffusion_rpo_flux as rpo_flux
+import train_diffusion_rpo_sd3 as rpo_sd3
 import train_diffusion_rpo_sdxl as rpo_sdxl
 
 
-SCRIPTS = {"train_diffusion_rpo.py": rpo, "train_diffusion_rpo_sdxl.py": rpo_sdxl}
+SCRIPTS = {module.SCRIPT_NAME: module for module in (rpo, rpo_sdxl, rpo_sd3, rpo_flux)}
 
 
 def documented_commands():
@@ -27,7 +29,7 @@ def documented_commands():
         with open(path) as f:
             text = f.read().replace("\\\n", " ")
         for line in text.splitlines():
-            if "accelerate launch" not in line or not re.search(r"train_diffusion_rpo(_sdxl)?\.py", line):
+            if "accelerate launch" not in line or not re.search(r"train_diffusion_rpo(_sdxl|_sd3|_flux)?\.py", line):
                 continue
             tokens = shlex.split(line[line.index("accelerate launch") :].strip("`"), comments=True)
             script = next(i for i, token in enumerate(tokens) if token in SCRIPTS)
@@ -54,7 +56,8 @@ def launch_processes(launch_flags):
 
 def test_documented_commands_parse_and_train_at_a_sane_learning_rate():
     commands = documented_commands()
-    assert len(commands) >= 4  # SD1.5, SDXL, multi-GPU, multi-node at least
+    assert len(commands) >= 6  # SD1.5, SDXL, SD3, FLUX, multi-GPU, multi-node at least
+    assert {script for _, _, script, _ in commands} == set(SCRIPTS)
     low, high = rpo.SANE_LEARNING_RATES
     for source, launch_flags, script, flags in commands:
         args = SCRIPTS[script].parse_args(flags)
@@ -105,7 +108,7 @@ def test_an_effective_learning_rate_outside_the_sane_range_is_warned(caplog):
         (["--learning_rate", "nan"], "argument --learning_rate: nan is out of range: it must be above 0."),
         (["--ema_decay", "nan"], "argument --ema_decay: nan is out of range"),
         (["--max_bad_rows", "nan"], "--max_bad_rows nan: pass a fraction below 1 or a whole count"),
-        (["--resolution", "12"], "--resolution 12 must be divisible by 8"),
+        (["--resolution", "12"], "--resolution 12 must be a multiple of 8"),
         (["--use_8bit_adam", "--use_adafactor"], "--use_8bit_adam sets up AdamW, but --use_adafactor trains with"),
         (
             ["--streaming", "--max_train_steps", "9", "--max_train_samples", "4"],
