@@ -76,7 +76,7 @@ def parse_args(argv=None):
         "--mixed_precision",
         choices=["no", "fp16", "bf16"],
         default=None,
-        help="Weights dtype; default fp16 on CUDA, fp32 otherwise.",
+        help="Weights dtype; default fp16 on CUDA (bf16 for SD3 and FLUX), fp32 otherwise.",
     )
     parser.add_argument("--device", default=None, help="Default cuda when available.")
     parser.add_argument(
@@ -93,10 +93,12 @@ def parse_args(argv=None):
     return args
 
 
-def resolve_device_and_dtype(device=None, mixed_precision=None):
+def resolve_device_and_dtype(device=None, mixed_precision=None, family="sd"):
+    """Default: fp16 on CUDA (bf16 for SD3 and FLUX, the dtype their model cards use), fp32 otherwise."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if mixed_precision is None:
-        mixed_precision = "fp16" if device.startswith("cuda") else "no"
+        cuda_precision = "bf16" if family in FLOW_FAMILIES else "fp16"
+        mixed_precision = cuda_precision if device.startswith("cuda") else "no"
     dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[mixed_precision]
     return device, dtype
 
@@ -116,19 +118,7 @@ def load_pipeline(
     "default" is refused for the flow-matching ones (SD3, FLUX), before their weights are read."""
     import diffusers
 
-    def unreadable(error):
-        return ValueError(
-            f"Cannot load a diffusers pipeline from {model!r}: {error}. Pass a folder written by "
-            "`save_pretrained` (a training run's output dir) or a Hub id you can reach."
-        )
-
-    if pipeline_class is not None:
-        class_name = pipeline_class.__name__
-    else:
-        try:
-            class_name = diffusers.DiffusionPipeline.load_config(model)["_class_name"]
-        except (OSError, ValueError) as error:
-            raise unreadable(error) from error
+    class_name = pipeline_class.__name__ if pipeline_class is not None else pipeline_class_name(model)
     if family_of(class_name) in FLOW_FAMILIES and SCHEDULERS[scheduler] is not None:
         raise ValueError(
             f"--scheduler {scheduler}: {class_name} samples a flow-matching ODE with its own "
@@ -143,7 +133,7 @@ def load_pipeline(
     try:
         pipeline = (pipeline_class or diffusers.DiffusionPipeline).from_pretrained(model, **kwargs)
     except (OSError, ValueError) as error:
-        raise unreadable(error) from error
+        raise unreadable(model, error) from error
     if lora is not None:
         pipeline.load_lora_weights(lora)
     if SCHEDULERS[scheduler] is not None:
@@ -151,6 +141,23 @@ def load_pipeline(
         pipeline.scheduler = scheduler_class.from_config(pipeline.scheduler.config)
     pipeline.set_progress_bar_config(disable=True)
     return pipeline.to(device)
+
+
+def unreadable(model, error):
+    return ValueError(
+        f"Cannot load a diffusers pipeline from {model!r}: {error}. Pass a folder written by "
+        "`save_pretrained` (a training run's output dir) or a Hub id you can reach."
+    )
+
+
+def pipeline_class_name(model):
+    """The pipeline class named by the model's model_index.json (read without loading any weights)."""
+    import diffusers
+
+    try:
+        return diffusers.DiffusionPipeline.load_config(model)["_class_name"]
+    except (OSError, ValueError, KeyError) as error:
+        raise unreadable(model, error) from error
 
 
 def has_safety_checker(pipeline_class):
@@ -256,7 +263,8 @@ def call_settings(pipeline, args):
 def main(argv=None):
     args = parse_args(argv)
     records = load_prompts(args.prompts, args.prompts_source, args.prompt_column, args.max_prompts)
-    device, dtype = resolve_device_and_dtype(args.device, args.mixed_precision)
+    family = family_of(pipeline_class_name(args.model))
+    device, dtype = resolve_device_and_dtype(args.device, args.mixed_precision, family)
     pipeline = load_pipeline(
         args.model, args.lora, args.vae, args.scheduler, device, dtype, args.disable_safety_checker
     )

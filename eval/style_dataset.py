@@ -22,8 +22,10 @@ import numpy as np
 
 from eval.generate import (
     call_settings,
+    family_of,
     generation_jobs,
     load_pipeline,
+    pipeline_class_name,
     prompts_fingerprint,
     resolve_device_and_dtype,
     run_jobs,
@@ -187,7 +189,8 @@ def main(argv=None):
 
     args = parse_args(argv)
     records = load_prompts(args.prompts, args.prompts_source, args.prompt_column, args.max_prompts)
-    device, dtype = resolve_device_and_dtype(args.device, args.mixed_precision)
+    family = family_of(pipeline_class_name(args.model))
+    device, dtype = resolve_device_and_dtype(args.device, args.mixed_precision, family)
     rejected_dir, chosen_dir = generate_pair_images(args, records, device, dtype)
     rows = preference_rows(rejected_dir, chosen_dir, args.style, args.method, args.seed)
     os.makedirs(os.path.join(args.out, "data"), exist_ok=True)

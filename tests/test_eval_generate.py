@@ -43,18 +43,16 @@ def differ(first, second):
     )
 
 
-def write_lora(model, pipeline_class, layers_key, path):
-    """Random LoRA adapters (r 4 on the attention projections) on the denoiser `model`, saved as the training scripts
-    save theirs: pipeline_class.save_lora_weights(path, <layers_key>=...)."""
+def write_lora(model, pipeline_class, layers_key, path, target_modules=("to_q", "to_k", "to_v", "to_out.0")):
+    """Random rank-4 LoRA adapters on `target_modules` of the denoiser `model`, saved as the training scripts save
+    theirs: pipeline_class.save_lora_weights(path, <layers_key>=...)."""
     import torch
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft import LoraConfig
     from peft.utils import get_peft_model_state_dict
 
     torch.manual_seed(0)
-    model.add_adapter(
-        LoraConfig(r=4, lora_alpha=4, init_lora_weights=False, target_modules=["to_q", "to_k", "to_v", "to_out.0"])
-    )
+    model.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights=False, target_modules=list(target_modules)))
     layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(model))
     pipeline_class.save_lora_weights(str(path), **{layers_key: layers})
     return str(path)
@@ -164,6 +162,16 @@ def test_flow_pipelines_record_their_t5_length_and_others_refuse_it(
         generate.call_settings(generate.load_pipeline(sd_pipeline_path), args)
 
 
+def test_default_dtype_on_cuda_is_bf16_for_sd3_and_flux_only():
+    dtypes = {family: generate.resolve_device_and_dtype("cuda", None, family)[1] for family in ("sd", "sd3", "flux")}
+    assert {family: str(dtype) for family, dtype in dtypes.items()} == {
+        "sd": "torch.float16",
+        "sd3": "torch.bfloat16",
+        "flux": "torch.bfloat16",
+    }
+    assert generate.resolve_device_and_dtype("cpu", None, "flux")[1] is generate.torch.float32
+
+
 def test_flux_schnell_takes_no_guidance(prompt_file, tmp_path):
     schnell = tiny.build_flux_pipeline(str(tmp_path / "schnell"), guidance_embeds=False)
     run(schnell, prompt_file, tmp_path / "out", *FLOW_GENERATION, "--max_prompts", "1")
@@ -202,8 +210,11 @@ def test_lora_adapters_change_the_images(sd_pipeline_path, prompt_file, tmp_path
 def test_lora_adapters_on_flux_change_the_images(flux_pipeline_path, prompt_file, tmp_path):
     from diffusers import FluxPipeline, FluxTransformer2DModel
 
+    import train_diffusion_rpo_flux
+
     transformer = FluxTransformer2DModel.from_pretrained(flux_pipeline_path, subfolder="transformer")
-    lora = write_lora(transformer, FluxPipeline, "transformer_lora_layers", tmp_path / "lora")
+    targets = train_diffusion_rpo_flux.LORA_TARGET_MODULES  # the adapters the FLUX training script trains
+    lora = write_lora(transformer, FluxPipeline, "transformer_lora_layers", tmp_path / "lora", targets)
     run(flux_pipeline_path, prompt_file, tmp_path / "base", *FLOW_GENERATION, "--max_prompts", "2")
     run(flux_pipeline_path, prompt_file, tmp_path / "adapted", *FLOW_GENERATION, "--max_prompts", "2", "--lora", lora)
     assert differ(tmp_path / "base", tmp_path / "adapted")
