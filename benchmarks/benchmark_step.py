@@ -180,6 +180,12 @@ def parse_args(argv=None):
     args.steps = args.steps or (20 if cuda else 3)
     args.warmup = 3 if args.warmup is None else args.warmup
     args.compile = args.compile or ("both" if cuda else "off")
+    script = family["script"]
+    transformer = script.DENOISER == "transformer"
+    # T5's tokens per prompt: the script's default at full size (sd3 256, flux 512), a few on the tiny configs.
+    args.t5_tokens = (
+        (script.parse_args([]).max_sequence_length if args.size == "full" else TINY_T5_TOKENS) if transformer else None
+    )
     if args.dataloader_num_workers is None:
         args.dataloader_num_workers = rpo.parse_args([]).dataloader_num_workers
     if args.data_only and not (args.consumer_step_s and args.data_pairs):
@@ -320,80 +326,188 @@ def sdxl_time_ids(original_size, crop_top_left, resolution, device, dtype):
 
 def reference_prompt_embeds(models, batch, device):
     """SD1.5: last hidden state; SDXL: both encoders' penultimate states concatenated, pooled from encoder 2."""
-    ids = batch["input_ids"].to(device)
     with torch.no_grad():
         if len(models.text_encoders) == 1:
-            return models.text_encoders[0](ids)[0], None
+            return models.text_encoders[0](batch["input_ids"].to(device))[0], None
         states, pooled = [], None
-        for encoder in models.text_encoders:
-            output = encoder(ids, output_hidden_states=True)
+        for index, encoder in enumerate(models.text_encoders):
+            output = encoder(batch[ids_key(index)].to(device), output_hidden_states=True)
             pooled = output[0]
             states.append(output.hidden_states[-2])
         return torch.cat(states, dim=-1), pooled
 
 
-class ReferenceStep:
-    """The peers' step, as they write it (see the module docstring)."""
+def cast_floats(value, dtype):
+    if isinstance(value, dict):
+        return {key: cast_floats(item, dtype) for key, item in value.items()}
+    return value.to(dtype) if torch.is_floating_point(value) else value
 
-    def __init__(self, models, accelerator, optimizer_name, checkpointing, beta, resolution, weight_dtype):
+
+class ReferenceStep:
+    """The peers' step, as they write it (see the module docstring); here the UNet families' epsilon objective on
+    DDPM's schedule, the flow-matching families' in the subclasses."""
+
+    def __init__(self, models, accelerator, variant, beta, resolution, weight_dtype):
         self.models, self.accelerator, self.beta = models, accelerator, beta
         self.resolution, self.weight_dtype = resolution, weight_dtype
-        device = accelerator.device
-        sdxl = len(models.text_encoders) == 2
-        # diffusers' SDXL DPO script keeps the VAE in fp32 (fp16 NaNs); the SD1.5 scripts cast it to weight_dtype.
-        models.vae.requires_grad_(False).to(device, dtype=torch.float32 if sdxl else weight_dtype)
+        device, spec = accelerator.device, FAMILIES[models.family]
+        # diffusers' SDXL DPO and SD3 scripts keep the VAE in fp32 (fp16 NaNs); the others cast it to weight_dtype.
+        models.vae.requires_grad_(False).to(device, dtype=torch.float32 if spec["vae_fp32"] else weight_dtype)
         for encoder in models.text_encoders:
             encoder.requires_grad_(False).to(device, dtype=weight_dtype)
-        self.ref_unet = copy.deepcopy(models.unet).requires_grad_(False).to(device, dtype=weight_dtype)
-        unet = models.unet.to(device)
-        if checkpointing:
-            unet.enable_gradient_checkpointing()
-        unet.train()
-        if optimizer_name == "adamw8bit":
+        denoiser = models.denoiser
+        self.ref_denoiser = None
+        if variant["lora"]:  # diffusers' DPO LoRA: base in weight_dtype, fp32 adapters; the reference is adapters off
+            from diffusers.training_utils import cast_training_params
+            from peft import LoraConfig
+
+            denoiser.requires_grad_(False).to(device, dtype=weight_dtype)
+            targets = spec["script"].LORA_TARGET_MODULES
+            denoiser.add_adapter(LoraConfig(r=8, lora_alpha=8, init_lora_weights="gaussian", target_modules=targets))
+            cast_training_params(denoiser, dtype=torch.float32)
+        else:
+            self.ref_denoiser = copy.deepcopy(denoiser).requires_grad_(False).to(device, dtype=weight_dtype)
+        denoiser.to(device)
+        if variant["checkpointing"]:
+            denoiser.enable_gradient_checkpointing()
+        denoiser.train()
+        params = [p for p in denoiser.parameters() if p.requires_grad]
+        if variant["optimizer"] == "adamw8bit":
             import bitsandbytes as bnb
 
-            optimizer = bnb.optim.AdamW8bit(unet.parameters(), lr=1e-8, weight_decay=1e-2)
+            optimizer = bnb.optim.AdamW8bit(params, lr=1e-8, weight_decay=1e-2)
         else:
-            optimizer = torch.optim.AdamW(unet.parameters(), lr=1e-8, weight_decay=1e-2)
-        self.unet, self.optimizer = accelerator.prepare(unet, optimizer)
+            optimizer = torch.optim.AdamW(params, lr=1e-8, weight_decay=1e-2)
+        self.denoiser, self.optimizer = accelerator.prepare(denoiser, optimizer)
 
     def __call__(self, batch):
-        models, device, unet = self.models, self.accelerator.device, self.unet
-        vae = models.vae
+        device, vae = self.accelerator.device, self.models.vae
         pixel_values = batch["pixel_values"].to(device, dtype=vae.dtype)
         with torch.no_grad():
             latents = torch.cat([vae.encode(chunk).latent_dist.sample() for chunk in pixel_values.split(16)])
-        latents = (latents * vae.config.scaling_factor).to(self.weight_dtype)
+        shift = getattr(vae.config, "shift_factor", None) or 0.0
+        latents = ((latents - shift) * vae.config.scaling_factor).to(self.weight_dtype)
         noise = torch.randn_like(latents).chunk(2)[0].repeat(2, 1, 1, 1)
-        scheduler = models.noise_scheduler
-        pairs = latents.shape[0] // 2
-        timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (pairs,), device=device).repeat(2)
-        noisy = scheduler.add_noise(latents, noise, timesteps)
-        hidden, pooled = reference_prompt_embeds(models, batch, device)
-        hidden = hidden.repeat(2, 1, 1)
+        noisy, target, timesteps = self.diffuse(latents, noise)
+        hidden, kwargs = self.condition(batch)
+        model_pred = self.predict(self.denoiser, noisy, timesteps, hidden, kwargs)
+        model_losses = F.mse_loss(model_pred.float(), target.float(), reduction="none").mean(dim=[1, 2, 3])
+        model_losses_w, model_losses_l = model_losses.chunk(2)
+        with torch.no_grad(), self.reference() as reference:
+            dtype = self.weight_dtype
+            ref_pred = self.predict(
+                reference, noisy.to(dtype), timesteps, hidden.to(dtype), cast_floats(kwargs, dtype)
+            )
+            ref_losses = F.mse_loss(ref_pred.float(), target.float(), reduction="none").mean(dim=[1, 2, 3])
+            ref_losses_w, ref_losses_l = ref_losses.chunk(2)
+        inside = -0.5 * self.beta * ((model_losses_w - model_losses_l) - (ref_losses_w - ref_losses_l))
+        loss = -F.logsigmoid(inside).mean()
+        self.accelerator.backward(loss)
+        self.accelerator.clip_grad_norm_(self.denoiser.parameters(), 1.0)
+        self.optimizer.step()
+        self.optimizer.zero_grad()
+        return loss.detach()
+
+    @contextlib.contextmanager
+    def reference(self):
+        """The frozen copy, or with LoRA the trained model with its adapters disabled (as the peers' LoRA scripts)."""
+        if self.ref_denoiser is not None:
+            yield self.ref_denoiser
+            return
+        model = self.accelerator.unwrap_model(self.denoiser)
+        model.disable_adapters()
+        try:
+            yield self.denoiser
+        finally:
+            model.enable_adapters()
+
+    def diffuse(self, latents, noise):
+        """DDPM: uniform timesteps, x_t from the scheduler, the noise as the target (epsilon prediction)."""
+        scheduler, pairs = self.models.noise_scheduler, latents.shape[0] // 2
+        timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (pairs,), device=latents.device).repeat(2)
+        return scheduler.add_noise(latents, noise, timesteps), noise, timesteps
+
+    def condition(self, batch):
+        device = self.accelerator.device
+        hidden, pooled = reference_prompt_embeds(self.models, batch, device)
         kwargs = {}
         if pooled is not None:
             time_ids = sdxl_time_ids(
                 batch["original_size"], batch["crop_top_left"], self.resolution, device, self.weight_dtype
             ).repeat(2, 1)
             kwargs["added_cond_kwargs"] = {"time_ids": time_ids, "text_embeds": pooled.repeat(2, 1)}
-        model_pred = unet(noisy, timesteps, hidden, **kwargs).sample
-        model_losses = F.mse_loss(model_pred.float(), noise.float(), reduction="none").mean(dim=[1, 2, 3])
-        model_losses_w, model_losses_l = model_losses.chunk(2)
+        return hidden.repeat(2, 1, 1), kwargs
+
+    @staticmethod
+    def predict(model, noisy, timesteps, hidden, kwargs):
+        return model(noisy, timesteps, hidden, **kwargs).sample
+
+
+class FlowReferenceStep(ReferenceStep):
+    """SD3/SD3.5 as diffusers' SD3 DreamBooth example trains it, with the DPO loss: rectified flow x_t = (1 - s) x_0 +
+    s eps, the velocity target eps - x_0, logit-normal timesteps on the scheduler's (shifted) sigmas, no loss weights."""
+
+    def diffuse(self, latents, noise):
+        from diffusers.training_utils import compute_density_for_timestep_sampling
+
+        scheduler, pairs = self.models.noise_scheduler, latents.shape[0] // 2
+        u = compute_density_for_timestep_sampling("logit_normal", pairs, logit_mean=0.0, logit_std=1.0)
+        indices = (u * scheduler.config.num_train_timesteps).long().repeat(2)
+        sigmas = scheduler.sigmas[indices].to(latents.device, latents.dtype).view(-1, 1, 1, 1)
+        timesteps = scheduler.timesteps[indices].to(latents.device)
+        return (1.0 - sigmas) * latents + sigmas * noise, noise - latents, timesteps
+
+    def condition(self, batch):
+        """StableDiffusion3Pipeline.encode_prompt: both CLIPs' penultimate states side by side, zero-padded to T5's
+        width, then T5's states; both pooled embeddings side by side."""
+        device, (clip_l, clip_g, t5) = self.accelerator.device, self.models.text_encoders
         with torch.no_grad():
-            ref_kwargs = {k: {n: t.to(self.weight_dtype) for n, t in v.items()} for k, v in kwargs.items()}
-            ref_pred = self.ref_unet(
-                noisy.to(self.weight_dtype), timesteps, hidden.to(self.weight_dtype), **ref_kwargs
-            ).sample
-            ref_losses = F.mse_loss(ref_pred.float(), noise.float(), reduction="none").mean(dim=[1, 2, 3])
-            ref_losses_w, ref_losses_l = ref_losses.chunk(2)
-        inside = -0.5 * self.beta * ((model_losses_w - model_losses_l) - (ref_losses_w - ref_losses_l))
-        loss = -F.logsigmoid(inside).mean()
-        self.accelerator.backward(loss)
-        self.accelerator.clip_grad_norm_(unet.parameters(), 1.0)
-        self.optimizer.step()
-        self.optimizer.zero_grad()
-        return loss.detach()
+            states, pooled = [], []
+            for index, encoder in enumerate((clip_l, clip_g)):
+                output = encoder(batch[ids_key(index)].to(device), output_hidden_states=True)
+                states.append(output.hidden_states[-2])
+                pooled.append(output[0])
+            t5_states = t5(batch["input_ids_3"].to(device))[0]
+            clip_states = torch.cat(states, dim=-1)
+            clip_states = F.pad(clip_states, (0, t5_states.shape[-1] - clip_states.shape[-1]))
+            hidden = torch.cat([clip_states, t5_states], dim=-2)
+        return hidden.repeat(2, 1, 1), {"pooled_projections": torch.cat(pooled, dim=-1).repeat(2, 1)}
+
+    @staticmethod
+    def predict(model, noisy, timesteps, hidden, kwargs):
+        return model(hidden_states=noisy, timestep=timesteps, encoder_hidden_states=hidden, **kwargs).sample
+
+
+class FluxReferenceStep(FlowReferenceStep):
+    """FLUX.1 as diffusers' FLUX DreamBooth example trains it, with the DPO loss: the latents packed into 2 x 2 patches
+    as FluxPipeline packs them, with their position ids, the embedded guidance 3.5 (FLUX.1 [dev])."""
+
+    def condition(self, batch):
+        """FluxPipeline.encode_prompt: CLIP's pooled output and T5's last hidden states."""
+        device, (clip, t5) = self.accelerator.device, self.models.text_encoders
+        with torch.no_grad():
+            pooled = clip(batch["input_ids"].to(device)).pooler_output
+            hidden = t5(batch["input_ids_2"].to(device))[0]
+        guidance = torch.full((2 * pooled.shape[0],), 3.5, device=device)
+        return hidden.repeat(2, 1, 1), {"pooled_projections": pooled.repeat(2, 1), "guidance": guidance}
+
+    @staticmethod
+    def predict(model, noisy, timesteps, hidden, kwargs):
+        from diffusers import FluxPipeline
+
+        batch, channels, height, width = noisy.shape
+        packed = FluxPipeline._pack_latents(noisy, batch, channels, height, width)
+        image_ids = FluxPipeline._prepare_latent_image_ids(batch, height // 2, width // 2, noisy.device, hidden.dtype)
+        text_ids = torch.zeros(hidden.shape[1], 3, device=noisy.device, dtype=hidden.dtype)
+        ids = {"img_ids": image_ids, "txt_ids": text_ids}
+        # FLUX reads t in [0, 1]. Unpacked at the latents' size (scale factor 1: the same tensor as the pipeline's sizes).
+        velocity = model(
+            hidden_states=packed, timestep=timesteps / 1000, encoder_hidden_states=hidden, **ids, **kwargs
+        )
+        return FluxPipeline._unpack_latents(velocity.sample, height, width, 1)
+
+
+REFERENCE_STEPS = {"sd15": ReferenceStep, "sdxl": ReferenceStep, "sd3": FlowReferenceStep, "flux": FluxReferenceStep}
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -401,7 +515,7 @@ class ReferenceStep:
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def script_args(script, variant, pairs, resolution, mixed_precision, compile_backend, output_dir):
+def script_args(script, variant, pairs, resolution, mixed_precision, compile_backend, output_dir, t5_tokens=None):
     flags = [
         "--loss_type",
         variant["loss_type"],
@@ -428,39 +542,44 @@ def script_args(script, variant, pairs, resolution, mixed_precision, compile_bac
     flags += ["--gradient_checkpointing"] if variant["checkpointing"] else []
     flags += ["--use_8bit_adam"] if variant["optimizer"] == "adamw8bit" else []
     flags += ["--compile", "--compile_backend", compile_backend] if variant["compile"] else []
+    if script.DENOISER == "transformer":  # the flow-matching scripts: LoRA (rank 8, the default) or full, T5's length
+        flags += ["--use_lora" if variant["lora"] else "--no-use_lora"]
+        flags += ["--max_sequence_length", str(t5_tokens)] if t5_tokens else []
     return script.parse_args(flags)
 
 
 class OurStep:
-    """The training script's `training_step` (train_diffusion_rpo.py for sd15, train_diffusion_rpo_sdxl.py for sdxl)
-    with the script's own model set-up and optimizer."""
+    """The training script's `training_step` (the family's script: FAMILIES) with the script's own model set-up and
+    optimizer."""
 
-    def __init__(self, models, accelerator, variant, pairs, resolution, mixed_precision, compile_backend, workdir):
+    def __init__(self, models, accelerator, variant, pairs, resolution, options, workdir, t5_tokens):
         from diffusers.optimization import get_scheduler
 
-        self.script = script = rpo_sdxl if len(models.text_encoders) == 2 else rpo
-        self.args = args = script_args(script, variant, pairs, resolution, mixed_precision, compile_backend, workdir)
+        self.script = script = FAMILIES[models.family]["script"]
+        self.args = args = script_args(script, variant, pairs, resolution, *options, workdir, t5_tokens)
         self.accelerator, self.weight_dtype = accelerator, script.weight_dtype_for(accelerator)
         if models.clip is not None:
             models.clip.model.requires_grad_(False).eval().to(accelerator.device, dtype=self.weight_dtype)
+        text_encoders = models.text_encoders + [None] * (3 - len(models.text_encoders))
         script_models = script.Models(
             tokenizer=None,
             noise_scheduler=models.noise_scheduler,
-            text_encoder=models.text_encoders[0],
+            text_encoder=text_encoders[0],
             vae=models.vae,
-            denoiser=models.unet,
+            denoiser=models.denoiser,
             clip=models.clip,
-            text_encoder_2=(models.text_encoders + [None])[1],
+            text_encoder_2=text_encoders[1],
+            text_encoder_3=text_encoders[2],
         )
         self.models = script.setup_models(args, script_models, accelerator.device, self.weight_dtype, args.seed)
         optimizer = script.create_optimizer(
             args, [p for p in self.models.denoiser.parameters() if p.requires_grad], args.learning_rate
         )
         lr_scheduler = get_scheduler("constant", optimizer=optimizer)
-        self.unet, self.optimizer, self.lr_scheduler = accelerator.prepare(
+        self.denoiser, self.optimizer, self.lr_scheduler = accelerator.prepare(
             self.models.denoiser, optimizer, lr_scheduler
         )
-        self.unet.train()
+        self.denoiser.train()
         self.guard = script.StepGuard(accelerator)  # what the trainer's step runs: the finite check, one collective
         self.micro_step = 0
 
@@ -478,7 +597,7 @@ class OurStep:
         return batch
 
     def __call__(self, batch):
-        training = SimpleNamespace(denoiser=self.unet, optimizer=self.optimizer, lr_scheduler=self.lr_scheduler)
+        training = SimpleNamespace(denoiser=self.denoiser, optimizer=self.optimizer, lr_scheduler=self.lr_scheduler)
         loss, _ = self.script.training_step(
             self.args, self.accelerator, self.models, training, batch, self.micro_step, 0, self.guard
         )
@@ -496,30 +615,37 @@ def synchronize():
         torch.cuda.synchronize()
 
 
-def unet_forward_flops(models, resolution, device, weight_dtype):
-    """FLOPs of one UNet forward on one image (torch's flop counter), in the run's precision."""
+def denoiser_forward_flops(models, resolution, device, weight_dtype, t5_tokens):
+    """FLOPs of one UNet/transformer forward on one image (torch's flop counter), in the run's precision, on inputs
+    of the step's shapes."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    unet = models.unet
-    config = unet.config
+    config = models.denoiser.config
     latent = resolution // 2 ** (len(models.vae.config.block_out_channels) - 1)
-    sample = torch.randn(1, config.in_channels, latent, latent, device=device)
-    hidden_size = config.cross_attention_dim
-    length = models.text_encoders[0].config.max_position_embeddings
-    hidden = torch.randn(1, length, hidden_size, device=device)
+    sample = torch.randn(1, models.vae.config.latent_channels, latent, latent, device=device)
+    text = text_lengths(models, t5_tokens)
     kwargs = {}
-    if config.addition_embed_type == "text_time":
-        pooled = config.projection_class_embeddings_input_dim - 6 * config.addition_time_embed_dim
-        kwargs["added_cond_kwargs"] = {
-            "time_ids": torch.zeros(1, 6, device=device),
-            "text_embeds": torch.zeros(1, pooled, device=device),
-        }
+    if "cross_attention_dim" in config:  # UNet
+        hidden = torch.randn(1, text[0], config.cross_attention_dim, device=device)
+        if config.addition_embed_type == "text_time":
+            pooled = config.projection_class_embeddings_input_dim - 6 * config.addition_time_embed_dim
+            kwargs["added_cond_kwargs"] = {
+                "time_ids": torch.zeros(1, 6, device=device),
+                "text_embeds": torch.zeros(1, pooled, device=device),
+            }
+    else:  # SD3: CLIP then T5 tokens; FLUX: T5's
+        length = text[0] + text[-1] if "caption_projection_dim" in config else text[-1]
+        hidden = torch.randn(1, length, config.joint_attention_dim, device=device)
+        kwargs["pooled_projections"] = torch.randn(1, config.pooled_projection_dim, device=device)
+        if config.get("guidance_embeds"):
+            kwargs["guidance"] = torch.full((1,), 3.5, device=device)
     autocast = (
         torch.autocast(device.type, dtype=weight_dtype) if weight_dtype != torch.float32 else contextlib.nullcontext()
     )
     counter = FlopCounterMode(display=False)
+    predict = REFERENCE_STEPS[models.family].predict
     with torch.no_grad(), autocast, counter:
-        unet.to(device)(sample, torch.tensor([500], device=device), hidden, **kwargs)
+        predict(models.denoiser.to(device), sample, torch.tensor([500.0], device=device), hidden, kwargs)
     return counter.get_total_flops()
 
 
@@ -543,33 +669,18 @@ def run_variant(args, variant, accelerator, flops_per_image):
     need_clip = variant["step"] == "ours" and variant["loss_type"] == "rpo"
     models = build_models(args.size, args.family, device, need_clip)
     if args.perturb_weights:
-        perturb(models.unet, args.perturb_weights)
+        perturb(models.denoiser, args.perturb_weights)
     weight_dtype = rpo.weight_dtype_for(accelerator)
     if flops_per_image is None:
-        flops_per_image = unet_forward_flops(models, args.resolution, device, weight_dtype)
-    batch = synthetic_batch(models, args.pairs, args.resolution)
+        flops_per_image = denoiser_forward_flops(models, args.resolution, device, weight_dtype, args.t5_tokens)
+    batch = synthetic_batch(models, args.pairs, args.resolution, args.t5_tokens)
     with tempfile.TemporaryDirectory() as workdir:
         if variant["step"] == "reference":
-            step = ReferenceStep(
-                models,
-                accelerator,
-                variant["optimizer"],
-                variant["checkpointing"],
-                5000.0,
-                args.resolution,
-                weight_dtype,
-            )
+            beta = FAMILIES[args.family]["script"].DEFAULT_BETA_DPO  # the same beta as our step's default
+            step = REFERENCE_STEPS[args.family](models, accelerator, variant, beta, args.resolution, weight_dtype)
         else:
-            step = OurStep(
-                models,
-                accelerator,
-                variant,
-                args.pairs,
-                args.resolution,
-                args.mixed_precision,
-                args.compile_backend,
-                workdir,
-            )
+            options = (args.mixed_precision, args.compile_backend)
+            step = OurStep(models, accelerator, variant, args.pairs, args.resolution, options, workdir, args.t5_tokens)
             if variant["cache"]:
                 batch = step.cache(batch)
                 models.clip = None  # the script frees its CLIP model once the embeddings are cached
@@ -730,10 +841,11 @@ def time_data_pipeline(args, step_s, workdir):
 
 
 def add_ratios(results):
-    """Each of our variants against the reference with the same optimizer and checkpointing, measured in this run."""
-    references = {(r["optimizer"], r["checkpointing"]): r for r in results if r["step"] == "reference"}
+    """Each of our variants against the reference with the same optimizer, checkpointing and LoRA, in this run."""
+    key = lambda r: (r["optimizer"], r["checkpointing"], r["lora"])  # noqa: E731
+    references = {key(r): r for r in results if r["step"] == "reference"}
     for row in results:
-        reference = references.get((row["optimizer"], row["checkpointing"]))
+        reference = references.get(key(row))
         row["speedup_vs_reference"] = None if reference is None else reference["step_s"] / row["step_s"]
         row["peak_vs_reference"] = (
             None if reference is None or row["peak_gb"] is None else row["peak_gb"] / reference["peak_gb"]

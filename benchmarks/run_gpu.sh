@@ -7,13 +7,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-${OUT:-benchmarks/results}}
 mkdir -p "$out"
-if [ -d .whl ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-  export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
-fi
-export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
-stamp=$(date -u +%Y-%m-%d)
-gpu=$(python3 -c "import torch; print(torch.cuda.get_device_name().split()[1].lower())")
+source benchmarks/gpu_env.sh
 python3 benchmarks/benchmark_step.py --family sd15 --compile on \
   --variants reference_dpo_adamw,ours_dpo_adamw_cached_compiled,ours_rpo_adamw_cached_compiled,ours_rpo_adamw_uncached_compiled,reference_dpo_adamw8bit_ckpt,ours_dpo_adamw8bit_ckpt_cached_compiled,ours_rpo_adamw8bit_ckpt_cached_compiled \
   --out "$out/sd15_${gpu}_${stamp}.json"
