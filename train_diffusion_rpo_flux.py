@@ -92,20 +92,11 @@ DEFAULT_PRETRAINED_MODEL = "black-forest-labs/FLUX.1-dev"
 DEFAULT_RESOLUTION, RESOLUTION_MULTIPLE = 512, 16  # the VAE downsamples by 8, latents are packed 2 x 2
 # beta: docs/method.md, "beta under flow matching"; guidance: the embedded guidance FLUX.1 [dev] is used at.
 DEFAULT_BETA_DPO, DEFAULT_USE_LORA, DEFAULT_VALIDATION_GUIDANCE, DEFAULT_GUIDANCE = 2000.0, True, 3.5, 3.5
-LORA_TARGET_MODULES = [  # diffusers' FLUX DreamBooth LoRA example's: attention and feed-forward, both streams
-    "attn.to_k",
-    "attn.to_q",
-    "attn.to_v",
-    "attn.to_out.0",
-    "attn.add_k_proj",
-    "attn.add_q_proj",
-    "attn.add_v_proj",
-    "attn.to_add_out",
-    "ff.net.0.proj",
-    "ff.net.2",
-    "ff_context.net.0.proj",
-    "ff_context.net.2",
-]
+# Diffusers' FLUX DreamBooth LoRA example's: attention and feed-forward, both streams
+LORA_TARGET_MODULES = (
+    "attn.to_k attn.to_q attn.to_v attn.to_out.0 attn.add_k_proj attn.add_q_proj attn.add_v_proj "
+    "attn.to_add_out ff.net.0.proj ff.net.2 ff_context.net.0.proj ff_context.net.2"
+).split()
 DEFAULT_LICENSE = "other"  # FLUX.1 [dev]'s non-commercial license, used when the base model's card cannot be read
 MODEL_CARD_TAGS = ["flux", "flux-diffusers", "text-to-image", "diffusers", "diffusers-training", "diffusion-rpo"]
 VAE_FP32_UNLESS_CUSTOM = False  # as diffusers' FLUX examples: the VAE encodes in the mixed-precision dtype

@@ -98,16 +98,10 @@ DEFAULT_PRETRAINED_MODEL = "stabilityai/stable-diffusion-3.5-medium"
 DEFAULT_RESOLUTION, RESOLUTION_MULTIPLE = 1024, 16  # the VAE downsamples by 8, the transformer patches 2 x 2
 # beta: docs/method.md, "beta under flow matching"; guidance: the SD3.5 pipelines' default.
 DEFAULT_BETA_DPO, DEFAULT_USE_LORA, DEFAULT_VALIDATION_GUIDANCE = 2000.0, False, 7.0
-LORA_TARGET_MODULES = [  # diffusers' SD3 DreamBooth LoRA example's: joint attention, image and text streams
-    "attn.add_k_proj",
-    "attn.add_q_proj",
-    "attn.add_v_proj",
-    "attn.to_add_out",
-    "attn.to_k",
-    "attn.to_out.0",
-    "attn.to_q",
-    "attn.to_v",
-]
+# Diffusers' SD3 DreamBooth LoRA example's: joint attention, image and text streams
+LORA_TARGET_MODULES = (
+    "attn.add_k_proj attn.add_q_proj attn.add_v_proj attn.to_add_out attn.to_k attn.to_out.0 attn.to_q attn.to_v"
+).split()
 DEFAULT_LICENSE = "other"  # the Stability AI Community License, used when the base model's card cannot be read
 MODEL_CARD_TAGS = ["sd3", "sd3-diffusers", "text-to-image", "diffusers", "diffusers-training", "diffusion-rpo"]
 VAE_FP32_UNLESS_CUSTOM = True  # as diffusers' SD3 examples: the VAE encodes in fp32
