@@ -256,8 +256,6 @@ VALIDATION_SCORERS = {  # --validation_scorer: (model, tokenizer and image setti
 # ----------------------------------------------------------------------------------------------------------------------
 # Arguments
 # ----------------------------------------------------------------------------------------------------------------------
-
-
 def bounded(kind, low, high=math.inf, *, above=False, below=False, hint=""):
     """An argparse `type=` for an int or float from `low` to `high`; `above` / `below` exclude that end."""
 
@@ -422,8 +420,6 @@ def needs_similarity_model(args):
 # ----------------------------------------------------------------------------------------------------------------------
 # The run: main, then the training loop
 # ----------------------------------------------------------------------------------------------------------------------
-
-
 @dataclasses.dataclass
 class Training:
     """What the loop runs, as accelerate wrapped it, and for how long (optimizer `steps` over loader `epochs`)."""
@@ -735,8 +731,6 @@ def gather_sharded_denoiser(accelerator, denoiser):
 # ----------------------------------------------------------------------------------------------------------------------
 # The training step in call order, down to the objective (docs/method.md, "Losses" and "Weights")
 # ----------------------------------------------------------------------------------------------------------------------
-
-
 def training_step(args, accelerator, models, training, batch, micro_step, seed, guard):
     """One micro-step: loss, backward and, at accumulation boundaries, clipping and the update (`guard` may skip it)."""
     denoiser, optimizer = training.denoiser, training.optimizer
@@ -951,8 +945,6 @@ def compute_preference_loss(
 # ----------------------------------------------------------------------------------------------------------------------
 # Indexed randomness and data order (docs/method.md, "Randomness")
 # ----------------------------------------------------------------------------------------------------------------------
-
-
 def indexed_generator(seed, stream, *keys):
     """A CPU torch.Generator that is a pure function of (seed, stream, keys): independent of workers and processes."""
     state = np.random.SeedSequence([int(seed) % 2**32, stream, *[int(k) for k in keys]]).generate_state(2, np.uint32)
@@ -1005,8 +997,6 @@ def draw_pair_noise(seed, pair_index, epoch, latent_shape, noise_offset=0.0):
 # ----------------------------------------------------------------------------------------------------------------------
 # Data: Pick-a-Pic schema preference pairs
 # ----------------------------------------------------------------------------------------------------------------------
-
-
 def load_raw_dataset(name, config=None, split="train", cache_dir=None, streaming=False):
     """A Hub dataset, a folder of data files or a `save_to_disk` folder (streaming: as an `IterableDataset`)."""
     if any(os.path.exists(os.path.join(name, file)) for file in ("dataset_dict.json", "state.json")):
@@ -1257,8 +1247,6 @@ def build_dataloader(args, accelerator, models, dataset, seed, progress=None):
 # ----------------------------------------------------------------------------------------------------------------------
 # Models: loading, the frozen reference and its precision, the optimizer; validation images and their reward
 # ----------------------------------------------------------------------------------------------------------------------
-
-
 @dataclasses.dataclass
 class Clip:
     model: CLIPModel
@@ -1504,8 +1492,6 @@ def validation_rewards(scorer, kind, prompts, rendered, device):
 # ----------------------------------------------------------------------------------------------------------------------
 # Appendix: faults, stop requests and checkpoints
 # ----------------------------------------------------------------------------------------------------------------------
-
-
 class StopRequest:
     """Inside `with`, SIGTERM (preemption), SIGINT (Ctrl-C) and the stop file (`stop_file`, watched by the main process)
     ask for a checkpoint at the next micro-batch and a stop; a second SIGINT interrupts at once. A signal ignored at
@@ -1698,8 +1684,6 @@ def save_checkpoint(accelerator, args, global_step, progress):
 # ----------------------------------------------------------------------------------------------------------------------
 # Appendix: EMA of the trained weights (--use_ema)
 # ----------------------------------------------------------------------------------------------------------------------
-
-
 def create_ema(args, accelerator, denoiser):
     """diffusers' EMAModel, saved in checkpoints as `unet_ema/` or `transformer_ema/` (safetensors and config, no pickle) by hooks."""
     if not args.use_ema:
@@ -1744,8 +1728,6 @@ def update_ema(ema, denoiser, device, offload):
 # ----------------------------------------------------------------------------------------------------------------------
 # Appendix: model card and Hub upload
 # ----------------------------------------------------------------------------------------------------------------------
-
-
 def write_model_card(args, repo_id, stats, progress, learning_rate, num_processes, grid_filename=None):
     """The output folder's README.md; local paths appear by folder name only, Hub ids also in the metadata."""
     paths = (args.pretrained_model_name_or_path, args.dataset_name, args.pretrained_vae_model_name_or_path)
@@ -1806,8 +1788,6 @@ images. The base model's license and limitations apply.
 # ----------------------------------------------------------------------------------------------------------------------
 # Appendix: streaming (--streaming). The stream is read where it lies: no length, no index, no latent cache.
 # ----------------------------------------------------------------------------------------------------------------------
-
-
 def prepare_streaming_dataset(stream, columns, seed, shuffle_buffer_size):
     """`prepare_preference_dataset`'s checks on the fly, then a buffer shuffled with the seed (and anew each epoch)."""
     if is_latent_cache(stream):
