@@ -200,8 +200,6 @@ VALIDATION_SCORERS = {  # --validation_scorer: (model, tokenizer and image setti
 # ----------------------------------------------------------------------------------------------------------------------
 # Arguments
 # ----------------------------------------------------------------------------------------------------------------------
-
-
 def bounded(kind, low, high=math.inf, *, above=False, below=False, hint=""):
     """An argparse `type=` for an int or float from `low` to `high`; `above` / `below` exclude that end."""
 
@@ -218,9 +216,8 @@ def bounded(kind, low, high=math.inf, *, above=False, below=False, hint=""):
 
 
 def parse_args(input_args=None):
-    parser = argparse.ArgumentParser(
-        description="Preference fine-tuning: RPO, DPO or SFT.", formatter_class=argparse.ArgumentDefaultsHelpFormatter
-    )
+    formatter = argparse.ArgumentDefaultsHelpFormatter
+    parser = argparse.ArgumentParser(description="Preference fine-tuning: RPO, DPO or SFT.", formatter_class=formatter)
     count, count_or_0 = bounded(int, 1), bounded(int, 0)
     positive, nonnegative, fraction = bounded(float, 0, above=True), bounded(float, 0), bounded(float, 0, 1)
     validation_count = bounded(int, 1, hint=" To turn validation off, pass --validation_prompts with no prompts.")
@@ -271,11 +268,7 @@ def parse_args(input_args=None):
     add("--adam_epsilon", type=nonnegative, default=1e-8, help="AdamW epsilon.")
     add("--max_grad_norm", type=nonnegative, help="Clipping norm (0: off). Unset: 1, or 0 with --use_adafactor.")
     add("--use_8bit_adam", action="store_true", help="bitsandbytes AdamW8bit (8-bit optimizer state).")
-    add(
-        "--use_ema",
-        action="store_true",
-        help=f"Validate and save an EMA of the trained {DENOISER_NAME}. Not with --use_lora.",
-    )
+    add("--use_ema", action="store_true", help=f"Validate and save the {DENOISER_NAME}'s EMA; not with --use_lora.")
     add("--ema_decay", type=fraction, default=0.9999, help="EMA decay (with diffusers' warm-up).")
     add("--offload_ema", action="store_true", help="Keep the EMA weights in (pinned) CPU memory.")
     add("--foreach_ema", action="store_true", help="Update the EMA with foreach kernels (faster, more memory).")
@@ -287,21 +280,12 @@ def parse_args(input_args=None):
     add("--mixed_precision", choices=["no", "fp16", "bf16"], help="Overrides the accelerate config.")
     add("--gradient_checkpointing", action="store_true", help=f"Trade compute for {DENOISER_NAME} activation memory.")
     add("--enable_xformers_memory_efficient_attention", action="store_true", help="xformers instead of PyTorch SDPA.")
-    add(
-        "--use_lora",
-        action=argparse.BooleanOptionalAction,
-        default=DEFAULT_USE_LORA,
-        help=f"Train LoRA adapters, not the full {DENOISER_NAME}.",
-    )
+    lora_help, boolean = f"Train LoRA adapters, not the full {DENOISER_NAME}.", argparse.BooleanOptionalAction
+    add("--use_lora", action=boolean, default=DEFAULT_USE_LORA, help=lora_help)
     add("--lora_rank", type=count, default=8, help="LoRA rank.")
     add = parser.add_argument_group("method").add_argument
     add("--loss_type", default="rpo", choices=["rpo", "dpo", "sft"], help="The objective.")
-    add(
-        "--beta_dpo",
-        type=positive,
-        default=DEFAULT_BETA_DPO,
-        help="KL strength beta (DiffusionDPO's -1/2 beta convention).",
-    )
+    add("--beta_dpo", type=positive, default=DEFAULT_BETA_DPO, help="KL strength (DiffusionDPO's -1/2 beta scaling).")
     add("--rpo_weighting", default="similarity", choices=["similarity", "uniform"], help="RPO's contrast weights.")
     add("--rpo_weight_scale", type=positive, default=1.0, help="s in omega = s * softmax(...).")
     add("--similarity_embedding", default="text_image", choices=["text", "image", "text_image"], help="CLIP inputs.")
@@ -340,9 +324,7 @@ def parse_args(input_args=None):
     if args.stabilizer != "none" and args.loss_type == "sft":
         parser.error(f"--stabilizer {args.stabilizer} needs a preference loss: --loss_type dpo or rpo, not sft.")
     if args.use_ema and args.use_lora:
-        parser.error(
-            f"--use_ema averages the full {DENOISER_NAME}'s weights; with --use_lora only the adapters train. Drop one."
-        )
+        parser.error(f"--use_ema averages the full {DENOISER_NAME}'s weights; --use_lora trains adapters. Drop one.")
     if (args.offload_ema or args.foreach_ema) and not args.use_ema:
         parser.error("--offload_ema and --foreach_ema configure --use_ema: pass --use_ema too, or drop them.")
     for name in ("adam_beta1", "adam_beta2", "adam_epsilon", "use_8bit_adam"):
@@ -367,8 +349,7 @@ def parse_args(input_args=None):
         )
     # Defaults that depend on other flags; `args` is not changed after this.
     args.learning_rate = args.learning_rate or (DEFAULT_LORA_LEARNING_RATE if args.use_lora else DEFAULT_LEARNING_RATE)
-    if args.max_grad_norm is None:
-        args.max_grad_norm = 0.0 if args.use_adafactor else 1.0
+    args.max_grad_norm = (0.0 if args.use_adafactor else 1.0) if args.max_grad_norm is None else args.max_grad_norm
     args.max_train_steps = args.max_train_steps or None  # 0: from --num_train_epochs, as when unset
     model, processor = VALIDATION_SCORERS.get(args.validation_scorer, (None, None))
     args.validation_scorer_model = args.validation_scorer_model or model
@@ -383,8 +364,6 @@ def needs_similarity_model(args):
 # ----------------------------------------------------------------------------------------------------------------------
 # The run: main, then the training loop
 # ----------------------------------------------------------------------------------------------------------------------
-
-
 @dataclasses.dataclass
 class Training:
     """What the loop runs, as accelerate wrapped it, and for how long (optimizer `steps` over loader `epochs`)."""
@@ -446,12 +425,10 @@ def main(args):
 
 
 def build_accelerator(args):
-    accelerator = Accelerator(
-        gradient_accumulation_steps=args.gradient_accumulation_steps,
-        mixed_precision=args.mixed_precision,
-        log_with=None if args.report_to == "none" else args.report_to,
-        project_config=ProjectConfiguration(args.output_dir, os.path.join(args.output_dir, args.logging_dir)),
-    )
+    project = ProjectConfiguration(args.output_dir, os.path.join(args.output_dir, args.logging_dir))
+    tracking = {"log_with": None if args.report_to == "none" else args.report_to, "project_config": project}
+    steps, precision = args.gradient_accumulation_steps, args.mixed_precision
+    accelerator = Accelerator(gradient_accumulation_steps=steps, mixed_precision=precision, **tracking)
     log_format = "%(asctime)s - %(levelname)s - %(name)s - %(message)s"
     logging.basicConfig(format=log_format, datefmt="%m/%d/%Y %H:%M:%S", level=logging.INFO)
     logger.info(accelerator.state, main_process_only=False)
@@ -469,17 +446,13 @@ def run_training(args, accelerator, stop_request):
     weight_dtype = weight_dtype_for(accelerator)  # an unavailable --mixed_precision fails before the data is read
     checkpoint = resolve_checkpoint_path(args) if args.resume_from_checkpoint else None
     progress = TrainingProgress(resolve_seed(args, accelerator, checkpoint))
-    raw_dataset = load_raw_dataset(
-        args.dataset_name, args.dataset_config_name, args.dataset_split_name, args.cache_dir, args.streaming
-    )
+    source = (args.dataset_name, args.dataset_config_name, args.dataset_split_name, args.cache_dir, args.streaming)
+    raw_dataset, columns = load_raw_dataset(*source), dataset_columns(args)
     if args.streaming:
-        dataset = prepare_streaming_dataset(
-            raw_dataset, dataset_columns(args), progress.seed, args.shuffle_buffer_size
-        )
+        dataset = prepare_streaming_dataset(raw_dataset, columns, progress.seed, args.shuffle_buffer_size)
         stats = {"rows": "streamed", "ties_dropped": "all", "pairs": "streamed"}  # a stream is not counted
     else:
-        columns, limit = dataset_columns(args), args.max_train_samples
-        dataset, stats = prepare_preference_dataset(raw_dataset, columns, limit, progress.seed)
+        dataset, stats = prepare_preference_dataset(raw_dataset, columns, args.max_train_samples, progress.seed)
     check_latent_cache(args, dataset)  # before the models load
     logger.info(f"Dataset: {stats['rows']} rows, {stats['ties_dropped']} ties dropped, {stats['pairs']} pairs used.")
     models = load_models(args, accelerator.device, weight_dtype, progress.seed)
@@ -562,14 +535,11 @@ def prepare_training(args, accelerator, models, optimizer, loader, sampler):
         accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = args.train_batch_size
     models.initial_weight_norm = trained_weight_norm(args.use_lora, models.denoiser)  # before a resume: the base's
     denoiser, optimizer, lr_scheduler = accelerator.prepare(models.denoiser, optimizer, lr_scheduler)
-    models.ema = create_ema(args, accelerator, denoiser)
-    models.validation_scorer = None
+    models.ema, models.validation_scorer = create_ema(args, accelerator, denoiser), None
     if args.validation_scorer != "none" and args.validation_prompts and accelerator.is_main_process:
-        scorer = (args.validation_scorer_model, args.validation_scorer_processor, args.cache_dir)
+        scorer, flag = (args.validation_scorer_model, args.validation_scorer_processor), "--validation_scorer_model"
         fix = "Pass a local CLIPModel folder or a Hub id"
-        models.validation_scorer = load_clip(
-            *scorer, torch.device("cpu"), torch.float32, "--validation_scorer_model", fix
-        )
+        models.validation_scorer = load_clip(*scorer, args.cache_dir, torch.device("cpu"), torch.float32, flag, fix)
     return Training(denoiser, optimizer, lr_scheduler, loader, sampler, steps, math.ceil(steps / updates_per_epoch))
 
 
@@ -620,8 +590,7 @@ def train_loop(args, accelerator, models, training, progress, stop_request):
             if progress.batch_in_epoch >= sampler.batches_per_epoch:
                 progress.epoch, progress.batch_in_epoch = epoch + 1, 0
             step_start = progress.data_position()
-            logs = step_logs(args, accelerator, models, training, accumulated, progress.global_step)
-            accumulated = {}
+            logs, accumulated = step_logs(args, accelerator, models, training, accumulated, progress.global_step), {}
             record_faults(args, progress, guard, logs)
             progress.history.append(logs)
             accelerator.log(logs, step=progress.global_step)
@@ -637,14 +606,11 @@ def train_loop(args, accelerator, models, training, progress, stop_request):
 
 def step_logs(args, accelerator, models, training, accumulated, global_step):
     """A step's metrics (means over micro-steps and processes); at the first, a warning when the loss is not ln 2."""
-    logs = {
-        name: accelerator.reduce(torch.stack(values).mean(), "mean").item() for name, values in accumulated.items()
-    }
+    logs = {name: accelerator.reduce(torch.stack(v).mean(), "mean").item() for name, v in accumulated.items()}
     logs["lr"] = training.lr_scheduler.get_last_lr()[0]
     if models.initial_weight_norm is not None:
-        logs["weight_norm_drift"] = (
-            trained_weight_norm(args.use_lora, training.denoiser) / models.initial_weight_norm - 1
-        )
+        norm = trained_weight_norm(args.use_lora, training.denoiser)
+        logs["weight_norm_drift"] = norm / models.initial_weight_norm - 1
     preference_loss = logs["loss"] - (logs.get("stabilizer_term", 0.0) if args.stabilizer == "sft" else 0.0)
     if global_step == 1 and args.loss_type != "sft" and abs(preference_loss - math.log(2)) > 1e-3:
         logger.warning(
@@ -676,18 +642,20 @@ def finish_run(args, accelerator, models, denoiser, progress, repo_id, stats, le
         lora_layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(trained_denoiser))
         PIPELINE_CLASS.save_lora_weights(args.output_dir, **{f"{DENOISER}_lora_layers": lora_layers})
     else:  # the full pipeline, with the VAE the model was trained with (fp32) where it is not the base's
-        vae = {"vae": load_vae(args)} if args.pretrained_vae_model_name_or_path else {}
+        components = {"vae": load_vae(args)} if args.pretrained_vae_model_name_or_path else {}
+        components[DENOISER] = trained_denoiser.float()
         source = {"revision": args.revision, "variant": args.variant, "cache_dir": args.cache_dir}
-        pipeline = PIPELINE_CLASS.from_pretrained(
-            args.pretrained_model_name_or_path, **source, **{DENOISER: trained_denoiser.float()}, **vae
-        )
+        pipeline = PIPELINE_CLASS.from_pretrained(args.pretrained_model_name_or_path, **source, **components)
         pipeline.save_pretrained(args.output_dir)
     if grid is not None:
         grid.save(os.path.join(args.output_dir, "validation_grid.png"))
     grid_filename = None if grid is None else "validation_grid.png"
     write_model_card(args, repo_id, stats, progress, learning_rate, accelerator.num_processes, grid_filename)
-    if args.push_to_hub:
-        patterns = hub_upload_patterns(args.output_dir, args.use_lora)
+    if args.push_to_hub:  # the pipeline's components or the LoRA weights, the card and the grid; nothing else
+        index = {} if args.use_lora else DiffusionPipeline.load_config(args.output_dir)
+        components = [f"{name}/*" for name, value in index.items() if isinstance(value, list) and value[0] is not None]
+        weights = "pytorch_lora_weights.safetensors" if args.use_lora else "model_index.json"
+        patterns = ["README.md", "validation_grid.png", weights, *components]
         upload_folder(repo_id=repo_id, folder_path=args.output_dir, allow_patterns=patterns, token=args.hub_token)
 
 
@@ -707,8 +675,6 @@ def gather_sharded_denoiser(accelerator, denoiser):
 # ----------------------------------------------------------------------------------------------------------------------
 # The training step in call order, down to the objective (docs/method.md, "Losses" and "Weights")
 # ----------------------------------------------------------------------------------------------------------------------
-
-
 def training_step(args, accelerator, models, training, batch, micro_step, seed, guard):
     """One micro-step: loss, backward and, at accumulation boundaries, clipping and the update (`guard` may skip it)."""
     denoiser, optimizer = training.denoiser, training.optimizer
@@ -738,10 +704,8 @@ def compute_step_loss(args, models, denoiser, batch, micro_step, seed):
     deepspeed = sharding_engine() == DistributedType.DEEPSPEED
     noisy = inputs.noisy_latents.to(dtype) if deepspeed else inputs.noisy_latents
     hidden = inputs.encoder_hidden_states.to(dtype)
-    denoiser_kwargs = recursively_apply(
-        torch.Tensor.to, inputs.denoiser_kwargs, dtype, test_type=torch.is_floating_point
-    )
-    model_losses = per_sample_denoising_loss(denoiser, inputs, noisy, hidden, denoiser_kwargs)
+    kwargs = recursively_apply(torch.Tensor.to, inputs.denoiser_kwargs, dtype, test_type=torch.is_floating_point)
+    model_losses = per_sample_denoising_loss(denoiser, inputs, noisy, hidden, kwargs)
     if args.loss_type == "sft":  # winners only were denoised; the losers' slots of the (2M,) losses stay NaN
         model_losses = torch.cat([model_losses, torch.full_like(model_losses, math.nan)])
         return compute_preference_loss(model_losses, None, loss_type="sft", beta=args.beta_dpo)
@@ -749,7 +713,7 @@ def compute_step_loss(args, models, denoiser, batch, micro_step, seed):
     mixed = dtype != torch.float32 and not deepspeed
     autocast = torch.autocast(device.type, dtype=dtype) if mixed else contextlib.nullcontext()
     with torch.no_grad(), reference_denoiser(models, denoiser) as ref_denoiser, autocast:
-        ref_losses = per_sample_denoising_loss(ref_denoiser, inputs, noisy, hidden, denoiser_kwargs)
+        ref_losses = per_sample_denoising_loss(ref_denoiser, inputs, noisy, hidden, kwargs)
     embeddings = send_to_device(batch.get("embeddings"), device)  # cached, or computed here from prompts and crops
     if embeddings is None and needs_similarity_model(args):
         ids, pixels = send_to_device((batch.get("clip_input_ids"), batch["pixel_values"]), device)
@@ -757,24 +721,15 @@ def compute_step_loss(args, models, denoiser, batch, micro_step, seed):
     if args.rpo_global_matrix and args.loss_type == "rpo" and torch.distributed.is_initialized():
         gathered = recursively_apply(GatherPairs.apply, (model_losses, ref_losses, embeddings))  # embeddings: or None
         model_losses, ref_losses, embeddings = gathered
-    return compute_preference_loss(
-        model_losses,
-        ref_losses,
-        loss_type=args.loss_type,
-        beta=args.beta_dpo,
-        embeddings=embeddings,
-        temperature=args.distance_temperature,
-        weighting=args.rpo_weighting,
-        weight_scale=args.rpo_weight_scale,
-        stabilizer=args.stabilizer,
-        stabilizer_weight=args.stabilizer_weight,
-    )
+    objective = {"loss_type": args.loss_type, "beta": args.beta_dpo, "weight_scale": args.rpo_weight_scale}
+    rpo_weights = {"embeddings": embeddings, "temperature": args.distance_temperature, "weighting": args.rpo_weighting}
+    stabilizer = {"stabilizer": args.stabilizer, "stabilizer_weight": args.stabilizer_weight}
+    return compute_preference_loss(model_losses, ref_losses, **objective, **rpo_weights, **stabilizer)
 
 
 def prepare_diffusion_inputs(args, models, batch, micro_step, seed):
-    """Noisy latents, targets, timesteps, loss weights and conditioning of the 2M samples (sft: M winners), winners
-    first."""
-    device, vae_config = models.device, models.vae.config
+    """Noisy latents, targets, timesteps, loss weights and conditioning of the 2M samples, winners first (sft: M)."""
+    device, vae_config, scheduler = models.device, models.vae.config, models.noise_scheduler
     per_pair = 1 if args.loss_type == "sft" else 2
     rows = per_pair * batch["pair_index"].shape[0]
     if "latent_mean" in batch:
@@ -787,23 +742,19 @@ def prepare_diffusion_inputs(args, models, batch, micro_step, seed):
     latent_noise = torch.stack(latent_noise).transpose(0, 1).flatten(0, 1)[:rows].to(device)  # winners', losers'
     if args.timestep_sampling == "batch":  # one t per micro-step, the same on every process
         generators = [indexed_generator(seed, STREAM_BATCH_TIMESTEP, micro_step)] * len(generators)
-        timesteps = draw_timestep(args, models.noise_scheduler, generators[0]).expand(len(generators))
+        timesteps = draw_timestep(args, scheduler, generators[0]).expand(len(generators))
     else:
-        timesteps = torch.stack([draw_timestep(args, models.noise_scheduler, g) for g in generators])
+        timesteps = torch.stack([draw_timestep(args, scheduler, g) for g in generators])
     per_pair_inputs = (torch.stack(noise), timesteps, *encode_conditioning(args, models, batch))
     # Per pair (M, ...) -> per sample, winners then losers: a pair's noise, t and caption serve both its images.
     noise, timesteps, hidden, denoiser_kwargs = send_to_device(concatenate([per_pair_inputs] * per_pair), device)
     shift = getattr(vae_config, "shift_factor", None) or 0.0
     latents = (mean + std * latent_noise - shift) * vae_config.scaling_factor
-    noisy_latents, target, timesteps, loss_weights = noise_latents(
-        args, models.noise_scheduler, latents, noise, timesteps
-    )
+    noisy, target, timesteps, loss_weights = noise_latents(args, scheduler, latents, noise, timesteps)
+    conditioning = {"encoder_hidden_states": hidden, "denoiser_kwargs": denoiser_kwargs, "loss_weights": loss_weights}
     # Contiguous: a channels-last input (e.g. latents from a VAE run channels-last) sends the trained denoiser (grad
     # mode) and the reference (no_grad) down kernels that round differently: theta = reference no longer gives ln 2.
-    conditioning = {"encoder_hidden_states": hidden, "denoiser_kwargs": denoiser_kwargs, "loss_weights": loss_weights}
-    return SimpleNamespace(
-        noisy_latents=noisy_latents.contiguous(), target=target, timesteps=timesteps, **conditioning
-    )
+    return SimpleNamespace(noisy_latents=noisy.contiguous(), target=target, timesteps=timesteps, **conditioning)
 
 
 @torch.no_grad()
@@ -938,8 +889,6 @@ def compute_preference_loss(
 # ----------------------------------------------------------------------------------------------------------------------
 # Indexed randomness and data order (docs/method.md, "Randomness")
 # ----------------------------------------------------------------------------------------------------------------------
-
-
 def indexed_generator(seed, stream, *keys):
     """A CPU torch.Generator that is a pure function of (seed, stream, keys): independent of workers and processes."""
     state = np.random.SeedSequence([int(seed) % 2**32, stream, *[int(k) for k in keys]]).generate_state(2, np.uint32)
@@ -980,8 +929,7 @@ def caption_dropped(seed, pair_index, epoch, proportion):
 
 
 def draw_pair_noise(seed, pair_index, epoch, latent_shape, noise_offset=0.0):
-    """A pair's latent-sampling draws (2, ...) of winner and loser, its diffusion noise eps (both share it), and its
-    generator, which `draw_timestep` draws the pair's timestep from next."""
+    """A pair's latent-sampling draws (2, ...), its diffusion noise eps (shared) and its generator (`draw_timestep`'s)."""
     generator = indexed_generator(seed, STREAM_PAIR_NOISE, pair_index, epoch)
     latent_noise = torch.randn((2, *latent_shape), generator=generator)
     noise = torch.randn(latent_shape, generator=generator)
@@ -993,8 +941,6 @@ def draw_pair_noise(seed, pair_index, epoch, latent_shape, noise_offset=0.0):
 # ----------------------------------------------------------------------------------------------------------------------
 # Data: Pick-a-Pic schema preference pairs
 # ----------------------------------------------------------------------------------------------------------------------
-
-
 def load_raw_dataset(name, config=None, split="train", cache_dir=None, streaming=False):
     """A Hub dataset, a folder of data files or a `save_to_disk` folder (streaming: as an `IterableDataset`)."""
     if any(os.path.exists(os.path.join(name, file)) for file in ("dataset_dict.json", "state.json")):
@@ -1245,8 +1191,6 @@ def build_dataloader(args, accelerator, models, dataset, seed, progress=None):
 # ----------------------------------------------------------------------------------------------------------------------
 # Models: loading, the frozen reference and its precision, the optimizer; validation images and their reward
 # ----------------------------------------------------------------------------------------------------------------------
-
-
 @dataclasses.dataclass
 class Clip:
     model: CLIPModel
@@ -1336,9 +1280,8 @@ def setup_models(args, models, device, weight_dtype, seed):
             denoiser.add_adapter(config)
         cast_training_params(denoiser, dtype=torch.float32)
     elif args.loss_type != "sft":
-        models.ref_denoiser = (
-            store_as_autocast_computes(copy.deepcopy(denoiser), weight_dtype).requires_grad_(False).eval()
-        )
+        reference = store_as_autocast_computes(copy.deepcopy(denoiser), weight_dtype)
+        models.ref_denoiser = reference.requires_grad_(False).eval()
     denoisers = [module.to(device) for module in (denoiser, models.ref_denoiser) if module is not None]
     for module in denoisers if args.enable_xformers_memory_efficient_attention else []:
         module.enable_xformers_memory_efficient_attention()  # diffusers raises, saying why, where xformers cannot run
@@ -1420,8 +1363,15 @@ def log_validation(accelerator, args, models, denoiser, progress, gathered=False
     step, prompts, was_training = progress.global_step, args.validation_prompts, denoiser.training
     logger.info(f"Rendering {len(prompts)} validation prompts at step {step}")
     denoiser.eval()
-    with ema_weights(models.ema, rendering_denoiser.to(models.device)):
+    rendering_denoiser.to(models.device)
+    if models.ema is not None:  # rendered with the EMA weights, as saved; the denoiser's own restored after
+        models.ema.store(rendering_denoiser.parameters())
+        models.ema.copy_to(rendering_denoiser.parameters())
+    try:
         trained = generate_validation_images(args, models, rendering_denoiser, progress.seed)
+    finally:
+        if models.ema is not None:
+            models.ema.restore(rendering_denoiser.parameters())
     reference = generate_validation_images(args, models, rendering_denoiser, progress.seed, reference=True)
     denoiser.train(was_training)
     rendered = {name: images for name, images in (("validation", trained), ("reference", reference)) if images}
@@ -1486,8 +1436,6 @@ def validation_rewards(scorer, kind, prompts, rendered, device):
 # ----------------------------------------------------------------------------------------------------------------------
 # Appendix: faults, stop requests and checkpoints
 # ----------------------------------------------------------------------------------------------------------------------
-
-
 class StopRequest:
     """Inside `with`, SIGTERM (preemption), SIGINT (Ctrl-C) and the stop file (`stop_file`, watched by the main process)
     ask for a checkpoint at the next micro-batch and a stop; a second SIGINT interrupts at once. A signal ignored at
@@ -1536,9 +1484,8 @@ class StepGuard:
 
     def __init__(self, accelerator, stop_request=None):
         self.accelerator, self.stop_request = accelerator, stop_request or StopRequest()
-        self.window_nonfinite, self.window_bad_rows = False, 0
+        self.window_nonfinite, self.window_bad_rows, self.bad_rows = False, 0, 0
         self.nonfinite = self.skip_update = self.stop = False
-        self.bad_rows = 0
 
     def observe(self, loss, batch):
         self.window_nonfinite |= not bool(torch.isfinite(loss.detach()).all())
@@ -1641,10 +1588,8 @@ def list_checkpoints(output_dir):
 def resolve_checkpoint_path(args):
     if args.resume_from_checkpoint == "latest":
         return (list_checkpoints(args.output_dir) or [None])[-1]
-    for candidate in (args.resume_from_checkpoint, os.path.join(args.output_dir, args.resume_from_checkpoint)):
-        if os.path.exists(os.path.join(candidate, PROGRESS_FILE)):
-            return candidate
-    return None
+    candidates = (args.resume_from_checkpoint, os.path.join(args.output_dir, args.resume_from_checkpoint))
+    return next((path for path in candidates if os.path.exists(os.path.join(path, PROGRESS_FILE))), None)
 
 
 def save_checkpoint(accelerator, args, global_step, progress):
@@ -1683,8 +1628,6 @@ def save_checkpoint(accelerator, args, global_step, progress):
 # ----------------------------------------------------------------------------------------------------------------------
 # Appendix: EMA of the trained weights (--use_ema)
 # ----------------------------------------------------------------------------------------------------------------------
-
-
 def create_ema(args, accelerator, denoiser):
     """diffusers' EMAModel, saved in checkpoints as `unet_ema/` or `transformer_ema/` (safetensors and config, no pickle) by hooks."""
     if not args.use_ema:
@@ -1726,25 +1669,9 @@ def update_ema(ema, denoiser, device, offload):
         ema.to("cpu", non_blocking=True)
 
 
-@contextlib.contextmanager
-def ema_weights(ema, denoiser):
-    """The denoiser holds the EMA weights inside the block, its own again after."""
-    if ema is None:
-        yield
-        return
-    ema.store(denoiser.parameters())
-    ema.copy_to(denoiser.parameters())
-    try:
-        yield
-    finally:
-        ema.restore(denoiser.parameters())
-
-
 # ----------------------------------------------------------------------------------------------------------------------
 # Appendix: model card and Hub upload
 # ----------------------------------------------------------------------------------------------------------------------
-
-
 def write_model_card(args, repo_id, stats, progress, learning_rate, num_processes, grid_filename=None):
     """The output folder's README.md; local paths appear by folder name only, Hub ids also in the metadata."""
     paths = (args.pretrained_model_name_or_path, args.dataset_name, args.pretrained_vae_model_name_or_path)
@@ -1802,19 +1729,9 @@ images. The base model's license and limitations apply.
     card.save(os.path.join(args.output_dir, "README.md"))
 
 
-def hub_upload_patterns(output_dir, use_lora):
-    """A model repo's files: the pipeline's components or the LoRA weights, the card and the grid; nothing else."""
-    index = {} if use_lora else DiffusionPipeline.load_config(output_dir)
-    components = [f"{name}/*" for name, value in index.items() if isinstance(value, list) and value[0] is not None]
-    weights = "pytorch_lora_weights.safetensors" if use_lora else "model_index.json"
-    return ["README.md", "validation_grid.png", weights, *components]
-
-
 # ----------------------------------------------------------------------------------------------------------------------
 # Appendix: streaming (--streaming). The stream is read where it lies: no length, no index, no latent cache.
 # ----------------------------------------------------------------------------------------------------------------------
-
-
 def prepare_streaming_dataset(stream, columns, seed, shuffle_buffer_size):
     """`prepare_preference_dataset`'s checks on the fly, then a buffer shuffled with the seed (and anew each epoch)."""
     if is_latent_cache(stream):
