@@ -185,9 +185,7 @@ VALIDATION_SCORERS = {  # --validation_scorer: (model, tokenizer and image setti
 }
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# Arguments
-# ----------------------------------------------------------------------------------------------------------------------
+# ---- Arguments ------------------------------------------------------------------------------------------------------
 def bounded(kind, low, high=math.inf, *, above=False, below=False, hint=""):
     """An argparse `type=` for an int or float from `low` to `high`; `above` / `below` exclude that end."""
 
@@ -214,6 +212,7 @@ def parse_args(input_args=None):
     add("--pretrained_vae_model_name_or_path", help="A VAE to train and save with instead of the base's.")
     add("--revision", help="Revision (branch, tag or commit) of the base model.")
     add("--variant", help="Weights variant of the base model, e.g. fp16.")
+    add("--reference_model_name_or_path", help="A pipeline whose weights are the reference (unset: the base's).")
     add_model_arguments(add)
     add = parser.add_argument_group("data").add_argument
     add("--dataset_name", default="yuvalkirstain/pickapic_v2", help="Hub id, folder of data files or save_to_disk.")
@@ -309,8 +308,9 @@ def parse_args(input_args=None):
             parser.error(f"--{name} is not supported: {reason}. Remove the flag.")
     if args.scale_lr and args.learning_rate is None:  # the default rate times DiffusionDPO's 2048 pairs would diverge
         parser.error("--scale_lr multiplies --learning_rate by the pairs per step: pass a per-pair rate, e.g. 1e-8.")
-    if args.stabilizer != "none" and args.loss_type == "sft":
-        parser.error(f"--stabilizer {args.stabilizer} needs a preference loss: --loss_type dpo or rpo, not sft.")
+    for name in ("stabilizer", "reference_model_name_or_path"):
+        if getattr(args, name) not in (None, "none") and args.loss_type == "sft":
+            parser.error(f"--{name} needs a preference loss: --loss_type dpo or rpo, not sft.")
     if args.use_ema and args.use_lora:
         parser.error(f"--use_ema averages the full {DENOISER_NAME}'s weights; --use_lora trains adapters. Drop one.")
     if (args.offload_ema or args.foreach_ema) and not args.use_ema:
@@ -349,9 +349,7 @@ def needs_similarity_model(args):
     return args.loss_type == "rpo" and args.rpo_weighting == "similarity"
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# The run: main, then the training loop
-# ----------------------------------------------------------------------------------------------------------------------
+# ---- The run: main, then the training loop --------------------------------------------------------------------------
 @dataclasses.dataclass
 class Training:
     """What the loop runs, as accelerate wrapped it, and for how long (optimizer `steps` over loader `epochs`)."""
@@ -600,7 +598,8 @@ def step_logs(args, accelerator, models, training, accumulated, global_step):
         norm = trained_weight_norm(args.use_lora, training.denoiser)
         logs["weight_norm_drift"] = norm / models.initial_weight_norm - 1
     preference_loss = logs["loss"] - (logs.get("stabilizer_term", 0.0) if args.stabilizer == "sft" else 0.0)
-    if global_step == 1 and args.loss_type != "sft" and abs(preference_loss - math.log(2)) > 1e-3:
+    exact_start = args.loss_type != "sft" and not args.reference_model_name_or_path  # theta = reference at step 0
+    if global_step == 1 and exact_start and abs(preference_loss - math.log(2)) > 1e-3:
         logger.warning(
             f"The first loss is {preference_loss:.6f}, not ln 2 = 0.693147: the reference computes differently from "
             f"the trained {DENOISER_NAME}, which starts equal to it (precision, attention backend or weights differ)."
@@ -660,9 +659,7 @@ def gather_sharded_denoiser(accelerator, denoiser):
     return full
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# The training step in call order, down to the objective (docs/method.md, "Losses" and "Weights")
-# ----------------------------------------------------------------------------------------------------------------------
+# ---- The training step in call order, down to the objective (docs/method.md, "Losses" and "Weights") ----------------
 def training_step(args, accelerator, models, training, batch, micro_step, seed, guard):
     """One micro-step: loss, backward and, at accumulation boundaries, clipping and the update (`guard` may skip it)."""
     denoiser, optimizer = training.denoiser, training.optimizer
@@ -874,9 +871,7 @@ def compute_preference_loss(
     return (loss + extra_loss).to(output_dtype), {name: value.to(output_dtype) for name, value in metrics.items()}
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# Indexed randomness and data order (docs/method.md, "Randomness")
-# ----------------------------------------------------------------------------------------------------------------------
+# ---- Indexed randomness and data order (docs/method.md, "Randomness") -----------------------------------------------
 def indexed_generator(seed, stream, *keys):
     """A CPU torch.Generator that is a pure function of (seed, stream, keys): independent of workers and processes."""
     state = np.random.SeedSequence([int(seed) % 2**32, stream, *[int(k) for k in keys]]).generate_state(2, np.uint32)
@@ -926,9 +921,7 @@ def draw_pair_noise(seed, pair_index, epoch, latent_shape, noise_offset=0.0):
     return latent_noise, noise, generator
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# Data: Pick-a-Pic schema preference pairs
-# ----------------------------------------------------------------------------------------------------------------------
+# ---- Data: Pick-a-Pic schema preference pairs -----------------------------------------------------------------------
 def load_raw_dataset(name, config=None, split="train", cache_dir=None, streaming=False):
     """A Hub dataset, a folder of data files or a `save_to_disk` folder (streaming: as an `IterableDataset`)."""
     if any(os.path.exists(os.path.join(name, file)) for file in ("dataset_dict.json", "state.json")):
@@ -1176,9 +1169,7 @@ def build_dataloader(args, accelerator, models, dataset, seed, progress=None):
     return loader, sampler
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# Models: loading, the frozen reference and its precision, the optimizer; validation images and their reward
-# ----------------------------------------------------------------------------------------------------------------------
+# ---- Models: loading, the frozen reference and its precision, the optimizer; validation images and their reward -----
 @dataclasses.dataclass
 class Clip:
     model: CLIPModel
@@ -1258,6 +1249,9 @@ def setup_models(args, models, device, weight_dtype, seed):
     fp32_vae = VAE_FP32_UNLESS_CUSTOM and args.pretrained_vae_model_name_or_path is None
     models.vae.requires_grad_(False).eval().to(device, dtype=torch.float32 if fp32_vae else weight_dtype)
     denoiser, models.ref_denoiser, models.device, models.weight_dtype = models.denoiser, None, device, weight_dtype
+    if args.loss_type != "sft" and (args.reference_model_name_or_path or not args.use_lora):
+        reference = load_reference(args, denoiser) if args.reference_model_name_or_path else copy.deepcopy(denoiser)
+        models.ref_denoiser = store_as_autocast_computes(reference, weight_dtype).requires_grad_(False).eval()
     if args.use_lora:
         store_as_autocast_computes(denoiser.requires_grad_(False), weight_dtype).to(device)
         rank, targets = args.lora_rank, LORA_TARGET_MODULES
@@ -1267,9 +1261,6 @@ def setup_models(args, models, device, weight_dtype, seed):
             torch.default_generator.manual_seed(seed)
             denoiser.add_adapter(config)
         cast_training_params(denoiser, dtype=torch.float32)
-    elif args.loss_type != "sft":
-        reference = store_as_autocast_computes(copy.deepcopy(denoiser), weight_dtype)
-        models.ref_denoiser = reference.requires_grad_(False).eval()
     denoisers = [module.to(device) for module in (denoiser, models.ref_denoiser) if module is not None]
     for module in denoisers if args.enable_xformers_memory_efficient_attention else []:
         module.enable_xformers_memory_efficient_attention()  # diffusers raises, saying why, where xformers cannot run
@@ -1281,6 +1272,19 @@ def setup_models(args, models, device, weight_dtype, seed):
         module.compile(backend=args.compile_backend, mode=args.compile_mode)
         module._compiled_call_impl = torch._dynamo.config.patch(suppress_errors=True)(module._compiled_call_impl)
     return models
+
+
+def load_reference(args, denoiser):
+    """--reference_model_name_or_path's denoiser (e.g. the original base when training on from fine-tuned weights)."""
+    path, flag = args.reference_model_name_or_path, "--reference_model_name_or_path"
+    try:
+        reference = type(denoiser).from_pretrained(path, subfolder=DENOISER, cache_dir=args.cache_dir)
+    except (OSError, ValueError) as error:
+        raise ValueError(f"{flag} {path!r}: no {DENOISER_NAME} in a pipeline folder there ({error}).") from error
+    architectures = [{k: v for k, v in m.config.items() if k[0] != "_"} for m in (reference, denoiser)]
+    if architectures[0] != architectures[1]:
+        raise ValueError(f"{flag} {path!r}: its {DENOISER_NAME} has another architecture than the trained one.")
+    return reference
 
 
 def sharding_engine():
@@ -1421,9 +1425,7 @@ def validation_rewards(scorer, kind, prompts, rendered, device):
     return rewards
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# Appendix: faults, stop requests and checkpoints
-# ----------------------------------------------------------------------------------------------------------------------
+# ---- Appendix: faults, stop requests and checkpoints ----------------------------------------------------------------
 class StopRequest:
     """Inside `with`, SIGTERM (preemption), SIGINT (Ctrl-C) and the stop file (`stop_file`, watched by the main process)
     ask for a checkpoint at the next micro-batch and a stop; a second SIGINT interrupts at once. A signal ignored at
@@ -1613,9 +1615,7 @@ def save_checkpoint(accelerator, args, global_step, progress):
     return final
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# Appendix: EMA of the trained weights (--use_ema)
-# ----------------------------------------------------------------------------------------------------------------------
+# ---- Appendix: EMA of the trained weights (--use_ema) ---------------------------------------------------------------
 def create_ema(args, accelerator, denoiser):
     """diffusers' EMAModel, saved in checkpoints as `unet_ema/` or `transformer_ema/` (safetensors and config, no pickle) by hooks."""
     if not args.use_ema:
@@ -1657,15 +1657,13 @@ def update_ema(ema, denoiser, device, offload):
         ema.to("cpu", non_blocking=True)
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# Appendix: model card and Hub upload
-# ----------------------------------------------------------------------------------------------------------------------
+# ---- Appendix: model card and Hub upload ----------------------------------------------------------------------------
 def write_model_card(args, repo_id, stats, progress, learning_rate, num_processes, grid_filename=None):
     """The output folder's README.md; local paths appear by folder name only, Hub ids also in the metadata."""
     paths = (args.pretrained_model_name_or_path, args.dataset_name, args.pretrained_vae_model_name_or_path)
-    base, dataset, vae, model = [  # a local path by its folder name: a card must not carry the user's filesystem
+    base, dataset, vae, reference, model = [  # a local path by its folder name: a card must not carry the filesystem
         os.path.basename(os.path.abspath(path)) if path and os.path.exists(path) else path
-        for path in (*paths, repo_id or args.output_dir)
+        for path in (*paths, args.reference_model_name_or_path, repo_id or args.output_dir)
     ]
     last, reward = progress.history[-10:], (progress.validation_rewards or [{}])[-1]
     mean = {key: sum(h[key] for h in last) / len(last) for key in ("loss", "implicit_acc") if last and key in last[0]}
@@ -1696,6 +1694,7 @@ pipe = DiffusionPipeline.from_pretrained("{base if args.use_lora else model}", t
 | batch x accumulation x processes | {args.train_batch_size} x {args.gradient_accumulation_steps} x {num_processes} |
 | mixed_precision, lora_rank | {args.mixed_precision or "no"}, {args.lora_rank if args.use_lora else f"- (full {DENOISER_NAME})"} |
 | stabilizer | {args.stabilizer}{f" (lambda {args.stabilizer_weight:g})" if args.stabilizer != "none" else ""} |
+| reference | {f"`{reference}`" if reference else "the base"}{", adapters off" if args.use_lora and not reference else ""} |
 ## Results
 {f"Mean of the last {len(last)} logged optimizer steps: loss {mean['loss']:.4f}." if last else "No step was logged."}
 {f"Mean implicit accuracy {mean['implicit_acc']:.3f} (pairs ranked as labelled)." if "implicit_acc" in mean else ""}
@@ -1717,9 +1716,7 @@ images. The base model's license and limitations apply.
     card.save(os.path.join(args.output_dir, "README.md"))
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# Appendix: streaming (--streaming). The stream is read where it lies: no length, no index, no latent cache.
-# ----------------------------------------------------------------------------------------------------------------------
+# ---- Appendix: streaming (--streaming). The stream is read where it lies: no length, no index, no latent cache. -----
 def prepare_streaming_dataset(stream, columns, seed, shuffle_buffer_size):
     """`prepare_preference_dataset`'s checks on the fly, then a buffer shuffled with the seed (and anew each epoch)."""
     if is_latent_cache(stream):

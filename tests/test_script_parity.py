@@ -20,7 +20,7 @@ MODULES = (sd15, sdxl, sd3, flux)
 SCRIPT_PATHS = {module.SCRIPT_NAME: os.path.join(ROOT, module.SCRIPT_NAME) for module in MODULES}
 END_MARKER = "# END SCRIPT-SPECIFIC\n"
 BEGIN_MARKER = "# BEGIN SCRIPT-SPECIFIC"
-FLOW_MARKER = "# Flow matching (the same in train_diffusion_rpo_sd3.py and train_diffusion_rpo_flux.py)"
+FLOW_MARKER = "# ---- Flow matching (the same in train_diffusion_rpo_sd3.py and train_diffusion_rpo_flux.py)"
 # What the shared block calls in the model block.
 SEAMS = {
     "SCRIPT_NAME",
