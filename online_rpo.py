@@ -183,12 +183,10 @@ def run_stage(loop, stage, round_index):
 def sample_and_score(loop, model, folder, prompts, images_per_prompt, base_seed, rewards):
     """Images of `prompts` from `model` into an eval.generate-style folder, each scored by every reward; on several
     processes each renders and scores its share. Returns the metadata rows (with one key per reward)."""
-    from accelerate import PartialState
-
     from eval.generate import generation_jobs, load_pipeline, run_jobs
     from eval.image_folder import ImageFolderWriter, read_metadata
 
-    state = PartialState()
+    state = process_state()
     records = [{"prompt": prompt} for prompt in prompts]
     jobs = generation_jobs(records, images_per_prompt, base_seed)
     call = sampling_options(loop, model)
@@ -255,12 +253,10 @@ def sample_stage(loop, round_index):
 
 def pair_stage(loop, round_index):
     """(3) Each prompt's scored group -> Pick-a-Pic rows, saved as the round's dataset."""
-    from accelerate import PartialState
-
-    folder = loop.round_dir(round_index)
+    folder, state = loop.round_dir(round_index), process_state()
     dataset_path = os.path.join(folder, "pairs")
-    if os.path.exists(os.path.join(dataset_path, "dataset_info.json")) or not PartialState().is_main_process:
-        return PartialState().wait_for_everyone()
+    if os.path.exists(os.path.join(dataset_path, "dataset_info.json")) or not state.is_main_process:
+        return state.wait_for_everyone()
     with open(os.path.join(folder, "samples", "scores.jsonl")) as f:
         scored = [json.loads(line) for line in f]
     rng = np.random.default_rng([loop.args.seed, round_index])
@@ -270,7 +266,7 @@ def pair_stage(loop, round_index):
             f"Round {round_index}: no pair's rewards differ by more than --reward_margin {loop.args.reward_margin:g}."
         )
     write_dataset(dataset_path, rows, os.path.join(folder, "samples"))
-    PartialState().wait_for_everyone()
+    state.wait_for_everyone()
 
 
 def preference_rows(scored, pairing, margin=0.0, temperature=0.0, rng=None):
@@ -384,8 +380,6 @@ def run_training_in_process(script, flags):
 def evaluate_stage(loop, round_index):
     """(5) The held-out prompts, one image each at fixed seeds, scored with the training and the held-out reward; the
     round's record appended (round -1: the base)."""
-    from accelerate import PartialState
-
     from eval.stats import win_rate
 
     model = loop.model_before(round_index + 1) if round_index >= 0 else loop.train_args.pretrained_model_name_or_path
@@ -395,7 +389,7 @@ def evaluate_stage(loop, round_index):
     folder = os.path.join(loop.args.output_dir, "base-heldout" if round_index < 0 else f"round-{round_index}/heldout")
     count, seed = loop.args.heldout_samples_per_prompt, loop.args.seed + HELDOUT_SEED
     rows = sample_and_score(loop, model, folder, loop.heldout, count, seed, rewards)
-    if not PartialState().is_main_process:
+    if not process_state().is_main_process:
         return None
     record = {"round": round_index, **{f"heldout_{name}": float(np.mean([r[name] for r in rows])) for name in rewards}}
     if round_index >= 0:
@@ -549,11 +543,18 @@ def write_model_card(loop, records):
         f.write("\n".join(lines) + "\n")
 
 
-def gather(rows):
+def process_state():
+    """accelerate's view of the processes (several under --launcher; CPU processes too, as the training scripts')."""
     from accelerate import PartialState
+    from accelerate.utils import parse_flag_from_env
+
+    return PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU") or not torch.cuda.is_available())
+
+
+def gather(rows):
     from accelerate.utils import gather_object
 
-    return gather_object(rows) if PartialState().num_processes > 1 else rows
+    return gather_object(rows) if process_state().num_processes > 1 else rows
 
 
 def read_jsonl(path):

@@ -209,3 +209,26 @@ def test_lora_rounds_fuse_each_rounds_adapters_into_the_next_rounds_base(online,
     assert any(not torch.equal(unets[0][k], unets[1][k]) for k in unets[0])  # round 2 trained on round 1's weights
     # Against the base (default): round 1 starts at its reference, round 2 (new adapters on round 1's fused weights) not.
     assert records[1]["train_first_loss"] == LN2_FP32 and records[2]["train_first_loss"] != LN2_FP32
+
+
+def test_under_a_launcher_every_process_samples_its_share_and_the_images_match_one_process(
+    online, tmp_path, monkeypatch
+):
+    from helpers import free_port, launch_command
+
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "1")
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(tmp_path), ROOT, os.environ.get("PYTHONPATH", "")]))
+    launcher = launch_command("", processes=2, launch_flags=("--main_process_port", str(free_port())))[:-1]
+    records = online("--rounds", "1", "--launcher", " ".join(launcher), output_dir="launched")
+    online("--rounds", "1", output_dir="alone")
+    assert [r["round"] for r in records] == [-1, 0] and records[1]["reward_queries"] == 9
+    samples = tmp_path / "launched" / "round-0" / "samples"
+    assert sorted(p.name for p in samples.glob("process-*")) == ["process-0", "process-1"]  # both processes rendered
+    launched, single = (
+        online_rpo.read_jsonl(str(tmp_path / d / "round-0" / "samples" / "scores.jsonl"))
+        for d in ("launched", "alone")
+    )
+    assert [(r["prompt_index"], r["image_index"], r["seed"]) for r in launched] == [
+        (r["prompt_index"], r["image_index"], r["seed"]) for r in single
+    ]
+    assert np.allclose([r["reward"] for r in launched], [r["reward"] for r in single], atol=2e-3)
