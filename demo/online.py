@@ -103,9 +103,13 @@ def share_base_samples(shared, folder):
     import shutil
 
     if not os.path.exists(shared):
+        staging = f"{shared}.{os.getpid()}.tmp"  # runs in parallel may both share: the first rename wins
         for part in ("base-heldout", "round-0/samples", "round-0/pairs"):
-            shutil.copytree(os.path.join(folder, part), os.path.join(shared + ".tmp", part))
-        os.replace(shared + ".tmp", shared)
+            shutil.copytree(os.path.join(folder, part), os.path.join(staging, part))
+        try:
+            os.rename(staging, shared)
+        except OSError:
+            shutil.rmtree(staging)
 
 
 def write_prompt_files(workdir):
