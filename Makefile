@@ -15,7 +15,7 @@ ENV_PYTHON := $(VENV)/bin/python
 VENV_CREATED := $(ENV_PYTHON)
 endif
 
-.PHONY: test lint install demo compare fix-copies
+.PHONY: test lint install demo compare online fix-copies
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV) || { rm -rf $(VENV); exit 1; }
@@ -51,3 +51,11 @@ compare: install
 	$(ENV_PYTHON) -m demo.relative --seeds 2 --report_only
 	$(ENV_PYTHON) -m demo.style_world --compare --seeds 2 --report_only
 	OMP_NUM_THREADS=1 $(ENV_PYTHON) -m demo.style_world --held_out --seeds 3
+
+# The online evidence behind demo/README.md ("Online rounds"): online_rpo.py rounds against offline training at equal
+# labelled pairs and steps, RPO, DPO and SFT at two learning rates, K=4 rounds, beta 500 and the previous-round
+# reference, 3 seeds; two jobs at a time with one thread each, then the report (demo/results/online.md).
+ONLINE_JOBS = "--only 0 2 4 6 8 10 12 14 16" "--only 1 3 5 7 9 11 13 15"
+online: install
+	printf '%s\n' $(ONLINE_JOBS) | OMP_NUM_THREADS=1 xargs -P 2 -I{} sh -c '$(ENV_PYTHON) -m demo.online --seeds 3 {} --results outputs/partial_results'
+	$(ENV_PYTHON) -m demo.online --seeds 3 --only

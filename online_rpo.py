@@ -2,7 +2,7 @@
 # coding=utf-8
 # Copyright 2026 The Diffusion-RPO contributors. Licensed under the Apache License, Version 2.0.
 """Online Diffusion-RPO: rounds of generate -> score with a reward -> relative preferences -> train, with any of the
-training scripts (copy this file beside them; it imports the one --training_script names).
+training scripts (it imports the one --training_script names; sampling and scoring use this repository's eval/).
 
     python online_rpo.py --training_script train_diffusion_rpo.py --output_dir online-rpo \
       --prompts prompts.txt --heldout_prompts heldout.txt --reward pickscore --heldout_reward hpsv2 \

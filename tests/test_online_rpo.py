@@ -232,3 +232,18 @@ def test_under_a_launcher_every_process_samples_its_share_and_the_images_match_o
         (r["prompt_index"], r["image_index"], r["seed"]) for r in single
     ]
     assert np.allclose([r["reward"] for r in launched], [r["reward"] for r in single], atol=2e-3)
+
+
+def test_the_readme_command_parses_with_a_sane_learning_rate():
+    import re
+    import shlex
+
+    text = open(os.path.join(ROOT, "README.md")).read().replace("\\\n", " ")
+    (line,) = [line for line in text.splitlines() if line.startswith("python online_rpo.py")]
+    args = online_rpo.parse_args(shlex.split(line)[2:])
+    assert (args.reward, args.heldout_reward, args.reference) == ("pickscore", "hpsv2", "base")
+    script = online_rpo.import_training_script(os.path.join(ROOT, args.training_script))
+    train_args = script.parse_args(args.training_flags)
+    low, high = script.SANE_LEARNING_RATES
+    assert low <= script.effective_learning_rate(train_args, 8) <= high
+    assert re.fullmatch(r"accelerate launch --num_processes \d+", args.launcher)
