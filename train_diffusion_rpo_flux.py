@@ -187,8 +187,7 @@ def add_flow_matching_arguments(add):
 
 
 def draw_timestep(args, scheduler, generator):
-    """A pair's index into the scheduler's (shifted) sigma table, drawn through diffusers' density for
-    --weighting_scheme from the pair's own generator."""
+    """A pair's index into the scheduler's (shifted) sigma table: diffusers' density, the pair's own generator."""
     density = (args.weighting_scheme, 1, args.logit_mean, args.logit_std, args.mode_scale)
     u = compute_density_for_timestep_sampling(*density, generator=generator)[0]
     num_train_timesteps = scheduler.config.num_train_timesteps
@@ -1720,6 +1719,7 @@ def write_model_card(args, repo_id, stats, progress, learning_rate, num_processe
     scores = f"{reward['validation_reward']:.4f} (base: {reward['validation_reward_reference']:.4f})" if reward else ""
     weighting = f"; rpo_weighting {args.rpo_weighting}" if args.loss_type == "rpo" else ""
     lora = f'pipe.load_lora_weights("{model}")\n' if args.use_lora else ""
+    dtype = "float16" if DENOISER == "unet" else "bfloat16"  # SD3 and FLUX are released and run in bf16
     text = f"""# {args.loss_type.upper()} fine-tune of {base}
 {"LoRA adapters" if args.use_lora else f"The full {DENOISER_NAME}"} of `{base}` trained with `{SCRIPT_NAME}` (Diffusion-RPO,
 arXiv 2406.06382; Diffusion-DPO, arXiv 2311.12908) on `{dataset}` (split `{args.dataset_split_name}`):
@@ -1730,7 +1730,7 @@ arXiv 2406.06382; Diffusion-DPO, arXiv 2311.12908) on `{dataset}` (split `{args.
 ```python
 import torch
 from diffusers import DiffusionPipeline
-pipe = DiffusionPipeline.from_pretrained("{base if args.use_lora else model}", torch_dtype=torch.float16).to("cuda")
+pipe = DiffusionPipeline.from_pretrained("{base if args.use_lora else model}", torch_dtype=torch.{dtype}).to("cuda")
 {lora}image = pipe("an astronaut riding a horse on mars").images[0]
 ```
 ## Training

@@ -1682,6 +1682,7 @@ def write_model_card(args, repo_id, stats, progress, learning_rate, num_processe
     scores = f"{reward['validation_reward']:.4f} (base: {reward['validation_reward_reference']:.4f})" if reward else ""
     weighting = f"; rpo_weighting {args.rpo_weighting}" if args.loss_type == "rpo" else ""
     lora = f'pipe.load_lora_weights("{model}")\n' if args.use_lora else ""
+    dtype = "float16" if DENOISER == "unet" else "bfloat16"  # SD3 and FLUX are released and run in bf16
     text = f"""# {args.loss_type.upper()} fine-tune of {base}
 {"LoRA adapters" if args.use_lora else f"The full {DENOISER_NAME}"} of `{base}` trained with `{SCRIPT_NAME}` (Diffusion-RPO,
 arXiv 2406.06382; Diffusion-DPO, arXiv 2311.12908) on `{dataset}` (split `{args.dataset_split_name}`):
@@ -1692,7 +1693,7 @@ arXiv 2406.06382; Diffusion-DPO, arXiv 2311.12908) on `{dataset}` (split `{args.
 ```python
 import torch
 from diffusers import DiffusionPipeline
-pipe = DiffusionPipeline.from_pretrained("{base if args.use_lora else model}", torch_dtype=torch.float16).to("cuda")
+pipe = DiffusionPipeline.from_pretrained("{base if args.use_lora else model}", torch_dtype=torch.{dtype}).to("cuda")
 {lora}image = pipe("an astronaut riding a horse on mars").images[0]
 ```
 ## Training

@@ -13,7 +13,7 @@ import datasets
 import numpy as np
 import pytest
 import torch
-from helpers import ROOT, SD15, SDXL, build_latent_cache, cli, launch, losses
+from helpers import ROOT, SD15, build_latent_cache, cli, launch, losses
 
 import cache_latents
 import train_diffusion_rpo as rpo
@@ -95,9 +95,10 @@ def test_cached_run_matches_the_live_run_and_reuses_its_cache(train, tmp_path, m
         build_latent_cache(train, "--validation_prompts", output_dir="live")
 
 
-@SDXL
-def test_sdxl_cached_run_matches_the_live_run(train, tmp_path):
-    # The cache must carry what SDXL's time ids are built from (original size, crop of each flip) as well as latents.
+@pytest.mark.parametrize("script", ["sdxl", "sd3", "flux"], indirect=True)
+def test_cached_run_matches_the_live_run_of_every_family(train, tmp_path):
+    # The cache must carry what SDXL's time ids are built from (original size, crop of each flip) as well as latents;
+    # SD3 and FLUX apply their VAE's shift factor to the cached posterior as to a live one.
     live, _ = train("--validation_prompts", "--max_train_steps", "3", output_dir="live")
     build_latent_cache(train, "--validation_prompts")
     cached, _ = train(
