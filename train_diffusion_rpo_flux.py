@@ -359,7 +359,7 @@ def parse_args(input_args=None):
         parser.error("--scale_lr multiplies --learning_rate by the pairs per step: pass a per-pair rate, e.g. 1e-8.")
     for name in ("stabilizer", "reference_model_name_or_path"):
         if getattr(args, name) not in (None, "none") and args.loss_type == "sft":
-            parser.error(f"--{name} needs a preference loss: --loss_type dpo or rpo, not sft.")
+            parser.error(f"--{name} {getattr(args, name)} needs a preference loss: --loss_type dpo or rpo, not sft.")
     if args.use_ema and args.use_lora:
         parser.error(f"--use_ema averages the full {DENOISER_NAME}'s weights; --use_lora trains adapters. Drop one.")
     if (args.offload_ema or args.foreach_ema) and not args.use_ema:

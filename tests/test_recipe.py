@@ -117,7 +117,7 @@ def test_ema_resumes_exactly(train, tmp_path):
 @pytest.mark.parametrize(
     "flags,message",
     [
-        (["--use_ema", "--use_lora"], "only the adapters train"),
+        (["--use_ema", "--use_lora"], "--use_lora trains adapters"),
         (["--offload_ema"], "pass --use_ema too"),
         (["--use_ema", "--ema_decay", "1.5"], "argument --ema_decay: 1.5 is out of range: it must be at least 0 and"),
     ],

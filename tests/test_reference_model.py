@@ -31,4 +31,4 @@ def test_a_reference_of_another_architecture_or_with_sft_is_refused(train, sdxl_
         train("--reference_model_name_or_path", sdxl_pipeline_path, "--validation_prompts")
     with pytest.raises(SystemExit):
         train.parse("--reference_model_name_or_path", sdxl_pipeline_path, "--loss_type", "sft")
-    assert "--reference_model_name_or_path needs a preference loss" in capsys.readouterr().err
+    assert f"--reference_model_name_or_path {sdxl_pipeline_path} needs a preference loss" in capsys.readouterr().err
