@@ -247,3 +247,18 @@ def test_the_readme_command_parses_with_a_sane_learning_rate():
     low, high = script.SANE_LEARNING_RATES
     assert low <= script.effective_learning_rate(train_args, 8) <= high
     assert re.fullmatch(r"accelerate launch --num_processes \d+", args.launcher)
+
+
+@pytest.mark.parametrize("family", ["sdxl", "flux"])
+def test_rounds_run_on_the_other_families(online, tmp_path, family, request):
+    import tiny
+    from diffusers import DiffusionPipeline
+
+    script = {"sdxl": "train_diffusion_rpo_sdxl.py", "flux": "train_diffusion_rpo_flux.py"}[family]
+    pipeline = request.getfixturevalue(f"{family}_pipeline_path")
+    flags = ["--pretrained_model_name_or_path", pipeline]  # the later flag wins over the fixture's SD1.5 base
+    flags += ["--max_sequence_length", str(tiny.T5_MAX_TOKENS)] if family == "flux" else []
+    records = online("--rounds", "1", "--training_script", os.path.join(ROOT, script), training_flags=flags)
+    assert [r["round"] for r in records] == [-1, 0] and records[1]["reward_queries"] == 9
+    loaded = DiffusionPipeline.from_pretrained(tmp_path / "online")
+    assert type(loaded).__name__ == {"sdxl": "StableDiffusionXLPipeline", "flux": "FluxPipeline"}[family]
