@@ -158,7 +158,8 @@ def table(records):
         baseline = {(r["seed"], i): v for r in chosen for i, v in enumerate(bases[r["seed"]]["heldout_rewards"])}
         wins = win_rate(pooled, baseline)
         lines.append(
-            f"| {run} | {loss} | {lr:g} | {beta:g} | {reference} | {reward['mean']:.3f} +- {reward['std']:.3f} | "
+            f"| {run} | {loss} | {lr:g} | {'-' if loss == 'sft' else f'{beta:g}'} | {reference} | "
+            f"{reward['mean']:.3f} +- {reward['std']:.3f} | "
             f"{content['mean']:.3f} +- {content['std']:.3f} | "
             f"{wins['win_rate']:.3f} [{wins['ci_low']:.3f}, {wins['ci_high']:.3f}] | "
             f"{np.mean([r['labelled_pairs_total'] for r in chosen]):.0f} | {chosen[0]['reward_queries_total']} | "
