@@ -168,6 +168,27 @@ def table(records):
     return "\n".join(lines)
 
 
+def rounds_table(records):
+    """Online runs per round (mean over seeds): the training samples' reward, the held-out reward and content."""
+    lines = ["| run | loss | lr | beta | reference | round | samples' reward | held-out reward | content accuracy |"]
+    lines.append("|---|---|---|---|---|---|---|---|---|")
+    groups = {}
+    for r in records:
+        if RUNS[r["run"]][0] > 1 and r["round"] >= 0:
+            key = (r["run"], r["loss_type"], r["learning_rate"], r["beta"], r["reference"], r["round"])
+            groups.setdefault(key, []).append(r)
+    for (run, loss, lr, beta, reference, index), chosen in sorted(groups.items()):
+        means = [
+            np.mean([r[k] for r in chosen]) for k in ("train_reward_mean", "heldout_reward", "heldout_heldout_reward")
+        ]
+        lines.append(
+            f"| {run} | {loss} | {lr:g} | {'-' if loss == 'sft' else f'{beta:g}'} | {reference} | {index + 1} | "
+            + " | ".join(f"{m:.3f}" for m in means)
+            + " |"
+        )
+    return "\n".join(lines)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, default=3)
@@ -205,7 +226,8 @@ def main(argv=None):
                 {"records": records, "runs": RUNS, "steps": STEPS, "pairs_per_step": PAIRS_PER_STEP}, f, indent=1
             )
         with open(os.path.join(args.results, "online.md"), "w") as f:
-            f.write(table(records) + "\n")
+            f.write(table(records) + "\n\nPer round (online runs; round 1 trains on base samples):\n\n")
+            f.write(rounds_table(records) + "\n")
         print(table(records))
     return records
 
