@@ -337,7 +337,8 @@ def train_round(loop, round_index):
     if os.path.exists(os.path.join(pipeline_dir, "model_index.json")):
         return
     current, base = loop.model_before(round_index), loop.train_args.pretrained_model_name_or_path
-    against_base = loop.args.reference == "base" and round_index > 0
+    # sft has no reference: only the preference losses train against the base
+    against_base = loop.args.reference == "base" and round_index > 0 and loop.train_args.loss_type != "sft"
     flags = [*loop.args.training_flags, "--pretrained_model_name_or_path", current]
     flags += ["--dataset_name", os.path.join(folder, "pairs"), "--output_dir", train_dir, "--validation_prompts"]
     flags += ["--max_train_steps", str(loop.args.steps_per_round), "--resume_from_checkpoint", "latest"]

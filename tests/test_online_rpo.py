@@ -162,6 +162,11 @@ def datasets_load(path):
     return datasets.load_from_disk(str(path))
 
 
+def test_reward_ranked_sft_rounds_train_on_the_best_of_k(online, tmp_path):
+    records = online("--rounds", "2", "--pairing", "best_vs_worst", training_flags=("--loss_type", "sft"))
+    assert [r["round"] for r in records] == [-1, 0, 1] and all(r["labelled_pairs"] <= 3 for r in records[1:])
+
+
 def test_the_reference_is_the_base_or_the_previous_round(online):
     previous = online("--rounds", "2", "--reference", "previous", output_dir="previous")
     base = online("--rounds", "2", "--reference", "base", output_dir="base")
