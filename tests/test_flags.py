@@ -31,6 +31,8 @@ def documented_commands():
         for line in text.splitlines():
             if "accelerate launch" not in line or not re.search(r"train_diffusion_rpo(_sdxl|_sd3|_flux)?\.py", line):
                 continue
+            if line.lstrip().startswith("python online_rpo.py"):  # its --launcher names accelerate: tested apart
+                continue
             tokens = shlex.split(line[line.index("accelerate launch") :].strip("`"), comments=True)
             script = next(i for i, token in enumerate(tokens) if token in SCRIPTS)
             commands.append(
