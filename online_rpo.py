@@ -415,10 +415,10 @@ def round_budget(loop, round_index):
     import datasets
 
     folder = loop.round_dir(round_index)
-    queries = len(read_jsonl(os.path.join(folder, "samples", "scores.jsonl")))
+    scored = read_jsonl(os.path.join(folder, "samples", "scores.jsonl"))
+    queries = len(scored)
     pairs = datasets.load_from_disk(os.path.join(folder, "pairs"))
     decided = sum(label != 0.5 for label in pairs["label_0"])
-    scored = read_jsonl(os.path.join(folder, "samples", "scores.jsonl"))
     previous = [r for r in read_records(loop.args.output_dir) if 0 <= r["round"] < round_index]
     return {
         "train_reward_mean": float(np.mean([r["reward"] for r in scored])),
